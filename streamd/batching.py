@@ -1,0 +1,237 @@
+"""Bounded queues with named drop policies, a fair fan-in across streams, and batch-by-size-or-timeout.
+
+FrameQueue is fed either from a decoder thread (`put_threadsafe`) or from the event loop (`put`), and read on
+the loop. `drop_oldest` never blocks the producer and counts every drop; `wait` blocks the producer instead.
+Ingress reads many FrameQueues round-robin, so one busy or stalled stream never holds back another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from streamd.config import DropPolicy
+
+T = TypeVar("T")
+
+
+class QueueClosed(Exception):
+    """The queue was closed and is empty."""
+
+
+class FrameQueue(Generic[T]):
+    def __init__(
+        self,
+        maxsize: int,
+        policy: DropPolicy,
+        loop: asyncio.AbstractEventLoop,
+        on_drop: Callable[[T], None] | None = None,
+    ):
+        self.maxsize = maxsize
+        self.policy = policy
+        self._loop = loop
+        self._items: deque[T] = deque()
+        self._on_drop = on_drop
+        self._slots = threading.Semaphore(maxsize) if policy is DropPolicy.WAIT else None
+        self._space = asyncio.Event()
+        self._closed = False
+        self._nonempty = asyncio.Event()
+        self._listeners: list[asyncio.Event] = [self._nonempty]
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def add_listener(self, event: asyncio.Event) -> None:
+        self._listeners.append(event)
+
+    def remove_listener(self, event: asyncio.Event) -> None:
+        if event in self._listeners:
+            self._listeners.remove(event)
+
+    # -- producer side -------------------------------------------------------------------------------------
+    async def put(self, item: T) -> None:
+        """Loop side. `wait`: waits for space; `drop_oldest`: never waits."""
+        if self._slots is not None:
+            while not self._slots.acquire(blocking=False):
+                if self._closed:
+                    raise QueueClosed
+                self._space.clear()
+                await self._space.wait()
+        self._append(item)
+
+    def put_threadsafe(self, item: T, stop: threading.Event) -> bool:
+        """From a producer thread. `wait`: blocks this thread until there is space or `stop` is set.
+        Returns False when the item was not queued (stopping or closed)."""
+        if self._slots is not None:
+            while not self._slots.acquire(timeout=0.1):
+                if stop.is_set() or self._closed:
+                    return False
+        if self._closed:
+            return False
+        try:
+            self._loop.call_soon_threadsafe(self._append, item)
+        except RuntimeError:  # loop closed
+            return False
+        return True
+
+    def _append(self, item: T) -> None:
+        if self._closed:
+            return
+        if self._slots is None and len(self._items) >= self.maxsize:
+            old = self._items.popleft()
+            self.dropped += 1
+            if self._on_drop is not None:
+                self._on_drop(old)
+        self._items.append(item)
+        for ev in self._listeners:
+            ev.set()
+
+    # -- consumer side -------------------------------------------------------------------------------------
+    def get_nowait(self) -> T | None:
+        if not self._items:
+            return None
+        item = self._items.popleft()
+        if self._slots is not None:
+            self._slots.release()
+        self._space.set()
+        return item
+
+    async def get(self) -> T:
+        """Next item, waiting for one. Raises QueueClosed once closed and drained."""
+        while True:
+            item = self.get_nowait()
+            if item is not None:
+                return item
+            if self._closed:
+                raise QueueClosed
+            self._nonempty.clear()
+            await self._nonempty.wait()
+
+    def close_threadsafe(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.close)
+        except RuntimeError:
+            pass
+
+    def close(self) -> None:
+        """No more items will be accepted; items already queued can still be read."""
+        self._closed = True
+        self._space.set()
+        for ev in self._listeners:
+            ev.set()
+
+
+class Ingress(Generic[T]):
+    """Fan-in of many per-stream queues, read fairly (round-robin) in batches."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, FrameQueue[T]] = {}
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def attach(self, key: str, q: FrameQueue[T]) -> None:
+        self._queues[key] = q
+        q.add_listener(self._ready)
+        self._ready.set()
+
+    def detach(self, key: str) -> None:
+        q = self._queues.pop(key, None)
+        if q is not None:
+            q.remove_listener(self._ready)
+
+    def depth(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+    def _take_round(self, out: list[T], max_batch: int) -> bool:
+        took = False
+        for q in list(self._queues.values()):
+            if len(out) >= max_batch:
+                break
+            item = q.get_nowait()
+            if item is not None:
+                out.append(item)
+                took = True
+        return took
+
+    async def get_batch(self, max_batch: int, max_wait_s: float = 0.0) -> list[T]:
+        """Wait for at least one item, then take up to `max_batch` round-robin; wait up to `max_wait_s` more for
+        a fuller batch. Raises QueueClosed once closed and drained."""
+        out: list[T] = []
+        while not out:
+            self._ready.clear()
+            while len(out) < max_batch and self._take_round(out, max_batch):
+                pass
+            if out:
+                break
+            if self._closed:
+                raise QueueClosed
+            await self._ready.wait()
+        if len(out) < max_batch and max_wait_s > 0:
+            deadline = time.monotonic() + max_wait_s
+            while len(out) < max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    break
+                self._ready.clear()
+                if not self._take_round(out, max_batch):
+                    try:
+                        await asyncio.wait_for(self._ready.wait(), remaining)
+                    except TimeoutError:
+                        break
+        return out
+
+
+_SENTINEL = object()
+
+
+class StageQueue(Generic[T]):
+    """Bounded queue between two stages (always `wait`), closed with a sentinel."""
+
+    def __init__(self, maxsize: int):
+        self._q: asyncio.Queue[object] = asyncio.Queue(maxsize)
+
+    def qsize(self) -> int:
+        return self._q.qsize()
+
+    async def put(self, item: T) -> None:
+        await self._q.put(item)
+
+    async def close(self) -> None:
+        await self._q.put(_SENTINEL)
+
+    async def get_batch(self, max_batch: int, max_wait_s: float = 0.0) -> list[T]:
+        """Up to `max_batch` items, waiting up to `max_wait_s` after the first. Raises QueueClosed at the end."""
+        first = await self._q.get()
+        if first is _SENTINEL:
+            raise QueueClosed
+        out: list[T] = [first]  # type: ignore[list-item]
+        deadline = time.monotonic() + max_wait_s
+        while len(out) < max_batch:
+            try:
+                item = self._q.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._q.get(), remaining)
+                except TimeoutError:
+                    break
+            if item is _SENTINEL:
+                self._q.put_nowait(_SENTINEL)  # re-arm: the next call raises QueueClosed
+                break
+            out.append(item)  # type: ignore[arg-type]
+        return out

@@ -1,0 +1,169 @@
+"""`streamd run | validate | tail | demo`. Exit codes: 0 ok, 1 fatal error, 2 invalid config or usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from streamd import __version__
+from streamd.config import Config, load_config, parse_config
+from streamd.errors import ConfigError, StreamdError
+from streamd.log import get_logger, setup_logging
+
+log = get_logger("streamd.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamd", description="Real-time video analytics daemon")
+    p.add_argument("--version", action="version", version=f"streamd {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the daemon with a config file")
+    r.add_argument("-c", "--config", required=True, help="YAML config (see config/streamd.yaml)")
+
+    v = sub.add_parser("validate", help="check a config file; exits non-zero naming the bad key")
+    v.add_argument("config", nargs="?", help="YAML config")
+    v.add_argument("-c", "--config", dest="config_opt")
+
+    t = sub.add_parser("tail", help="follow result (or event) streams")
+    t.add_argument("streams", nargs="*", help="stream ids (default: every stream found)")
+    t.add_argument("--redis", default=os.environ.get("STREAMD_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    t.add_argument("--events", action="store_true", help="events instead of results")
+    t.add_argument("--both", action="store_true", help="results and events")
+    t.add_argument("--json", action="store_true", help="one JSON object per line")
+    t.add_argument("--from-start", action="store_true", help="from the oldest kept entry instead of new ones")
+    t.add_argument("-n", "--count", type=int, help="stop after this many entries")
+
+    d = sub.add_parser("demo", help="the embedded default: a sample clip as a live stream, results on screen")
+    d.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
+    d.add_argument("--pipeline", default="default", help="pipeline to run (default: default)")
+    d.add_argument("--json", action="store_true", help="print records as JSON lines")
+    d.add_argument("--streams", type=int, default=1, help="how many copies of the sample stream")
+    return p
+
+
+async def serve(cfg: Config, extra: Callable[..., Awaitable[None]] | None = None,
+                duration_s: float | None = None) -> int:
+    """Run a daemon until SIGINT/SIGTERM (or `duration_s`); a second SIGINT forces exit."""
+    from streamd.daemon import Daemon
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    interrupts = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal interrupts
+        if sig == signal.SIGINT:
+            interrupts += 1
+            if interrupts > 1:
+                print("streamd: second interrupt, exiting now", file=sys.stderr)
+                os._exit(130)
+        log.info("signal received, shutting down", signal=sig.name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    if duration_s is not None:
+        loop.call_later(duration_s, stop.set)
+    daemon = Daemon(cfg)
+    async with daemon:
+        runner = asyncio.create_task(daemon.run(stop))
+        helper = None
+        if extra is not None:
+            await daemon.started.wait()
+            helper = asyncio.create_task(extra(daemon))
+        await runner
+        if helper is not None:
+            helper.cancel()
+            await asyncio.gather(helper, return_exceptions=True)
+    return 0
+
+
+def _validate(path: str | None) -> int:
+    from streamd.daemon import check_config
+
+    if not path:
+        print("streamd validate: give a config file", file=sys.stderr)
+        return 2
+    cfg = load_config(path)
+    check_config(cfg)
+    print(f"{path}: ok ({len(cfg.streams)} streams)")
+    return 0
+
+
+async def _tail(a: argparse.Namespace) -> int:
+    import redis.asyncio as aioredis
+
+    from streamd.tail import follow
+
+    kinds = ("results", "events") if a.both else ("events",) if a.events else ("results",)
+    client = aioredis.Redis.from_url(a.redis)
+    try:
+        await follow(client, a.streams, kinds, a.json, a.from_start, a.count)
+    finally:
+        await client.aclose()
+    return 0
+
+
+def demo_config(clip: Path, pipeline: str, streams: int, data_dir: str) -> Config:
+    return parse_config({
+        "redis": {"data_dir": data_dir},
+        "streams": [
+            {"id": f"demo-{i}" if streams > 1 else "demo", "url": str(clip), "pipeline": pipeline,
+             "playback": "realtime", "loop": True, "fps": 2.0}
+            for i in range(streams)
+        ],
+    })
+
+
+async def _demo(a: argparse.Namespace) -> int:
+    from streamd.samples import make_pan_clip
+    from streamd.tail import follow
+
+    home = Path(os.environ.get("STREAMD_HOME", ".streamd"))
+    clip = home / "samples" / "pan-zidane-720p.mp4"
+    if not clip.exists():
+        print(f"streamd demo: making a sample clip (a pan over a real photo) at {clip}", file=sys.stderr)
+        await asyncio.to_thread(make_pan_clip, clip)
+    cfg = demo_config(clip, a.pipeline, a.streams, str(home / "redis"))
+
+    async def show(daemon: object) -> None:
+        from streamd.daemon import Daemon
+
+        assert isinstance(daemon, Daemon)
+        print(f"streamd demo: redis at {daemon.redis_url}; results below (Ctrl-C to stop)", file=sys.stderr)
+        assert daemon.redis is not None
+        await follow(daemon.redis, [], ("results", "events"), a.json, from_start=True)
+
+    return await serve(cfg, show, a.duration)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    level = os.environ.get("STREAMD_LOG_LEVEL", "info")
+    fmt = os.environ.get("STREAMD_LOG_FORMAT", "console")
+    setup_logging(level if level in ("debug", "info", "warning", "error") else "info",
+                  fmt if fmt in ("json", "console") else "console")
+    try:
+        if a.cmd == "validate":
+            return _validate(a.config or a.config_opt)
+        if a.cmd == "tail":
+            return asyncio.run(_tail(a))
+        if a.cmd == "demo":
+            return asyncio.run(_demo(a))
+        cfg = load_config(a.config)
+        setup_logging(cfg.log.level, cfg.log.format)
+        return asyncio.run(serve(cfg))
+    except ConfigError as e:
+        print(f"streamd: invalid config: {e}", file=sys.stderr)
+        return 2
+    except StreamdError as e:
+        print(f"streamd: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

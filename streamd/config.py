@@ -1,0 +1,195 @@
+"""Configuration: pydantic models (unknown keys are errors), loaded once from YAML, with STREAMD_* overrides.
+
+Every field has a description; `config/streamd.yaml` mirrors them with comments.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from streamd.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DropPolicy(str, enum.Enum):
+    """What a full per-stream queue does with a new frame."""
+
+    DROP_OLDEST = "drop_oldest"  # live sources: keep the newest frames, count the drop
+    WAIT = "wait"  # replay sources (files, Redis): the producer waits, nothing is lost
+
+
+class Playback(str, enum.Enum):
+    REALTIME = "realtime"  # a file is played at its own pace, like a live camera
+    FAST = "fast"  # as fast as the pipeline takes it
+
+
+class RedisConfig(Strict):
+    url: str | None = Field(None, description="redis:// URL; null starts an embedded redis-server (data in data_dir)")
+    data_dir: str = Field(".streamd/redis", description="folder for the embedded redis-server's files")
+    results_maxlen: int = Field(10_000, ge=1, description="approximate MAXLEN of each results stream")
+    events_maxlen: int = Field(10_000, ge=1, description="approximate MAXLEN of each events stream")
+    buffer_max_records: int = Field(10_000, ge=1, description="records kept in memory while Redis is unreachable")
+    publish_batch: int = Field(64, ge=1, le=10_000, description="records sent in one round trip")
+    retry_initial_s: float = Field(0.2, gt=0, description="first wait before retrying Redis")
+    retry_max_s: float = Field(5.0, gt=0, description="longest wait between Redis retries")
+    consumer: str | None = Field(None, description="consumer name for Redis frame inputs (default: host name)")
+
+
+class LogConfig(Strict):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    format: Literal["console", "json"] = Field("console", description="console for humans, json for collectors")
+
+
+class ApiConfig(Strict):
+    enabled: bool = Field(False, description="serve the HTTP control API")
+    bind: str = Field("127.0.0.1", description="address the control API binds")
+    port: int = Field(8080, ge=0, le=65535, description="port of the control API (0 = any free port)")
+
+
+class ReconnectConfig(Strict):
+    initial_s: float = Field(0.5, gt=0, description="first backoff after a failure")
+    max_s: float = Field(30.0, gt=0, description="longest backoff")
+    multiplier: float = Field(2.0, ge=1, description="backoff growth per failure")
+    jitter: float = Field(0.2, ge=0, le=1, description="random +/- fraction applied to each backoff")
+    max_attempts: int | None = Field(
+        10, ge=0, description="consecutive failures before the stream is marked failed (null = retry forever)"
+    )
+
+
+class RedisInputConfig(Strict):
+    group: str = Field("streamd", description="consumer group that reads the frame stream")
+    image_field: str = Field("image", description="field holding JPEG/PNG bytes or raw pixels")
+    max_deliveries: int = Field(3, ge=1, description="deliveries before an entry goes to the dead-letter stream")
+    claim_idle_ms: int = Field(30_000, ge=1, description="pending entries idle this long are claimed and retried")
+    read_count: int = Field(16, ge=1, description="entries read per XREADGROUP")
+    block_ms: int = Field(1000, ge=1, description="how long one XREADGROUP blocks")
+    start_id: str = Field("0", description="where a new consumer group starts: 0 = whole stream, $ = new entries")
+
+
+class StreamConfig(Strict):
+    id: str = Field(..., pattern=r"^[A-Za-z0-9_.:-]{1,128}$", description="stream id, used in Redis keys")
+    url: str = Field(..., min_length=1, description="rtsp://, http(s)://...m3u8, a file path, redis://host/db#key")
+    pipeline: str = Field("default", description="name of the pipeline (pipelines/ or this file's pipelines:)")
+    fps: float | None = Field(2.0, gt=0, description="sampling rate by presentation time; null = every frame")
+    queue_size: int = Field(8, ge=1, description="bounded per-stream queue")
+    drop_policy: DropPolicy | None = Field(None, description="null = drop_oldest for live sources, wait for replay")
+    playback: Playback = Field(Playback.FAST, description="files: realtime (like a camera) or fast")
+    loop: bool = Field(False, description="files: start again at the end")
+    stall_timeout_s: float = Field(10.0, gt=0, description="no frame for this long: the stream is stalled")
+    open_timeout_s: float = Field(10.0, gt=0, description="timeout to open the source and read from it")
+    decode_threads: int = Field(0, ge=0, description="decoder threads (0 = FFmpeg decides)")
+    ffmpeg_options: dict[str, str] = Field(default_factory=dict, description="extra FFmpeg demuxer options")
+    reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+    redis_input: RedisInputConfig = Field(default_factory=RedisInputConfig, description="for redis:// sources")
+
+
+class StageConfig(Strict):
+    """A stage entry of a pipeline; `type` picks the implementation, other keys are its options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: str = Field(..., description="stage kind (frame_info, detect, track, vlm ...)")
+    name: str | None = Field(None, description="name of this stage's output in result records")
+
+
+class PipelineConfig(Strict):
+    description: str = ""
+    stages: list[StageConfig] = Field(..., min_length=1)
+    queue_size: int = Field(16, ge=1, description="bounded queue between two stages")
+
+
+class ShutdownConfig(Strict):
+    grace_s: float = Field(10.0, ge=0, description="time to drain in-flight frames on SIGTERM/SIGINT")
+
+
+class EventsConfig(Strict):
+    drop_event_interval_s: float = Field(1.0, gt=0, description="drop events are aggregated over this interval")
+
+
+class Config(Strict):
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+    pipelines_dir: str | None = Field(None, description="folder of pipeline YAML files (default: ./pipelines)")
+    pipelines: dict[str, PipelineConfig] = Field(default_factory=dict, description="pipelines defined inline")
+    streams: list[StreamConfig] = Field(default_factory=list)
+
+    @field_validator("streams")
+    @classmethod
+    def _unique_ids(cls, streams: list[StreamConfig]) -> list[StreamConfig]:
+        seen: set[str] = set()
+        for s in streams:
+            if s.id in seen:
+                raise ValueError(f"duplicate stream id {s.id!r}")
+            seen.add(s.id)
+        return streams
+
+
+ENV_SECTIONS = ("redis", "log", "api", "shutdown", "events")
+
+
+def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    """STREAMD_<SECTION>_<KEY>=value sets section.key (value parsed as a YAML scalar), e.g. STREAMD_REDIS_URL."""
+    for name, raw in environ.items():
+        if not name.startswith("STREAMD_"):
+            continue
+        rest = name[len("STREAMD_") :].lower()
+        section, _, key = rest.partition("_")
+        if section not in ENV_SECTIONS or not key:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict, list)):
+            value = raw
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(section, "must be a mapping")
+        data[section][key] = value
+    return data
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def parse_config(data: dict[str, Any] | None, environ: dict[str, str] | None = None) -> Config:
+    data = dict(data or {})
+    data = _env_overrides(data, dict(os.environ if environ is None else environ))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(_loc(err["loc"]), err["msg"]) from None
+
+
+def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> Config:
+    """Load and validate a config file once. Raises ConfigError naming the bad key."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError("<file>", f"cannot read {p}: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("<file>", f"invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("<root>", "the config must be a mapping")
+        if "pipelines_dir" not in data and (p.parent / "pipelines").is_dir():
+            data["pipelines_dir"] = str(p.parent / "pipelines")
+    return parse_config(data, environ)
+

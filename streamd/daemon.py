@@ -1,0 +1,254 @@
+"""The daemon owns the lifecycle: startup(), run(), shutdown().
+
+startup: Redis (the configured one, or an embedded redis-server), the sink, and the pipelines the configured
+streams name (validated before anything runs). run: one supervised task per stream, one task per pipeline, the
+sink, an event-loop lag monitor; returns when `stop` is set, after draining in-flight frames within the grace
+period. shutdown: closes what startup opened. Streams can be added and removed while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from streamd import pipelines as pipeline_files
+from streamd.config import Config, StreamConfig
+from streamd.errors import ConfigError, StreamdError
+from streamd.frames import Work
+from streamd.log import get_logger
+from streamd.metrics import Metrics
+from streamd.pipeline import Pipeline
+from streamd.redis_server import ManagedRedis
+from streamd.sinks.redis import RedisSink
+from streamd.sources.redis import default_consumer_name
+from streamd.stages import build_stage
+from streamd.supervisor import State, StreamRunner
+
+log = get_logger("streamd.daemon")
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=15)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, metrics: Metrics | None = None):
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.embedded: ManagedRedis | None = None
+        self.redis_url: str = cfg.redis.url or ""
+        self.redis: aioredis.Redis | None = None
+        self.sink: RedisSink | None = None
+        self.pipelines: dict[str, Pipeline] = {}
+        self.runners: dict[str, StreamRunner] = {}
+        self._stream_pipeline: dict[str, str] = {}
+        self._clients: dict[str, aioredis.Redis] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self.loop_lag_s: deque[float] = deque(maxlen=10_000)
+        self.started = asyncio.Event()
+        self.consumer = cfg.redis.consumer or default_consumer_name()
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    async def startup(self) -> None:
+        # validate every stream's pipeline (and stage options) before anything starts
+        for i, s in enumerate(self.cfg.streams):
+            self._pipeline_config(s.pipeline, f"streams.{i}.pipeline")
+        if not self.redis_url:
+            self.embedded = ManagedRedis(self.cfg.redis.data_dir)
+            await asyncio.to_thread(self.embedded.start)
+            self.redis_url = self.embedded.url
+            log.info("started embedded redis-server", url=self.redis_url, data_dir=self.cfg.redis.data_dir)
+        self.redis = redis_client(self.redis_url)
+        self.sink = RedisSink(self.redis, self.cfg.redis, self.metrics, self._settled)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set, then drain within the grace period."""
+        assert self.sink is not None, "startup() first"
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            sink_task = tg.create_task(self.sink.run(), name="sink")
+            lag_task = tg.create_task(self._watch_loop_lag(), name="loop-lag")
+            for s in self.cfg.streams:
+                self.add_stream(s)
+            self.started.set()
+            await stop.wait()
+            log.info("stopping: draining in-flight frames", grace_s=self.cfg.shutdown.grace_s)
+            try:
+                await asyncio.wait_for(self._drain(), self.cfg.shutdown.grace_s)
+            except TimeoutError:
+                log.warning("grace period over: cancelling", unpublished=len(self.sink))
+            for t in self._tasks.values():
+                t.cancel()
+            sink_task.cancel()
+            lag_task.cancel()
+        self._tg = None
+
+    async def _drain(self) -> None:
+        for r in self.runners.values():
+            r.stop()
+        runner_tasks = [t for k, t in self._tasks.items() if k.startswith("stream:")]
+        await asyncio.gather(*runner_tasks, return_exceptions=True)
+        for p in self.pipelines.values():
+            p.ingress.close()
+        await asyncio.gather(*(t for k, t in self._tasks.items() if k.startswith("pipeline:")),
+                             return_exceptions=True)
+        assert self.sink is not None
+        while self.sink.healthy and len(self.sink):
+            await self.sink.wait_idle()
+
+    async def shutdown(self) -> None:
+        for c in [self.redis, *self._clients.values()]:
+            if c is not None:
+                try:
+                    await c.aclose()
+                except Exception:  # noqa: BLE001 - closing a dead connection
+                    pass
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+            self.embedded = None
+
+    async def __aenter__(self) -> "Daemon":
+        await self.startup()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # -- streams ----------------------------------------------------------------------------------------------
+    def add_stream(self, s: StreamConfig) -> StreamRunner:
+        """Start a stream (the daemon must be running). Raises ConfigError for an unknown pipeline."""
+        assert self._tg is not None and self.sink is not None
+        if s.id in self.runners and self.runners[s.id].state not in (State.STOPPED, State.FAILED):
+            raise StreamdError(f"stream {s.id!r} exists")
+        pipeline = self._pipeline(s.pipeline, f"streams.{s.id}.pipeline")
+        sink = self.sink
+        runner = StreamRunner(s, self.metrics, sink.event, self._client, self.consumer,
+                              self.cfg.events.drop_event_interval_s)
+        self.runners[s.id] = runner
+        self._stream_pipeline[s.id] = s.pipeline
+        pipeline.ingress.attach(s.id, runner.queue)
+        self._tasks[f"stream:{s.id}"] = self._tg.create_task(self._run_stream(runner, pipeline), name=f"stream:{s.id}")
+        log.info("stream added", stream=s.id, url=runner.url_redacted, pipeline=s.pipeline)
+        return runner
+
+    async def remove_stream(self, stream_id: str) -> None:
+        runner = self.runners.pop(stream_id)
+        runner.stop()
+        task = self._tasks.get(f"stream:{stream_id}")
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run_stream(self, runner: StreamRunner, pipeline: Pipeline) -> None:
+        try:
+            await runner.run()
+        except Exception as e:  # noqa: BLE001 - one stream's bug never stops the others
+            log.exception("stream task crashed", stream=runner.cfg.id)
+            runner._set_state(State.FAILED, f"internal error: {type(e).__name__}: {e}")
+        # the queue is closed now; the pipeline reads what is left, then forgets the stream
+        while len(runner.queue) and self.pipelines.get(pipeline.name) is pipeline:
+            await asyncio.sleep(0.05)
+        pipeline.ingress.detach(runner.cfg.id)
+        pipeline.reset_stream(runner.cfg.id)
+        self._tasks.pop(f"stream:{runner.cfg.id}", None)
+
+    def _client(self, url: str) -> aioredis.Redis:
+        if not url or url == self.redis_url:
+            assert self.redis is not None
+            return self.redis
+        c = self._clients.get(url)
+        if c is None:
+            c = self._clients[url] = redis_client(url)
+        return c
+
+    # -- pipelines --------------------------------------------------------------------------------------------
+    def _pipeline_config(self, name: str, where: str) -> Any:
+        pcfg = pipeline_files.resolve(self.cfg, name, where)
+        stages = [build_stage(st, f"{where}[{name}].stages.{i}") for i, st in enumerate(pcfg.stages)]
+        return pcfg, stages
+
+    def _pipeline(self, name: str, where: str) -> Pipeline:
+        p = self.pipelines.get(name)
+        if p is not None:
+            return p
+        pcfg, stages = self._pipeline_config(name, where)
+        p = self.pipelines[name] = Pipeline(name, pcfg, stages, self._deliver, self.metrics)
+        assert self._tg is not None
+        self._tasks[f"pipeline:{name}"] = self._tg.create_task(self._run_pipeline(p), name=f"pipeline:{name}")
+        return p
+
+    async def _run_pipeline(self, p: Pipeline) -> None:
+        try:
+            await p.run()
+        except Exception as e:  # noqa: BLE001 - a pipeline that cannot start fails its streams, not the daemon
+            reason = f"pipeline {p.name!r} failed: {type(e).__name__}: {e}"
+            log.error("pipeline failed", pipeline=p.name, error=reason)
+            for sid, name in list(self._stream_pipeline.items()):
+                r = self.runners.get(sid)
+                if name == p.name and r is not None:
+                    r.fail(reason)
+            self.pipelines.pop(p.name, None)
+
+    async def _deliver(self, works: list[Work]) -> None:
+        assert self.sink is not None
+        ok: list[Work] = []
+        for w in works:
+            f = w.frame
+            if w.error is not None:
+                self.metrics.frames_failed.labels(f.stream_id).inc()
+                if f.ref is not None:
+                    runner = self.runners.get(f.stream_id)
+                    if runner is not None:
+                        try:
+                            await runner.failed(f.ref, w.error)
+                        except Exception as e:  # noqa: BLE001 - Redis down: the entry stays pending
+                            log.warning("could not record a failed entry", stream=f.stream_id, error=str(e))
+                    continue
+                self.sink.event(f.stream_id, "frame_failed", {"seq": f.seq, "reason": w.error})
+            ok.append(w)
+        if ok:
+            await self.sink.publish_results(ok)
+
+    def _settled(self, ref: Any) -> None:
+        for r in self.runners.values():
+            if r.ref is not None and r.ref.key == ref.key:
+                r.settled(ref)
+
+    # -- monitoring ------------------------------------------------------------------------------------------
+    async def _watch_loop_lag(self, interval_s: float = 0.1) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(interval_s)
+            lag = max(0.0, loop.time() - t0 - interval_s)
+            self.loop_lag_s.append(lag)
+            self.metrics.loop_lag.observe(lag)
+            for sid, r in self.runners.items():
+                self.metrics.queue_depth.labels(sid).set(len(r.queue))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "redis": {"healthy": bool(self.sink and self.sink.healthy), "buffered": len(self.sink or [])},
+            "streams": {
+                sid: {"state": r.state.value, "reason": r.reason, "frames": r.frames, "dropped": r.drops.total,
+                      "pipeline": r.cfg.pipeline, "url": r.url_redacted, "last_frame_ts": r.last_frame_ts}
+                for sid, r in self.runners.items()
+            },
+        }
+
+
+def check_config(cfg: Config) -> None:
+    """Everything `streamd validate` checks beyond the schema: pipelines exist and their stages' options."""
+    for i, s in enumerate(cfg.streams):
+        pcfg = pipeline_files.resolve(cfg, s.pipeline, f"streams.{i}.pipeline")
+        for j, st in enumerate(pcfg.stages):
+            build_stage(st, f"streams.{i}.pipeline[{s.pipeline}].stages.{j}")
+    for name, pcfg in cfg.pipelines.items():
+        for j, st in enumerate(pcfg.stages):
+            build_stage(st, f"pipelines.{name}.stages.{j}")
+    if cfg.api.enabled and cfg.api.bind not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError("api.bind", "binding beyond loopback needs tokens (the control API is not built yet)")

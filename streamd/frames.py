@@ -1,0 +1,53 @@
+"""Plain data carried through a pipeline. No logic beyond trivial accessors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class InputRef:
+    """Where a frame came from, when that place must be told it was handled (a Redis entry to acknowledge)."""
+
+    key: str
+    group: str
+    entry_id: str
+    deliveries: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One sampled frame. `image` is HxWx3 uint8 RGB; `pts_s` is the source presentation time in seconds;
+    `capture_ts` is the wall-clock time (epoch seconds) the frame was captured or received.
+    `discontinuity` marks the first frame after a reconnect or a timestamp jump (trackers reset on it)."""
+
+    stream_id: str
+    seq: int
+    pts_s: float
+    capture_ts: float
+    image: np.ndarray
+    ref: InputRef | None = None
+    discontinuity: bool = False
+    meta: dict[str, str] | None = None
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+
+@dataclass(slots=True)
+class Work:
+    """A frame on its way through the stages: each stage adds its output under its name and its timing."""
+
+    frame: Frame
+    outputs: dict[str, Any] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    prompt_versions: dict[str, int] = field(default_factory=dict)
+    error: str | None = None

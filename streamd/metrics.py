@@ -1,0 +1,35 @@
+"""Every Prometheus metric, defined once. One registry per daemon (no process-global state), labels
+`stream` / `stage`. Stream labels are stream ids, never URLs, so no credential can reach a metric."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.frames_in = Counter("streamd_frames_decoded", "frames decoded from the source", ["stream"], registry=r)
+        self.frames_sampled = Counter("streamd_frames_sampled", "frames kept by the sampler", ["stream"], registry=r)
+        self.frames_dropped = Counter("streamd_frames_dropped", "frames dropped by a full queue", ["stream"], registry=r)
+        self.frames_processed = Counter("streamd_frames_processed", "result records produced", ["stream"], registry=r)
+        self.frames_failed = Counter("streamd_frames_failed", "frames a stage failed on", ["stream"], registry=r)
+        self.dead_letters = Counter("streamd_dead_letters", "Redis input entries dead-lettered", ["stream"], registry=r)
+        self.stage_latency = Histogram("streamd_stage_latency_seconds", "stage time per batch", ["stage"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("streamd_batch_size", "frames per stage batch", ["stage"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.queue_depth = Gauge("streamd_queue_depth", "frames waiting in a stream's queue", ["stream"], registry=r)
+        self.publish_errors = Counter("streamd_redis_publish_errors", "failed Redis publish attempts", registry=r)
+        self.buffer_overflow = Counter("streamd_redis_buffer_overflow", "records lost to a full outage buffer",
+                                       registry=r)
+        self.buffered = Gauge("streamd_redis_buffered_records", "records waiting to be published", registry=r)
+        self.e2e_latency = Histogram("streamd_capture_to_publish_seconds", "capture to publish latency",
+                                     ["stream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stream_state = Gauge("streamd_stream_state", "1 for the stream's current state", ["stream", "state"],
+                                  registry=r)
+        self.loop_lag = Histogram("streamd_event_loop_lag_seconds", "event loop scheduling lag",
+                                  buckets=LATENCY_BUCKETS, registry=r)

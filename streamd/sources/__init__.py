@@ -1,0 +1,77 @@
+"""Sources: each is an async iterator of Frame with `aclose()`. The kind is picked from the reference:
+
+| reference                                   | kind   | notes                                        |
+|---------------------------------------------|--------|----------------------------------------------|
+| ``rtsp://``, ``rtsps://``                   | rtsp   | PyAV, TCP transport by default               |
+| ``http(s)://…/x.m3u8`` (or ``hls+http(s)://``)| hls  | PyAV follows the live playlist               |
+| other ``http(s)://``, ``rtmp://``, ``srt://``, ``udp://``, ``tcp://`` | url | anything FFmpeg opens |
+| a path or ``file://``                       | file   | realtime (like a camera) or fast playback    |
+| ``redis://host:port/db#key``, ``redis:key`` | redis  | frames pushed into a Redis stream            |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from streamd.errors import SourceError
+
+AV_SCHEMES = {"rtsp", "rtsps", "http", "https", "rtmp", "rtmps", "srt", "udp", "tcp", "hls+http", "hls+https"}
+LIVE_KINDS = {"rtsp", "hls", "url"}
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    kind: str  # rtsp | hls | url | file | redis
+    url: str  # what PyAV opens, or the Redis URL (without the fragment)
+    key: str | None = None  # Redis stream key
+
+    @property
+    def live(self) -> bool:
+        return self.kind in LIVE_KINDS
+
+
+def parse_reference(ref: str) -> SourceRef:
+    """Classify a stream reference. Raises a permanent SourceError for unknown schemes or malformed references."""
+    ref = ref.strip()
+    if not ref:
+        raise SourceError("empty stream reference", permanent=True)
+    if "://" not in ref and not ref.startswith("redis:"):
+        if len(ref) > 1 and ref[1] == ":" and ref[0].isalpha():  # windows drive letter
+            return SourceRef("file", ref)
+        if ":" in ref.split("/")[0]:
+            scheme = ref.split(":", 1)[0]
+            raise SourceError(f"unsupported scheme {scheme!r}", permanent=True)
+        return SourceRef("file", ref)
+    try:
+        parts = urlsplit(ref)
+    except ValueError as e:
+        raise SourceError(f"malformed reference: {e}", permanent=True) from None
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return SourceRef("file", unquote(parts.path))
+    if scheme in ("redis", "rediss", "unix"):
+        key = unquote(parts.fragment) if parts.fragment else None
+        if key is None and "://" not in ref:  # redis:key shorthand (the daemon's own Redis)
+            key = unquote(parts.path)
+            return SourceRef("redis", "", key or None)
+        if not key:
+            raise SourceError("a redis reference names its stream key after '#': redis://host:6379/0#frames",
+                              permanent=True)
+        return SourceRef("redis", ref.split("#", 1)[0], key)
+    if scheme not in AV_SCHEMES:
+        raise SourceError(f"unsupported scheme {scheme!r}", permanent=True)
+    if not parts.hostname:
+        raise SourceError("the URL has no host", permanent=True)
+    if scheme.startswith("hls+"):
+        return SourceRef("hls", ref[4:])
+    if scheme in ("rtsp", "rtsps"):
+        return SourceRef("rtsp", ref)
+    if scheme in ("http", "https") and parts.path.lower().endswith((".m3u8", ".m3u")):
+        return SourceRef("hls", ref)
+    return SourceRef("url", ref)
+
+
+def file_exists(path: str) -> bool:
+    return os.path.isfile(path)

@@ -1,0 +1,182 @@
+"""PyAV source for RTSP, HLS, files and any URL FFmpeg opens.
+
+Decoding runs in one thread per source (PyAV releases the GIL while decoding); only sampled frames are
+converted to RGB arrays. The thread may block on network reads for up to `open_timeout_s`; the event loop never
+blocks. Frames reach the loop through a small `wait` queue, so a slow consumer slows the decoder instead of
+piling frames up in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from fractions import Fraction
+from typing import Any
+
+import av
+
+from streamd.batching import FrameQueue, QueueClosed
+from streamd.config import DropPolicy, Playback, StreamConfig
+from streamd.errors import SourceError
+from streamd.frames import Frame
+from streamd.log import get_logger, redact_text
+from streamd.sampling import FpsSampler
+from streamd.sources import SourceRef
+
+log = get_logger("streamd.source.av")
+
+MAX_CONSECUTIVE_DECODE_ERRORS = 25
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, av.error.HTTPNotFoundError):
+        return "HTTP 404 not found"
+    if isinstance(exc, av.error.HTTPError):
+        return f"HTTP error: {exc.strerror or exc}"
+    if isinstance(exc, av.error.FFmpegError):
+        return redact_text(f"{type(exc).__name__}: {exc.strerror or exc}")
+    return redact_text(f"{type(exc).__name__}: {exc}")
+
+
+class AvSource:
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        ref: SourceRef,
+        sampler: FpsSampler,
+        seq: itertools.count,
+        loop: asyncio.AbstractEventLoop,
+        buffer: int = 2,
+    ):
+        self.cfg = cfg
+        self.ref = ref
+        self.sampler = sampler
+        self._seq = seq
+        self._queue: FrameQueue[Frame] = FrameQueue(buffer, DropPolicy.WAIT, loop)
+        self._stop = threading.Event()
+        self._error: SourceError | None = None
+        self.frames_decoded = 0  # every decoded frame, sampled or not (read by metrics)
+        self._pts_offset = 0.0  # a looping file keeps its timeline increasing
+        self._thread = threading.Thread(target=self._run, name=f"decode-{cfg.id}", daemon=True)
+        self._thread.start()
+
+    def __aiter__(self) -> "AvSource":
+        return self
+
+    async def __anext__(self) -> Frame:
+        try:
+            return await self._queue.get()
+        except QueueClosed:
+            if self._error is not None:
+                raise self._error from None
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        self._queue.close()
+        await asyncio.to_thread(self._thread.join, self.cfg.open_timeout_s + 1)
+
+    # -- decode thread ---------------------------------------------------------------------------------------
+    def _options(self) -> dict[str, str]:
+        opts: dict[str, str] = {}
+        if self.ref.kind == "rtsp":
+            opts["rtsp_transport"] = "tcp"
+        opts.update(self.cfg.ffmpeg_options)
+        return opts
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._play_once():
+                    break
+        except SourceError as e:
+            self._error = e
+        except Exception as e:  # noqa: BLE001 - any decoder failure ends this connection with a reason
+            self._error = SourceError(_describe(e))
+        finally:
+            self._queue.close_threadsafe()
+
+    def _play_once(self) -> bool:
+        """Plays the input once. Returns True to play it again (a looping file)."""
+        t = self.cfg.open_timeout_s
+        try:
+            container = av.open(self.ref.url, options=self._options(), timeout=(t, t))
+        except (av.error.FFmpegError, OSError) as e:
+            raise SourceError(f"cannot open: {_describe(e)}",
+                              permanent=isinstance(e, (av.error.FileNotFoundError, FileNotFoundError))) from None
+        try:
+            if not container.streams.video:
+                raise SourceError("no video stream in the input", permanent=True)
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if self.cfg.decode_threads:
+                stream.codec_context.thread_count = self.cfg.decode_threads
+            end_pts = self._decode(container, stream)
+        finally:
+            container.close()
+        if self._stop.is_set():
+            return False
+        if self.ref.kind == "file":
+            if self.cfg.loop:
+                self._pts_offset = end_pts
+                return True
+            return False
+        raise SourceError("the stream ended")
+
+    def _decode(self, container: Any, stream: Any) -> float:
+        tb: Fraction = stream.time_base or Fraction(1, 90_000)
+        realtime = self.ref.kind == "file" and self.cfg.playback is Playback.REALTIME
+        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        frame_dur = 1.0 / rate if rate > 0 else 0.04
+        wall0: float | None = None
+        pts0 = 0.0
+        last_pts = self._pts_offset
+        errors = 0
+        synthetic = 0
+        offset = self._pts_offset
+        for packet in container.demux(stream):
+            if self._stop.is_set():
+                break
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError as e:
+                errors += 1
+                if errors > MAX_CONSECUTIVE_DECODE_ERRORS:
+                    raise SourceError(f"corrupt input: {errors} undecodable packets in a row ({_describe(e)})")
+                continue
+            for vf in frames:
+                errors = 0
+                self.frames_decoded += 1
+                if vf.pts is not None:
+                    pts = float(vf.pts * tb) + offset
+                else:
+                    pts = offset + synthetic * frame_dur
+                synthetic += 1
+                last_pts = pts
+                if realtime:
+                    now = time.monotonic()
+                    if wall0 is None:
+                        wall0, pts0 = now, pts
+                    ahead = (pts - pts0) - (now - wall0)
+                    if ahead > 0:
+                        if self._stop.wait(min(ahead, 1.0)):
+                            return last_pts + frame_dur
+                    elif ahead < -1.0:  # pts jumped or we fell behind: re-anchor the clock
+                        wall0, pts0 = now, pts
+                decision = self.sampler.offer(pts)
+                if not decision.keep:
+                    continue
+                image = vf.to_ndarray(format="rgb24")
+                frame = Frame(
+                    stream_id=self.cfg.id,
+                    seq=next(self._seq),
+                    pts_s=pts,
+                    capture_ts=time.time(),
+                    image=image,
+                    discontinuity=decision.discontinuity,
+                )
+                if not self._queue.put_threadsafe(frame, self._stop):
+                    return last_pts + frame_dur
+        return last_pts + frame_dur

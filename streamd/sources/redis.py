@@ -1,0 +1,244 @@
+"""Redis frame-stream source: frames pushed by the user into a Redis stream, read through a consumer group.
+
+Entry fields: ``image`` (JPEG/PNG bytes, or raw pixels with ``shape`` "H,W[,C]" and ``dtype``, e.g. uint8;
+``color`` "bgr" if the raw pixels are BGR), optional ``ts`` (capture time, epoch seconds) and ``pts`` (seconds);
+other fields are passed through as metadata. On start the consumer first re-reads its own pending entries, then
+new ones; entries idle in other (dead) consumers' pending lists are claimed. An entry that fails
+`max_deliveries` times is copied to ``<key>:dead`` with the reason and acknowledged, in one MULTI/EXEC.
+The only blocking call is XREADGROUP (bounded by `block_ms`); image decoding runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from streamd.config import RedisInputConfig, StreamConfig
+from streamd.errors import FrameDecodeError, SourceError
+from streamd.frames import Frame, InputRef
+from streamd.keys import dead_letter_key
+from streamd.log import get_logger, redact_text
+from streamd.sampling import FpsSampler
+from streamd.sources.base import EventFn
+
+log = get_logger("streamd.source.redis")
+
+
+def default_consumer_name() -> str:
+    return f"streamd-{socket.gethostname()}"
+
+
+def decode_image(fields: dict[bytes, bytes], image_field: str) -> np.ndarray:
+    """Decode an entry's image into HxWx3 uint8 RGB. Raises FrameDecodeError with the reason."""
+    data = fields.get(image_field.encode())
+    if not data:
+        raise FrameDecodeError(f"missing field {image_field!r}")
+    shape_raw = fields.get(b"shape")
+    if shape_raw is not None:
+        try:
+            shape = tuple(int(x) for x in shape_raw.decode().replace("x", ",").split(",") if x.strip())
+            dtype = np.dtype(fields.get(b"dtype", b"uint8").decode())
+            arr = np.frombuffer(data, dtype=dtype).reshape(shape)
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise FrameDecodeError(f"raw image does not match shape/dtype: {e}") from None
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise FrameDecodeError(f"unsupported raw image shape {shape}")
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        arr = arr[:, :, :3]
+        if arr.dtype != np.uint8:
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+        if fields.get(b"color", b"rgb").lower() == b"bgr":
+            arr = arr[:, :, ::-1]
+        return np.ascontiguousarray(arr)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise FrameDecodeError(f"cannot decode image: {e}") from None
+
+
+def _float(fields: dict[bytes, bytes], name: bytes) -> float | None:
+    raw = fields.get(name)
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        return None
+
+
+class RedisFrameSource:
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        client: aioredis.Redis,
+        key: str,
+        sampler: FpsSampler,
+        seq: itertools.count,
+        consumer: str,
+        inflight: set[str],
+        on_event: EventFn,
+    ):
+        self.cfg = cfg
+        self.icfg: RedisInputConfig = cfg.redis_input
+        self.r = client
+        self.key = key
+        self.sampler = sampler
+        self._seq = seq
+        self.consumer = consumer
+        self._inflight = inflight  # entry ids handed to the pipeline and not yet settled by the sink
+        self._on_event = on_event
+        self._pending: list[tuple[bytes, dict[bytes, bytes], int]] = []
+        self._backlog_done = False
+        self._last_claim = 0.0
+        self._claim_cursor = "0-0"
+        self._group_ready = False
+        self._closed = False
+        self.frames_decoded = 0
+
+    def __aiter__(self) -> "RedisFrameSource":
+        return self
+
+    async def aclose(self) -> None:
+        self._closed = True
+
+    async def __anext__(self) -> Frame:
+        while not self._closed:
+            try:
+                if not self._pending:
+                    await self._fill()
+            except RedisError as e:
+                raise SourceError(f"redis: {redact_text(str(e)) or type(e).__name__}") from None
+            while self._pending:
+                entry_id, fields, deliveries = self._pending.pop(0)
+                frame = await self._to_frame(entry_id, fields, deliveries)
+                if frame is not None:
+                    return frame
+        raise StopAsyncIteration
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self.r.xgroup_create(self.key, self.icfg.group, id=self.icfg.start_id, mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+
+    async def _fill(self) -> None:
+        await self._ensure_group()
+        if not self._backlog_done:  # our own pending entries first (a restart)
+            resp = await self.r.xreadgroup(self.icfg.group, self.consumer, {self.key: "0"}, count=self.icfg.read_count)
+            entries = [(i, f) for i, f in (resp[0][1] if resp else []) if f]  # deleted entries have no fields
+            entries = [(i, f) for i, f in entries if i.decode() not in self._inflight]
+            if not entries:
+                self._backlog_done = True
+            else:
+                self._pending.extend(await self._with_counts(entries))
+                return
+        now = time.monotonic()
+        if now - self._last_claim >= self.icfg.claim_idle_ms / 2000:
+            self._last_claim = now
+            claimed = await self._claim()
+            if claimed:
+                self._pending.extend(claimed)
+                return
+        block = min(self.icfg.block_ms, max(1, self.icfg.claim_idle_ms // 2))
+        resp = await self.r.xreadgroup(
+            self.icfg.group, self.consumer, {self.key: ">"}, count=self.icfg.read_count, block=block
+        )
+        for _key, entries in resp or []:
+            self._pending.extend((i, f, 1) for i, f in entries)
+
+    async def _claim(self) -> list[tuple[bytes, dict[bytes, bytes], int]]:
+        resp = await self.r.xautoclaim(
+            self.key, self.icfg.group, self.consumer, self.icfg.claim_idle_ms, self._claim_cursor,
+            count=self.icfg.read_count,
+        )
+        cursor, entries = resp[0], resp[1]
+        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        entries = [(i, f) for i, f in entries if f and i.decode() not in self._inflight]
+        return await self._with_counts(entries) if entries else []
+
+    async def _with_counts(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[bytes, dict, int]]:
+        ids = [i for i, _ in entries]
+        rows = await self.r.xpending_range(self.key, self.icfg.group, min=min(ids), max=max(ids), count=len(ids) * 4 + 16)
+        counts = {row["message_id"]: int(row["times_delivered"]) for row in rows}
+        return [(i, f, counts.get(i, 1)) for i, f in entries]
+
+    async def _to_frame(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> Frame | None:
+        eid = entry_id.decode()
+        ts = _float(fields, b"ts")
+        if ts is None:
+            ts = int(eid.split("-")[0]) / 1000.0
+        pts = _float(fields, b"pts")
+        pts = ts if pts is None else pts
+        decision = self.sampler.offer(pts)
+        if not decision.keep:  # sampled out: acknowledged without a result
+            await self.r.xack(self.key, self.icfg.group, eid)
+            return None
+        try:
+            image = await asyncio.to_thread(decode_image, fields, self.icfg.image_field)
+        except FrameDecodeError as e:
+            await self.fail(InputRef(self.key, self.icfg.group, eid, deliveries), str(e), fields)
+            return None
+        self.frames_decoded += 1
+        self._inflight.add(eid)
+        meta = {
+            k.decode(errors="replace"): v.decode(errors="replace")
+            for k, v in fields.items()
+            if k not in (self.icfg.image_field.encode(), b"shape", b"dtype", b"ts", b"pts", b"color") and len(v) < 1024
+        }
+        return Frame(
+            stream_id=self.cfg.id,
+            seq=next(self._seq),
+            pts_s=pts,
+            capture_ts=ts,
+            image=image,
+            ref=InputRef(self.key, self.icfg.group, eid, deliveries),
+            discontinuity=decision.discontinuity,
+            meta=meta or None,
+        )
+
+    async def fail(self, ref: InputRef, reason: str, fields: dict[bytes, bytes] | None = None) -> bool:
+        """Record a failed delivery. After `max_deliveries` the entry goes to the dead-letter stream and is
+        acknowledged (one MULTI/EXEC); before that it stays pending and is retried after `claim_idle_ms`.
+        Returns True when the entry was dead-lettered."""
+        self._inflight.discard(ref.entry_id)
+        if ref.deliveries < self.icfg.max_deliveries:
+            log.info("frame entry failed, will retry", stream=self.cfg.id, entry=ref.entry_id,
+                     deliveries=ref.deliveries, reason=reason)
+            return False
+        if fields is None:
+            resp = await self.r.xrange(self.key, ref.entry_id, ref.entry_id)
+            fields = resp[0][1] if resp else {}
+        dead = {k: v for k, v in fields.items()}
+        dead.update({
+            b"dead.reason": reason.encode(),
+            b"dead.source_key": self.key.encode(),
+            b"dead.entry_id": ref.entry_id.encode(),
+            b"dead.deliveries": str(ref.deliveries).encode(),
+            b"dead.stream_id": self.cfg.id.encode(),
+            b"dead.ts": repr(time.time()).encode(),
+        })
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.xadd(dead_letter_key(self.key), dead, maxlen=10_000, approximate=True)
+            pipe.xack(self.key, ref.group, ref.entry_id)
+            await pipe.execute()
+        log.warning("frame entry dead-lettered", stream=self.cfg.id, entry=ref.entry_id, reason=reason)
+        self._on_event("dead_letter", {"entry_id": ref.entry_id, "reason": reason, "deliveries": ref.deliveries})
+        return True

@@ -1,0 +1,81 @@
+"""Stages: batch in, batch out. Implementations are imported only when a pipeline names them, so the CLI and
+the control API never import torch.
+
+A stage implements `setup()` / `process(batch)` / `teardown()`; blocking model calls go through `run_blocking`,
+which uses one executor thread per device. `reset_stream(stream_id)` drops per-stream state (trackers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+
+from streamd.config import StageConfig
+from streamd.errors import ConfigError
+from streamd.frames import Work
+
+REGISTRY: dict[str, str] = {
+    "frame_info": "streamd.stages.frame_info:FrameInfo",
+}
+
+_executors: dict[str, ThreadPoolExecutor] = {}
+
+
+def device_executor(device: str) -> ThreadPoolExecutor:
+    """One thread per device: forward passes on a device never run concurrently with each other."""
+    ex = _executors.get(device)
+    if ex is None:
+        ex = _executors[device] = ThreadPoolExecutor(1, thread_name_prefix=f"model-{device}")
+    return ex
+
+
+class Stage:
+    kind: ClassVar[str] = ""
+    max_batch: int = 1
+    max_wait_ms: float = 0.0
+    device: str = "cpu"
+
+    def __init__(self, cfg: StageConfig):
+        self.cfg = cfg
+        self.name = cfg.name or cfg.type
+
+    async def setup(self) -> None:
+        """Load what the stage needs (models). Called once before the first batch."""
+
+    async def process(self, batch: list[Work]) -> list[Work]:
+        raise NotImplementedError
+
+    async def teardown(self) -> None:
+        """Release what setup acquired."""
+
+    def reset_stream(self, stream_id: str) -> None:
+        """Forget per-stream state (called on discontinuities and when a stream is removed)."""
+
+    async def run_blocking(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(device_executor(self.device), fn, *args)
+
+
+def parse_options(model: type[Any], cfg: StageConfig, where: str) -> Any:
+    """Validate a stage's options with its own pydantic model; a bad key exits naming its path."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(cfg.model_dump(exclude_none=True))
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(".".join([where, *map(str, err["loc"])]), err["msg"]) from None
+
+
+def _import(path: str) -> type[Stage]:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_stage(cfg: StageConfig, where: str) -> Stage:
+    path = REGISTRY.get(cfg.type)
+    if path is None:
+        raise ConfigError(f"{where}.type", f"unknown stage type {cfg.type!r} (known: {', '.join(sorted(REGISTRY))})")
+    cls = _import(path)
+    return cls.from_config(cfg, where) if hasattr(cls, "from_config") else cls(cfg)

@@ -1,0 +1,43 @@
+"""A pass-through stage: frame size, mean brightness and timestamps. Cheap (reads a subsampled view)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from streamd.config import StageConfig
+from streamd.frames import Work
+from streamd.stages import Stage, parse_options
+
+
+class FrameInfoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["frame_info"] = "frame_info"
+    name: str | None = None
+    stride: int = Field(8, ge=1, description="brightness is measured on every stride-th pixel")
+
+
+class FrameInfo(Stage):
+    kind = "frame_info"
+    max_batch = 64
+
+    def __init__(self, cfg: StageConfig, opts: FrameInfoOptions):
+        super().__init__(cfg)
+        self.opts = opts
+
+    @classmethod
+    def from_config(cls, cfg: StageConfig, where: str) -> "FrameInfo":
+        return cls(cfg, parse_options(FrameInfoOptions, cfg, where))
+
+    async def process(self, batch: list[Work]) -> list[Work]:
+        s = self.opts.stride
+        for w in batch:
+            img = w.frame.image
+            w.outputs[self.name] = {
+                "width": w.frame.width,
+                "height": w.frame.height,
+                "mean_brightness": round(float(np.mean(img[::s, ::s])), 3),
+            }
+        return batch

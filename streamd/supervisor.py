@@ -1,0 +1,270 @@
+"""Per-stream supervision: a state machine around a source.
+
+    connecting ──► live ──► stalled ──► backoff ──► connecting ...
+        │            │                     │
+        └──► backoff ┘ (errors)            └──► failed (permanent error or too many attempts)
+    any ──► stopped (removed, shut down, or the end of a file)
+
+Reconnects back off exponentially with jitter; a watchdog marks a live source stalled when no frame arrives for
+`stall_timeout_s` and reconnects it. Every transition is logged and published as an event. A stream's failure
+never touches another stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from streamd.batching import FrameQueue, QueueClosed
+from streamd.config import DropPolicy, StreamConfig
+from streamd.errors import SourceError
+from streamd.frames import Frame, InputRef
+from streamd.log import get_logger, redact_text, redact_url
+from streamd.metrics import Metrics
+from streamd.sampling import FpsSampler
+from streamd.sources import SourceRef, parse_reference
+from streamd.sources.base import EventFn, Source
+
+log = get_logger("streamd.supervisor")
+
+
+class State(str, enum.Enum):
+    CONNECTING = "connecting"
+    LIVE = "live"
+    STALLED = "stalled"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+TERMINAL = {State.FAILED, State.STOPPED}
+
+
+class DropReporter:
+    """Counts drops; publishes at most one aggregated event per interval."""
+
+    def __init__(self, stream_id: str, metrics: Metrics, on_event: EventFn, interval_s: float):
+        self.stream_id = stream_id
+        self._metrics = metrics
+        self._on_event = on_event
+        self._interval_s = interval_s
+        self._pending = 0
+        self.total = 0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __call__(self, frame: Frame) -> None:
+        self.total += 1
+        self._pending += 1
+        self._metrics.frames_dropped.labels(self.stream_id).inc()
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self._interval_s, self.flush)
+
+    def flush(self) -> None:
+        self._handle = None
+        if self._pending:
+            self._on_event("frames_dropped", {"count": self._pending, "total": self.total, "reason": "queue_full"})
+            self._pending = 0
+
+
+class StreamRunner:
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        metrics: Metrics,
+        on_event: EventFn,
+        redis_client: Callable[[str], aioredis.Redis],
+        consumer: str,
+        drop_event_interval_s: float = 1.0,
+    ):
+        self.cfg = cfg
+        self.metrics = metrics
+        self._emit = on_event
+        self._redis_client = redis_client
+        self.consumer = consumer
+        self.state = State.CONNECTING
+        self.reason: str | None = None
+        self.last_frame_ts: float | None = None
+        self.frames = 0
+        self.attempts = 0
+        self.inflight: set[str] = set()
+        self._seq = itertools.count()
+        self._stop = asyncio.Event()
+        self._source: Source | None = None
+        self._redis_source: Any = None
+        self._closing: asyncio.Future[None] | None = None
+        try:
+            self.ref: SourceRef | None = parse_reference(cfg.url)
+            self._ref_error: SourceError | None = None
+        except SourceError as e:
+            self.ref, self._ref_error = None, e
+        fps = cfg.fps
+        if self.ref is not None and self.ref.kind == "redis" and "fps" not in cfg.model_fields_set:
+            fps = None  # Redis input: every entry gets a result unless an fps is asked for
+        self.sampler = FpsSampler(fps)
+        policy = cfg.drop_policy
+        if policy is None:
+            live = self.ref is not None and (self.ref.live or cfg.playback.value == "realtime")
+            policy = DropPolicy.DROP_OLDEST if live else DropPolicy.WAIT
+        self.drops = DropReporter(cfg.id, metrics, self.event, drop_event_interval_s)
+        self.queue: FrameQueue[Frame] = FrameQueue(cfg.queue_size, policy, asyncio.get_running_loop(), self.drops)
+        for st in State:
+            metrics.stream_state.labels(cfg.id, st.value).set(0)
+
+    @property
+    def url_redacted(self) -> str:
+        return redact_url(self.cfg.url)
+
+    def event(self, kind: str, fields: dict[str, Any]) -> None:
+        self._emit(self.cfg.id, kind, fields)
+
+    def _set_state(self, state: State, reason: str | None = None) -> None:
+        if state is self.state and reason == self.reason:
+            return
+        old, self.state, self.reason = self.state, state, reason
+        self.metrics.stream_state.labels(self.cfg.id, old.value).set(0)
+        self.metrics.stream_state.labels(self.cfg.id, state.value).set(1)
+        fields: dict[str, Any] = {"from": old.value, "to": state.value}
+        if reason:
+            fields["reason"] = reason
+        if state is State.BACKOFF:
+            fields["attempt"] = self.attempts
+        self.event("state", fields)
+        logf = log.warning if state in (State.FAILED, State.STALLED, State.BACKOFF) else log.info
+        logf("stream state", stream=self.cfg.id, **fields)
+
+    def fail(self, reason: str) -> None:
+        """Something outside the source failed this stream for good (its pipeline could not start)."""
+        self._set_state(State.FAILED, reason)
+        self.stop()
+        self.queue.close()
+
+    def stop(self) -> None:
+        """Ask the stream to stop: its source is closed, what it already queued still flows through."""
+        self._stop.set()
+        if self._source is not None and self._closing is None:
+            self._closing = asyncio.ensure_future(self._source.aclose())
+
+    # -- running ------------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run until stopped, failed, or a file ends. Closes the stream's queue at the end."""
+        self.metrics.stream_state.labels(self.cfg.id, State.CONNECTING.value).set(1)
+        self.event("state", {"from": None, "to": State.CONNECTING.value})
+        try:
+            await self._supervise()
+        finally:
+            if self._closing is not None:
+                await asyncio.gather(self._closing, return_exceptions=True)
+            self.queue.close()
+            self.drops.flush()
+
+    async def _supervise(self) -> None:
+        rc = self.cfg.reconnect
+        if self.ref is None:
+            assert self._ref_error is not None
+            self._set_state(State.FAILED, str(self._ref_error))
+            return
+        delay = rc.initial_s
+        while not self._stop.is_set():
+            self._set_state(State.CONNECTING)
+            try:
+                ended = await self._play()
+                if ended:
+                    self._set_state(State.STOPPED, "end of input")
+                    return
+            except SourceError as e:
+                reason = redact_text(str(e))
+                if e.permanent:
+                    self._set_state(State.FAILED, reason)
+                    return
+                self.reason = reason
+            except TimeoutError:
+                self._set_state(State.STALLED, f"no frame for {self.cfg.stall_timeout_s:g} s")
+            except QueueClosed:
+                return
+            if self._stop.is_set():
+                break
+            if self.state is State.LIVE:
+                delay = rc.initial_s  # it worked for a while: start the backoff again
+            self.attempts += 1
+            if rc.max_attempts is not None and self.attempts > rc.max_attempts:
+                self._set_state(State.FAILED, f"gave up after {rc.max_attempts} attempts: {self.reason}")
+                return
+            self._set_state(State.BACKOFF, self.reason)
+            wait = delay * random.uniform(1 - rc.jitter, 1 + rc.jitter)
+            delay = min(delay * rc.multiplier, rc.max_s)
+            try:
+                await asyncio.wait_for(self._stop.wait(), wait)
+            except TimeoutError:
+                pass
+            self.sampler.mark_discontinuity()
+        if self.state is not State.FAILED:
+            self._set_state(State.STOPPED, "stopped")
+
+    def _open(self) -> Source:
+        assert self.ref is not None
+        loop = asyncio.get_running_loop()
+        if self.ref.kind == "redis":
+            from streamd.sources.redis import RedisFrameSource
+
+            src = RedisFrameSource(self.cfg, self._redis_client(self.ref.url), self.ref.key or "", self.sampler,
+                                   self._seq, self.consumer, self.inflight, self.event)
+            self._redis_source = src
+            return src
+        from streamd.sources.av import AvSource
+
+        return AvSource(self.cfg, self.ref, self.sampler, self._seq, loop)
+
+    async def _play(self) -> bool:
+        """One connection. Returns True at a clean end of input; raises SourceError / TimeoutError otherwise."""
+        assert self.ref is not None
+        src = self._source = self._open()
+        loop = asyncio.get_running_loop()
+        # the watchdog times the source only, never our own queue (a `wait` queue may block on purpose);
+        # an idle Redis stream is not a stalled camera
+        stall = None if self.ref.kind == "redis" else self.cfg.stall_timeout_s
+        try:
+            async with asyncio.timeout(None) as watchdog:
+                it = src.__aiter__()
+                while not self._stop.is_set():
+                    watchdog.reschedule(None if stall is None else loop.time() + stall)
+                    try:
+                        frame = await it.__anext__()
+                    except StopAsyncIteration:
+                        return not self._stop.is_set()
+                    watchdog.reschedule(None)
+                    await self._accept(frame)
+            return False
+        finally:
+            self._source = None
+            await src.aclose()
+
+    async def _accept(self, frame: Frame) -> None:
+        if self.state is not State.LIVE:
+            self.attempts = 0
+            self._set_state(State.LIVE)
+        self.frames += 1
+        self.last_frame_ts = frame.capture_ts
+        self.metrics.frames_sampled.labels(self.cfg.id).inc()
+        if frame.discontinuity:
+            self.event("discontinuity", {"seq": frame.seq, "pts_s": frame.pts_s})
+        await self.queue.put(frame)
+
+    # -- input settlement (Redis entries) -------------------------------------------------------------------
+    def settled(self, ref: InputRef) -> None:
+        self.inflight.discard(ref.entry_id)
+
+    async def failed(self, ref: InputRef, reason: str) -> None:
+        """A stage failed on a Redis input entry: retry it later, or dead-letter it after max deliveries."""
+        src = self._redis_source
+        if src is None:
+            self.inflight.discard(ref.entry_id)
+            return
+        if await src.fail(ref, reason):
+            self.metrics.dead_letters.labels(self.cfg.id).inc()
