@@ -18,13 +18,13 @@ class Decision:
 
 
 class FpsSampler:
-    def __init__(self, fps: float | None, jump_s: float = 5.0, tolerance: float = 0.1):
+    def __init__(self, fps: float | None, jump_s: float = 5.0, tolerance_s: float = 0.002):
         if fps is not None and fps <= 0:
             raise ValueError("fps must be > 0 or None")
         self.period_s = None if fps is None else 1.0 / fps
         self.jump_s = jump_s
-        # a frame up to this fraction of a period early still counts (timestamp rounding, 29.97 vs 30)
-        self._early_s = 0.0 if self.period_s is None else self.period_s * tolerance
+        # a frame this early still counts (timestamp rounding, 29.97 vs 30 fps)
+        self._early_s = 0.0 if self.period_s is None else min(tolerance_s, self.period_s / 10)
         self._next_due: float | None = None
         self._last_pts: float | None = None
         self._pending_discontinuity = False

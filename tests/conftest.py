@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from streamd import keys
+from streamd.config import parse_config
+from streamd.daemon import Daemon
+from streamd.log import setup_logging
+from streamd.testing import ManagedRedis, make_pan_clip
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+setup_logging("info", "console")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> ManagedRedis:
+    srv = ManagedRedis(tmp_path_factory.mktemp("redis")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+async def r(redis_server: ManagedRedis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 s at 30 fps, 640x360, a pan over a real photo."""
+    return make_pan_clip(tmp_path_factory.mktemp("clips") / "pan.mp4", seconds=6, fps=30, size=(640, 360))
+
+
+def make_config(redis_url: str, streams: list[dict[str, Any]], **extra: Any) -> Any:
+    data: dict[str, Any] = {"redis": {"url": redis_url, "retry_initial_s": 0.05, "retry_max_s": 0.5},
+                            "shutdown": {"grace_s": 5}, "streams": streams}
+    data.update(extra)
+    return parse_config(data, environ={})
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: Any) -> AsyncIterator[Daemon]:
+    """A real daemon running in this event loop; stopped (drained) on exit."""
+    d = Daemon(cfg)
+    stop = asyncio.Event()
+    await d.startup()
+    task = asyncio.create_task(d.run(stop))
+    try:
+        await asyncio.wait_for(d.started.wait(), 10)
+        yield d
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await d.shutdown()
+
+
+async def results(client: aioredis.Redis, stream_id: str) -> list[dict[str, Any]]:
+    entries = await client.xrange(keys.results_key(stream_id))
+    return [json.loads(f[b"record"]) for _, f in entries]
+
+
+async def events(client: aioredis.Redis, stream_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+    entries = await client.xrange(keys.events_key(stream_id))
+    evs = [json.loads(f[b"event"]) for _, f in entries]
+    return [e for e in evs if kind is None or e["type"] == kind]
+
+
+async def until(cond: Any, timeout_s: float = 20.0, interval_s: float = 0.1, what: str = "condition") -> Any:
+    """Poll an async (or plain) condition until it is truthy."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last = None
+    while loop.time() < deadline:
+        last = cond()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def states(evs: list[dict[str, Any]]) -> list[str]:
+    return [e["to"] for e in evs if e["type"] == "state"]

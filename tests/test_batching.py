@@ -1,0 +1,81 @@
+import asyncio
+import threading
+
+import pytest
+
+from streamd.batching import FrameQueue, Ingress, QueueClosed, StageQueue
+from streamd.config import DropPolicy
+
+
+async def test_drop_oldest_counts_every_drop_and_keeps_newest():
+    dropped = []
+    q = FrameQueue(3, DropPolicy.DROP_OLDEST, asyncio.get_running_loop(), dropped.append)
+    for i in range(10):
+        await q.put(i)
+    assert dropped == [0, 1, 2, 3, 4, 5, 6]
+    assert q.dropped == 7
+    assert [q.get_nowait() for _ in range(3)] == [7, 8, 9]
+
+
+async def test_wait_policy_blocks_a_producer_thread_and_loses_nothing():
+    loop = asyncio.get_running_loop()
+    q = FrameQueue(2, DropPolicy.WAIT, loop)
+    stop = threading.Event()
+
+    def produce():
+        for i in range(50):
+            assert q.put_threadsafe(i, stop)
+        q.close_threadsafe()
+
+    t = threading.Thread(target=produce)
+    t.start()
+    got = []
+    while True:
+        try:
+            got.append(await q.get())
+        except QueueClosed:
+            break
+        assert len(q) <= 2
+        await asyncio.sleep(0)
+    t.join()
+    assert got == list(range(50))
+
+
+async def test_ingress_is_fair_across_streams():
+    loop = asyncio.get_running_loop()
+    a = FrameQueue(100, DropPolicy.WAIT, loop)
+    b = FrameQueue(100, DropPolicy.WAIT, loop)
+    ing = Ingress()
+    ing.attach("a", a)
+    ing.attach("b", b)
+    for i in range(20):
+        await a.put(("a", i))
+    await b.put(("b", 0))
+    batch = await ing.get_batch(4)
+    assert ("b", 0) in batch  # a busy stream does not starve a quiet one
+
+
+async def test_ingress_batches_by_size_or_timeout():
+    loop = asyncio.get_running_loop()
+    a = FrameQueue(100, DropPolicy.WAIT, loop)
+    ing = Ingress()
+    ing.attach("a", a)
+    await a.put(1)
+    t0 = loop.time()
+    batch = await ing.get_batch(8, max_wait_s=0.2)
+    assert batch == [1]
+    assert loop.time() - t0 >= 0.15
+    ing.close()
+    with pytest.raises(QueueClosed):
+        await ing.get_batch(8)
+
+
+async def test_stage_queue_closes_with_a_sentinel_after_items():
+    q = StageQueue(10)
+    for i in range(5):
+        await q.put(i)
+    await q.close()
+    assert await q.get_batch(3) == [0, 1, 2]
+    assert await q.get_batch(10) == [3, 4]
+    with pytest.raises(QueueClosed):
+        await q.get_batch(10)
