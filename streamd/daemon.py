@@ -25,7 +25,8 @@ from streamd.pipeline import Pipeline
 from streamd.redis_server import ManagedRedis
 from streamd.sinks.redis import RedisSink
 from streamd.sources.redis import default_consumer_name
-from streamd.stages import build_stage
+from streamd.models import ModelRegistry
+from streamd.stages import StageContext, build_stage
 from streamd.supervisor import State, StreamRunner
 
 log = get_logger("streamd.daemon")
@@ -52,6 +53,7 @@ class Daemon:
         self.loop_lag_s: deque[float] = deque(maxlen=10_000)
         self.started = asyncio.Event()
         self.consumer = cfg.redis.consumer or default_consumer_name()
+        self.models = ModelRegistry()
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -102,6 +104,7 @@ class Daemon:
             await self.sink.wait_idle()
 
     async def shutdown(self) -> None:
+        await self.models.aclose()
         for c in [self.redis, *self._clients.values()]:
             if c is not None:
                 try:
@@ -145,6 +148,12 @@ class Daemon:
 
     async def _run_stream(self, runner: StreamRunner, pipeline: Pipeline) -> None:
         try:
+            # frames wait for loaded models, not in a queue going stale
+            ready = asyncio.ensure_future(pipeline.ready.wait())
+            stopped = asyncio.ensure_future(runner.stopped.wait())
+            await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            stopped.cancel()
             await runner.run()
         except Exception as e:  # noqa: BLE001 - one stream's bug never stops the others
             log.exception("stream task crashed", stream=runner.cfg.id)
@@ -153,7 +162,7 @@ class Daemon:
         while len(runner.queue) and self.pipelines.get(pipeline.name) is pipeline:
             await asyncio.sleep(0.05)
         pipeline.ingress.detach(runner.cfg.id)
-        pipeline.reset_stream(runner.cfg.id)
+        pipeline.forget_stream(runner.cfg.id)
         self._tasks.pop(f"stream:{runner.cfg.id}", None)
 
     def _client(self, url: str) -> aioredis.Redis:
@@ -176,6 +185,10 @@ class Daemon:
         if p is not None:
             return p
         pcfg, stages = self._pipeline_config(name, where)
+        assert self.sink is not None
+        ctx = StageContext(models=self.models, events=self.sink.event)
+        for st in stages:
+            st.bind(ctx)
         p = self.pipelines[name] = Pipeline(name, pcfg, stages, self._deliver, self.metrics)
         assert self._tg is not None
         self._tasks[f"pipeline:{name}"] = self._tg.create_task(self._run_pipeline(p), name=f"pipeline:{name}")

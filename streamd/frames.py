@@ -51,3 +51,4 @@ class Work:
     timings_ms: dict[str, float] = field(default_factory=dict)
     prompt_versions: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    carry: dict[str, Any] = field(default_factory=dict)  # stage-to-stage data that is not published

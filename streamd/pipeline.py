@@ -54,9 +54,9 @@ class Pipeline:
                 except Exception as e:  # noqa: BLE001 - teardown errors are logged, the others still run
                     log.error("stage teardown failed", pipeline=self.name, stage=st.name, error=str(e))
 
-    def reset_stream(self, stream_id: str) -> None:
+    def forget_stream(self, stream_id: str) -> None:
         for st in self.stages:
-            st.reset_stream(stream_id)
+            st.forget_stream(stream_id)
 
     async def _get(self, i: int, st: Stage) -> list[Work]:
         wait_s = st.max_wait_ms / 1000.0

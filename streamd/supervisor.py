@@ -145,6 +145,10 @@ class StreamRunner:
         self.stop()
         self.queue.close()
 
+    @property
+    def stopped(self) -> asyncio.Event:
+        return self._stop
+
     def stop(self) -> None:
         """Ask the stream to stop: its source is closed, what it already queued still flows through."""
         self._stop.set()

@@ -19,6 +19,10 @@ def _short(v: Any) -> str:
     if isinstance(v, dict):
         return " ".join(f"{k}={_short(x)}" for k, x in v.items())
     if isinstance(v, list):
+        if v and all(isinstance(x, dict) and "label" in x for x in v):
+            return "[" + ", ".join(
+                f"{x['label']}" + (f"#{x['track_id']}" if "track_id" in x else "") + f" {x.get('confidence', 0):.2f}"
+                for x in v) + "]"
         return f"[{len(v)}]"
     return str(v)
 

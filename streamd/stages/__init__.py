@@ -12,15 +12,31 @@ import importlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
+from dataclasses import dataclass, field
+
 from streamd.config import StageConfig
 from streamd.errors import ConfigError
 from streamd.frames import Work
 
 REGISTRY: dict[str, str] = {
     "frame_info": "streamd.stages.frame_info:FrameInfo",
+    "detect": "streamd.stages.detect:Detect",
+    "track": "streamd.stages.track:Track",
 }
 
 _executors: dict[str, ThreadPoolExecutor] = {}
+
+
+def _no_events(stream_id: str, kind: str, fields: dict[str, Any] | None = None) -> None:
+    pass
+
+
+@dataclass
+class StageContext:
+    """What the daemon lends every stage: the shared model registry and the events publisher."""
+
+    models: Any = None  # streamd.models.ModelRegistry
+    events: Any = field(default=_no_events)  # (stream_id, type, fields) -> None
 
 
 def device_executor(device: str) -> ThreadPoolExecutor:
@@ -40,6 +56,10 @@ class Stage:
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg
         self.name = cfg.name or cfg.type
+        self.ctx = StageContext()
+
+    def bind(self, ctx: StageContext) -> None:
+        self.ctx = ctx
 
     async def setup(self) -> None:
         """Load what the stage needs (models). Called once before the first batch."""
@@ -51,7 +71,11 @@ class Stage:
         """Release what setup acquired."""
 
     def reset_stream(self, stream_id: str) -> None:
-        """Forget per-stream state (called on discontinuities and when a stream is removed)."""
+        """Reset per-stream state (called on a discontinuity: reconnect, timestamp jump)."""
+
+    def forget_stream(self, stream_id: str) -> None:
+        """Drop per-stream state (the stream was removed)."""
+        self.reset_stream(stream_id)
 
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(device_executor(self.device), fn, *args)
