@@ -79,13 +79,18 @@ def test_demo_runs_offline_with_embedded_redis(tmp_path):
     env = {**os.environ, "STREAMD_HOME": str(tmp_path / "home"), "STREAMD_REDIS_URL": ""}
     env.pop("STREAMD_REDIS_URL")
     t0 = time.monotonic()
-    p = subprocess.run(STREAMD + ["demo", "--duration", "8", "--json"], capture_output=True, text=True,
+    p = subprocess.run(STREAMD + ["demo", "--duration", "25", "--json"], capture_output=True, text=True,
                        timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     recs = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
     results = [x for x in recs if x["kind"] == "results"]
     assert len(results) >= 5, p.stdout[-2000:]
     assert results[0]["stream_id"] == "demo"
+    # the default pipeline detects and tracks the people in the sample clip with a real model, offline
+    people = [d for x in results for d in x["outputs"]["detect"]["detections"] if d["label"] == "person"]
+    assert len(people) >= len(results), "about two people per frame"
+    assert all("track_id" in t for x in results for t in x["outputs"]["track"]["tracks"])
+    assert any(x["kind"] == "events" and x["type"] == "track_started" for x in recs)
     assert time.monotonic() - t0 < 280
     assert "embedded redis-server" in p.stderr
     assert (tmp_path / "home" / "samples").is_dir()

@@ -162,3 +162,39 @@ def _work_tracks(st, sid, seq, pts, boxes):
     w = _work(sid, seq, pts, boxes)
     st._track(w)
     return w.outputs["track"]["tracks"]
+
+
+@pytest.mark.skipif(not __import__("streamd.testing", fromlist=["RtspServer"]).RtspServer.available(),
+                    reason="Debian's GStreamer RTSP server (python3-gi) not installed")
+async def test_hls_rtsp_and_redis_streams_detect_and_track_at_once(r, redis_server, tmp_path):
+    from streamd.testing import HttpDir, LiveHls, RtspServer
+
+    clip = make_pan_clip(tmp_path / "z.mp4", "zidane.jpg", seconds=4, fps=15, size=(640, 360))
+    hls = LiveHls(clip, tmp_path / "hls").start()
+    http = HttpDir(tmp_path / "hls").start()
+    rtsp = RtspServer(size=(640, 360)).start()
+    await push_frames(r, "frames:dt", [load_photo("bus.jpg")] * 3, "jpeg")
+    fast = {"stages": [{**PERSON[0], "imgsz": 320}, {"type": "track"}]}
+    try:
+        cfg = make_config(redis_server.url, [
+            {"id": "hls", "url": http.url("index.m3u8"), "fps": 1.0, "pipeline": "dt"},
+            {"id": "rtsp", "url": rtsp.url, "fps": 1.0, "pipeline": "dt"},
+            {"id": "red", "url": "redis:frames:dt", "pipeline": "dt"},
+        ], pipelines={"dt": fast})
+        async with running(cfg) as d:
+            got = {}
+            for sid, n in (("hls", 4), ("rtsp", 4), ("red", 3)):
+                got[sid] = await until(lambda: _n(r, sid, n), 90, what=f"{n} results of {sid}")
+            assert {x.state.value for x in d.runners.values()} == {"live"}
+    finally:
+        rtsp.stop()
+        http.stop()
+        hls.stop()
+    for sid, recs in got.items():
+        assert all("track" in x["outputs"] and "detect" in x["outputs"] for x in recs), sid
+    # real people in the HLS pan (zidane.jpg) and the Redis frames (bus.jpg), with track ids
+    for sid in ("hls", "red"):
+        tracked = [t for x in got[sid][1:] for t in x["outputs"]["track"]["tracks"] if t["label"] == "person"]
+        assert tracked, sid
+    ids = [{t["track_id"] for t in x["outputs"]["track"]["tracks"]} for x in got["red"]]
+    assert ids[1] and ids[1] == ids[2]  # the same picture again: the same ids
