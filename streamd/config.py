@@ -49,10 +49,39 @@ class LogConfig(Strict):
     format: Literal["console", "json"] = Field("console", description="console for humans, json for collectors")
 
 
+class TokenConfig(Strict):
+    name: str = Field(..., min_length=1, description="who holds the token (shown in prompt authorship, never the token)")
+    token: str | None = Field(None, min_length=16, description="the bearer token (prefer token_env)")
+    token_env: str | None = Field(None, description="environment variable holding the token")
+    scopes: list[Literal["read", "operate", "admin"]] = Field(["read"], min_length=1,
+                                                              description="read < operate < admin")
+
+    def value(self, environ: dict[str, str]) -> str:
+        if self.token:
+            return self.token
+        v = environ.get(self.token_env or "", "")
+        if len(v) < 16:
+            raise ConfigError("api.tokens", f"token {self.name!r}: ${self.token_env} is unset or shorter than 16")
+        return v
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 class ApiConfig(Strict):
     enabled: bool = Field(False, description="serve the HTTP control API")
     bind: str = Field("127.0.0.1", description="address the control API binds")
     port: int = Field(8080, ge=0, le=65535, description="port of the control API (0 = any free port)")
+    tokens: list[TokenConfig] = Field(default_factory=list, description="bearer tokens; required beyond loopback")
+    max_body_bytes: int = Field(65_536, ge=1024, description="larger request bodies get 413")
+    rate_limit_per_s: float = Field(50.0, gt=0, description="requests per second per token (or client address)")
+    rate_limit_burst: int = Field(100, ge=1, description="burst allowance of the rate limit")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (none = CORS off)")
+    allowed_schemes: list[str] = Field(["rtsp", "rtsps", "http", "https", "rtmp", "rtmps", "srt", "redis", "rediss"],
+                                       description="stream URL schemes accepted from the API")
+    deny_private_addresses: bool = Field(False, description="refuse API-added URLs that resolve to private, "
+                                                            "loopback or link-local addresses (SSRF)")
+    public_health: bool = Field(True, description="/health/live and /health/ready answer without a token")
 
 
 class ReconnectConfig(Strict):
@@ -168,10 +197,13 @@ def parse_config(data: dict[str, Any] | None, environ: dict[str, str] | None = N
     data = dict(data or {})
     data = _env_overrides(data, dict(os.environ if environ is None else environ))
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(_loc(err["loc"]), err["msg"]) from None
+    if cfg.api.enabled and cfg.api.bind not in LOOPBACK and not cfg.api.tokens:
+        raise ConfigError("api.tokens", f"the control API binds {cfg.api.bind} (beyond loopback): tokens are required")
+    return cfg
 
 
 def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> Config:

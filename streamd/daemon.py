@@ -9,7 +9,7 @@ period. shutdown: closes what startup opened. Streams can be added and removed w
 from __future__ import annotations
 
 import asyncio
-import time
+import os
 from collections import deque
 from typing import Any
 
@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from streamd import pipelines as pipeline_files
 from streamd.config import Config, StreamConfig
-from streamd.errors import ConfigError, StreamdError
+from streamd.errors import StreamdError
 from streamd.frames import Work
 from streamd.log import get_logger
 from streamd.metrics import Metrics
@@ -263,5 +263,5 @@ def check_config(cfg: Config) -> None:
     for name, pcfg in cfg.pipelines.items():
         for j, st in enumerate(pcfg.stages):
             build_stage(st, f"pipelines.{name}.stages.{j}")
-    if cfg.api.enabled and cfg.api.bind not in ("127.0.0.1", "localhost", "::1"):
-        raise ConfigError("api.bind", "binding beyond loopback needs tokens (the control API is not built yet)")
+    for t in cfg.api.tokens:
+        t.value(dict(os.environ))

@@ -49,6 +49,7 @@ class Work:
     frame: Frame
     outputs: dict[str, Any] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
-    prompt_versions: dict[str, int] = field(default_factory=dict)
+    prompt_versions: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> {scope, version}
+    prompts: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> the prompt record used
     error: str | None = None
     carry: dict[str, Any] = field(default_factory=dict)  # stage-to-stage data that is not published

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from streamd.batching import Ingress, QueueClosed, StageQueue
 from streamd.config import PipelineConfig
@@ -36,6 +37,8 @@ class Pipeline:
         self.ingress: Ingress[Frame] = Ingress()
         self._queues = [StageQueue[Work](cfg.queue_size) for _ in stages]  # output queue of each stage
         self.ready = asyncio.Event()
+        self.prompt_kinds = sorted({k for st in stages for k in st.prompt_kinds})
+        self.prompts: Any = None  # PromptCache, when the daemon has one
 
     async def run(self) -> None:
         """Set the stages up, run until the ingress is closed and everything queued has been delivered."""
@@ -63,8 +66,21 @@ class Pipeline:
         if i == 0:
             frames = await self.ingress.get_batch(st.max_batch, wait_s)
             now = time.time()
-            return [Work(f, timings_ms={"queue": round((now - f.capture_ts) * 1000.0, 3)}) for f in frames]
+            works = [Work(f, timings_ms={"queue": round((now - f.capture_ts) * 1000.0, 3)}) for f in frames]
+            if self.prompt_kinds and self.prompts is not None:
+                self._stamp_prompts(works)
+            return works
         return await self._queues[i - 1].get_batch(st.max_batch, wait_s)
+
+    def _stamp_prompts(self, works: list[Work]) -> None:
+        """Each frame carries the prompts current when it entered the pipeline: a switch happens between two
+        frames, never inside one, and every stage of a frame uses the same version."""
+        for w in works:
+            for kind in self.prompt_kinds:
+                rec = self.prompts.resolve(kind, w.frame.stream_id, self.name)
+                if rec is not None:
+                    w.prompts[kind] = rec
+                    w.prompt_versions[kind] = {"scope": rec["scope"], "version": rec["version"]}
 
     async def _stage_loop(self, i: int, st: Stage) -> None:
         out = self._queues[i]

@@ -37,6 +37,7 @@ class StageContext:
 
     models: Any = None  # streamd.models.ModelRegistry
     events: Any = field(default=_no_events)  # (stream_id, type, fields) -> None
+    prompts: Any = None  # streamd.prompts.PromptCache
 
 
 def device_executor(device: str) -> ThreadPoolExecutor:
@@ -52,6 +53,7 @@ class Stage:
     max_batch: int = 1
     max_wait_ms: float = 0.0
     device: str = "cpu"
+    prompt_kinds: tuple[str, ...] = ()  # prompt kinds this stage reads (stamped on each frame at pipeline entry)
 
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg

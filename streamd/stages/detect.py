@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -193,7 +193,8 @@ class Detect(Stage):
         self.max_wait_ms = opts.max_wait_ms
         self.detector: SharedDetector | None = None
         self.params: Params | None = None
-        self.vocabulary_version: int | None = 1 if opts.vocabulary else None
+        if opts.vocabulary is not None:
+            self.prompt_kinds = ("vocabulary",)
 
     @classmethod
     def from_config(cls, cfg: StageConfig, where: str) -> "Detect":
@@ -233,29 +234,46 @@ class Detect(Stage):
 
     async def process(self, batch: list[Work]) -> list[Work]:
         assert self.detector is not None and self.params is not None
-        outs = await self.detector.detect([w.frame.image for w in batch], self.params)
-        labels = self.opts.labels
-        for w, (data, masks) in zip(batch, outs):
-            h, w_px = w.frame.height, w.frame.width
-            dets = []
-            for i, row in enumerate(data):
-                x1, y1, x2, y2, conf, cls = (float(v) for v in row)
-                cid = int(cls)
-                name = self._names.get(cid, str(cid))
-                d: dict[str, Any] = {
-                    "label": labels.get(name, name),
-                    "class_id": cid,
-                    "confidence": round(conf, 4),
-                    "box": [round(x1, 1), round(y1, 1), round(x2, 1), round(y2, 1)],
-                    "box_norm": [round(x1 / w_px, 5), round(y1 / h, 5), round(x2 / w_px, 5), round(y2 / h, 5)],
-                }
-                if masks is not None:
-                    d["mask"] = masks[i]
-                dets.append(d)
-            out: dict[str, Any] = {"model": self.opts.model, "detections": dets}
-            if self.vocabulary_version is not None:
-                out["vocabulary_version"] = self.vocabulary_version
-                w.prompt_versions[self.name] = self.vocabulary_version
-            w.outputs[self.name] = out
-            w.carry[self.name] = data
+        # a vocabulary from the prompt store (open-vocabulary models) overrides the configured one per frame
+        groups: dict[Params, list[Work]] = {}
+        for w in batch:
+            rec = w.prompts.get("vocabulary")
+            p = self.params
+            if rec is not None and rec.get("phrases"):
+                p = replace(p, vocabulary=tuple(rec["phrases"]), classes=None)
+            groups.setdefault(p, []).append(w)
+        outs = await asyncio.gather(*(self.detector.detect([w.frame.image for w in ws], p)
+                                      for p, ws in groups.items()))
+        for (p, ws), res in zip(groups.items(), outs):
+            names = {i: n for i, n in enumerate(p.vocabulary)} if p.vocabulary else self._names
+            for w, (data, masks) in zip(ws, res):
+                self._publish(w, data, masks, names)
         return batch
+
+    def _publish(self, w: Work, data: np.ndarray, masks: list[Any] | None, names: dict[int, str]) -> None:
+        labels = self.opts.labels
+        h, w_px = w.frame.height, w.frame.width
+        dets = []
+        for i, row in enumerate(data):
+            x1, y1, x2, y2, conf, cls = (float(v) for v in row)
+            cid = int(cls)
+            name = names.get(cid, str(cid))
+            d: dict[str, Any] = {
+                "label": labels.get(name, name),
+                "class_id": cid,
+                "confidence": round(conf, 4),
+                "box": [round(x1, 1), round(y1, 1), round(x2, 1), round(y2, 1)],
+                "box_norm": [round(x1 / w_px, 5), round(y1 / h, 5), round(x2 / w_px, 5), round(y2 / h, 5)],
+            }
+            if masks is not None:
+                d["mask"] = masks[i]
+            dets.append(d)
+        out: dict[str, Any] = {"model": self.opts.model, "detections": dets}
+        rec = w.prompts.get("vocabulary")
+        if rec is not None:
+            out["vocabulary_version"] = rec["version"]
+        elif self.opts.vocabulary:
+            out["vocabulary_version"] = 1
+            w.prompt_versions.setdefault("vocabulary", {"scope": "config", "version": 1})
+        w.outputs[self.name] = out
+        w.carry[self.name] = data
