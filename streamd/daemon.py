@@ -14,6 +14,7 @@ from collections import deque
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from streamd import pipelines as pipeline_files
 from streamd.config import Config, StreamConfig
@@ -25,7 +26,9 @@ from streamd.pipeline import Pipeline
 from streamd.redis_server import ManagedRedis
 from streamd.sinks.redis import RedisSink
 from streamd.sources.redis import default_consumer_name
+from streamd.keys import API_STREAMS_KEY
 from streamd.models import ModelRegistry
+from streamd.prompts import PromptCache, PromptStore
 from streamd.stages import StageContext, build_stage
 from streamd.supervisor import State, StreamRunner
 
@@ -54,6 +57,11 @@ class Daemon:
         self.started = asyncio.Event()
         self.consumer = cfg.redis.consumer or default_consumer_name()
         self.models = ModelRegistry()
+        self.prompts: PromptStore | None = None
+        self.prompt_cache: PromptCache | None = None
+        self.api_stream_ids: set[str] = set()
+        self.api_url: str | None = None
+        self.ready = False  # streams loaded and every started pipeline set up
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -67,27 +75,47 @@ class Daemon:
             log.info("started embedded redis-server", url=self.redis_url, data_dir=self.cfg.redis.data_dir)
         self.redis = redis_client(self.redis_url)
         self.sink = RedisSink(self.redis, self.cfg.redis, self.metrics, self._settled)
+        self.prompts = PromptStore(self.redis)
+        self.prompt_cache = PromptCache(self.prompts)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then drain within the grace period."""
         assert self.sink is not None, "startup() first"
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            sink_task = tg.create_task(self.sink.run(), name="sink")
-            lag_task = tg.create_task(self._watch_loop_lag(), name="loop-lag")
+            background = [tg.create_task(self.sink.run(), name="sink"),
+                          tg.create_task(self._watch_loop_lag(), name="loop-lag")]
+            assert self.prompt_cache is not None
+            background.append(tg.create_task(self.prompt_cache.run(), name="prompts"))
+            api = None
+            if self.cfg.api.enabled:
+                from streamd.api import ApiServer
+
+                api = ApiServer(self, self.cfg.api)
+                await api.start()
+                self.api_url = api.url
             for s in self.cfg.streams:
                 self.add_stream(s)
+            for s in await self._load_api_streams():
+                if s.id not in self.runners:
+                    self.add_stream(s)
+                    self.api_stream_ids.add(s.id)
+            try:
+                await asyncio.wait_for(self.prompt_cache.loaded.wait(), 5)
+            except TimeoutError:
+                log.warning("prompts not loaded yet (Redis unreachable?)")
             self.started.set()
             await stop.wait()
+            if api is not None:
+                await api.stop()
             log.info("stopping: draining in-flight frames", grace_s=self.cfg.shutdown.grace_s)
             try:
                 await asyncio.wait_for(self._drain(), self.cfg.shutdown.grace_s)
             except TimeoutError:
                 log.warning("grace period over: cancelling", unpublished=len(self.sink))
-            for t in self._tasks.values():
+            self.prompt_cache.stop()
+            for t in [*self._tasks.values(), *background]:
                 t.cancel()
-            sink_task.cancel()
-            lag_task.cancel()
         self._tg = None
 
     async def _drain(self) -> None:
@@ -139,6 +167,38 @@ class Daemon:
         log.info("stream added", stream=s.id, url=runner.url_redacted, pipeline=s.pipeline)
         return runner
 
+    # -- streams added through the API, kept in Redis --------------------------------------------------------
+    async def _load_api_streams(self) -> list[StreamConfig]:
+        assert self.redis is not None
+        try:
+            raw = await self.redis.hgetall(API_STREAMS_KEY)
+        except (RedisError, OSError) as e:
+            log.warning("could not load API-added streams from Redis", error=str(e))
+            return []
+        out = []
+        for sid, body in sorted(raw.items()):
+            try:
+                out.append(StreamConfig.model_validate_json(body))
+            except ValueError as e:
+                log.error("ignoring an invalid stored stream", stream=sid.decode(), error=str(e))
+        return out
+
+    async def api_put_stream(self, s: StreamConfig, replace: bool = False) -> StreamRunner:
+        """Add (or replace) a stream and keep it in Redis, so a restarted or second daemon sees it."""
+        assert self.redis is not None
+        if replace and s.id in self.runners:
+            await self.remove_stream(s.id)
+        await self.redis.hset(API_STREAMS_KEY, s.id, s.model_dump_json())
+        runner = self.add_stream(s)
+        self.api_stream_ids.add(s.id)
+        return runner
+
+    async def api_delete_stream(self, stream_id: str) -> None:
+        assert self.redis is not None
+        await self.redis.hdel(API_STREAMS_KEY, stream_id)
+        self.api_stream_ids.discard(stream_id)
+        await self.remove_stream(stream_id)
+
     async def remove_stream(self, stream_id: str) -> None:
         runner = self.runners.pop(stream_id)
         runner.stop()
@@ -186,10 +246,11 @@ class Daemon:
             return p
         pcfg, stages = self._pipeline_config(name, where)
         assert self.sink is not None
-        ctx = StageContext(models=self.models, events=self.sink.event)
+        ctx = StageContext(models=self.models, events=self.sink.event, prompts=self.prompt_cache)
         for st in stages:
             st.bind(ctx)
         p = self.pipelines[name] = Pipeline(name, pcfg, stages, self._deliver, self.metrics)
+        p.prompts = self.prompt_cache
         assert self._tg is not None
         self._tasks[f"pipeline:{name}"] = self._tg.create_task(self._run_pipeline(p), name=f"pipeline:{name}")
         return p
@@ -234,23 +295,41 @@ class Daemon:
     # -- monitoring ------------------------------------------------------------------------------------------
     async def _watch_loop_lag(self, interval_s: float = 0.1) -> None:
         loop = asyncio.get_running_loop()
+        last: dict[str, tuple[int, int]] = {}
+        last_t = loop.time()
         while True:
             t0 = loop.time()
             await asyncio.sleep(interval_s)
-            lag = max(0.0, loop.time() - t0 - interval_s)
+            now = loop.time()
+            lag = max(0.0, now - t0 - interval_s)
             self.loop_lag_s.append(lag)
             self.metrics.loop_lag.observe(lag)
-            for sid, r in self.runners.items():
+            if now - last_t < 1.0:
+                continue
+            dt, last_t = now - last_t, now
+            for sid, r in list(self.runners.items()):
                 self.metrics.queue_depth.labels(sid).set(len(r.queue))
+                dec, out = r.decoded, self.sink.results_by_stream.get(sid, 0) if self.sink is not None else 0
+                pdec, pout = last.get(sid, (0, 0))
+                if dec >= pdec:
+                    self.metrics.frames_in.labels(sid).inc(dec - pdec)
+                r.fps_in, r.fps_out = max(0, dec - pdec) / dt, max(0, out - pout) / dt
+                last[sid] = (dec, out)
+
+    def stream_info(self, sid: str) -> dict[str, Any]:
+        r = self.runners[sid]
+        return {"id": sid, "url": r.url_redacted, "pipeline": r.cfg.pipeline, "state": r.state.value,
+                "reason": r.reason, "fps": r.cfg.fps, "fps_in": round(r.fps_in, 2), "fps_out": round(r.fps_out, 2),
+                "frames_sampled": r.frames, "frames_decoded": r.decoded, "dropped": r.drops.total,
+                "queue_depth": len(r.queue), "last_frame_ts": r.last_frame_ts,
+                "results": self.sink.results_by_stream.get(sid, 0) if self.sink is not None else 0,
+                "source": "api" if sid in self.api_stream_ids else "config"}
 
     def status(self) -> dict[str, Any]:
         return {
-            "redis": {"healthy": bool(self.sink and self.sink.healthy), "buffered": len(self.sink or [])},
-            "streams": {
-                sid: {"state": r.state.value, "reason": r.reason, "frames": r.frames, "dropped": r.drops.total,
-                      "pipeline": r.cfg.pipeline, "url": r.url_redacted, "last_frame_ts": r.last_frame_ts}
-                for sid, r in self.runners.items()
-            },
+            "redis": {"healthy": self.sink is not None and self.sink.healthy, "buffered": len(self.sink) if self.sink is not None else 0,
+                      "last_error": self.sink.last_error if self.sink is not None else None},
+            "streams": {sid: self.stream_info(sid) for sid in self.runners},
         }
 
 

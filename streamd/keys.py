@@ -19,3 +19,5 @@ def events_key(stream_id: str) -> str:
 
 def dead_letter_key(input_key: str) -> str:
     return DEAD_LETTER_KEY.format(key=input_key)
+
+API_STREAMS_KEY = "streamd:api:streams"  # hash: stream id -> stream config (JSON) of streams added through the API

@@ -116,6 +116,11 @@ class PromptCache:
         self.refresh_s = refresh_s
         self._current: dict[str, dict[str, Any]] = {}
         self.loaded = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """End `run()` within a second (redis-py's get_message can swallow a cancellation)."""
+        self._stop.set()
 
     def resolve(self, kind: str, stream_id: str, pipeline: str) -> dict[str, Any] | None:
         """The most specific current prompt of `kind` for a stream: stream, then pipeline, then global."""
@@ -135,16 +140,20 @@ class PromptCache:
         self.loaded.set()
 
     async def run(self) -> None:
-        """Follow changes until cancelled; survives Redis outages (retries)."""
-        while True:
+        """Follow changes until stopped; survives Redis outages (retries)."""
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
             pubsub = self.store.r.pubsub()
             try:
                 await pubsub.subscribe(CHANNEL)
                 await self.refresh()
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.refresh_s)
+                last = loop.time()
+                while not self._stop.is_set():
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if msg is None:
-                        await self.refresh()
+                        if loop.time() - last >= self.refresh_s:
+                            await self.refresh()
+                            last = loop.time()
                         continue
                     kind, _, scope = msg["data"].decode().partition("|")
                     try:
@@ -153,7 +162,10 @@ class PromptCache:
                         pass
             except (RedisError, OSError) as e:
                 log.warning("prompt cache lost Redis, retrying", error=str(e) or type(e).__name__)
-                await asyncio.sleep(1.0)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
+                except TimeoutError:
+                    pass
             finally:
                 try:
                     await pubsub.aclose()

@@ -91,7 +91,10 @@ class StreamRunner:
         self.state = State.CONNECTING
         self.reason: str | None = None
         self.last_frame_ts: float | None = None
-        self.frames = 0
+        self.frames = 0  # sampled frames queued
+        self._decoded_base = 0
+        self.fps_in = 0.0  # decoded frames per second (measured by the daemon's monitor)
+        self.fps_out = 0.0  # results published per second
         self.attempts = 0
         self.inflight: set[str] = set()
         self._seq = itertools.count()
@@ -116,6 +119,11 @@ class StreamRunner:
         self.queue: FrameQueue[Frame] = FrameQueue(cfg.queue_size, policy, asyncio.get_running_loop(), self.drops)
         for st in State:
             metrics.stream_state.labels(cfg.id, st.value).set(0)
+
+    @property
+    def decoded(self) -> int:
+        """Frames decoded by every connection so far (sampled or not)."""
+        return self._decoded_base + getattr(self._source, "frames_decoded", 0)
 
     @property
     def url_redacted(self) -> str:
@@ -248,6 +256,7 @@ class StreamRunner:
         finally:
             self._source = None
             await src.aclose()
+            self._decoded_base += getattr(src, "frames_decoded", 0)
 
     async def _accept(self, frame: Frame) -> None:
         if self.state is not State.LIVE:

@@ -44,6 +44,7 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_config(redis_url: str, streams: list[dict[str, Any]], **extra: Any) -> Any:
+    streams = [{"pipeline": "frame_info", **s} for s in streams]  # model-free unless a test names a pipeline
     data: dict[str, Any] = {"redis": {"url": redis_url, "retry_initial_s": 0.05, "retry_max_s": 0.5},
                             "shutdown": {"grace_s": 5}, "streams": streams}
     data.update(extra)
@@ -62,8 +63,14 @@ async def running(cfg: Any) -> AsyncIterator[Daemon]:
         yield d
     finally:
         stop.set()
-        await asyncio.wait_for(task, 30)
-        await d.shutdown()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 30)
+        except TimeoutError:
+            for t in asyncio.all_tasks():
+                t.print_stack(limit=6)
+            raise
+        finally:
+            await d.shutdown()
 
 
 async def results(client: aioredis.Redis, stream_id: str) -> list[dict[str, Any]]:

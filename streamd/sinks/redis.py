@@ -89,6 +89,7 @@ class RedisSink:
         self.last_error: str | None = None
         self.published = 0
         self.overflowed = 0
+        self.results_by_stream: dict[str, int] = {}
 
     # -- producers ------------------------------------------------------------------------------------------
     async def publish_results(self, works: list[Work]) -> None:
@@ -180,5 +181,6 @@ class RedisSink:
         for p in batch:
             if p.work is not None:
                 f = p.work.frame
+                self.results_by_stream[f.stream_id] = self.results_by_stream.get(f.stream_id, 0) + 1
                 self.metrics.frames_processed.labels(f.stream_id).inc()
                 self.metrics.e2e_latency.labels(f.stream_id).observe(max(0.0, now - f.capture_ts))

@@ -1,0 +1,364 @@
+"""Routes, middlewares and the OpenAPI document, built from one route table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from streamd import pipelines as pipeline_files
+from streamd.api.errors import ApiError, error_response, validation_details
+from streamd.api.schemas import PromptUpdate, Rollback, StreamPatch
+from streamd.api.security import Authenticator, Principal, RateLimiter, check_stream_url
+from streamd.config import ApiConfig, StreamConfig
+from streamd.errors import ConfigError, StreamdError
+from streamd.log import get_logger, redact_text
+from streamd.prompts import KINDS, SCOPE_RE, PromptNotFound
+
+if TYPE_CHECKING:
+    from streamd.daemon import Daemon
+
+log = get_logger("streamd.api")
+
+DAEMON = web.AppKey("daemon", object)
+CFG = web.AppKey("cfg", ApiConfig)
+AUTH = web.AppKey("auth", Authenticator)
+LIMITER = web.AppKey("limiter", RateLimiter)
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Any
+    scope: str | None  # None = public
+    summary: str
+    body: Any = None
+    tag: str = "streams"
+    ok: int = 200
+
+
+def _daemon(request: web.Request) -> "Daemon":
+    return request.app[DAEMON]  # type: ignore[return-value]
+
+
+async def _json_body(request: web.Request, model: Any) -> Any:
+    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        data = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid_body", "the body must be a JSON object", [{"path": "<body>"}])
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ApiError(422, "invalid_body", "the body does not match the schema", validation_details(e)) from None
+
+
+# -- middlewares ----------------------------------------------------------------------------------------------
+@web.middleware
+async def errors_mw(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return error_response(e.status, e.code, e.message, e.details, e.headers)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status, "http_error")
+        headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")}
+        return error_response(e.status, code, e.reason or "error", None, headers)
+    except Exception as e:  # noqa: BLE001 - never leak a traceback; log it
+        log.exception("API handler failed", path=request.path)
+        return error_response(500, "internal", redact_text(f"{type(e).__name__}: {e}"))
+
+
+def _cors_headers(request: web.Request, cfg: ApiConfig) -> dict[str, str]:
+    origin = request.headers.get("Origin")
+    if not origin or origin not in cfg.cors_origins:
+        return {}
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS", "Access-Control-Max-Age": "600"}
+
+
+@web.middleware
+async def cors_mw(request: web.Request, handler: Any) -> web.StreamResponse:
+    cfg = request.app[CFG]
+    headers = _cors_headers(request, cfg)
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        if not headers:
+            return error_response(403, "cors_denied", "origin not allowed")
+        return web.Response(status=204, headers=headers)
+    resp = await handler(request)
+    resp.headers.update(headers)
+    return resp
+
+
+def auth_mw(routes: dict[tuple[str, str], Route]) -> Any:
+    @web.middleware
+    async def mw(request: web.Request, handler: Any) -> web.StreamResponse:
+        info = request.match_info.route.resource
+        key = (request.method, info.canonical if info is not None else "")
+        route = routes.get(key)
+        cfg, auth = request.app[CFG], request.app[AUTH]
+        if route is None or (route.scope is None and (cfg.public_health or not auth.enabled)):
+            return await handler(request)
+        principal: Principal = auth.principal(request)
+        wait = request.app[LIMITER].check(principal.name if auth.enabled else (request.remote or "?"))
+        if wait > 0:
+            raise ApiError(429, "rate_limited", "too many requests", {"retry_after_s": round(wait, 3)},
+                           headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+        needed = route.scope or "read"
+        if not principal.allows(needed):
+            raise ApiError(403, "forbidden", f"this needs the {needed!r} scope", {"needed": needed})
+        request[PRINCIPAL] = principal
+        return await handler(request)
+
+    return mw
+
+
+# -- health and metrics ---------------------------------------------------------------------------------------
+async def health_live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _redis_ok(d: "Daemon") -> bool:
+    try:
+        assert d.redis is not None
+        return bool(await d.redis.ping())
+    except Exception:  # noqa: BLE001 - any failure means not ready
+        return False
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    d = _daemon(request)
+    redis_ok = await _redis_ok(d)
+    models_ok = all(p.ready.is_set() for p in d.pipelines.values())
+    ok = redis_ok and models_ok and d.started.is_set()
+    body = {"status": "ready" if ok else "not_ready", "redis": redis_ok, "models_loaded": models_ok}
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def health(request: web.Request) -> web.Response:
+    d = _daemon(request)
+    st = d.status()
+    states: dict[str, int] = {}
+    for s in st["streams"].values():
+        states[s["state"]] = states.get(s["state"], 0) + 1
+    redis_ok = await _redis_ok(d)
+    return web.json_response({
+        "status": "ok" if redis_ok else "degraded", "redis": {**st["redis"], "reachable": redis_ok},
+        "states": states,
+        "streams": {sid: {k: s[k] for k in ("state", "reason", "fps_in", "fps_out", "last_frame_ts")}
+                    for sid, s in st["streams"].items()},
+        "pipelines": {n: {"ready": p.ready.is_set()} for n, p in d.pipelines.items()},
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(_daemon(request).metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# -- streams --------------------------------------------------------------------------------------------------
+def _stream(request: web.Request) -> str:
+    sid = request.match_info["id"]
+    if sid not in _daemon(request).runners:
+        raise ApiError(404, "stream_not_found", f"no stream {sid!r}")
+    return sid
+
+
+async def streams_list(request: web.Request) -> web.Response:
+    d = _daemon(request)
+    return web.json_response({"streams": [d.stream_info(s) for s in sorted(d.runners)]})
+
+
+async def stream_get(request: web.Request) -> web.Response:
+    return web.json_response(_daemon(request).stream_info(_stream(request)))
+
+
+async def _start(request: web.Request, s: StreamConfig, replace: bool) -> web.Response:
+    d = _daemon(request)
+    await check_stream_url(s.url, s.ffmpeg_options, request.app[CFG])
+    try:
+        pipeline_files.resolve(d.cfg, s.pipeline, "pipeline")
+        await d.api_put_stream(s, replace=replace)
+    except ConfigError as e:
+        raise ApiError(422, "invalid_pipeline", e.message, [{"path": "pipeline"}]) from None
+    log.info("stream set through the API", stream=s.id, by=request[PRINCIPAL].name)
+    return web.json_response(d.stream_info(s.id), status=200 if replace else 201)
+
+
+async def stream_create(request: web.Request) -> web.Response:
+    s = await _json_body(request, StreamConfig)
+    d = _daemon(request)
+    if s.id in d.runners:
+        raise ApiError(409, "stream_exists", f"stream {s.id!r} exists")
+    return await _start(request, s, replace=False)
+
+
+async def stream_update(request: web.Request) -> web.Response:
+    sid = _stream(request)
+    patch = await _json_body(request, StreamPatch)
+    d = _daemon(request)
+    merged = {**d.runners[sid].cfg.model_dump(mode="json"), **patch.model_dump(mode="json", exclude_unset=True)}
+    try:
+        s = StreamConfig.model_validate(merged)
+    except ValidationError as e:
+        raise ApiError(422, "invalid_body", "the stream would be invalid", validation_details(e)) from None
+    return await _start(request, s, replace=True)
+
+
+async def stream_delete(request: web.Request) -> web.Response:
+    sid = _stream(request)
+    await _daemon(request).api_delete_stream(sid)
+    return web.Response(status=204)
+
+
+# -- prompts --------------------------------------------------------------------------------------------------
+def _prompt_key(request: web.Request) -> tuple[str, str]:
+    kind, scope = request.match_info["kind"], request.match_info["scope"]
+    if kind not in KINDS:
+        raise ApiError(404, "unknown_prompt_kind", f"prompt kinds: {', '.join(KINDS)}")
+    if not SCOPE_RE.match(scope):
+        raise ApiError(422, "invalid_scope", "scope is global, pipeline:<name> or stream:<id>", [{"path": "scope"}])
+    return kind, scope
+
+
+def _author(request: web.Request, given: str | None) -> str:
+    p: Principal = request[PRINCIPAL]
+    return p.name if request.app[AUTH].enabled else (given or "anonymous")
+
+
+async def prompts_list(request: web.Request) -> web.Response:
+    return web.json_response({"prompts": await _daemon(request).prompts.all_current()})  # type: ignore[union-attr]
+
+
+async def prompt_get(request: web.Request) -> web.Response:
+    kind, scope = _prompt_key(request)
+    try:
+        return web.json_response(await _daemon(request).prompts.current(kind, scope))  # type: ignore[union-attr]
+    except PromptNotFound:
+        raise ApiError(404, "prompt_not_found", f"no {kind} prompt for {scope}") from None
+
+
+async def prompt_put(request: web.Request) -> web.Response:
+    kind, scope = _prompt_key(request)
+    body = await _json_body(request, PromptUpdate)
+    if kind == "vlm" and not body.text:
+        raise ApiError(422, "invalid_body", "a vlm prompt needs text", [{"path": "text"}])
+    if kind == "vocabulary" and not body.phrases:
+        raise ApiError(422, "invalid_body", "a vocabulary needs phrases", [{"path": "phrases"}])
+    content: dict[str, Any] = {"text": body.text} if kind == "vlm" else {"phrases": body.phrases}
+    if kind == "vlm" and body.schema_ is not None:
+        content["schema"] = body.schema_
+    rec = await _daemon(request).prompts.put(kind, scope, content, _author(request, body.author),  # type: ignore
+                                             body.note)
+    return web.json_response(rec, status=201)
+
+
+async def prompt_history(request: web.Request) -> web.Response:
+    kind, scope = _prompt_key(request)
+    try:
+        offset = int(request.query.get("offset", "0"))
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        raise ApiError(422, "invalid_query", "offset and limit are integers") from None
+    if offset < 0 or not 1 <= limit <= 500:
+        raise ApiError(422, "invalid_query", "offset >= 0 and 1 <= limit <= 500")
+    try:
+        total, items = await _daemon(request).prompts.history(kind, scope, offset, limit)  # type: ignore
+    except PromptNotFound:
+        raise ApiError(404, "prompt_not_found", f"no {kind} prompt for {scope}") from None
+    return web.json_response({"total": total, "offset": offset, "limit": limit, "versions": items})
+
+
+async def prompt_rollback(request: web.Request) -> web.Response:
+    kind, scope = _prompt_key(request)
+    body = await _json_body(request, Rollback)
+    try:
+        rec = await _daemon(request).prompts.rollback(kind, scope, body.version,  # type: ignore[union-attr]
+                                                      _author(request, body.author), body.note)
+    except PromptNotFound:
+        raise ApiError(404, "prompt_not_found", f"no version {body.version} of the {kind} prompt for {scope}") \
+            from None
+    return web.json_response(rec, status=201)
+
+
+# -- pipelines and models -------------------------------------------------------------------------------------
+async def pipelines_list(request: web.Request) -> web.Response:
+    d = _daemon(request)
+    out = []
+    for name in pipeline_files.available(d.cfg):
+        try:
+            pcfg = pipeline_files.resolve(d.cfg, name, "pipeline")
+        except StreamdError as e:
+            out.append({"name": name, "error": str(e)})
+            continue
+        stages = [{"type": st.type, "name": st.name or st.type, **({"model": st.model_extra["model"]}
+                   if st.model_extra and "model" in st.model_extra else {})} for st in pcfg.stages]
+        out.append({"name": name, "description": pcfg.description, "stages": stages,
+                    "running": name in d.pipelines,
+                    "streams": sorted(s for s, r in d.runners.items() if r.cfg.pipeline == name)})
+    return web.json_response({"pipelines": out})
+
+
+async def models_list(request: web.Request) -> web.Response:
+    return web.json_response({"loaded": _daemon(request).models.loaded()})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from streamd.api.openapi import document
+
+    return web.json_response(document(ROUTES))
+
+
+async def docs(request: web.Request) -> web.Response:
+    from streamd.api.openapi import docs_html
+
+    return web.Response(text=docs_html(ROUTES), content_type="text/html")
+
+
+P = "/api/v1"
+ROUTES: list[Route] = [
+    Route("GET", "/health/live", health_live, None, "the event loop answers (never depends on Redis)", tag="health"),
+    Route("GET", "/health/ready", health_ready, None, "Redis reachable and models loaded", tag="health"),
+    Route("GET", "/health", health, "read", "summary with per-stream states", tag="health"),
+    Route("GET", "/metrics", metrics, "read", "Prometheus metrics", tag="health"),
+    Route("GET", "/openapi.json", openapi, "read", "this API's OpenAPI 3 document", tag="docs"),
+    Route("GET", "/docs", docs, "read", "human-readable API reference", tag="docs"),
+    Route("GET", f"{P}/streams", streams_list, "read", "list streams"),
+    Route("POST", f"{P}/streams", stream_create, "operate", "add a stream", StreamConfig, ok=201),
+    Route("GET", f"{P}/streams/{{id}}", stream_get, "read", "one stream's state and rates"),
+    Route("PATCH", f"{P}/streams/{{id}}", stream_update, "operate", "change a stream (it restarts)", StreamPatch),
+    Route("DELETE", f"{P}/streams/{{id}}", stream_delete, "operate", "remove a stream", ok=204),
+    Route("GET", f"{P}/prompts", prompts_list, "read", "current prompts of every scope", tag="prompts"),
+    Route("GET", f"{P}/prompts/{{kind}}/{{scope}}", prompt_get, "read", "current version", tag="prompts"),
+    Route("PUT", f"{P}/prompts/{{kind}}/{{scope}}", prompt_put, "operate", "new version", PromptUpdate,
+          tag="prompts", ok=201),
+    Route("GET", f"{P}/prompts/{{kind}}/{{scope}}/history", prompt_history, "read", "versions, newest first",
+          tag="prompts"),
+    Route("POST", f"{P}/prompts/{{kind}}/{{scope}}/rollback", prompt_rollback, "operate",
+          "new version with an old version's content", Rollback, tag="prompts", ok=201),
+    Route("GET", f"{P}/pipelines", pipelines_list, "read", "pipelines and the models they use", tag="pipelines"),
+    Route("GET", f"{P}/models", models_list, "read", "models loaded now", tag="pipelines"),
+]
+
+
+def build_app(daemon: "Daemon", cfg: ApiConfig, environ: dict[str, str]) -> web.Application:
+    table = {(r.method, r.path): r for r in ROUTES}
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[errors_mw, cors_mw, auth_mw(table)])
+    app[DAEMON] = daemon
+    app[CFG] = cfg
+    app[AUTH] = Authenticator(cfg, environ)
+    app[LIMITER] = RateLimiter(cfg.rate_limit_per_s, cfg.rate_limit_burst)
+    for r in ROUTES:
+        app.router.add_route(r.method, r.path, r.handler)
+    return app

@@ -1,0 +1,252 @@
+"""The control API against a real daemon, real Redis, real HTTP."""
+
+import asyncio
+import re
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from streamd.api.app import ROUTES
+from streamd.testing import HttpDir, LiveHls
+from conftest import make_config, results, running, until
+
+ADMIN, OPER, READ = "admin-token-0123456789", "operate-token-0123456789", "read-token-0123456789abc"
+TOKENS = [{"name": "alice", "token": ADMIN, "scopes": ["admin"]},
+          {"name": "ops", "token": OPER, "scopes": ["operate"]},
+          {"name": "viewer", "token": READ, "scopes": ["read"]}]
+
+
+def api_cfg(redis_url, streams=(), **api):
+    return make_config(redis_url, list(streams), api={"enabled": True, "port": 0, "tokens": TOKENS,
+                                                      "rate_limit_per_s": 10_000, "rate_limit_burst": 10_000,
+                                                      **api})
+
+
+def h(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def concrete(path):
+    return (path.replace("{id}", "nosuch").replace("{kind}", "vlm").replace("{scope}", "global"))
+
+
+async def test_every_route_needs_a_token_and_the_right_scope(r, redis_server):
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        for route in ROUTES:
+            url = d.api_url + concrete(route.path)
+            async with s.request(route.method, url, json={}) as resp:
+                if route.scope is None:
+                    assert resp.status in (200, 503), route.path
+                    continue
+                assert resp.status == 401, (route.method, route.path, resp.status)
+                body = await resp.json()
+                assert body["error"]["code"] == "unauthorized" and "WWW-Authenticate" in resp.headers
+            async with s.request(route.method, url, json={}, headers=h("wrong-token-0123456789")) as resp:
+                assert resp.status == 401
+            async with s.request(route.method, url, json={}, headers=h(READ)) as resp:
+                if route.scope == "read":
+                    assert resp.status in (200, 404), (route.path, resp.status)
+                else:
+                    assert resp.status == 403, (route.method, route.path, resp.status)
+                    assert (await resp.json())["error"]["details"]["needed"] == route.scope
+
+
+async def test_add_and_remove_a_live_hls_stream(r, redis_server, clip, tmp_path):
+    hls = LiveHls(clip, tmp_path / "hls").start()
+    http = HttpDir(tmp_path / "hls").start()
+    other = {"id": "other", "url": str(clip), "playback": "realtime", "loop": True, "fps": 2.0,
+             "pipeline": "frame_info"}
+    try:
+        async with running(api_cfg(redis_server.url, [other])) as d, aiohttp.ClientSession() as s:
+            body = {"id": "cam", "url": http.url("index.m3u8"), "fps": 2.0, "pipeline": "frame_info"}
+            async with s.post(d.api_url + "/api/v1/streams", json=body, headers=h(OPER)) as resp:
+                assert resp.status == 201, await resp.text()
+                info = await resp.json()
+                assert info["id"] == "cam" and info["source"] == "api"
+            await until(lambda: _n(r, "cam", 3), 30, what="results of the API-added stream")
+
+            async def api_results():
+                async with s.get(d.api_url + "/api/v1/streams/cam", headers=h(READ)) as resp:
+                    info = await resp.json()
+                return info if info["results"] >= 3 else None
+
+            info = await until(api_results, 10, what="the API to count the results")
+            assert info["state"] == "live" and info["frames_decoded"] > info["frames_sampled"] >= 3
+            async with s.get(d.api_url + "/api/v1/streams", headers=h(READ)) as resp:
+                assert {x["id"] for x in (await resp.json())["streams"]} == {"cam", "other"}
+            async with s.delete(d.api_url + "/api/v1/streams/cam", headers=h(OPER)) as resp:
+                assert resp.status == 204
+            n_cam = len(await results(r, "cam"))
+            n_other = len(await results(r, "other"))
+            await asyncio.sleep(2)
+            assert len(await results(r, "cam")) == n_cam  # its results stopped
+            assert len(await results(r, "other")) > n_other  # the other stream went on
+            async with s.get(d.api_url + "/api/v1/streams/cam", headers=h(READ)) as resp:
+                assert resp.status == 404
+    finally:
+        http.stop()
+        hls.stop()
+
+
+async def _n(r, sid, n):
+    recs = await results(r, sid)
+    return recs if len(recs) >= n else None
+
+
+async def test_bad_requests_get_documented_4xx(r, redis_server):
+    async with running(api_cfg(redis_server.url, deny_private_addresses=True, max_body_bytes=4096,
+                               rate_limit_per_s=10_000)) as d, aiohttp.ClientSession() as s:
+        u = d.api_url + "/api/v1/streams"
+
+        async def post(json=None, data=None, status=None, code=None):
+            async with s.post(u, json=json, data=data, headers={**h(ADMIN), "Content-Type": "application/json"}) \
+                    as resp:
+                body = await resp.json()
+                assert resp.status == status, (resp.status, body)
+                assert set(body) == {"error"} and {"code", "message", "details"} <= set(body["error"])
+                if code:
+                    assert body["error"]["code"] == code, body
+                return body
+
+        await post(data=b"{not json", status=400, code="invalid_json")
+        await post(data=b"x" * 10_000, status=413, code="body_too_large")
+        b = await post(json={"id": "a", "url": "rtsp://cam.example/x", "fsp": 2}, status=422, code="invalid_body")
+        assert b["error"]["details"][0]["path"] == "fsp"
+        b = await post(json={"id": "a", "url": "rtsp://cam.example/x", "reconnect": {"max_ss": 1}}, status=422)
+        assert b["error"]["details"][0]["path"] == "reconnect.max_ss"
+        for bad in ("file:///etc/passwd", "/etc/passwd", "concat:a.mp4|b.mp4", "subfile:,,start,0,end,0,,:x.mp4",
+                    "gopher://x/y"):
+            await post(json={"id": "a", "url": bad}, status=422, code="scheme_not_allowed")
+        await post(json={"id": "a", "url": "http://127.0.0.1:8080/x.m3u8"}, status=422, code="private_address")
+        await post(json={"id": "a", "url": "rtsp://10.1.2.3/x"}, status=422, code="private_address")
+        await post(json={"id": "a", "url": "redis://localhost:6379/0#frames"}, status=422, code="private_address")
+        await post(json={"id": "a", "url": "rtsp://cam.example/x", "ffmpeg_options": {"protocol_whitelist": "file"}},
+                   status=422, code="option_not_allowed")
+        await post(json={"id": "a b", "url": "rtsp://cam.example/x"}, status=422)
+        async with s.get(d.api_url + "/api/v1/nope", headers=h(READ)) as resp:
+            assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+        async with s.put(d.api_url + "/api/v1/prompts/vlm/planet:mars", json={"text": "x"}, headers=h(OPER)) as resp:
+            assert resp.status == 422
+
+
+async def test_rate_limit_answers_429_with_retry_after(r, redis_server):
+    async with running(api_cfg(redis_server.url, rate_limit_per_s=1, rate_limit_burst=3)) as d, \
+            aiohttp.ClientSession() as s:
+        codes = []
+        for _ in range(6):
+            async with s.get(d.api_url + "/api/v1/streams", headers=h(READ)) as resp:
+                codes.append(resp.status)
+                if resp.status == 429:
+                    assert int(resp.headers["Retry-After"]) >= 1
+                    assert (await resp.json())["error"]["code"] == "rate_limited"
+        assert codes[:3] == [200, 200, 200] and 429 in codes[3:]
+        async with s.get(d.api_url + "/api/v1/streams", headers=h(ADMIN)) as resp:
+            assert resp.status == 200  # the limit is per token
+
+
+async def test_concurrent_prompt_updates_get_versions_without_gap_or_repeat(r, redis_server):
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64)) as s:
+        url = d.api_url + "/api/v1/prompts/vlm/stream:cam1"
+
+        async def put(i):
+            async with s.put(url, json={"text": f"prompt {i}"}, headers=h(OPER)) as resp:
+                assert resp.status == 201
+                return (await resp.json())["version"]
+
+        versions = await asyncio.gather(*(put(i) for i in range(1000)))
+        assert sorted(versions) == list(range(1, 1001))
+        async with s.get(url + "/history?offset=0&limit=5", headers=h(READ)) as resp:
+            page = await resp.json()
+        assert page["total"] == 1000 and [v["version"] for v in page["versions"]] == [1000, 999, 998, 997, 996]
+        assert page["versions"][0]["author"] == "ops"
+
+
+async def test_prompt_history_rollback_and_restart_keep_state(r, redis_server, clip):
+    cfg = api_cfg(redis_server.url)
+    body = {"id": "kept", "url": f"{redis_server.url}#frames:kept", "pipeline": "frame_info"}
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        base = d.api_url + "/api/v1/prompts/vlm/global"
+        for text in ("describe the scene", "count the people", "is anyone running?"):
+            async with s.put(base, json={"text": text, "note": text[:5]}, headers=h(OPER)) as resp:
+                assert resp.status == 201
+        async with s.post(base + "/rollback", json={"version": 1}, headers=h(OPER)) as resp:
+            rb = await resp.json()
+            assert resp.status == 201 and rb["version"] == 4 and rb["text"] == "describe the scene"
+            assert rb["rolled_back_from"] == 1
+        async with s.post(base + "/rollback", json={"version": 99}, headers=h(OPER)) as resp:
+            assert resp.status == 404
+        async with s.post(d.api_url + "/api/v1/streams", json=body, headers=h(ADMIN)) as resp:
+            assert resp.status == 201
+    # a new daemon (a restart, or a second daemon) sees the same streams and prompts
+    async with running(api_cfg(redis_server.url)) as d2, aiohttp.ClientSession() as s:
+        async with s.get(d2.api_url + "/api/v1/streams/kept", headers=h(READ)) as resp:
+            assert resp.status == 200 and (await resp.json())["source"] == "api"
+        async with s.get(d2.api_url + "/api/v1/prompts/vlm/global/history", headers=h(READ)) as resp:
+            hist = await resp.json()
+        assert [v["text"] for v in hist["versions"]] == ["describe the scene", "is anyone running?",
+                                                         "count the people", "describe the scene"]
+        assert d2.prompt_cache.resolve("vlm", "kept", "frame_info")["version"] == 4
+
+
+async def test_metrics_parse_and_move_when_frames_flow(r, redis_server, clip):
+    cfg = api_cfg(redis_server.url, [{"id": "m", "url": str(clip), "playback": "realtime", "loop": True,
+                                      "fps": 4.0, "pipeline": "frame_info"}])
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        async def sample():
+            async with s.get(d.api_url + "/metrics", headers=h(READ)) as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+                    for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+        await until(lambda: _n(r, "m", 2), 20)
+        a = await sample()
+        await asyncio.sleep(2.5)
+        b = await sample()
+        key = ("streamd_frames_processed_total", (("stream", "m"),))
+        assert b[key] > a[key] > 0
+        assert b[("streamd_frames_decoded_total", (("stream", "m"),))] > 0
+        assert b[("streamd_stream_state", (("state", "live"), ("stream", "m")))] == 1
+        assert any(k[0] == "streamd_stage_latency_seconds_count" for k in b)
+        assert any(k[0] == "streamd_event_loop_lag_seconds_count" for k in b)
+        async with s.get(d.api_url + "/health/ready") as resp:
+            assert resp.status == 200
+        async with s.get(d.api_url + "/health", headers=h(READ)) as resp:
+            health = await resp.json()
+            assert health["streams"]["m"]["state"] == "live" and health["redis"]["reachable"]
+
+
+async def test_openapi_document_validates_and_docs_page(r, redis_server):
+    from openapi_spec_validator import validate
+
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        async with s.get(d.api_url + "/openapi.json", headers=h(READ)) as resp:
+            doc = await resp.json()
+        async with s.get(d.api_url + "/docs", headers=h(READ)) as resp:
+            page = await resp.text()
+    validate(doc)
+    assert {re.sub(r"{\w+}", "{}", p) for p in doc["paths"]} == {re.sub(r"{\w+}", "{}", r.path) for r in ROUTES}
+    assert "/api/v1/streams" in page
+
+
+async def test_cors_is_off_unless_allow_listed(r, redis_server):
+    pre = {"Origin": "https://ui.example", "Access-Control-Request-Method": "GET"}
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        async with s.options(d.api_url + "/api/v1/streams", headers=pre) as resp:
+            assert resp.status == 403 and "Access-Control-Allow-Origin" not in resp.headers
+    async with running(api_cfg(redis_server.url, cors_origins=["https://ui.example"])) as d, \
+            aiohttp.ClientSession() as s:
+        async with s.options(d.api_url + "/api/v1/streams", headers=pre) as resp:
+            assert resp.status == 204 and resp.headers["Access-Control-Allow-Origin"] == "https://ui.example"
+
+
+def test_binding_beyond_loopback_needs_tokens():
+    from streamd.config import parse_config
+    from streamd.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        parse_config({"api": {"enabled": True, "bind": "0.0.0.0"}}, environ={})
+    assert e.value.key == "api.tokens"
+    parse_config({"api": {"enabled": True, "bind": "0.0.0.0", "tokens": TOKENS}}, environ={})
