@@ -246,7 +246,8 @@ class Daemon:
             return p
         pcfg, stages = self._pipeline_config(name, where)
         assert self.sink is not None
-        ctx = StageContext(models=self.models, events=self.sink.event, prompts=self.prompt_cache)
+        ctx = StageContext(models=self.models, events=self.sink.event, prompts=self.prompt_cache,
+                           publish=self.sink.record)
         for st in stages:
             st.bind(ctx)
         p = self.pipelines[name] = Pipeline(name, pcfg, stages, self._deliver, self.metrics)

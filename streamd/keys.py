@@ -21,3 +21,8 @@ def dead_letter_key(input_key: str) -> str:
     return DEAD_LETTER_KEY.format(key=input_key)
 
 API_STREAMS_KEY = "streamd:api:streams"  # hash: stream id -> stream config (JSON) of streams added through the API
+VLM_KEY = "streamd:{{{stream}}}:vlm"  # answers of the VLM stage (they arrive later than the frame's result)
+
+
+def vlm_key(stream_id: str) -> str:
+    return VLM_KEY.format(stream=stream_id)

@@ -236,3 +236,69 @@ async def push_frames(client: Any, key: str, images: list[np.ndarray], fmt: str 
             fields["image"] = encode_jpeg(img)
         ids.append((await client.xadd(key, fields)).decode())
     return ids
+
+
+class ScriptedOpenAI:
+    """A real OpenAI-compatible HTTP server (aiohttp, in the caller's event loop) whose answers come from a
+    function of the request: for tests of logic that depends on what a model says. `faults` is a list of
+    (status, retry_after_s) answered before normal service; `delay_s` stalls every answer."""
+
+    def __init__(self, answer: Any = None, port: int | None = None):
+        self.answer = answer or (lambda req: "a scripted answer")
+        self.port = port or free_port()
+        self.requests: list[dict[str, Any]] = []
+        self.faults: list[tuple[int, float | None]] = []
+        self.delay_s = 0.0
+        self._runner: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def _chat(self, request: Any) -> Any:
+        import asyncio as _asyncio
+        import json as _json
+
+        from aiohttp import web
+
+        body = await request.json()
+        if self.faults:
+            status, retry_after = self.faults.pop(0)
+            headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+            return web.json_response({"error": {"message": "injected", "type": "server_error"}}, status=status,
+                                     headers=headers)
+        self.requests.append(body)
+        if self.delay_s:
+            await _asyncio.sleep(self.delay_s)
+        text = self.answer(body)
+        if not isinstance(text, str):
+            text = _json.dumps(text)
+        return web.json_response({
+            "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", "scripted"),
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": len(text.split()), "total_tokens": 10},
+        })
+
+    async def start(self) -> "ScriptedOpenAI":
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def prompt_text(request: dict[str, Any]) -> str:
+    """The text part of the last user message of a chat request."""
+    content = request["messages"][-1]["content"]
+    if isinstance(content, str):
+        return content
+    return " ".join(p.get("text", "") for p in content if p.get("type") == "text")

@@ -106,6 +106,12 @@ class RedisSink:
         rec = {"schema_version": keys.SCHEMA_VERSION, "stream_id": stream_id, "type": kind, "event": _json(body)}
         self._append(Pending(keys.events_key(stream_id), self.cfg.events_maxlen, rec))
 
+    def record(self, key: str, maxlen: int, record: dict[str, Any]) -> None:
+        """Queue a JSON record for any stream key (VLM answers); never waits."""
+        rec = {"schema_version": keys.SCHEMA_VERSION, "stream_id": record.get("stream_id", ""),
+               "record": _json(record)}
+        self._append(Pending(key, maxlen, rec))
+
     def _append(self, p: Pending) -> None:
         if len(self._buf) >= self.cfg.buffer_max_records:
             old = self._buf.popleft()

@@ -36,6 +36,9 @@ def default_consumer_name() -> str:
     return f"streamd-{socket.gethostname()}"
 
 
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+
+
 def decode_image(fields: dict[bytes, bytes], image_field: str) -> np.ndarray:
     """Decode an entry's image into HxWx3 uint8 RGB. Raises FrameDecodeError with the reason."""
     data = fields.get(image_field.encode())
@@ -64,10 +67,12 @@ def decode_image(fields: dict[bytes, bytes], image_field: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise FrameDecodeError(f"cannot decode image: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a decoder bug must not take the stream down
+        raise FrameDecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
 
 
 def _float(fields: dict[bytes, bytes], name: bytes) -> float | None:

@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "frame_info": "streamd.stages.frame_info:FrameInfo",
     "detect": "streamd.stages.detect:Detect",
     "track": "streamd.stages.track:Track",
+    "vlm": "streamd.stages.vlm:Vlm",
 }
 
 _executors: dict[str, ThreadPoolExecutor] = {}
@@ -38,6 +39,7 @@ class StageContext:
     models: Any = None  # streamd.models.ModelRegistry
     events: Any = field(default=_no_events)  # (stream_id, type, fields) -> None
     prompts: Any = None  # streamd.prompts.PromptCache
+    publish: Any = None  # (key, maxlen, record) -> None: records beside the results (VLM answers)
 
 
 def device_executor(device: str) -> ThreadPoolExecutor:

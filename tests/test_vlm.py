@@ -1,0 +1,132 @@
+"""The VLM stage through the `openai` backend, against real HTTP servers. Prompt versions from the store."""
+
+import asyncio
+import json
+
+import aiohttp
+
+from streamd import keys
+from streamd.testing import ScriptedOpenAI, prompt_text
+from conftest import make_config, results, running, until
+
+
+async def vlm_records(r, sid):
+    return [json.loads(f[b"record"]) for _, f in await r.xrange(keys.vlm_key(sid))]
+
+
+def vlm_pipeline(*urls, fallback=None, **opts):
+    eps = [{"url": u} for u in urls] + ([{"url": fallback, "fallback": True}] if fallback else [])
+    return {"stages": [{"type": "frame_info"},
+                       {"type": "vlm", "model": "scripted", "endpoints": eps, **opts}]}
+
+
+async def test_prompt_switch_happens_at_one_frame_boundary(r, redis_server, clip):
+    srv = await ScriptedOpenAI(lambda req: "answer to: " + prompt_text(req)).start()
+    cfg = make_config(redis_server.url, [{"id": "v", "url": str(clip), "fps": 10.0, "playback": "realtime",
+                                         "loop": True, "pipeline": "p"}],
+                      pipelines={"p": vlm_pipeline(srv.url, every_s=0.5)},
+                      api={"enabled": True, "port": 0})
+    try:
+        async with running(cfg) as d, aiohttp.ClientSession() as s:
+            url = d.api_url + "/api/v1/prompts/vlm/stream:v"
+            async with s.put(url, json={"text": "what is the first question?"}) as resp:
+                assert resp.status == 201
+            await until(lambda: d.prompt_cache.resolve("vlm", "v", "p"), 5)
+            await until(lambda: _n(r, "v", 10), 20)
+            async with s.put(url, json={"text": "and the second?"}) as resp:
+                assert (await resp.json())["version"] == 2
+            n = len(await results(r, "v"))
+            await until(lambda: _n(r, "v", n + 10), 20)
+            await until(lambda: _vn(r, "v", 4), 20)
+    finally:
+        await srv.stop()
+    recs = await results(r, "v")
+    versions = [x["prompt_versions"].get("vlm", {}).get("version") for x in recs]
+    first = next(i for i, v in enumerate(versions) if v is not None)
+    tail = versions[first:]
+    assert None not in tail  # once the prompt exists, no record misses its version
+    assert tail == sorted(tail) and set(tail) == {1, 2}
+    switch = tail.index(2)
+    assert all(v == 1 for v in tail[:switch]) and all(v == 2 for v in tail[switch:])  # one boundary
+    # the answers were produced with the version they are stamped with
+    answers = await vlm_records(r, "v")
+    for a in answers:
+        if a["prompt"]["version"] == 1:
+            assert a["text"] == "answer to: what is the first question?"
+        elif a["prompt"]["version"] == 2:
+            assert a["text"] == "answer to: and the second?"
+    assert {a["prompt"]["version"] for a in answers} >= {1, 2}
+    assert all(a["prompt"]["scope"] == "stream:v" for a in answers if a["prompt"]["version"])
+    asked = [x for x in recs if x["outputs"]["vlm"]["asked"]]
+    assert asked and len(asked) < len(recs)  # asked at its own rate, not every frame
+
+
+async def _n(r, sid, n):
+    return len(await results(r, sid)) >= n
+
+
+async def _vn(r, sid, n):
+    return len(await vlm_records(r, sid)) >= n
+
+
+async def test_fallback_takes_over_when_the_primary_dies(r, redis_server, clip):
+    primary = await ScriptedOpenAI(lambda req: "primary").start()
+    backup = await ScriptedOpenAI(lambda req: "backup").start()
+    primary.delay_s = 0.05
+    cfg = make_config(redis_server.url, [{"id": "f", "url": str(clip), "fps": 4.0, "pipeline": "p",
+                                         "playback": "realtime"}],
+                      pipelines={"p": vlm_pipeline(primary.url, fallback=backup.url, every_s=0,
+                                                   retry={"attempts": 3, "initial_s": 0.05, "eject_s": 60})})
+    try:
+        async with running(cfg) as d:
+            await until(lambda: _vn(r, "f", 3), 20, what="answers from the primary")
+            await primary.stop()  # killed mid-run
+            await until(lambda: d.runners["f"].state.value == "stopped", 30)
+            await until(lambda: _vn(r, "f", 24), 30, what="an answer for every sampled frame")
+    finally:
+        await backup.stop()
+        await primary.stop()
+    answers = sorted(await vlm_records(r, "f"), key=lambda a: a["seq"])
+    assert [a["seq"] for a in answers] == list(range(24))  # no sampled frame lost
+    assert all("error" not in a for a in answers), [a for a in answers if "error" in a][:2]
+    texts = [a["text"] for a in answers]
+    assert texts[0] == "primary" and texts[-1] == "backup"
+    assert texts.index("backup") >= 3 and "primary" not in texts[texts.index("backup"):]  # backup only after
+    assert len(backup.requests) == texts.count("backup")  # the fallback was idle while the primary worked
+    assert all(a["tokens"]["prompt"] == 10 and a["latency_ms"] > 0 and a["model"] == "scripted" for a in answers)
+
+
+async def test_retries_back_off_and_honour_retry_after(r, redis_server, clip):
+    import time
+
+    srv = await ScriptedOpenAI(lambda req: "ok").start()
+    srv.faults = [(503, 0.4), (429, 0.3), (500, None)]
+    stamps = []
+    orig = srv._chat
+
+    async def timed(request):
+        stamps.append(time.monotonic())
+        return await orig(request)
+
+    srv._chat = timed
+    await srv.stop()
+    await srv.start()
+    cfg = make_config(redis_server.url, [{"id": "rt", "url": str(clip), "fps": 0.2, "pipeline": "p"}],
+                      pipelines={"p": vlm_pipeline(srv.url, every_s=100, max_in_flight=1,
+                                                   retry={"attempts": 4, "initial_s": 0.1, "max_s": 2,
+                                                          "eject_after": 10})})
+    try:
+        async with running(cfg):
+            (a,) = await until(lambda: _vrecs(r, "rt", 1), 20, what="the answer after the retries")
+    finally:
+        await srv.stop()
+    assert a["text"] == "ok" and "error" not in a
+    assert len(stamps) == 4  # three injected failures, then the answer
+    gaps = [b - x for x, b in zip(stamps, stamps[1:])]
+    assert gaps[0] >= 0.38 and gaps[1] >= 0.28  # Retry-After honoured
+    assert 0.05 <= gaps[2] < 1.0  # no Retry-After: exponential backoff with jitter
+
+
+async def _vrecs(r, sid, n):
+    recs = await vlm_records(r, sid)
+    return recs if len(recs) >= n else None
