@@ -90,6 +90,7 @@ class StreamRunner:
         self.consumer = consumer
         self.state = State.CONNECTING
         self.reason: str | None = None
+        self.last_error: str | None = None  # kept after the stream recovers
         self.last_frame_ts: float | None = None
         self.frames = 0  # sampled frames queued
         self._decoded_base = 0
@@ -136,6 +137,8 @@ class StreamRunner:
         if state is self.state and reason == self.reason:
             return
         old, self.state, self.reason = self.state, state, reason
+        if reason and state in (State.BACKOFF, State.FAILED, State.STALLED):
+            self.last_error = reason
         self.metrics.stream_state.labels(self.cfg.id, old.value).set(0)
         self.metrics.stream_state.labels(self.cfg.id, state.value).set(1)
         fields: dict[str, Any] = {"from": old.value, "to": state.value}

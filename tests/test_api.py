@@ -272,3 +272,24 @@ async def test_openapi_fuzz_finds_no_server_error(r, redis_server, tmp_path):
     m = re.search(r"(\d+) generated, (\d+) passed", text)
     assert m and int(m.group(1)) >= 50 and m.group(1) == m.group(2), text[-2000:]
     assert d.runners == {}
+
+
+async def test_credentials_are_redacted_in_api_responses(r, redis_server):
+    port = redis_server.port
+    url = f"redis://streamd:hunter2-secret@127.0.0.1:{port}/0#frames:cred"
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        async with s.post(d.api_url + "/api/v1/streams", json={"id": "cred", "url": url, "pipeline": "frame_info",
+                                                               "reconnect": {"max_attempts": 1, "initial_s": 0.1}},
+                          headers=h(ADMIN)) as resp:
+            created = await resp.text()
+        await until(lambda: d.runners["cred"].state.value == "failed", 20, what="auth failure")  # wrong password
+        texts = [created]
+        for path in ("/api/v1/streams", "/api/v1/streams/cred", "/health", "/metrics"):
+            async with s.get(d.api_url + path, headers=h(READ)) as resp:
+                texts.append(await resp.text())
+        info = d.stream_info("cred")
+    assert all("hunter2" not in t for t in texts)
+    assert "***@127.0.0.1" in texts[0]
+    assert info["state"] == "failed" and info["last_error"] and "hunter2" not in info["last_error"]
+    events = str(await r.xrange("streamd:{cred}:events"))
+    assert "hunter2" not in events
