@@ -111,6 +111,29 @@ def cpu_s(pid: int | None = None) -> float:
         return 0.0
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all processes on the machine have used since boot (/proc/stat; 0 where unreadable)."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / _TICK  # user nice system irq softirq steal
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class OtherLoad:
+    """CPU used by *other* processes while the benchmark ran (the machine's busy time minus ours and our
+    redis-server's): tells whether the figures were taken on a quiet box."""
+
+    def __init__(self, redis_pid: int | None):
+        self.redis_pid = redis_pid
+        self.t0, self.m0, self.c0, self.r0 = time.monotonic(), machine_busy_s(), cpu_s(), cpu_s(redis_pid)
+
+    def cores(self) -> float:
+        wall = time.monotonic() - self.t0
+        other = (machine_busy_s() - self.m0) - (cpu_s() - self.c0) - (cpu_s(self.redis_pid) - self.r0)
+        return max(0.0, other) / wall if wall > 0 else 0.0
+
+
 # -- baseline: plain PyAV ---------------------------------------------------------------------------------------
 def _decode_rgb(path: Path, out: list[int], i: int) -> None:
     n = 0
@@ -246,12 +269,13 @@ def machine() -> str:
 
 
 def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], live: dict[str, Any], frames: int,
-             load: tuple[float, float]) -> str:
+             other_cores: float) -> str:
     cmd = ".venv/bin/python benchmarks/spine.py" + (" --quick" if args.quick else "") + \
         (" --mallopt" if args.mallopt else "")
     out = [section(args), "",
            f"Command: `{cmd}` (or `make bench`). Machine: {machine()}. "
-           f"Load average 1 min at start / end: {load[0]:.2f} / {load[1]:.2f}. Run {time.strftime('%Y-%m-%d')}.", "",
+           f"Other processes used {other_cores:.2f} cores on average while it ran. "
+           f"Run {time.strftime('%Y-%m-%d')}.", "",
            "### Throughput: pass-through pipeline, every frame, playback fast", "",
            f"720p H.264 clip ({frames} frames, {args.seconds:g} s at 30 fps, GOP 30, no B-frames), one copy per "
            f"stream. Baseline: plain PyAV decoding of the same files to RGB numpy arrays, one thread per file, "
@@ -306,12 +330,9 @@ async def amain(args: argparse.Namespace) -> int:
     paths, frames = clips(max(counts), args.seconds, 30, cache)
     tmp = Path(tempfile.mkdtemp(prefix="streamd-bench-"))
     srv = await asyncio.to_thread(ManagedRedis(tmp / "redis").start)
-    load0 = os.getloadavg()[0]
+    other = OtherLoad(srv.proc.pid if srv.proc else None)
     try:
-        print(f"{machine()}\nclip: {frames} frames 1280x720, streams {counts}, best of {args.repeats}; "
-              f"load average {load0:.2f}", flush=True)
-        if load0 > 0.5 * (os.cpu_count() or 1):
-            print("warning: the machine is busy; frames/s will be noisy (CPU ms/frame much less so)", flush=True)
+        print(f"{machine()}\nclip: {frames} frames 1280x720, streams {counts}, best of {args.repeats}", flush=True)
         # warm-up: imports, page cache, decoder init
         baseline(paths[:1])
         await daemon_fast(srv.url, paths[:1], frames)
@@ -321,8 +342,10 @@ async def amain(args: argparse.Namespace) -> int:
             for n in counts:
                 sub = paths[:n]
                 order = ("base", "daemon") if rep % 2 == 0 else ("daemon", "base")
+                others = []
                 for what in order:
                     c0, r0 = cpu_s(), cpu_s(srv.proc.pid if srv.proc else None)
+                    ol = OtherLoad(srv.proc.pid if srv.proc else None)
                     if what == "base":
                         got, dt = baseline(sub)
                         if got != n * frames:
@@ -335,9 +358,11 @@ async def amain(args: argparse.Namespace) -> int:
                         runs[n]["daemon"].append(got / dt)
                         runs[n]["daemon_cpu"].append((cpu_s() - c0 + r1 - r0) / got * 1000.0)
                         runs[n]["lag"].append(float(np.percentile(np.array(lags) * 1000, 99)) if lags else 0.0)
+                    others.append(ol.cores())
                 print(f"  run {rep + 1} N={n}: baseline {runs[n]['base'][-1]:7.1f} f/s "
                       f"({runs[n]['base_cpu'][-1]:.2f} CPU ms/frame)   daemon {runs[n]['daemon'][-1]:7.1f} f/s "
-                      f"({runs[n]['daemon_cpu'][-1]:.2f} CPU ms/frame)", flush=True)
+                      f"({runs[n]['daemon_cpu'][-1]:.2f} CPU ms/frame)   other load {max(others):.2f} cores",
+                      flush=True)
         rows = []
         print(f"\n{'streams':>7} {'PyAV->RGB f/s':>14} {'daemon f/s':>11} {'ratio':>6} {'(median)':>8} "
               f"{'CPU ms/frame PyAV':>18} {'daemon':>7} {'loop lag p99':>13}")
@@ -360,11 +385,14 @@ async def amain(args: argparse.Namespace) -> int:
               f"max {live['max_ms']:.1f} ms  ({live['measured']} records)")
         print(f"event-loop lag p99 {live['lag_p99_ms']:.1f} ms  max {live['lag_max_ms']:.1f} ms  "
               f"({live['lag_samples']} samples)")
+        busy = other.cores()
     finally:
         await asyncio.to_thread(srv.stop)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    md = markdown(args, rows, live, frames, (load0, os.getloadavg()[0]))
+    print(f"other processes used {busy:.2f} cores on average during the benchmark"
+          + ("  (the box was not quiet: frames/s are noisy, CPU ms/frame much less so)" if busy > 0.15 else ""))
+    md = markdown(args, rows, live, frames, busy)
     print("\n----- markdown -----\n" + md + "--------------------")
     if args.write:
         write_section(md)

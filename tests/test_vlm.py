@@ -130,3 +130,24 @@ async def test_retries_back_off_and_honour_retry_after(r, redis_server, clip):
 async def _vrecs(r, sid, n):
     recs = await vlm_records(r, sid)
     return recs if len(recs) >= n else None
+
+
+def _has_sglang():
+    import importlib.util
+
+    return importlib.util.find_spec("sglang") is not None
+
+
+async def test_sglang_backend_without_sglang_fails_the_stream_clearly(r, redis_server, clip):
+    if _has_sglang():
+        import pytest
+
+        pytest.skip("sglang is installed here; this test covers the message shown where it is not")
+    cfg = make_config(redis_server.url, [{"id": "sg", "url": str(clip), "pipeline": "p"},
+                                         {"id": "fine", "url": str(clip), "fps": 1.0}],
+                      pipelines={"p": {"stages": [{"type": "vlm", "backend": "sglang", "model": "Qwen/x"}]}})
+    async with running(cfg) as d:
+        await until(lambda: d.runners["sg"].state.value == "failed", 20)
+        await until(lambda: _n(r, "fine", 6), 20)
+        reason = d.runners["sg"].reason
+    assert "pip install 'streamd[sglang]'" in reason and "openai backend" in reason

@@ -13,8 +13,6 @@ skipped (counted, published as a ``vlm_skipped`` event) instead of queued.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import re
 import time
@@ -28,6 +26,8 @@ from streamd.config import StageConfig
 from streamd.frames import Work
 from streamd.log import get_logger
 from streamd.stages import Stage, parse_options
+from streamd.errors import StageError
+from streamd.stages.vlm.base import VlmRequest
 from streamd.stages.vlm.openai import EndpointConfig, RetryConfig
 
 log = get_logger("streamd.stage.vlm")
@@ -38,9 +38,15 @@ class VlmOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["vlm"] = "vlm"
     name: str | None = None
-    backend: Literal["openai"] = Field("openai", description="openai (any OpenAI-compatible server)")
-    model: str = Field(..., description="model id")
-    endpoints: list[EndpointConfig] = Field(..., min_length=1)
+    backend: Literal["openai", "transformers", "sglang"] = Field(
+        "openai", description="openai (any OpenAI-compatible server), transformers (in process), sglang (in process)")
+    model: str = Field(..., description="model id (openai) or a local path / hub id (transformers, sglang)")
+    endpoints: list[EndpointConfig] = Field(default_factory=list, description="openai: the servers")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="transformers: device")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="transformers: dtype")
+    quantization: Literal["4bit", "8bit"] | None = Field(None, description="transformers: bitsandbytes (CUDA)")
+    max_batch: int = Field(8, ge=1, description="transformers: questions in one generate call")
+    max_wait_ms: float = Field(20.0, ge=0, description="transformers: wait this long for a fuller batch")
     retry: RetryConfig = Field(default_factory=RetryConfig)
     prompt: str = Field("Describe what is happening in this image in one sentence.",
                         description="used when the prompt store has no vlm prompt for the stream")
@@ -57,18 +63,16 @@ class VlmOptions(BaseModel):
     maxlen: int = Field(10_000, ge=1, description="approximate MAXLEN of the vlm stream")
 
 
-def encode_frame(image: np.ndarray, max_pixels: int, quality: int) -> str:
-    """Resize to the pixel budget and encode as a JPEG data URI."""
+def fit_pixels(image: np.ndarray, max_pixels: int) -> np.ndarray:
+    """Resize to at most `max_pixels` pixels, keeping the aspect ratio."""
+    h, w = image.shape[:2]
+    if w * h <= max_pixels:
+        return image
     from PIL import Image
 
-    im = Image.fromarray(image)
-    w, h = im.size
-    if w * h > max_pixels:
-        scale = (max_pixels / (w * h)) ** 0.5
-        im = im.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.BILINEAR)
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    scale = (max_pixels / (w * h)) ** 0.5
+    im = Image.fromarray(image).resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.BILINEAR)
+    return np.asarray(im)
 
 
 def clean_text(text: str, limit: int) -> str:
@@ -84,6 +88,7 @@ class Vlm(Stage):
         super().__init__(cfg)
         self.opts = opts
         self.backend: Any = None
+        self._owns_backend = False  # shared in-process models are closed by the registry
         self._last_ask: dict[str, tuple[float, Any]] = {}  # stream -> (pts, prompt version)
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(opts.max_in_flight)
@@ -97,14 +102,34 @@ class Vlm(Stage):
         return cls(cfg, parse_options(VlmOptions, cfg, where))
 
     async def setup(self) -> None:
-        from streamd.stages.vlm.openai import OpenAIBackend
+        o = self.opts
+        if o.backend == "openai":
+            from streamd.stages.vlm.openai import OpenAIBackend
 
-        self.backend = OpenAIBackend(self.opts.endpoints, self.opts.retry, self.opts.timeout_s)
+            if not o.endpoints:
+                raise StageError("the openai backend needs endpoints")
+            self.backend = OpenAIBackend(o.model, o.endpoints, o.retry, o.timeout_s, o.jpeg_quality)
+            self._owns_backend = True
+        elif o.backend == "transformers":
+            from streamd.models import resolve_device
+            from streamd.stages.vlm.transformers import SharedVlm, load_transformers_vlm
+
+            device = resolve_device(o.device)
+            self.device = device
+            key = ("vlm", o.model, device, o.dtype, o.quantization)
+            self.backend = await self.ctx.models.get(
+                key, device, lambda: load_transformers_vlm(o.model, device, o.dtype, o.quantization),
+                lambda loaded: SharedVlm(loaded, o.model, device, o.max_batch, o.max_wait_ms))
+        else:
+            from streamd.stages.vlm.sglang import SglangBackend
+
+            self.backend = SglangBackend(o.model)
+            self._owns_backend = True
 
     async def teardown(self) -> None:
         if self._inflight:  # let answers in flight finish (the daemon's grace period bounds this)
             await asyncio.gather(*self._inflight, return_exceptions=True)
-        if self.backend is not None:
+        if self.backend is not None and self._owns_backend:
             await self.backend.aclose()
 
     def reset_stream(self, stream_id: str) -> None:
@@ -151,30 +176,24 @@ class Vlm(Stage):
                 self._skip(w, f"stale: {age:.1f} s old")
                 return
             self.asked += 1
-            uri = await asyncio.to_thread(encode_frame, f.image, self.opts.max_pixels, self.opts.jpeg_quality)
-            messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
-                                                     {"type": "text", "text": text}]}]
-            kw: dict[str, Any] = {"max_tokens": self.opts.max_tokens, "temperature": self.opts.temperature}
-            if schema is not None:
-                kw["response_format"] = {"type": "json_schema",
-                                         "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+            image = await asyncio.to_thread(fit_pixels, f.image, self.opts.max_pixels)
+            req = VlmRequest(image, text, schema, self.opts.max_tokens, self.opts.temperature)
             t0 = time.perf_counter()
             rec: dict[str, Any] = {"schema_version": keys.SCHEMA_VERSION, "stream_id": f.stream_id, "seq": f.seq,
                                    "pts_s": round(f.pts_s, 6), "capture_ts": round(f.capture_ts, 6),
                                    "stage": self.name, "prompt": version, "model": self.opts.model}
             try:
-                resp, endpoint = await self.backend.chat(self.opts.model, messages, **kw)
+                ans = await self.backend.answer(req)
             except Exception as e:  # noqa: BLE001 - a failed question is recorded, never fatal
                 self.failed += 1
                 rec.update(error=clean_text(str(e), 500), latency_ms=round((time.perf_counter() - t0) * 1000, 1))
                 self.ctx.events(f.stream_id, "vlm_failed", {"seq": f.seq, "reason": rec["error"]})
             else:
                 self.answered += 1
-                answer = clean_text(resp.choices[0].message.content or "", self.opts.max_text_chars)
-                rec.update(endpoint=endpoint, text=answer, latency_ms=round((time.perf_counter() - t0) * 1000, 1))
-                usage = getattr(resp, "usage", None)
-                if usage is not None:
-                    rec["tokens"] = {"prompt": usage.prompt_tokens, "completion": usage.completion_tokens}
+                answer = clean_text(ans.text, self.opts.max_text_chars)
+                rec.update(endpoint=ans.endpoint, text=answer, latency_ms=round((time.perf_counter() - t0) * 1000, 1))
+                if ans.tokens:
+                    rec["tokens"] = ans.tokens
                 if schema is not None:
                     try:
                         rec["parsed"] = json.loads(answer)

@@ -13,11 +13,14 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from streamd.log import get_logger, redact_url
+
+if TYPE_CHECKING:
+    from streamd.stages.vlm.base import VlmAnswer, VlmRequest
 
 log = get_logger("streamd.vlm.openai")
 
@@ -71,10 +74,13 @@ def _retry_after(exc: Any) -> float | None:
 
 
 class OpenAIBackend:
-    def __init__(self, endpoints: list[EndpointConfig], retry: RetryConfig, timeout_s: float):
+    def __init__(self, model: str, endpoints: list[EndpointConfig], retry: RetryConfig, timeout_s: float,
+                 jpeg_quality: int = 85):
         import openai
 
         self._openai = openai
+        self.model = model
+        self.jpeg_quality = jpeg_quality
         self.retry = retry
         self.endpoints = [
             _Endpoint(e, openai.AsyncOpenAI(base_url=e.url, api_key=os.environ.get(e.api_key_env or "", "") or "none",
@@ -128,6 +134,32 @@ class OpenAIBackend:
                 await asyncio.sleep(wait)
         raise VlmRequestError(f"{type(last).__name__}: {last}")
 
+    async def answer(self, req: "VlmRequest") -> "VlmAnswer":
+        from streamd.stages.vlm.base import VlmAnswer
+
+        uri = await asyncio.to_thread(jpeg_data_uri, req.image, self.jpeg_quality)
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                 {"type": "text", "text": req.text}]}]
+        kw: dict[str, Any] = {"max_tokens": req.max_tokens, "temperature": req.temperature}
+        if req.schema is not None:
+            kw["response_format"] = {"type": "json_schema",
+                                     "json_schema": {"name": "answer", "schema": req.schema, "strict": True}}
+        resp, endpoint = await self.chat(self.model, messages, **kw)
+        usage = getattr(resp, "usage", None)
+        tokens = {"prompt": usage.prompt_tokens, "completion": usage.completion_tokens} if usage is not None else {}
+        return VlmAnswer(resp.choices[0].message.content or "", endpoint, tokens)
+
     async def aclose(self) -> None:
         for e in self.endpoints:
             await e.client.close()
+
+
+def jpeg_data_uri(image: Any, quality: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

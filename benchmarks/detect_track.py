@@ -1,0 +1,139 @@
+"""streamd detect+track vs Ultralytics' own `model.track(source, stream=True)` loop: same clip, same model,
+same device, same run. Prints frames/s of each and the ratio, for 1 and N streams.
+
+    .venv/bin/python benchmarks/detect_track.py [--streams 1,4] [--seconds 6] [--fps 10] [--imgsz 640]
+
+Every frame of the clip is processed on both sides (streamd: `fps: null`, `playback: fast`). For several
+streams, Ultralytics' best of (a) one loop per stream in turn and (b) one loop per stream in parallel threads
+(each with its own model instance, as its trackers need) is the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from streamd.config import parse_config  # noqa: E402
+from streamd.daemon import Daemon  # noqa: E402
+from streamd.log import setup_logging  # noqa: E402
+from streamd.models import resolve_model_path  # noqa: E402
+from streamd.redis_server import ManagedRedis  # noqa: E402
+from streamd.samples import make_pan_clip  # noqa: E402
+
+
+def ultralytics_loop(path: str, weights: str, imgsz: int, conf: float) -> int:
+    from ultralytics import YOLO
+
+    model = YOLO(weights)
+    n = 0
+    for _ in model.track(source=path, stream=True, tracker="bytetrack.yaml", imgsz=imgsz, conf=conf, verbose=False):
+        n += 1
+    return n
+
+
+def bench_ultralytics(paths: list[str], weights: str, imgsz: int, conf: float) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    total = sum(ultralytics_loop(p, weights, imgsz, conf) for p in paths)
+    seq = total / (time.perf_counter() - t0)
+    if len(paths) == 1:
+        return seq, "one loop"
+    counts = [0] * len(paths)
+
+    def run(i: int) -> None:
+        counts[i] = ultralytics_loop(paths[i], weights, imgsz, conf)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(paths))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    par = sum(counts) / (time.perf_counter() - t0)
+    return (par, "a loop per stream, in parallel threads") if par > seq else (seq, "one loop per stream, in turn")
+
+
+async def bench_streamd(paths: list[str], imgsz: int, conf: float, max_batch: int, redis_url: str) -> float:
+    cfg = parse_config({
+        "redis": {"url": redis_url, "results_maxlen": 100_000},
+        "pipelines": {"dt": {"stages": [
+            {"type": "detect", "model": "person", "imgsz": imgsz, "conf": conf, "max_batch": max_batch,
+             "max_wait_ms": 5},
+            {"type": "track", "tracker": "bytetrack"}]}},
+        "streams": [{"id": f"s{i}", "url": p, "fps": None, "pipeline": "dt", "queue_size": 8}
+                    for i, p in enumerate(paths)],
+    }, environ={})
+    d = Daemon(cfg)
+    await d.startup()
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    await d.started.wait()
+    p = d.pipelines["dt"]
+    await p.ready.wait()
+    t0 = time.perf_counter()
+    while not all(r.state.value in ("stopped", "failed") for r in d.runners.values()):
+        await asyncio.sleep(0.02)
+    while sum(d.sink.results_by_stream.values()) < sum(r.frames for r in d.runners.values()) or len(d.sink):
+        await asyncio.sleep(0.01)
+    wall = time.perf_counter() - t0
+    frames = sum(d.sink.results_by_stream.values())
+    assert all(r.state.value == "stopped" for r in d.runners.values()), d.status()
+    stop.set()
+    await task
+    await d.shutdown()
+    return frames / wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--streams", default="1,4")
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--fps", type=int, default=10)
+    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--conf", type=float, default=0.35)
+    ap.add_argument("--max-batch", type=int, default=4)
+    ap.add_argument("--size", default="1280x720")
+    a = ap.parse_args()
+    setup_logging("warning")
+    import torch
+
+    w, h = (int(x) for x in a.size.split("x"))
+    tmp = Path(tempfile.mkdtemp(prefix="streamd-bench-"))
+    clip = make_pan_clip(tmp / "pan.mp4", "zidane.jpg", seconds=a.seconds, fps=a.fps, size=(w, h))
+    weights = resolve_model_path("person")
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    print(f"clip: {w}x{h}, {a.seconds:g} s at {a.fps} fps ({int(a.seconds * a.fps)} frames); model: person "
+          f"(YOLOv8, {weights}); imgsz {a.imgsz}; device {device}; torch threads {torch.get_num_threads()}")
+    ultralytics_loop(str(clip), weights, a.imgsz, a.conf)  # warm caches on both sides
+    rows = []
+    with ManagedRedis(tmp / "redis") as redis:
+        for n in (int(x) for x in a.streams.split(",")):
+            paths = []
+            for i in range(n):
+                p = tmp / f"pan{i}.mp4"
+                shutil.copy(clip, p)
+                paths.append(str(p))
+            base, how = bench_ultralytics(paths, weights, a.imgsz, a.conf)
+            ours = asyncio.run(bench_streamd(paths, a.imgsz, a.conf, a.max_batch, redis.url))
+            rows.append((n, ours, base, how))
+            print(f"{n} stream(s): streamd {ours:.2f} fps, ultralytics {base:.2f} fps ({how}), "
+                  f"ratio {ours / base:.2f}", flush=True)
+    print("\n| streams | streamd detect+track (frames/s) | Ultralytics model.track (frames/s) | ratio |")
+    print("|---|---|---|---|")
+    for n, ours, base, how in rows:
+        print(f"| {n} | {ours:.2f} | {base:.2f} ({how}) | **{ours / base:.2f}** |")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

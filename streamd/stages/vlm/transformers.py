@@ -1,0 +1,151 @@
+"""The `transformers` backend: a vision-language model in process (`AutoModelForImageTextToText` +
+`AutoProcessor`), loaded once per (model, device, dtype, quantization) and shared; questions from many streams
+are batched into one `generate` call (up to `max_batch`, waiting at most `max_wait_ms` for a fuller batch).
+`generate` runs in the device's single executor thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from streamd.errors import StageError
+from streamd.stages import device_executor
+from streamd.stages.vlm.base import VlmAnswer, VlmRequest
+
+
+def load_transformers_vlm(model: str, device: str, dtype: str, quantization: str | None) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kw: dict[str, Any] = {}
+    if quantization is not None:
+        if not device.startswith("cuda"):
+            raise StageError(f"{quantization} loading needs CUDA (bitsandbytes); this stage runs on {device}")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise StageError("4-bit/8-bit loading needs bitsandbytes: pip install 'streamd[gpu]'") from None
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=quantization == "4bit",
+                                                       load_in_8bit=quantization == "8bit")
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "float16": torch.float16,
+                   "bfloat16": torch.bfloat16}[dtype]
+    try:
+        processor = AutoProcessor.from_pretrained(model)
+        net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, **kw)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise StageError(f"cannot load VLM {model!r}: {e}" + (" (HF_HUB_OFFLINE=1: only local models)"
+                                                             if offline else "")) from None
+    if quantization is None:
+        net = net.to(device)
+    net.eval()
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None:
+        tok.padding_side = "left"  # batched generation appends after the prompt
+    return processor, net
+
+
+@dataclass
+class _Pending:
+    req: VlmRequest
+    future: asyncio.Future[VlmAnswer]
+
+
+class SharedVlm:
+    """A loaded model plus its cross-stream batcher."""
+
+    def __init__(self, loaded: tuple[Any, Any], name: str, device: str, max_batch: int, max_wait_ms: float):
+        self.processor, self.model = loaded
+        self.name = name
+        self.device = device
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._queue: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+
+    async def answer(self, req: VlmRequest) -> VlmAnswer:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._worker(), name=f"vlm:{self.name}")
+        fut: asyncio.Future[VlmAnswer] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(req, fut))
+        self._wake.set()
+        return await fut
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            deadline = time.monotonic() + self.max_wait_s
+            while len(self._queue) < self.max_batch and time.monotonic() < deadline:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), deadline - time.monotonic())
+                except TimeoutError:
+                    break
+            key = (self._queue[0].req.max_tokens, self._queue[0].req.temperature)
+            group: list[_Pending] = []
+            rest: deque[_Pending] = deque()
+            while self._queue:
+                p = self._queue.popleft()
+                if len(group) < self.max_batch and (p.req.max_tokens, p.req.temperature) == key:
+                    group.append(p)
+                else:
+                    rest.append(p)
+            self._queue = rest
+            try:
+                outs = await loop.run_in_executor(device_executor(self.device), self._generate,
+                                                  [p.req for p in group])
+            except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
+                for p in group:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            self.calls += 1
+            self.batch_sizes.append(len(group))
+            for p, ans in zip(group, outs):
+                if not p.future.done():
+                    p.future.set_result(ans)
+
+    def _generate(self, reqs: list[VlmRequest]) -> list[VlmAnswer]:
+        import torch
+
+        texts = []
+        for r in reqs:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.text}]}]
+            texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        inputs = self.processor(text=texts, images=[r.image for r in reqs], padding=True, return_tensors="pt")
+        inputs = inputs.to(self.model.device)
+        first = reqs[0]
+        kw: dict[str, Any] = {"max_new_tokens": first.max_tokens}
+        if first.temperature > 0:
+            kw.update(do_sample=True, temperature=first.temperature)
+        else:
+            kw["do_sample"] = False
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **kw)
+        n_in = inputs["input_ids"].shape[1]
+        new = out[:, n_in:]
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        texts_out = tok.batch_decode(new, skip_special_tokens=True)
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        pad = getattr(tok, "pad_token_id", None)
+        return [VlmAnswer(t, f"transformers:{self.device}",
+                          {"prompt": int(p), "completion": int((row != pad).sum()) if pad is not None else len(row)})
+                for t, p, row in zip(texts_out, prompt_tokens, new)]
