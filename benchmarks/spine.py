@@ -52,6 +52,7 @@ from streamd.redis_server import ManagedRedis  # noqa: E402
 from streamd.samples import make_pan_clip  # noqa: E402
 
 TARGET_RATIO = 0.90
+QUIET_CORES = 0.15  # a run during which other processes used more than this is ignored (unless all were)
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Spine (issue 2)"
 
@@ -272,30 +273,34 @@ def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], live: dict[st
              other_cores: float) -> str:
     cmd = ".venv/bin/python benchmarks/spine.py" + (" --quick" if args.quick else "") + \
         (" --mallopt" if args.mallopt else "")
+    make = "" if args.quick or args.mallopt else " (or `make bench`)"
     out = [section(args), "",
-           f"Command: `{cmd}` (or `make bench`). Machine: {machine()}. "
+           f"Command: `{cmd}`{make}. Machine: {machine()}. "
            f"Other processes used {other_cores:.2f} cores on average while it ran. "
            f"Run {time.strftime('%Y-%m-%d')}.", "",
            "### Throughput: pass-through pipeline, every frame, playback fast", "",
            f"720p H.264 clip ({frames} frames, {args.seconds:g} s at 30 fps, GOP 30, no B-frames), one copy per "
            f"stream. Baseline: plain PyAV decoding of the same files to RGB numpy arrays, one thread per file, "
            f"thread_type AUTO, in the same run. Daemon: N file streams, fps null, playback fast, one `frame_info` "
-           f"stage, results published to a real redis-server (every record checked in Redis). frames/s: best of "
-           f"{args.repeats} runs each, baseline and daemon interleaved; ratio = daemon / baseline (median of the "
-           f"runs in brackets). CPU ms/frame: process CPU time (all threads, plus redis-server for the daemon) per "
-           f"frame, median of the runs; it is less sensitive than frames/s to other load on the box. "
+           f"stage, results published to a real redis-server (every record checked in Redis). {args.repeats} "
+           f"repeats, baseline and daemon interleaved; a repeat during which other processes used more than "
+           f"{QUIET_CORES:g} cores is left out (unless every one was; `quiet runs` says how many were kept). "
+           f"frames/s: best of the kept runs; ratio = daemon / baseline of those (in brackets: the median of "
+           f"the kept runs' paired ratios). CPU ms/frame: process CPU time (all threads, plus redis-server for the "
+           f"daemon) per frame, median of the kept runs; it is less sensitive than frames/s to other load on the box. "
            f"Target ratio >= {TARGET_RATIO:.2f}.", "",
            "| streams | PyAV decode → RGB (frames/s) | daemon (frames/s) | ratio | target met | CPU ms/frame PyAV | "
-           "CPU ms/frame daemon | loop lag p99 |",
-           "|--:|--:|--:|--:|:-:|--:|--:|--:|"]
+           "CPU ms/frame daemon | loop lag p99 | quiet runs |",
+           "|--:|--:|--:|--:|:-:|--:|--:|--:|--:|"]
     for r in rows:
         ok = "yes" if r["ratio"] >= TARGET_RATIO else "**no**"
         out.append(f"| {r['n']} | {r['base_fps']:.1f} | {r['daemon_fps']:.1f} | {r['ratio']:.2f} "
                    f"({r['median_ratio']:.2f}) | {ok} | {r['base_cpu_ms']:.2f} | {r['daemon_cpu_ms']:.2f} | "
-                   f"{r['fast_lag_p99_ms']:.1f} ms |")
+                   f"{r['fast_lag_p99_ms']:.1f} ms | {r['runs_used']} |")
     if args.mallopt:
-        out += ["", "Diagnostic run: glibc malloc thresholds fixed in the benchmark process (`mallopt` M_MMAP_THRESHOLD "
-                f"{MALLOPT['mmap_threshold'] >> 20} MiB, M_TRIM_THRESHOLD {MALLOPT['trim_threshold'] >> 20} MiB) "
+        out += ["", "Diagnostic run: glibc malloc thresholds fixed in the benchmark process (`mallopt` "
+                f"M_MMAP_THRESHOLD {MALLOPT['mmap_threshold'] >> 20} MiB, "
+                f"M_TRIM_THRESHOLD {MALLOPT['trim_threshold'] >> 20} MiB) "
                 "for both the baseline and the daemon; streamd itself unchanged."]
     out += ["", f"### Latency: {live['streams']} live streams at {live['fps']:g} FPS", "",
             f"Playback realtime, loop, {live['seconds']:g} s, same clip, same pass-through pipeline; "
@@ -337,7 +342,7 @@ async def amain(args: argparse.Namespace) -> int:
         baseline(paths[:1])
         await daemon_fast(srv.url, paths[:1], frames)
         runs: dict[int, dict[str, list[Any]]] = {
-            n: {"base": [], "daemon": [], "lag": [], "base_cpu": [], "daemon_cpu": []} for n in counts}
+            n: {"base": [], "daemon": [], "lag": [], "base_cpu": [], "daemon_cpu": [], "other": []} for n in counts}
         for rep in range(args.repeats):
             for n in counts:
                 sub = paths[:n]
@@ -359,24 +364,31 @@ async def amain(args: argparse.Namespace) -> int:
                         runs[n]["daemon_cpu"].append((cpu_s() - c0 + r1 - r0) / got * 1000.0)
                         runs[n]["lag"].append(float(np.percentile(np.array(lags) * 1000, 99)) if lags else 0.0)
                     others.append(ol.cores())
+                runs[n]["other"].append(max(others))
                 print(f"  run {rep + 1} N={n}: baseline {runs[n]['base'][-1]:7.1f} f/s "
                       f"({runs[n]['base_cpu'][-1]:.2f} CPU ms/frame)   daemon {runs[n]['daemon'][-1]:7.1f} f/s "
                       f"({runs[n]['daemon_cpu'][-1]:.2f} CPU ms/frame)   other load {max(others):.2f} cores",
                       flush=True)
         rows = []
         print(f"\n{'streams':>7} {'PyAV->RGB f/s':>14} {'daemon f/s':>11} {'ratio':>6} {'(median)':>8} "
-              f"{'CPU ms/frame PyAV':>18} {'daemon':>7} {'loop lag p99':>13}")
+              f"{'CPU ms/frame PyAV':>18} {'daemon':>7} {'loop lag p99':>13} {'quiet runs':>11}")
         for n in counts:
-            b, dm = max(runs[n]["base"]), max(runs[n]["daemon"])
-            row = {"n": n, "base_fps": b, "daemon_fps": dm, "ratio": dm / b,
-                   "median_ratio": statistics.median(runs[n]["daemon"]) / statistics.median(runs[n]["base"]),
-                   "base_cpu_ms": statistics.median(runs[n]["base_cpu"]),
-                   "daemon_cpu_ms": statistics.median(runs[n]["daemon_cpu"]),
-                   "fast_lag_p99_ms": statistics.median(runs[n]["lag"])}
+            r = runs[n]
+            # a repeat counts when other processes left the box alone during both its halves; when none did, all do
+            quiet = [i for i, o in enumerate(r["other"]) if o <= QUIET_CORES]
+            use = quiet or list(range(len(r["other"])))
+            b, dm = max(r["base"][i] for i in use), max(r["daemon"][i] for i in use)
+            kept = f"{len(quiet)}/{len(r['other'])}" if quiet else f"none quiet, all {len(use)} kept"
+            row = {"n": n, "base_fps": b, "daemon_fps": dm, "ratio": dm / b, "runs_used": kept,
+                   "median_ratio": statistics.median(r["daemon"][i] / r["base"][i] for i in use),
+                   "base_cpu_ms": statistics.median(r["base_cpu"][i] for i in use),
+                   "daemon_cpu_ms": statistics.median(r["daemon_cpu"][i] for i in use),
+                   "fast_lag_p99_ms": statistics.median(r["lag"][i] for i in use)}
             rows.append(row)
             flag = "" if row["ratio"] >= TARGET_RATIO else f"  below target {TARGET_RATIO:.2f}"
             print(f"{n:>7} {b:>14.1f} {dm:>11.1f} {row['ratio']:>6.2f} {row['median_ratio']:>8.2f} "
-                  f"{row['base_cpu_ms']:>18.2f} {row['daemon_cpu_ms']:>7.2f} {row['fast_lag_p99_ms']:>10.1f} ms{flag}",
+                  f"{row['base_cpu_ms']:>18.2f} {row['daemon_cpu_ms']:>7.2f} {row['fast_lag_p99_ms']:>10.1f} ms "
+                  f"{row['runs_used']:>6}{flag}",
                   flush=True)
 
         print(f"\nlatency: 8 streams, realtime, loop, fps 2, {args.latency_s:g} s ...", flush=True)

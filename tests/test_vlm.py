@@ -14,10 +14,10 @@ async def vlm_records(r, sid):
     return [json.loads(f[b"record"]) for _, f in await r.xrange(keys.vlm_key(sid))]
 
 
-def vlm_pipeline(*urls, fallback=None, **opts):
+def vlm_pipeline(*urls, fallback=None, model="scripted", **opts):
     eps = [{"url": u} for u in urls] + ([{"url": fallback, "fallback": True}] if fallback else [])
     return {"stages": [{"type": "frame_info"},
-                       {"type": "vlm", "model": "scripted", "endpoints": eps, **opts}]}
+                       {"type": "vlm", "model": model, "endpoints": eps, **opts}]}
 
 
 async def test_prompt_switch_happens_at_one_frame_boundary(r, redis_server, clip):
@@ -151,3 +151,47 @@ async def test_sglang_backend_without_sglang_fails_the_stream_clearly(r, redis_s
         await until(lambda: _n(r, "fine", 6), 20)
         reason = d.runners["sg"].reason
     assert "pip install 'streamd[sglang]'" in reason and "openai backend" in reason
+
+
+async def test_transformers_backend_batches_streams_into_one_generate(r, redis_server, clip, tiny_vlm):
+    stage = {"type": "vlm", "backend": "transformers", "model": str(tiny_vlm), "device": "cpu", "every_s": 0,
+             "max_batch": 4, "max_wait_ms": 100, "max_in_flight": 12, "max_tokens": 6, "max_pixels": 112 * 112}
+    # three cameras (files played in real time); frames arriving together are answered in one generate call
+    cfg = make_config(redis_server.url, [{"id": f"t{i}", "url": str(clip), "fps": 1.0, "pipeline": "p",
+                                          "playback": "realtime"} for i in range(3)],
+                      pipelines={"p": {"stages": [stage]}})
+    async with running(cfg) as d:
+        for i in range(3):
+            await until(lambda: _vn(r, f"t{i}", 6), 60, what=f"answers for t{i}")
+        assert d.pipelines["p"].stages[0].skipped == 0
+        shared = next(iter(d.models._models.values()))
+    for i in range(3):
+        answers = await vlm_records(r, f"t{i}")
+        assert sorted(a["seq"] for a in answers) == list(range(6))
+        assert all("error" not in a and a["tokens"]["completion"] <= 6 for a in answers)
+        assert all(a["endpoint"] == "transformers:cpu" and a["model"] == str(tiny_vlm) for a in answers)
+        assert all(not any(ord(c) < 32 and c not in "\t\n\r" for c in a["text"]) for a in answers)
+    assert max(shared.batch_sizes) > 1 and shared.calls < 18  # frames of several streams in one generate
+
+
+async def test_quantization_on_cpu_is_a_clear_error(r, redis_server, clip, tiny_vlm):
+    stage = {"type": "vlm", "backend": "transformers", "model": str(tiny_vlm), "device": "cpu",
+             "quantization": "4bit"}
+    cfg = make_config(redis_server.url, [{"id": "q", "url": str(clip), "pipeline": "p"}],
+                      pipelines={"p": {"stages": [stage]}})
+    async with running(cfg) as d:
+        await until(lambda: d.runners["q"].state.value == "failed", 30)
+        assert "needs CUDA" in d.runners["q"].reason
+
+
+async def test_openai_backend_against_a_real_transformers_serve(r, redis_server, clip, transformers_serve):
+    srv = transformers_serve
+    cfg = make_config(redis_server.url, [{"id": "ts", "url": str(clip), "fps": 1.0, "pipeline": "p",
+                                          "playback": "realtime"}],
+                      pipelines={"p": vlm_pipeline(srv["url"], model=srv["model"], every_s=0, max_tokens=8,
+                                                   max_pixels=112 * 112)})
+    async with running(cfg):
+        answers = await until(lambda: _vrecs(r, "ts", 6), 90, what="six answers from transformers serve")
+    assert sorted(a["seq"] for a in answers) == list(range(6))
+    assert all("error" not in a and a["endpoint"] == srv["url"] for a in answers), answers[0]
+    assert all(a["tokens"]["completion"] >= 1 and a["tokens"]["prompt"] > 10 for a in answers)
