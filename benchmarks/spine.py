@@ -1,6 +1,6 @@
 """Spine benchmark: the daemon's pass-through throughput against plain PyAV decoding, and live latency.
 
-    .venv/bin/python benchmarks/spine.py            # full run (a few minutes on a 2-core box)
+    .venv/bin/python benchmarks/spine.py            # full run (about 3 minutes on a 2-core box)
     .venv/bin/python benchmarks/spine.py --quick    # shorter clip, one repeat
     .venv/bin/python benchmarks/spine.py --write    # also rewrite the "Spine" section of benchmarks/RESULTS.md
     .venv/bin/python benchmarks/spine.py --mallopt  # diagnostic: glibc malloc thresholds fixed (see RESULTS.md)
@@ -13,7 +13,10 @@
      stopped and every frame's result record has been published (the end is the newest record's publish_ts, so
      the 10 ms completion poll adds nothing); frames/s = result records / wall time (all N*frames are checked to
      be in Redis).
-   Each figure is the best of `--repeats` runs (baseline and daemon interleaved); ratio = daemon / baseline.
+   ``--repeats` repeats, default 5 (baseline and daemon interleaved). The box may be shared: a repeat during which other
+   processes used more than QUIET_CORES is left out (unless all were); frames/s is the best kept run, ratio =
+   daemon / baseline. CPU ms per frame (process CPU time, all threads, plus redis-server) is printed too: it is
+   much less sensitive to other load than frames/s.
 2. Latency. 8 live-like streams (playback realtime, loop, fps 2) for `--latency-s` seconds:
    capture -> published latency (publish_ts - capture_ts of every result record read back from Redis, the first
    second skipped as warm-up) p50/p99, and the daemon's event-loop lag p99 (`Daemon.loop_lag_s`, sampled every
@@ -72,7 +75,7 @@ def clips(n: int, seconds: float, fps: int, cache: Path) -> tuple[list[Path], in
             shutil.copyfile(src, p)
         paths.append(p)
     with av.open(str(src)) as c:
-        frames = sum(1 for _ in c.demux(c.streams.video[0]) if _.size)  # packets with data = frames (no B-frames)
+        frames = sum(1 for pkt in c.demux(c.streams.video[0]) if pkt.size)  # one packet per frame (no B-frames)
     return paths, frames
 
 
@@ -172,7 +175,7 @@ def _config(redis_url: str, streams: list[dict[str, Any]]) -> Any:
 
 
 def _processed(d: Daemon) -> int:
-    """Result records published so far (the sink's counter; collecting only this one metric is cheap)."""
+    """Result records published so far (the sink's `frames_processed` metric; collecting one metric is cheap)."""
     return int(sum(s.value for m in d.metrics.frames_processed.collect() for s in m.samples
                    if s.name.endswith("_total")))
 
@@ -191,7 +194,8 @@ async def daemon_fast(redis_url: str, paths: list[Path], expect: int) -> tuple[i
     try:
         await d.started.wait()
         while True:
-            done = _processed(d)
+            # `published` (results + events) is a plain attribute: the exact count is only read once it can be done
+            done = _processed(d) if d.sink.published >= expect else 0
             if done >= expect and all(r.state.value in ("stopped", "failed") for r in d.runners.values()) \
                     and len(d.sink) == 0:
                 break
@@ -269,13 +273,27 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), no GPU; Python {platform.python_version()}, PyAV {av.__version__}"
 
 
+def revision() -> str:
+    """The streamd code measured: git commit, and whether streamd/ had uncommitted changes."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "streamd"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown revision"
+    return f"commit {head}" + (" + uncommitted changes in streamd/" if dirty else "")
+
+
 def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], live: dict[str, Any], frames: int,
              other_cores: float) -> str:
     cmd = ".venv/bin/python benchmarks/spine.py" + (" --quick" if args.quick else "") + \
         (" --mallopt" if args.mallopt else "")
     make = "" if args.quick or args.mallopt else " (or `make bench`)"
     out = [section(args), "",
-           f"Command: `{cmd}`{make}. Machine: {machine()}. "
+           f"Command: `{cmd}`{make}. streamd at {revision()}. Machine: {machine()}. "
            f"Other processes used {other_cores:.2f} cores on average while it ran. "
            f"Run {time.strftime('%Y-%m-%d')}.", "",
            "### Throughput: pass-through pipeline, every frame, playback fast", "",
@@ -337,7 +355,7 @@ async def amain(args: argparse.Namespace) -> int:
     srv = await asyncio.to_thread(ManagedRedis(tmp / "redis").start)
     other = OtherLoad(srv.proc.pid if srv.proc else None)
     try:
-        print(f"{machine()}\nclip: {frames} frames 1280x720, streams {counts}, best of {args.repeats}", flush=True)
+        print(f"{machine()}\nclip: {frames} frames 1280x720, streams {counts}, repeats {args.repeats}", flush=True)
         # warm-up: imports, page cache, decoder init
         baseline(paths[:1])
         await daemon_fast(srv.url, paths[:1], frames)
@@ -418,7 +436,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="5 s clip, one repeat, 10 s of latency")
     ap.add_argument("--streams", default="1,4,8", help="stream counts (default 1,4,8)")
-    ap.add_argument("--repeats", type=int, default=None, help="runs per measurement, best kept (default 3)")
+    ap.add_argument("--repeats", type=int, default=None, help="repeats of each measurement (default 5)")
     ap.add_argument("--seconds", type=float, default=None, help="clip length in seconds (default 10)")
     ap.add_argument("--latency-s", type=float, default=None, help="latency run length (default 20)")
     ap.add_argument("--mallopt", action="store_true",
@@ -426,7 +444,7 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 when a ratio is below the target")
     ap.add_argument("--write", action="store_true", help=f"rewrite the '{SECTION[3:]}' section of RESULTS.md")
     args = ap.parse_args()
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.repeats = args.repeats or (1 if args.quick else 5)
     args.seconds = args.seconds or (5.0 if args.quick else 10.0)
     args.latency_s = args.latency_s or (10.0 if args.quick else 20.0)
     setup_logging("warning", "console")
