@@ -39,6 +39,11 @@ class Pipeline:
         self.ready = asyncio.Event()
         self.prompt_kinds = sorted({k for st in stages for k in st.prompt_kinds})
         self.prompts: Any = None  # PromptCache, when the daemon has one
+        self._in_flight: dict[str, int] = {}  # stream -> frames between the ingress and the sink
+
+    def in_flight(self, stream_id: str) -> int:
+        """Frames of this stream inside the pipeline (taken from its queue, not yet delivered)."""
+        return self._in_flight.get(stream_id, 0)
 
     async def run(self) -> None:
         """Set the stages up, run until the ingress is closed and everything queued has been delivered."""
@@ -65,6 +70,8 @@ class Pipeline:
         wait_s = st.max_wait_ms / 1000.0
         if i == 0:
             frames = await self.ingress.get_batch(st.max_batch, wait_s)
+            for f in frames:
+                self._in_flight[f.stream_id] = self._in_flight.get(f.stream_id, 0) + 1
             now = time.time()
             works = [Work(f, timings_ms={"queue": round((now - f.capture_ts) * 1000.0, 3)}) for f in frames]
             if self.prompt_kinds and self.prompts is not None:
@@ -84,6 +91,7 @@ class Pipeline:
 
     async def _stage_loop(self, i: int, st: Stage) -> None:
         out = self._queues[i]
+        latency, sizes = self._metrics.stage_latency.labels(st.name), self._metrics.batch_size.labels(st.name)
         while True:
             try:
                 batch = await self._get(i, st)
@@ -107,8 +115,8 @@ class Pipeline:
                     for w in todo:
                         w.error = reason
                 dt = time.perf_counter() - t0
-                self._metrics.stage_latency.labels(st.name).observe(dt)
-                self._metrics.batch_size.labels(st.name).observe(len(todo))
+                latency.observe(dt)
+                sizes.observe(len(todo))
                 ms = round(dt * 1000.0, 3)
                 for w in todo:
                     w.timings_ms[st.name] = ms
@@ -122,4 +130,13 @@ class Pipeline:
                 batch = await last.get_batch(256)
             except QueueClosed:
                 return
-            await self._deliver(batch)
+            try:
+                await self._deliver(batch)
+            finally:
+                for w in batch:
+                    sid = w.frame.stream_id
+                    left = self._in_flight.get(sid, 1) - 1
+                    if left > 0:
+                        self._in_flight[sid] = left
+                    else:
+                        self._in_flight.pop(sid, None)

@@ -7,6 +7,8 @@
 - `RtspServer`: Debian's GStreamer RTSP server (run with the system Python, which has `gi`).
 - `push_frames`: XADD encoded frames into a Redis stream.
 - `make_pan_clip` (re-exported): footage made by panning over a real photo.
+- `ScriptedOpenAI`, `FaultProxy` (re-exported from testing_openai): an OpenAI-compatible server answering from a
+  script, and a fault-injecting proxy to put in front of a real one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from streamd.redis_server import ManagedRedis, free_port
 from streamd.samples import make_pan_clip
 
 __all__ = ["ManagedRedis", "HttpDir", "LiveHls", "RtspServer", "push_frames", "encode_jpeg", "make_pan_clip",
-           "free_port", "wait_for"]
+           "free_port", "wait_for", "ScriptedOpenAI", "FaultProxy", "prompt_text", "request_images"]
 
 
 def wait_for(cond: Any, timeout_s: float = 10.0, interval_s: float = 0.05, what: str = "condition") -> Any:
@@ -238,67 +240,4 @@ async def push_frames(client: Any, key: str, images: list[np.ndarray], fmt: str 
     return ids
 
 
-class ScriptedOpenAI:
-    """A real OpenAI-compatible HTTP server (aiohttp, in the caller's event loop) whose answers come from a
-    function of the request: for tests of logic that depends on what a model says. `faults` is a list of
-    (status, retry_after_s) answered before normal service; `delay_s` stalls every answer."""
-
-    def __init__(self, answer: Any = None, port: int | None = None):
-        self.answer = answer or (lambda req: "a scripted answer")
-        self.port = port or free_port()
-        self.requests: list[dict[str, Any]] = []
-        self.faults: list[tuple[int, float | None]] = []
-        self.delay_s = 0.0
-        self._runner: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def _chat(self, request: Any) -> Any:
-        import asyncio as _asyncio
-        import json as _json
-
-        from aiohttp import web
-
-        body = await request.json()
-        if self.faults:
-            status, retry_after = self.faults.pop(0)
-            headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
-            return web.json_response({"error": {"message": "injected", "type": "server_error"}}, status=status,
-                                     headers=headers)
-        self.requests.append(body)
-        if self.delay_s:
-            await _asyncio.sleep(self.delay_s)
-        text = self.answer(body)
-        if not isinstance(text, str):
-            text = _json.dumps(text)
-        return web.json_response({
-            "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model", "scripted"),
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": len(text.split()), "total_tokens": 10},
-        })
-
-    async def start(self) -> "ScriptedOpenAI":
-        from aiohttp import web
-
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-
-def prompt_text(request: dict[str, Any]) -> str:
-    """The text part of the last user message of a chat request."""
-    content = request["messages"][-1]["content"]
-    if isinstance(content, str):
-        return content
-    return " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+from streamd.testing_openai import FaultProxy, ScriptedOpenAI, prompt_text, request_images  # noqa: E402

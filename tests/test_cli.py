@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +95,11 @@ def test_demo_runs_offline_with_embedded_redis(tmp_path):
     assert time.monotonic() - t0 < 280
     assert "embedded redis-server" in p.stderr
     assert (tmp_path / "home" / "samples").is_dir()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parent.parent / "pipelines").glob("*.yaml")))
+def test_every_shipped_pipeline_validates(name):
+    from streamd.config import parse_config
+    from streamd.daemon import check_config
+
+    check_config(parse_config({"streams": [{"id": "a", "url": "redis:frames:a", "pipeline": name}]}, environ={}))

@@ -57,13 +57,17 @@ async def test_trackers_keep_stable_ids_on_a_pan_over_zidane(r, redis_server, tm
     for ids in per_frame:
         for i in ids:
             counts[i] = counts.get(i, 0) + 1
-    main = [i for i, c in counts.items() if c >= 0.7 * len(recs)]
-    assert len(main) >= 2, counts  # both men keep one id each through the pan
+    # both men keep one id each while they are in view (the pan takes the second one out of view near the end)
+    main = [i for i, c in counts.items() if c >= 0.5 * len(recs)]
+    assert len(main) >= 2, counts
+    for i in main:  # an id is held without a break: no switch to another id and back
+        seen = [n for n, ids in enumerate(per_frame) if i in ids]
+        assert seen == list(range(seen[0], seen[-1] + 1)), (i, seen)
     assert len(counts) <= 4, counts  # few id switches
     started = [e for e in evs if e["type"] == "track_started"]
-    assert {e["track_id"] for e in started} == set(counts)
+    assert sorted(e["track_id"] for e in started) == sorted(counts)  # each track started once
     lost = [e for e in evs if e["type"] == "track_lost"]
-    assert {e["track_id"] for e in lost} == set(counts)  # every track ended when the stream stopped
+    assert sorted(e["track_id"] for e in lost) == sorted(counts)  # every track ended once, at the latest at the end
     assert all(e["first_seen_ts"] <= e["last_seen_ts"] for e in lost)
     assert recs[0]["outputs"]["track"]["tracker"] == tracker
     tr = recs[5]["outputs"]["track"]["tracks"][0]

@@ -90,7 +90,10 @@ def parse_options(model: type[Any], cfg: StageConfig, where: str) -> Any:
     from pydantic import ValidationError
 
     try:
-        return model.model_validate(cfg.model_dump(exclude_none=True))
+        data = cfg.model_dump()
+        if data.get("name") is None:
+            data.pop("name", None)
+        return model.model_validate(data)  # an explicit null in a stage's own option stays null
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(".".join([where, *map(str, err["loc"])]), err["msg"]) from None

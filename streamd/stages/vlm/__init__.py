@@ -2,12 +2,15 @@
 
 It is a branch: `process()` only decides which frames to ask about and returns at once, so the model's latency
 never holds back the pipeline. Answers are published, as they arrive, to ``streamd:{<stream>}:vlm`` with the
-frame's seq, the prompt version used, the model, the endpoint, the latency and token counts. A frame's own result
-record says whether it was asked about (``outputs.vlm.asked``) and carries the prompt version current for it.
+frame's seq, why it was asked, the prompt version used, the model, the endpoint, the latency and token counts.
+A frame's own result record says whether it was asked about (``outputs.vlm.asked``, ``outputs.vlm.trigger``).
 
-When to ask: every `every_s` seconds of stream time per stream, and at once when the stream's prompt changes.
-Requests in flight are bounded; a frame whose request would start later than `staleness_s` after capture is
-skipped (counted, published as a ``vlm_skipped`` event) instead of queued.
+When to ask (per stream, see triggers.py): every `every_s` seconds of stream time, at once when the prompt
+changes, when the scene changes, and about the crop of each new track. Modes (see modes.py): `text` (parsed JSON
+with a schema), `tags` / `safety` (tags with confidences turned into time ranges: tag_started / tag_ended
+events) and `summary` (captions summarised every `summary_every_s`). Requests in flight are bounded; a question
+that would start more than `staleness_s` after its frame's capture is skipped (counted, published as a
+``vlm_skipped`` event) instead of queued.
 """
 
 from __future__ import annotations
@@ -16,51 +19,26 @@ import asyncio
 import json
 import re
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from streamd import keys
 from streamd.config import StageConfig
-from streamd.frames import Work
+from streamd.errors import StageError
+from streamd.frames import Frame, Work
 from streamd.log import get_logger
 from streamd.stages import Stage, parse_options
-from streamd.errors import StageError
 from streamd.stages.vlm.base import VlmRequest
-from streamd.stages.vlm.openai import EndpointConfig, RetryConfig
+from streamd.stages.vlm.modes import Caption, SummaryWindow, TagTimeline, captions_text
+from streamd.stages.vlm.options import VlmOptions
+from streamd.stages.vlm.prompting import frame_values, parse_tags, render, tags_instruction, tags_schema
+from streamd.stages.vlm.triggers import Ask, StreamTriggers, crop
+
+__all__ = ["Vlm", "VlmOptions", "clean_text", "fit_pixels"]
 
 log = get_logger("streamd.stage.vlm")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-class VlmOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["vlm"] = "vlm"
-    name: str | None = None
-    backend: Literal["openai", "transformers", "sglang"] = Field(
-        "openai", description="openai (any OpenAI-compatible server), transformers (in process), sglang (in process)")
-    model: str = Field(..., description="model id (openai) or a local path / hub id (transformers, sglang)")
-    endpoints: list[EndpointConfig] = Field(default_factory=list, description="openai: the servers")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="transformers: device")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="transformers: dtype")
-    quantization: Literal["4bit", "8bit"] | None = Field(None, description="transformers: bitsandbytes (CUDA)")
-    max_batch: int = Field(8, ge=1, description="transformers: questions in one generate call")
-    max_wait_ms: float = Field(20.0, ge=0, description="transformers: wait this long for a fuller batch")
-    retry: RetryConfig = Field(default_factory=RetryConfig)
-    prompt: str = Field("Describe what is happening in this image in one sentence.",
-                        description="used when the prompt store has no vlm prompt for the stream")
-    schema_: dict[str, Any] | None = Field(None, alias="schema", description="JSON schema of the answer")
-    every_s: float = Field(5.0, ge=0, description="ask at most this often per stream (stream time); 0 = every frame")
-    max_in_flight: int = Field(4, ge=1, description="requests in flight for this stage")
-    staleness_s: float = Field(10.0, gt=0, description="skip a frame older than this when its turn comes")
-    max_pixels: int = Field(448 * 448, ge=64 * 64, description="frames are resized to at most this many pixels")
-    jpeg_quality: int = Field(85, ge=30, le=100)
-    max_tokens: int = Field(128, ge=1)
-    temperature: float = Field(0.0, ge=0, le=2)
-    timeout_s: float = Field(30.0, gt=0)
-    max_text_chars: int = Field(4000, ge=1, description="answers are cut to this length")
-    maxlen: int = Field(10_000, ge=1, description="approximate MAXLEN of the vlm stream")
 
 
 def fit_pixels(image: np.ndarray, max_pixels: int) -> np.ndarray:
@@ -71,7 +49,8 @@ def fit_pixels(image: np.ndarray, max_pixels: int) -> np.ndarray:
     from PIL import Image
 
     scale = (max_pixels / (w * h)) ** 0.5
-    im = Image.fromarray(image).resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.BILINEAR)
+    im = Image.fromarray(np.ascontiguousarray(image)).resize((max(1, int(w * scale)), max(1, int(h * scale))),
+                                                             Image.BILINEAR)
     return np.asarray(im)
 
 
@@ -89,7 +68,9 @@ class Vlm(Stage):
         self.opts = opts
         self.backend: Any = None
         self._owns_backend = False  # shared in-process models are closed by the registry
-        self._last_ask: dict[str, tuple[float, Any]] = {}  # stream -> (pts, prompt version)
+        self._triggers: dict[str, StreamTriggers] = {}
+        self._tags: dict[str, TagTimeline] = {}
+        self._windows: dict[str, SummaryWindow] = {}
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(opts.max_in_flight)
         self.asked = 0
@@ -123,24 +104,42 @@ class Vlm(Stage):
         else:
             from streamd.stages.vlm.sglang import SglangBackend
 
-            self.backend = SglangBackend(o.model)
+            self.backend = await asyncio.to_thread(SglangBackend, o.model)
             self._owns_backend = True
 
     async def teardown(self) -> None:
-        if self._inflight:  # let answers in flight finish (the daemon's grace period bounds this)
+        # let answers in flight finish (the daemon's grace period bounds this); partial windows are summarised
+        while self._inflight or any(w.captions for w in self._windows.values()):
             await asyncio.gather(*self._inflight, return_exceptions=True)
+            for sid in list(self._windows):
+                self._flush_summary(sid)
+        for sid in list(self._tags):
+            self._close_tags(sid, "shutdown")
         if self.backend is not None and self._owns_backend:
             await self.backend.aclose()
 
     def reset_stream(self, stream_id: str) -> None:
-        self._last_ask.pop(stream_id, None)
+        self._triggers.pop(stream_id, None)
+
+    def forget_stream(self, stream_id: str) -> None:
+        self.reset_stream(stream_id)
+        self._close_tags(stream_id, "stream removed")
+        self._flush_summary(stream_id)
+
+    def _flush_summary(self, stream_id: str) -> None:
+        win = self._windows.pop(stream_id, None)
+        if win is not None and win.captions:
+            self._spawn(self._summarise(stream_id, win.take()), f"vlm-summary:{stream_id}:last")
+
+    # -- deciding
 
     async def process(self, batch: list[Work]) -> list[Work]:
         for w in batch:
-            ask = self._due(w)
-            w.outputs[self.name] = {"asked": ask}
-            if ask:
-                task = asyncio.create_task(self._ask(w), name=f"vlm:{w.frame.stream_id}:{w.frame.seq}")
+            asks = self._decide(w)
+            w.outputs[self.name] = {"asked": bool(asks), **({"trigger": asks[0].trigger} if asks else {})}
+            for ask in asks:
+                f = ask.frames[-1]
+                task = asyncio.create_task(self._ask(w, ask), name=f"vlm:{f.stream_id}:{f.seq}:{ask.trigger}")
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
         return batch
@@ -148,56 +147,157 @@ class Vlm(Stage):
     def _prompt(self, w: Work) -> tuple[str, dict[str, Any] | None, Any]:
         rec = w.prompts.get("vlm")
         if rec is None:
-            return self.opts.prompt, self.opts.schema_, {"scope": "config", "version": 0}
-        return rec.get("text") or self.opts.prompt, rec.get("schema"), w.prompt_versions["vlm"]
+            return self.opts.default_prompt(), self.opts.schema_, {"scope": "config", "version": 0}
+        return rec.get("text") or self.opts.default_prompt(), rec.get("schema"), w.prompt_versions["vlm"]
 
-    def _due(self, w: Work) -> bool:
+    def _decide(self, w: Work) -> list[Ask]:
         f = w.frame
-        _, _, version = self._prompt(w)
-        last = self._last_ask.get(f.stream_id)
-        if last is not None and last[1] == version and f.pts_s - last[0] < self.opts.every_s:
-            return False
-        if len(self._inflight) >= self.opts.max_in_flight:
-            self._skip(w, "too many requests in flight")
-            return False
-        self._last_ask[f.stream_id] = (f.pts_s, version)
-        return True
+        trig = self._triggers.get(f.stream_id)
+        if trig is None:
+            trig = self._triggers[f.stream_id] = StreamTriggers(self.opts)
+        asks: list[Ask] = []
+        why = trig.frame_trigger(w, self._prompt(w)[2])
+        if why is not None and self._room(w, asks):
+            trig.asked()
+            asks.append(Ask(why, list(trig.clip)))
+        if self.opts.on_new_track:
+            for t in trig.new_tracks(w):
+                if self._room(w, asks):
+                    trig.track_asked(t["track_id"])
+                    asks.append(Ask("new_track", [f], track=t))
+        return asks
 
-    def _skip(self, w: Work, reason: str) -> None:
+    def _room(self, w: Work, asks: list[Ask]) -> bool:
+        if len(self._inflight) + len(asks) < self.opts.max_in_flight:
+            return True
+        self._skip(w.frame, "too many requests in flight")
+        return False
+
+    def _skip(self, f: Frame, reason: str) -> None:
         self.skipped += 1
-        self.ctx.events(w.frame.stream_id, "vlm_skipped", {"seq": w.frame.seq, "reason": reason})
+        self.ctx.events(f.stream_id, "vlm_skipped", {"seq": f.seq, "reason": reason})
 
-    async def _ask(self, w: Work) -> None:
-        f = w.frame
+    # -- asking
+
+    def _request(self, w: Work, ask: Ask) -> tuple[VlmRequest, Any]:
+        o = self.opts
         text, schema, version = self._prompt(w)
+        values = frame_values(w)
+        if ask.track is not None:
+            t = ask.track
+            text = o.track_prompt
+            values.update(label=t.get("label", "object"), track_id=t["track_id"],
+                          confidence=f"{t.get('confidence', 0):.2f}")
+            images = [crop(ask.frames[-1].image, t["box"], o.crop_padding)]
+            schema = None
+        else:
+            images = [f.image for f in ask.frames]
+        text = render(text, values)
+        if o.mode in ("tags", "safety") and ask.track is None:
+            text, schema = text + "\n" + tags_instruction(o.tags), tags_schema(o.tags)
+        images = [fit_pixels(im, o.max_pixels) for im in images]
+        return VlmRequest(images, text, schema, o.max_tokens, o.temperature), version
+
+    async def _ask(self, w: Work, ask: Ask) -> None:
+        f = ask.frames[-1]
         async with self._slots:
             age = time.time() - f.capture_ts
             if age > self.opts.staleness_s:
-                self._skip(w, f"stale: {age:.1f} s old")
+                self._skip(f, f"stale: {age:.1f} s old")
                 return
             self.asked += 1
-            image = await asyncio.to_thread(fit_pixels, f.image, self.opts.max_pixels)
-            req = VlmRequest(image, text, schema, self.opts.max_tokens, self.opts.temperature)
-            t0 = time.perf_counter()
-            rec: dict[str, Any] = {"schema_version": keys.SCHEMA_VERSION, "stream_id": f.stream_id, "seq": f.seq,
-                                   "pts_s": round(f.pts_s, 6), "capture_ts": round(f.capture_ts, 6),
-                                   "stage": self.name, "prompt": version, "model": self.opts.model}
+            req, version = await asyncio.to_thread(self._request, w, ask)
+            rec = self._record(f, ask, version)
+            await self._answer(req, rec)
+        if "text" in rec and ask.track is None:
+            self._after(f, rec, req.schema)
+        self._publish(f.stream_id, rec)
+
+    def _record(self, f: Frame, ask: Ask, version: Any) -> dict[str, Any]:
+        rec: dict[str, Any] = {"schema_version": keys.SCHEMA_VERSION, "stream_id": f.stream_id, "seq": f.seq,
+                               "pts_s": round(f.pts_s, 6), "capture_ts": round(f.capture_ts, 6),
+                               "stage": self.name, "kind": "answer", "mode": self.opts.mode, "trigger": ask.trigger,
+                               "prompt": version, "model": self.opts.model}
+        if len(ask.frames) > 1:
+            rec["frames"] = [x.seq for x in ask.frames]
+        if ask.track is not None:
+            rec.update(kind="track", track_id=ask.track["track_id"], label=ask.track.get("label"),
+                       box=ask.track.get("box"))
+        return rec
+
+    async def _answer(self, req: VlmRequest, rec: dict[str, Any]) -> None:
+        """Asks; fills the record with the answer or the error (a failed question is recorded, never fatal)."""
+        t0 = time.perf_counter()
+        try:
+            ans = await self.backend.answer(req)
+        except Exception as e:  # noqa: BLE001
+            self.failed += 1
+            rec.update(error=clean_text(str(e), 500), latency_ms=round((time.perf_counter() - t0) * 1000, 1))
+            self.ctx.events(rec["stream_id"], "vlm_failed", {"seq": rec["seq"], "reason": rec["error"]})
+            return
+        self.answered += 1
+        rec.update(endpoint=ans.endpoint, text=clean_text(ans.text, self.opts.max_text_chars),
+                   latency_ms=round((time.perf_counter() - t0) * 1000, 1))
+        if ans.tokens:
+            rec["tokens"] = ans.tokens
+
+    def _after(self, f: Frame, rec: dict[str, Any], schema: dict[str, Any] | None) -> None:
+        """What the answer means beyond itself: parsed JSON, tag ranges, the summary window."""
+        o = self.opts
+        if o.mode in ("tags", "safety"):
             try:
-                ans = await self.backend.answer(req)
-            except Exception as e:  # noqa: BLE001 - a failed question is recorded, never fatal
-                self.failed += 1
-                rec.update(error=clean_text(str(e), 500), latency_ms=round((time.perf_counter() - t0) * 1000, 1))
-                self.ctx.events(f.stream_id, "vlm_failed", {"seq": f.seq, "reason": rec["error"]})
-            else:
-                self.answered += 1
-                answer = clean_text(ans.text, self.opts.max_text_chars)
-                rec.update(endpoint=ans.endpoint, text=answer, latency_ms=round((time.perf_counter() - t0) * 1000, 1))
-                if ans.tokens:
-                    rec["tokens"] = ans.tokens
-                if schema is not None:
-                    try:
-                        rec["parsed"] = json.loads(answer)
-                    except ValueError as e:
-                        rec["parse_error"] = str(e)
-            rec["publish_ts"] = round(time.time(), 6)
-            self.ctx.publish(keys.vlm_key(f.stream_id), self.opts.maxlen, rec)
+                confs = parse_tags(rec["text"], o.tags)
+            except (ValueError, TypeError) as e:
+                rec["parse_error"] = str(e)[:200]
+                return
+            tl = self._tags.get(f.stream_id)
+            if tl is None:
+                tl = self._tags[f.stream_id] = TagTimeline(o.tag_thresholds, o.tag_threshold, o.tag_end_after_s)
+            rec["tags"] = [{"tag": t, "confidence": round(c, 4)} for t, c in sorted(confs.items())]
+            for kind, fields in tl.apply(f.seq, f.pts_s, f.capture_ts, confs):
+                self.ctx.events(f.stream_id, kind, {**fields, "mode": o.mode})
+            rec["active_tags"] = sorted(tl.active)
+        elif o.mode == "summary":
+            win = self._windows.get(f.stream_id)
+            if win is None:
+                win = self._windows[f.stream_id] = SummaryWindow(o.summary_every_s)
+            due = win.add(Caption(f.seq, f.pts_s, f.capture_ts, rec["text"]))
+            if due:
+                self._spawn(self._summarise(f.stream_id, due), f"vlm-summary:{f.stream_id}:{f.seq}")
+        elif schema is not None:
+            try:
+                rec["parsed"] = json.loads(rec["text"])
+            except ValueError as e:
+                rec["parse_error"] = str(e)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _summarise(self, stream_id: str, captions: list[Caption] | None) -> None:
+        if not captions:
+            return
+        o = self.opts
+        first, last = captions[0], captions[-1]
+        rec: dict[str, Any] = {"schema_version": keys.SCHEMA_VERSION, "stream_id": stream_id, "seq": last.seq,
+                               "pts_s": round(last.pts_s, 6), "capture_ts": round(last.ts, 6), "stage": self.name,
+                               "kind": "summary", "mode": o.mode, "model": o.model,
+                               "window": {"start_seq": first.seq, "end_seq": last.seq,
+                                          "start_pts_s": round(first.pts_s, 6), "end_pts_s": round(last.pts_s, 6),
+                                          "captions": len(captions)}}
+        req = VlmRequest([], render(o.summary_prompt, {"captions": captions_text(captions)}), None,
+                         o.summary_max_tokens, o.temperature)
+        async with self._slots:
+            await self._answer(req, rec)
+        self._publish(stream_id, rec)
+
+    def _close_tags(self, stream_id: str, reason: str) -> None:
+        tl = self._tags.pop(stream_id, None)
+        if tl is not None:
+            for kind, fields in tl.close(reason):
+                self.ctx.events(stream_id, kind, {**fields, "mode": self.opts.mode})
+
+    def _publish(self, stream_id: str, rec: dict[str, Any]) -> None:
+        rec["publish_ts"] = round(time.time(), 6)
+        self.ctx.publish(keys.vlm_key(stream_id), self.opts.maxlen, rec)

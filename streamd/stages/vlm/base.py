@@ -10,7 +10,7 @@ import numpy as np
 
 @dataclass
 class VlmRequest:
-    image: np.ndarray  # HxWx3 uint8 RGB (already within the pixel budget)
+    images: list[np.ndarray]  # HxWx3 uint8 RGB, already within the pixel budget; empty for a text-only question
     text: str
     schema: dict[str, Any] | None = None
     max_tokens: int = 128

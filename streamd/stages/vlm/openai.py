@@ -137,9 +137,9 @@ class OpenAIBackend:
     async def answer(self, req: "VlmRequest") -> "VlmAnswer":
         from streamd.stages.vlm.base import VlmAnswer
 
-        uri = await asyncio.to_thread(jpeg_data_uri, req.image, self.jpeg_quality)
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
-                                                 {"type": "text", "text": req.text}]}]
+        uris = await asyncio.to_thread(lambda: [jpeg_data_uri(im, self.jpeg_quality) for im in req.images])
+        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in uris]
+        messages = [{"role": "user", "content": [*parts, {"type": "text", "text": req.text}]}]
         kw: dict[str, Any] = {"max_tokens": req.max_tokens, "temperature": req.temperature}
         if req.schema is not None:
             kw["response_format"] = {"type": "json_schema",

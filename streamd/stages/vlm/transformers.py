@@ -51,6 +51,11 @@ def load_transformers_vlm(model: str, device: str, dtype: str, quantization: str
     return processor, net
 
 
+def _batch_key(req: VlmRequest) -> tuple[Any, ...]:
+    """Requests that can share one generate call: same generation settings, all with images or all text-only."""
+    return req.max_tokens, req.temperature, bool(req.images)
+
+
 @dataclass
 class _Pending:
     req: VlmRequest
@@ -99,12 +104,12 @@ class SharedVlm:
                     await asyncio.wait_for(self._wake.wait(), deadline - time.monotonic())
                 except TimeoutError:
                     break
-            key = (self._queue[0].req.max_tokens, self._queue[0].req.temperature)
+            key = _batch_key(self._queue[0].req)
             group: list[_Pending] = []
             rest: deque[_Pending] = deque()
             while self._queue:
                 p = self._queue.popleft()
-                if len(group) < self.max_batch and (p.req.max_tokens, p.req.temperature) == key:
+                if len(group) < self.max_batch and _batch_key(p.req) == key:
                     group.append(p)
                 else:
                     rest.append(p)
@@ -128,9 +133,11 @@ class SharedVlm:
 
         texts = []
         for r in reqs:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.text}]}]
+            content = [*({"type": "image"} for _ in r.images), {"type": "text", "text": r.text}]
+            messages = [{"role": "user", "content": content}]
             texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        inputs = self.processor(text=texts, images=[r.image for r in reqs], padding=True, return_tensors="pt")
+        images = [list(r.images) for r in reqs] if reqs[0].images else None  # a batch is all-image or all-text
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         inputs = inputs.to(self.model.device)
         first = reqs[0]
         kw: dict[str, Any] = {"max_new_tokens": first.max_tokens}
