@@ -195,3 +195,57 @@ async def test_openai_backend_against_a_real_transformers_serve(r, redis_server,
     assert sorted(a["seq"] for a in answers) == list(range(6))
     assert all("error" not in a and a["endpoint"] == srv["url"] for a in answers), answers[0]
     assert all(a["tokens"]["completion"] >= 1 and a["tokens"]["prompt"] > 10 for a in answers)
+
+
+async def test_faults_in_front_of_a_real_server_are_retried_as_configured(r, redis_server, clip, transformers_serve):
+    """A fault-injecting proxy in front of a real `transformers serve`: 503 and 429 with Retry-After, a stall
+    past the timeout, then the real answer."""
+    from streamd.testing import FaultProxy
+
+    srv = transformers_serve
+    proxy = await FaultProxy(srv["url"]).start()
+    proxy.faults = [{"status": 503, "retry_after": 0.4}, {"status": 429, "retry_after": 0.3}, {"stall_s": 3.0}]
+    cfg = make_config(redis_server.url, [{"id": "fp", "url": str(clip), "fps": 0.2, "pipeline": "p"}],
+                      pipelines={"p": vlm_pipeline(proxy.url, model=srv["model"], every_s=100, max_in_flight=1,
+                                                   max_tokens=4, max_pixels=112 * 112, timeout_s=1.0,
+                                                   retry={"attempts": 4, "initial_s": 0.1, "max_s": 2,
+                                                          "eject_after": 10})})
+    try:
+        async with running(cfg):
+            (a,) = await until(lambda: _vrecs(r, "fp", 1), 60, what="the answer after the faults")
+    finally:
+        await proxy.stop()
+    assert "error" not in a and a["tokens"]["completion"] >= 1 and a["endpoint"] == proxy.url
+    assert [what for _, what in proxy.seen] == ["503", "429", "stall", "pass"]
+    t = [when for when, _ in proxy.seen]
+    assert t[1] - t[0] >= 0.38 and t[2] - t[1] >= 0.28  # Retry-After honoured
+    assert t[3] - t[2] >= 1.0  # the stalled request timed out (timeout_s 1) before the retry
+
+
+async def test_fallback_to_a_real_server_when_the_primary_endpoint_dies(r, redis_server, clip, transformers_serve):
+    """Primary: a proxy to the real server, killed mid-run; fallback: the real server itself. No sampled frame
+    goes unanswered."""
+    from streamd.testing import FaultProxy
+
+    srv = transformers_serve
+    primary = await FaultProxy(srv["url"]).start()
+    cfg = make_config(redis_server.url, [{"id": "fb", "url": str(clip), "fps": 2.0, "pipeline": "p",
+                                          "playback": "realtime"}],
+                      pipelines={"p": vlm_pipeline(primary.url, fallback=srv["url"], model=srv["model"], every_s=0,
+                                                   max_tokens=4, max_pixels=112 * 112, max_in_flight=8,
+                                                   retry={"attempts": 3, "initial_s": 0.05, "eject_s": 60})})
+    try:
+        async with running(cfg) as d:
+            await until(lambda: _vn(r, "fb", 3), 60, what="answers through the primary")
+            await primary.stop()  # the endpoint dies mid-run
+            await until(lambda: d.runners["fb"].state.value == "stopped", 30)
+            await until(lambda: _vn(r, "fb", 12), 60, what="an answer for every sampled frame")
+    finally:
+        await primary.stop()
+    answers = sorted(await vlm_records(r, "fb"), key=lambda a: a["seq"])
+    assert [a["seq"] for a in answers] == list(range(12))  # 6 s at 2 fps: none lost
+    assert all("error" not in a and a["tokens"]["completion"] >= 1 for a in answers), answers
+    eps = [a["endpoint"] for a in answers]
+    assert eps[0] == primary.url and eps[-1] == srv["url"]
+    switch = eps.index(srv["url"])
+    assert switch >= 3 and primary.url not in eps[switch:]  # the fallback served only once the primary died
