@@ -33,7 +33,7 @@ from streamd.redis_server import ManagedRedis, free_port
 from streamd.samples import make_pan_clip
 
 __all__ = ["ManagedRedis", "HttpDir", "LiveHls", "RtspServer", "push_frames", "encode_jpeg", "make_pan_clip",
-           "free_port", "wait_for", "ScriptedOpenAI", "FaultProxy", "prompt_text", "request_images"]
+           "free_port", "wait_for", "ScriptedOpenAI", "FaultProxy", "TransformersServe", "prompt_text", "request_images"]
 
 
 def wait_for(cond: Any, timeout_s: float = 10.0, interval_s: float = 0.05, what: str = "condition") -> Any:
@@ -240,4 +240,5 @@ async def push_frames(client: Any, key: str, images: list[np.ndarray], fmt: str 
     return ids
 
 
-from streamd.testing_openai import FaultProxy, ScriptedOpenAI, prompt_text, request_images  # noqa: E402
+from streamd.testing_openai import (  # noqa: E402
+    FaultProxy, ScriptedOpenAI, TransformersServe, prompt_text, request_images)

@@ -150,3 +150,55 @@ class FaultProxy:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class TransformersServe:
+    """A real OpenAI-compatible server: `transformers serve <model>` on the CPU, in a child process."""
+
+    def __init__(self, model: str, home: str, port: int | None = None, threads: int = 1):
+        self.model = model
+        self.home = home
+        self.port = port or free_port()
+        self.threads = threads
+        self.proc: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout_s: float = 120.0) -> "TransformersServe":
+        import os
+        import shutil
+        import subprocess
+        import sys
+        import urllib.request
+        from pathlib import Path
+
+        from streamd.testing import wait_for
+
+        exe = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
+        Path(self.home, "hub").mkdir(parents=True, exist_ok=True)  # /v1/models answers 500 without it
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": self.home, "OMP_NUM_THREADS": str(self.threads)}
+        self.proc = subprocess.Popen([exe, "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--device", "cpu"], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1).status == 200
+            except OSError:
+                return False
+
+        wait_for(up, timeout_s, 0.5, "transformers serve")
+        return self
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None

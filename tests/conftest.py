@@ -114,34 +114,10 @@ def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def transformers_serve(tiny_vlm: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real OpenAI-compatible server (`transformers serve`) serving the tiny VLM on CPU."""
-    import shutil
-    import subprocess
-    import sys
+    from streamd.testing import TransformersServe
 
-    from streamd.testing import free_port, wait_for
-
-    exe = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
-    home = tmp_path_factory.mktemp("hfhome")
-    (home / "hub").mkdir()
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([exe, "serve", str(tiny_vlm), "--host", "127.0.0.1", "--port", str(port),
-                             "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def up() -> bool:
-        import urllib.request
-
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200
-        except OSError:
-            return False
-
+    srv = TransformersServe(str(tiny_vlm), str(tmp_path_factory.mktemp("hfhome"))).start()
     try:
-        wait_for(up, 120, 0.5, "transformers serve")
-        yield {"url": f"http://127.0.0.1:{port}/v1", "model": str(tiny_vlm), "proc": proc}
+        yield {"url": srv.url, "model": str(tiny_vlm), "proc": srv.proc}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        srv.stop()
