@@ -29,6 +29,8 @@ class ScriptedOpenAI:
         self.requests: list[dict[str, Any]] = []
         self.faults: list[tuple[int, float | None]] = []
         self.delay_s = 0.0
+        self.structured = True  # False: answer 400 to requests with `response_format`, as some servers do
+        self.refused = 0
         self._runner: Any = None
 
     @property
@@ -44,6 +46,10 @@ class ScriptedOpenAI:
             headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
             return web.json_response({"error": {"message": "injected", "type": "server_error"}}, status=status,
                                      headers=headers)
+        if not self.structured and "response_format" in body:
+            self.refused += 1
+            return web.json_response({"error": {"message": "response_format is not supported",
+                                                "type": "invalid_request_error"}}, status=400)
         self.requests.append(body)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)

@@ -114,6 +114,7 @@ async def test_tags_become_time_ranges(r, redis_server, mode):
 async def test_tag_end_waits_for_end_after_s(r, redis_server):
     script = {0: {"fire": 0.9}, 1: {}, 2: {"fire": 0.9}, 3: {}, 4: {}, 5: {}}
     srv = await ScriptedOpenAI(lambda req: script[frame_number(req)]).start()
+    srv.structured = False  # a server without structured output: asked once with it, then without
     cfg = make_config(redis_server.url, [{"id": "te", "url": "redis:frames:te", "pipeline": "p"}],
                       pipelines={"p": vlm_pipeline(srv.url, mode="tags", tags=["fire"], every_s=0,
                                                    tag_end_after_s=2.0)})
@@ -124,6 +125,8 @@ async def test_tag_end_waits_for_end_after_s(r, redis_server):
     finally:
         await srv.stop()
     evs = [e for e in await events(r, "te") if e["type"].startswith("tag_")]
+    assert srv.refused >= 1 and not any("response_format" in q for q in srv.requests)
+    assert "Answer with JSON only" in prompt_text(srv.requests[0])  # the format is still asked for in words
     # a one-answer gap (1 s) does not end the range; absent for 2 s (pts 4) does
     assert [(e["type"], e.get("start_seq", e.get("seq")), e.get("end_seq"), e.get("absent_seq")) for e in evs] == \
         [("tag_started", 0, None, None), ("tag_ended", 0, 2, 4)]
@@ -197,7 +200,8 @@ async def test_new_tracks_are_asked_about_their_crop(r, redis_server, tmp_path):
                        crop_padding=0.1, prompt="Seen: {labels}. Tracks: {tracks}. At {pts_s} s, frame {seq}.",
                        track_prompt="Describe the {label} (track {track_id}).")["stages"][1]
     pipeline = {"stages": [*PERSON, {"type": "track"}, vlm]}
-    cfg = make_config(redis_server.url, [{"id": "nt", "url": str(clip), "fps": 5.0, "pipeline": "p"}],
+    cfg = make_config(redis_server.url, [{"id": "nt", "url": str(clip), "fps": 5.0, "pipeline": "p",
+                                          "playback": "realtime"}],  # a live camera
                       pipelines={"p": pipeline})
     async with running(cfg) as d:
         await until(lambda: d.runners["nt"].state.value == "stopped", 120, what="end of clip")

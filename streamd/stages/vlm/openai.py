@@ -52,6 +52,7 @@ class _Endpoint:
     failures: int = 0
     out_until: float = 0.0
     requests: int = field(default=0)
+    structured: bool = True  # False once the server refused `response_format`
 
     @property
     def available(self) -> bool:
@@ -102,31 +103,44 @@ class OpenAIBackend:
             return True
         return isinstance(exc, o.APIStatusError) and exc.status_code >= 500
 
-    async def chat(self, model: str, messages: list[dict[str, Any]], **kw: Any) -> tuple[Any, str]:
-        """One completion. Returns (response, endpoint URL). Raises VlmRequestError after the retries."""
+    async def chat(self, model: str, messages: list[dict[str, Any]], response_format: dict[str, Any] | None = None,
+                   **kw: Any) -> tuple[Any, str]:
+        """One completion. Returns (response, endpoint URL). Raises VlmRequestError after the retries.
+        `response_format` (structured output) is sent where the server supports it: an endpoint that answers
+        400/422 to it is asked again at once without it, and from then on never with it."""
         delay = self.retry.initial_s
         tried: set[int] = set()
         last: BaseException | None = None
-        for attempt in range(self.retry.attempts):
+        attempt = 0
+        while attempt < self.retry.attempts:
+            attempt += 1
             ep = self._pick(tried) or self._pick(set())
             if ep is None:
                 raise VlmRequestError(f"no endpoint available (last error: {last})")
             tried.add(self.endpoints.index(ep))
+            extra = {"response_format": response_format} if response_format and ep.structured else {}
             try:
                 async with ep.sem:
                     ep.requests += 1
                     resp = await ep.client.chat.completions.create(model=ep.cfg.model or model, messages=messages,
-                                                                   **kw)
+                                                                   **kw, **extra)
                 ep.failures = 0
                 return resp, ep.cfg.url
             except Exception as e:  # noqa: BLE001 - classified below
                 last = e
+                if extra and getattr(e, "status_code", None) in (400, 422):
+                    ep.structured = False
+                    log.warning("VLM endpoint refused structured output; asking without it",
+                                endpoint=redact_url(ep.cfg.url))
+                    attempt -= 1
+                    tried.discard(self.endpoints.index(ep))
+                    continue
                 ep.failures += 1
                 if ep.failures >= self.retry.eject_after:
                     ep.out_until = time.monotonic() + self.retry.eject_s
                     log.warning("VLM endpoint taken out", endpoint=redact_url(ep.cfg.url), for_s=self.retry.eject_s,
                                 error=type(e).__name__)
-                if not self._retryable(e) or attempt + 1 >= self.retry.attempts:
+                if not self._retryable(e) or attempt >= self.retry.attempts:
                     break
                 wait = _retry_after(e)
                 wait = min(wait, self.retry.max_s) if wait is not None else delay * random.uniform(0.8, 1.2)
