@@ -18,7 +18,36 @@ from typing import Any
 from streamd.redis_server import free_port
 
 
-class ScriptedOpenAI:
+class _Server:
+    """An aiohttp server on 127.0.0.1 in the caller's event loop; subclasses add their routes."""
+
+    port: int
+    _runner: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def routes(self, app: Any) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> Any:
+        from aiohttp import web
+
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.routes(app)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+class ScriptedOpenAI(_Server):
     """A real OpenAI-compatible HTTP server (aiohttp, in the caller's event loop) whose answers come from a
     function of the request: for tests of logic that depends on what a model says. `faults` is a list of
     (status, retry_after_s) answered before normal service; `delay_s` stalls every answer."""
@@ -32,10 +61,6 @@ class ScriptedOpenAI:
         self.structured = True  # False: answer 400 to requests with `response_format`, as some servers do
         self.refused = 0
         self._runner: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
 
     async def _chat(self, request: Any) -> Any:
         from aiohttp import web
@@ -63,20 +88,8 @@ class ScriptedOpenAI:
             "usage": {"prompt_tokens": 10, "completion_tokens": len(text.split()), "total_tokens": 10},
         })
 
-    async def start(self) -> "ScriptedOpenAI":
-        from aiohttp import web
-
-        app = web.Application()
+    def routes(self, app: Any) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
 
 def prompt_text(request: dict[str, Any]) -> str:
@@ -100,7 +113,7 @@ def request_images(request: dict[str, Any]) -> list[tuple[int, int]]:
     return sizes
 
 
-class FaultProxy:
+class FaultProxy(_Server):
     """A real HTTP reverse proxy (aiohttp, in the caller's event loop) in front of `upstream`. Each entry of
     `faults` is used by one request, in order, before normal service: {"status": 503, "retry_after": 0.3}
     answers that status, {"stall_s": 5} holds the request that long and then passes it on. `seen` has the
@@ -113,10 +126,6 @@ class FaultProxy:
         self.seen: list[tuple[float, str]] = []
         self._runner: Any = None
         self._session: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
 
     async def _handle(self, request: Any) -> Any:
         from aiohttp import web
@@ -137,22 +146,17 @@ class FaultProxy:
             payload = await up.read()
             return web.Response(body=payload, status=up.status, content_type=up.content_type)
 
+    def routes(self, app: Any) -> None:
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+
     async def start(self) -> "FaultProxy":
         import aiohttp
-        from aiohttp import web
 
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
+        return await super().start()
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await super().stop()
         if self._session is not None:
             await self._session.close()
             self._session = None
