@@ -2,6 +2,8 @@
 
 FrameQueue is fed either from a decoder thread (`put_threadsafe`) or from the event loop (`put`), and read on
 the loop. `drop_oldest` never blocks the producer and counts every drop; `wait` blocks the producer instead.
+Threads hand items to the loop through a Doorbell, shared by the queues of one daemon, so a steady flow of frames
+wakes the loop once per burst (per tick) rather than once per frame.
 Ingress reads many FrameQueues round-robin, so one busy or stalled stream never holds back another.
 """
 
@@ -12,15 +14,59 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from streamd.config import DropPolicy
 
 T = TypeVar("T")
 
+# while frames keep coming, the loop collects what decoder threads put every FRAME_TICK_S instead of being woken
+# for each frame: at most this much added latency, for far fewer wake-ups (see Doorbell)
+FRAME_TICK_S = 0.005
+
 
 class QueueClosed(Exception):
     """The queue was closed and is empty."""
+
+
+class Doorbell:
+    """Hands calls from producer threads to the event loop, in order. The first call after a quiet spell wakes the
+    loop at once; while calls keep coming, the loop collects them every `tick_s` instead of being woken for each
+    (with tick_s 0, every collection is a wake-up). Waking a sleeping loop (a self-pipe write, a context switch, the
+    GIL changing hands) costs far more than handing it a few frames at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick_s: float = 0.0):
+        self._loop = loop
+        self._tick_s = tick_s
+        self._lock = threading.Lock()
+        self._calls: list[tuple[Callable[[Any], None], Any]] = []
+        self._scheduled = False  # a collection is on its way: a wake-up or the next tick
+
+    def post(self, fn: Callable[[Any], None], arg: Any) -> bool:
+        """From any thread: `fn(arg)` is called on the loop, after the calls posted before it. False when the loop
+        is closed."""
+        if self._loop.is_closed():
+            return False
+        with self._lock:
+            self._calls.append((fn, arg))
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._collect)
+        except RuntimeError:  # closed meanwhile
+            return False
+        return True
+
+    def _collect(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+            tick = bool(calls) and self._tick_s > 0  # still flowing: collect again on the next tick
+            self._scheduled = tick
+        if tick:
+            self._loop.call_later(self._tick_s, self._collect)
+        for fn, arg in calls:
+            fn(arg)
 
 
 class FrameQueue(Generic[T]):
@@ -30,12 +76,16 @@ class FrameQueue(Generic[T]):
         policy: DropPolicy,
         loop: asyncio.AbstractEventLoop,
         on_drop: Callable[[T], None] | None = None,
+        on_put: Callable[[T], None] | None = None,
+        doorbell: Doorbell | None = None,
     ):
         self.maxsize = maxsize
         self.policy = policy
         self._loop = loop
         self._items: deque[T] = deque()
         self._on_drop = on_drop
+        self._on_put = on_put  # called on the loop for every item queued
+        self._doorbell = doorbell or Doorbell(loop)
         self._slots = threading.Semaphore(maxsize) if policy is DropPolicy.WAIT else None
         self._space = asyncio.Event()
         self._closed = False
@@ -70,18 +120,26 @@ class FrameQueue(Generic[T]):
 
     def put_threadsafe(self, item: T, stop: threading.Event) -> bool:
         """From a producer thread. `wait`: blocks this thread until there is space or `stop` is set.
-        Returns False when the item was not queued (stopping or closed)."""
+        Returns False when the item was not queued (stopping or closed). An item whose `stop` is set before the
+        loop takes it is discarded: a closed source's last frames never reach the stream."""
         if self._slots is not None:
             while not self._slots.acquire(timeout=0.1):
                 if stop.is_set() or self._closed:
                     return False
         if self._closed:
             return False
-        try:
-            self._loop.call_soon_threadsafe(self._append, item)
-        except RuntimeError:  # loop closed
-            return False
-        return True
+        return self._doorbell.post(self._arrive, (item, stop))
+
+    def call_threadsafe(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """From a producer thread: call `fn(arg)` on the loop once the items it put before are queued."""
+        self._doorbell.post(fn, arg)
+
+    def _arrive(self, entry: tuple[T, threading.Event]) -> None:
+        item, stop = entry
+        if not stop.is_set():
+            self._append(item)
+        elif self._slots is not None:
+            self._slots.release()
 
     def _append(self, item: T) -> None:
         if self._closed:
@@ -92,6 +150,8 @@ class FrameQueue(Generic[T]):
             if self._on_drop is not None:
                 self._on_drop(old)
         self._items.append(item)
+        if self._on_put is not None:
+            self._on_put(item)
         for ev in self._listeners:
             ev.set()
 
@@ -117,10 +177,7 @@ class FrameQueue(Generic[T]):
             await self._nonempty.wait()
 
     def close_threadsafe(self) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.close)
-        except RuntimeError:
-            pass
+        self._doorbell.post(lambda _: self.close(), None)
 
     def close(self) -> None:
         """No more items will be accepted; items already queued can still be read."""

@@ -1,9 +1,10 @@
 """The daemon owns the lifecycle: startup(), run(), shutdown().
 
-startup: Redis (the configured one, or an embedded redis-server), the sink, and the pipelines the configured
-streams name (validated before anything runs). run: one supervised task per stream, one task per pipeline, the
-sink, an event-loop lag monitor; returns when `stop` is set, after draining in-flight frames within the grace
-period. shutdown: closes what startup opened. Streams can be added and removed while it runs.
+startup: glibc malloc thresholds for frame buffers (`streamd.memory`), Redis (the configured one, or an embedded
+redis-server), the sink, and the pipelines the configured streams name (validated before anything runs). run: one
+supervised task per stream, one task per pipeline, the sink, an event-loop lag monitor; returns when `stop` is
+set, after draining in-flight frames within the grace period. shutdown: closes what startup opened. Streams can be
+added and removed while it runs.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from streamd import pipelines as pipeline_files
+from streamd.batching import FRAME_TICK_S, Doorbell
 from streamd.config import Config, StreamConfig
 from streamd.errors import StreamdError
 from streamd.frames import Work
 from streamd.log import get_logger
+from streamd.memory import tune_malloc
 from streamd.metrics import Metrics
 from streamd.pipeline import Pipeline
 from streamd.redis_server import ManagedRedis
@@ -47,6 +50,7 @@ class Daemon:
         self.redis_url: str = cfg.redis.url or ""
         self.redis: aioredis.Redis | None = None
         self.sink: RedisSink | None = None
+        self.doorbell: Doorbell | None = None
         self.pipelines: dict[str, Pipeline] = {}
         self.runners: dict[str, StreamRunner] = {}
         self._stream_pipeline: dict[str, str] = {}
@@ -68,6 +72,7 @@ class Daemon:
         # validate every stream's pipeline (and stage options) before anything starts
         for i, s in enumerate(self.cfg.streams):
             self._pipeline_config(s.pipeline, f"streams.{i}.pipeline")
+        log.debug("malloc thresholds", tuned=tune_malloc())
         if not self.redis_url:
             self.embedded = ManagedRedis(self.cfg.redis.data_dir)
             await asyncio.to_thread(self.embedded.start)
@@ -75,6 +80,7 @@ class Daemon:
             log.info("started embedded redis-server", url=self.redis_url, data_dir=self.cfg.redis.data_dir)
         self.redis = redis_client(self.redis_url)
         self.sink = RedisSink(self.redis, self.cfg.redis, self.metrics, self._settled)
+        self.doorbell = Doorbell(asyncio.get_running_loop(), FRAME_TICK_S)  # decoder threads -> the loop
         self.prompts = PromptStore(self.redis)
         self.prompt_cache = PromptCache(self.prompts)
 
@@ -133,6 +139,8 @@ class Daemon:
 
     async def shutdown(self) -> None:
         await self.models.aclose()
+        if self.sink is not None:
+            await self.sink.aclose()
         for c in [self.redis, *self._clients.values()]:
             if c is not None:
                 try:
@@ -159,7 +167,7 @@ class Daemon:
         pipeline = self._pipeline(s.pipeline, f"streams.{s.id}.pipeline")
         sink = self.sink
         runner = StreamRunner(s, self.metrics, sink.event, self._client, self.consumer,
-                              self.cfg.events.drop_event_interval_s)
+                              self.cfg.events.drop_event_interval_s, self.doorbell)
         self.runners[s.id] = runner
         self._stream_pipeline[s.id] = s.pipeline
         pipeline.ingress.attach(s.id, runner.queue)

@@ -3,9 +3,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMetrics:
+    """One stream's per-frame metric children, looked up once (`labels()` locks and hashes on every call)."""
+
+    sampled: Counter
+    dropped: Counter
+    processed: Counter
+    e2e_latency: Histogram
 
 
 class Metrics:
@@ -33,3 +45,12 @@ class Metrics:
                                   registry=r)
         self.loop_lag = Histogram("streamd_event_loop_lag_seconds", "event loop scheduling lag",
                                   buckets=LATENCY_BUCKETS, registry=r)
+        self._streams: dict[str, StreamMetrics] = {}
+
+    def stream(self, stream_id: str) -> StreamMetrics:
+        m = self._streams.get(stream_id)
+        if m is None:
+            m = self._streams[stream_id] = StreamMetrics(
+                self.frames_sampled.labels(stream_id), self.frames_dropped.labels(stream_id),
+                self.frames_processed.labels(stream_id), self.e2e_latency.labels(stream_id))
+        return m

@@ -5,9 +5,9 @@
         └──► backoff ┘ (errors)            └──► failed (permanent error or too many attempts)
     any ──► stopped (removed, shut down, or the end of a file)
 
-Reconnects back off exponentially with jitter; a watchdog marks a live source stalled when no frame arrives for
-`stall_timeout_s` and reconnects it. Every transition is logged and published as an event. A stream's failure
-never touches another stream.
+Reconnects back off exponentially with jitter; a watchdog marks a decoding source stalled when it goes
+`stall_timeout_s` without a frame (checked a few times per timeout, not per frame) and reconnects it. Every
+transition is logged and published as an event. A stream's failure never touches another stream.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from streamd.batching import FrameQueue, QueueClosed
+from streamd.batching import Doorbell, FrameQueue, QueueClosed
 from streamd.config import DropPolicy, StreamConfig
 from streamd.errors import SourceError
 from streamd.frames import Frame, InputRef
@@ -30,7 +30,7 @@ from streamd.log import get_logger, redact_text, redact_url
 from streamd.metrics import Metrics
 from streamd.sampling import FpsSampler
 from streamd.sources import SourceRef, parse_reference
-from streamd.sources.base import EventFn, Source
+from streamd.sources.base import EventFn, PushSource, Source
 
 log = get_logger("streamd.supervisor")
 
@@ -52,7 +52,7 @@ class DropReporter:
 
     def __init__(self, stream_id: str, metrics: Metrics, on_event: EventFn, interval_s: float):
         self.stream_id = stream_id
-        self._metrics = metrics
+        self._dropped = metrics.stream(stream_id).dropped
         self._on_event = on_event
         self._interval_s = interval_s
         self._pending = 0
@@ -62,7 +62,7 @@ class DropReporter:
     def __call__(self, frame: Frame) -> None:
         self.total += 1
         self._pending += 1
-        self._metrics.frames_dropped.labels(self.stream_id).inc()
+        self._dropped.inc()
         if self._handle is None:
             self._handle = asyncio.get_running_loop().call_later(self._interval_s, self.flush)
 
@@ -82,6 +82,7 @@ class StreamRunner:
         redis_client: Callable[[str], aioredis.Redis],
         consumer: str,
         drop_event_interval_s: float = 1.0,
+        doorbell: Doorbell | None = None,
     ):
         self.cfg = cfg
         self.metrics = metrics
@@ -100,7 +101,7 @@ class StreamRunner:
         self.inflight: set[str] = set()
         self._seq = itertools.count()
         self._stop = asyncio.Event()
-        self._source: Source | None = None
+        self._source: Source | PushSource | None = None
         self._redis_source: Any = None
         self._closing: asyncio.Future[None] | None = None
         try:
@@ -117,7 +118,9 @@ class StreamRunner:
             live = self.ref is not None and (self.ref.live or cfg.playback.value == "realtime")
             policy = DropPolicy.DROP_OLDEST if live else DropPolicy.WAIT
         self.drops = DropReporter(cfg.id, metrics, self.event, drop_event_interval_s)
-        self.queue: FrameQueue[Frame] = FrameQueue(cfg.queue_size, policy, asyncio.get_running_loop(), self.drops)
+        self.queue: FrameQueue[Frame] = FrameQueue(cfg.queue_size, policy, asyncio.get_running_loop(), self.drops,
+                                                   self._accepted, doorbell)
+        self._sampled = metrics.stream(cfg.id).sampled
         for st in State:
             metrics.stream_state.labels(cfg.id, st.value).set(0)
 
@@ -222,9 +225,8 @@ class StreamRunner:
         if self.state is not State.FAILED:
             self._set_state(State.STOPPED, "stopped")
 
-    def _open(self) -> Source:
+    def _open(self) -> Source | PushSource:
         assert self.ref is not None
-        loop = asyncio.get_running_loop()
         if self.ref.kind == "redis":
             from streamd.sources.redis import RedisFrameSource
 
@@ -234,43 +236,51 @@ class StreamRunner:
             return src
         from streamd.sources.av import AvSource
 
-        return AvSource(self.cfg, self.ref, self.sampler, self._seq, loop)
+        return AvSource(self.cfg, self.ref, self.sampler, self._seq, self.queue, asyncio.get_running_loop())
 
     async def _play(self) -> bool:
         """One connection. Returns True at a clean end of input; raises SourceError / TimeoutError otherwise."""
         assert self.ref is not None
         src = self._source = self._open()
-        loop = asyncio.get_running_loop()
-        # the watchdog times the source only, never our own queue (a `wait` queue may block on purpose);
-        # an idle Redis stream is not a stalled camera
-        stall = None if self.ref.kind == "redis" else self.cfg.stall_timeout_s
         try:
-            async with asyncio.timeout(None) as watchdog:
-                it = src.__aiter__()
-                while not self._stop.is_set():
-                    watchdog.reschedule(None if stall is None else loop.time() + stall)
-                    try:
-                        frame = await it.__anext__()
-                    except StopAsyncIteration:
-                        return not self._stop.is_set()
-                    watchdog.reschedule(None)
-                    await self._accept(frame)
-            return False
+            if isinstance(src, PushSource):
+                return await self._watch(src)
+            return await self._pull(src)
         finally:
             self._source = None
             await src.aclose()
             self._decoded_base += getattr(src, "frames_decoded", 0)
 
-    async def _accept(self, frame: Frame) -> None:
+    async def _pull(self, src: Source) -> bool:
+        """Move frames from an iterated source (Redis) into the queue. No watchdog: an idle Redis stream is not a
+        stalled camera."""
+        async for frame in src:
+            await self.queue.put(frame)
+            if self._stop.is_set():
+                return False
+        return not self._stop.is_set()
+
+    async def _watch(self, src: PushSource) -> bool:
+        """Wait for a source that fills the queue itself to end; raise TimeoutError when it stalls. The watchdog
+        times the source only, never our own queue (a full `wait` queue blocks it on purpose)."""
+        stall_s = self.cfg.stall_timeout_s
+        while not src.ended.done():
+            await asyncio.wait({src.ended}, timeout=min(1.0, stall_s / 4))
+            if not src.ended.done() and src.idle_s > stall_s:
+                raise TimeoutError
+        src.ended.result()
+        return not self._stop.is_set()
+
+    def _accepted(self, frame: Frame) -> None:
+        """The queue took a frame (called on the loop, for frames of every source)."""
         if self.state is not State.LIVE:
             self.attempts = 0
             self._set_state(State.LIVE)
         self.frames += 1
         self.last_frame_ts = frame.capture_ts
-        self.metrics.frames_sampled.labels(self.cfg.id).inc()
+        self._sampled.inc()
         if frame.discontinuity:
             self.event("discontinuity", {"seq": frame.seq, "pts_s": frame.pts_s})
-        await self.queue.put(frame)
 
     # -- input settlement (Redis entries) -------------------------------------------------------------------
     def settled(self, ref: InputRef) -> None:

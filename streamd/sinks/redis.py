@@ -5,20 +5,29 @@ Records wait in one bounded in-memory buffer. While Redis is reachable a full bu
 (nothing is lost); while it is not, the daemon keeps running, the sink retries with exponential backoff and
 jitter, and a full buffer drops its oldest records (counted). An input entry whose record was dropped is simply
 not acknowledged, so Redis delivers it again: no input is ever acknowledged without its result.
+
+Under load the sink waits a little for fuller batches (until `publish_batch` records are buffered or the oldest
+has waited `publish_max_wait_ms`); after a quiet spell a record goes at once. A batch is packed with hiredis and
+written on the sink's own connection in one go: no pipeline object, no pool, no per-command callbacks on the hot
+path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import random
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import redis.asyncio as aioredis
+from hiredis import pack_command
 from redis.exceptions import RedisError
 
 from streamd import keys
@@ -29,18 +38,21 @@ from streamd.metrics import Metrics
 
 log = get_logger("streamd.sink")
 
+_MULTI, _EXEC = pack_command(("MULTI",)), pack_command(("EXEC",))
+
 
 @dataclass(slots=True)
 class Pending:
     key: str
     maxlen: int
-    fields: dict[str, Any] | None  # ready fields (events)
-    work: Work | None = None  # results are encoded at publish time (publish_ts)
+    fields: dict[str, Any]  # the entry; a result's "record" field is encoded when it is sent
+    result: dict[str, Any] | None = None  # a result record (not the frame: its image is freed once buffered)
     ack: InputRef | None = None
+    queued_t: float = 0.0  # time.monotonic() when it was buffered
 
 
-def result_record(w: Work, publish_ts: float) -> dict[str, Any]:
-    """The documented result record (schema_version 1)."""
+def result_record(w: Work) -> dict[str, Any]:
+    """The documented result record (schema_version 1); `publish_ts` is set when it is sent."""
     f = w.frame
     rec: dict[str, Any] = {
         "schema_version": keys.SCHEMA_VERSION,
@@ -48,7 +60,7 @@ def result_record(w: Work, publish_ts: float) -> dict[str, Any]:
         "seq": f.seq,
         "pts_s": round(f.pts_s, 6),
         "capture_ts": round(f.capture_ts, 6),
-        "publish_ts": round(publish_ts, 6),
+        "publish_ts": None,
         "width": f.width,
         "height": f.height,
         "discontinuity": f.discontinuity,
@@ -64,8 +76,7 @@ def result_record(w: Work, publish_ts: float) -> dict[str, Any]:
     return rec
 
 
-def _json(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), default=str)
+_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 class RedisSink:
@@ -82,7 +93,10 @@ class RedisSink:
         self._on_settled = on_settled
         self._buf: deque[Pending] = deque()
         self._ready = asyncio.Event()
+        self._full = asyncio.Event()  # publish_batch records are buffered
         self._space = asyncio.Event()
+        self._conn = client.connection_pool.make_connection()  # the sink's own; it connects when first used
+        self._sent_at = -math.inf  # time.monotonic() when the last send began
         self._idle = asyncio.Event()
         self._idle.set()
         self.healthy = True
@@ -97,8 +111,10 @@ class RedisSink:
             while self.healthy and len(self._buf) >= self.cfg.buffer_max_records:
                 self._space.clear()
                 await self._space.wait()
-            self._append(Pending(keys.results_key(w.frame.stream_id), self.cfg.results_maxlen, None, w,
-                                 w.frame.ref))
+            f = w.frame
+            fields = {"schema_version": keys.SCHEMA_VERSION, "stream_id": f.stream_id, "seq": f.seq}
+            self._append(Pending(keys.results_key(f.stream_id), self.cfg.results_maxlen, fields, result_record(w),
+                                 f.ref))
 
     def event(self, stream_id: str, kind: str, fields: dict[str, Any] | None = None) -> None:
         """Queue an event; never waits (events are small and rare)."""
@@ -119,9 +135,12 @@ class RedisSink:
             self.metrics.buffer_overflow.inc()
             if old.ack is not None and self._on_settled is not None:
                 self._on_settled(old.ack)  # not acknowledged: Redis will deliver it again
+        p.queued_t = time.monotonic()
         self._buf.append(p)
         self._idle.clear()
         self._ready.set()
+        if len(self._buf) >= self.cfg.publish_batch:
+            self._full.set()
 
     def __len__(self) -> int:
         return len(self._buf)
@@ -129,6 +148,10 @@ class RedisSink:
     async def wait_idle(self) -> None:
         """Wait until everything buffered has been published."""
         await self._idle.wait()
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):  # closing a dead connection
+            await self._conn.disconnect()
 
     # -- publisher ------------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -140,6 +163,7 @@ class RedisSink:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
+            await self._linger()
             n = min(len(self._buf), self.cfg.publish_batch)
             batch = [self._buf[i] for i in range(n)]
             try:
@@ -169,24 +193,55 @@ class RedisSink:
             self.metrics.buffered.set(len(self._buf))
             self._space.set()
 
+    async def _linger(self) -> None:
+        """While busy, wait for a fuller batch: until `publish_batch` records are buffered or the oldest has waited
+        `publish_max_wait_ms`. Busy: the previous send began less than that long ago. After a quiet spell (or while
+        Redis is down) a record goes at once."""
+        max_wait_s = self.cfg.publish_max_wait_ms / 1000.0
+        now = time.monotonic()
+        if now - self._sent_at >= max_wait_s or len(self._buf) >= self.cfg.publish_batch or not self.healthy:
+            return
+        wait_s = self._buf[0].queued_t + max_wait_s - now
+        if wait_s <= 0:
+            return
+        self._full.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                await self._full.wait()
+
     async def _send(self, batch: list[Pending]) -> None:
+        self._sent_at = time.monotonic()
         now = time.time()
-        has_ack = any(p.ack is not None for p in batch)
-        async with self.r.pipeline(transaction=has_ack) as pipe:
-            for p in batch:
-                fields = p.fields
-                if p.work is not None:
-                    rec = result_record(p.work, now)
-                    f = p.work.frame
-                    fields = {"schema_version": keys.SCHEMA_VERSION, "stream_id": f.stream_id, "seq": f.seq,
-                              "record": _json(rec)}
-                pipe.xadd(p.key, fields, maxlen=p.maxlen, approximate=True)  # type: ignore[arg-type]
-                if p.ack is not None:
-                    pipe.xack(p.ack.key, p.ack.group, p.ack.entry_id)
-            await pipe.execute()
+        tx = any(p.ack is not None for p in batch)  # an acknowledgement goes in one MULTI/EXEC with its result
+        cmds = [_MULTI] if tx else []
         for p in batch:
-            if p.work is not None:
-                f = p.work.frame
-                self.results_by_stream[f.stream_id] = self.results_by_stream.get(f.stream_id, 0) + 1
-                self.metrics.frames_processed.labels(f.stream_id).inc()
-                self.metrics.e2e_latency.labels(f.stream_id).observe(max(0.0, now - f.capture_ts))
+            if p.result is not None:
+                p.result["publish_ts"] = round(now, 6)
+                p.fields["record"] = _json(p.result)
+            cmds.append(pack_command(("XADD", p.key, "MAXLEN", "~", p.maxlen, "*", *chain(*p.fields.items()))))
+            if p.ack is not None:
+                cmds.append(pack_command(("XACK", p.ack.key, p.ack.group, p.ack.entry_id)))
+        if tx:
+            cmds.append(_EXEC)
+        replies = await self._roundtrip(cmds)
+        error = next((r for r in (replies[-1] if tx else replies) if isinstance(r, Exception)), None)
+        if error is not None:
+            raise error
+        for p in batch:
+            if p.result is not None:
+                sid = p.result["stream_id"]
+                self.results_by_stream[sid] = self.results_by_stream.get(sid, 0) + 1
+                m = self.metrics.stream(sid)
+                m.processed.inc()
+                m.e2e_latency.observe(max(0.0, now - p.result["capture_ts"]))
+
+    async def _roundtrip(self, cmds: list[bytes]) -> list[Any]:
+        """Write packed commands on the sink's connection and read every reply, within its socket timeout."""
+        conn = self._conn
+        try:
+            await conn.send_packed_command(cmds)  # (re)connects when needed
+            async with asyncio.timeout(conn.socket_timeout):
+                return [await conn.read_response(disable_decoding=True, timeout=math.inf) for _ in cmds]
+        except BaseException:
+            await conn.disconnect()  # unread replies must never answer the next batch
+            raise

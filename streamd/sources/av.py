@@ -2,8 +2,8 @@
 
 Decoding runs in one thread per source (PyAV releases the GIL while decoding); only sampled frames are
 converted to RGB arrays. The thread may block on network reads for up to `open_timeout_s`; the event loop never
-blocks. Frames reach the loop through a small `wait` queue, so a slow consumer slows the decoder instead of
-piling frames up in memory.
+blocks. The thread puts frames straight into the stream's queue (a `PushSource`): with a `wait` queue a slow
+consumer slows the decoder instead of piling frames up in memory.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import av
 
-from streamd.batching import FrameQueue, QueueClosed
-from streamd.config import DropPolicy, Playback, StreamConfig
+from streamd.batching import FrameQueue
+from streamd.config import Playback, StreamConfig
 from streamd.errors import SourceError
 from streamd.frames import Frame
 from streamd.log import get_logger, redact_text
@@ -47,36 +47,38 @@ class AvSource:
         ref: SourceRef,
         sampler: FpsSampler,
         seq: itertools.count,
+        out: FrameQueue[Frame],
         loop: asyncio.AbstractEventLoop,
-        buffer: int = 2,
     ):
         self.cfg = cfg
         self.ref = ref
         self.sampler = sampler
         self._seq = seq
-        self._queue: FrameQueue[Frame] = FrameQueue(buffer, DropPolicy.WAIT, loop)
+        self._out = out
+        self.ended: asyncio.Future[None] = loop.create_future()
         self._stop = threading.Event()
-        self._error: SourceError | None = None
         self.frames_decoded = 0  # every decoded frame, sampled or not (read by metrics)
         self._pts_offset = 0.0  # a looping file keeps its timeline increasing
+        self._progress_t = time.monotonic()  # the last decoded frame (or the start)
+        self._waiting = False  # blocked on a full `wait` queue: the consumer's doing, not a stall
         self._thread = threading.Thread(target=self._run, name=f"decode-{cfg.id}", daemon=True)
         self._thread.start()
 
-    def __aiter__(self) -> "AvSource":
-        return self
-
-    async def __anext__(self) -> Frame:
-        try:
-            return await self._queue.get()
-        except QueueClosed:
-            if self._error is not None:
-                raise self._error from None
-            raise StopAsyncIteration from None
+    @property
+    def idle_s(self) -> float:
+        return 0.0 if self._waiting else time.monotonic() - self._progress_t
 
     async def aclose(self) -> None:
         self._stop.set()
-        self._queue.close()
         await asyncio.to_thread(self._thread.join, self.cfg.open_timeout_s + 1)
+
+    def _end(self, error: SourceError | None) -> None:
+        if self.ended.done():
+            return
+        if error is None or self._stop.is_set():  # once closed, how it ended no longer matters
+            self.ended.set_result(None)
+        else:
+            self.ended.set_exception(error)
 
     # -- decode thread ---------------------------------------------------------------------------------------
     def _options(self) -> dict[str, str]:
@@ -87,16 +89,16 @@ class AvSource:
         return opts
 
     def _run(self) -> None:
+        error = None
         try:
             while not self._stop.is_set():
                 if not self._play_once():
                     break
         except SourceError as e:
-            self._error = e
+            error = e
         except Exception as e:  # noqa: BLE001 - any decoder failure ends this connection with a reason
-            self._error = SourceError(_describe(e))
-        finally:
-            self._queue.close_threadsafe()
+            error = SourceError(_describe(e))
+        self._out.call_threadsafe(self._end, error)  # after the frames: they are queued before the end is seen
 
     def _play_once(self) -> bool:
         """Plays the input once. Returns True to play it again (a looping file)."""
@@ -149,6 +151,7 @@ class AvSource:
             for vf in frames:
                 errors = 0
                 self.frames_decoded += 1
+                self._progress_t = time.monotonic()
                 if vf.pts is not None:
                     pts = float(vf.pts * tb) + offset
                 else:
@@ -177,6 +180,9 @@ class AvSource:
                     image=image,
                     discontinuity=decision.discontinuity,
                 )
-                if not self._queue.put_threadsafe(frame, self._stop):
+                self._waiting = True
+                queued = self._out.put_threadsafe(frame, self._stop)
+                self._waiting = False
+                if not queued:
                     return last_pts + frame_dur
         return last_pts + frame_dur

@@ -1,9 +1,16 @@
-"""The source contract: an async iterator of frozen Frames plus `aclose()`."""
+"""The source contracts. A source is one of:
+
+- `Source`, pulled: an async iterator of frozen Frames plus `aclose()`; the stream's runner moves each frame into
+  the stream's queue (the Redis source, whose reads are awaited on the loop anyway);
+- `PushSource`, pushing: a decoder thread puts its frames straight into the stream's queue, given when it is made
+  (PyAV). A frame reaches the pipeline in one hop and the loop wakes once per burst of frames, not twice per frame.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from streamd.frames import Frame
 
@@ -18,5 +25,21 @@ class Source(Protocol):
     def __aiter__(self) -> "Source": ...
 
     async def __anext__(self) -> Frame: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class PushSource(Protocol):
+    """Puts sampled frames, in order, into the stream's queue from its own thread. `ended` resolves at a clean
+    end of input (a file without `loop`) or with the SourceError that ended it; `idle_s` is how long it has gone
+    without a frame (waiting for room in a full `wait` queue does not count): the runner's stall watchdog reads
+    it. `aclose()` stops it; frames it put that the loop has not taken yet are discarded."""
+
+    ended: asyncio.Future[None]
+    frames_decoded: int
+
+    @property
+    def idle_s(self) -> float: ...
 
     async def aclose(self) -> None: ...

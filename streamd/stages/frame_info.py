@@ -1,4 +1,5 @@
-"""A pass-through stage: frame size, mean brightness and timestamps. Cheap (reads a subsampled view)."""
+"""A pass-through stage: frame size, mean brightness and timestamps. Cheap: it reads a sparse grid of pixels
+(920 of a 720p frame, from 23 rows, at the default stride); what it costs is mostly cache misses."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ class FrameInfoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["frame_info"] = "frame_info"
     name: str | None = None
-    stride: int = Field(16, ge=1, description="brightness is measured on every stride-th pixel of every "
-                        "stride-th row (16: 3,600 pixels of a 720p frame)")
+    stride: int = Field(32, ge=1, description="brightness is measured on every stride-th pixel of every "
+                        "stride-th row")
 
 
 class FrameInfo(Stage):
@@ -35,10 +36,10 @@ class FrameInfo(Stage):
     async def process(self, batch: list[Work]) -> list[Work]:
         s = self.opts.stride
         for w in batch:
-            img = w.frame.image
+            grid = w.frame.image[::s, ::s]
             w.outputs[self.name] = {
                 "width": w.frame.width,
                 "height": w.frame.height,
-                "mean_brightness": round(float(np.mean(img[::s, ::s])), 3),
+                "mean_brightness": round(int(grid.sum(dtype=np.uint64)) / grid.size, 3),  # exact, faster than mean
             }
         return batch
