@@ -255,7 +255,7 @@ class Daemon:
         pcfg, stages = self._pipeline_config(name, where)
         assert self.sink is not None
         ctx = StageContext(models=self.models, events=self.sink.event, prompts=self.prompt_cache,
-                           publish=self.sink.record)
+                           publish=self.sink.record, fail_stream=self._fail_stream)
         for st in stages:
             st.bind(ctx)
         p = self.pipelines[name] = Pipeline(name, pcfg, stages, self._deliver, self.metrics)
@@ -295,6 +295,13 @@ class Daemon:
             ok.append(w)
         if ok:
             await self.sink.publish_results(ok)
+
+    def _fail_stream(self, stream_id: str, reason: str) -> None:
+        """A stage failed this stream for good (its vocabulary cannot be set), also a file that ended while its last
+        frames were in the pipeline; the other streams run on. A removed stream is not in `runners` any more."""
+        r = self.runners.get(stream_id)
+        if r is not None and r.state is not State.FAILED:
+            r.fail(reason)
 
     def _settled(self, ref: Any) -> None:
         for r in self.runners.values():

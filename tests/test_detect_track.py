@@ -106,12 +106,55 @@ async def test_segmentation_masks_are_rle(r, redis_server):
     cfg = make_config(redis_server.url, [{"id": "seg", "url": "redis:frames:seg", "pipeline": "s"}],
                       pipelines={"s": {"stages": [{"type": "detect", "model": "yolo11n-seg.yaml", "conf": 0.0,
                                                    "imgsz": 160, "max_det": 3}]}})
-    async with running(cfg):
+    async with running(cfg) as d:
         (rec,) = await until(lambda: _n(r, "seg", 1), 60, what="a result")
+        (model,) = [x.model for x in d.models._models.values()]
     dets = rec["outputs"]["detect"]["detections"]
     assert dets and all("mask" in d for d in dets)
     m = dets[0]["mask"]
     assert m["size"] == [480, 320] and sum(m["counts"]) == 480 * 320
+    # masks are in the frame's coordinates, aligned with the boxes (not the letterboxed input stretched to the
+    # frame): each mask's pixels lie inside its box, give or take one input pixel (480 / 160 = 3 frame pixels) ...
+    ours = [_rle_decode(d["mask"]) for d in dets]
+    for d, mask in zip(dets, ours):
+        x1, y1, x2, y2 = d["box"]
+        inside = np.zeros_like(mask)
+        inside[max(int(y1) - 3, 0):int(y2) + 4, max(int(x1) - 3, 0):int(x2) + 4] = True
+        assert (mask & inside).sum() >= 0.99 * mask.sum(), (d["box"], mask.sum(), (mask & ~inside).sum())
+    # ... and they are Ultralytics' own full-resolution masks of the same model on the same frame (retina_masks
+    # computes them from the prototypes at the frame's size), up to the edge pixels of the upsampling
+    (ref,) = model.predict(np.ascontiguousarray(img[..., ::-1]), imgsz=160, conf=0.0, max_det=3, retina_masks=True,
+                           verbose=False)
+    assert np.allclose(ref.boxes.xyxy.numpy(), [d["box"] for d in dets], atol=0.1)
+    theirs = ref.masks.data.numpy() > 0.5
+    assert sum(m.sum() for m in ours) > 0.1 * 480 * 320  # not empty: there is something to align
+    for mask, other in zip(ours, theirs):
+        union = (mask | other).sum()
+        assert union == 0 or (mask & other).sum() / union > 0.95, (mask.sum(), other.sum(), (mask & other).sum())
+
+
+def _rle_decode(rle):
+    h, w = rle["size"]
+    flat = np.concatenate([np.full(c, i % 2, bool) for i, c in enumerate(rle["counts"])])
+    return flat.reshape((w, h)).T
+
+
+def test_masks_are_moved_from_the_letterboxed_input_to_the_frame():
+    """A 200x800 frame at imgsz 160 is letterboxed to 64x160 (content 40x160, 12 rows of padding above and
+    below); a mask drawn in the input lands where that part of the frame is, not stretched over the padding."""
+    import torch
+
+    from streamd.stages.detect import _frame_masks
+
+    lb = torch.zeros((2, 64, 160))
+    lb[0, 20:30, 50:70] = 1  # input rows 20-30 = frame rows (20-12)*5 .. (30-12)*5, columns 50-70 = 250-350
+    (rle, empty) = _frame_masks(lb, (200, 800))
+    mask = _rle_decode(rle)
+    want = np.zeros((200, 800), bool)
+    want[40:90, 250:350] = True
+    assert mask.shape == (200, 800)
+    assert (mask & want).sum() / (mask | want).sum() > 0.9, np.argwhere(mask)[[0, -1]]
+    assert not _rle_decode(empty).any()
 
 
 def test_mask_rle_round_trip():

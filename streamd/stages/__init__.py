@@ -32,6 +32,10 @@ def _no_events(stream_id: str, kind: str, fields: dict[str, Any] | None = None) 
     pass
 
 
+def _no_fail(stream_id: str, reason: str) -> None:
+    pass
+
+
 @dataclass
 class StageContext:
     """What the daemon lends every stage: the shared model registry and the events publisher."""
@@ -40,6 +44,7 @@ class StageContext:
     events: Any = field(default=_no_events)  # (stream_id, type, fields) -> None
     prompts: Any = None  # streamd.prompts.PromptCache
     publish: Any = None  # (key, maxlen, record) -> None: records beside the results (VLM answers)
+    fail_stream: Any = field(default=_no_fail)  # (stream_id, reason) -> None: fail one stream for good
 
 
 def device_executor(device: str) -> ThreadPoolExecutor:

@@ -1,10 +1,11 @@
 """Detection with any model Ultralytics loads (.pt, .yaml, .onnx, TensorRT .engine; YOLO v8/11+, and
-open-vocabulary YOLO-World / YOLOE whose classes come from a vocabulary).
+open-vocabulary YOLO-World / YOLOE whose classes come from a vocabulary: `streamd.stages.open_vocab`).
 
-One `SharedDetector` per loaded model batches requests from every stage (every pipeline) that uses it: requests
-waiting while a forward pass runs go together into the next one. Forward passes run in the device's single
-executor thread. Frames of many streams arrive in one stage batch (the pipeline's fan-in), so no stream waits for
-another's frame.
+One `SharedDetector` per loaded model (and device and precision) batches requests from every stage (every
+pipeline) that uses it: requests waiting while a forward pass runs go together into the next one. Forward passes
+run in the device's single executor thread. Frames of many streams arrive in one stage batch (the pipeline's
+fan-in), so no stream waits for another's frame. A vocabulary that cannot be set fails the streams that use it
+(`StageContext.fail_stream`), never the pipeline's other streams.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from streamd.config import StageConfig
 from streamd.errors import StageError
 from streamd.frames import Work
-from streamd.log import get_logger
+from streamd.log import get_logger, redact_text
 from streamd.stages import Stage, device_executor, parse_options
+from streamd.stages.open_vocab import (OpenVocabulary, VocabularyError, export_text_embeddings,
+                                       open_vocabulary_kind)
+
+__all__ = ["Detect", "DetectOptions", "SharedDetector", "VocabularyError", "export_text_embeddings", "mask_rle"]
 
 log = get_logger("streamd.stage.detect")
 
@@ -43,6 +48,9 @@ class DetectOptions(BaseModel):
     max_wait_ms: float = Field(5.0, ge=0, description="wait this long for a fuller batch")
     masks: bool = Field(True, description="segmentation models: publish masks (RLE)")
     vocabulary: list[str] | None = Field(None, description="open-vocabulary models: the class phrases")
+    text_embeddings: str | None = Field(
+        None, description="open-vocabulary models: a .pt file of {phrase: embedding} (export_text_embeddings), "
+                          "used before the text encoder; what makes vocabularies work offline")
 
 
 def mask_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -86,12 +94,20 @@ class SharedDetector:
         self._queue: deque[_Request] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._vocab: tuple[str, ...] | None = None
-        self._vocab_cache: dict[tuple[str, ...], Any] = {}
+        inner = getattr(model, "model", None)
+        # YOLO-World / YOLOE: the vocabulary state (embedding caches, text encoder, counters); None otherwise
+        self.open_vocab = OpenVocabulary(model, name, device) if open_vocabulary_kind(inner) else None
         self.forward_passes = 0
 
     async def detect(self, images: list[np.ndarray], params: Params) -> list[tuple[np.ndarray, list[Any] | None]]:
-        """Per image: an (N, 6) array [x1, y1, x2, y2, conf, cls] in pixels, and N masks (RLE) or None."""
+        """Per image: an (N, 6) array [x1, y1, x2, y2, conf, cls] in pixels, and N masks (RLE) or None.
+        Raises VocabularyError when `params.vocabulary` cannot be set (at once for a vocabulary that failed)."""
+        if params.vocabulary is not None:
+            if self.open_vocab is None:
+                raise VocabularyError(f"model {self.name!r} is not an open-vocabulary model (YOLO-World / YOLOE)")
+            err = self.open_vocab.failed.get(params.vocabulary)
+            if err is not None:
+                raise err
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._worker(), name=f"detector:{self.name}")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -135,37 +151,14 @@ class SharedDetector:
                 i += len(req.images)
 
     # -- executor thread ----------------------------------------------------------------------------------
-    def _set_vocabulary(self, vocab: tuple[str, ...]) -> None:
-        if vocab == self._vocab:
-            return
-        inner = getattr(self.model, "model", None)
-        cached = self._vocab_cache.get(vocab)
-        if cached is not None and inner is not None:  # switch without re-encoding the text
-            inner.txt_feats = cached
-            inner.names = list(vocab)
-        else:
-            if not hasattr(self.model, "set_classes"):
-                raise StageError(f"model {self.name!r} is not an open-vocabulary model (no set_classes)")
-            try:
-                self.model.set_classes(list(vocab))
-            except (ConnectionError, OSError, RuntimeError, AttributeError, ImportError) as e:
-                raise StageError(
-                    f"cannot set the vocabulary of {self.name!r}: its text encoder could not be loaded ({e}); "
-                    "the text encoder's weights are downloaded on first use and this machine may be offline"
-                ) from None
-            if inner is not None and getattr(inner, "txt_feats", None) is not None:
-                self._vocab_cache[vocab] = inner.txt_feats
-        self.names = {i: n for i, n in enumerate(vocab)}
-        self._vocab = vocab
-
     def _forward(self, images: list[np.ndarray], p: Params) -> list[tuple[np.ndarray, list[Any] | None]]:
-        if p.vocabulary is not None:
-            self._set_vocabulary(p.vocabulary)
+        if self.open_vocab is not None:
+            self.open_vocab.set(p.vocabulary)  # None: the model's own classes
         bgr = [np.ascontiguousarray(im[..., ::-1]) for im in images]
         dev = None if self.device == "auto" else self.device
-        results = self.model.predict(bgr, conf=p.conf, iou=p.iou, imgsz=p.imgsz, max_det=p.max_det,
-                                     half=p.half, device=dev, classes=list(p.classes) if p.classes else None,
-                                     verbose=False)
+        results = self.model.predict(bgr, conf=p.conf, iou=p.iou, imgsz=p.imgsz, max_det=p.max_det, device=dev,
+                                     classes=list(p.classes) if p.classes else None, verbose=False,
+                                     **_precision(p.half))
         out: list[tuple[np.ndarray, list[Any] | None]] = []
         for r in results:
             boxes = r.boxes
@@ -173,14 +166,32 @@ class SharedDetector:
                 else np.zeros((0, 6), np.float32)
             masks = None
             if p.masks and getattr(r, "masks", None) is not None and len(data):
-                import torch.nn.functional as F
-
-                m = r.masks.data[None].float()
-                h, w = r.orig_shape
-                m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0] > 0.5
-                masks = [mask_rle(x) for x in m.cpu().numpy()]
+                masks = _frame_masks(r.masks.data, r.orig_shape)
             out.append((data, masks))
         return out
+
+
+def _precision(half: bool) -> dict[str, Any]:
+    """fp16 as this Ultralytics spells it (`quantize=16` since 8.4, `half=True` before); nothing for fp32 (the
+    shared model's key includes `half`, so a model is always asked with the same precision)."""
+    if not half:
+        return {}
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    return {"quantize": 16} if "quantize" in DEFAULT_CFG_DICT else {"half": True}
+
+
+def _frame_masks(masks: Any, frame_shape: tuple[int, int], chunk: int = 16) -> list[dict[str, Any]]:
+    """Masks in the letterboxed input's coordinates -> RLE in the frame's, aligned with the boxes: the letterbox
+    padding is cut off before scaling (`ops.scale_masks`). A few masks at a time, so many detections on a large
+    frame never hold N full-size masks at once."""
+    from ultralytics.utils import ops
+
+    out = []
+    for i in range(0, len(masks), chunk):
+        m = ops.scale_masks(masks[i : i + chunk, None].float(), frame_shape)[:, 0] > 0.5
+        out.extend(mask_rle(x) for x in m.cpu().numpy())
+    return out
 
 
 class Detect(Stage):
@@ -193,8 +204,10 @@ class Detect(Stage):
         self.max_wait_ms = opts.max_wait_ms
         self.detector: SharedDetector | None = None
         self.params: Params | None = None
-        if opts.vocabulary is not None:
-            self.prompt_kinds = ("vocabulary",)
+        self._open_vocab = False
+        name = opts.model.lower()
+        if opts.vocabulary is not None or opts.text_embeddings or "world" in name or "yoloe" in name:
+            self.prompt_kinds = ("vocabulary",)  # the prompt store's vocabularies (stamped per frame)
 
     @classmethod
     def from_config(cls, cfg: StageConfig, where: str) -> "Detect":
@@ -205,13 +218,21 @@ class Detect(Stage):
 
         o = self.opts
         self.device = resolve_device(o.device)
-        key = ("yolo", o.model, self.device)
-        self.detector = await self.ctx.models.get(
-            key, self.device, lambda: load_yolo(o.model),
-            lambda m: SharedDetector(m, o.model, self.device, max(o.max_batch, 1)))
         half = o.half and self.device.startswith("cuda")
         if o.half and not half:
             log.warning("half precision needs CUDA; running in fp32", device=self.device)
+        key = ("yolo", o.model, self.device, half)  # the predictor keeps the precision it was built with
+        self.detector = await self.ctx.models.get(
+            key, self.device, lambda: load_yolo(o.model),
+            lambda m: SharedDetector(m, o.model, self.device, max(o.max_batch, 1)))
+        ov = self.detector.open_vocab
+        self._open_vocab = ov is not None
+        if ov is None and (o.vocabulary or o.text_embeddings):
+            raise StageError(f"model {o.model!r} is not an open-vocabulary model (YOLO-World / YOLOE): "
+                             "'vocabulary' and 'text_embeddings' need one")
+        if ov is not None and o.text_embeddings:
+            n = await self.run_blocking(ov.add_file, o.text_embeddings)
+            log.info("text embeddings loaded", model=o.model, path=o.text_embeddings, phrases=n)
         vocab = tuple(o.vocabulary) if o.vocabulary else None
         names = {i: n for i, n in enumerate(vocab)} if vocab else self.detector.names
         classes = None
@@ -237,20 +258,41 @@ class Detect(Stage):
         # a vocabulary from the prompt store (open-vocabulary models) overrides the configured one per frame
         groups: dict[Params, list[Work]] = {}
         for w in batch:
-            rec = w.prompts.get("vocabulary")
             p = self.params
+            rec = w.prompts.get("vocabulary") if self._open_vocab else None
             if rec is not None and rec.get("phrases"):
                 p = replace(p, vocabulary=tuple(rec["phrases"]), classes=None)
+                w.prompt_versions["vocabulary"] = {"scope": rec["scope"], "version": rec["version"]}
+            elif p.vocabulary is not None:
+                w.prompt_versions["vocabulary"] = {"scope": "config", "version": 0}
             groups.setdefault(p, []).append(w)
         outs = await asyncio.gather(*(self.detector.detect([w.frame.image for w in ws], p)
-                                      for p, ws in groups.items()))
+                                      for p, ws in groups.items()), return_exceptions=True)
         for (p, ws), res in zip(groups.items(), outs):
+            if isinstance(res, BaseException):
+                self._failed(ws, res)
+                continue
             names = {i: n for i, n in enumerate(p.vocabulary)} if p.vocabulary else self._names
             for w, (data, masks) in zip(ws, res):
-                self._publish(w, data, masks, names)
+                self._publish(w, data, masks, names, p.vocabulary is not None)
         return batch
 
-    def _publish(self, w: Work, data: np.ndarray, masks: list[Any] | None, names: dict[int, str]) -> None:
+    def _failed(self, ws: list[Work], e: BaseException) -> None:
+        """Frames whose forward pass failed are marked failed; a vocabulary that cannot be set also fails the
+        streams that use it (retrying it every frame would only fail every frame)."""
+        if isinstance(e, asyncio.CancelledError):
+            raise e
+        reason = redact_text(f"stage {self.name}: {type(e).__name__}: {e}")
+        sids = sorted({w.frame.stream_id for w in ws})
+        log.error("detection failed", stage=self.name, streams=sids, frames=len(ws), error=reason)
+        for w in ws:
+            w.error = reason
+        if isinstance(e, VocabularyError):
+            for sid in sids:
+                self.ctx.fail_stream(sid, reason)
+
+    def _publish(self, w: Work, data: np.ndarray, masks: list[Any] | None, names: dict[int, str],
+                 vocab: bool) -> None:
         labels = self.opts.labels
         h, w_px = w.frame.height, w.frame.width
         dets = []
@@ -269,11 +311,9 @@ class Detect(Stage):
                 d["mask"] = masks[i]
             dets.append(d)
         out: dict[str, Any] = {"model": self.opts.model, "detections": dets}
-        rec = w.prompts.get("vocabulary")
-        if rec is not None:
-            out["vocabulary_version"] = rec["version"]
-        elif self.opts.vocabulary:
-            out["vocabulary_version"] = 1
-            w.prompt_versions.setdefault("vocabulary", {"scope": "config", "version": 1})
+        version = w.prompt_versions.get("vocabulary") if vocab else None
+        if version is not None:  # the vocabulary these classes came from: the store's, or the config's (version 0)
+            out["vocabulary_version"] = version["version"]
+            out["vocabulary_scope"] = version["scope"]
         w.outputs[self.name] = out
         w.carry[self.name] = data
