@@ -194,6 +194,7 @@ class Ingress(Generic[T]):
         self._queues: dict[str, FrameQueue[T]] = {}
         self._ready = asyncio.Event()
         self._closed = False
+        self._holding: dict[str, int] = {}  # items taken into a batch that `get_batch` has not returned yet
 
     def attach(self, key: str, q: FrameQueue[T]) -> None:
         self._queues[key] = q
@@ -212,20 +213,31 @@ class Ingress(Generic[T]):
         self._closed = True
         self._ready.set()
 
+    def holding(self, key: str) -> int:
+        """Items of `key` taken from its queue into a batch still being filled (waiting for `max_wait_s`)."""
+        return self._holding.get(key, 0)
+
     def _take_round(self, out: list[T], max_batch: int) -> bool:
         took = False
-        for q in list(self._queues.values()):
+        for key, q in list(self._queues.items()):
             if len(out) >= max_batch:
                 break
             item = q.get_nowait()
             if item is not None:
                 out.append(item)
+                self._holding[key] = self._holding.get(key, 0) + 1
                 took = True
         return took
 
     async def get_batch(self, max_batch: int, max_wait_s: float = 0.0) -> list[T]:
         """Wait for at least one item, then take up to `max_batch` round-robin; wait up to `max_wait_s` more for
         a fuller batch. Raises QueueClosed once closed and drained."""
+        try:
+            return await self._get_batch(max_batch, max_wait_s)
+        finally:
+            self._holding.clear()
+
+    async def _get_batch(self, max_batch: int, max_wait_s: float) -> list[T]:
         out: list[T] = []
         while not out:
             self._ready.clear()

@@ -226,8 +226,10 @@ class Daemon:
         except Exception as e:  # noqa: BLE001 - one stream's bug never stops the others
             log.exception("stream task crashed", stream=runner.cfg.id)
             runner._set_state(State.FAILED, f"internal error: {type(e).__name__}: {e}")
-        # the queue is closed now; the pipeline reads what is left, then forgets the stream
-        while len(runner.queue) and self.pipelines.get(pipeline.name) is pipeline:
+        # the queue is closed now; the pipeline reads what is left and delivers it, then forgets the stream (so a
+        # tracker is never dropped while the stream's last frames are still on their way through the stages)
+        while (len(runner.queue) or pipeline.in_flight(runner.cfg.id)) and \
+                self.pipelines.get(pipeline.name) is pipeline:
             await asyncio.sleep(0.05)
         pipeline.ingress.detach(runner.cfg.id)
         pipeline.forget_stream(runner.cfg.id)

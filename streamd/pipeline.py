@@ -43,7 +43,7 @@ class Pipeline:
 
     def in_flight(self, stream_id: str) -> int:
         """Frames of this stream inside the pipeline (taken from its queue, not yet delivered)."""
-        return self._in_flight.get(stream_id, 0)
+        return self._in_flight.get(stream_id, 0) + self.ingress.holding(stream_id)
 
     async def run(self) -> None:
         """Set the stages up, run until the ingress is closed and everything queued has been delivered."""
