@@ -257,7 +257,7 @@ class Daemon:
         pcfg, stages = self._pipeline_config(name, where)
         assert self.sink is not None
         ctx = StageContext(models=self.models, events=self.sink.event, prompts=self.prompt_cache,
-                           publish=self.sink.record, fail_stream=self._fail_stream)
+                           publish=self.sink.record, fail_stream=self._fail_stream, metrics=self.metrics)
         for st in stages:
             st.bind(ctx)
         p = self.pipelines[name] = Pipeline(name, pcfg, stages, self._deliver, self.metrics)

@@ -45,6 +45,11 @@ class Metrics:
                                   registry=r)
         self.loop_lag = Histogram("streamd_event_loop_lag_seconds", "event loop scheduling lag",
                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.vlm_questions = Counter("streamd_vlm_questions", "VLM questions by outcome: answered, failed, "
+                                     "skipped (too many in flight, stale)", ["stream", "stage", "outcome"], registry=r)
+        self.vlm_latency = Histogram("streamd_vlm_latency_seconds", "VLM request latency (answered)", ["stage"],
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.vlm_tokens = Counter("streamd_vlm_tokens", "VLM tokens", ["stage", "kind"], registry=r)
         self._streams: dict[str, StreamMetrics] = {}
 
     def stream(self, stream_id: str) -> StreamMetrics:

@@ -143,11 +143,13 @@ async def test_summary_mode_summarises_windows_of_captions(r, redis_server):
     cfg = make_config(redis_server.url, [{"id": "su", "url": "redis:frames:su", "pipeline": "p"}],
                       pipelines={"p": vlm_pipeline(srv.url, mode="summary", every_s=0, summary_every_s=4)})
     try:
-        async with running(cfg):
+        async with running(cfg) as d:
             await push(r, "frames:su", [(n, flat(n)) for n in range(12)])
             await until(lambda: _vn(r, "su", 14), 20, what="12 captions and 2 summaries")
         # the last, partial window is summarised at shutdown
         recs = await vlm_records(r, "su")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for m in d.metrics.registry.collect() if m.name.startswith("streamd_vlm") for s in m.samples}
     finally:
         await srv.stop()
     caps = sorted((a for a in recs if a["kind"] == "answer"), key=lambda a: a["seq"])
@@ -160,6 +162,10 @@ async def test_summary_mode_summarises_windows_of_captions(r, redis_server):
     assert sums[0]["text"] == "SUMMARY " + " | ".join(f"[{n}.0s] caption {n}" for n in range(5))
     assert all(s["mode"] == "summary" and s["tokens"]["prompt"] == 10 and "error" not in s for s in sums)
     assert sum(1 for q in srv.requests if not has_image(q)) == 3  # summaries are text-only requests
+    answered = (("outcome", "answered"), ("stage", "vlm"), ("stream", "su"))
+    assert samples[("streamd_vlm_questions_total", answered)] == 15  # 12 captions + 3 summaries
+    assert samples[("streamd_vlm_latency_seconds_count", (("stage", "vlm"),))] == 15
+    assert samples[("streamd_vlm_tokens_total", (("kind", "prompt"), ("stage", "vlm")))] == 150
 
 
 async def test_scene_change_and_clips(r, redis_server):

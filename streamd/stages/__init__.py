@@ -45,6 +45,7 @@ class StageContext:
     prompts: Any = None  # streamd.prompts.PromptCache
     publish: Any = None  # (key, maxlen, record) -> None: records beside the results (VLM answers)
     fail_stream: Any = field(default=_no_fail)  # (stream_id, reason) -> None: fail one stream for good
+    metrics: Any = None  # streamd.metrics.Metrics
 
 
 def device_executor(device: str) -> ThreadPoolExecutor:

@@ -173,8 +173,13 @@ class Vlm(Stage):
         self._skip(w.frame, "too many requests in flight")
         return False
 
+    def _count(self, stream_id: str, outcome: str) -> None:
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.vlm_questions.labels(stream_id, self.name, outcome).inc()
+
     def _skip(self, f: Frame, reason: str) -> None:
         self.skipped += 1
+        self._count(f.stream_id, "skipped")
         self.ctx.events(f.stream_id, "vlm_skipped", {"seq": f.seq, "reason": reason})
 
     # -- asking
@@ -232,14 +237,22 @@ class Vlm(Stage):
             ans = await self.backend.answer(req)
         except Exception as e:  # noqa: BLE001
             self.failed += 1
+            self._count(rec["stream_id"], "failed")
             rec.update(error=clean_text(str(e), 500), latency_ms=round((time.perf_counter() - t0) * 1000, 1))
             self.ctx.events(rec["stream_id"], "vlm_failed", {"seq": rec["seq"], "reason": rec["error"]})
             return
         self.answered += 1
+        dt = time.perf_counter() - t0
         rec.update(endpoint=ans.endpoint, text=clean_text(ans.text, self.opts.max_text_chars),
-                   latency_ms=round((time.perf_counter() - t0) * 1000, 1))
+                   latency_ms=round(dt * 1000, 1))
         if ans.tokens:
             rec["tokens"] = ans.tokens
+        m = self.ctx.metrics
+        if m is not None:
+            self._count(rec["stream_id"], "answered")
+            m.vlm_latency.labels(self.name).observe(dt)
+            for kind, n in ans.tokens.items():
+                m.vlm_tokens.labels(self.name, kind).inc(n)
 
     def _after(self, f: Frame, rec: dict[str, Any], schema: dict[str, Any] | None) -> None:
         """What the answer means beyond itself: parsed JSON, tag ranges, the summary window."""
