@@ -29,7 +29,7 @@ from streamd.pipeline import Pipeline
 from streamd.redis_server import ManagedRedis
 from streamd.sinks.redis import RedisSink
 from streamd.sources.redis import default_consumer_name
-from streamd.keys import API_STREAMS_KEY
+from streamd.api_streams import StoredStreams, StreamExists, StreamNotFound
 from streamd.models import ModelRegistry
 from streamd.prompts import PromptCache, PromptStore
 from streamd.stages import StageContext, build_stage
@@ -64,6 +64,9 @@ class Daemon:
         self.prompts: PromptStore | None = None
         self.prompt_cache: PromptCache | None = None
         self.api_stream_ids: set[str] = set()
+        self.stored: StoredStreams | None = None
+        self._api_lock = asyncio.Lock()  # one API change of the stream set at a time
+        self.pipeline_errors: dict[str, str] = {}  # pipelines whose setup failed: why (shown by /health)
         self.api_url: str | None = None
         self.ready = False  # streams loaded and every started pipeline set up
 
@@ -82,6 +85,7 @@ class Daemon:
         self.sink = RedisSink(self.redis, self.cfg.redis, self.metrics, self._settled)
         self.doorbell = Doorbell(asyncio.get_running_loop(), FRAME_TICK_S)  # decoder threads -> the loop
         self.prompts = PromptStore(self.redis)
+        self.stored = StoredStreams(self.redis)
         self.prompt_cache = PromptCache(self.prompts)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -102,10 +106,8 @@ class Daemon:
                 self.api_url = api.url
             for s in self.cfg.streams:
                 self.add_stream(s)
-            for s in await self._load_api_streams():
-                if s.id not in self.runners:
-                    self.add_stream(s)
-                    self.api_stream_ids.add(s.id)
+            if not await self._start_api_streams():  # Redis unreachable: keep trying in the background
+                background.append(tg.create_task(self._retry_api_streams(), name="api-streams"))
             try:
                 await asyncio.wait_for(self.prompt_cache.loaded.wait(), 5)
             except TimeoutError:
@@ -175,37 +177,91 @@ class Daemon:
         log.info("stream added", stream=s.id, url=runner.url_redacted, pipeline=s.pipeline)
         return runner
 
-    # -- streams added through the API, kept in Redis --------------------------------------------------------
-    async def _load_api_streams(self) -> list[StreamConfig]:
-        assert self.redis is not None
-        try:
-            raw = await self.redis.hgetall(API_STREAMS_KEY)
-        except (RedisError, OSError) as e:
-            log.warning("could not load API-added streams from Redis", error=str(e))
-            return []
-        out = []
-        for sid, body in sorted(raw.items()):
-            try:
-                out.append(StreamConfig.model_validate_json(body))
-            except ValueError as e:
-                log.error("ignoring an invalid stored stream", stream=sid.decode(), error=str(e))
-        return out
-
-    async def api_put_stream(self, s: StreamConfig, replace: bool = False) -> StreamRunner:
-        """Add (or replace) a stream and keep it in Redis, so a restarted or second daemon sees it."""
-        assert self.redis is not None
-        if replace and s.id in self.runners:
-            await self.remove_stream(s.id)
-        await self.redis.hset(API_STREAMS_KEY, s.id, s.model_dump_json())
-        runner = self.add_stream(s)
-        self.api_stream_ids.add(s.id)
+    def add_failed_stream(self, s: StreamConfig, reason: str) -> StreamRunner:
+        """Show a stream that cannot start (its pipeline is gone, its stored entry is invalid) as failed, with the
+        reason; nothing runs for it. PATCH or DELETE through the API replace or remove it."""
+        assert self.sink is not None
+        runner = StreamRunner(s, self.metrics, self.sink.event, self._client, self.consumer,
+                              self.cfg.events.drop_event_interval_s)
+        self.runners[s.id] = runner
+        runner.fail(reason)
         return runner
 
+    # -- streams added through the API, kept in Redis --------------------------------------------------------
+    async def _start_api_streams(self) -> bool:
+        """Start the streams kept in Redis; one that cannot start is shown failed and never stops the daemon.
+        False when Redis could not be read."""
+        assert self.stored is not None
+        async with self._api_lock:
+            try:
+                stored = await self.stored.load()
+            except (RedisError, OSError) as e:
+                log.warning("could not load API-added streams from Redis", error=str(e) or type(e).__name__)
+                return False
+            for s, problem in stored:
+                if s.id in self.runners:
+                    continue  # a stream of the config file (or one added meanwhile) has this id
+                self.api_stream_ids.add(s.id)
+                if problem is None:
+                    try:
+                        self.add_stream(s)
+                        continue
+                    except StreamdError as e:
+                        problem = str(e)
+                    except Exception as e:  # noqa: BLE001 - one stored stream's bug never stops the daemon
+                        log.exception("stored stream crashed at start", stream=s.id)
+                        problem = f"internal error: {type(e).__name__}: {e}"
+                self.add_failed_stream(s, f"stored stream cannot start: {problem}")
+        return True
+
+    async def _retry_api_streams(self, interval_s: float = 1.0) -> None:
+        while not await self._start_api_streams():
+            await asyncio.sleep(interval_s)
+        log.info("API-added streams loaded from Redis")
+
+    async def api_put_stream(self, s: StreamConfig, replace: bool = False) -> StreamRunner:
+        """Add (or, with `replace`, change) a stream, then keep it in Redis so a restarted or second daemon sees
+        it. Only an accepted stream is kept: a ConfigError (bad pipeline) leaves the old stream running and Redis
+        untouched; a Redis error stops the new stream again and restores the old one. Raises StreamExists /
+        StreamNotFound when another request got there first."""
+        assert self.stored is not None
+        async with self._api_lock:
+            if (s.id in self.runners) != replace:
+                raise StreamNotFound(s.id) if replace else StreamExists(s.id)
+            if s.pipeline not in self.pipelines:
+                self._pipeline_config(s.pipeline, "pipeline")  # refused before the old stream is touched
+            old = self.runners.get(s.id)
+            if old is not None:
+                await self.remove_stream(s.id)
+            try:
+                runner = self.add_stream(s)
+                try:
+                    await self.stored.save(s)
+                except Exception:
+                    await self.remove_stream(s.id)
+                    raise
+            except Exception:
+                if old is not None:
+                    self._restore_stream(old)
+                raise
+            self.api_stream_ids.add(s.id)
+            return runner
+
+    def _restore_stream(self, old: StreamRunner) -> None:
+        try:
+            self.add_stream(old.cfg)
+        except StreamdError as e:
+            self.add_failed_stream(old.cfg, str(e))
+
     async def api_delete_stream(self, stream_id: str) -> None:
-        assert self.redis is not None
-        await self.redis.hdel(API_STREAMS_KEY, stream_id)
-        self.api_stream_ids.discard(stream_id)
-        await self.remove_stream(stream_id)
+        """Forget the stream in Redis first (a Redis error leaves it running), then stop it."""
+        assert self.stored is not None
+        async with self._api_lock:
+            if stream_id not in self.runners:
+                raise StreamNotFound(stream_id)
+            await self.stored.delete(stream_id)
+            self.api_stream_ids.discard(stream_id)
+            await self.remove_stream(stream_id)
 
     async def remove_stream(self, stream_id: str) -> None:
         runner = self.runners.pop(stream_id)
@@ -261,6 +317,7 @@ class Daemon:
         for st in stages:
             st.bind(ctx)
         p = self.pipelines[name] = Pipeline(name, pcfg, stages, self._deliver, self.metrics)
+        self.pipeline_errors.pop(name, None)
         p.prompts = self.prompt_cache
         assert self._tg is not None
         self._tasks[f"pipeline:{name}"] = self._tg.create_task(self._run_pipeline(p), name=f"pipeline:{name}")
@@ -277,6 +334,7 @@ class Daemon:
                 if name == p.name and r is not None:
                     r.fail(reason)
             self.pipelines.pop(p.name, None)
+            self.pipeline_errors[p.name] = reason
 
     async def _deliver(self, works: list[Work]) -> None:
         assert self.sink is not None

@@ -99,8 +99,8 @@ async def test_bad_requests_get_documented_4xx(r, redis_server):
                                rate_limit_per_s=10_000)) as d, aiohttp.ClientSession() as s:
         u = d.api_url + "/api/v1/streams"
 
-        async def post(json=None, data=None, status=None, code=None):
-            async with s.post(u, json=json, data=data, headers={**h(ADMIN), "Content-Type": "application/json"}) \
+        async def post(json=None, data=None, status=None, code=None, token=ADMIN):
+            async with s.post(u, json=json, data=data, headers={**h(token), "Content-Type": "application/json"}) \
                     as resp:
                 body = await resp.json()
                 assert resp.status == status, (resp.status, body)
@@ -118,9 +118,9 @@ async def test_bad_requests_get_documented_4xx(r, redis_server):
         for bad in ("file:///etc/passwd", "/etc/passwd", "concat:a.mp4|b.mp4", "subfile:,,start,0,end,0,,:x.mp4",
                     "gopher://x/y"):
             await post(json={"id": "a", "url": bad}, status=422, code="scheme_not_allowed")
-        await post(json={"id": "a", "url": "http://127.0.0.1:8080/x.m3u8"}, status=422, code="private_address")
-        await post(json={"id": "a", "url": "rtsp://10.1.2.3/x"}, status=422, code="private_address")
-        await post(json={"id": "a", "url": "redis://localhost:6379/0#frames"}, status=422, code="private_address")
+        for private in ("http://127.0.0.1:8080/x.m3u8", "rtsp://10.1.2.3/x", "redis://localhost:6379/0#frames"):
+            b = await post(json={"id": "a", "url": private}, status=422, code="private_address", token=OPER)
+            assert b["error"]["details"] == {"path": "url", "needed": "admin"}
         await post(json={"id": "a", "url": "rtsp://cam.example/x", "ffmpeg_options": {"protocol_whitelist": "file"}},
                    status=422, code="option_not_allowed")
         await post(json={"id": "a b", "url": "rtsp://cam.example/x"}, status=422)
@@ -250,28 +250,6 @@ def test_binding_beyond_loopback_needs_tokens():
         parse_config({"api": {"enabled": True, "bind": "0.0.0.0"}}, environ={})
     assert e.value.key == "api.tokens"
     parse_config({"api": {"enabled": True, "bind": "0.0.0.0", "tokens": TOKENS}}, environ={})
-
-
-async def test_openapi_fuzz_finds_no_server_error(r, redis_server, tmp_path):
-    """schemathesis generates requests from /openapi.json against the running daemon: no 5xx."""
-    import shutil
-    import sys
-
-    st = shutil.which("st") or str(__import__("pathlib").Path(sys.executable).parent / "st")
-    # no scheme allowed: generated streams are validated and refused, never opened (no traffic leaves the host)
-    cfg = api_cfg(redis_server.url, allowed_schemes=[])
-    async with running(cfg) as d:
-        proc = await asyncio.create_subprocess_exec(
-            st, "run", d.api_url + "/openapi.json", "-H", f"Authorization: Bearer {ADMIN}",
-            "--checks", "not_a_server_error", "--max-examples", "15", "--phases", "examples,fuzzing",
-            "--seed", "1", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            cwd=str(tmp_path), env={**__import__("os").environ, "NO_COLOR": "1"})
-        out, _ = await asyncio.wait_for(proc.communicate(), 600)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
-    m = re.search(r"(\d+) generated, (\d+) passed", text)
-    assert m and int(m.group(1)) >= 50 and m.group(1) == m.group(2), text[-2000:]
-    assert d.runners == {}
 
 
 async def test_credentials_are_redacted_in_api_responses(r, redis_server):

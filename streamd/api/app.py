@@ -7,13 +7,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from streamd import pipelines as pipeline_files
+from streamd.api import responses as R
+from streamd.api.context import AUTH, CFG, DAEMON, LIMITER, PRINCIPAL, daemon as _daemon
 from streamd.api.errors import ApiError, error_response, validation_details
+from streamd.api.health import health, health_live, health_ready, metrics
 from streamd.api.schemas import PromptUpdate, Rollback, StreamPatch
 from streamd.api.security import Authenticator, Principal, RateLimiter, check_stream_url
+from streamd.api_streams import StreamExists, StreamNotFound
 from streamd.config import ApiConfig, StreamConfig
 from streamd.errors import ConfigError, StreamdError
 from streamd.log import get_logger, redact_text
@@ -23,13 +27,6 @@ if TYPE_CHECKING:
     from streamd.daemon import Daemon
 
 log = get_logger("streamd.api")
-
-DAEMON = web.AppKey("daemon", object)
-CFG = web.AppKey("cfg", ApiConfig)
-AUTH = web.AppKey("auth", Authenticator)
-LIMITER = web.AppKey("limiter", RateLimiter)
-PRINCIPAL = web.RequestKey("principal", Principal)
-
 
 @dataclass(frozen=True)
 class Route:
@@ -41,10 +38,7 @@ class Route:
     body: Any = None
     tag: str = "streams"
     ok: int = 200
-
-
-def _daemon(request: web.Request) -> "Daemon":
-    return request.app[DAEMON]  # type: ignore[return-value]
+    response: Any = None  # pydantic model of the success body (for the OpenAPI document)
 
 
 async def _json_body(request: web.Request, model: Any) -> Any:
@@ -68,6 +62,10 @@ async def errors_mw(request: web.Request, handler: Any) -> web.StreamResponse:
         return await handler(request)
     except ApiError as e:
         return error_response(e.status, e.code, e.message, e.details, e.headers)
+    except (RedisError, ConnectionError) as e:  # state lives in Redis: try again when it is back
+        log.warning("API request failed: Redis unreachable", path=request.path, error=str(e) or type(e).__name__)
+        return error_response(503, "redis_unavailable", "Redis is unreachable; try again",
+                              {"reason": redact_text(str(e) or type(e).__name__)}, {"Retry-After": "1"})
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -124,49 +122,6 @@ def auth_mw(routes: dict[tuple[str, str], Route]) -> Any:
     return mw
 
 
-# -- health and metrics ---------------------------------------------------------------------------------------
-async def health_live(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def _redis_ok(d: "Daemon") -> bool:
-    try:
-        assert d.redis is not None
-        return bool(await d.redis.ping())
-    except Exception:  # noqa: BLE001 - any failure means not ready
-        return False
-
-
-async def health_ready(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    redis_ok = await _redis_ok(d)
-    models_ok = all(p.ready.is_set() for p in d.pipelines.values())
-    ok = redis_ok and models_ok and d.started.is_set()
-    body = {"status": "ready" if ok else "not_ready", "redis": redis_ok, "models_loaded": models_ok}
-    return web.json_response(body, status=200 if ok else 503)
-
-
-async def health(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    st = d.status()
-    states: dict[str, int] = {}
-    for s in st["streams"].values():
-        states[s["state"]] = states.get(s["state"], 0) + 1
-    redis_ok = await _redis_ok(d)
-    return web.json_response({
-        "status": "ok" if redis_ok else "degraded", "redis": {**st["redis"], "reachable": redis_ok},
-        "states": states,
-        "streams": {sid: {k: s[k] for k in ("state", "reason", "fps_in", "fps_out", "last_frame_ts")}
-                    for sid, s in st["streams"].items()},
-        "pipelines": {n: {"ready": p.ready.is_set()} for n, p in d.pipelines.items()},
-    })
-
-
-async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(_daemon(request).metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
 # -- streams --------------------------------------------------------------------------------------------------
 def _stream(request: web.Request) -> str:
     sid = request.match_info["id"]
@@ -186,12 +141,20 @@ async def stream_get(request: web.Request) -> web.Response:
 
 async def _start(request: web.Request, s: StreamConfig, replace: bool) -> web.Response:
     d = _daemon(request)
-    await check_stream_url(s.url, s.ffmpeg_options, request.app[CFG])
+    principal: Principal = request[PRINCIPAL]
+    await check_stream_url(s.url, s.ffmpeg_options, request.app[CFG], private_ok=principal.allows("admin"))
+    known = pipeline_files.available(d.cfg)
+    if s.pipeline not in known:  # only names of pipelines: never a path to some other YAML file
+        raise ApiError(422, "invalid_pipeline", f"unknown pipeline {s.pipeline!r}",
+                       [{"path": "pipeline", "available": known}])
     try:
-        pipeline_files.resolve(d.cfg, s.pipeline, "pipeline")
         await d.api_put_stream(s, replace=replace)
     except ConfigError as e:
-        raise ApiError(422, "invalid_pipeline", e.message, [{"path": "pipeline"}]) from None
+        raise ApiError(422, "invalid_pipeline", str(e), [{"path": "pipeline", "key": e.key}]) from None
+    except StreamExists as e:  # another request added the same id meanwhile
+        raise ApiError(409, "stream_exists", str(e)) from None
+    except StreamNotFound as e:  # another request removed it meanwhile
+        raise ApiError(404, "stream_not_found", str(e)) from None
     log.info("stream set through the API", stream=s.id, by=request[PRINCIPAL].name)
     return web.json_response(d.stream_info(s.id), status=200 if replace else 201)
 
@@ -208,7 +171,8 @@ async def stream_update(request: web.Request) -> web.Response:
     sid = _stream(request)
     patch = await _json_body(request, StreamPatch)
     d = _daemon(request)
-    merged = {**d.runners[sid].cfg.model_dump(mode="json"), **patch.model_dump(mode="json", exclude_unset=True)}
+    merged = {**d.runners[sid].cfg.model_dump(mode="json", exclude_unset=True),
+              **patch.model_dump(mode="json", exclude_unset=True)}
     try:
         s = StreamConfig.model_validate(merged)
     except ValidationError as e:
@@ -218,7 +182,10 @@ async def stream_update(request: web.Request) -> web.Response:
 
 async def stream_delete(request: web.Request) -> web.Response:
     sid = _stream(request)
-    await _daemon(request).api_delete_stream(sid)
+    try:
+        await _daemon(request).api_delete_stream(sid)
+    except StreamNotFound as e:  # another request removed it meanwhile
+        raise ApiError(404, "stream_not_found", str(e)) from None
     return web.Response(status=204)
 
 
@@ -328,27 +295,34 @@ async def docs(request: web.Request) -> web.Response:
 
 P = "/api/v1"
 ROUTES: list[Route] = [
-    Route("GET", "/health/live", health_live, None, "the event loop answers (never depends on Redis)", tag="health"),
-    Route("GET", "/health/ready", health_ready, None, "Redis reachable and models loaded", tag="health"),
-    Route("GET", "/health", health, "read", "summary with per-stream states", tag="health"),
+    Route("GET", "/health/live", health_live, None, "the event loop answers (never depends on Redis)", tag="health",
+          response=R.Live),
+    Route("GET", "/health/ready", health_ready, None, "Redis reachable and models loaded", tag="health",
+          response=R.Ready),
+    Route("GET", "/health", health, "read", "summary with per-stream states", tag="health", response=R.Health),
     Route("GET", "/metrics", metrics, "read", "Prometheus metrics", tag="health"),
     Route("GET", "/openapi.json", openapi, "read", "this API's OpenAPI 3 document", tag="docs"),
     Route("GET", "/docs", docs, "read", "human-readable API reference", tag="docs"),
-    Route("GET", f"{P}/streams", streams_list, "read", "list streams"),
-    Route("POST", f"{P}/streams", stream_create, "operate", "add a stream", StreamConfig, ok=201),
-    Route("GET", f"{P}/streams/{{id}}", stream_get, "read", "one stream's state and rates"),
-    Route("PATCH", f"{P}/streams/{{id}}", stream_update, "operate", "change a stream (it restarts)", StreamPatch),
+    Route("GET", f"{P}/streams", streams_list, "read", "list streams", response=R.StreamList),
+    Route("POST", f"{P}/streams", stream_create, "operate", "add a stream", StreamConfig, ok=201,
+          response=R.StreamInfo),
+    Route("GET", f"{P}/streams/{{id}}", stream_get, "read", "one stream's state and rates", response=R.StreamInfo),
+    Route("PATCH", f"{P}/streams/{{id}}", stream_update, "operate", "change a stream (it restarts)", StreamPatch,
+          response=R.StreamInfo),
     Route("DELETE", f"{P}/streams/{{id}}", stream_delete, "operate", "remove a stream", ok=204),
-    Route("GET", f"{P}/prompts", prompts_list, "read", "current prompts of every scope", tag="prompts"),
-    Route("GET", f"{P}/prompts/{{kind}}/{{scope}}", prompt_get, "read", "current version", tag="prompts"),
+    Route("GET", f"{P}/prompts", prompts_list, "read", "current prompts of every scope", tag="prompts",
+          response=R.PromptList),
+    Route("GET", f"{P}/prompts/{{kind}}/{{scope}}", prompt_get, "read", "current version", tag="prompts",
+          response=R.PromptRecord),
     Route("PUT", f"{P}/prompts/{{kind}}/{{scope}}", prompt_put, "operate", "new version", PromptUpdate,
-          tag="prompts", ok=201),
+          tag="prompts", ok=201, response=R.PromptRecord),
     Route("GET", f"{P}/prompts/{{kind}}/{{scope}}/history", prompt_history, "read", "versions, newest first",
-          tag="prompts"),
+          tag="prompts", response=R.PromptHistory),
     Route("POST", f"{P}/prompts/{{kind}}/{{scope}}/rollback", prompt_rollback, "operate",
-          "new version with an old version's content", Rollback, tag="prompts", ok=201),
-    Route("GET", f"{P}/pipelines", pipelines_list, "read", "pipelines and the models they use", tag="pipelines"),
-    Route("GET", f"{P}/models", models_list, "read", "models loaded now", tag="pipelines"),
+          "new version with an old version's content", Rollback, tag="prompts", ok=201, response=R.PromptRecord),
+    Route("GET", f"{P}/pipelines", pipelines_list, "read", "pipelines and the models they use", tag="pipelines",
+          response=R.PipelineList),
+    Route("GET", f"{P}/models", models_list, "read", "models loaded now", tag="pipelines", response=R.ModelList),
 ]
 
 

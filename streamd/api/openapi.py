@@ -16,7 +16,21 @@ ERROR = {
 STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad JSON", 401: "No or invalid token",
                403: "Token lacks the scope", 404: "Not found", 409: "Conflict", 413: "Body too large",
                422: "Invalid body, URL or parameter", 429: "Rate limited (see Retry-After)",
-               503: "Not ready"}
+               503: "Not ready, or Redis unreachable (see Retry-After)"}
+# request examples (schemathesis sends them too): a camera, and frames pushed into the daemon's own Redis
+EXAMPLES = {
+    "StreamConfig": {
+        "camera": {"value": {"id": "gate", "url": "rtsp://cam.example/h264", "fps": 2, "pipeline": "detect-track"}},
+        "redis": {"value": {"id": "yard", "url": "redis:frames:yard", "fps": 1, "pipeline": "frame_info"}},
+    },
+    "StreamPatch": {"fps": {"value": {"fps": 1}}, "queue": {"value": {"queue_size": 4, "drop_policy": "drop_oldest"}}},
+    "PromptUpdate": {"vlm": {"value": {"text": "Is the gate open?", "note": "v2"}},
+                     "vocabulary": {"value": {"phrases": ["forklift", "person in hi-vis"]}}},
+    "Rollback": {"version": {"value": {"version": 1}}},
+}
+PATH_EXAMPLES = {"id": "yard", "kind": "vlm", "scope": "global"}
+# routes that read or write state kept in Redis answer 503 while it is unreachable
+REDIS_PATHS = ("/api/v1/streams", "/api/v1/prompts")
 
 
 def _schema(model: Any, components: dict[str, Any]) -> dict[str, Any]:
@@ -31,24 +45,29 @@ def document(routes: list[Any]) -> dict[str, Any]:
     components: dict[str, Any] = {"Error": ERROR}
     paths: dict[str, Any] = {}
     for r in routes:
-        op: dict[str, Any] = {"summary": r.summary, "tags": [r.tag],
-                              "operationId": f"{r.method.lower()}_{re.sub(r'[^a-z0-9]+', '_', r.path.lower())}"}
+        op: dict[str, Any] = {"summary": r.summary, "tags": [r.tag], "operationId": operation_id(r.method, r.path)}
         params = re.findall(r"{(\w+)}", r.path)
         if params:
-            op["parameters"] = [{"name": p, "in": "path", "required": True,
-                                 "schema": _path_schema(p)} for p in params]
+            op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": _path_schema(p),
+                                 "example": PATH_EXAMPLES[p]} for p in params]
         if r.path.endswith("/history"):
             op.setdefault("parameters", []).extend([
                 {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}}])
         if r.body is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _schema(r.body,
-                                                                                                       components)}}}
+            media: dict[str, Any] = {"schema": _schema(r.body, components)}
+            if r.body.__name__ in EXAMPLES:
+                media["examples"] = EXAMPLES[r.body.__name__]
+            op["requestBody"] = {"required": True, "content": {"application/json": media}}
         responses: dict[str, Any] = {}
-        ok = {"description": STATUS_TEXT[r.ok]}
+        ok: dict[str, Any] = {"description": STATUS_TEXT[r.ok]}
         if r.ok != 204:
             ctype = "text/plain" if r.path == "/metrics" else "text/html" if r.path == "/docs" else "application/json"
-            ok["content"] = {ctype: {"schema": {"type": "string"} if ctype != "application/json" else {}}}
+            schema = _schema(r.response, components) if r.response is not None else \
+                {"type": "string"} if ctype != "application/json" else {"type": "object"}
+            ok["content"] = {ctype: {"schema": schema}}
+        if r.method == "POST" and r.path.endswith("/streams"):
+            ok["links"] = _stream_links()
         responses[str(r.ok)] = ok
         codes = [429]
         if r.scope is not None:
@@ -59,7 +78,7 @@ def document(routes: list[Any]) -> dict[str, Any]:
             codes += [404, 422]
         if r.method == "POST" and r.path.endswith("/streams"):
             codes.append(409)
-        if r.path == "/health/ready":
+        if r.path == "/health/ready" or r.path.startswith(REDIS_PATHS):
             codes.append(503)
         for c in sorted(set(codes)):
             responses[str(c)] = {"description": STATUS_TEXT[c],
@@ -69,6 +88,9 @@ def document(routes: list[Any]) -> dict[str, Any]:
             op["security"] = []
         else:
             op["description"] = f"Needs a token with the `{r.scope}` scope (when tokens are configured)."
+            if r.body is not None and r.body.__name__ in ("StreamConfig", "StreamPatch"):
+                op["description"] += (" With `api.deny_private_addresses`, a URL whose host resolves to a private, "
+                                      "loopback or link-local address needs the `admin` scope.")
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",
@@ -79,6 +101,17 @@ def document(routes: list[Any]) -> dict[str, Any]:
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
     }
+
+
+def operation_id(method: str, path: str) -> str:
+    return f"{method.lower()}_{re.sub(r'[^a-z0-9]+', '_', path.lower())}"
+
+
+def _stream_links() -> dict[str, Any]:
+    """OpenAPI links: the stream a POST created is the one to GET, PATCH and DELETE (stateful fuzzing)."""
+    item = "/api/v1/streams/{id}"
+    return {f"{m.title()}Stream": {"operationId": operation_id(m, item), "parameters": {"id": "$response.body#/id"}}
+            for m in ("GET", "PATCH", "DELETE")}
 
 
 def _path_schema(name: str) -> dict[str, Any]:

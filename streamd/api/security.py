@@ -91,8 +91,10 @@ def _is_private(addr: str) -> bool:
         or ip.is_unspecified
 
 
-async def check_stream_url(url: str, ffmpeg_options: dict[str, str], cfg: ApiConfig) -> None:
-    """Refuse what a remote client must not make the daemon open. Raises ApiError(422)."""
+async def check_stream_url(url: str, ffmpeg_options: dict[str, str], cfg: ApiConfig, private_ok: bool = False) \
+        -> None:
+    """Refuse what a remote client must not make the daemon open. Raises ApiError(422). `private_ok` (an `admin`
+    token) lifts the private-address deny-list only: schemes and FFmpeg options are checked for everyone."""
     try:
         ref = parse_reference(url)
     except SourceError as e:
@@ -106,7 +108,7 @@ async def check_stream_url(url: str, ffmpeg_options: dict[str, str], cfg: ApiCon
     if bad:
         raise ApiError(422, "option_not_allowed", f"ffmpeg options not allowed from the API: {', '.join(bad)}",
                        {"path": "ffmpeg_options", "allowed": sorted(API_FFMPEG_OPTIONS)})
-    if cfg.deny_private_addresses and ref.url:
+    if cfg.deny_private_addresses and ref.url and not private_ok:
         host = urlsplit(ref.url).hostname or ""
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
@@ -117,4 +119,5 @@ async def check_stream_url(url: str, ffmpeg_options: dict[str, str], cfg: ApiCon
         private = sorted(a for a in addrs if _is_private(a))
         if private:
             raise ApiError(422, "private_address",
-                           f"{host!r} resolves to a private, loopback or link-local address", {"path": "url"})
+                           f"{host!r} resolves to a private, loopback or link-local address (an admin token may "
+                           "add it)", {"path": "url", "needed": "admin"})

@@ -1,0 +1,126 @@
+"""Response bodies of the control API, as pydantic models: they give the OpenAPI document its response schemas
+(checked by the schemathesis fuzz test). Handlers build plain dicts; these models describe them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+StreamState = Literal["connecting", "live", "stalled", "backoff", "failed", "stopped"]
+
+
+class StreamInfo(BaseModel):
+    id: str = Field(..., description="stream id")
+    url: str = Field(..., description="the stream reference, credentials redacted (user:***@host)")
+    pipeline: str = Field(..., description="name of the pipeline the stream runs through")
+    state: StreamState = Field(..., description="supervisor state")
+    reason: str | None = Field(..., description="why the stream is in this state (failed, backoff, stalled ...)")
+    last_error: str | None = Field(..., description="the last error, kept after the stream recovered")
+    fps: float | None = Field(..., description="configured sampling rate (null = every frame)")
+    fps_in: float = Field(..., ge=0, description="frames decoded per second (over the last second)")
+    fps_out: float = Field(..., ge=0, description="results published per second (over the last second)")
+    frames_sampled: int = Field(..., ge=0, description="sampled frames queued for the pipeline")
+    frames_decoded: int = Field(..., ge=0, description="frames decoded (sampled or not)")
+    dropped: int = Field(..., ge=0, description="sampled frames dropped because the stream's queue was full")
+    queue_depth: int = Field(..., ge=0, description="frames waiting in the stream's queue")
+    last_frame_ts: float | None = Field(..., description="capture time (Unix seconds) of the last sampled frame")
+    results: int = Field(..., ge=0, description="result records published by this daemon")
+    source: Literal["api", "config"] = Field(..., description="added through the API (kept in Redis) or the config")
+
+
+class StreamList(BaseModel):
+    streams: list[StreamInfo]
+
+
+class PromptRecord(BaseModel):
+    version: int = Field(..., ge=1, description="1, 2, 3 ... per kind and scope")
+    kind: Literal["vlm", "vocabulary"]
+    scope: str = Field(..., description="global, pipeline:<name> or stream:<id>")
+    text: str | None = Field(None, description="vlm: the prompt text")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="vlm: JSON schema of the answer")
+    phrases: list[str] | None = Field(None, description="vocabulary: class phrases")
+    author: str = Field(..., description="the token's name (or the body's author when no tokens are configured)")
+    note: str | None = Field(..., description="free text given with the update")
+    created_ts: float = Field(..., description="Unix seconds")
+    rolled_back_from: int | None = Field(None, description="the version whose content a rollback copied")
+
+
+class PromptList(BaseModel):
+    prompts: list[PromptRecord]
+
+
+class PromptHistory(BaseModel):
+    total: int = Field(..., ge=1, description="versions in all")
+    offset: int = Field(..., ge=0)
+    limit: int = Field(..., ge=1)
+    versions: list[PromptRecord] = Field(..., description="newest first")
+
+
+class StageInfo(BaseModel):
+    type: str
+    name: str
+    model: Any = Field(None, description="the model the stage names, if any")
+
+
+class PipelineInfo(BaseModel):
+    name: str
+    description: str | None = None
+    stages: list[StageInfo] | None = None
+    running: bool | None = Field(None, description="started in this daemon (a stream uses it)")
+    streams: list[str] | None = Field(None, description="streams that run through it")
+    error: str | None = Field(None, description="why the pipeline file cannot be used (then nothing else is given)")
+
+
+class PipelineList(BaseModel):
+    pipelines: list[PipelineInfo]
+
+
+class LoadedModel(BaseModel):
+    model: Any
+    device: str
+    kind: str
+
+
+class ModelList(BaseModel):
+    loaded: list[LoadedModel]
+
+
+class Live(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    redis: Literal[True]
+    models_loaded: Literal[True]
+    failed_pipelines: dict[str, str] = Field(..., description="pipelines whose setup failed (their streams are "
+                                                               "failed; the daemon stays ready)")
+
+
+class StreamHealth(BaseModel):
+    state: StreamState
+    reason: str | None
+    fps_in: float
+    fps_out: float
+    last_frame_ts: float | None
+
+
+class PipelineHealth(BaseModel):
+    ready: bool = Field(..., description="models loaded, frames flow")
+    error: str | None = Field(None, description="why its setup failed")
+
+
+class RedisHealth(BaseModel):
+    healthy: bool = Field(..., description="the result sink's last publish worked")
+    reachable: bool = Field(..., description="PING answered now")
+    buffered: int = Field(..., ge=0, description="records waiting for Redis")
+    last_error: str | None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"] = Field(..., description="degraded: Redis unreachable")
+    redis: RedisHealth
+    states: dict[str, int] = Field(..., description="number of streams per state")
+    streams: dict[str, StreamHealth]
+    pipelines: dict[str, PipelineHealth]

@@ -1,0 +1,171 @@
+"""Streams through the control API, against a real daemon, real Redis, real HTTP: stored streams that cannot start
+fail alone, refused requests leave nothing behind, and a stream's GET fields move with its frames."""
+
+import json
+import time
+
+import aiohttp
+import numpy as np
+
+from streamd.config import StreamConfig
+from streamd.keys import API_STREAMS_KEY
+from streamd.testing import push_frames
+from conftest import make_config, results, running, until
+from test_api import ADMIN, OPER, READ, api_cfg, h
+
+IMGS = [np.random.default_rng(7).integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(6)]
+
+
+async def _get(s, d, sid):
+    async with s.get(f"{d.api_url}/api/v1/streams/{sid}", headers=h(READ)) as resp:
+        assert resp.status == 200, (sid, resp.status, await resp.text())
+        return await resp.json()
+
+
+async def _count(r, sid, n):
+    return len(await results(r, sid)) >= n
+
+
+async def test_bad_stored_streams_fail_alone_and_can_be_fixed(r, redis_server, clip):
+    good = StreamConfig(id="good", url="redis:frames:good", pipeline="frame_info")
+    await r.hset(API_STREAMS_KEY, mapping={
+        "good": good.model_dump_json(exclude_unset=True),  # as the daemon keeps it
+        # a pipeline that was removed since (or that this daemon does not have)
+        "gone": json.dumps({"id": "gone", "url": "redis:frames:gone", "pipeline": "removed-since"}),
+        # an entry written by an older version: a field that no longer exists
+        "old": json.dumps({"id": "old", "url": "redis:frames:old", "pipeline": "frame_info", "fsp": 3}),
+        "garbage": b"{not json",
+    })
+    cam = {"id": "cam", "url": str(clip), "playback": "realtime", "loop": True, "fps": 4.0}
+    async with running(api_cfg(redis_server.url, [cam])) as d, aiohttp.ClientSession() as s:
+        await push_frames(r, "frames:good", IMGS[:3])
+        await until(lambda: _count(r, "good", 3), 20, what="results of the good stored stream")
+        await until(lambda: _count(r, "cam", 2), 20, what="results of the config stream")
+
+        gone = await _get(s, d, "gone")
+        assert gone["state"] == "failed" and gone["source"] == "api" and gone["pipeline"] == "removed-since"
+        assert "unknown pipeline 'removed-since'" in gone["reason"] and gone["last_error"] == gone["reason"]
+        old = await _get(s, d, "old")
+        assert old["state"] == "failed" and "invalid stored entry: fsp" in old["reason"]
+        assert old["url"] == "redis:frames:old"
+        garbage = await _get(s, d, "garbage")
+        assert garbage["state"] == "failed" and "invalid stored entry" in garbage["reason"]
+        async with s.get(d.api_url + "/health/ready") as resp:
+            assert resp.status == 200  # failed streams do not make the daemon unready
+        async with s.get(d.api_url + "/health", headers=h(READ)) as resp:
+            assert (await resp.json())["states"] == {"live": 2, "failed": 3}
+
+        # the operator fixes one and removes another; the good streams are not disturbed
+        async with s.patch(d.api_url + "/api/v1/streams/gone", json={"pipeline": "frame_info"},
+                           headers=h(OPER)) as resp:
+            assert resp.status == 200, await resp.text()
+        assert json.loads(await r.hget(API_STREAMS_KEY, "gone"))["pipeline"] == "frame_info"
+        await push_frames(r, "frames:gone", IMGS[:2])
+        await until(lambda: _count(r, "gone", 2), 20, what="results of the fixed stream")
+        async with s.delete(d.api_url + "/api/v1/streams/garbage", headers=h(OPER)) as resp:
+            assert resp.status == 204
+        assert not await r.hexists(API_STREAMS_KEY, "garbage")
+        await push_frames(r, "frames:good", IMGS[3:])
+        await until(lambda: _count(r, "good", 6), 20, what="the good stream to go on")
+        assert d.runners["cam"].state.value == "live"
+
+
+async def test_refused_stream_requests_leave_nothing_behind(r, redis_server):
+    cfg = make_config(redis_server.url, [], api=api_cfg(redis_server.url).api.model_dump(),
+                      pipelines={"badopts": {"stages": [{"type": "frame_info", "bogus": 1}]}})
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        u = d.api_url + "/api/v1/streams"
+        for body, code in [
+            ({"id": "a", "url": "redis:frames:a", "pipeline": "no-such-pipeline"}, "invalid_pipeline"),
+            ({"id": "a", "url": "redis:frames:a", "pipeline": "../config/streamd"}, "invalid_pipeline"),
+            ({"id": "a", "url": "redis:frames:a", "pipeline": "badopts"}, "invalid_pipeline"),  # bad stage options
+            ({"id": "a", "url": "concat:x.mp4|y.mp4", "pipeline": "frame_info"}, "scheme_not_allowed"),
+        ]:
+            async with s.post(u, json=body, headers=h(OPER)) as resp:
+                err = await resp.json()
+                assert resp.status == 422 and err["error"]["code"] == code, (body, err)
+            assert await r.hgetall(API_STREAMS_KEY) == {} and d.runners == {}
+            if body["pipeline"] == "badopts":
+                assert "bogus" in err["error"]["message"], err  # names the bad stage option
+
+        # a refused change leaves the running stream and its stored entry as they were
+        async with s.post(u, json={"id": "b", "url": "redis:frames:b", "pipeline": "frame_info"},
+                          headers=h(OPER)) as resp:
+            assert resp.status == 201
+        stored = await r.hget(API_STREAMS_KEY, "b")
+        runner = d.runners["b"]
+        async with s.patch(u + "/b", json={"pipeline": "badopts"}, headers=h(OPER)) as resp:
+            err = await resp.json()
+            assert resp.status == 422 and "bogus" in err["error"]["message"], err
+        assert await r.hget(API_STREAMS_KEY, "b") == stored and d.runners["b"] is runner
+        assert runner.state.value not in ("failed", "stopped")
+        await push_frames(r, "frames:b", IMGS[:2])
+        await until(lambda: _count(r, "b", 2), 20, what="results of the untouched stream")
+        async with s.post(u, json={"id": "b", "url": "redis:frames:b2", "pipeline": "frame_info"},
+                          headers=h(OPER)) as resp:
+            assert resp.status == 409
+        assert json.loads(await r.hget(API_STREAMS_KEY, "b"))["url"] == "redis:frames:b"
+
+
+async def test_admin_may_add_private_addresses_operate_may_not(r, redis_server):
+    url = f"redis://127.0.0.1:{redis_server.port}/0#frames:lan"  # a camera on the LAN, say
+    async with running(api_cfg(redis_server.url, deny_private_addresses=True)) as d, aiohttp.ClientSession() as s:
+        body = {"id": "lan", "url": url, "pipeline": "frame_info"}
+        async with s.post(d.api_url + "/api/v1/streams", json=body, headers=h(OPER)) as resp:
+            err = await resp.json()
+            assert resp.status == 422 and err["error"]["code"] == "private_address"
+            assert err["error"]["details"]["needed"] == "admin"
+        assert not await r.hexists(API_STREAMS_KEY, "lan")
+        async with s.post(d.api_url + "/api/v1/streams", json=body, headers=h(ADMIN)) as resp:
+            assert resp.status == 201, await resp.text()
+        await push_frames(r, "frames:lan", IMGS[:2])
+        await until(lambda: _count(r, "lan", 2), 20, what="results of the admin-added stream")
+        # schemes and FFmpeg options stay closed to admin too
+        for bad in ({"id": "f", "url": "file:///etc/passwd"},
+                    {"id": "f", "url": "rtsp://cam.example/x", "ffmpeg_options": {"protocol_whitelist": "file"}}):
+            async with s.post(d.api_url + "/api/v1/streams", json=bad, headers=h(ADMIN)) as resp:
+                assert resp.status == 422
+
+
+async def test_stream_get_fields_move_with_frames(r, redis_server, clip):
+    live = {"id": "live", "url": str(clip), "playback": "realtime", "loop": True, "fps": 4.0}
+    # nothing listens on port 1: refused at once, then failed after one retry
+    bad = {"id": "bad", "url": "rtsp://127.0.0.1:1/nothing", "open_timeout_s": 2,
+           "reconnect": {"initial_s": 0.1, "max_attempts": 1}}
+    async with running(api_cfg(redis_server.url, [live, bad])) as d, aiohttp.ClientSession() as s:
+        async def flowing():
+            info = await _get(s, d, "live")
+            return info if info["fps_in"] > 0 and info["fps_out"] > 0 and info["results"] >= 2 else None
+
+        info = await until(flowing, 20, what="fps in and out above 0")
+        assert info["state"] == "live" and info["reason"] is None and info["last_error"] is None
+        assert 0 < info["fps_out"] <= info["fps_in"] and info["fps_in"] > 10  # decodes ~30 fps, samples 4
+        assert isinstance(info["dropped"], int) and info["dropped"] >= 0
+        assert abs(info["last_frame_ts"] - time.time()) < 5
+        assert info["frames_decoded"] > info["frames_sampled"] > 0 and info["queue_depth"] >= 0
+
+        async def failed():
+            x = await _get(s, d, "bad")
+            return x if x["state"] == "failed" else None
+
+        x = await until(failed, 30, what="the unreachable stream to fail")
+        assert x["reason"] and "gave up after 1 attempts" in x["reason"]
+        assert x["last_error"] and x["fps_in"] == 0 and x["fps_out"] == 0 and x["last_frame_ts"] is None
+        async with s.get(d.api_url + "/api/v1/streams", headers=h(READ)) as resp:
+            listed = {y["id"]: y for y in (await resp.json())["streams"]}
+        assert listed["bad"]["state"] == "failed" and listed["live"]["state"] == "live"
+
+
+async def test_a_stored_stream_means_the_same_after_a_restart(r, redis_server):
+    """Only the fields the client set are kept: a Redis input without `fps` still gives every entry a result."""
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        body = {"id": "every", "url": "redis:frames:every", "pipeline": "frame_info"}
+        async with s.post(d.api_url + "/api/v1/streams", json=body, headers=h(OPER)) as resp:
+            assert resp.status == 201
+        async with s.patch(d.api_url + "/api/v1/streams/every", json={"queue_size": 4}, headers=h(OPER)) as resp:
+            assert resp.status == 200
+    assert json.loads(await r.hget(API_STREAMS_KEY, "every")) == {**body, "queue_size": 4}
+    async with running(api_cfg(redis_server.url)) as d:
+        await push_frames(r, "frames:every", IMGS)  # pushed at once: an fps would sample one or two of them
+        await until(lambda: _count(r, "every", len(IMGS)), 20, what="a result for every entry")
+        assert d.runners["every"].cfg.queue_size == 4
