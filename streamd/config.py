@@ -103,7 +103,9 @@ class RedisInputConfig(Strict):
     claim_idle_ms: int = Field(30_000, ge=1, description="pending entries idle this long are claimed and retried")
     read_count: int = Field(16, ge=1, description="entries read per XREADGROUP")
     block_ms: int = Field(1000, ge=1, description="how long one XREADGROUP blocks")
-    start_id: str = Field("0", description="where a new consumer group starts: 0 = whole stream, $ = new entries")
+    start_id: str = Field("0", pattern=r"^(\$|0|\d+(-\d+)?)$",
+                          description="where a new consumer group starts: 0 = whole stream, $ = new entries, "
+                                      "or an entry id")
 
 
 class StreamConfig(Strict):
@@ -111,13 +113,13 @@ class StreamConfig(Strict):
     url: str = Field(..., min_length=1, description="rtsp://, http(s)://...m3u8, a file path, redis://host/db#key")
     pipeline: str = Field("default", description="name of the pipeline (pipelines/ or this file's pipelines:)")
     fps: float | None = Field(2.0, gt=0, description="sampling rate by presentation time; null = every frame")
-    queue_size: int = Field(8, ge=1, description="bounded per-stream queue")
+    queue_size: int = Field(8, ge=1, le=10_000, description="bounded per-stream queue")
     drop_policy: DropPolicy | None = Field(None, description="null = drop_oldest for live sources, wait for replay")
     playback: Playback = Field(Playback.FAST, description="files: realtime (like a camera) or fast")
     loop: bool = Field(False, description="files: start again at the end")
     stall_timeout_s: float = Field(10.0, gt=0, description="no frame for this long: the stream is stalled")
-    open_timeout_s: float = Field(10.0, gt=0, description="timeout to open the source and read from it")
-    decode_threads: int = Field(0, ge=0, description="decoder threads (0 = FFmpeg decides)")
+    open_timeout_s: float = Field(10.0, gt=0, le=3600, description="timeout to open the source and read from it")
+    decode_threads: int = Field(0, ge=0, le=64, description="decoder threads (0 = FFmpeg decides)")
     ffmpeg_options: dict[str, str] = Field(default_factory=dict, description="extra FFmpeg demuxer options")
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     redis_input: RedisInputConfig = Field(default_factory=RedisInputConfig, description="for redis:// sources")
@@ -134,7 +136,7 @@ class StageConfig(Strict):
 class PipelineConfig(Strict):
     description: str = ""
     stages: list[StageConfig] = Field(..., min_length=1)
-    queue_size: int = Field(16, ge=1, description="bounded queue between two stages")
+    queue_size: int = Field(16, ge=1, le=10_000, description="bounded queue between two stages")
 
 
 class ShutdownConfig(Strict):

@@ -81,7 +81,7 @@ def test_demo_runs_offline_with_embedded_redis(tmp_path):
     env.pop("STREAMD_REDIS_URL")
     t0 = time.monotonic()
     p = subprocess.run(STREAMD + ["demo", "--duration", "25", "--json"], capture_output=True, text=True,
-                       timeout=300, env=env)
+                       timeout=200, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     recs = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
     results = [x for x in recs if x["kind"] == "results"]
