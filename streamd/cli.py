@@ -75,8 +75,11 @@ async def serve(cfg: Config, extra: Callable[..., Awaitable[None]] | None = None
         runner = asyncio.create_task(daemon.run(stop))
         helper = None
         if extra is not None:
-            await daemon.started.wait()
-            helper = asyncio.create_task(extra(daemon))
+            started = asyncio.ensure_future(daemon.started.wait())
+            await asyncio.wait({started, runner}, return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()
+            if daemon.started.is_set() and not runner.done():
+                helper = asyncio.create_task(extra(daemon))
         await runner
         if helper is not None:
             helper.cancel()

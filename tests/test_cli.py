@@ -80,8 +80,12 @@ def test_demo_runs_offline_with_embedded_redis(tmp_path):
     env = {**os.environ, "STREAMD_HOME": str(tmp_path / "home"), "STREAMD_REDIS_URL": ""}
     env.pop("STREAMD_REDIS_URL")
     t0 = time.monotonic()
-    p = subprocess.run(STREAMD + ["demo", "--duration", "25", "--json"], capture_output=True, text=True,
-                       timeout=200, env=env)
+    try:
+        p = subprocess.run(STREAMD + ["demo", "--duration", "25", "--json"], capture_output=True, text=True,
+                           timeout=200, env=env)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr
+        raise AssertionError(f"the demo did not stop after --duration; stderr: {(err or '')[-3000:]}") from None
     assert p.returncode == 0, p.stderr[-2000:]
     recs = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
     results = [x for x in recs if x["kind"] == "results"]
