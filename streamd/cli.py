@@ -82,8 +82,10 @@ async def serve(cfg: Config, extra: Callable[..., Awaitable[None]] | None = None
                 helper = asyncio.create_task(extra(daemon))
         await runner
         if helper is not None:
+            # a Redis client cancelled in the middle of a blocking read may never finish cancelling (seen with
+            # redis-py): wait a little, then leave it
             helper.cancel()
-            await asyncio.gather(helper, return_exceptions=True)
+            await asyncio.wait({helper}, timeout=2.0)
     return 0
 
 
@@ -140,8 +142,13 @@ async def _demo(a: argparse.Namespace) -> int:
 
         assert isinstance(daemon, Daemon)
         print(f"streamd demo: redis at {daemon.redis_url}; results below (Ctrl-C to stop)", file=sys.stderr)
-        assert daemon.redis is not None
-        await follow(daemon.redis, [], ("results", "events"), a.json, from_start=True)
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(daemon.redis_url)  # its own connections, never the daemon's
+        try:
+            await follow(client, [], ("results", "events"), a.json, from_start=True)
+        finally:
+            await client.aclose()
 
     return await serve(cfg, show, a.duration)
 
