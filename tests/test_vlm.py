@@ -249,3 +249,41 @@ async def test_fallback_to_a_real_server_when_the_primary_endpoint_dies(r, redis
     assert eps[0] == primary.url and eps[-1] == srv["url"]
     switch = eps.index(srv["url"])
     assert switch >= 3 and primary.url not in eps[switch:]  # the fallback served only once the primary died
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+async def test_sglang_engine_answers_on_a_gpu(r, redis_server, clip, tiny_vlm):
+    import pytest
+
+    if not _has_sglang() or not _cuda():
+        pytest.skip("needs SGLang (pip install 'streamd[sglang]') and a CUDA GPU: SGLang has no CPU build; "
+                    "without them the backend's clear error is tested above")
+    stage = {"type": "vlm", "backend": "sglang", "model": str(tiny_vlm), "every_s": 0, "max_tokens": 4,
+             "max_pixels": 112 * 112}
+    cfg = make_config(redis_server.url, [{"id": "sgl", "url": str(clip), "fps": 1.0, "pipeline": "p"}],
+                      pipelines={"p": {"stages": [stage]}})
+    async with running(cfg):
+        answers = await until(lambda: _vrecs(r, "sgl", 3), 300, what="answers from the SGLang engine")
+    assert all("error" not in a and a["endpoint"] == "sglang:in-process" for a in answers)
+
+
+async def test_transformers_backend_4bit_on_a_gpu(r, redis_server, clip, tiny_vlm):
+    import importlib.util
+
+    import pytest
+
+    if not _cuda() or importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("needs a CUDA GPU and bitsandbytes (pip install 'streamd[gpu]'); on the CPU the clear error "
+                    "is tested above")
+    stage = {"type": "vlm", "backend": "transformers", "model": str(tiny_vlm), "device": "cuda",
+             "quantization": "4bit", "dtype": "float16", "every_s": 0, "max_tokens": 4, "max_pixels": 112 * 112}
+    cfg = make_config(redis_server.url, [{"id": "q4", "url": str(clip), "fps": 1.0, "pipeline": "p"}],
+                      pipelines={"p": {"stages": [stage]}})
+    async with running(cfg):
+        answers = await until(lambda: _vrecs(r, "q4", 3), 120, what="answers from the 4-bit model")
+    assert all("error" not in a and a["endpoint"].startswith("transformers:cuda") for a in answers)
