@@ -17,10 +17,10 @@ TOKENS = [{"name": "alice", "token": ADMIN, "scopes": ["admin"]},
           {"name": "viewer", "token": READ, "scopes": ["read"]}]
 
 
-def api_cfg(redis_url, streams=(), **api):
+def api_cfg(redis_url, streams=(), pipelines=None, **api):
     return make_config(redis_url, list(streams), api={"enabled": True, "port": 0, "tokens": TOKENS,
                                                       "rate_limit_per_s": 10_000, "rate_limit_burst": 10_000,
-                                                      **api})
+                                                      **api}, **({"pipelines": pipelines} if pipelines else {}))
 
 
 def h(token):
@@ -92,6 +92,50 @@ async def test_add_and_remove_a_live_hls_stream(r, redis_server, clip, tmp_path)
 async def _n(r, sid, n):
     recs = await results(r, sid)
     return recs if len(recs) >= n else None
+
+
+async def test_adding_and_removing_a_stream_leaves_the_others_trackers_alone(r, redis_server, tmp_path):
+    """Detect + track: a second camera (live HLS) added and removed through the API runs on the same loaded
+    detector, and the first camera's tracker is never reset: no frame lost, no id restarted, no reset."""
+    from conftest import events
+    from streamd.testing import make_pan_clip
+
+    clip = make_pan_clip(tmp_path / "z.mp4", "zidane.jpg", seconds=6, fps=10, size=(640, 360))
+    pipe = {"stages": [{"type": "detect", "model": "person", "labels": {"Normal": "person"}, "conf": 0.35,
+                        "imgsz": 320, "max_batch": 4, "max_wait_ms": 20},
+                       {"type": "track", "tracker": "bytetrack", "track_buffer_s": 5}]}
+    a = {"id": "a", "url": str(clip), "playback": "realtime", "loop": True, "fps": 2.0, "pipeline": "dt"}
+    cfg = api_cfg(redis_server.url, [a], pipelines={"dt": pipe})
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        await until(lambda: _n(r, "a", 4), 60, what="tracked results of stream a")
+        det = d.pipelines["dt"].stages[0].detector
+        hls = LiveHls(clip, tmp_path / "hls").start()  # b: a live HLS camera
+        http = HttpDir(tmp_path / "hls").start()
+        try:
+            body = {"id": "b", "url": http.url("index.m3u8"), "fps": 2.0, "pipeline": "dt"}
+            async with s.post(d.api_url + "/api/v1/streams", json=body, headers=h(OPER)) as resp:
+                assert resp.status == 201, await resp.text()
+            await until(lambda: _n(r, "b", 4), 60, what="results of the added stream b")
+            async with s.delete(d.api_url + "/api/v1/streams/b", headers=h(OPER)) as resp:
+                assert resp.status == 204
+        finally:
+            http.stop()
+            hls.stop()
+        n_a = len(await results(r, "a"))
+        await until(lambda: _n(r, "a", n_a + 4), 60, what="stream a going on after b was removed")
+        assert d.pipelines["dt"].stages[0].detector is det  # the same loaded model throughout
+    recs = await results(r, "a")
+    assert [x["seq"] for x in recs] == list(range(len(recs)))  # no frame of a lost
+    assert not any(x["discontinuity"] for x in recs[1:])
+    ids = [sorted(t["track_id"] for t in x["outputs"]["track"]["tracks"]) for x in recs]
+    assert all(x for x in ids), ids  # people tracked in every frame
+    evs_a = await events(r, "a")
+    lost_before_stop = [e for e in evs_a if e["type"] == "track_lost" and e["reason"] != "stream removed"]
+    assert not [e for e in lost_before_stop if e["reason"] == "reset"], lost_before_stop  # never reset
+    started = [e["track_id"] for e in evs_a if e["type"] == "track_started"]
+    assert len(started) == len(set(started))  # no id started twice (a tracker recreated would restart at 1)
+    b_lost = [e for e in await events(r, "b") if e["type"] == "track_lost"]
+    assert b_lost and all(e["reason"] == "stream removed" for e in b_lost)  # b's tracks ended with b
 
 
 async def test_bad_requests_get_documented_4xx(r, redis_server):
