@@ -3,7 +3,6 @@
     .venv/bin/python benchmarks/spine.py            # full run (about 3 minutes on a 2-core box)
     .venv/bin/python benchmarks/spine.py --quick    # shorter clip, one repeat
     .venv/bin/python benchmarks/spine.py --write    # also rewrite the "Spine" section of benchmarks/RESULTS.md
-    .venv/bin/python benchmarks/spine.py --mallopt  # diagnostic: glibc malloc thresholds fixed (see RESULTS.md)
 
 1. Throughput. N streams (1, 4, 8) of the same 720p H.264 clip (one copy of the file per stream):
    - baseline: N threads, each decoding its own copy with PyAV (thread_type AUTO, like the daemon) to RGB numpy
@@ -11,9 +10,9 @@
    - daemon: N file streams, fps null (every frame), playback fast, a pass-through pipeline (one `frame_info`
      stage, defined inline), publishing to a real redis-server; wall time from `Daemon.run()` until every stream has
      stopped and every frame's result record has been published (the end is the newest record's publish_ts, so
-     the 10 ms completion poll adds nothing); frames/s = result records / wall time (all N*frames are checked to
+     the 50 ms completion poll adds nothing); frames/s = result records / wall time (all N*frames are checked to
      be in Redis).
-   ``--repeats` repeats, default 5 (baseline and daemon interleaved). The box may be shared: a repeat during which other
+   `--repeats` repeats, default 5 (baseline and daemon interleaved). The box may be shared: a repeat during which other
    processes used more than QUIET_CORES is left out (unless all were); frames/s is the best kept run, ratio =
    daemon / baseline. CPU ms per frame (process CPU time, all threads, plus redis-server) is printed too: it is
    much less sensitive to other load than frames/s.
@@ -51,6 +50,7 @@ from streamd import keys  # noqa: E402
 from streamd.config import parse_config  # noqa: E402
 from streamd.daemon import Daemon  # noqa: E402
 from streamd.log import setup_logging  # noqa: E402
+from streamd.memory import MMAP_THRESHOLD_B, TRIM_THRESHOLD_B, tune_malloc  # noqa: E402
 from streamd.redis_server import ManagedRedis  # noqa: E402
 from streamd.samples import make_pan_clip  # noqa: E402
 
@@ -77,25 +77,6 @@ def clips(n: int, seconds: float, fps: int, cache: Path) -> tuple[list[Path], in
     with av.open(str(src)) as c:
         frames = sum(1 for pkt in c.demux(c.streams.video[0]) if pkt.size)  # one packet per frame (no B-frames)
     return paths, frames
-
-
-# -- glibc malloc (diagnostic) ------------------------------------------------------------------------------------
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MALLOPT = {"mmap_threshold": 32 << 20, "trim_threshold": 256 << 20}
-
-
-def tune_malloc() -> bool:
-    """Fix glibc's mmap and trim thresholds (what MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
-    do), so freed 2.7 MB frames are reused instead of being returned to the kernel and faulted in again."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MALLOPT["mmap_threshold"])) and \
-            bool(libc.mallopt(M_TRIM_THRESHOLD, MALLOPT["trim_threshold"]))
-    except (OSError, AttributeError):
-        return False
 
 
 # -- CPU accounting -----------------------------------------------------------------------------------------------
@@ -203,7 +184,7 @@ async def daemon_fast(redis_url: str, paths: list[Path], expect: int) -> tuple[i
                 raise RuntimeError(f"daemon stopped early: {d.status()}")
             if time.perf_counter() - t0 > 600:
                 raise RuntimeError(f"timed out: {done}/{expect} published; {d.status()}")
-            await asyncio.sleep(0.01)  # the poll must cost the daemon next to nothing
+            await asyncio.sleep(0.05)  # the poll must cost the daemon next to nothing (it sets no time: see below)
         dt_poll = time.perf_counter() - t0
         lags = list(d.loop_lag_s)
     finally:
@@ -289,10 +270,9 @@ def revision() -> str:
 
 def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], live: dict[str, Any], frames: int,
              other_cores: float) -> str:
-    cmd = ".venv/bin/python benchmarks/spine.py" + (" --quick" if args.quick else "") + \
-        (" --mallopt" if args.mallopt else "")
-    make = "" if args.quick or args.mallopt else " (or `make bench`)"
-    out = [section(args), "",
+    cmd = ".venv/bin/python benchmarks/spine.py" + (" --quick" if args.quick else "")
+    make = "" if args.quick else " (or `make bench`)"
+    out = [SECTION, "",
            f"Command: `{cmd}`{make}. streamd at {revision()}. Machine: {machine()}. "
            f"Other processes used {other_cores:.2f} cores on average while it ran. "
            f"Run {time.strftime('%Y-%m-%d')}.", "",
@@ -315,11 +295,12 @@ def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], live: dict[st
         out.append(f"| {r['n']} | {r['base_fps']:.1f} | {r['daemon_fps']:.1f} | {r['ratio']:.2f} "
                    f"({r['median_ratio']:.2f}) | {ok} | {r['base_cpu_ms']:.2f} | {r['daemon_cpu_ms']:.2f} | "
                    f"{r['fast_lag_p99_ms']:.1f} ms | {r['runs_used']} |")
-    if args.mallopt:
-        out += ["", "Diagnostic run: glibc malloc thresholds fixed in the benchmark process (`mallopt` "
-                f"M_MMAP_THRESHOLD {MALLOPT['mmap_threshold'] >> 20} MiB, "
-                f"M_TRIM_THRESHOLD {MALLOPT['trim_threshold'] >> 20} MiB) "
-                "for both the baseline and the daemon; streamd itself unchanged."]
+    out += ["", "glibc malloc: " + (
+        "the daemon sets its thresholds when it starts (`streamd.memory`: M_MMAP_THRESHOLD "
+        f"{MMAP_THRESHOLD_B >> 20} MiB, M_TRIM_THRESHOLD {TRIM_THRESHOLD_B >> 20} MiB). They hold for the whole "
+        "process, so the benchmark sets them before its first run and the baseline, in the same process, runs "
+        "with them too (they do not slow it)." if args.malloc_tuned else
+        "thresholds not tuned (not glibc, STREAMD_MALLOPT=0, or MALLOC_* set in the environment).")]
     out += ["", f"### Latency: {live['streams']} live streams at {live['fps']:g} FPS", "",
             f"Playback realtime, loop, {live['seconds']:g} s, same clip, same pass-through pipeline; "
             f"{live['measured']} result records measured (the first second skipped). Capture = wall clock when the "
@@ -331,10 +312,6 @@ def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], live: dict[st
             f"| {live['p50_ms']:.1f} ms | {live['p99_ms']:.1f} ms | {live['max_ms']:.1f} ms | "
             f"{live['lag_p99_ms']:.1f} ms | {live['lag_max_ms']:.1f} ms |"]
     return "\n".join(out) + "\n"
-
-
-def section(args: argparse.Namespace) -> str:
-    return SECTION + (": diagnostic, glibc malloc thresholds fixed" if args.mallopt else "")
 
 
 def write_section(text: str, path: Path = RESULTS_MD) -> None:
@@ -439,8 +416,6 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=None, help="repeats of each measurement (default 5)")
     ap.add_argument("--seconds", type=float, default=None, help="clip length in seconds (default 10)")
     ap.add_argument("--latency-s", type=float, default=None, help="latency run length (default 20)")
-    ap.add_argument("--mallopt", action="store_true",
-                    help="diagnostic: fix glibc's mmap/trim thresholds in this process before measuring")
     ap.add_argument("--check", action="store_true", help="exit 1 when a ratio is below the target")
     ap.add_argument("--write", action="store_true", help=f"rewrite the '{SECTION[3:]}' section of RESULTS.md")
     args = ap.parse_args()
@@ -448,9 +423,7 @@ def main() -> int:
     args.seconds = args.seconds or (5.0 if args.quick else 10.0)
     args.latency_s = args.latency_s or (10.0 if args.quick else 20.0)
     setup_logging("warning", "console")
-    if args.mallopt and not tune_malloc():
-        print("--mallopt: mallopt() is not available here (not glibc?)", file=sys.stderr)
-        return 2
+    args.malloc_tuned = tune_malloc()  # what every Daemon does at startup; process-wide, so set before anything runs
     return asyncio.run(amain(args))
 
 

@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 # while frames keep coming, the loop collects what decoder threads put every FRAME_TICK_S instead of being woken
 # for each frame: at most this much added latency, for far fewer wake-ups (see Doorbell)
-FRAME_TICK_S = 0.005
+FRAME_TICK_S = 0.01
 
 
 class QueueClosed(Exception):
@@ -33,7 +33,7 @@ class Doorbell:
     """Hands calls from producer threads to the event loop, in order. The first call after a quiet spell wakes the
     loop at once; while calls keep coming, the loop collects them every `tick_s` instead of being woken for each
     (with tick_s 0, every collection is a wake-up). Waking a sleeping loop (a self-pipe write, a context switch, the
-    GIL changing hands) costs far more than handing it a few frames at once."""
+    GIL changing hands) costs far more than handing it several frames at once."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tick_s: float = 0.0):
         self._loop = loop
@@ -41,6 +41,8 @@ class Doorbell:
         self._lock = threading.Lock()
         self._calls: list[tuple[Callable[[Any], None], Any]] = []
         self._scheduled = False  # a collection is on its way: a wake-up or the next tick
+        self._hurried = False  # a wake-up is on its way, ahead of the next tick
+        self._tick: asyncio.TimerHandle | None = None
 
     def post(self, fn: Callable[[Any], None], arg: Any) -> bool:
         """From any thread: `fn(arg)` is called on the loop, after the calls posted before it. False when the loop
@@ -52,19 +54,33 @@ class Doorbell:
             if self._scheduled:
                 return True
             self._scheduled = True
+        return self._wake()
+
+    def hurry(self) -> None:
+        """From a thread about to wait for the loop (a full `wait` queue): collect now, not at the next tick."""
+        with self._lock:
+            if not self._calls or self._hurried:
+                return
+            self._hurried = True
+        self._wake()
+
+    def _wake(self) -> bool:
         try:
             self._loop.call_soon_threadsafe(self._collect)
-        except RuntimeError:  # closed meanwhile
+        except RuntimeError:  # the loop is closed
             return False
         return True
 
-    def _collect(self) -> None:
+    def _collect(self, ticked: bool = False) -> None:
+        if self._tick is not None:  # a hurried collection replaces the tick
+            self._tick.cancel()
         with self._lock:
             calls, self._calls = self._calls, []
             tick = bool(calls) and self._tick_s > 0  # still flowing: collect again on the next tick
-            self._scheduled = tick
-        if tick:
-            self._loop.call_later(self._tick_s, self._collect)
+            self._scheduled, self._hurried = tick, False
+        # the first tick after a wake-up comes sooner: it catches the rest of a burst (cameras in step)
+        delay_s = self._tick_s if ticked else self._tick_s / 4
+        self._tick = self._loop.call_later(delay_s, self._collect, True) if tick else None
         for fn, arg in calls:
             fn(arg)
 
@@ -122,7 +138,8 @@ class FrameQueue(Generic[T]):
         """From a producer thread. `wait`: blocks this thread until there is space or `stop` is set.
         Returns False when the item was not queued (stopping or closed). An item whose `stop` is set before the
         loop takes it is discarded: a closed source's last frames never reach the stream."""
-        if self._slots is not None:
+        if self._slots is not None and not self._slots.acquire(blocking=False):
+            self._doorbell.hurry()  # the items taking the room may be waiting for the next tick
             while not self._slots.acquire(timeout=0.1):
                 if stop.is_set() or self._closed:
                     return False
@@ -131,8 +148,10 @@ class FrameQueue(Generic[T]):
         return self._doorbell.post(self._arrive, (item, stop))
 
     def call_threadsafe(self, fn: Callable[[Any], None], arg: Any) -> None:
-        """From a producer thread: call `fn(arg)` on the loop once the items it put before are queued."""
-        self._doorbell.post(fn, arg)
+        """From a producer thread: call `fn(arg)` on the loop once the items it put before are queued, without
+        waiting for the next tick (a source that ends says so at once)."""
+        if self._doorbell.post(fn, arg):
+            self._doorbell.hurry()
 
     def _arrive(self, entry: tuple[T, threading.Event]) -> None:
         item, stop = entry
@@ -177,7 +196,7 @@ class FrameQueue(Generic[T]):
             await self._nonempty.wait()
 
     def close_threadsafe(self) -> None:
-        self._doorbell.post(lambda _: self.close(), None)
+        self.call_threadsafe(lambda _: self.close(), None)
 
     def close(self) -> None:
         """No more items will be accepted; items already queued can still be read."""

@@ -39,8 +39,8 @@ class RedisConfig(Strict):
     events_maxlen: int = Field(10_000, ge=1, description="approximate MAXLEN of each events stream")
     buffer_max_records: int = Field(10_000, ge=1, description="records kept in memory while Redis is unreachable")
     publish_batch: int = Field(64, ge=1, le=10_000, description="records sent in one round trip")
-    publish_max_wait_ms: float = Field(5.0, ge=0, description="under load, how long the oldest buffered record "
-                                       "may wait for a fuller batch (0 = never waits)")
+    publish_max_wait_ms: float = Field(5.0, ge=0, le=1000, description="under load, how long the oldest buffered "
+                                       "record may wait for a fuller batch (0 = never waits)")
     retry_initial_s: float = Field(0.2, gt=0, description="first wait before retrying Redis")
     retry_max_s: float = Field(5.0, gt=0, description="longest wait between Redis retries")
     consumer: str | None = Field(None, description="consumer name for Redis frame inputs (default: host name)")

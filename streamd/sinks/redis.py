@@ -95,7 +95,11 @@ class RedisSink:
         self._ready = asyncio.Event()
         self._full = asyncio.Event()  # publish_batch records are buffered
         self._space = asyncio.Event()
-        self._conn = client.connection_pool.make_connection()  # the sink's own; it connects when first used
+        # the sink's own connection (it connects when first used); a round trip is timed as a whole, so the
+        # connection has no socket timeout of its own (redis-py would run every write as a task with a timer)
+        pool = client.connection_pool
+        self._timeout_s: float | None = pool.connection_kwargs.get("socket_timeout")
+        self._conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         self._sent_at = -math.inf  # time.monotonic() when the last send began
         self._idle = asyncio.Event()
         self._idle.set()
@@ -227,21 +231,24 @@ class RedisSink:
         error = next((r for r in (replies[-1] if tx else replies) if isinstance(r, Exception)), None)
         if error is not None:
             raise error
+        done: dict[str, int] = {}  # results per stream
         for p in batch:
             if p.result is not None:
                 sid = p.result["stream_id"]
-                self.results_by_stream[sid] = self.results_by_stream.get(sid, 0) + 1
-                m = self.metrics.stream(sid)
-                m.processed.inc()
-                m.e2e_latency.observe(max(0.0, now - p.result["capture_ts"]))
+                done[sid] = done.get(sid, 0) + 1
+                self.metrics.stream(sid).e2e_latency.observe(max(0.0, now - p.result["capture_ts"]))
+        for sid, n in done.items():
+            self.results_by_stream[sid] = self.results_by_stream.get(sid, 0) + n
+            self.metrics.stream(sid).processed.inc(n)
 
     async def _roundtrip(self, cmds: list[bytes]) -> list[Any]:
-        """Write packed commands on the sink's connection and read every reply, within its socket timeout."""
+        """Write packed commands on the sink's connection and read every reply, within the client's socket
+        timeout."""
         conn = self._conn
         try:
-            await conn.send_packed_command(cmds)  # (re)connects when needed
-            async with asyncio.timeout(conn.socket_timeout):
-                return [await conn.read_response(disable_decoding=True, timeout=math.inf) for _ in cmds]
+            async with asyncio.timeout(self._timeout_s):
+                await conn.send_packed_command(cmds)  # (re)connects when needed
+                return [await conn.read_response(disable_decoding=True) for _ in cmds]
         except BaseException:
             await conn.disconnect()  # unread replies must never answer the next batch
             raise

@@ -128,7 +128,7 @@ class AvSource:
         raise SourceError("the stream ended")
 
     def _decode(self, container: Any, stream: Any) -> float:
-        tb: Fraction = stream.time_base or Fraction(1, 90_000)
+        tb_s = float(stream.time_base or Fraction(1, 90_000))  # a float: Fraction arithmetic per frame is slow
         realtime = self.ref.kind == "file" and self.cfg.playback is Playback.REALTIME
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         frame_dur = 1.0 / rate if rate > 0 else 0.04
@@ -153,7 +153,7 @@ class AvSource:
                 self.frames_decoded += 1
                 self._progress_t = time.monotonic()
                 if vf.pts is not None:
-                    pts = float(vf.pts * tb) + offset
+                    pts = vf.pts * tb_s + offset
                 else:
                     pts = offset + synthetic * frame_dur
                 synthetic += 1
