@@ -1,6 +1,6 @@
 """VLM stage benchmarks, both sides in the same run, same tiny random-weight Qwen2.5-VL (built offline):
 
-(a) `transformers` backend through the daemon: 4 live streams (files played in real time, 10 fps sampled: 40 frames/s, more
+(a) `transformers` backend through the daemon: 4 live streams (files played in real time, 20 fps sampled: 80 frames/s, more
     than the model can answer), VLM asked about every frame it has room for; answers/s with cross-stream batching
     (`max_batch` 4) against one frame per `generate` call (`max_batch` 1). Ratio = batched / unbatched.
 (b) `openai` backend against a real `transformers serve`: the backend's `answer()` (resize, JPEG, retries,
@@ -46,7 +46,7 @@ async def daemon_answers(model: str, clip: Path, redis_url: str, max_batch: int,
     cfg = parse_config({
         "redis": {"url": redis_url},
         "pipelines": {"v": {"stages": [stage]}},
-        "streams": [{"id": f"s{i}", "url": str(clip), "fps": 10.0, "playback": "realtime", "loop": True,
+        "streams": [{"id": f"s{i}", "url": str(clip), "fps": 20.0, "playback": "realtime", "loop": True,
                      "pipeline": "v"} for i in range(4)],
     }, environ={})
     d = Daemon(cfg)
@@ -115,6 +115,8 @@ async def amain(a: argparse.Namespace) -> None:
     clip = make_pan_clip(tmp / "pan.mp4", seconds=4, fps=30, size=(640, 360))
     import torch
 
+    if a.torch_threads:
+        torch.set_num_threads(a.torch_threads)
     print(f"model: tiny random-weight Qwen2.5-VL ({model}); {TOKENS} new tokens; images {PIXELS} px; "
           f"device cpu; torch threads {torch.get_num_threads()}; {os.cpu_count()} CPU cores", flush=True)
     srv = await asyncio.to_thread(ManagedRedis(tmp / "redis").start)
@@ -147,6 +149,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="measured time per daemon run")
     ap.add_argument("--requests", type=int, default=64, help="requests per openai run")
     ap.add_argument("--serve-threads", type=int, default=1, help="OMP threads of transformers serve")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch threads in process (default 1: on a shared 2-core box more threads than free cores "
+                         "make generate times swing several-fold; 0 = torch's default)")
     setup_logging("warning", "console")
     asyncio.run(amain(ap.parse_args()))
 
