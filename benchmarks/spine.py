@@ -299,7 +299,8 @@ def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], live: dict[st
         "the daemon sets its thresholds when it starts (`streamd.memory`: M_MMAP_THRESHOLD "
         f"{MMAP_THRESHOLD_B >> 20} MiB, M_TRIM_THRESHOLD {TRIM_THRESHOLD_B >> 20} MiB). They hold for the whole "
         "process, so the benchmark sets them before its first run and the baseline, in the same process, runs "
-        "with them too (they do not slow it)." if args.malloc_tuned else
+        "with them too (checked separately: they change the baseline by no more than run-to-run noise)."
+        if args.malloc_tuned else
         "thresholds not tuned (not glibc, STREAMD_MALLOPT=0, or MALLOC_* set in the environment).")]
     out += ["", f"### Latency: {live['streams']} live streams at {live['fps']:g} FPS", "",
             f"Playback realtime, loop, {live['seconds']:g} s, same clip, same pass-through pipeline; "
