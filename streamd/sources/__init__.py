@@ -1,4 +1,5 @@
-"""Sources: each is an async iterator of Frame with `aclose()`. The kind is picked from the reference:
+"""Sources: PyAV ones push frames into the stream's queue from a decoder thread, the Redis one is an async
+iterator of Frames (the two contracts: `streamd.sources.base`). The kind is picked from the reference:
 
 | reference                                   | kind   | notes                                        |
 |---------------------------------------------|--------|----------------------------------------------|
