@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from streamd.batching import FrameQueue, Ingress, QueueClosed, StageQueue
+from streamd.batching import Doorbell, FrameQueue, Ingress, QueueClosed, StageQueue
 from streamd.config import DropPolicy
 
 
@@ -39,6 +39,30 @@ async def test_wait_policy_blocks_a_producer_thread_and_loses_nothing():
         await asyncio.sleep(0)
     t.join()
     assert got == list(range(50))
+
+
+async def test_doorbell_keeps_order_and_a_full_wait_queue_does_not_wait_for_the_tick():
+    loop = asyncio.get_running_loop()
+    bell = Doorbell(loop, tick_s=1.0)  # a steady flow is collected once a second
+    q = FrameQueue(2, DropPolicy.WAIT, loop, doorbell=bell)
+    stop = threading.Event()
+    ended = loop.create_future()
+
+    def produce():
+        for i in range(50):
+            assert q.put_threadsafe(i, stop)
+        q.call_threadsafe(ended.set_result, "end")  # after the items, without waiting for a tick
+
+    t = threading.Thread(target=produce)
+    t0 = loop.time()
+    t.start()
+    got = []
+    while len(got) < 50:
+        got.append(await q.get())
+    assert await asyncio.wait_for(ended, 1.0) == "end" and len(q) == 0
+    t.join()
+    assert got == list(range(50))
+    assert loop.time() - t0 < 5  # 25 ticks' worth of items: a blocked producer hurries the collection
 
 
 async def test_ingress_is_fair_across_streams():
