@@ -82,7 +82,10 @@ class Doorbell:
         delay_s = self._tick_s if ticked else self._tick_s / 4
         self._tick = self._loop.call_later(delay_s, self._collect, True) if tick else None
         for fn, arg in calls:
-            fn(arg)
+            try:
+                fn(arg)
+            except Exception as e:  # noqa: BLE001 - reported like a failing loop callback; the others still run
+                self._loop.call_exception_handler({"message": "Doorbell call failed", "exception": e})
 
 
 class FrameQueue(Generic[T]):
