@@ -51,7 +51,7 @@ async def test_trackers_keep_stable_ids_on_a_pan_over_zidane(r, redis_server, tm
     async with running(cfg) as d:
         await until(lambda: d.runners["z"].state.value == "stopped", 120, what="end of clip")
         recs = await until(lambda: _n(r, "z", 20), 60, what="20 results")
-        evs = await events(r, "z")
+        evs = await until(lambda: _all_lost(r, "z"), 20, what="track_lost for every track once the stream ended")
     per_frame = [{t["track_id"] for t in x["outputs"]["track"]["tracks"]} for x in recs]
     counts: dict[int, int] = {}
     for ids in per_frame:
@@ -70,6 +70,14 @@ async def test_trackers_keep_stable_ids_on_a_pan_over_zidane(r, redis_server, tm
     tr = recs[5]["outputs"]["track"]["tracks"][0]
     det = recs[5]["outputs"]["detect"]["detections"][tr["det_index"]]
     assert det["track_id"] == tr["track_id"] and tr["label"] == "person"
+
+
+async def _all_lost(r, sid):
+    """The stream's events once every started track has been lost (published after its last frame)."""
+    evs = await events(r, sid)
+    started = {e["track_id"] for e in evs if e["type"] == "track_started"}
+    lost = {e["track_id"] for e in evs if e["type"] == "track_lost"}
+    return evs if started and started <= lost else None
 
 
 async def test_batches_span_streams_and_models_are_shared(r, redis_server, clip):
