@@ -6,6 +6,10 @@ same device, same run. Prints frames/s of each and the ratio, for 1 and N stream
 Every frame of the clip is processed on both sides (streamd: `fps: null`, `playback: fast`). For several
 streams, Ultralytics' best of (a) one loop per stream in turn and (b) one loop per stream in parallel threads
 (each with its own model instance, as its trackers need) is the baseline.
+
+On the CPU, Ultralytics sets torch's intra-op threads to the cores less one (it leaves one to data loading): on
+2 cores its loop runs single-threaded inference. streamd's detector runs that many concurrent forward passes
+(one model replica each) as fit the cores; Ultralytics' baseline (b) uses them through its threads.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ def main() -> None:
     ap.add_argument("--fps", type=int, default=10)
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--conf", type=float, default=0.35)
-    ap.add_argument("--max-batch", type=int, default=4)
+    ap.add_argument("--max-batch", type=int, default=8, help="the detect stage's max_batch (its default)")
     ap.add_argument("--size", default="1280x720")
     a = ap.parse_args()
     setup_logging("warning")

@@ -3,7 +3,8 @@ open-vocabulary YOLO-World / YOLOE whose classes come from a vocabulary: `stream
 
 One `SharedDetector` per loaded model (and device and precision) batches requests from every stage (every
 pipeline) that uses it: requests waiting while a forward pass runs go together into the next one. Forward passes
-run in the device's single executor thread. Frames of many streams arrive in one stage batch (the pipeline's
+run in the device's single executor thread, or, for plain PyTorch detection models on the CPU, in as many
+concurrent lanes as the cores fit (`SharedDetector`). Frames of many streams arrive in one stage batch (the pipeline's
 fan-in), so no stream waits for another's frame. A vocabulary that cannot be set fails the streams that use it
 (`StageContext.fail_stream`), never the pipeline's other streams.
 """
@@ -11,8 +12,12 @@ fan-in), so no stream waits for another's frame. A vocabulary that cannot be set
 from __future__ import annotations
 
 import asyncio
+import copy
+import os
 from collections import deque
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -80,10 +85,26 @@ class _Request:
     images: list[np.ndarray]
     params: Params
     future: asyncio.Future[list[tuple[np.ndarray, list[Any] | None]]]
+    outs: list[Any] = field(init=False)  # per image, filled in as its forward pass ends
+    left: int = field(init=False)  # images not yet through a forward pass
+
+    def __post_init__(self) -> None:
+        self.outs = [None] * len(self.images)
+        self.left = len(self.images)
+
+
+Forward = Callable[[list[np.ndarray], Params], list[tuple[np.ndarray, list[Any] | None]]]
 
 
 class SharedDetector:
-    """A loaded model plus its cross-pipeline batcher."""
+    """A loaded model plus its cross-pipeline batcher.
+
+    Forward passes run in lanes, each serving the next waiting frames (the same parameters, up to `max_batch`,
+    shared out evenly between idle lanes). Most models have one lane, in the device's executor thread, through
+    `model.predict`. A plain PyTorch detection model on the CPU has as many lanes as the cores fit at the
+    intra-op thread count Ultralytics sets (it leaves cores to data loading; here they run another forward
+    pass), each with its own replica of the model (`_Direct`): decode, preprocessing and the forward passes of
+    several frames overlap, and one frame's inference never waits for another's."""
 
     def __init__(self, model: Any, name: str, device: str, max_batch: int):
         self.model = model
@@ -91,13 +112,15 @@ class SharedDetector:
         self.device = device
         self.max_batch = max_batch
         self.names: dict[int, str] = dict(getattr(model, "names", {}) or {})
-        self._queue: deque[_Request] = deque()
+        self._pending: deque[tuple[_Request, int]] = deque()  # (request, image index), in arrival order
         self._wake = asyncio.Event()
+        self._idle = 0  # lanes waiting for frames
         self._task: asyncio.Task[None] | None = None
         inner = getattr(model, "model", None)
         # YOLO-World / YOLOE: the vocabulary state (embedding caches, text encoder, counters); None otherwise
         self.open_vocab = OpenVocabulary(model, name, device) if open_vocabulary_kind(inner) else None
         self.forward_passes = 0
+        self.lanes = 1
 
     async def detect(self, images: list[np.ndarray], params: Params) -> list[tuple[np.ndarray, list[Any] | None]]:
         """Per image: an (N, 6) array [x1, y1, x2, y2, conf, cls] in pixels, and N masks (RLE) or None.
@@ -108,12 +131,14 @@ class SharedDetector:
             err = self.open_vocab.failed.get(params.vocabulary)
             if err is not None:
                 raise err
+        if not images:
+            return []
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._worker(), name=f"detector:{self.name}")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(images, params, fut))
+        req = _Request(images, params, asyncio.get_running_loop().create_future())
+        self._pending.extend((req, i) for i in range(len(images)))
         self._wake.set()
-        return await fut
+        return await req.future
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -122,43 +147,79 @@ class SharedDetector:
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
+        while not self._pending:  # the first request's parameters set Ultralytics' predictor up
+            self._wake.clear()
+            await self._wake.wait()
+        try:
+            direct = await loop.run_in_executor(device_executor(self.device), self._direct_replicas,
+                                                self._pending[0][0].params)
+        except Exception as e:  # noqa: BLE001 - model.predict reports it again, to the requests
+            log.warning("direct forward passes unavailable", model=self.name, error=redact_text(str(e)))
+            direct = []
+        if not direct:
+            await self._lane(self._predict, device_executor(self.device))
+            return
+        self.lanes = len(direct)
+        pool = ThreadPoolExecutor(len(direct), thread_name_prefix=f"detect-{self.device}")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for replica in direct:
+                    tg.create_task(self._lane(replica, pool), name=f"detector:{self.name}:lane")
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # a forward pass under way ends on its own
+
+    async def _lane(self, forward: Forward, executor: Executor) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
+            if not self._pending:
+                self._idle += 1
+                try:
+                    self._wake.clear()
+                    await self._wake.wait()
+                finally:
+                    self._idle -= 1
                 continue
-            first = self._queue.popleft()
-            group = [first]
-            n = len(first.images)
-            while self._queue and self._queue[0].params == first.params and \
-                    n + len(self._queue[0].images) <= self.max_batch:
-                nxt = self._queue.popleft()
-                group.append(nxt)
-                n += len(nxt.images)
-            images = [im for req in group for im in req.images]
+            items = self._take()
+            if not items:
+                continue
             try:
-                outs = await loop.run_in_executor(device_executor(self.device), self._forward, images, first.params)
+                outs = await loop.run_in_executor(executor, forward, [r.images[i] for r, i in items],
+                                                  items[0][0].params)
             except Exception as e:  # noqa: BLE001 - handed to every waiting caller
-                for req in group:
+                for req in {id(r): r for r, _ in items}.values():
                     if not req.future.done():
                         req.future.set_exception(e)
                 continue
             self.forward_passes += 1
-            i = 0
-            for req in group:
-                if not req.future.done():
-                    req.future.set_result(outs[i : i + len(req.images)])
-                i += len(req.images)
+            for (req, i), out in zip(items, outs):
+                req.outs[i] = out
+                req.left -= 1
+                if req.left == 0 and not req.future.done():
+                    req.future.set_result(req.outs)
 
-    # -- executor thread ----------------------------------------------------------------------------------
-    def _forward(self, images: list[np.ndarray], p: Params) -> list[tuple[np.ndarray, list[Any] | None]]:
+    def _take(self) -> list[tuple[_Request, int]]:
+        """The next waiting frames with the first one's parameters: this lane's even share of them between
+        the idle lanes (itself included), at most `max_batch`."""
+        params = self._pending[0][0].params
+        run = 0
+        for req, _ in self._pending:
+            if req.params != params or run == self.max_batch * (self._idle + 1):
+                break
+            run += 1
+        share = min(self.max_batch, -(-run // (self._idle + 1)))
+        items = []
+        while self._pending and len(items) < share:
+            req, i = self._pending.popleft()
+            if not req.future.done():  # a failed or cancelled request's other frames are skipped
+                items.append((req, i))
+        return items
+
+    # -- executor threads ---------------------------------------------------------------------------------
+    def _predict(self, images: list[np.ndarray], p: Params) -> list[tuple[np.ndarray, list[Any] | None]]:
         if self.open_vocab is not None:
             self.open_vocab.set(p.vocabulary)  # None: the model's own classes
         bgr = [np.ascontiguousarray(im[..., ::-1]) for im in images]
-        dev = None if self.device == "auto" else self.device
-        results = self.model.predict(bgr, conf=p.conf, iou=p.iou, imgsz=p.imgsz, max_det=p.max_det, device=dev,
-                                     classes=list(p.classes) if p.classes else None, verbose=False,
-                                     **_precision(p.half))
+        results = self.model.predict(bgr, **self._predict_args(p))
         out: list[tuple[np.ndarray, list[Any] | None]] = []
         for r in results:
             boxes = r.boxes
@@ -169,6 +230,80 @@ class SharedDetector:
                 masks = _frame_masks(r.masks.data, r.orig_shape)
             out.append((data, masks))
         return out
+
+    def _predict_args(self, p: Params) -> dict[str, Any]:
+        return dict(conf=p.conf, iou=p.iou, imgsz=p.imgsz, max_det=p.max_det,
+                    device=None if self.device == "auto" else self.device,
+                    classes=list(p.classes) if p.classes else None, verbose=False, **_precision(p.half))
+
+    def _direct_replicas(self, p: Params) -> list["_Direct"]:
+        """Replicas of the model for CPU lanes, or none (one lane through `model.predict`): for plain PyTorch
+        detection models on the CPU, where more than one forward pass fits the cores."""
+        if self.device != "cpu" or self.open_vocab is not None or getattr(self.model, "task", None) != "detect":
+            return []
+        import torch
+
+        self.model.predict(np.zeros((32, 32, 3), np.uint8), **self._predict_args(p))  # builds the predictor
+        predictor = self.model.predictor
+        backend = getattr(predictor, "model", None)
+        if type(predictor).__name__ != "DetectionPredictor" or getattr(backend, "format", None) != "pt" or \
+                getattr(backend, "end2end", True):
+            return []
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        lanes = max(1, cores // torch.get_num_threads())
+        if lanes == 1:
+            return []
+        return [_Direct(backend if i == 0 else copy.deepcopy(backend)) for i in range(lanes)]
+
+
+class _Direct:
+    """One replica of a plain PyTorch detection model (Ultralytics' fused AutoBackend) and Ultralytics' own
+    steps around its forward pass, called directly, so that replicas run at once (`model.predict` holds a lock):
+    the letterbox, the to-tensor of `BasePredictor.preprocess`, NMS and box scaling of `DetectionPredictor`.
+    The frames' RGB goes into the letterbox as it is (the predictor flips its BGR input to RGB after it: the
+    same tensor, without the copy), and NMS gets the request's parameters, not the shared predictor's. Each
+    frame is letterboxed as Ultralytics letterboxes a frame of its own (the smallest stride-aligned rectangle);
+    frames whose rectangles differ go in separate passes, so a frame's detections never depend on the frames
+    it shares a batch with."""
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+        self._imgsz: dict[int, Any] = {}
+
+    def __call__(self, images: list[np.ndarray], p: Params) -> list[tuple[np.ndarray, list[Any] | None]]:
+        from ultralytics.data.augment import LetterBox
+        from ultralytics.utils.checks import check_imgsz
+
+        imgsz = self._imgsz.get(p.imgsz)
+        if imgsz is None:
+            imgsz = self._imgsz[p.imgsz] = check_imgsz(p.imgsz, stride=self.backend.stride, min_dim=2)
+        letterbox = LetterBox(imgsz, auto=True, stride=self.backend.stride)
+        boxed = [letterbox(image=im) for im in images]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(boxed):
+            by_shape.setdefault(x.shape, []).append(i)
+        out: list[Any] = [None] * len(images)
+        for idx in by_shape.values():
+            dets = self._detect(np.stack([boxed[i] for i in idx]), [images[i].shape for i in idx], p)
+            for i, d in zip(idx, dets):
+                out[i] = (d, None)
+        return out
+
+    def _detect(self, x: np.ndarray, shapes: list[tuple[int, ...]], p: Params) -> list[np.ndarray]:
+        import torch
+        from ultralytics.utils import nms, ops
+
+        b = self.backend
+        with torch.inference_mode():
+            im = torch.from_numpy(x).to(b.device).permute(0, 3, 1, 2).contiguous()
+            im = (im.half() if b.fp16 else im.float()).div_(255)
+            preds = nms.non_max_suppression(b(im), p.conf, p.iou, list(p.classes) if p.classes else None,
+                                            max_det=p.max_det)
+            dets = []
+            for pred, shape in zip(preds, shapes):
+                pred[:, :4] = ops.scale_boxes(im.shape[2:], pred[:, :4], shape)
+                dets.append(pred[:, :6].cpu().numpy())
+        return dets
 
 
 def _precision(half: bool) -> dict[str, Any]:
