@@ -2,14 +2,20 @@
 same device, same run. Prints frames/s of each and the ratio, for 1 and N streams.
 
     .venv/bin/python benchmarks/detect_track.py [--streams 1,4] [--seconds 6] [--fps 10] [--imgsz 640]
+        [--runtimes auto,torch] [--ultralytics-formats pt,onnx]
 
 Every frame of the clip is processed on both sides (streamd: `fps: null`, `playback: fast`). For several
 streams, Ultralytics' best of (a) one loop per stream in turn and (b) one loop per stream in parallel threads
 (each with its own model instance, as its trackers need) is the baseline.
 
 On the CPU, Ultralytics sets torch's intra-op threads to the cores less one (it leaves one to data loading): on
-2 cores its loop runs single-threaded inference. streamd's detector runs that many concurrent forward passes
-(one model replica each) as fit the cores; Ultralytics' baseline (b) uses them through its threads.
+2 cores its loop runs single-threaded inference. streamd's detector runs that many concurrent forward passes as
+fit the cores; Ultralytics' baseline (b) uses them through its threads.
+
+The model is the same .pt file on both sides. streamd runs it with each detect-stage `runtime` asked for: `auto`
+(its default: ONNX Runtime on the CPU where installed, the weights exported once) and `torch` (PyTorch lanes).
+Ultralytics runs the .pt file (the headline ratio) and, with `onnx` in --ultralytics-formats, the very ONNX file
+streamd exported (a second ratio, both sides in ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from streamd.samples import make_pan_clip  # noqa: E402
 def ultralytics_loop(path: str, weights: str, imgsz: int, conf: float) -> int:
     from ultralytics import YOLO
 
-    model = YOLO(weights)
+    model = YOLO(weights, task="detect")
     n = 0
     for _ in model.track(source=path, stream=True, tracker="bytetrack.yaml", imgsz=imgsz, conf=conf, verbose=False):
         n += 1
@@ -67,12 +73,13 @@ def bench_ultralytics(paths: list[str], weights: str, imgsz: int, conf: float) -
     return (par, "a loop per stream, in parallel threads") if par > seq else (seq, "one loop per stream, in turn")
 
 
-async def bench_streamd(paths: list[str], imgsz: int, conf: float, max_batch: int, redis_url: str) -> float:
+async def bench_streamd(paths: list[str], imgsz: int, conf: float, max_batch: int, redis_url: str,
+                        runtime: str) -> tuple[float, str]:
     cfg = parse_config({
         "redis": {"url": redis_url, "results_maxlen": 100_000},
         "pipelines": {"dt": {"stages": [
             {"type": "detect", "model": "person", "imgsz": imgsz, "conf": conf, "max_batch": max_batch,
-             "max_wait_ms": 5},
+             "max_wait_ms": 5, "runtime": runtime},
             {"type": "track", "tracker": "bytetrack"}]}},
         "streams": [{"id": f"s{i}", "url": p, "fps": None, "pipeline": "dt", "queue_size": 8}
                     for i, p in enumerate(paths)],
@@ -92,10 +99,11 @@ async def bench_streamd(paths: list[str], imgsz: int, conf: float, max_batch: in
     wall = time.perf_counter() - t0
     frames = sum(d.sink.results_by_stream.values())
     assert all(r.state.value == "stopped" for r in d.runners.values()), d.status()
+    (info,) = d.models.loaded()
     stop.set()
     await task
     await d.shutdown()
-    return frames / wall
+    return frames / wall, f"{info['runtime']}, {info['lanes']} lanes"
 
 
 def main() -> None:
@@ -107,6 +115,9 @@ def main() -> None:
     ap.add_argument("--conf", type=float, default=0.35)
     ap.add_argument("--max-batch", type=int, default=8, help="the detect stage's max_batch (its default)")
     ap.add_argument("--size", default="1280x720")
+    ap.add_argument("--runtimes", default="auto,torch", help="the detect stage's runtime values to run")
+    ap.add_argument("--ultralytics-formats", default="pt,onnx",
+                    help="pt: Ultralytics on the .pt file (the headline); onnx: on the ONNX file streamd exported")
     a = ap.parse_args()
     setup_logging("warning")
     import torch
@@ -119,6 +130,14 @@ def main() -> None:
     print(f"clip: {w}x{h}, {a.seconds:g} s at {a.fps} fps ({int(a.seconds * a.fps)} frames); model: person "
           f"(YOLOv8, {weights}); imgsz {a.imgsz}; device {device}; torch threads {torch.get_num_threads()}")
     ultralytics_loop(str(clip), weights, a.imgsz, a.conf)  # warm caches on both sides
+    formats = {"pt": weights}
+    if "onnx" in a.ultralytics_formats.split(","):
+        from streamd.stages.onnx_runtime import exported
+
+        formats["onnx"] = str(exported(Path(weights), a.imgsz))  # the file streamd's auto runtime runs
+        print(f"ONNX export (streamd's cache): {formats['onnx']}")
+    formats = {f: formats[f] for f in a.ultralytics_formats.split(",")}
+    runtimes = a.runtimes.split(",")
     rows = []
     with ManagedRedis(tmp / "redis") as redis:
         for n in (int(x) for x in a.streams.split(",")):
@@ -127,15 +146,20 @@ def main() -> None:
                 p = tmp / f"pan{i}.mp4"
                 shutil.copy(clip, p)
                 paths.append(str(p))
-            base, how = bench_ultralytics(paths, weights, a.imgsz, a.conf)
-            ours = asyncio.run(bench_streamd(paths, a.imgsz, a.conf, a.max_batch, redis.url))
-            rows.append((n, ours, base, how))
-            print(f"{n} stream(s): streamd {ours:.2f} fps, ultralytics {base:.2f} fps ({how}), "
-                  f"ratio {ours / base:.2f}", flush=True)
-    print("\n| streams | streamd detect+track (frames/s) | Ultralytics model.track (frames/s) | ratio |")
-    print("|---|---|---|---|")
-    for n, ours, base, how in rows:
-        print(f"| {n} | {ours:.2f} | {base:.2f} ({how}) | **{ours / base:.2f}** |")
+            base = {f: bench_ultralytics(paths, w_, a.imgsz, a.conf) for f, w_ in formats.items()}
+            for f, (fps, how) in base.items():
+                print(f"{n} stream(s): ultralytics on .{f}: {fps:.2f} fps ({how})", flush=True)
+            for rt in runtimes:
+                ours, what = asyncio.run(bench_streamd(paths, a.imgsz, a.conf, a.max_batch, redis.url, rt))
+                print(f"{n} stream(s): streamd runtime {rt} ({what}): {ours:.2f} fps, ratios "
+                      + ", ".join(f"{ours / fps:.2f} vs .{f}" for f, (fps, _) in base.items()), flush=True)
+                rows.append((n, rt, what, ours, base))
+    head = " | ".join(f"Ultralytics on .{f} (frames/s) | ratio" for f in formats)
+    print(f"\n| streams | streamd runtime | streamd detect+track (frames/s) | {head} |")
+    print("|---|---|--:|" + "--:|--:|" * len(formats))
+    for n, rt, what, ours, base in rows:
+        cells = " | ".join(f"{fps:.2f} ({how}) | **{ours / fps:.2f}**" for fps, how in base.values())
+        print(f"| {n} | {rt} ({what}) | {ours:.2f} | {cells} |")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

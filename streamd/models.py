@@ -70,7 +70,14 @@ class ModelRegistry:
         self._models.clear()
 
     def loaded(self) -> list[dict[str, Any]]:
-        return [{"model": k[1], "device": k[2], "kind": k[0]} for k in self._models]
+        out = []
+        for k, m in self._models.items():
+            info = {"model": k[1], "device": k[2], "kind": k[0]}
+            describe = getattr(m, "describe", None)
+            if describe is not None:
+                info.update(describe())
+            out.append(info)
+        return out
 
     async def get(self, key: tuple[Any, ...], device: str, load: Any, wrap: Any = None) -> Any:
         """The shared object for `key`: `load()` runs in `device`'s executor on first use, then `wrap(loaded)`

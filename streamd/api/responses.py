@@ -80,6 +80,9 @@ class LoadedModel(BaseModel):
     model: Any
     device: str
     kind: str
+    runtime: str | None = Field(None, description="detectors: what runs the forward passes (onnxruntime, torch, "
+                                                  "ultralytics = model.predict); null until the first frame")
+    lanes: int | None = Field(None, description="detectors: forward passes that can run at once")
 
 
 class ModelList(BaseModel):
