@@ -28,11 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from streamd.config import parse_config  # noqa: E402
-from streamd.daemon import Daemon  # noqa: E402
 from streamd.log import setup_logging  # noqa: E402
 from streamd.redis_server import ManagedRedis  # noqa: E402
 from streamd.samples import make_pan_clip  # noqa: E402
-from streamd.testing import TransformersServe  # noqa: E402
+from streamd.testing import TransformersServe, running  # noqa: E402
 from streamd.tiny_vlm import build_tiny_qwen25vl  # noqa: E402
 
 PIXELS = 112 * 112
@@ -49,22 +48,14 @@ async def daemon_answers(model: str, clip: Path, redis_url: str, max_batch: int,
         "streams": [{"id": f"s{i}", "url": str(clip), "fps": 20.0, "playback": "realtime", "loop": True,
                      "pipeline": "v"} for i in range(4)],
     }, environ={})
-    d = Daemon(cfg)
-    await d.startup()
-    stop = asyncio.Event()
-    task = asyncio.create_task(d.run(stop))
-    await d.started.wait()
-    vlm = d.pipelines["v"].stages[0]
-    await d.pipelines["v"].ready.wait()
-    await asyncio.sleep(3.0)  # warm-up: first generate calls, decoders started
-    a0, t0 = vlm.answered, time.perf_counter()
-    await asyncio.sleep(seconds)
-    answered, wall = vlm.answered - a0, time.perf_counter() - t0
-    shared = vlm.backend
-    sizes = list(shared.batch_sizes)
-    stop.set()
-    await task
-    await d.shutdown()
+    async with running(cfg) as d:
+        vlm = d.pipelines["v"].stages[0]
+        await d.pipelines["v"].ready.wait()
+        await asyncio.sleep(3.0)  # warm-up: first generate calls, decoders started
+        a0, t0 = vlm.answered, time.perf_counter()
+        await asyncio.sleep(seconds)
+        answered, wall = vlm.answered - a0, time.perf_counter() - t0
+        sizes = list(vlm.backend.batch_sizes)
     return {"answers_s": answered / wall, "batch_mean": statistics.fmean(sizes) if sizes else 0.0,
             "failed": vlm.failed}
 

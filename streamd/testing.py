@@ -7,12 +7,16 @@
 - `RtspServer`: Debian's GStreamer RTSP server (run with the system Python, which has `gi`).
 - `push_frames`: XADD encoded frames into a Redis stream.
 - `make_pan_clip` (re-exported): footage made by panning over a real photo.
+- `running`: an async context manager, a real `Daemon` running in the current event loop, stopped and drained on
+  exit (tests and benchmarks).
 - `ScriptedOpenAI`, `FaultProxy` (re-exported from testing_openai): an OpenAI-compatible server answering from a
   script, and a fault-injecting proxy to put in front of a real one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import os
 import shutil
@@ -22,18 +26,24 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from streamd.redis_server import ManagedRedis, free_port
 from streamd.samples import make_pan_clip
 
+if TYPE_CHECKING:
+    from streamd.config import Config
+    from streamd.daemon import Daemon
+
 __all__ = ["ManagedRedis", "HttpDir", "LiveHls", "RtspServer", "push_frames", "encode_jpeg", "make_pan_clip",
-           "free_port", "wait_for", "ScriptedOpenAI", "FaultProxy", "TransformersServe", "prompt_text", "request_images"]
+           "free_port", "wait_for", "running", "ScriptedOpenAI", "FaultProxy", "TransformersServe", "prompt_text",
+           "request_images"]
 
 
 def wait_for(cond: Any, timeout_s: float = 10.0, interval_s: float = 0.05, what: str = "condition") -> Any:
@@ -44,6 +54,36 @@ def wait_for(cond: Any, timeout_s: float = 10.0, interval_s: float = 0.05, what:
             return v
         time.sleep(interval_s)
     raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: Config) -> AsyncIterator[Daemon]:
+    """A real daemon running in this event loop: `startup()`, `run()` as a task, yielded once `started` is set
+    (within 10 s); on exit `stop` is set, the run drains (the config's `shutdown.grace_s`) and must end within
+    30 s (else every task's stack is printed and TimeoutError raised), then `shutdown()` (always).
+
+        async with running(cfg) as d:
+            ...  # d.pipelines, d.runners, d.redis_url
+    """
+    from streamd.daemon import Daemon  # the whole daemon only for those who run one
+
+    d = Daemon(cfg)
+    stop = asyncio.Event()
+    await d.startup()
+    task = asyncio.create_task(d.run(stop))
+    try:
+        await asyncio.wait_for(d.started.wait(), 10)
+        yield d
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 30)
+        except TimeoutError:
+            for t in asyncio.all_tasks():
+                t.print_stack(limit=6)
+            raise
+        finally:
+            await d.shutdown()
 
 
 class _Handler(SimpleHTTPRequestHandler):

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -13,9 +12,8 @@ import redis.asyncio as aioredis
 
 from streamd import keys
 from streamd.config import parse_config
-from streamd.daemon import Daemon
 from streamd.log import setup_logging
-from streamd.testing import ManagedRedis, make_pan_clip
+from streamd.testing import ManagedRedis, make_pan_clip, running  # noqa: F401 - `running`: tests import it from here
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,28 +47,6 @@ def make_config(redis_url: str, streams: list[dict[str, Any]], **extra: Any) -> 
                             "shutdown": {"grace_s": 5}, "streams": streams}
     data.update(extra)
     return parse_config(data, environ={})
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: Any) -> AsyncIterator[Daemon]:
-    """A real daemon running in this event loop; stopped (drained) on exit."""
-    d = Daemon(cfg)
-    stop = asyncio.Event()
-    await d.startup()
-    task = asyncio.create_task(d.run(stop))
-    try:
-        await asyncio.wait_for(d.started.wait(), 10)
-        yield d
-    finally:
-        stop.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 30)
-        except TimeoutError:
-            for t in asyncio.all_tasks():
-                t.print_stack(limit=6)
-            raise
-        finally:
-            await d.shutdown()
 
 
 async def results(client: aioredis.Redis, stream_id: str) -> list[dict[str, Any]]:
