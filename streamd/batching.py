@@ -23,6 +23,9 @@ T = TypeVar("T")
 # while frames keep coming, the loop collects what decoder threads put every FRAME_TICK_S instead of being woken
 # for each frame: at most this much added latency, for far fewer wake-ups (see Doorbell)
 FRAME_TICK_S = 0.01
+# ... but only while frames come faster than this (all decoder threads together): below it, waking the loop for
+# each frame costs little (a wake-up is tens of microseconds) and every frame is handed over at once
+FRAME_BUSY_RATE = 300.0
 
 
 class QueueClosed(Exception):
@@ -30,14 +33,22 @@ class QueueClosed(Exception):
 
 
 class Doorbell:
-    """Hands calls from producer threads to the event loop, in order. The first call after a quiet spell wakes the
-    loop at once; while calls keep coming, the loop collects them every `tick_s` instead of being woken for each
-    (with tick_s 0, every collection is a wake-up). Waking a sleeping loop (a self-pipe write, a context switch, the
-    GIL changing hands) costs far more than handing it several frames at once."""
+    """Hands calls from producer threads to the event loop, in order. While calls come faster than `busy_rate` a
+    second, the loop collects them every `tick_s` instead of being woken for each: waking a sleeping loop (a
+    self-pipe write, a context switch, the GIL changing hands) costs far more than handing it several frames at
+    once. Slower than that, and for the first call after a quiet spell, every call wakes the loop at once, so a
+    few live cameras get their frames handed over without waiting for a tick. With tick_s 0, every collection is
+    a wake-up. The rate is measured over windows of at least `RATE_WINDOW_S`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tick_s: float = 0.0):
+    RATE_WINDOW_S = 0.05
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick_s: float = 0.0, busy_rate: float = 0.0):
         self._loop = loop
         self._tick_s = tick_s
+        self._busy_rate = busy_rate
+        self._busy = busy_rate <= 0  # ticking while calls keep coming (with a rate: once it is measured)
+        self._window_t0 = loop.time()
+        self._window_n = 0  # calls collected in the current window
         self._lock = threading.Lock()
         self._calls: list[tuple[Callable[[Any], None], Any]] = []
         self._scheduled = False  # a collection is on its way: a wake-up or the next tick
@@ -76,7 +87,14 @@ class Doorbell:
             self._tick.cancel()
         with self._lock:
             calls, self._calls = self._calls, []
-            tick = bool(calls) and self._tick_s > 0  # still flowing: collect again on the next tick
+            if self._busy_rate > 0:
+                self._window_n += len(calls)
+                now = self._loop.time()
+                if now - self._window_t0 >= self.RATE_WINDOW_S:
+                    self._busy = self._window_n >= self._busy_rate * (now - self._window_t0)
+                    self._window_t0, self._window_n = now, 0
+            # still flowing, and fast: collect again on the next tick
+            tick = bool(calls) and self._tick_s > 0 and self._busy
             self._scheduled, self._hurried = tick, False
         # the first tick after a wake-up comes sooner: it catches the rest of a burst (cameras in step)
         delay_s = self._tick_s if ticked else self._tick_s / 4

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from streamd import pipelines as pipeline_files
-from streamd.batching import FRAME_TICK_S, Doorbell
+from streamd.batching import FRAME_BUSY_RATE, FRAME_TICK_S, Doorbell
 from streamd.config import Config, StreamConfig
 from streamd.errors import StreamdError
 from streamd.frames import Work
@@ -83,7 +83,7 @@ class Daemon:
             log.info("started embedded redis-server", url=self.redis_url, data_dir=self.cfg.redis.data_dir)
         self.redis = redis_client(self.redis_url)
         self.sink = RedisSink(self.redis, self.cfg.redis, self.metrics, self._settled)
-        self.doorbell = Doorbell(asyncio.get_running_loop(), FRAME_TICK_S)  # decoder threads -> the loop
+        self.doorbell = Doorbell(asyncio.get_running_loop(), FRAME_TICK_S, FRAME_BUSY_RATE)  # decoder threads -> the loop
         self.prompts = PromptStore(self.redis)
         self.stored = StoredStreams(self.redis)
         self.prompt_cache = PromptCache(self.prompts)

@@ -17,6 +17,8 @@ from streamd.testing import ManagedRedis, make_pan_clip, running  # noqa: F401 -
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# detectors' ONNX exports (streamd.stages.onnx_runtime): kept in the checkout, not in the user's cache
+os.environ.setdefault("STREAMD_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".streamd" / "cache"))
 setup_logging("info", "console")
 
 

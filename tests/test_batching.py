@@ -1,5 +1,6 @@
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -63,6 +64,33 @@ async def test_doorbell_keeps_order_and_a_full_wait_queue_does_not_wait_for_the_
     t.join()
     assert got == list(range(50))
     assert loop.time() - t0 < 5  # 25 ticks' worth of items: a blocked producer hurries the collection
+
+
+async def test_doorbell_hands_a_slow_flow_over_at_once_and_ticks_only_for_a_fast_one():
+    loop = asyncio.get_running_loop()
+    bell = Doorbell(loop, tick_s=4.0, busy_rate=300)  # a tick this long shows in every delay (the first: 1 s)
+    delays: list[float] = []
+
+    def produce(n: int, gap_s: float) -> None:
+        for _ in range(n):
+            t = loop.time()
+            bell.post(lambda t0: delays.append(loop.time() - t0), t)
+            time.sleep(gap_s)
+
+    await asyncio.to_thread(produce, 6, 0.06)  # ~16 calls a second, like 8 cameras at 2 FPS
+    await until_len(delays, 6)
+    assert max(delays) < 0.5, delays  # none waited for a tick
+    delays.clear()
+    await asyncio.to_thread(produce, 400, 0.001)  # ~900 calls a second for ~0.4 s
+    await until_len(delays, 400, timeout_s=30)
+    assert sorted(delays)[200] > 0.1  # once the rate was measured (50 ms), the rest waited for a tick
+
+
+async def until_len(items: list, n: int, timeout_s: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while len(items) < n:
+        assert asyncio.get_running_loop().time() < deadline, f"{len(items)} of {n}"
+        await asyncio.sleep(0.01)
 
 
 async def test_ingress_is_fair_across_streams():
