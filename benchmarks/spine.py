@@ -46,6 +46,7 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import OtherLoad, cpu_model, cpu_s, revision  # noqa: E402
 from streamd import keys  # noqa: E402
 from streamd.config import parse_config  # noqa: E402
 from streamd.daemon import Daemon  # noqa: E402
@@ -77,46 +78,6 @@ def clips(n: int, seconds: float, fps: int, cache: Path) -> tuple[list[Path], in
     with av.open(str(src)) as c:
         frames = sum(1 for pkt in c.demux(c.streams.video[0]) if pkt.size)  # one packet per frame (no B-frames)
     return paths, frames
-
-
-# -- CPU accounting -----------------------------------------------------------------------------------------------
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def cpu_s(pid: int | None = None) -> float:
-    """CPU seconds (user + system) used so far by this process (all threads), or by process `pid` (Linux /proc;
-    0 where it cannot be read)."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all processes on the machine have used since boot (/proc/stat; 0 where unreadable)."""
-    try:
-        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / _TICK  # user nice system irq softirq steal
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-class OtherLoad:
-    """CPU used by *other* processes while the benchmark ran (the machine's busy time minus ours and our
-    redis-server's): tells whether the figures were taken on a quiet box."""
-
-    def __init__(self, redis_pid: int | None):
-        self.redis_pid = redis_pid
-        self.t0, self.m0, self.c0, self.r0 = time.monotonic(), machine_busy_s(), cpu_s(), cpu_s(redis_pid)
-
-    def cores(self) -> float:
-        wall = time.monotonic() - self.t0
-        other = (machine_busy_s() - self.m0) - (cpu_s() - self.c0) - (cpu_s(self.redis_pid) - self.r0)
-        return max(0.0, other) / wall if wall > 0 else 0.0
 
 
 # -- baseline: plain PyAV ---------------------------------------------------------------------------------------
@@ -243,29 +204,7 @@ async def daemon_live(redis_url: str, path: Path, n: int, seconds: float, fps: f
 
 # -- report -----------------------------------------------------------------------------------------------------
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPU cores ({cpu}), no GPU; Python {platform.python_version()}, PyAV {av.__version__}"
-
-
-def revision() -> str:
-    """The streamd code measured: git commit, and whether streamd/ had uncommitted changes."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "streamd"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown revision"
-    return f"commit {head}" + (" + uncommitted changes in streamd/" if dirty else "")
+    return f"{os.cpu_count()} CPU cores ({cpu_model()}), no GPU; Python {platform.python_version()}, PyAV {av.__version__}"
 
 
 def markdown(args: argparse.Namespace, rows: list[dict[str, Any]], live: dict[str, Any], frames: int,

@@ -53,6 +53,18 @@ async def test_cpu_lanes_match_model_predict(photos, reference, runtime, expect,
 
 
 @needs_ort
+async def test_lanes_option_sets_the_forward_passes_at_once(photos, reference):
+    det = SharedDetector(load_yolo("person"), "person", "cpu", 8, "onnx", lanes=3)
+    try:
+        outs = await det.detect([photos[1]] * 3, P)
+    finally:
+        await det.aclose()
+    assert det.describe() == {"runtime": "onnxruntime", "lanes": 3}
+    for data, _ in outs:
+        np.testing.assert_allclose(data[:, :4], reference[1][:, :4], atol=0.05)
+
+
+@needs_ort
 def test_onnx_export_is_cached_by_content(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMD_CACHE_DIR", str(tmp_path / "cache"))
     weights = tmp_path / "w" / "person.pt"

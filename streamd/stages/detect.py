@@ -47,6 +47,8 @@ class DetectOptions(BaseModel):
     runtime: Runtime = Field(
         "auto", description="plain detection models on the CPU: onnx (ONNX Runtime, exported once and cached), "
                             "torch, or auto (onnx where onnxruntime is installed, else torch)")
+    lanes: int | None = Field(None, ge=1, le=64, description="plain detection models on the CPU: forward passes "
+                              "at once (the cores are shared out between them); null: chosen from the cores")
     max_det: int = Field(300, ge=1, description="most detections per frame")
     max_batch: int = Field(8, ge=1, description="most frames in one forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="wait this long for a fuller batch")
@@ -85,10 +87,10 @@ class Detect(Stage):
         if o.half and not half:
             log.warning("half precision needs CUDA; running in fp32", device=self.device)
         # the predictor keeps the precision it was built with
-        key = ("yolo", o.model, self.device, half, o.runtime)
+        key = ("yolo", o.model, self.device, half, o.runtime, o.lanes)
         self.detector = await self.ctx.models.get(
             key, self.device, lambda: load_yolo(o.model),
-            lambda m: SharedDetector(m, o.model, self.device, max(o.max_batch, 1), o.runtime))
+            lambda m: SharedDetector(m, o.model, self.device, max(o.max_batch, 1), o.runtime, o.lanes))
         ov = self.detector.open_vocab
         self._open_vocab = ov is not None
         if ov is None and (o.vocabulary or o.text_embeddings):

@@ -87,12 +87,14 @@ class SharedDetector:
     the export works, else PyTorch). `self.runtime` says, once the lanes are set up, what runs them:
     `onnxruntime`, `torch` (CPU lanes) or `ultralytics` (`model.predict`, one lane)."""
 
-    def __init__(self, model: Any, name: str, device: str, max_batch: int, runtime: Runtime = "auto"):
+    def __init__(self, model: Any, name: str, device: str, max_batch: int, runtime: Runtime = "auto",
+                 lanes: int | None = None):
         self.model = model
         self.name = name
         self.device = device
         self.max_batch = max_batch
         self.wanted_runtime = runtime
+        self.wanted_lanes = lanes  # CPU lanes; None: chosen from the cores
         self.runtime: str | None = None  # set by the first request
         self.names: dict[int, str] = dict(getattr(model, "names", {}) or {})
         self._pending: deque[tuple[_Request, int]] = deque()  # (request, image index), in arrival order
@@ -259,7 +261,7 @@ class SharedDetector:
             from streamd.stages import onnx_runtime
 
             try:
-                lanes = onnx_runtime.lanes(self.model, p.imgsz, cores)
+                lanes = onnx_runtime.lanes(self.model, p.imgsz, cores, self.wanted_lanes)
                 self.runtime = "onnxruntime"
                 return [_OnnxLane(s, backend.stride) for s in lanes]
             except StageError:
@@ -275,7 +277,7 @@ class SharedDetector:
 
         # as many lanes as the cores fit at the intra-op thread count Ultralytics sets (it leaves cores to data
         # loading; here they run another forward pass)
-        n = max(1, cores // torch.get_num_threads())
+        n = self.wanted_lanes or max(1, cores // torch.get_num_threads())
         if n == 1:
             return []
         self.runtime = "torch"

@@ -69,9 +69,9 @@ def exported(weights: Path, imgsz: int) -> Path:
     return out
 
 
-def lanes(model: Any, imgsz: int, cores: int) -> list[Any]:
-    """ONNX Runtime sessions for the lanes of `model` (an Ultralytics YOLO loaded from a .pt file): as many
-    lanes as the cores allow (at most MAX_LANES), the cores shared out between them as intra-op threads."""
+def lanes(model: Any, imgsz: int, cores: int, n: int | None = None) -> list[Any]:
+    """ONNX Runtime sessions for `n` lanes of `model` (an Ultralytics YOLO loaded from a .pt file; None: as many
+    as the cores allow, at most MAX_LANES), the cores shared out between them as intra-op threads."""
     missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
     if missing:
         raise ModuleNotFoundError(f"{' and '.join(missing)} not installed (pip install 'streamd[onnx]')")
@@ -81,7 +81,7 @@ def lanes(model: Any, imgsz: int, cores: int) -> list[Any]:
     import onnxruntime as ort
 
     path = exported(weights, imgsz)
-    n = max(1, min(MAX_LANES, cores))
+    n = n or max(1, min(MAX_LANES, cores))
     threads = max(1, cores // n)
     sessions = []
     for _ in range(n):

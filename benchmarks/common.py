@@ -1,0 +1,76 @@
+"""What the benchmarks share: CPU time of this process (and of a child), how busy the rest of the machine was
+while a measurement ran, and which streamd revision was measured. Imported by the scripts in this folder."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by this process (all threads), or by process `pid` (Linux /proc;
+    0 where it cannot be read)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processes on the machine have used since boot (/proc/stat; 0 where unreadable)."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / _TICK  # user nice system irq softirq steal
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class OtherLoad:
+    """CPU used by *other* processes while the benchmark ran (the machine's busy time minus ours and our
+    redis-server's): tells whether the figures were taken on a quiet box."""
+
+    def __init__(self, redis_pid: int | None = None):
+        self.redis_pid = redis_pid
+        self.t0, self.m0, self.c0, self.r0 = time.monotonic(), machine_busy_s(), cpu_s(), cpu_s(redis_pid)
+
+    def cores(self) -> float:
+        wall = time.monotonic() - self.t0
+        other = (machine_busy_s() - self.m0) - (cpu_s() - self.c0) - (cpu_s(self.redis_pid) - self.r0)
+        return max(0.0, other) / wall if wall > 0 else 0.0
+
+    def cpu(self) -> float:
+        """CPU seconds this process (and the redis-server) used since the start."""
+        return (cpu_s() - self.c0) + (cpu_s(self.redis_pid) - self.r0)
+
+
+def cpu_model() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return cpu
+
+
+def revision() -> str:
+    """The streamd code measured: git commit, and whether streamd/ had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "streamd"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown revision"
+    return f"commit {head}" + (" + uncommitted changes in streamd/" if dirty else "")
