@@ -49,13 +49,20 @@ from streamd.testing import running  # noqa: E402
 def ultralytics_loop(path: str, weights: str, imgsz: int, conf: float) -> int:
     from ultralytics import YOLO
 
-    model = YOLO(weights, task="detect")
-    n = 0
-    for _ in model.track(source=path, stream=True, tracker="bytetrack.yaml", imgsz=imgsz, conf=conf, verbose=False):
+    with _SETUP:  # one loop at a time sets its predictor up (Python 3.11's ast.parse, which Ultralytics' ONNX
+        # backend calls on the model's metadata, can fail with "AST constructor recursion depth mismatch" when
+        # two threads parse at once); the first frame is predicted inside the lock, the rest run in parallel
+        model = YOLO(weights, task="detect")
+        frames = model.track(source=path, stream=True, tracker="bytetrack.yaml", imgsz=imgsz, conf=conf,
+                             verbose=False)
+        next(frames)
+    n = 1
+    for _ in frames:
         n += 1
     return n
 
 
+_SETUP = threading.Lock()
 SEQ, PAR = "one loop per stream, in turn", "a loop per stream, in parallel threads"
 
 
@@ -91,7 +98,8 @@ async def bench_streamd(paths: list[str], imgsz: int, conf: float, max_batch: in
         "redis": {"url": redis_url, "results_maxlen": 100_000},
         "pipelines": {"dt": {"stages": [
             {"type": "detect", "model": "person", "imgsz": imgsz, "conf": conf, "max_batch": max_batch,
-             "max_wait_ms": 5, "runtime": runtime, "lanes": lanes},
+             "max_wait_ms": 5, "runtime": runtime.split(":")[0], "lanes": lanes,
+             "half": runtime.endswith(":half")},
             {"type": "track", "tracker": "bytetrack"}]}},
         "streams": [{"id": f"s{i}", "url": p, "fps": None, "pipeline": "dt", "queue_size": 8}
                     for i, p in enumerate(paths)],
@@ -107,7 +115,7 @@ async def bench_streamd(paths: list[str], imgsz: int, conf: float, max_batch: in
         frames = sum(d.sink.results_by_stream.values())
         assert all(r.state.value == "stopped" for r in d.runners.values()), d.status()
         (info,) = d.models.loaded()
-    return frames / wall, f"{info['runtime']}, {info['lanes']} lanes"
+    return frames / wall, f"{info['runtime']}, {info['lanes']} lanes, {info['precision']}"
 
 
 def main() -> None:
@@ -119,7 +127,8 @@ def main() -> None:
     ap.add_argument("--conf", type=float, default=0.35)
     ap.add_argument("--max-batch", type=int, default=8, help="the detect stage's max_batch (its default)")
     ap.add_argument("--size", default="1280x720")
-    ap.add_argument("--runtimes", default="auto,torch", help="the detect stage's runtime values to run")
+    ap.add_argument("--runtimes", default="auto,torch", help="the detect stage's runtime values to run; "
+                    "RUNTIME:half also sets half (bfloat16 on a CPU that has it)")
     ap.add_argument("--ultralytics-formats", default="pt,onnx",
                     help="pt: Ultralytics on the .pt file (the headline); onnx: on the ONNX file streamd exported")
     ap.add_argument("--repeats", type=int, default=3, help="measurements of each, interleaved")

@@ -11,7 +11,7 @@ from streamd.errors import StageError
 from streamd.models import load_yolo, resolve_model_path
 from streamd.samples import load_photo
 from streamd.stages import onnx_runtime
-from streamd.stages.detector import Params, SharedDetector
+from streamd.stages.detector import Params, SharedDetector, cpu_bf16
 from streamd.testing import push_frames
 from conftest import make_config, results, running, until
 
@@ -59,9 +59,28 @@ async def test_lanes_option_sets_the_forward_passes_at_once(photos, reference):
         outs = await det.detect([photos[1]] * 3, P)
     finally:
         await det.aclose()
-    assert det.describe() == {"runtime": "onnxruntime", "lanes": 3}
+    assert det.describe() == {"runtime": "onnxruntime", "lanes": 3, "precision": "fp32"}
     for data, _ in outs:
         np.testing.assert_allclose(data[:, :4], reference[1][:, :4], atol=0.05)
+
+
+@pytest.mark.skipif(not cpu_bf16(), reason="this CPU has no native bfloat16 (AVX512-BF16 / AMX)")
+async def test_half_on_a_bf16_cpu_runs_torch_lanes_in_bfloat16(photos, reference):
+    """half: true on the CPU: PyTorch lanes under bfloat16 autocast (auto skips ONNX Runtime, which is float32);
+    the same people as float32 model.predict, boxes within a few pixels."""
+    det = SharedDetector(load_yolo("person"), "person", "cpu", 8, "auto")
+    half = Params(**{**P.__dict__, "half": True})
+    try:
+        outs = await det.detect(photos, half)
+    finally:
+        await det.aclose()
+    assert det.describe()["runtime"] == "torch" and det.describe()["precision"] == "bf16"
+    for (data, _), ref in zip(outs, reference):
+        big = ref[ref[:, 4] > P.conf + 0.05]  # clear detections: bfloat16 moves scores by ~0.01
+        for row in big:
+            assert np.abs(data[:, :4] - row[:4]).max(axis=1).min() < 8, (row, data)  # pixels, on 810-1280 px
+    with pytest.raises(StageError, match="bfloat16"):
+        await SharedDetector(load_yolo("person"), "person", "cpu", 8, "onnx").detect(photos[:1], half)
 
 
 @needs_ort
@@ -115,7 +134,8 @@ async def test_a_users_onnx_model_detects_people(r, redis_server, tmp_path, phot
         loaded = d.models.loaded()
     people = [x for x in rec["outputs"]["detect"]["detections"] if x["label"] == "person"]
     assert len(people) >= 3, rec["outputs"]
-    assert loaded == [{"model": onnx, "device": "cpu", "kind": "yolo", "runtime": "ultralytics", "lanes": 1}]
+    assert loaded == [{"model": onnx, "device": "cpu", "kind": "yolo", "runtime": "ultralytics", "lanes": 1,
+                       "precision": "fp32"}]
 
 
 async def _one(r, sid):

@@ -83,6 +83,7 @@ class LoadedModel(BaseModel):
     runtime: str | None = Field(None, description="detectors: what runs the forward passes (onnxruntime, torch, "
                                                   "ultralytics = model.predict); null until the first frame")
     lanes: int | None = Field(None, description="detectors: forward passes that can run at once")
+    precision: str | None = Field(None, description="detectors: fp32, fp16 (CUDA) or bf16 (CPU lanes)")
 
 
 class ModelList(BaseModel):

@@ -23,7 +23,7 @@ from streamd.errors import StageError
 from streamd.frames import Work
 from streamd.log import get_logger, redact_text
 from streamd.stages import Stage, parse_options
-from streamd.stages.detector import Params, Runtime, SharedDetector, mask_rle
+from streamd.stages.detector import Params, Runtime, SharedDetector, cpu_bf16, mask_rle
 from streamd.stages.open_vocab import VocabularyError, export_text_embeddings
 
 __all__ = ["Detect", "DetectOptions", "Params", "SharedDetector", "VocabularyError", "export_text_embeddings",
@@ -43,7 +43,8 @@ class DetectOptions(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict, description="rename model classes in records")
     imgsz: int = Field(640, ge=32, description="inference image size")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto, cpu, cuda:N")
-    half: bool = Field(False, description="fp16 inference (CUDA only)")
+    half: bool = Field(False, description="half precision: fp16 on CUDA; bfloat16 on CPUs that have it (plain "
+                       "detection models, PyTorch lanes)")
     runtime: Runtime = Field(
         "auto", description="plain detection models on the CPU: onnx (ONNX Runtime, exported once and cached), "
                             "torch, or auto (onnx where onnxruntime is installed, else torch)")
@@ -83,9 +84,9 @@ class Detect(Stage):
 
         o = self.opts
         self.device = resolve_device(o.device)
-        half = o.half and self.device.startswith("cuda")
+        half = o.half and (self.device.startswith("cuda") or (self.device == "cpu" and cpu_bf16()))
         if o.half and not half:
-            log.warning("half precision needs CUDA; running in fp32", device=self.device)
+            log.warning("half precision needs CUDA, or a CPU with bfloat16; running in fp32", device=self.device)
         # the predictor keeps the precision it was built with
         key = ("yolo", o.model, self.device, half, o.runtime, o.lanes)
         self.detector = await self.ctx.models.get(

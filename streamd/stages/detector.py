@@ -74,6 +74,16 @@ class _Request:
 Forward = Callable[[list[np.ndarray], Params], list[tuple[np.ndarray, list[Any] | None]]]
 
 
+def cpu_bf16() -> bool:
+    """Whether this CPU runs bfloat16 natively (AVX512-BF16 or AMX), as oneDNN sees it."""
+    try:
+        import torch
+
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001 - an older torch, or none
+        return False
+
+
 def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -96,6 +106,7 @@ class SharedDetector:
         self.wanted_runtime = runtime
         self.wanted_lanes = lanes  # CPU lanes; None: chosen from the cores
         self.runtime: str | None = None  # set by the first request
+        self.precision: str | None = None  # fp32, fp16 (CUDA) or bf16 (CPU lanes); set by the first request
         self.names: dict[int, str] = dict(getattr(model, "names", {}) or {})
         self._pending: deque[tuple[_Request, int]] = deque()  # (request, image index), in arrival order
         self._wake = asyncio.Event()
@@ -134,7 +145,7 @@ class SharedDetector:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def describe(self) -> dict[str, Any]:
-        return {"runtime": self.runtime, "lanes": self.lanes}
+        return {"runtime": self.runtime, "lanes": self.lanes, "precision": self.precision}
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -154,8 +165,10 @@ class SharedDetector:
         except Exception as e:  # noqa: BLE001 - model.predict reports it again, to the requests
             log.warning("direct forward passes unavailable", model=self.name, error=redact_text(str(e)))
             direct = []
+        p0 = self._pending[0][0].params if self._pending else None
         if not direct:
             self.runtime = "ultralytics"
+            self.precision = "fp16" if p0 is not None and p0.half and self.device != "cpu" else "fp32"
             await self._lane(self._predict, device_executor(self.device))
             return
         self.lanes = len(direct)
@@ -234,12 +247,18 @@ class SharedDetector:
     def _predict_args(self, p: Params) -> dict[str, Any]:
         return dict(conf=p.conf, iou=p.iou, imgsz=p.imgsz, max_det=p.max_det,
                     device=None if self.device == "auto" else self.device,
-                    classes=list(p.classes) if p.classes else None, verbose=False, **_precision(p.half))
+                    classes=list(p.classes) if p.classes else None, verbose=False,
+                    **_precision(p.half and self.device != "cpu"))
 
     def _cpu_lanes(self, p: Params) -> list[_Lane]:
         """The CPU lanes for a plain detection model, or none (one lane through `model.predict`). Raises
-        StageError when `runtime: onnx` was asked for and cannot be had."""
+        StageError when `runtime: onnx` was asked for and cannot be had. With `half` on the CPU, the lanes run
+        PyTorch under bfloat16 autocast (ONNX Runtime lanes are float32)."""
         want = self.wanted_runtime
+        bf16 = p.half and self.device == "cpu"
+        if bf16 and want == "onnx":
+            raise StageError(f"model {self.name!r}: half precision on the CPU runs in PyTorch (bfloat16); "
+                             "ONNX Runtime lanes are float32: use runtime 'auto' or 'torch', or half: false")
         plain = self.device == "cpu" and self.open_vocab is None and getattr(self.model, "task", None) == "detect"
         if plain:
             self.model.predict(np.zeros((32, 32, 3), np.uint8), **self._predict_args(p))  # builds the predictor
@@ -251,18 +270,21 @@ class SharedDetector:
             if want == "onnx" and fmt == "onnx":
                 return []  # an .onnx file: model.predict runs it in ONNX Runtime already
         if not plain:
+            if bf16:
+                log.warning("bfloat16 on the CPU runs plain detection models only; this one runs in fp32",
+                            model=self.name)
             if want == "onnx":
                 raise StageError(f"model {self.name!r}: runtime 'onnx' runs plain detection models (.pt) on the "
                                  "CPU; use runtime 'auto' or 'torch' for this one (on CUDA, a TensorRT .engine)")
             return []
         backend = self.model.predictor.model
         cores = cpu_cores()
-        if want in ("auto", "onnx"):
+        if want in ("auto", "onnx") and not bf16:
             from streamd.stages import onnx_runtime
 
             try:
                 lanes = onnx_runtime.lanes(self.model, p.imgsz, cores, self.wanted_lanes)
-                self.runtime = "onnxruntime"
+                self.runtime, self.precision = "onnxruntime", "fp32"
                 return [_OnnxLane(s, backend.stride) for s in lanes]
             except StageError:
                 if want == "onnx":
@@ -278,10 +300,10 @@ class SharedDetector:
         # as many lanes as the cores fit at the intra-op thread count Ultralytics sets (it leaves cores to data
         # loading; here they run another forward pass)
         n = self.wanted_lanes or max(1, cores // torch.get_num_threads())
-        if n == 1:
+        if n == 1 and not bf16:
             return []
-        self.runtime = "torch"
-        return [_TorchLane(backend if i == 0 else copy.deepcopy(backend)) for i in range(n)]
+        self.runtime, self.precision = "torch", "bf16" if bf16 else "fp32"
+        return [_TorchLane(backend if i == 0 else copy.deepcopy(backend), bf16) for i in range(n)]
 
 
 class _Lane:
@@ -335,18 +357,25 @@ class _Lane:
 
 
 class _TorchLane(_Lane):
-    """One replica of the fused PyTorch model (Ultralytics' AutoBackend)."""
+    """One replica of the fused PyTorch model (Ultralytics' AutoBackend); with `bf16`, under bfloat16 autocast on
+    the CPU (predictions back in float32 for NMS)."""
 
-    def __init__(self, backend: Any):
+    def __init__(self, backend: Any, bf16: bool = False):
         super().__init__(backend.stride)
         self.backend = backend
+        self.bf16 = bf16
 
     def _forward(self, x: np.ndarray) -> Any:
         import torch
 
         b = self.backend
         im = torch.from_numpy(x).to(b.device).permute(0, 3, 1, 2).contiguous()
-        return b((im.half() if b.fp16 else im.float()).div_(255))
+        im = (im.half() if b.fp16 else im.float()).div_(255)
+        if not self.bf16:
+            return b(im)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = b(im)
+        return (y[0] if isinstance(y, (list, tuple)) else y).float()
 
 
 class _OnnxLane(_Lane):
