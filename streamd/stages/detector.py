@@ -13,6 +13,7 @@ forward pass runs go together into the next one. Forward passes run in lanes:
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import copy
 import os
@@ -306,7 +307,7 @@ class SharedDetector:
         return [_TorchLane(backend if i == 0 else copy.deepcopy(backend), bf16) for i in range(n)]
 
 
-class _Lane:
+class _Lane(abc.ABC):
     """Ultralytics' own steps around a detection model's forward pass, called directly, so that lanes run at
     once (`model.predict` holds a lock): the letterbox, the to-tensor of `BasePredictor.preprocess`, NMS and box
     scaling of `DetectionPredictor`. The frames' RGB goes into the letterbox as it is (the predictor flips its
@@ -351,9 +352,9 @@ class _Lane:
                 dets.append(pred[:, :6].cpu().numpy())
         return dets
 
+    @abc.abstractmethod
     def _forward(self, x: np.ndarray) -> Any:
         """(B, H, W, 3) uint8 RGB -> the model's raw predictions (what NMS takes)."""
-        raise NotImplementedError
 
 
 class _TorchLane(_Lane):
