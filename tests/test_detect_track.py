@@ -243,7 +243,8 @@ async def test_hls_rtsp_and_redis_streams_detect_and_track_at_once(r, redis_serv
             got = {}
             for sid, n in (("hls", 4), ("rtsp", 4), ("red", 3)):
                 got[sid] = await until(lambda: _n(r, sid, n), 90, what=f"{n} results of {sid}")
-            assert {x.state.value for x in d.runners.values()} == {"live"}
+            # all three live together (a live source may be reconnecting for a moment on a loaded machine)
+            await until(lambda: {x.state.value for x in d.runners.values()} == {"live"}, 30, what="all three live")
     finally:
         rtsp.stop()
         http.stop()
