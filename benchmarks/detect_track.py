@@ -18,6 +18,13 @@ The model is the same .pt file on both sides. streamd runs it with each detect-s
 (its default: ONNX Runtime on the CPU where installed, the weights exported once) and `torch` (PyTorch lanes).
 Ultralytics runs the .pt file (the headline ratio) and, with `onnx` in --ultralytics-formats, the very ONNX file
 streamd exported (a second ratio, both sides in ONNX Runtime).
+
+The bare forward rate (`--bare-s`, per streamd runtime, interleaved with the rest) is the ceiling: the model's
+forward passes alone, flat out, on the clip's first frame already letterboxed, with no decode, NMS, tracking or
+publishing. On the CPU: streamd's own lanes for that runtime, each in a thread, one frame per pass. On CUDA:
+batches of `--max-batch` frames through Ultralytics' backend (fp16 with RUNTIME:half). streamd's frames/s against
+it says how much of the device the rest of the pipeline leaves to detection; the bare rate against Ultralytics'
+says what ratio the forward pass alone allows.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,7 +52,10 @@ from streamd.log import setup_logging  # noqa: E402
 from streamd.models import resolve_model_path  # noqa: E402
 from streamd.redis_server import ManagedRedis  # noqa: E402
 from streamd.samples import make_pan_clip  # noqa: E402
+from streamd.stages.detector import Params, SharedDetector  # noqa: E402
 from streamd.testing import running  # noqa: E402
+from ultralytics.data.augment import LetterBox  # noqa: E402
+from ultralytics.utils.checks import check_imgsz  # noqa: E402
 
 
 def ultralytics_loop(path: str, weights: str, imgsz: int, conf: float) -> int:
@@ -118,6 +130,65 @@ async def bench_streamd(paths: list[str], imgsz: int, conf: float, max_batch: in
     return frames / wall, f"{info['runtime']}, {info['lanes']} lanes, {info['precision']}"
 
 
+def bare_forward(frame: np.ndarray, imgsz: int, conf: float, runtime: str, max_batch: int,
+                 seconds: float) -> tuple[float, str]:
+    """Frames/s of the model's forward passes alone, flat out (see the module docstring), and what ran them."""
+    import torch
+
+    from streamd.models import load_yolo
+
+    half = runtime.endswith(":half")
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    det = SharedDetector(load_yolo("person"), "person", device, max_batch, runtime.split(":")[0])
+    p = Params(conf, 0.7, imgsz, 300, half, None, None, False)
+    if device == "cpu":
+        lanes = det._cpu_lanes(p)  # noqa: SLF001 - the very lanes the detect stage runs
+        assert lanes, "this model runs through model.predict on the CPU: no lanes to measure"
+        x = np.stack([LetterBox(check_imgsz(imgsz, stride=lanes[0].stride, min_dim=2), auto=True,
+                                stride=lanes[0].stride)(image=frame)])
+        counts = [0] * len(lanes)
+        stop = [0.0]
+
+        def loop(i: int) -> None:
+            with torch.inference_mode():
+                while time.perf_counter() < stop[0]:
+                    lanes[i]._forward(x)  # noqa: SLF001
+                    counts[i] += 1
+
+        for lane in lanes:
+            lane._forward(x)  # noqa: SLF001 - warm
+        threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(lanes))]
+        t0 = time.perf_counter()
+        stop[0] = t0 + seconds
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(counts) / (time.perf_counter() - t0), f"{det.runtime}, {len(lanes)} lanes, {det.precision}"
+    det.model.predict(np.ascontiguousarray(frame[..., ::-1]), **det._predict_args(p))  # noqa: SLF001 - builds it
+    backend = det.model.predictor.model
+    h, w = LetterBox(check_imgsz(imgsz, stride=backend.stride, min_dim=2), auto=True,
+                     stride=backend.stride)(image=frame).shape[:2]
+    im = torch.rand(max_batch, 3, h, w, device=backend.device, dtype=torch.float16 if half else torch.float32)
+    with torch.inference_mode():
+        for _ in range(3):
+            backend(im)
+        torch.cuda.synchronize()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() < t0 + seconds:
+            backend(im)
+            n += max_batch
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0), f"Ultralytics backend, batch {max_batch}, {'fp16' if half else 'fp32'}"
+
+
+def first_frame(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as c:
+        return next(c.decode(video=0)).to_ndarray(format="rgb24")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", default="1,4")
@@ -132,6 +203,8 @@ def main() -> None:
     ap.add_argument("--ultralytics-formats", default="pt,onnx",
                     help="pt: Ultralytics on the .pt file (the headline); onnx: on the ONNX file streamd exported")
     ap.add_argument("--repeats", type=int, default=3, help="measurements of each, interleaved")
+    ap.add_argument("--bare-s", type=float, default=10.0, help="seconds of each bare forward-rate measurement "
+                    "(0: none)")
     a = ap.parse_args()
     setup_logging("warning")
     import torch
@@ -153,6 +226,7 @@ def main() -> None:
         print(f"ONNX export (streamd's cache): {formats['onnx']}")
     formats = {f: formats[f] for f in a.ultralytics_formats.split(",")}
     runtimes = a.runtimes.split(",")
+    frame = first_frame(clip)
     table = []
     with ManagedRedis(tmp / "redis") as redis:
         for n in (int(x) for x in a.streams.split(",")):
@@ -177,6 +251,12 @@ def main() -> None:
                     runs.setdefault(f"sd:{rt}", []).append((fps, how, load.cores()))
                     print(f"[{rep + 1}/{a.repeats}] {n} stream(s): streamd runtime {rt} ({how}): {fps:.2f} fps; "
                           f"other load {load.cores():.2f} cores", flush=True)
+                    if a.bare_s > 0:
+                        load = OtherLoad(redis.proc.pid if redis.proc else None)
+                        fps, how = bare_forward(frame, a.imgsz, a.conf, rt, a.max_batch, a.bare_s)
+                        runs.setdefault(f"bare:{rt}", []).append((fps, how, load.cores()))
+                        print(f"[{rep + 1}/{a.repeats}] bare forward passes, runtime {rt} ({how}): {fps:.2f} fps; "
+                              f"other load {load.cores():.2f} cores", flush=True)
             for rt in runtimes:
                 ours = runs[f"sd:{rt}"]
                 best = max(ours)
@@ -186,13 +266,22 @@ def main() -> None:
                     b = max(base)
                     paired = statistics.median(o[0] / x[0] for o, x in zip(ours, base))
                     cells.append(f"{b[0]:.2f} ({b[1]}) | **{best[0] / b[0]:.2f}** ({paired:.2f})")
+                if a.bare_s > 0:
+                    bare = max(runs[f"bare:{rt}"])
+                    base = max(runs[f"ul:{next(iter(formats))}"])
+                    cells.append(f"{bare[0]:.2f} | {best[0] / bare[0]:.2f} | {bare[0] / base[0]:.2f}")
                 other = max(x[2] for v in runs.values() for x in v)
                 table.append(f"| {n} | {rt} ({best[1]}) | {best[0]:.2f} | " + " | ".join(cells) + f" | {other:.2f} |")
     head = " | ".join(f"Ultralytics on .{f} (frames/s) | ratio (median)" for f in formats)
+    cols = len(formats) * 2
+    if a.bare_s > 0:
+        head += f" | bare forward (frames/s) | streamd / bare | bare / Ultralytics .{next(iter(formats))}"
+        cols += 3
     print("\nframes/s: best of the repeats; ratio: best / best (in brackets: the median of the repeats' paired "
-          "ratios); other load: the most CPU other processes used during any repeat (cores)")
+          "ratios); bare forward: the model's forward passes alone, flat out (the ceiling); other load: the most "
+          "CPU other processes used during any repeat (cores)")
     print(f"\n| streams | streamd runtime | streamd detect+track (frames/s) | {head} | other load |")
-    print("|---|---|--:|" + "--:|--:|" * len(formats) + "--:|")
+    print("|---|---|--:|" + "--:|" * cols + "--:|")
     print("\n".join(table))
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -44,6 +44,7 @@ async def test_cpu_lanes_match_model_predict(photos, reference, runtime, expect,
     finally:
         await det.aclose()
     assert det.runtime == expect and det.lanes >= 1
+    assert det.forward_passes == 3  # a CPU lane passes one frame at a time
     assert len(reference[0]) >= 3 and len(reference[1]) >= 2  # the people on the bus; the two men
     for (data, masks), ref in zip(outs, [reference[0], reference[1], reference[0]]):
         assert masks is None and data.shape == ref.shape
@@ -60,6 +61,7 @@ async def test_lanes_option_sets_the_forward_passes_at_once(photos, reference):
     finally:
         await det.aclose()
     assert det.describe() == {"runtime": "onnxruntime", "lanes": 3, "precision": "fp32"}
+    assert det.forward_passes == 3
     for data, _ in outs:
         np.testing.assert_allclose(data[:, :4], reference[1][:, :4], atol=0.05)
 

@@ -81,8 +81,10 @@ async def _all_lost(r, sid):
 
 
 async def test_batches_span_streams_and_models_are_shared(r, redis_server, clip):
+    # one lane: model.predict batches frames of several streams into one forward pass, as on a GPU (CPU lanes
+    # pass one frame at a time: tests/test_detect_runtimes.py)
     rand = {"type": "detect", "model": "yolo11n.yaml", "conf": 0.0, "imgsz": 160, "max_batch": 8,
-            "max_wait_ms": 20, "max_det": 5}
+            "max_wait_ms": 20, "max_det": 5, "lanes": 1}
     cfg = make_config(redis_server.url, [
         {"id": f"s{i}", "url": str(clip), "fps": 5.0, "pipeline": "a" if i < 3 else "b"} for i in range(4)
     ], pipelines={"a": {"stages": [rand]}, "b": {"stages": [rand, {"type": "track"}]}})

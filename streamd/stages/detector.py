@@ -6,7 +6,10 @@ forward pass runs go together into the next one. Forward passes run in lanes:
 - most models have one lane, in the device's executor thread, through Ultralytics' `model.predict`;
 - a plain detection model on the CPU has several lanes at once, each running Ultralytics' own steps around the
   forward pass directly (`_Lane`: letterbox, NMS, box scaling), so that decode, preprocessing and the forward
-  passes of several frames overlap and one frame never waits for another's. The forward pass itself runs in
+  passes of several frames overlap and one frame never waits for another's. A CPU lane passes one frame at a
+  time: on the CPU a batch costs as much per frame as single frames or more (its activations outgrow the
+  caches; with 4 streams here, lanes of one frame gave 5-7 % more frames/s than batches of up to 8), and the
+  lanes, not the batch, are what keeps the cores busy. The forward pass itself runs in
   ONNX Runtime (`streamd.stages.onnx_runtime`: the same weights, exported once and cached, about a quarter less
   CPU per frame than PyTorch here) or in PyTorch (one replica of the fused model per lane).
 """
@@ -35,6 +38,8 @@ __all__ = ["Params", "Runtime", "SharedDetector", "mask_rle"]
 log = get_logger("streamd.stage.detect")
 
 Runtime = Literal["auto", "torch", "onnx"]
+
+CPU_LANE_BATCH = 1  # frames per forward pass in a CPU lane (see the module's docstring)
 
 
 def mask_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -93,7 +98,7 @@ class SharedDetector:
     """A loaded model plus its cross-pipeline batcher.
 
     Lanes each serve the next waiting frames (the same parameters, up to `max_batch`, shared out evenly between
-    idle lanes). `runtime` picks what runs a plain detection model's forward passes on the CPU: `onnx` (ONNX
+    idle lanes; a CPU lane one frame at a time: `CPU_LANE_BATCH`). `runtime` picks what runs a plain detection model's forward passes on the CPU: `onnx` (ONNX
     Runtime; the model is exported once and cached), `torch`, or `auto` (ONNX Runtime where it is installed and
     the export works, else PyTorch). `self.runtime` says, once the lanes are set up, what runs them:
     `onnxruntime`, `torch` (CPU lanes) or `ultralytics` (`model.predict`, one lane)."""
@@ -170,7 +175,7 @@ class SharedDetector:
         if not direct:
             self.runtime = "ultralytics"
             self.precision = "fp16" if p0 is not None and p0.half and self.device != "cpu" else "fp32"
-            await self._lane(self._predict, device_executor(self.device))
+            await self._lane(self._predict, device_executor(self.device), self.max_batch)
             return
         self.lanes = len(direct)
         log.info("detection lanes", model=self.name, runtime=self.runtime, lanes=self.lanes)
@@ -178,11 +183,11 @@ class SharedDetector:
         try:
             async with asyncio.TaskGroup() as tg:
                 for lane in direct:
-                    tg.create_task(self._lane(lane, pool), name=f"detector:{self.name}:lane")
+                    tg.create_task(self._lane(lane, pool, CPU_LANE_BATCH), name=f"detector:{self.name}:lane")
         finally:
             pool.shutdown(wait=False, cancel_futures=True)  # a forward pass under way ends on its own
 
-    async def _lane(self, forward: Forward, executor: Executor) -> None:
+    async def _lane(self, forward: Forward, executor: Executor, batch: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
@@ -193,7 +198,7 @@ class SharedDetector:
                 finally:
                     self._idle -= 1
                 continue
-            items = self._take()
+            items = self._take(batch)
             if not items:
                 continue
             try:
@@ -211,16 +216,16 @@ class SharedDetector:
                 if req.left == 0 and not req.future.done():
                     req.future.set_result(req.outs)
 
-    def _take(self) -> list[tuple[_Request, int]]:
+    def _take(self, batch: int) -> list[tuple[_Request, int]]:
         """The next waiting frames with the first one's parameters: this lane's even share of them between
-        the idle lanes (itself included), at most `max_batch`."""
+        the idle lanes (itself included), at most `batch`."""
         params = self._pending[0][0].params
         run = 0
         for req, _ in self._pending:
-            if req.params != params or run == self.max_batch * (self._idle + 1):
+            if req.params != params or run == batch * (self._idle + 1):
                 break
             run += 1
-        share = min(self.max_batch, -(-run // (self._idle + 1)))
+        share = min(batch, -(-run // (self._idle + 1)))
         items = []
         while self._pending and len(items) < share:
             req, i = self._pending.popleft()
