@@ -54,13 +54,15 @@ def make_pan_clip(
     fps: int = 30,
     size: tuple[int, int] = (1280, 720),
     gop: int = 30,
+    container: str = "mp4",
 ) -> Path:
-    """Write an H.264 MP4 of a pan over a real photo. Returns the path."""
+    """Write an H.264 video (MP4, or another FFmpeg `container` such as mpegts) of a pan over a real photo.
+    Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = load_photo(photo)
     tmp = path.with_suffix(".part" + path.suffix)
-    with av.open(str(tmp), "w", format="mp4") as out:
+    with av.open(str(tmp), "w", format=container) as out:
         st = out.add_stream("libx264", rate=fps)
         st.width, st.height = size
         st.pix_fmt = "yuv420p"

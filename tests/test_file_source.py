@@ -1,5 +1,9 @@
 """File replay through a real daemon and a real Redis."""
 
+import av
+import numpy as np
+
+from streamd.samples import make_pan_clip
 from conftest import events, make_config, results, running, states, until
 
 
@@ -51,3 +55,26 @@ async def test_realtime_looping_file_plays_like_a_camera(r, redis_server, clip):
     assert pts == sorted(pts)
     wall = recs[-1]["capture_ts"] - recs[0]["capture_ts"]
     assert abs(wall - (pts[-1] - pts[0])) < 0.5  # paced in real time
+
+
+async def test_stages_get_pyavs_own_rgb_also_after_the_input_changes_size(r, redis_server, tmp_path):
+    """The decoder thread converts with one swscale converter per connection (PyAV's to_ndarray makes one per
+    frame): the stages get exactly the RGB that `frame.to_ndarray(format="rgb24")` gives, every frame, also
+    after the input changes size mid-stream (two MPEG-TS clips back to back)."""
+    a = make_pan_clip(tmp_path / "a.ts", seconds=1, fps=10, size=(320, 180), container="mpegts")
+    b = make_pan_clip(tmp_path / "b.ts", "bus.jpg", seconds=1, fps=10, size=(256, 320), container="mpegts")
+    both = tmp_path / "both.ts"
+    both.write_bytes(a.read_bytes() + b.read_bytes())
+    with av.open(str(both)) as c:
+        want = []
+        for f in c.decode(video=0):
+            rgb = f.to_ndarray(format="rgb24")
+            want.append((f.width, f.height, round(int(rgb.sum(dtype=np.uint64)) / rgb.size, 3)))  # frame_info's
+    assert {(w, h) for w, h, _ in want} == {(320, 180), (256, 320)} and len(want) == 20
+    cfg = make_config(redis_server.url, [{"id": "z", "url": str(both), "fps": None, "pipeline": "exact"}],
+                      pipelines={"exact": {"stages": [{"type": "frame_info", "stride": 1}]}})
+    async with running(cfg) as d:
+        await until(lambda: d.runners["z"].state.value == "stopped", 30, what="end of file")
+        recs = await until(lambda: _n(r, "z", 20), 10, what="20 results")
+    got = [(x["width"], x["height"], x["outputs"]["frame_info"]["mean_brightness"]) for x in recs]
+    assert got == want

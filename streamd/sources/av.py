@@ -1,7 +1,9 @@
 """PyAV source for RTSP, HLS, files and any URL FFmpeg opens.
 
 Decoding runs in one thread per source (PyAV releases the GIL while decoding); only sampled frames are
-converted to RGB arrays. The thread may block on network reads for up to `open_timeout_s`; the event loop never
+converted to RGB arrays, through one swscale converter per connection: PyAV's `frame.to_ndarray(format=...)` makes
+a new converter for every frame, which under FFmpeg 8's swscale means setting the conversion (and its threads) up
+again each time, 2-3x the CPU of the conversion itself for a 720p frame (benchmarks/RESULTS.md, spine). The thread may block on network reads for up to `open_timeout_s`; the event loop never
 blocks. The thread puts frames straight into the stream's queue (a `PushSource`): with a `wait` queue a slow
 consumer slows the decoder instead of piling frames up in memory.
 """
@@ -16,6 +18,7 @@ from fractions import Fraction
 from typing import Any
 
 import av
+from av.video.reformatter import VideoReformatter
 
 from streamd.batching import FrameQueue
 from streamd.config import Playback, StreamConfig
@@ -138,6 +141,7 @@ class AvSource:
         errors = 0
         synthetic = 0
         offset = self._pts_offset
+        rgb = VideoReformatter()  # set up on the first frame, reused for the others (and redone if their size changes)
         for packet in container.demux(stream):
             if self._stop.is_set():
                 break
@@ -171,7 +175,7 @@ class AvSource:
                 decision = self.sampler.offer(pts)
                 if not decision.keep:
                     continue
-                image = vf.to_ndarray(format="rgb24")
+                image = rgb.reformat(vf, format="rgb24").to_ndarray()
                 frame = Frame(
                     stream_id=self.cfg.id,
                     seq=next(self._seq),
