@@ -132,7 +132,8 @@ async def bench_streamd(paths: list[str], imgsz: int, conf: float, max_batch: in
 
 def bare_forward(frame: np.ndarray, imgsz: int, conf: float, runtime: str, max_batch: int,
                  seconds: float) -> tuple[float, str]:
-    """Frames/s of the model's forward passes alone, flat out (see the module docstring), and what ran them."""
+    """Frames/s of the model's forward passes alone, flat out (see the module docstring), and what ran them: the
+    CPU lanes, or (CUDA, or a model without CPU lanes) batches of `max_batch` through Ultralytics' backend."""
     import torch
 
     from streamd.models import load_yolo
@@ -141,9 +142,8 @@ def bare_forward(frame: np.ndarray, imgsz: int, conf: float, runtime: str, max_b
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     det = SharedDetector(load_yolo("person"), "person", device, max_batch, runtime.split(":")[0])
     p = Params(conf, 0.7, imgsz, 300, half, None, None, False)
-    if device == "cpu":
-        lanes = det._cpu_lanes(p)  # noqa: SLF001 - the very lanes the detect stage runs
-        assert lanes, "this model runs through model.predict on the CPU: no lanes to measure"
+    lanes = det._cpu_lanes(p) if device == "cpu" else []  # noqa: SLF001 - the very lanes the detect stage runs
+    if lanes:
         x = np.stack([LetterBox(check_imgsz(imgsz, stride=lanes[0].stride, min_dim=2), auto=True,
                                 stride=lanes[0].stride)(image=frame)])
         counts = [0] * len(lanes)
@@ -170,15 +170,16 @@ def bare_forward(frame: np.ndarray, imgsz: int, conf: float, runtime: str, max_b
     h, w = LetterBox(check_imgsz(imgsz, stride=backend.stride, min_dim=2), auto=True,
                      stride=backend.stride)(image=frame).shape[:2]
     im = torch.rand(max_batch, 3, h, w, device=backend.device, dtype=torch.float16 if half else torch.float32)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.inference_mode():
         for _ in range(3):
             backend(im)
-        torch.cuda.synchronize()
+        sync()
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() < t0 + seconds:
             backend(im)
             n += max_batch
-        torch.cuda.synchronize()
+        sync()
     return n / (time.perf_counter() - t0), f"Ultralytics backend, batch {max_batch}, {'fp16' if half else 'fp32'}"
 
 
