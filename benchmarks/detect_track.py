@@ -4,6 +4,10 @@ same device, same run. Prints frames/s of each and the ratio, for 1 and N stream
     .venv/bin/python benchmarks/detect_track.py [--streams 1,4] [--seconds 6] [--fps 10] [--imgsz 640]
         [--runtimes auto,torch] [--ultralytics-formats pt,onnx]
 
+Neither side's set-up is measured: Ultralytics' clock starts once every loop has loaded its model, set its
+predictor up and tracked its first frame; streamd's once every stream has its first result published; frames/s
+counts the frames after that.
+
 Each is measured `--repeats` times, interleaved (this box's speed drifts with other tenants' load); the table
 gives the best of the repeats and the median of the paired ratios. Every frame of the clip is processed on both sides (streamd: `fps: null`, `playback: fast`). For several
 streams, Ultralytics' best of (a) one loop per stream in turn and (b) one loop per stream in parallel threads
@@ -58,7 +62,12 @@ from ultralytics.data.augment import LetterBox  # noqa: E402
 from ultralytics.utils.checks import check_imgsz  # noqa: E402
 
 
-def ultralytics_loop(path: str, weights: str, imgsz: int, conf: float) -> int:
+def ultralytics_loop(path: str, weights: str, imgsz: int, conf: float,
+                     started: threading.Barrier | None = None) -> tuple[int, float, float]:
+    """Ultralytics' own loop over one clip. Returns (frames after the first, when the first one was done, when the
+    last one was): the model load, the predictor's set-up and the first frame are not measured (as streamd's are
+    not: its clock starts once every stream has its first result). With `started`, the measured part starts when
+    every loop sharing the barrier (and the caller) is set up."""
     from ultralytics import YOLO
 
     with _SETUP:  # one loop at a time sets its predictor up (Python 3.11's ast.parse, which Ultralytics' ONNX
@@ -68,10 +77,13 @@ def ultralytics_loop(path: str, weights: str, imgsz: int, conf: float) -> int:
         frames = model.track(source=path, stream=True, tracker="bytetrack.yaml", imgsz=imgsz, conf=conf,
                              verbose=False)
         next(frames)
-    n = 1
+    t_first = time.perf_counter()
+    if started is not None:
+        started.wait()
+    n = 0
     for _ in frames:
         n += 1
-    return n
+    return n, t_first, time.perf_counter()
 
 
 _SETUP = threading.Lock()
@@ -85,22 +97,24 @@ def bench_ultralytics(paths: list[str], weights: str, imgsz: int, conf: float,
         modes = (SEQ,)
     best = (0.0, "")
     if SEQ in modes:
-        t0 = time.perf_counter()
-        total = sum(ultralytics_loop(p, weights, imgsz, conf) for p in paths)
-        best = (total / (time.perf_counter() - t0), SEQ if len(paths) > 1 else "one loop")
+        runs = [ultralytics_loop(p, weights, imgsz, conf) for p in paths]
+        best = (sum(n for n, _, _ in runs) / sum(end - first for _, first, end in runs),
+                SEQ if len(paths) > 1 else "one loop")
     if PAR in modes:
-        counts = [0] * len(paths)
+        results: list[tuple[int, float, float]] = [(0, 0.0, 0.0)] * len(paths)
+        started = threading.Barrier(len(paths) + 1, timeout=600)  # a loop that fails breaks it
 
         def run(i: int) -> None:
-            counts[i] = ultralytics_loop(paths[i], weights, imgsz, conf)
+            results[i] = ultralytics_loop(paths[i], weights, imgsz, conf, started)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(paths))]
-        t0 = time.perf_counter()
         for t in threads:
             t.start()
+        started.wait()
+        t0 = time.perf_counter()
         for t in threads:
             t.join()
-        best = max(best, (sum(counts) / (time.perf_counter() - t0), PAR))
+        best = max(best, (sum(n for n, _, _ in results) / (max(end for _, _, end in results) - t0), PAR))
     return best
 
 
@@ -118,13 +132,17 @@ async def bench_streamd(paths: list[str], imgsz: int, conf: float, max_batch: in
     }, environ={})
     async with running(cfg) as d:
         await d.pipelines["dt"].ready.wait()  # the model loaded (and, the first time, exported)
-        t0 = time.perf_counter()
+        # the clock starts once every stream has its first result (Ultralytics' loops: once every one has its first
+        # frame), so neither side's set-up is measured
+        while len(d.sink.results_by_stream) < len(paths) or not all(d.sink.results_by_stream.values()):
+            await asyncio.sleep(0.005)
+        t0, n0 = time.perf_counter(), sum(d.sink.results_by_stream.values())
         while not all(r.state.value in ("stopped", "failed") for r in d.runners.values()):
             await asyncio.sleep(0.02)
         while sum(d.sink.results_by_stream.values()) < sum(r.frames for r in d.runners.values()) or len(d.sink):
             await asyncio.sleep(0.01)
         wall = time.perf_counter() - t0
-        frames = sum(d.sink.results_by_stream.values())
+        frames = sum(d.sink.results_by_stream.values()) - n0
         assert all(r.state.value == "stopped" for r in d.runners.values()), d.status()
         (info,) = d.models.loaded()
     return frames / wall, f"{info['runtime']}, {info['lanes']} lanes, {info['precision']}"
