@@ -10,8 +10,8 @@ forward pass runs go together into the next one. Forward passes run in lanes:
   time: on the CPU a batch costs as much per frame as single frames or more (its activations outgrow the
   caches; with 4 streams here, lanes of one frame gave 5-7 % more frames/s than batches of up to 8), and the
   lanes, not the batch, are what keeps the cores busy. The forward pass itself runs in
-  ONNX Runtime (`streamd.stages.onnx_runtime`: the same weights, exported once and cached, about a quarter less
-  CPU per frame than PyTorch here) or in PyTorch (one replica of the fused model per lane).
+  ONNX Runtime (`streamd.stages.onnx_runtime`: the same weights, exported once and cached, about 12-15 %
+  less CPU per frame than PyTorch here) or in PyTorch (one replica of the fused model per lane).
 """
 
 from __future__ import annotations

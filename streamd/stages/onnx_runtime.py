@@ -2,7 +2,7 @@
 
 A plain detection model (`.pt`) that runs on the CPU is exported to ONNX once (Ultralytics' own exporter, dynamic
 batch and image size, simplified) and cached by the weights' content hash, then run by ONNX Runtime sessions, one
-per lane. Here that takes about a quarter less CPU per frame than PyTorch for the same float32 model (see
+per lane. Here that takes about 12-15 % less CPU per frame than PyTorch for the same float32 model (see
 benchmarks/RESULTS.md); the detections are the same up to float rounding.
 
 The cache lives in `$STREAMD_CACHE_DIR`, else `$XDG_CACHE_HOME/streamd`, else `~/.cache/streamd` (`onnx/` in it).
