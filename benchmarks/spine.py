@@ -340,7 +340,8 @@ async def amain(args: argparse.Namespace) -> int:
             flag = "" if row["ratio"] >= TARGET_RATIO else f"  below target {TARGET_RATIO:.2f}"
             print(f"{n:>7} {b:>14.1f} {dm:>11.1f} {row['ratio']:>6.2f} {row['median_ratio']:>8.2f} "
                   f"{tb:>10.1f} {row['tuned_ratio']:>6.2f} "
-                  f"{row['base_cpu_ms']:>18.2f} {row['tuned_cpu_ms']:>6.2f} {row['daemon_cpu_ms']:>7.2f} {row['fast_lag_p99_ms']:>10.1f} ms "
+                  f"{row['base_cpu_ms']:>18.2f} {row['tuned_cpu_ms']:>6.2f} {row['daemon_cpu_ms']:>7.2f} "
+                  f"{row['fast_lag_p99_ms']:>10.1f} ms "
                   f"{row['runs_used']:>6}{flag}",
                   flush=True)
 

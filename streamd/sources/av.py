@@ -3,9 +3,10 @@
 Decoding runs in one thread per source (PyAV releases the GIL while decoding); only sampled frames are
 converted to RGB arrays, through one swscale converter per connection: PyAV's `frame.to_ndarray(format=...)` makes
 a new converter for every frame, which under FFmpeg 8's swscale means setting the conversion (and its threads) up
-again each time, 2-3x the CPU of the conversion itself for a 720p frame (benchmarks/RESULTS.md, spine). The thread may block on network reads for up to `open_timeout_s`; the event loop never
-blocks. The thread puts frames straight into the stream's queue (a `PushSource`): with a `wait` queue a slow
-consumer slows the decoder instead of piling frames up in memory.
+again each time, 2-3x the CPU of the conversion itself for a 720p frame (benchmarks/RESULTS.md, spine). The
+thread may block on network reads for up to `open_timeout_s`; the event loop never blocks. The thread puts frames
+straight into the stream's queue (a `PushSource`): with a `wait` queue a slow consumer slows the decoder instead of
+piling frames up in memory.
 """
 
 from __future__ import annotations
