@@ -100,8 +100,9 @@ class SharedDetector:
     Lanes each serve the next waiting frames (the same parameters, up to `max_batch`, shared out evenly between
     idle lanes; a CPU lane one frame at a time: `CPU_LANE_BATCH`). `runtime` picks what runs a plain detection
     model's forward passes on the CPU: `onnx` (ONNX Runtime; the model is exported once and cached), `torch`, or
-    `auto` (ONNX Runtime where it is installed and the export works, else PyTorch). `self.runtime` says, once the lanes are set up, what runs them:
-    `onnxruntime`, `torch` (CPU lanes) or `ultralytics` (`model.predict`, one lane)."""
+    `auto` (ONNX Runtime where it is installed and the export works, else PyTorch). `self.runtime` says, once the
+    lanes are set up, what runs them: `onnxruntime`, `torch` (CPU lanes) or `ultralytics` (`model.predict`, one
+    lane)."""
 
     def __init__(self, model: Any, name: str, device: str, max_batch: int, runtime: Runtime = "auto",
                  lanes: int | None = None):
