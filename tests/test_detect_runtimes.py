@@ -11,7 +11,7 @@ from streamd.errors import StageError
 from streamd.models import load_yolo, resolve_model_path
 from streamd.samples import load_photo
 from streamd.stages import onnx_runtime
-from streamd.stages.detector import Params, SharedDetector, cpu_bf16
+from streamd.stages.detector import Params, SharedDetector, cpu_bf16, cpu_cores
 from streamd.testing import push_frames
 from conftest import make_config, results, running, until
 
@@ -62,6 +62,22 @@ async def test_lanes_option_sets_the_forward_passes_at_once(photos, reference):
         await det.aclose()
     assert det.describe() == {"runtime": "onnxruntime", "lanes": 3, "precision": "fp32"}
     assert det.forward_passes == 3
+    for data, _ in outs:
+        np.testing.assert_allclose(data[:, :4], reference[1][:, :4], atol=0.05)
+
+
+@needs_ort
+async def test_a_lane_with_several_threads_takes_batches(photos, reference):
+    """One lane on this machine's cores (2 here): its ONNX Runtime session has several intra-op threads, so it takes
+    the waiting frames as one batch (single-threaded lanes take one frame at a time: above)."""
+    det = SharedDetector(load_yolo("person"), "person", "cpu", 8, "onnx", lanes=1)
+    try:
+        outs = await det.detect([photos[1]] * 3, P)
+    finally:
+        await det.aclose()
+    assert det.describe() == {"runtime": "onnxruntime", "lanes": 1, "precision": "fp32"}
+    if cpu_cores() > 1:
+        assert det.forward_passes == 1
     for data, _ in outs:
         np.testing.assert_allclose(data[:, :4], reference[1][:, :4], atol=0.05)
 

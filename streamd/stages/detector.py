@@ -6,12 +6,15 @@ forward pass runs go together into the next one. Forward passes run in lanes:
 - most models have one lane, in the device's executor thread, through Ultralytics' `model.predict`;
 - a plain detection model on the CPU has several lanes at once, each running Ultralytics' own steps around the
   forward pass directly (`_Lane`: letterbox, NMS, box scaling), so that decode, preprocessing and the forward
-  passes of several frames overlap and one frame never waits for another's. A CPU lane passes one frame at a
-  time: on the CPU a batch costs as much per frame as single frames or more (its activations outgrow the
-  caches; with 4 streams here, lanes of one frame gave 5-7 % more frames/s than batches of up to 8), and the
-  lanes, not the batch, are what keeps the cores busy. The forward pass itself runs in
-  ONNX Runtime (`streamd.stages.onnx_runtime`: the same weights, exported once and cached, about 12-15 %
-  less CPU per frame than PyTorch here) or in PyTorch (one replica of the fused model per lane).
+  passes of several frames overlap and one frame never waits for another's. A single-threaded lane (the
+  default up to 4 cores) passes one frame at a time: there a batch costs as much per frame as single frames or
+  more (its activations outgrow the caches; with 4 streams on 2 cores, lanes of one frame gave 5-7 % more
+  frames/s than batches of up to 8), and the lanes, not the batch, keep the cores busy. A lane with several
+  intra-op threads (more than 4 cores) takes batches of up to `max_batch`, which give its threads more work to
+  share (one 2-thread ONNX Runtime session here: 9.3-9.6 frames/s at batch 1, 9.5-10.7 at batch 4). The
+  forward pass itself runs in ONNX Runtime (`streamd.stages.onnx_runtime`: the same weights, exported once and
+  cached, about 12-15 % less CPU per frame than PyTorch here) or in PyTorch (one replica of the fused model per
+  lane).
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ log = get_logger("streamd.stage.detect")
 
 Runtime = Literal["auto", "torch", "onnx"]
 
-CPU_LANE_BATCH = 1  # frames per forward pass in a CPU lane (see the module's docstring)
 
 
 def mask_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -98,7 +100,7 @@ class SharedDetector:
     """A loaded model plus its cross-pipeline batcher.
 
     Lanes each serve the next waiting frames (the same parameters, up to `max_batch`, shared out evenly between
-    idle lanes; a CPU lane one frame at a time: `CPU_LANE_BATCH`). `runtime` picks what runs a plain detection
+    idle lanes; a single-threaded CPU lane one frame at a time). `runtime` picks what runs a plain detection
     model's forward passes on the CPU: `onnx` (ONNX Runtime; the model is exported once and cached), `torch`, or
     `auto` (ONNX Runtime where it is installed and the export works, else PyTorch). `self.runtime` says, once the
     lanes are set up, what runs them: `onnxruntime`, `torch` (CPU lanes) or `ultralytics` (`model.predict`, one
@@ -184,7 +186,8 @@ class SharedDetector:
         try:
             async with asyncio.TaskGroup() as tg:
                 for lane in direct:
-                    tg.create_task(self._lane(lane, pool, CPU_LANE_BATCH), name=f"detector:{self.name}:lane")
+                    batch = 1 if lane.threads == 1 else self.max_batch  # see the module's docstring
+                    tg.create_task(self._lane(lane, pool, batch), name=f"detector:{self.name}:lane")
         finally:
             pool.shutdown(wait=False, cancel_futures=True)  # a forward pass under way ends on its own
 
@@ -292,7 +295,7 @@ class SharedDetector:
             try:
                 lanes = onnx_runtime.lanes(self.model, p.imgsz, cores, self.wanted_lanes)
                 self.runtime, self.precision = "onnxruntime", "fp32"
-                return [_OnnxLane(s, backend.stride) for s in lanes]
+                return [_OnnxLane(s, backend.stride, s.get_session_options().intra_op_num_threads) for s in lanes]
             except StageError:
                 if want == "onnx":
                     raise
@@ -310,7 +313,8 @@ class SharedDetector:
         if n == 1 and not bf16:
             return []
         self.runtime, self.precision = "torch", "bf16" if bf16 else "fp32"
-        return [_TorchLane(backend if i == 0 else copy.deepcopy(backend), bf16) for i in range(n)]
+        threads = torch.get_num_threads()  # one intra-op pool, shared by the lanes
+        return [_TorchLane(backend if i == 0 else copy.deepcopy(backend), bf16, threads) for i in range(n)]
 
 
 class _Lane(abc.ABC):
@@ -322,8 +326,9 @@ class _Lane(abc.ABC):
     stride-aligned rectangle); frames whose rectangles differ go in separate passes, so a frame's detections
     never depend on the frames it shares a batch with."""
 
-    def __init__(self, stride: Any):
+    def __init__(self, stride: Any, threads: int):
         self.stride = stride
+        self.threads = threads  # intra-op threads of its forward pass
         self._imgsz: dict[int, Any] = {}
 
     def __call__(self, images: list[np.ndarray], p: Params) -> list[tuple[np.ndarray, list[Any] | None]]:
@@ -367,8 +372,8 @@ class _TorchLane(_Lane):
     """One replica of the fused PyTorch model (Ultralytics' AutoBackend); with `bf16`, under bfloat16 autocast on
     the CPU (predictions back in float32 for NMS)."""
 
-    def __init__(self, backend: Any, bf16: bool = False):
-        super().__init__(backend.stride)
+    def __init__(self, backend: Any, bf16: bool = False, threads: int = 1):
+        super().__init__(backend.stride, threads)
         self.backend = backend
         self.bf16 = bf16
 
@@ -388,8 +393,8 @@ class _TorchLane(_Lane):
 class _OnnxLane(_Lane):
     """One ONNX Runtime session of the exported model (float32 input scaled to 0..1, like the PyTorch lane)."""
 
-    def __init__(self, session: Any, stride: Any):
-        super().__init__(stride)
+    def __init__(self, session: Any, stride: Any, threads: int = 1):
+        super().__init__(stride, threads)
         self.session = session
         self.input = session.get_inputs()[0].name
 
