@@ -43,7 +43,6 @@ log = get_logger("streamd.stage.detect")
 Runtime = Literal["auto", "torch", "onnx"]
 
 
-
 def mask_rle(mask: np.ndarray) -> dict[str, Any]:
     """COCO-style uncompressed RLE: column-major run lengths, the first run counting zeros."""
     flat = np.asarray(mask, dtype=bool).flatten(order="F")
