@@ -54,30 +54,18 @@ async def test_cpu_lanes_match_model_predict(photos, reference, runtime, expect,
 
 
 @needs_ort
-async def test_lanes_option_sets_the_forward_passes_at_once(photos, reference):
-    det = SharedDetector(load_yolo("person"), "person", "cpu", 8, "onnx", lanes=3)
+@pytest.mark.parametrize("lanes", [3, 1])
+async def test_lanes_option_sets_the_forward_passes_at_once_and_their_batches(photos, reference, lanes):
+    """`lanes` forward passes at once, the cores shared out between them as intra-op threads. A single-threaded
+    lane passes one frame at a time; a lane with several threads (one lane on 2+ cores) takes the waiting frames
+    as one batch."""
+    det = SharedDetector(load_yolo("person"), "person", "cpu", 8, "onnx", lanes=lanes)
     try:
         outs = await det.detect([photos[1]] * 3, P)
     finally:
         await det.aclose()
-    assert det.describe() == {"runtime": "onnxruntime", "lanes": 3, "precision": "fp32"}
-    assert det.forward_passes == 3
-    for data, _ in outs:
-        np.testing.assert_allclose(data[:, :4], reference[1][:, :4], atol=0.05)
-
-
-@needs_ort
-async def test_a_lane_with_several_threads_takes_batches(photos, reference):
-    """One lane on this machine's cores (2 here): its ONNX Runtime session has several intra-op threads, so it takes
-    the waiting frames as one batch (single-threaded lanes take one frame at a time: above)."""
-    det = SharedDetector(load_yolo("person"), "person", "cpu", 8, "onnx", lanes=1)
-    try:
-        outs = await det.detect([photos[1]] * 3, P)
-    finally:
-        await det.aclose()
-    assert det.describe() == {"runtime": "onnxruntime", "lanes": 1, "precision": "fp32"}
-    if cpu_cores() > 1:
-        assert det.forward_passes == 1
+    assert det.describe() == {"runtime": "onnxruntime", "lanes": lanes, "precision": "fp32"}
+    assert det.forward_passes == (3 if cpu_cores() // lanes <= 1 else 1)
     for data, _ in outs:
         np.testing.assert_allclose(data[:, :4], reference[1][:, :4], atol=0.05)
 
