@@ -135,6 +135,8 @@ async def bench_streamd(paths: list[str], imgsz: int, conf: float, max_batch: in
         # the clock starts once every stream has its first result (Ultralytics' loops: once every one has its first
         # frame), so neither side's set-up is measured
         while len(d.sink.results_by_stream) < len(paths) or not all(d.sink.results_by_stream.values()):
+            if any(r.state.value == "failed" for r in d.runners.values()):
+                raise RuntimeError(f"a stream failed: {d.status()}")
             await asyncio.sleep(0.005)
         t0, n0 = time.perf_counter(), sum(d.sink.results_by_stream.values())
         while not all(r.state.value in ("stopped", "failed") for r in d.runners.values()):
