@@ -83,7 +83,8 @@ class Daemon:
             log.info("started embedded redis-server", url=self.redis_url, data_dir=self.cfg.redis.data_dir)
         self.redis = redis_client(self.redis_url)
         self.sink = RedisSink(self.redis, self.cfg.redis, self.metrics, self._settled)
-        self.doorbell = Doorbell(asyncio.get_running_loop(), FRAME_TICK_S, FRAME_BUSY_RATE)  # decoder threads -> the loop
+        # decoder threads -> the loop
+        self.doorbell = Doorbell(asyncio.get_running_loop(), FRAME_TICK_S, FRAME_BUSY_RATE)
         self.prompts = PromptStore(self.redis)
         self.stored = StoredStreams(self.redis)
         self.prompt_cache = PromptCache(self.prompts)
