@@ -137,6 +137,15 @@ class FrameQueue(Generic[T]):
     def closed(self) -> bool:
         return self._closed
 
+    def set_policy(self, policy: DropPolicy) -> None:
+        """Loop side, while no producer thread is putting: change the drop policy (an HLS playlist that turns out
+        to be a recording keeps every frame)."""
+        if policy is self.policy:
+            return
+        self.policy = policy
+        self._slots = threading.Semaphore(max(0, self.maxsize - len(self._items))) \
+            if policy is DropPolicy.WAIT else None
+
     def add_listener(self, event: asyncio.Event) -> None:
         self._listeners.append(event)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from streamd.errors import ConfigError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DropPolicy(str, enum.Enum):
@@ -81,9 +82,40 @@ class ApiConfig(Strict):
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (none = CORS off)")
     allowed_schemes: list[str] = Field(["rtsp", "rtsps", "http", "https", "rtmp", "rtmps", "srt", "redis", "rediss"],
                                        description="stream URL schemes accepted from the API")
-    deny_private_addresses: bool = Field(False, description="refuse API-added URLs that resolve to private, "
-                                                            "loopback or link-local addresses (SSRF)")
+    deny_private_addresses: bool = Field(True, description="check API-added URLs against the egress policy when "
+                                                           "they are added (422 instead of a failed stream)")
+    redis_key_prefix: str = Field("frames:", min_length=1, description="redis: inputs added through the API must "
+                                  "name a key starting with this (never a streamd: key)")
     public_health: bool = Field(True, description="/health/live and /health/ready answer without a token")
+
+
+class EgressConfig(Strict):
+    """The one policy for every connection a stream makes (streamd/egress.py)."""
+
+    deny_non_global: bool = Field(True, description="refuse loopback, private, link-local, CGNAT, documentation, "
+                                  "benchmarking, 6to4 ... addresses unless `allow` names them")
+    allow: list[str] = Field(default_factory=list, description="CIDRs (10.0.0.0/8) or host names (cam.lan, "
+                             "*.lan) that may be reached although not global")
+    max_redirects: int = Field(5, ge=0, le=20, description="HTTP redirects followed per fetch, each hop checked")
+    connect_timeout_s: float = Field(10.0, gt=0, le=600, description="TCP connect timeout of one fetch")
+    requests_per_s: float = Field(20.0, gt=0, description="HTTP requests per second per stream (a token bucket)")
+    request_burst: int = Field(40, ge=1, description="burst allowance of requests_per_s")
+
+
+class HlsConfig(Strict):
+    """HLS followed by streamd itself (streamd/sources/hls.py)."""
+
+    start: Literal["live_edge", "first"] = Field("live_edge", description="live playlists: start at the newest "
+                                                 "segments or at the first one listed")
+    live_edge_segments: int = Field(1, ge=1, le=100, description="live_edge: how many segments back to start")
+    variant: Literal["lowest", "highest"] = Field("highest", description="master playlists: the variant by "
+                                                  "bandwidth (within max_bandwidth)")
+    max_bandwidth: int | None = Field(None, ge=1, description="master playlists: the highest bandwidth to pick")
+    max_playlist_bytes: int = Field(4 << 20, ge=1024, description="a playlist larger than this fails the stream")
+    max_playlist_entries: int = Field(10_000, ge=1, description="segments a playlist may list")
+    max_segment_bytes: int = Field(256 << 20, ge=1024, description="a segment larger than this fails the stream")
+    segment_timeout_s: float = Field(30.0, gt=0, le=3600, description="time to fetch one segment")
+    max_nesting: int = Field(3, ge=1, le=10, description="master -> variant playlist hops")
 
 
 class ReconnectConfig(Strict):
@@ -94,6 +126,8 @@ class ReconnectConfig(Strict):
     max_attempts: int | None = Field(
         10, ge=0, description="consecutive failures before the stream is marked failed (null = retry forever)"
     )
+    reset_after_s: float = Field(30.0, ge=0, description="live this long before the failure count starts again "
+                                 "(a flapping source still reaches failed)")
 
 
 class RedisInputConfig(Strict):
@@ -123,6 +157,24 @@ class StreamConfig(Strict):
     ffmpeg_options: dict[str, str] = Field(default_factory=dict, description="extra FFmpeg demuxer options")
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     redis_input: RedisInputConfig = Field(default_factory=RedisInputConfig, description="for redis:// sources")
+    hls: HlsConfig = Field(default_factory=HlsConfig, description="for HLS playlists")
+
+    @field_validator("ffmpeg_options")
+    @classmethod
+    def _plain_options(cls, opts: dict[str, str]) -> dict[str, str]:
+        """Option names are FFmpeg identifiers; values carry no control character (a CR/LF in `user_agent` would
+        inject headers). `headers` alone may hold several "Name: value" lines separated by CRLF."""
+        for name, value in opts.items():
+            if not re.fullmatch(r"[a-z0-9_]{1,64}", name):
+                raise ValueError(f"{name!r} is not an FFmpeg option name")
+            lines = value.split("\r\n") if name == "headers" else [value]
+            for line in lines:
+                if any(ord(c) < 0x20 or ord(c) == 0x7F for c in line):
+                    raise ValueError(f"{name}: control characters are not allowed in a value")
+            if name == "headers" and any(ln and not re.fullmatch(r"[!#-'*+.0-9A-Z^-z|~-]+:[^\r\n]*", ln)
+                                         for ln in lines):
+                raise ValueError("headers: each line is 'Name: value', lines separated by CRLF")
+        return opts
 
 
 class StageConfig(Strict):
@@ -153,6 +205,7 @@ class Config(Strict):
     api: ApiConfig = Field(default_factory=ApiConfig)
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    egress: EgressConfig = Field(default_factory=EgressConfig)
     pipelines_dir: str | None = Field(None, description="folder of pipeline YAML files (default: ./pipelines)")
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict, description="pipelines defined inline")
     streams: list[StreamConfig] = Field(default_factory=list)
@@ -168,7 +221,7 @@ class Config(Strict):
         return streams
 
 
-ENV_SECTIONS = ("redis", "log", "api", "shutdown", "events")
+ENV_SECTIONS = ("redis", "log", "api", "shutdown", "events", "egress")
 
 
 def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from streamd import pipelines as pipeline_files
 from streamd.batching import FRAME_BUSY_RATE, FRAME_TICK_S, Doorbell
 from streamd.config import Config, StreamConfig
+from streamd.egress import EgressRules
 from streamd.errors import StreamdError
 from streamd.frames import Work
 from streamd.log import get_logger
@@ -36,6 +37,7 @@ from streamd.stages import StageContext, build_stage
 from streamd.supervisor import State, StreamRunner
 
 log = get_logger("streamd.daemon")
+_FLUSH_ON_REMOVE_S = 5.0  # a removed stream's buffered results: how long its removal waits for them (Redis up)
 
 
 def redis_client(url: str) -> aioredis.Redis:
@@ -64,6 +66,7 @@ class Daemon:
         self.prompts: PromptStore | None = None
         self.prompt_cache: PromptCache | None = None
         self.api_stream_ids: set[str] = set()
+        self._groups_made: set[tuple[str, str, str]] = set()  # Redis consumer groups our inputs created
         self.stored: StoredStreams | None = None
         self._api_lock = asyncio.Lock()  # one API change of the stream set at a time
         self.pipeline_errors: dict[str, str] = {}  # pipelines whose setup failed: why (shown by /health)
@@ -162,15 +165,17 @@ class Daemon:
         await self.shutdown()
 
     # -- streams ----------------------------------------------------------------------------------------------
-    def add_stream(self, s: StreamConfig) -> StreamRunner:
-        """Start a stream (the daemon must be running). Raises ConfigError for an unknown pipeline."""
+    def add_stream(self, s: StreamConfig, origin: str = "config") -> StreamRunner:
+        """Start a stream (the daemon must be running). Raises ConfigError for an unknown pipeline. `origin` is
+        "config" (the operator's file: its own host stays reachable) or "api" (the whole egress policy)."""
         assert self._tg is not None and self.sink is not None
         if s.id in self.runners and self.runners[s.id].state not in (State.STOPPED, State.FAILED):
             raise StreamdError(f"stream {s.id!r} exists")
         pipeline = self._pipeline(s.pipeline, f"streams.{s.id}.pipeline")
         sink = self.sink
         runner = StreamRunner(s, self.metrics, sink.event, self._client, self.consumer,
-                              self.cfg.events.drop_event_interval_s, self.doorbell)
+                              self.cfg.events.drop_event_interval_s, self.doorbell,
+                              EgressRules.from_config(self.cfg.egress), origin)
         self.runners[s.id] = runner
         self._stream_pipeline[s.id] = s.pipeline
         pipeline.ingress.attach(s.id, runner.queue)
@@ -205,7 +210,7 @@ class Daemon:
                 self.api_stream_ids.add(s.id)
                 if problem is None:
                     try:
-                        self.add_stream(s)
+                        self.add_stream(s, "api")
                         continue
                     except StreamdError as e:
                         problem = str(e)
@@ -235,7 +240,7 @@ class Daemon:
             if old is not None:
                 await self.remove_stream(s.id)
             try:
-                runner = self.add_stream(s)
+                runner = self.add_stream(s, "api")
                 try:
                     await self.stored.save(s)
                 except Exception:
@@ -250,7 +255,7 @@ class Daemon:
 
     def _restore_stream(self, old: StreamRunner) -> None:
         try:
-            self.add_stream(old.cfg)
+            self.add_stream(old.cfg, old.origin)
         except StreamdError as e:
             self.add_failed_stream(old.cfg, str(e))
 
@@ -262,14 +267,45 @@ class Daemon:
                 raise StreamNotFound(stream_id)
             await self.stored.delete(stream_id)
             self.api_stream_ids.discard(stream_id)
-            await self.remove_stream(stream_id)
+            await self.remove_stream(stream_id, drop_group=True)
 
-    async def remove_stream(self, stream_id: str) -> None:
+    async def remove_stream(self, stream_id: str, drop_group: bool = False) -> None:
+        """Stop a stream. `drop_group` (a DELETE): its Redis input's consumer group goes too (a replaced stream
+        keeps it: the new one reads on where the old one stopped)."""
         runner = self.runners.pop(stream_id)
         runner.stop()
         task = self._tasks.get(f"stream:{stream_id}")
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
+        if self.sink is not None and self.sink.healthy:
+            # its last results are buffered in the sink: once this returns, nothing more of the stream appears
+            await self.sink.flushed(_FLUSH_ON_REMOVE_S)
+        if drop_group:
+            await self._drop_consumer_group(runner)
+
+    async def _drop_consumer_group(self, runner: StreamRunner) -> None:
+        """A removed stream's Redis input: the consumer group it created goes too, unless another stream reads
+        the same key with the same group (the entries themselves are the user's and stay)."""
+        src = runner.redis_source
+        if src is None:
+            return
+        group = runner.cfg.redis_input.group
+        ident = (runner.ref.url if runner.ref else "", src.key, group)
+        if not (src.created_group or ident in self._groups_made):
+            return  # the group was there before streamd: not ours to remove
+        self._groups_made.add(ident)  # the last stream reading it removes it
+        for other in self.runners.values():
+            o = other.redis_source
+            if other.ref is not None and other.ref.kind == "redis" and other.ref.key == src.key \
+                    and other.ref.url == runner.ref.url and other.cfg.redis_input.group == group \
+                    and other.state not in (State.STOPPED, State.FAILED) and (o is None or o is not src):
+                return
+        try:
+            await src.r.xgroup_destroy(src.key, group)
+            self._groups_made.discard(ident)
+            log.info("consumer group removed", stream=runner.cfg.id, key=src.key, group=group)
+        except Exception as e:  # noqa: BLE001 - Redis down: the group stays, nothing else is affected
+            log.warning("consumer group not removed", stream=runner.cfg.id, error=str(e))
 
     async def _run_stream(self, runner: StreamRunner, pipeline: Pipeline) -> None:
         try:
@@ -396,7 +432,7 @@ class Daemon:
     def stream_info(self, sid: str) -> dict[str, Any]:
         r = self.runners[sid]
         return {"id": sid, "url": r.url_redacted, "pipeline": r.cfg.pipeline, "state": r.state.value,
-                "reason": r.reason, "last_error": r.last_error, "fps": r.cfg.fps, "fps_in": round(r.fps_in, 2), "fps_out": round(r.fps_out, 2),
+                "reason": r.reason, "reason_code": r.reason_code, "last_error": r.last_error, "fps": r.cfg.fps, "fps_in": round(r.fps_in, 2), "fps_out": round(r.fps_out, 2),
                 "frames_sampled": r.frames, "frames_decoded": r.decoded, "dropped": r.drops.total,
                 "queue_depth": len(r.queue), "last_frame_ts": r.last_frame_ts,
                 "results": self.sink.results_by_stream.get(sid, 0) if self.sink is not None else 0,

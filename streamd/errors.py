@@ -15,11 +15,38 @@ class ConfigError(StreamdError):
 
 
 class SourceError(StreamdError):
-    """A source could not be opened or read. `permanent` errors are not retried (bad reference)."""
+    """A source could not be opened or read. `permanent` errors are not retried (bad reference). `code` is the
+    failure class an operator can act on (one of `REASON_CODES`), shown next to the message in state events, the
+    API and logs."""
 
-    def __init__(self, message: str, *, permanent: bool = False):
+    def __init__(self, message: str, *, permanent: bool = False, code: str = "source_error"):
         super().__init__(message)
         self.permanent = permanent
+        self.code = code
+
+
+# failure classes of a source (SourceError.code)
+REASON_CODES = {
+    "source_error": "any other failure of the source",
+    "invalid_reference": "the stream reference cannot be used (scheme, syntax, key)",
+    "egress_refused": "the egress policy refused an address (the message names its class: loopback, private ...)",
+    "unresolvable": "the host name does not resolve",
+    "unreachable": "the connection was refused or reset",
+    "timeout": "no answer or no data within the configured time",
+    "http_status": "an HTTP request answered with an error status",
+    "too_many_redirects": "more redirects than egress.max_redirects",
+    "too_large": "a playlist, segment or response exceeded its size limit",
+    "request_rate": "the stream made more requests per second than egress.requests_per_s allows",
+    "playlist_loop": "a playlist refers back to itself",
+    "invalid_playlist": "a playlist that cannot be parsed or has no media",
+    "not_media": "the input is not a media file FFmpeg can read",
+    "no_video": "the input has no video stream",
+    "not_found": "the file or resource does not exist (or cannot be read)",
+    "corrupt_input": "too much of the input cannot be decoded",
+    "ended": "a recording or file reached its end",
+    "stalled": "no frame for stall_timeout_s",
+    "disconnected": "a live source closed the connection",
+}
 
 
 class FrameDecodeError(StreamdError):

@@ -22,7 +22,9 @@ class InputRef:
 class Frame:
     """One sampled frame. `image` is HxWx3 uint8 RGB; `pts_s` is the source presentation time in seconds;
     `capture_ts` is the wall-clock time (epoch seconds) the frame was captured or received.
-    `discontinuity` marks the first frame after a reconnect or a timestamp jump (trackers reset on it)."""
+    `discontinuity` marks the first frame after a reconnect or a timestamp jump (trackers reset on it).
+    `capture_source` says where `capture_ts` came from: "source" (the input's own clock: an HLS
+    EXT-X-PROGRAM-DATE-TIME) or "receive" (when streamd decoded or received it)."""
 
     stream_id: str
     seq: int
@@ -32,6 +34,7 @@ class Frame:
     ref: InputRef | None = None
     discontinuity: bool = False
     meta: dict[str, str] | None = None
+    capture_source: str = "receive"  # where capture_ts came from: "source" (e.g. HLS PROGRAM-DATE-TIME) or "receive"
 
     @property
     def height(self) -> int:

@@ -50,6 +50,12 @@ class Metrics:
         self.vlm_latency = Histogram("streamd_vlm_latency_seconds", "VLM request latency (answered)", ["stage"],
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.vlm_tokens = Counter("streamd_vlm_tokens", "VLM tokens", ["stage", "kind"], registry=r)
+        from streamd.sources.base import Abandoned
+
+        self.abandoned_threads = Gauge("streamd_source_threads_abandoned", "decoder threads given up on while stuck "
+                                       "in FFmpeg that have not returned yet (each returns within its timeout)",
+                                       registry=r)
+        self.abandoned_threads.set_function(Abandoned.alive)
         self._streams: dict[str, StreamMetrics] = {}
 
     def stream(self, stream_id: str) -> StreamMetrics:

@@ -19,18 +19,20 @@ import random
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 
 from streamd.batching import Doorbell, FrameQueue, QueueClosed
 from streamd.config import DropPolicy, StreamConfig
+from streamd.egress import EgressRules, StreamEgress
 from streamd.errors import SourceError
 from streamd.frames import Frame, InputRef
 from streamd.log import get_logger, redact_text, redact_url
 from streamd.metrics import Metrics
 from streamd.sampling import FpsSampler
 from streamd.sources import SourceRef, parse_reference
-from streamd.sources.base import EventFn, PushSource, Source
+from streamd.sources.base import Abandoned, EventFn, PushSource, Source
 
 log = get_logger("streamd.supervisor")
 
@@ -73,6 +75,20 @@ class DropReporter:
             self._pending = 0
 
 
+def _http_headers(opts: dict[str, str]) -> dict[str, str]:
+    """FFmpeg's HTTP options, for the policy's own requests."""
+    headers: dict[str, str] = {}
+    if opts.get("user_agent"):
+        headers["User-Agent"] = opts["user_agent"]
+    if opts.get("referer"):
+        headers["Referer"] = opts["referer"]
+    for line in opts.get("headers", "").splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip():
+            headers[name.strip()] = value.strip()
+    return headers
+
+
 class StreamRunner:
     def __init__(
         self,
@@ -83,14 +99,18 @@ class StreamRunner:
         consumer: str,
         drop_event_interval_s: float = 1.0,
         doorbell: Doorbell | None = None,
+        egress_rules: EgressRules | None = None,
+        origin: str = "config",
     ):
         self.cfg = cfg
+        self.origin = origin  # "config" (the operator's file) or "api"
         self.metrics = metrics
         self._emit = on_event
         self._redis_client = redis_client
         self.consumer = consumer
         self.state = State.CONNECTING
         self.reason: str | None = None
+        self.reason_code: str | None = None  # the failure class (streamd.errors.REASON_CODES)
         self.last_error: str | None = None  # kept after the stream recovers
         self.last_frame_ts: float | None = None
         self.frames = 0  # sampled frames queued
@@ -98,6 +118,7 @@ class StreamRunner:
         self.fps_in = 0.0  # decoded frames per second (measured by the daemon's monitor)
         self.fps_out = 0.0  # results published per second
         self.attempts = 0
+        self._live_since: float | None = None
         self.inflight: set[str] = set()
         self._seq = itertools.count()
         self._stop = asyncio.Event()
@@ -109,6 +130,11 @@ class StreamRunner:
             self._ref_error: SourceError | None = None
         except SourceError as e:
             self.ref, self._ref_error = None, e
+        # the operator's own streams keep their own host reachable whatever it resolves to (egress.py)
+        trusted = urlsplit(self.ref.url).hostname if origin == "config" and self.ref is not None and self.ref.url \
+            else None
+        self.egress = StreamEgress(egress_rules or EgressRules(), cfg.id, trusted)
+        self.hls_state: dict[str, Any] = {}  # kept across reconnects: the HLS follower never decodes a segment twice
         fps = cfg.fps
         if self.ref is not None and self.ref.kind == "redis" and "fps" not in cfg.model_fields_set:
             fps = None  # Redis input: every entry gets a result unless an fps is asked for
@@ -125,6 +151,11 @@ class StreamRunner:
             metrics.stream_state.labels(cfg.id, st.value).set(0)
 
     @property
+    def redis_source(self) -> Any:
+        """The stream's Redis input (the last one opened), or None."""
+        return self._redis_source
+
+    @property
     def decoded(self) -> int:
         """Frames decoded by every connection so far (sampled or not)."""
         return self._decoded_base + getattr(self._source, "frames_decoded", 0)
@@ -136,10 +167,11 @@ class StreamRunner:
     def event(self, kind: str, fields: dict[str, Any]) -> None:
         self._emit(self.cfg.id, kind, fields)
 
-    def _set_state(self, state: State, reason: str | None = None) -> None:
+    def _set_state(self, state: State, reason: str | None = None, code: str | None = None) -> None:
         if state is self.state and reason == self.reason:
             return
         old, self.state, self.reason = self.state, state, reason
+        self.reason_code = code if reason else None
         if reason and state in (State.BACKOFF, State.FAILED, State.STALLED):
             self.last_error = reason
         self.metrics.stream_state.labels(self.cfg.id, old.value).set(0)
@@ -147,6 +179,8 @@ class StreamRunner:
         fields: dict[str, Any] = {"from": old.value, "to": state.value}
         if reason:
             fields["reason"] = reason
+            if self.reason_code:
+                fields["reason_code"] = self.reason_code
         if state is State.BACKOFF:
             fields["attempt"] = self.attempts
         self.event("state", fields)
@@ -181,12 +215,13 @@ class StreamRunner:
                 await asyncio.gather(self._closing, return_exceptions=True)
             self.queue.close()
             self.drops.flush()
+            await self.egress.aclose()
 
     async def _supervise(self) -> None:
         rc = self.cfg.reconnect
         if self.ref is None:
             assert self._ref_error is not None
-            self._set_state(State.FAILED, str(self._ref_error))
+            self._set_state(State.FAILED, str(self._ref_error), "invalid_reference")
             return
         delay = rc.initial_s
         while not self._stop.is_set():
@@ -194,27 +229,30 @@ class StreamRunner:
             try:
                 ended = await self._play()
                 if ended:
-                    self._set_state(State.STOPPED, "end of input")
+                    self._set_state(State.STOPPED, "end of input", "ended")
                     return
             except SourceError as e:
                 reason = redact_text(str(e))
                 if e.permanent:
-                    self._set_state(State.FAILED, reason)
+                    self._set_state(State.FAILED, reason, e.code)
                     return
-                self.reason = reason
+                self.reason, self.reason_code = reason, e.code
             except TimeoutError:
-                self._set_state(State.STALLED, f"no frame for {self.cfg.stall_timeout_s:g} s")
+                self._set_state(State.STALLED, f"no frame for {self.cfg.stall_timeout_s:g} s", "stalled")
             except QueueClosed:
                 return
             if self._stop.is_set():
                 break
-            if self.state is State.LIVE:
-                delay = rc.initial_s  # it worked for a while: start the backoff again
+            if self._live_since is not None and time.monotonic() - self._live_since >= rc.reset_after_s:
+                delay = rc.initial_s  # it worked for a while: start counting again
+                self.attempts = 0
+            self._live_since = None
             self.attempts += 1
             if rc.max_attempts is not None and self.attempts > rc.max_attempts:
-                self._set_state(State.FAILED, f"gave up after {rc.max_attempts} attempts: {self.reason}")
+                self._set_state(State.FAILED, f"gave up after {rc.max_attempts} attempts: {self.reason}",
+                                self.reason_code)
                 return
-            self._set_state(State.BACKOFF, self.reason)
+            self._set_state(State.BACKOFF, self.reason, self.reason_code)
             wait = delay * random.uniform(1 - rc.jitter, 1 + rc.jitter)
             delay = min(delay * rc.multiplier, rc.max_s)
             try:
@@ -225,7 +263,7 @@ class StreamRunner:
         if self.state is not State.FAILED:
             self._set_state(State.STOPPED, "stopped")
 
-    def _open(self) -> Source | PushSource:
+    async def _open(self) -> Source | PushSource:
         assert self.ref is not None
         if self.ref.kind == "redis":
             from streamd.sources.redis import RedisFrameSource
@@ -234,14 +272,49 @@ class StreamRunner:
                                    self._seq, self.consumer, self.inflight, self.event)
             self._redis_source = src
             return src
-        from streamd.sources.av import AvSource
+        loop = asyncio.get_running_loop()
+        if self.ref.kind == "hls":
+            from streamd.sources.hls import HlsSource
 
-        return AvSource(self.cfg, self.ref, self.sampler, self._seq, self.queue, asyncio.get_running_loop())
+            return HlsSource(self.cfg, self.ref, self.sampler, self._seq, self.queue, loop, self.egress,
+                             self.hls_state, self.event)
+        from streamd.sources.av import AvSource, check_local_file
+
+        while Abandoned.alive(self.cfg.id) >= Abandoned.MAX_PER_STREAM and not self._stop.is_set():
+            await asyncio.sleep(0.2)  # the last connections' threads are still stuck in FFmpeg: no third one
+        url, reader = self.ref.url, None
+        if self.ref.kind == "file":
+            check_local_file(self.ref.url)
+        elif urlsplit(self.ref.url).scheme in ("http", "https"):  # plain media over HTTP: fetched by the policy
+            from streamd.sources.httpio import EgressReader
+
+            reader = EgressReader(self.egress, self.ref.url, loop, timeout_s=self.cfg.open_timeout_s,
+                                  headers=_http_headers(self.cfg.ffmpeg_options))
+            await self._unless_stopped(reader.start())
+        else:  # RTSP, RTMP, SRT ...: FFmpeg connects to the address the policy checked (no second resolution)
+            url = await self._unless_stopped(self.egress.pin_url(self.ref.url))
+        return AvSource(self.cfg, self.ref, self.sampler, self._seq, self.queue, loop, url=url, reader=reader,
+                        state=self.hls_state, on_event=self.event)
+
+    async def _unless_stopped(self, aw: Any) -> Any:
+        """Await `aw` (a resolution, a first request) unless the stream is stopped first: removing a stream or
+        shutting down never waits out a connect timeout."""
+        task = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise SourceError("stopped")
+        return task.result()
 
     async def _play(self) -> bool:
         """One connection. Returns True at a clean end of input; raises SourceError / TimeoutError otherwise."""
         assert self.ref is not None
-        src = self._source = self._open()
+        src = self._source = await self._open()
         try:
             if isinstance(src, PushSource):
                 return await self._watch(src)
@@ -267,6 +340,8 @@ class StreamRunner:
         while not src.ended.done():
             await asyncio.wait({src.ended}, timeout=min(1.0, stall_s / 4))
             if not src.ended.done() and src.idle_s > stall_s:
+                # said now, not once the source's thread has been closed (it may be stuck in a read)
+                self._set_state(State.STALLED, f"no frame for {stall_s:g} s", "stalled")
                 raise TimeoutError
         src.ended.result()
         return not self._stop.is_set()
@@ -274,7 +349,7 @@ class StreamRunner:
     def _accepted(self, frame: Frame) -> None:
         """The queue took a frame (called on the loop, for frames of every source)."""
         if self.state is not State.LIVE:
-            self.attempts = 0
+            self._live_since = time.monotonic()  # attempts are forgiven after reconnect.reset_after_s of this
             self._set_state(State.LIVE)
         self.frames += 1
         self.last_frame_ts = frame.capture_ts

@@ -102,7 +102,25 @@ class _Handler(SimpleHTTPRequestHandler):
         super().do_GET()
 
 
-class HttpDir:
+class ServedHttp:
+    """stop() and `with` for a test HTTP server held in `self._srv` and started by `start()`."""
+
+    _srv: ThreadingHTTPServer | None
+
+    def stop(self) -> None:
+        if self._srv is not None:
+            self._srv.shutdown()
+            self._srv.server_close()
+            self._srv = None
+
+    def __enter__(self) -> Any:
+        return self.start()  # type: ignore[attr-defined]  # each server's own
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class HttpDir(ServedHttp):
     """A real HTTP server for a folder. `faults` maps a file name (or '*') to an HTTP status to answer with."""
 
     def __init__(self, root: str | Path, port: int | None = None):
@@ -125,17 +143,6 @@ class HttpDir:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        if self._srv is not None:
-            self._srv.shutdown()
-            self._srv.server_close()
-            self._srv = None
-
-    def __enter__(self) -> "HttpDir":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class LiveHls:

@@ -30,7 +30,7 @@ def redis_streams(context, body):
     url = body.get("url")
     if isinstance(url, str) and zlib.crc32(url.encode()) % 4:
         key = re.sub(r"[^A-Za-z0-9_.:-]", "", url)[:40] or "x"
-        body.update(url=f"redis:fuzz:{key}", pipeline="frame_info")
+        body.update(url=f"redis:frames:fuzz:{key}", pipeline="frame_info")
         body.pop("ffmpeg_options", None)  # random option names are refused (and mean nothing to a Redis input)
     return body
 

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamd.api.app import ROUTES
 from streamd.testing import HttpDir, LiveHls
 from conftest import make_config, results, running, until
+from streamd.testing_egress import connect_guard
 
 ADMIN, OPER, READ = "admin-token-0123456789", "operate-token-0123456789", "read-token-0123456789abc"
 TOKENS = [{"name": "alice", "token": ADMIN, "scopes": ["admin"]},
@@ -17,10 +18,14 @@ TOKENS = [{"name": "alice", "token": ADMIN, "scopes": ["admin"]},
           {"name": "viewer", "token": READ, "scopes": ["read"]}]
 
 
-def api_cfg(redis_url, streams=(), pipelines=None, **api):
+LOOPBACK_ALLOWED = {"allow": ["127.0.0.1/32", "::1/128", "localhost"]}  # the tests' own servers
+
+
+def api_cfg(redis_url, streams=(), pipelines=None, egress=LOOPBACK_ALLOWED, redis=None, **api):
     return make_config(redis_url, list(streams), api={"enabled": True, "port": 0, "tokens": TOKENS,
                                                       "rate_limit_per_s": 10_000, "rate_limit_burst": 10_000,
-                                                      **api}, **({"pipelines": pipelines} if pipelines else {}))
+                                                      **api}, egress=egress,
+                       **({"pipelines": pipelines} if pipelines else {}), **({"redis": redis} if redis else {}))
 
 
 def h(token):
@@ -57,8 +62,10 @@ async def test_add_and_remove_a_live_hls_stream(r, redis_server, clip, tmp_path)
     http = HttpDir(tmp_path / "hls").start()
     other = {"id": "other", "url": str(clip), "playback": "realtime", "loop": True, "fps": 2.0,
              "pipeline": "frame_info"}
+    # a sink that lingers (up to 1 s for a fuller batch while busy): the DELETE must still leave nothing behind
+    cfg = api_cfg(redis_server.url, [other], redis={"url": redis_server.url, "publish_max_wait_ms": 1000})
     try:
-        async with running(api_cfg(redis_server.url, [other])) as d, aiohttp.ClientSession() as s:
+        async with running(cfg) as d, aiohttp.ClientSession() as s:
             body = {"id": "cam", "url": http.url("index.m3u8"), "fps": 2.0, "pipeline": "frame_info"}
             async with s.post(d.api_url + "/api/v1/streams", json=body, headers=h(OPER)) as resp:
                 assert resp.status == 201, await resp.text()
@@ -140,7 +147,7 @@ async def test_adding_and_removing_a_stream_leaves_the_others_trackers_alone(r, 
 
 async def test_bad_requests_get_documented_4xx(r, redis_server):
     async with running(api_cfg(redis_server.url, deny_private_addresses=True, max_body_bytes=4096,
-                               rate_limit_per_s=10_000)) as d, aiohttp.ClientSession() as s:
+                               rate_limit_per_s=10_000, egress={})) as d, aiohttp.ClientSession() as s:
         u = d.api_url + "/api/v1/streams"
 
         async def post(json=None, data=None, status=None, code=None, token=ADMIN):
@@ -155,6 +162,10 @@ async def test_bad_requests_get_documented_4xx(r, redis_server):
 
         await post(data=b"{not json", status=400, code="invalid_json")
         await post(data=b"x" * 10_000, status=413, code="body_too_large")
+        for number in (b"NaN", b"Infinity", b"-Infinity", b"1e999"):  # Python's json would read these as floats
+            b = await post(data=b'{"id": "a", "url": "rtsp://cam.example/x", "fps": ' + number + b"}", status=400,
+                           code="invalid_json")
+            assert "number" in b["error"]["message"], b
         b = await post(json={"id": "a", "url": "rtsp://cam.example/x", "fsp": 2}, status=422, code="invalid_body")
         assert b["error"]["details"][0]["path"] == "fsp"
         b = await post(json={"id": "a", "url": "rtsp://cam.example/x", "reconnect": {"max_ss": 1}}, status=422)
@@ -162,9 +173,14 @@ async def test_bad_requests_get_documented_4xx(r, redis_server):
         for bad in ("file:///etc/passwd", "/etc/passwd", "concat:a.mp4|b.mp4", "subfile:,,start,0,end,0,,:x.mp4",
                     "gopher://x/y"):
             await post(json={"id": "a", "url": bad}, status=422, code="scheme_not_allowed")
-        for private in ("http://127.0.0.1:8080/x.m3u8", "rtsp://10.1.2.3/x", "redis://localhost:6379/0#frames"):
-            b = await post(json={"id": "a", "url": private}, status=422, code="private_address", token=OPER)
-            assert b["error"]["details"] == {"path": "url", "needed": "admin"}
+        with connect_guard() as guard:
+            for private in ("http://127.0.0.1:8080/x.m3u8", "rtsp://10.1.2.3/x", "redis://localhost:6379/0#frames:x",
+                            "http://100.100.100.200/latest/meta-data/", "rtsp://192.0.0.8/x", "http://[2002:7f00:1::]/",
+                            "http://[::ffff:127.0.0.1]/x", "http://169.254.169.254/", "http://[64:ff9b::a9fe:a9fe]/"):
+                for token in (OPER, ADMIN):  # the operator's egress.allow opens an address, no token does
+                    b = await post(json={"id": "a", "url": private}, status=422, code="egress_refused", token=token)
+                    assert b["error"]["details"] == {"path": "url"}
+        assert guard.outside == []  # refused before any connection was tried
         await post(json={"id": "a", "url": "rtsp://cam.example/x", "ffmpeg_options": {"protocol_whitelist": "file"}},
                    status=422, code="option_not_allowed")
         await post(json={"id": "a b", "url": "rtsp://cam.example/x"}, status=422)
@@ -172,6 +188,68 @@ async def test_bad_requests_get_documented_4xx(r, redis_server):
             assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
         async with s.put(d.api_url + "/api/v1/prompts/vlm/planet:mars", json={"text": "x"}, headers=h(OPER)) as resp:
             assert resp.status == 422
+
+
+async def test_options_and_redis_keys_from_the_api_are_checked_values(r, redis_server):
+    """FFmpeg options are values against a per-option schema (no CR/LF: no header injection; no listen modes);
+    `redis:` inputs only read keys under api.redis_key_prefix, never streamd's own; a DELETE removes the consumer
+    group the stream created, unless another stream reads the same key."""
+    schemes = ["rtsp", "rtmp", "srt", "tcp", "redis"]  # tcp too: its `?listen` is checked, not only its scheme
+    async with running(api_cfg(redis_server.url, allowed_schemes=schemes)) as d, aiohttp.ClientSession() as s:
+        u = d.api_url + "/api/v1/streams"
+
+        async def post(body, status, code=None):
+            async with s.post(u, json=body, headers=h(OPER)) as resp:
+                got = await resp.json()
+                assert resp.status == status, (body, resp.status, got)
+                if code:
+                    assert got["error"]["code"] == code, (body, got)
+
+        cam = "rtsp://127.0.0.1:9/x"
+        for opts, code in (({"user_agent": "x\r\nX-Injected: 1"}, "invalid_body"),  # the config's own check
+                           ({"user_agent": "x\u0007"}, "invalid_body"),
+                           ({"rtsp_flags": "listen"}, "option_not_allowed"),
+                           ({"listen": "1"}, "option_not_allowed"),
+                           ({"headers": "X-A: 1"}, "option_not_allowed"),
+                           ({"rtsp_transport": "tcp;listen"}, "invalid_option_value"),
+                           ({"buffer_size": "99999999999"}, "invalid_option_value"),
+                           ({"probesize": "-1"}, "invalid_option_value"),
+                           ({"fflags": "+nobuffer+ignidx+autobsf"}, "invalid_option_value")):
+            await post({"id": "o", "url": cam, "ffmpeg_options": opts}, 422, code)
+        for url in ("tcp://127.0.0.1:9?listen=1", "tcp://127.0.0.1:9?listen", "srt://127.0.0.1:9?mode=listener",
+                    "rtmp://127.0.0.1/app?listen=1&x=2"):
+            await post({"id": "o", "url": url}, 422, "server_mode_not_allowed")
+        for url in ("redis:streamd:{cam}:results", "redis:other", "redis:streamd:frames:x",
+                    f"{redis_server.url}#streamd:api:streams"):
+            await post({"id": "o", "url": url, "pipeline": "frame_info"}, 422, "redis_key_not_allowed")
+        await post({"id": "ok", "url": cam, "ffmpeg_options": {"user_agent": "streamd test/1.0",
+                                                              "fflags": "+nobuffer-genpts", "buffer_size": "65536",
+                                                              "rtsp_transport": "udp"}}, 201)
+        for sid in ("g1", "g2", "g3"):
+            key = "frames:shared" if sid != "g3" else "frames:own"
+            await post({"id": sid, "url": f"redis:{key}", "pipeline": "frame_info"}, 201)
+
+        async def groups(key):
+            try:
+                return [g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                        for g in await r.xinfo_groups(key)]
+            except Exception:  # noqa: BLE001 - no such key
+                return []
+
+        await until(lambda: _all(groups("frames:shared"), groups("frames:own")), 15, what="groups created")
+        for sid in ("g3", "g1"):
+            async with s.delete(f"{u}/{sid}", headers=h(OPER)) as resp:
+                assert resp.status == 204, await resp.text()
+        assert await groups("frames:own") == []  # g3's group went with it
+        assert await groups("frames:shared") == ["streamd"]  # g2 still reads it
+        async with s.delete(f"{u}/g2", headers=h(OPER)) as resp:
+            assert resp.status == 204
+        assert await groups("frames:shared") == []
+
+
+async def _all(*aws):
+    got = [await a for a in aws]
+    return all(got)
 
 
 async def test_rate_limit_answers_429_with_retry_after(r, redis_server):

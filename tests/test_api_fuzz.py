@@ -16,11 +16,13 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 HOOKS = Path(__file__).parent / "api_fuzz_hooks.py"
 
 
-async def _schemathesis(api_url: str, cwd: Path, phases: str, max_examples: int, mode: str = "all") -> str:
+async def _schemathesis(api_url: str, cwd: Path, phases: str, max_examples: int, mode: str = "all",
+                       seed: int = 1) -> str:
     st = shutil.which("st") or str(Path(sys.executable).parent / "st")
     proc = await asyncio.create_subprocess_exec(
         st, "run", api_url + "/openapi.json", "-H", f"Authorization: Bearer {ADMIN}", "--checks", CHECKS,
-        "--max-examples", str(max_examples), "--mode", mode, "--phases", phases, "--seed", "1", "--request-timeout", "10",
+        "--max-examples", str(max_examples), "--mode", mode, "--phases", phases, "--seed", str(seed),
+        "--request-timeout", "10",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(cwd),
         env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_HOOKS": str(HOOKS)})
     out, _ = await asyncio.wait_for(proc.communicate(), 120)
@@ -43,7 +45,8 @@ async def test_fuzz_real_streams(r, redis_server, tmp_path):
     created, then read, changed and removed through the OpenAPI links (stateful phase). Valid data only (the run
     above sends invalid data): most of it then reaches a real stream."""
     async with running(api_cfg(redis_server.url, allowed_schemes=["redis"])) as d:
-        text = await _schemathesis(d.api_url, tmp_path, "examples,coverage,fuzzing,stateful", 15, "positive")
+        text = await _schemathesis(d.api_url, tmp_path, "examples,coverage,fuzzing,stateful", 15, "positive",
+                                  seed=3)  # seed 1 happens to re-post the documented examples only
         # what Redis keeps and what runs agree after all that
         kept = {k.decode() for k in await r.hkeys(API_STREAMS_KEY)}
         assert kept == {sid for sid in d.api_stream_ids if sid in d.runners}

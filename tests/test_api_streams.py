@@ -107,16 +107,20 @@ async def test_refused_stream_requests_leave_nothing_behind(r, redis_server):
         assert json.loads(await r.hget(API_STREAMS_KEY, "b"))["url"] == "redis:frames:b"
 
 
-async def test_admin_may_add_private_addresses_operate_may_not(r, redis_server):
+async def test_private_addresses_need_the_operators_allow_list_whatever_the_token(r, redis_server):
     url = f"redis://127.0.0.1:{redis_server.port}/0#frames:lan"  # a camera on the LAN, say
-    async with running(api_cfg(redis_server.url, deny_private_addresses=True)) as d, aiohttp.ClientSession() as s:
-        body = {"id": "lan", "url": url, "pipeline": "frame_info"}
-        async with s.post(d.api_url + "/api/v1/streams", json=body, headers=h(OPER)) as resp:
-            err = await resp.json()
-            assert resp.status == 422 and err["error"]["code"] == "private_address"
-            assert err["error"]["details"]["needed"] == "admin"
+    body = {"id": "lan", "url": url, "pipeline": "frame_info"}
+    async with running(api_cfg(redis_server.url, deny_private_addresses=True, egress={})) as d, \
+            aiohttp.ClientSession() as s:
+        for token in (OPER, ADMIN):
+            async with s.post(d.api_url + "/api/v1/streams", json=body, headers=h(token)) as resp:
+                err = await resp.json()
+                assert resp.status == 422 and err["error"]["code"] == "egress_refused"
+                assert "loopback" in err["error"]["message"] and "egress.allow" in err["error"]["message"]
         assert not await r.hexists(API_STREAMS_KEY, "lan")
-        async with s.post(d.api_url + "/api/v1/streams", json=body, headers=h(ADMIN)) as resp:
+    async with running(api_cfg(redis_server.url, deny_private_addresses=True,
+                               egress={"allow": ["127.0.0.1/32"]})) as d, aiohttp.ClientSession() as s:
+        async with s.post(d.api_url + "/api/v1/streams", json=body, headers=h(OPER)) as resp:
             assert resp.status == 201, await resp.text()
         await push_frames(r, "frames:lan", IMGS[:2])
         await until(lambda: _count(r, "lan", 2), 20, what="results of the admin-added stream")

@@ -28,6 +28,8 @@ def run(args, **kw):
     ("streams:\n  - id: 'bad id'\n    url: x.mp4\n", "streams.0.id"),
     ("pipelines:\n  p:\n    stages:\n      - type: frame_info\n        strid: 2\n", "pipelines.p.stages.0.strid"),
     ("pipelines:\n  p:\n    stages:\n      - type: warp_drive\n", "pipelines.p.stages.0.type"),
+    ('streams:\n  - id: a\n    url: x.mp4\n    ffmpeg_options:\n      user_agent: "a\\r\\nX-Injected: 1"\n',
+     "streams.0.ffmpeg_options"),
 ])
 def test_validate_names_the_bad_key(tmp_path, body, key):
     f = tmp_path / "c.yaml"

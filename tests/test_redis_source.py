@@ -1,9 +1,10 @@
 """Frames pushed into a Redis stream: one result per entry, every entry acknowledged, poison to dead letters."""
 
 import numpy as np
+import pytest
 
 from streamd import keys
-from streamd.testing import push_frames
+from streamd.testing import encode_jpeg, push_frames
 from conftest import events, make_config, results, running, until
 
 
@@ -46,9 +47,22 @@ async def _zero(r, key):
     return await pending(r, key) == 0
 
 
-async def test_poison_entry_goes_to_dead_letters_after_max_deliveries(r, redis_server):
+POISON = {  # an entry streamd cannot use: (fields, what the dead letter's reason says)
+    "image": ({"image": b"not an image at all", "ts": "1"}, b"cannot decode image"),
+    "ts-nan": ({"ts": "nan"}, b"ts is not a finite number"),  # NaN would reach every JSON consumer
+    "ts-inf": ({"ts": "1e999"}, b"ts is not a finite number"),
+    "pts-inf": ({"pts": "-Infinity"}, b"pts is not a finite number"),
+    "ts-text": ({"ts": "soon"}, b"ts is not a number"),
+}
+
+
+@pytest.mark.parametrize("case", list(POISON))
+async def test_poison_entry_goes_to_dead_letters_after_max_deliveries(r, redis_server, case):
+    fields, reason = POISON[case]
+    if "image" not in fields:
+        fields = {"image": encode_jpeg(images(1)[0]), **fields}
     good = await push_frames(r, "frames:p", images(2), "jpeg")
-    bad = (await r.xadd("frames:p", {"image": b"not an image at all", "ts": "1"})).decode()
+    bad = (await r.xadd("frames:p", fields)).decode()
     good += await push_frames(r, "frames:p", images(1), "jpeg")
     cfg = make_config(redis_server.url, [{"id": "p", "url": "redis:frames:p",
                                          "redis_input": {"max_deliveries": 3, "claim_idle_ms": 200}}])
@@ -61,8 +75,8 @@ async def test_poison_entry_goes_to_dead_letters_after_max_deliveries(r, redis_s
     (_, fields), = dead
     assert fields[b"dead.entry_id"].decode() == bad
     assert int(fields[b"dead.deliveries"]) == 3
-    assert b"cannot decode image" in fields[b"dead.reason"]
-    assert fields[b"image"] == b"not an image at all"  # the original entry is kept
+    assert reason in fields[b"dead.reason"], fields[b"dead.reason"]
+    assert fields[b"image"] == dict(POISON[case][0]).get("image", fields[b"image"])  # the original entry is kept
     assert evs and evs[0]["entry_id"] == bad
 
 

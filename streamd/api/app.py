@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -10,10 +9,10 @@ from aiohttp import web
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from streamd import pipelines as pipeline_files
+from streamd import jsonsafe, pipelines as pipeline_files
 from streamd.api import responses as R
 from streamd.api.context import AUTH, CFG, DAEMON, LIMITER, PRINCIPAL, daemon as _daemon
-from streamd.api.errors import ApiError, error_response, validation_details
+from streamd.api.errors import ApiError, error_response, json_response, validation_details
 from streamd.api.health import health, health_live, health_ready, metrics
 from streamd.api.schemas import PromptUpdate, Rollback, StreamPatch
 from streamd.api.security import Authenticator, Principal, RateLimiter, check_stream_url
@@ -44,7 +43,7 @@ class Route:
 async def _json_body(request: web.Request, model: Any) -> Any:
     raw = await request.read()  # raises 413 past client_max_size
     try:
-        data = json.loads(raw or b"null")
+        data = jsonsafe.loads(raw or b"null")  # NaN, Infinity and 1e999 are refused, not read as floats
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -132,17 +131,16 @@ def _stream(request: web.Request) -> str:
 
 async def streams_list(request: web.Request) -> web.Response:
     d = _daemon(request)
-    return web.json_response({"streams": [d.stream_info(s) for s in sorted(d.runners)]})
+    return json_response({"streams": [d.stream_info(s) for s in sorted(d.runners)]})
 
 
 async def stream_get(request: web.Request) -> web.Response:
-    return web.json_response(_daemon(request).stream_info(_stream(request)))
+    return json_response(_daemon(request).stream_info(_stream(request)))
 
 
 async def _start(request: web.Request, s: StreamConfig, replace: bool) -> web.Response:
     d = _daemon(request)
-    principal: Principal = request[PRINCIPAL]
-    await check_stream_url(s.url, s.ffmpeg_options, request.app[CFG], private_ok=principal.allows("admin"))
+    await check_stream_url(s.url, s.ffmpeg_options, request.app[CFG], d.cfg.egress)
     known = pipeline_files.available(d.cfg)
     if s.pipeline not in known:  # only names of pipelines: never a path to some other YAML file
         raise ApiError(422, "invalid_pipeline", f"unknown pipeline {s.pipeline!r}",
@@ -156,7 +154,7 @@ async def _start(request: web.Request, s: StreamConfig, replace: bool) -> web.Re
     except StreamNotFound as e:  # another request removed it meanwhile
         raise ApiError(404, "stream_not_found", str(e)) from None
     log.info("stream set through the API", stream=s.id, by=request[PRINCIPAL].name)
-    return web.json_response(d.stream_info(s.id), status=200 if replace else 201)
+    return json_response(d.stream_info(s.id), status=200 if replace else 201)
 
 
 async def stream_create(request: web.Request) -> web.Response:
@@ -205,13 +203,13 @@ def _author(request: web.Request, given: str | None) -> str:
 
 
 async def prompts_list(request: web.Request) -> web.Response:
-    return web.json_response({"prompts": await _daemon(request).prompts.all_current()})  # type: ignore[union-attr]
+    return json_response({"prompts": await _daemon(request).prompts.all_current()})  # type: ignore[union-attr]
 
 
 async def prompt_get(request: web.Request) -> web.Response:
     kind, scope = _prompt_key(request)
     try:
-        return web.json_response(await _daemon(request).prompts.current(kind, scope))  # type: ignore[union-attr]
+        return json_response(await _daemon(request).prompts.current(kind, scope))  # type: ignore[union-attr]
     except PromptNotFound:
         raise ApiError(404, "prompt_not_found", f"no {kind} prompt for {scope}") from None
 
@@ -228,7 +226,7 @@ async def prompt_put(request: web.Request) -> web.Response:
         content["schema"] = body.schema_
     rec = await _daemon(request).prompts.put(kind, scope, content, _author(request, body.author),  # type: ignore
                                              body.note)
-    return web.json_response(rec, status=201)
+    return json_response(rec, status=201)
 
 
 async def prompt_history(request: web.Request) -> web.Response:
@@ -244,7 +242,7 @@ async def prompt_history(request: web.Request) -> web.Response:
         total, items = await _daemon(request).prompts.history(kind, scope, offset, limit)  # type: ignore
     except PromptNotFound:
         raise ApiError(404, "prompt_not_found", f"no {kind} prompt for {scope}") from None
-    return web.json_response({"total": total, "offset": offset, "limit": limit, "versions": items})
+    return json_response({"total": total, "offset": offset, "limit": limit, "versions": items})
 
 
 async def prompt_rollback(request: web.Request) -> web.Response:
@@ -256,7 +254,7 @@ async def prompt_rollback(request: web.Request) -> web.Response:
     except PromptNotFound:
         raise ApiError(404, "prompt_not_found", f"no version {body.version} of the {kind} prompt for {scope}") \
             from None
-    return web.json_response(rec, status=201)
+    return json_response(rec, status=201)
 
 
 # -- pipelines and models -------------------------------------------------------------------------------------
@@ -274,17 +272,17 @@ async def pipelines_list(request: web.Request) -> web.Response:
         out.append({"name": name, "description": pcfg.description, "stages": stages,
                     "running": name in d.pipelines,
                     "streams": sorted(s for s, r in d.runners.items() if r.cfg.pipeline == name)})
-    return web.json_response({"pipelines": out})
+    return json_response({"pipelines": out})
 
 
 async def models_list(request: web.Request) -> web.Response:
-    return web.json_response({"loaded": _daemon(request).models.loaded()})
+    return json_response({"loaded": _daemon(request).models.loaded()})
 
 
 async def openapi(request: web.Request) -> web.Response:
     from streamd.api.openapi import document
 
-    return web.json_response(document(ROUTES))
+    return json_response(document(ROUTES))
 
 
 async def docs(request: web.Request) -> web.Response:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
+
+from streamd import jsonsafe
 
 
 class ApiError(Exception):
@@ -22,7 +23,12 @@ class ApiError(Exception):
 def error_response(status: int, code: str, message: str, details: Any = None,
                    headers: dict[str, str] | None = None) -> web.Response:
     body = {"error": {"code": code, "message": message, "details": details}}
-    return web.json_response(body, status=status, headers=headers, dumps=lambda o: json.dumps(o, default=str))
+    return json_response(body, status=status, headers=headers)
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """Every API body: JSON without NaN or Infinity (a stray one is written as null)."""
+    return web.json_response(body, status=status, headers=headers, dumps=jsonsafe.dumps)
 
 
 def validation_details(exc: Any) -> list[dict[str, Any]]:

@@ -10,14 +10,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streamd.api.context import daemon
-from streamd.api.errors import ApiError
+from streamd.api.errors import ApiError, json_response
 
 if TYPE_CHECKING:
     from streamd.daemon import Daemon
 
 
 async def health_live(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def _redis_ok(d: "Daemon") -> bool:
@@ -40,7 +40,7 @@ async def health_ready(request: web.Request) -> web.Response:
         why = [w for w, ok in (("Redis unreachable", redis_ok), ("models loading", models_ok),
                                ("starting", d.started.is_set())) if not ok]
         raise ApiError(503, "not_ready", f"not ready: {', '.join(why)}", details, headers={"Retry-After": "1"})
-    return web.json_response({"status": "ready", "redis": True, "models_loaded": True,
+    return json_response({"status": "ready", "redis": True, "models_loaded": True,
                               "failed_pipelines": details["failed_pipelines"]})
 
 
@@ -51,7 +51,7 @@ async def health(request: web.Request) -> web.Response:
     for s in st["streams"].values():
         states[s["state"]] = states.get(s["state"], 0) + 1
     redis_ok = await _redis_ok(d)
-    return web.json_response({
+    return json_response({
         "status": "ok" if redis_ok else "degraded", "redis": {**st["redis"], "reachable": redis_ok},
         "states": states,
         "streams": {sid: {k: s[k] for k in ("state", "reason", "fps_in", "fps_out", "last_frame_ts")}

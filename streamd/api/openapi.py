@@ -89,8 +89,10 @@ def document(routes: list[Any]) -> dict[str, Any]:
         else:
             op["description"] = f"Needs a token with the `{r.scope}` scope (when tokens are configured)."
             if r.body is not None and r.body.__name__ in ("StreamConfig", "StreamPatch"):
-                op["description"] += (" With `api.deny_private_addresses`, a URL whose host resolves to a private, "
-                                      "loopback or link-local address needs the `admin` scope.")
+                op["description"] += (" The URL's host is checked against the egress policy when the stream is "
+                                      "added (422 `egress_refused`, `unresolvable_host`): a host that resolves to "
+                                      "a loopback, private, link-local, CGNAT or other non-global address is "
+                                      "refused whatever the token, unless the operator's `egress.allow` names it.")
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",

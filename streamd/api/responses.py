@@ -16,6 +16,8 @@ class StreamInfo(BaseModel):
     pipeline: str = Field(..., description="name of the pipeline the stream runs through")
     state: StreamState = Field(..., description="supervisor state")
     reason: str | None = Field(..., description="why the stream is in this state (failed, backoff, stalled ...)")
+    reason_code: str | None = Field(..., description="the failure class of `reason` (timeout, egress_refused, "
+                                    "http_status, not_media, playlist_loop, too_large, ended ...)")
     last_error: str | None = Field(..., description="the last error, kept after the stream recovered")
     fps: float | None = Field(..., description="configured sampling rate (null = every frame)")
     fps_in: float = Field(..., ge=0, description="frames decoded per second (over the last second)")

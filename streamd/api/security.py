@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import ipaddress
-import socket
+import re
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -13,14 +11,53 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from streamd.api.errors import ApiError
-from streamd.config import ApiConfig
+from streamd.config import ApiConfig, EgressConfig
+from streamd.egress import EgressError, EgressRules, StreamEgress
 from streamd.errors import SourceError
 from streamd.sources import parse_reference
 
 SCOPE_RANK = {"read": 0, "operate": 1, "admin": 2}
-# FFmpeg options a client may set through the API (others could open files or other protocols)
-API_FFMPEG_OPTIONS = {"rtsp_transport", "rtsp_flags", "user_agent", "buffer_size", "max_delay",
-                      "reorder_queue_size", "fflags", "probesize", "analyzeduration"}
+_INT = r"[0-9]{1,12}"
+_FFLAGS = "nobuffer|discardcorrupt|genpts|igndts|ignidx|nofillin|noparse|sortdts|fastseek"
+# FFmpeg options a client may set through the API, each with the values it may take: plain values only (no
+# listen or server mode: `rtsp_flags` and `listen` are not here; no control characters, so no header injection)
+API_FFMPEG_OPTIONS: dict[str, tuple[re.Pattern[str], int | None, str]] = {
+    "rtsp_transport": (re.compile(r"tcp|udp|udp_multicast|http|https"), None, "tcp, udp, udp_multicast, http, https"),
+    "user_agent": (re.compile(r"[\x20-\x7e]{1,256}"), None, "1-256 printable ASCII characters"),
+    "buffer_size": (re.compile(_INT), 64 << 20, "bytes, at most 64 MiB"),
+    "max_delay": (re.compile(_INT), 60_000_000, "microseconds, at most 60 s"),
+    "reorder_queue_size": (re.compile(_INT), 10_000, "packets, at most 10000"),
+    "probesize": (re.compile(_INT), 50_000_000, "bytes, at most 50 MB"),
+    "analyzeduration": (re.compile(_INT), 60_000_000, "microseconds, at most 60 s"),
+    "fflags": (re.compile(rf"(?:[+-]?(?:{_FFLAGS}))+"), None, f"+/- flags among {_FFLAGS.replace('|', ', ')}"),
+}
+# query parameters that turn a client into a server (tcp/rtmp `listen`, SRT listener and rendezvous modes)
+_SERVER_QUERY = re.compile(r"(?:^|[?&;])(?:listen(?:=|&|;|$)|listen_timeout=|mode=(?:listener|server|rendezvous))",
+                           re.IGNORECASE)
+
+
+def check_ffmpeg_options(options: dict[str, str]) -> None:
+    """Raises ApiError(422) for an option a client may not set or a value outside its schema."""
+    bad = sorted(set(options) - set(API_FFMPEG_OPTIONS))
+    if bad:
+        raise ApiError(422, "option_not_allowed", f"ffmpeg options not allowed from the API: {', '.join(bad)}",
+                       {"path": "ffmpeg_options", "allowed": sorted(API_FFMPEG_OPTIONS)})
+    for name, value in options.items():
+        pattern, limit, expected = API_FFMPEG_OPTIONS[name]
+        ok = isinstance(value, str) and pattern.fullmatch(value) is not None
+        if ok and limit is not None:
+            ok = int(value) <= limit
+        if not ok:
+            raise ApiError(422, "invalid_option_value", f"ffmpeg option {name}: expected {expected}",
+                           {"path": f"ffmpeg_options.{name}", "expected": expected})
+
+
+def check_redis_key(key: str, cfg: ApiConfig) -> None:
+    """A Redis input added through the API reads only keys under `api.redis_key_prefix`, never streamd's own."""
+    if key.startswith("streamd:") or not key.startswith(cfg.redis_key_prefix):
+        raise ApiError(422, "redis_key_not_allowed",
+                       f"a redis input added through the API must read a key under {cfg.redis_key_prefix!r} "
+                       "(api.redis_key_prefix), never one of streamd's own keys", {"path": "url"})
 
 
 @dataclass(frozen=True)
@@ -85,16 +122,11 @@ class RateLimiter:
         return (1 - tokens) / self.rate
 
 
-def _is_private(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr)
-    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast \
-        or ip.is_unspecified
-
-
-async def check_stream_url(url: str, ffmpeg_options: dict[str, str], cfg: ApiConfig, private_ok: bool = False) \
-        -> None:
-    """Refuse what a remote client must not make the daemon open. Raises ApiError(422). `private_ok` (an `admin`
-    token) lifts the private-address deny-list only: schemes and FFmpeg options are checked for everyone."""
+async def check_stream_url(url: str, ffmpeg_options: dict[str, str], cfg: ApiConfig,
+                           egress: EgressConfig | None = None) -> None:
+    """Refuse what a remote client must not make the daemon open. Raises ApiError(422). The address check is the
+    run-time egress policy itself (streamd/egress.py), applied at admission so the client gets a 422 instead of a
+    stream that fails: only the operator's `egress.allow` opens a non-global address, whatever the token."""
     try:
         ref = parse_reference(url)
     except SourceError as e:
@@ -104,20 +136,17 @@ async def check_stream_url(url: str, ffmpeg_options: dict[str, str], cfg: ApiCon
         raise ApiError(422, "scheme_not_allowed",
                        f"scheme {scheme!r} is not allowed from the API (allowed: {', '.join(cfg.allowed_schemes)})",
                        {"path": "url"})
-    bad = sorted(set(ffmpeg_options) - API_FFMPEG_OPTIONS)
-    if bad:
-        raise ApiError(422, "option_not_allowed", f"ffmpeg options not allowed from the API: {', '.join(bad)}",
-                       {"path": "ffmpeg_options", "allowed": sorted(API_FFMPEG_OPTIONS)})
-    if cfg.deny_private_addresses and ref.url and not private_ok:
+    check_ffmpeg_options(ffmpeg_options)
+    if ref.kind == "redis":
+        check_redis_key(ref.key or "", cfg)
+    if _SERVER_QUERY.search(urlsplit(url).query):
+        raise ApiError(422, "server_mode_not_allowed", "the URL asks FFmpeg to listen (a server mode): not from "
+                       "the API", {"path": "url"})
+    if cfg.deny_private_addresses and ref.url:
         host = urlsplit(ref.url).hostname or ""
+        policy = StreamEgress(EgressRules.from_config(egress or EgressConfig()), "api")
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-        except OSError as e:
-            raise ApiError(422, "unresolvable_host", f"cannot resolve {host!r}: {e.strerror}", {"path": "url"}) \
-                from None
-        addrs = {i[4][0] for i in infos}
-        private = sorted(a for a in addrs if _is_private(a))
-        if private:
-            raise ApiError(422, "private_address",
-                           f"{host!r} resolves to a private, loopback or link-local address (an admin token may "
-                           "add it)", {"path": "url", "needed": "admin"})
+            await policy.resolve(host)
+        except EgressError as e:
+            code = "unresolvable_host" if e.code == "unresolvable" else "egress_refused"
+            raise ApiError(422, code, str(e), {"path": "url"}) from None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import random
 import time
@@ -30,7 +29,7 @@ import redis.asyncio as aioredis
 from hiredis import pack_command
 from redis.exceptions import RedisError
 
-from streamd import keys
+from streamd import jsonsafe, keys
 from streamd.config import RedisConfig
 from streamd.frames import InputRef, Work
 from streamd.log import get_logger
@@ -60,6 +59,7 @@ def result_record(w: Work) -> dict[str, Any]:
         "seq": f.seq,
         "pts_s": round(f.pts_s, 6),
         "capture_ts": round(f.capture_ts, 6),
+        "capture_ts_source": f.capture_source,
         "publish_ts": None,
         "width": f.width,
         "height": f.height,
@@ -76,7 +76,7 @@ def result_record(w: Work) -> dict[str, Any]:
     return rec
 
 
-_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_json = jsonsafe.encoder(separators=(",", ":"))  # never NaN/Infinity: a stray one becomes null
 
 
 class RedisSink:
@@ -108,6 +108,9 @@ class RedisSink:
         self.published = 0
         self.overflowed = 0
         self.results_by_stream: dict[str, int] = {}
+        self._queued = 0  # records ever buffered
+        self._gone = 0  # of those, published or dropped (the buffer is FIFO: the first `_gone` are done)
+        self._progress = asyncio.Event()
 
     # -- producers ------------------------------------------------------------------------------------------
     async def publish_results(self, works: list[Work]) -> None:
@@ -135,12 +138,14 @@ class RedisSink:
     def _append(self, p: Pending) -> None:
         if len(self._buf) >= self.cfg.buffer_max_records:
             old = self._buf.popleft()
+            self._done(1)
             self.overflowed += 1
             self.metrics.buffer_overflow.inc()
             if old.ack is not None and self._on_settled is not None:
                 self._on_settled(old.ack)  # not acknowledged: Redis will deliver it again
         p.queued_t = time.monotonic()
         self._buf.append(p)
+        self._queued += 1
         self._idle.clear()
         self._ready.set()
         if len(self._buf) >= self.cfg.publish_batch:
@@ -152,6 +157,22 @@ class RedisSink:
     async def wait_idle(self) -> None:
         """Wait until everything buffered has been published."""
         await self._idle.wait()
+
+    async def flushed(self, timeout_s: float) -> bool:
+        """Wait until every record buffered before this call has been published (or dropped), however busy the
+        sink stays with later ones; False when `timeout_s` passed first (Redis down). A removed stream waits for
+        this, so nothing of it appears after its DELETE returned."""
+        target = self._queued
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._gone < target:
+                    self._progress.clear()
+                    await self._progress.wait()
+        return self._gone >= target
+
+    def _done(self, n: int) -> None:
+        self._gone += n
+        self._progress.set()
 
     async def aclose(self) -> None:
         with contextlib.suppress(Exception):  # closing a dead connection
@@ -191,6 +212,7 @@ class RedisSink:
             for p in batch:  # still at the front, unless overflow trimmed it during the send
                 if self._buf and self._buf[0] is p:
                     self._buf.popleft()
+                    self._done(1)
                 if p.ack is not None and self._on_settled is not None:
                     self._on_settled(p.ack)
             self.published += n

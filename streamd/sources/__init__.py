@@ -4,15 +4,14 @@ iterator of Frames (the two contracts: `streamd.sources.base`). The kind is pick
 | reference                                   | kind   | notes                                        |
 |---------------------------------------------|--------|----------------------------------------------|
 | ``rtsp://``, ``rtsps://``                   | rtsp   | PyAV, TCP transport by default               |
-| ``http(s)://…/x.m3u8`` (or ``hls+http(s)://``)| hls  | PyAV follows the live playlist               |
-| other ``http(s)://``, ``rtmp://``, ``srt://``, ``udp://``, ``tcp://`` | url | anything FFmpeg opens |
+| ``http(s)://…/x.m3u8`` (or ``hls+http(s)://``)| hls  | followed by streamd (sources/hls.py)         |
+| other ``http(s)://``, ``rtmp://``, ``srt://``, ``udp://``, ``tcp://`` | url | HTTP(S): sources/httpio.py; others FFmpeg |
 | a path or ``file://``                       | file   | realtime (like a camera) or fast playback    |
 | ``redis://host:port/db#key``, ``redis:key`` | redis  | frames pushed into a Redis stream            |
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -72,7 +71,3 @@ def parse_reference(ref: str) -> SourceRef:
     if scheme in ("http", "https") and parts.path.lower().endswith((".m3u8", ".m3u")):
         return SourceRef("hls", ref)
     return SourceRef("url", ref)
-
-
-def file_exists(path: str) -> bool:
-    return os.path.isfile(path)

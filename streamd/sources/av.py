@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import stat
 import threading
 import time
 from fractions import Fraction
@@ -22,16 +24,18 @@ import av
 from av.video.reformatter import VideoReformatter
 
 from streamd.batching import FrameQueue
-from streamd.config import Playback, StreamConfig
+from streamd.config import DropPolicy, Playback, StreamConfig
 from streamd.errors import SourceError
 from streamd.frames import Frame
 from streamd.log import get_logger, redact_text
 from streamd.sampling import FpsSampler
 from streamd.sources import SourceRef
+from streamd.sources.base import Abandoned
 
 log = get_logger("streamd.source.av")
 
-MAX_CONSECUTIVE_DECODE_ERRORS = 25
+MAX_CONSECUTIVE_DECODE_ERRORS = 25  # live sources: this many undecodable packets in a row end the connection
+CLOSE_WAIT_S = 1.0  # aclose() waits this long for the decoder thread, then abandons it (counted)
 
 
 def _describe(exc: BaseException) -> str:
@@ -44,7 +48,52 @@ def _describe(exc: BaseException) -> str:
     return redact_text(f"{type(exc).__name__}: {exc}")
 
 
+def _open_error(exc: BaseException, kind: str, timeout_s: float) -> SourceError:
+    """A typed reason for an input that did not open."""
+    if isinstance(exc, SourceError):
+        return exc
+    if isinstance(exc, av.error.ExitError):  # FFmpeg's interrupt: our open timeout
+        return SourceError(f"no answer within open_timeout_s ({timeout_s:g} s)", code="timeout")
+    if isinstance(exc, (av.error.FileNotFoundError, FileNotFoundError)):
+        return SourceError(f"cannot open: {_describe(exc)}", permanent=kind == "file", code="not_found")
+    if isinstance(exc, av.error.HTTPError):
+        return SourceError(f"cannot open: {_describe(exc)}", code="http_status")
+    if isinstance(exc, (av.error.ConnectionRefusedError, ConnectionRefusedError)):
+        return SourceError(f"cannot open: {_describe(exc)}", code="unreachable")
+    if kind == "file" and isinstance(exc, (av.error.PermissionError, PermissionError)):
+        return SourceError(f"cannot open: {_describe(exc)}", permanent=True, code="not_found")
+    if kind == "file" and isinstance(exc, av.error.FFmpegError):  # a regular file FFmpeg cannot read
+        return SourceError(f"not a media file: {_describe(exc)}", permanent=True, code="not_media")
+    if isinstance(exc, av.error.InvalidDataError):
+        return SourceError(f"not a media stream: {_describe(exc)}", code="not_media")
+    return SourceError(f"cannot open: {_describe(exc)}")
+
+
+def check_local_file(path: str) -> None:
+    """Fail at once, for good, on what can never play: a missing path, a directory, a FIFO or device (whose open
+    would block a thread), an empty file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SourceError(f"no such file: {path}", permanent=True, code="not_found") from None
+    except OSError as e:
+        raise SourceError(f"cannot open {path}: {e.strerror or e}", permanent=True, code="not_found") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SourceError(f"{path} is a directory, not a media file", permanent=True, code="not_media")
+    if stat.S_ISCHR(st.st_mode):  # a capture device (/dev/video0): FFmpeg's v4l2 input
+        return
+    if not stat.S_ISREG(st.st_mode):
+        what = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        raise SourceError(f"{path} is {what}, not a media file", permanent=True, code="not_media")
+    if st.st_size == 0:
+        raise SourceError(f"{path} is empty", permanent=True, code="not_media")
+
+
 class AvSource:
+    """`url` is what FFmpeg opens (the reference with its host pinned to the address the egress policy checked);
+    `reader` (plain HTTP(S) media) a file object to open instead. `state` outlives the connection: a recording's
+    position, so that a reconnect resumes where it stopped instead of replaying it."""
+
     def __init__(
         self,
         cfg: StreamConfig,
@@ -53,15 +102,25 @@ class AvSource:
         seq: itertools.count,
         out: FrameQueue[Frame],
         loop: asyncio.AbstractEventLoop,
+        *,
+        url: str | None = None,
+        reader: Any = None,
+        state: dict[str, Any] | None = None,
+        on_event: Any = None,
     ):
         self.cfg = cfg
         self.ref = ref
         self.sampler = sampler
         self._seq = seq
         self._out = out
+        self._url = url or ref.url
+        self._reader = reader
+        self._state = state if state is not None else {}
+        self._on_event = on_event or (lambda kind, fields: None)
         self.ended: asyncio.Future[None] = loop.create_future()
         self._stop = threading.Event()
         self.frames_decoded = 0  # every decoded frame, sampled or not (read by metrics)
+        self.skipped_packets = 0  # undecodable packets skipped
         self._pts_offset = 0.0  # a looping file keeps its timeline increasing
         self._progress_t = time.monotonic()  # the last decoded frame (or the start)
         self._waiting = False  # blocked on a full `wait` queue: the consumer's doing, not a stall
@@ -73,8 +132,16 @@ class AvSource:
         return 0.0 if self._waiting else time.monotonic() - self._progress_t
 
     async def aclose(self) -> None:
+        """Stop the thread; wait for it at most CLOSE_WAIT_S. One stuck in FFmpeg is abandoned (it returns by itself
+        within its timeout, having been told to discard what it still decodes)."""
         self._stop.set()
-        await asyncio.to_thread(self._thread.join, self.cfg.open_timeout_s + 1)
+        if self._reader is not None:
+            self._reader.interrupt()
+        await asyncio.to_thread(self._thread.join, CLOSE_WAIT_S)
+        if self._thread.is_alive():
+            Abandoned.add(self.cfg.id, self._thread)
+            log.warning("decoder thread abandoned (stuck in FFmpeg)", stream=self.cfg.id,
+                        alive=Abandoned.alive(self.cfg.id))
 
     def _end(self, error: SourceError | None) -> None:
         if self.ended.done():
@@ -104,34 +171,80 @@ class AvSource:
             error = SourceError(_describe(e))
         self._out.call_threadsafe(self._end, error)  # after the frames: they are queued before the end is seen
 
+    @property
+    def _read_timeout_s(self) -> float:
+        # a read blocked past the stall timeout returns soon after the watchdog has said `stalled`
+        return min(self.cfg.open_timeout_s, self.cfg.stall_timeout_s + 1)
+
+    def _recording(self, container: Any) -> bool:
+        """Played once, never replayed: a file, or HTTP media of a known size."""
+        if self.ref.kind == "file":
+            return os.path.isfile(self._url)
+        return self._reader is not None and self._reader.size is not None
+
+    def _keep_every_frame(self) -> None:
+        """A recording over HTTP: nothing is dropped (like a file), unless the stream sets a drop policy."""
+        if self.cfg.drop_policy is not None or self._out.policy is DropPolicy.WAIT:
+            return
+        done = threading.Event()
+
+        def switch(_: Any) -> None:
+            self._out.set_policy(DropPolicy.WAIT)
+            done.set()
+
+        self._out.call_threadsafe(switch, None)
+        done.wait(1.0)
+
     def _play_once(self) -> bool:
         """Plays the input once. Returns True to play it again (a looping file)."""
         t = self.cfg.open_timeout_s
+        if self._reader is not None and self._reader.seekable():
+            self._reader.seek(0)
         try:
-            container = av.open(self.ref.url, options=self._options(), timeout=(t, t))
-        except (av.error.FFmpegError, OSError) as e:
-            raise SourceError(f"cannot open: {_describe(e)}",
-                              permanent=isinstance(e, (av.error.FileNotFoundError, FileNotFoundError))) from None
+            container = av.open(self._reader if self._reader is not None else self._url, options=self._options(),
+                                timeout=(t, self._read_timeout_s))
+        except Exception as e:  # noqa: BLE001 - every open failure gets a typed reason
+            if self._stop.is_set():
+                return False
+            raise _open_error(e, self.ref.kind, t) from None
         try:
             if not container.streams.video:
-                raise SourceError("no video stream in the input", permanent=True)
+                raise SourceError("no video stream in the input", permanent=True, code="no_video")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             if self.cfg.decode_threads:
                 stream.codec_context.thread_count = self.cfg.decode_threads
-            end_pts = self._decode(container, stream)
+            recording = self._recording(container)
+            if recording and self.ref.kind != "file":
+                self._keep_every_frame()
+            resume = self._state.get("resume_pts") if recording and not self.cfg.loop else None
+            if resume is not None:
+                self._seek(container, stream, resume)
+            end_pts = self._decode(container, stream, recording, resume)
         finally:
             container.close()
         if self._stop.is_set():
             return False
-        if self.ref.kind == "file":
-            if self.cfg.loop:
+        if recording:
+            if not self.frames_decoded and self._state.get("resume_pts") is None:
+                raise SourceError("no decodable video frame in the input", permanent=True, code="corrupt_input")
+            if self.skipped_packets:
+                self._on_event("corrupt_skipped", {"packets": self.skipped_packets})
+            if self.cfg.loop and self.ref.kind == "file":
                 self._pts_offset = end_pts
                 return True
             return False
-        raise SourceError("the stream ended")
+        raise SourceError("the stream ended", code="disconnected")
 
-    def _decode(self, container: Any, stream: Any) -> float:
+    def _seek(self, container: Any, stream: Any, pts_s: float) -> None:
+        """A reconnect to a recording: go back to the last frame decoded (frames up to it are skipped)."""
+        tb = float(stream.time_base or Fraction(1, 90_000))
+        try:
+            container.seek(int(pts_s / tb), stream=stream, backward=True, any_frame=False)
+        except av.error.FFmpegError as e:  # not seekable: decode from the start, skipping what was published
+            log.info("resume by skipping (seek failed)", stream=self.cfg.id, error=_describe(e))
+
+    def _decode(self, container: Any, stream: Any, recording: bool, resume: float | None) -> float:
         tb_s = float(stream.time_base or Fraction(1, 90_000))  # a float: Fraction arithmetic per frame is slow
         realtime = self.ref.kind == "file" and self.cfg.playback is Playback.REALTIME
         rate = float(stream.average_rate or stream.guessed_rate or 25)
@@ -142,27 +255,48 @@ class AvSource:
         errors = 0
         synthetic = 0
         offset = self._pts_offset
+        track = recording and not self.cfg.loop
         rgb = VideoReformatter()  # set up on the first frame, reused for the others (and redone if their size changes)
-        for packet in container.demux(stream):
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except av.error.ExitError:
+                if self._stop.is_set():
+                    break
+                raise SourceError(f"no data from the source for {self._read_timeout_s:g} s", code="timeout") from None
+            except av.error.InvalidDataError as e:  # the container itself is damaged here
+                if recording:  # ends with a reason: never replayed from the start
+                    raise SourceError(f"corrupt input at {last_pts:.1f} s: {_describe(e)}", permanent=True,
+                                      code="corrupt_input") from None
+                raise SourceError(f"corrupt input: {_describe(e)}", code="corrupt_input") from None
             if self._stop.is_set():
                 break
             try:
                 frames = packet.decode()
             except av.error.InvalidDataError as e:
                 errors += 1
-                if errors > MAX_CONSECUTIVE_DECODE_ERRORS:
-                    raise SourceError(f"corrupt input: {errors} undecodable packets in a row ({_describe(e)})")
-                continue
+                self.skipped_packets += 1
+                if not recording and errors > MAX_CONSECUTIVE_DECODE_ERRORS:
+                    raise SourceError(f"corrupt input: {errors} undecodable packets in a row ({_describe(e)})",
+                                      code="corrupt_input") from None
+                continue  # a damaged region of a recording is skipped, whatever its length
             for vf in frames:
                 errors = 0
-                self.frames_decoded += 1
-                self._progress_t = time.monotonic()
                 if vf.pts is not None:
                     pts = vf.pts * tb_s + offset
                 else:
                     pts = offset + synthetic * frame_dur
                 synthetic += 1
+                if resume is not None and pts <= resume + 1e-6:
+                    continue  # published before the reconnect
+                self.frames_decoded += 1
+                self._progress_t = time.monotonic()
                 last_pts = pts
+                if track:
+                    self._state["resume_pts"] = pts
                 if realtime:
                     now = time.monotonic()
                     if wall0 is None:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -43,3 +44,28 @@ class PushSource(Protocol):
     def idle_s(self) -> float: ...
 
     async def aclose(self) -> None: ...
+
+
+class Abandoned:
+    """Decoder threads given up on by `aclose()` (stuck in an FFmpeg call) that have not returned yet. Each one
+    returns by itself within its read/open timeout; a stream does not start another connection while it has
+    `MAX_PER_STREAM` of them (so a blocking input cannot pile up threads)."""
+
+    MAX_PER_STREAM = 2
+    _threads: dict[str, list[threading.Thread]] = {}
+    total = 0  # ever abandoned
+
+    @classmethod
+    def add(cls, stream_id: str, thread: threading.Thread) -> None:
+        cls._threads.setdefault(stream_id, []).append(thread)
+        cls.total += 1
+
+    @classmethod
+    def alive(cls, stream_id: str | None = None) -> int:
+        for k in list(cls._threads):
+            cls._threads[k] = [t for t in cls._threads[k] if t.is_alive()]
+            if not cls._threads[k]:
+                del cls._threads[k]
+        if stream_id is not None:
+            return len(cls._threads.get(stream_id, ()))
+        return sum(len(v) for v in cls._threads.values())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import math
 import socket
 import time
 from typing import Any
@@ -80,9 +81,12 @@ def _float(fields: dict[bytes, bytes], name: bytes) -> float | None:
     if raw is None:
         return None
     try:
-        return float(raw)
+        v = float(raw)
     except ValueError:
-        return None
+        raise FrameDecodeError(f"{name.decode()} is not a number: {raw[:40]!r}") from None
+    if not math.isfinite(v):  # NaN / inf would reach every JSON consumer of the results
+        raise FrameDecodeError(f"{name.decode()} is not a finite number: {raw[:40]!r}")
+    return v
 
 
 class RedisFrameSource:
@@ -111,6 +115,7 @@ class RedisFrameSource:
         self._last_claim = 0.0
         self._claim_cursor = "0-0"
         self._group_ready = False
+        self.created_group = False  # this source made the consumer group (removed with an API stream)
         self._closed = False
         self.frames_decoded = 0
 
@@ -139,6 +144,7 @@ class RedisFrameSource:
             return
         try:
             await self.r.xgroup_create(self.key, self.icfg.group, id=self.icfg.start_id, mkstream=True)
+            self.created_group = True
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
@@ -187,10 +193,14 @@ class RedisFrameSource:
 
     async def _to_frame(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> Frame | None:
         eid = entry_id.decode()
-        ts = _float(fields, b"ts")
+        try:
+            ts = _float(fields, b"ts")
+            pts = _float(fields, b"pts")
+        except FrameDecodeError as e:
+            await self.fail(InputRef(self.key, self.icfg.group, eid, deliveries), str(e), fields)
+            return None
         if ts is None:
             ts = int(eid.split("-")[0]) / 1000.0
-        pts = _float(fields, b"pts")
         pts = ts if pts is None else pts
         decision = self.sampler.offer(pts)
         if not decision.keep:  # sampled out: acknowledged without a result

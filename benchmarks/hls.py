@@ -1,0 +1,148 @@
+"""HLS: streamd's own HLS follower (streamd/sources/hls.py: playlists parsed by streamd, every fetch through the
+egress policy, segment bytes handed to PyAV) against FFmpeg's HLS demuxer (PyAV `av.open(url)`) on the same
+playlist served over HTTP on loopback. Both decode every frame to RGB (one converter per stream on both sides),
+N streams at once; the ratio is streamd's frames/s over FFmpeg's (target >= 0.95), CPU per frame side by side.
+
+    .venv/bin/python benchmarks/hls.py --streams 1,8 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import av
+from av.video.reformatter import VideoReformatter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import OtherLoad, cpu_model, revision  # noqa: E402
+
+from streamd.batching import FrameQueue  # noqa: E402
+from streamd.config import DropPolicy, StreamConfig  # noqa: E402
+from streamd.egress import EgressRules, StreamEgress  # noqa: E402
+from streamd.sampling import FpsSampler  # noqa: E402
+from streamd.samples import make_pan_clip  # noqa: E402
+from streamd.sources import parse_reference  # noqa: E402
+from streamd.sources.hls import HlsSource  # noqa: E402
+from streamd.testing import HttpDir  # noqa: E402
+
+TARGET = 0.95
+QUEUE = 8  # the stream queue (StreamConfig.queue_size default)
+
+
+def make_playlist(root: Path, seconds: int) -> int:
+    clip = root / "pan.mp4"
+    make_pan_clip(clip, seconds=seconds, fps=30, size=(1280, 720), gop=30)
+    subprocess.run([shutil.which("ffmpeg") or "ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(clip),
+                    "-an", "-c", "copy", "-f", "hls", "-hls_time", "1", "-hls_list_size", "0",
+                    "-hls_playlist_type", "vod", str(root / "index.m3u8")], check=True)
+    with av.open(str(clip)) as c:
+        return sum(1 for _ in c.demux(c.streams.video[0]) if _.size)
+
+
+def ffmpeg_side(url: str, n: int) -> tuple[int, float]:
+    out = [0] * n
+
+    def one(i: int) -> None:
+        rgb = VideoReformatter()
+        with av.open(url, timeout=10) as c:
+            st = c.streams.video[0]
+            st.thread_type = "AUTO"
+            for vf in c.decode(st):
+                rgb.reformat(vf, format="rgb24").to_ndarray()
+                out[i] += 1
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(out), time.perf_counter() - t0
+
+
+async def streamd_side(url: str, n: int) -> tuple[int, float]:
+    loop = asyncio.get_running_loop()
+    rules = EgressRules(deny_non_global=False, requests_per_s=1000, request_burst=1000)
+    counts = [0] * n
+
+    async def one(i: int) -> None:
+        cfg = StreamConfig(id=f"b{i}", url=url, fps=None, drop_policy=DropPolicy.WAIT)
+        q: FrameQueue = FrameQueue(QUEUE, DropPolicy.WAIT, loop)
+        eg = StreamEgress(rules, cfg.id)
+        src = HlsSource(cfg, parse_reference(url), FpsSampler(None), itertools.count(), q, loop, eg, {},
+                        lambda *a: None)
+        arrived = asyncio.Event()  # read as the pipeline's ingress reads a stream queue: woken on arrival
+        q.add_listener(arrived)
+        src.ended.add_done_callback(lambda _: arrived.set())
+        while not (src.ended.done() and len(q) == 0):
+            if q.get_nowait() is not None:
+                counts[i] += 1
+                continue
+            arrived.clear()
+            await arrived.wait()
+        await src.aclose()
+        await eg.aclose()
+        src.ended.result()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return sum(counts), time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", default="1,8")
+    ap.add_argument("--seconds", type=int, default=20, help="length of the served recording")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="streamd-hls-bench-"))
+    frames = make_playlist(root, args.seconds)
+    http = HttpDir(root).start()
+    url = http.url("index.m3u8")
+    print(f"# HLS follower vs FFmpeg's HLS demuxer ({revision()}, {cpu_model()})")
+    print(f"# recording: {args.seconds} s 1280x720 30 fps H.264, 1 s segments, {frames} frames, served on loopback")
+    print("| streams | FFmpeg HLS fps | streamd HLS fps | ratio | FFmpeg CPU ms/frame | streamd CPU ms/frame "
+          "| other load (cores) |")
+    print("|--:|--:|--:|--:|--:|--:|--:|")
+    ok = True
+    try:
+        for n in [int(x) for x in args.streams.split(",")]:
+            best: dict[str, tuple[float, float]] = {}
+            ratios = []
+            for _ in range(args.repeats):
+                pair = {}
+                for side in ("ffmpeg", "streamd"):
+                    load = OtherLoad()
+                    got, secs = ffmpeg_side(url, n) if side == "ffmpeg" else asyncio.run(streamd_side(url, n))
+                    if got != frames * n:
+                        raise SystemExit(f"{side}: {got} frames, expected {frames * n}")
+                    pair[side] = (got / secs, load.cpu() / got * 1000, load.cores())
+                    if side not in best or pair[side][0] > best[side][0]:
+                        best[side] = pair[side]
+                ratios.append(pair["streamd"][0] / pair["ffmpeg"][0])
+            ratio = best["streamd"][0] / best["ffmpeg"][0]
+            ok = ok and ratio >= TARGET
+            ratios.sort()
+            print(f"| {n} | {best['ffmpeg'][0]:.0f} | {best['streamd'][0]:.0f} | **{ratio:.2f}** (paired median "
+                  f"{ratios[len(ratios) // 2]:.2f}) | {best['ffmpeg'][1]:.2f} | {best['streamd'][1]:.2f} | "
+                  f"{max(best['ffmpeg'][2], best['streamd'][2]):.2f} |", flush=True)
+    finally:
+        http.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"# target >= {TARGET}: {'met' if ok else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

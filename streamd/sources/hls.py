@@ -1,0 +1,516 @@
+"""HLS followed by streamd itself: playlists parsed with `m3u8`, every fetch (playlists, variants, segments, keys,
+init sections, each redirect hop) through the stream's egress policy (streamd/egress.py), segment bytes handed to
+PyAV. FFmpeg never fetches anything, so a playlist line or a redirect cannot lead it to an address the policy
+refuses.
+
+- A segment is decoded at most once per stream: the last media sequence number handed over is kept in the
+  runner's `hls_state`, across playlist reloads and reconnects. A live playlist that stops growing yields no
+  frames: the runner's watchdog marks it `stalled` and nothing is republished.
+- `#EXT-X-ENDLIST` is a recording: every segment once, then a clean end (`stopped`, code `ended`).
+- `#EXT-X-DISCONTINUITY`, and a media-sequence gap (segments fell off the playlist before we fetched them), flag
+  the next frame. `#EXT-X-PROGRAM-DATE-TIME` gives `capture_ts` (`capture_source: source`), else the receive time.
+- The playlist is reloaded at the target duration, half of it when it did not change (RFC 8216 6.3.4).
+- Master playlists: the variant by bandwidth (`hls.variant`, `hls.max_bandwidth`); one that leads back to a
+  playlist already on the way, or nests deeper than `hls.max_nesting`, fails with `playlist_loop`.
+- AES-128 segments are decrypted (key through the policy; IV from the tag or the media sequence number).
+
+The fetching runs on the event loop; decoding runs in one thread per source, fed through a hand-off queue of at
+most two segments (memory stays bounded; a slow pipeline slows the fetching, never the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import av
+import m3u8
+from av.video.reformatter import VideoReformatter
+
+from streamd.batching import FrameQueue
+from streamd.config import DropPolicy, StreamConfig
+from streamd.egress import EgressError, StreamEgress
+from streamd.errors import SourceError
+from streamd.frames import Frame
+from streamd.log import get_logger, redact_url
+from streamd.sampling import FpsSampler
+from streamd.sources import SourceRef
+from streamd.sources.base import EventFn
+
+log = get_logger("streamd.source.hls")
+
+_END = object()
+_FLUSH_IDLE_S = 0.2  # no new segment for this long: the decoder's held-back frames are flushed out
+_MAX_BAD_SEGMENTS = 3  # undecodable segments in a row that end a connection (corrupt_input)
+
+
+_OPEN_OPTIONS = {"probesize": "32", "analyzeduration": "0"}  # no read-ahead probing: the codec comes with the data
+
+
+@dataclass(slots=True)
+class _Segment:
+    msn: int
+    data: bytes
+    discontinuity: bool
+    pdt: float | None  # program date time of the segment's start (epoch seconds)
+    start: int = 0  # its first byte's offset in the run of segments it is read in
+    packets: int = 0  # video packets demuxed from it
+
+
+class _Feed(io.RawIOBase):
+    """The decoder thread's input: segments from the hand-off queue as one byte stream for a run of MPEG-TS
+    segments (EOF at a discontinuity, at a non-TS segment, at the end, or after _FLUSH_IDLE_S without a new
+    segment), or one segment alone otherwise. Knows which segment each byte offset came from."""
+
+    def __init__(self, handoff: queue.Queue[Any], stop: threading.Event):
+        self._handoff = handoff
+        self._stop = stop
+        self._next: Any = None  # an item taken that belongs to the next run
+        self._buf = memoryview(b"")
+        self._off = 0
+        self._segs: list[_Segment] = []  # fed in this run, not yet settled
+        self._eof = False
+        self.final: Any = None  # _END or a SourceError: nothing comes after it
+        self.ts = False
+        self.discontinuity = False
+        self.count = 0  # segments fed, ever
+        self.last_t = time.monotonic()
+
+    def readable(self) -> bool:
+        return True
+
+    def _take(self, wait: bool) -> Any:
+        if self._next is not None:
+            item, self._next = self._next, None
+            return item
+        t0 = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                return self._handoff.get(timeout=0.05)
+            except queue.Empty:
+                if not wait and time.monotonic() - t0 >= _FLUSH_IDLE_S:
+                    return None  # caught up with the live edge: this run ends, its held-back frames go out
+        return None
+
+    def begin(self) -> bool:
+        """Start a run with the next segment; False when the feed is finished or stopping."""
+        if self.final is not None:
+            return False
+        item = self._take(wait=True)
+        if not isinstance(item, _Segment):
+            self.final = item
+            return False
+        self._off, self._segs, self._eof = 0, [], False
+        self.ts = item.data[:1] == b"\x47"
+        self.discontinuity = item.discontinuity
+        self._feed(item)
+        return True
+
+    def _feed(self, seg: _Segment) -> None:
+        seg.start, seg.packets = self._off, 0
+        self._segs.append(seg)
+        self._buf = memoryview(seg.data)
+        self.count += 1
+        self.last_t = time.monotonic()
+
+    def readinto(self, b: Any) -> int:
+        while not len(self._buf):
+            if self._eof or not self.ts or self._stop.is_set():
+                return 0
+            item = self._take(wait=False)
+            if isinstance(item, _Segment) and not item.discontinuity and item.data[:1] == b"\x47":
+                self._feed(item)
+                continue
+            self._eof = True
+            if isinstance(item, _Segment):
+                self._next = item
+            elif item is not None:
+                self.final = item
+            return 0
+        k = min(len(b), len(self._buf))
+        b[:k] = self._buf[:k]
+        self._buf = self._buf[k:]
+        self._off += k
+        return k
+
+    def whole(self) -> io.BytesIO:
+        """A non-TS run's one segment, as a seekable file (an MP4 demuxer may seek)."""
+        data = bytes(self._buf)
+        self.drain()
+        self._eof = True
+        return io.BytesIO(data)
+
+    def drain(self) -> None:
+        """Skip what is left of the current segment (the demuxer gave up on it)."""
+        self._off += len(self._buf)
+        self._buf = memoryview(b"")
+
+    def locate(self, pos: int | None) -> tuple[_Segment | None, bool, list[_Segment]]:
+        """The segment a packet at byte `pos` came from, whether it is that segment's first packet, and the
+        segments before it (now settled: the demuxer is past them)."""
+        if pos is None or pos < 0 or not self._segs:
+            return (self._segs[0] if self._segs else None), False, []
+        i = len(self._segs) - 1
+        while i > 0 and self._segs[i].start > pos:
+            i -= 1
+        done, self._segs = self._segs[:i], self._segs[i:]
+        seg = self._segs[0]
+        return seg, seg.packets == 0, done
+
+    def settle_all(self) -> list[_Segment]:
+        done, self._segs = self._segs, []
+        return done
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise SourceError("the playlist is not UTF-8 text", code="invalid_playlist") from None
+
+
+class HlsSource:
+    def __init__(self, cfg: StreamConfig, ref: SourceRef, sampler: FpsSampler, seq: itertools.count,
+                 out: FrameQueue[Frame], loop: asyncio.AbstractEventLoop, egress: StreamEgress,
+                 state: dict[str, Any], on_event: EventFn):
+        self.cfg = cfg
+        self.ref = ref
+        self.sampler = sampler
+        self._seq = seq
+        self._out = out
+        self._egress = egress
+        self._state = state
+        self._on_event = on_event
+        self.ended: asyncio.Future[None] = loop.create_future()
+        self.frames_decoded = 0
+        self._stop = threading.Event()
+        self._handoff: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self._progress_t = time.monotonic()
+        self._waiting = False
+        self._keys: dict[str, bytes] = {}
+        self._maps: dict[str, bytes] = {}
+        self._feed = _Feed(self._handoff, self._stop)
+        self._thread = threading.Thread(target=self._decode_loop, name=f"hls-{cfg.id}", daemon=True)
+        self._thread.start()
+        self._task = loop.create_task(self._follow_guarded(), name=f"hls-follow:{cfg.id}")
+
+    @property
+    def segments(self) -> int:
+        """Segments handed to the decoder so far."""
+        return self._feed.count
+
+    @property
+    def idle_s(self) -> float:
+        return 0.0 if self._waiting else time.monotonic() - self._progress_t
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.to_thread(self._thread.join, 2.0)
+
+    def _end(self, error: SourceError | None) -> None:
+        if self.ended.done():
+            return
+        if error is None or self._stop.is_set():
+            self.ended.set_result(None)
+        else:
+            self.ended.set_exception(error)
+
+    # -- fetching (event loop) ----------------------------------------------------------------------------
+    async def _follow_guarded(self) -> None:
+        try:
+            await self._follow()
+            item: Any = _END
+        except asyncio.CancelledError:
+            return
+        except SourceError as e:
+            item = e
+        except Exception as e:  # noqa: BLE001 - any failure ends this connection with a reason
+            item = SourceError(f"HLS: {type(e).__name__}: {e}")
+        await self._hand(item)
+
+    async def _hand(self, item: Any) -> None:
+        """Put an item on the hand-off queue without blocking the loop."""
+        while not self._stop.is_set():
+            try:
+                self._handoff.put_nowait(item)
+                self._waiting = False
+                return
+            except queue.Full:
+                self._waiting = True  # the decoder is behind: not a stall of the source
+                await asyncio.sleep(0.02)
+        self._waiting = False
+
+    async def _playlist(self, url: str) -> tuple[m3u8.M3U8, str]:
+        h = self.cfg.hls
+        data, final = await self._egress.fetch(url, max_bytes=h.max_playlist_bytes, timeout_s=self.cfg.open_timeout_s)
+        text = _text(data)
+        if not text.lstrip().startswith("#EXTM3U"):
+            raise SourceError(f"{redact_url(final)} is not an HLS playlist (no #EXTM3U)", code="invalid_playlist")
+        try:
+            pl = m3u8.loads(text, uri=final)
+        except Exception as e:  # noqa: BLE001 - m3u8 raises plain exceptions for bad lines
+            raise SourceError(f"cannot parse the playlist {redact_url(final)}: {e}", code="invalid_playlist") \
+                from None
+        if len(pl.segments) + len(pl.playlists) > h.max_playlist_entries:
+            raise SourceError(f"the playlist lists {len(pl.segments) + len(pl.playlists)} entries, over "
+                              f"hls.max_playlist_entries ({h.max_playlist_entries})", code="too_large")
+        return pl, final
+
+    async def _media_playlist(self) -> tuple[m3u8.M3U8, str]:
+        """Fetch the stream's playlist, following master -> variant; returns the media playlist and its URL."""
+        h = self.cfg.hls
+        url = self._state.get("media_url") or self.ref.url
+        seen: list[str] = []
+        while True:
+            if url in seen:
+                raise SourceError(f"the playlist {redact_url(url)} refers back to itself", permanent=True,
+                                  code="playlist_loop")
+            if len(seen) > h.max_nesting:
+                raise SourceError(f"playlists nest deeper than hls.max_nesting ({h.max_nesting})", permanent=True,
+                                  code="playlist_loop")
+            seen.append(url)
+            pl, final = await self._playlist(url)
+            if final != url and final in seen:
+                raise SourceError(f"the playlist {redact_url(url)} redirects back to itself", permanent=True,
+                                  code="playlist_loop")
+            if not pl.is_variant:
+                if url != self.ref.url:
+                    self._state["media_url"] = url  # reload the variant itself from now on
+                return pl, final
+            url = self._variant(pl)
+
+    def _variant(self, pl: m3u8.M3U8) -> str:
+        h = self.cfg.hls
+        options = [(p.stream_info.bandwidth or 0, p.absolute_uri) for p in pl.playlists if p.uri]
+        if not options:
+            raise SourceError("the master playlist lists no variant", code="invalid_playlist")
+        within = [o for o in options if h.max_bandwidth is None or o[0] <= h.max_bandwidth] or \
+            [min(options)]  # none fits the cap: the lowest
+        return (min(within) if h.variant == "lowest" else max(within))[1]
+
+    async def _follow(self) -> None:
+        h = self.cfg.hls
+        last_text = None
+        while not self._stop.is_set():
+            pl, final = await self._media_playlist()
+            if not pl.segments and pl.is_endlist:
+                raise SourceError("the playlist has no segments", permanent=True, code="invalid_playlist")
+            if pl.is_endlist and self.cfg.drop_policy is None:
+                self._out.set_policy(DropPolicy.WAIT)  # a recording: every frame, like a file
+            msn0 = int(pl.media_sequence or 0)
+            last = self._state.get("last_msn")
+            todo = list(enumerate(pl.segments))
+            if last is None:
+                if not pl.is_endlist and h.start == "live_edge":
+                    todo = todo[-h.live_edge_segments:]
+            else:
+                todo = [(i, s) for i, s in todo if msn0 + i > last]
+            for i, seg in todo:
+                msn = msn0 + i
+                gap = last is not None and msn > last + 1
+                data = await self._segment(seg, msn, final)
+                pdt = seg.current_program_date_time
+                await self._hand(_Segment(msn, data, bool(seg.discontinuity) or gap,
+                                          pdt.timestamp() if pdt is not None else None))
+                self._state["last_msn"] = last = msn
+                if self._stop.is_set():
+                    return
+            if pl.is_endlist:
+                return
+            target = float(pl.target_duration or 2)
+            text = pl.dumps()
+            wait = target if text != last_text else target / 2
+            last_text = text
+            await asyncio.sleep(max(0.1, wait))
+
+    async def _segment(self, seg: Any, msn: int, base: str) -> bytes:
+        h = self.cfg.hls
+        data, _ = await self._egress.fetch(seg.absolute_uri, max_bytes=h.max_segment_bytes,
+                                           timeout_s=h.segment_timeout_s)
+        init = seg.init_section
+        if init is not None and init.uri:
+            uri = init.absolute_uri
+            if uri not in self._maps:
+                self._maps.clear()
+                self._maps[uri], _ = await self._egress.fetch(uri, max_bytes=h.max_segment_bytes,
+                                                              timeout_s=h.segment_timeout_s)
+            data = self._maps[uri] + data if self._maps[uri] else data
+            if init.byterange:
+                raise SourceError("EXT-X-MAP byte ranges are not supported", permanent=True,
+                                  code="invalid_playlist")
+        key = seg.key
+        if key is not None and key.method and key.method.upper() != "NONE":
+            if key.method.upper() != "AES-128":
+                raise SourceError(f"HLS encryption {key.method} is not supported (AES-128 is)", permanent=True,
+                                  code="invalid_playlist")
+            data = await self._decrypt(data, key, msn)
+        if seg.byterange:
+            raise SourceError("EXT-X-BYTERANGE segments are not supported", permanent=True, code="invalid_playlist")
+        return data
+
+    async def _decrypt(self, data: bytes, key: Any, msn: int) -> bytes:
+        from cryptography.hazmat.primitives import padding
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        uri = key.absolute_uri
+        secret = self._keys.get(uri)
+        if secret is None:
+            secret, _ = await self._egress.fetch(uri, max_bytes=64, timeout_s=self.cfg.hls.segment_timeout_s)
+            if len(secret) != 16:
+                raise SourceError(f"the AES-128 key is {len(secret)} bytes, not 16", code="invalid_playlist")
+            self._keys[uri] = secret
+        if key.iv:
+            iv = bytes.fromhex(key.iv[2:] if key.iv.lower().startswith("0x") else key.iv).rjust(16, b"\0")
+        else:
+            iv = msn.to_bytes(16, "big")
+        if len(data) % 16:
+            raise SourceError("an AES-128 segment is not a multiple of 16 bytes", code="corrupt_input")
+        dec = Cipher(algorithms.AES(secret), modes.CBC(iv)).decryptor()
+        plain = dec.update(data) + dec.finalize()
+        unpad = padding.PKCS7(128).unpadder()
+        try:
+            return unpad.update(plain) + unpad.finalize()
+        except ValueError:
+            raise SourceError("an AES-128 segment does not decrypt (wrong key?)", code="corrupt_input") from None
+
+    # -- decoding (thread) --------------------------------------------------------------------------------
+    # MPEG-TS segments that arrive back to back are read as one stream by one long-lived demuxer and decoder (as
+    # FFmpeg's own HLS demuxer does): no per-segment probing, no decoder restart. A run of segments ends at a
+    # discontinuity, at the end, or when no new segment came for _FLUSH_IDLE_S (the live edge: what the decoder
+    # holds back goes out then). Other segments (fMP4 with their init section) get a demuxer each.
+    def _decode_loop(self) -> None:
+        error: SourceError | None = None
+        self._rgb = VideoReformatter()
+        self._marks: list[tuple[float, float | None]] = []  # (first pts of a segment, its program date time)
+        self._bad_run = 0  # undecodable segments in a row
+        self._tb = 1 / 90_000
+        feed = self._feed
+        try:
+            while not self._stop.is_set():
+                if not feed.begin():
+                    break
+                if feed.discontinuity:
+                    self.sampler.mark_discontinuity()
+                    self._marks.clear()
+                if not self._decode_run(feed):
+                    break
+            if isinstance(feed.final, SourceError):
+                error = feed.final
+            elif feed.final is _END and self.segments and not self.frames_decoded:
+                error = SourceError(f"corrupt input: none of the {self.segments} HLS segments is decodable video",
+                                    permanent=True, code="corrupt_input")
+        except SourceError as e:
+            error = e
+        except Exception as e:  # noqa: BLE001
+            error = SourceError(f"HLS decode: {type(e).__name__}: {e}")
+        self._out.call_threadsafe(self._end, error)
+
+    def _decode_run(self, feed: _Feed) -> bool:
+        """Demux and decode one run of segments from the feed. False when stopping."""
+        try:
+            if feed.ts:
+                container = av.open(feed, mode="r", format="mpegts", options=_OPEN_OPTIONS)
+            else:
+                container = av.open(feed.whole(), mode="r")
+        except av.error.FFmpegError as e:
+            feed.drain()
+            for seg in feed.settle_all():
+                log.warning("undecodable HLS segment skipped", stream=self.cfg.id, msn=seg.msn, error=str(e))
+                self._skipped(seg, "not a media segment")
+            return True
+        try:
+            if not container.streams.video:
+                raise SourceError("no video stream in the HLS segment", code="no_video")
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
+            ctx.thread_type = "AUTO"
+            if self.cfg.decode_threads:
+                ctx.thread_count = self.cfg.decode_threads
+            self._tb = float(stream.time_base or 1 / 90_000)
+            try:
+                for packet in container.demux(stream):
+                    if self._stop.is_set():
+                        return False
+                    if packet.size == 0:
+                        continue
+                    seg, first, done = feed.locate(packet.pos)
+                    for d in done:
+                        self._skipped(d, "no decodable packet") if not d.packets else self._decoded(d)
+                    if seg is not None:
+                        seg.packets += 1
+                        if first and packet.pts is not None:
+                            self._marks.append((packet.pts * self._tb, seg.pdt))
+                            del self._marks[:-8]
+                    try:
+                        frames = ctx.decode(packet)
+                    except av.error.InvalidDataError:
+                        continue  # a damaged packet: skipped, the decoder goes on
+                    if not self._emit(frames):
+                        return False
+            except av.error.InvalidDataError as e:  # a damaged segment: what decoded is kept, the rest skipped
+                log.warning("HLS segment partly undecodable", stream=self.cfg.id, error=str(e))
+                feed.drain()
+            self._progress_t = time.monotonic()
+            try:
+                if not self._emit(ctx.decode(None)):
+                    return False
+            except av.error.FFmpegError:
+                pass
+        finally:
+            container.close()
+        for d in feed.settle_all():
+            self._skipped(d, "no decodable packet") if not d.packets else self._decoded(d)
+        return True
+
+    def _decoded(self, seg: _Segment) -> None:
+        self._bad_run = 0
+
+    def _skipped(self, seg: _Segment, reason: str) -> None:
+        self._on_event("segment_skipped", {"media_sequence": seg.msn, "reason": reason})
+        self._bad_segment(seg)
+
+    def _bad_segment(self, seg: _Segment) -> None:
+        """One more undecodable segment: a feed of nothing but such segments is `corrupt_input`, not `live`."""
+        self._bad_run += 1
+        if self._bad_run >= _MAX_BAD_SEGMENTS:
+            raise SourceError(f"corrupt input: {self._bad_run} HLS segments in a row are not decodable video "
+                              f"(last: media sequence {seg.msn})", code="corrupt_input",
+                              permanent=not self._state.get("decoded"))  # never any video: retrying is no use
+
+    def _emit(self, frames: Any) -> bool:
+        for vf in frames:
+            if self._stop.is_set():
+                return False
+            self.frames_decoded += 1
+            self._state["decoded"] = True
+            self._progress_t = time.monotonic()
+            pts = (vf.pts or 0) * self._tb
+            decision = self.sampler.offer(pts)
+            if not decision.keep:
+                continue
+            seg_pts, pdt = next(((p, d) for p, d in reversed(self._marks) if p <= pts + 1e-6),
+                                self._marks[0] if self._marks else (pts, None))
+            if pdt is not None:
+                capture, source = pdt + (pts - seg_pts), "source"
+            else:
+                capture, source = time.time(), "receive"
+            frame = Frame(stream_id=self.cfg.id, seq=next(self._seq), pts_s=pts, capture_ts=capture,
+                          image=self._rgb.reformat(vf, format="rgb24").to_ndarray(),
+                          discontinuity=decision.discontinuity, capture_source=source)
+            self._waiting = True
+            queued = self._out.put_threadsafe(frame, self._stop)
+            self._waiting = False
+            if not queued:
+                return False
+        return True
+
+
+__all__ = ["HlsSource", "EgressError"]

@@ -1,0 +1,286 @@
+"""streamd's own HLS follower (streamd/sources/hls.py) against real HTTP servers on loopback: segments made by
+ffmpeg from a real clip, playlists written by the tests so that each case is exact. Egress cases serve the
+playlist from 127.0.0.2 (allowed by the policy) and count requests on a canary on 127.0.0.3 (refused)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+
+import av
+import pytest
+
+from streamd.config import StreamConfig
+from streamd.testing_egress import Canary, connect_guard, redirect
+from conftest import events, make_config, results, running, states, until
+
+ALLOWED = "127.0.0.2"
+CANARY = "127.0.0.3"
+
+
+@pytest.fixture(scope="module")
+def segs(clip, tmp_path_factory) -> dict:
+    """The clip as 1 s MPEG-TS segments (keyframe every 15 frames), their frame counts and durations."""
+    out = tmp_path_factory.mktemp("hlsvod")
+    subprocess.run([shutil.which("ffmpeg") or "ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(clip), "-an",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-g", "15", "-f", "hls", "-hls_time", "1",
+                    "-hls_list_size", "0", "-hls_playlist_type", "vod", "-hls_segment_filename",
+                    str(out / "s%d.ts"), str(out / "ffmpeg.m3u8")], check=True)
+    names = sorted((p.name for p in out.glob("s*.ts")), key=lambda n: int(n[1:-3]))
+    frames = {}
+    for n in names:
+        with av.open(str(out / n)) as c:
+            frames[n] = sum(1 for _ in c.decode(video=0))
+    return {"dir": out, "names": names, "frames": frames, "bytes": {n: (out / n).read_bytes() for n in names}}
+
+
+def playlist(entries: list[str], *, endlist: bool = False, seq: int = 0, extra: str = "") -> bytes:
+    lines = ["#EXTM3U", "#EXT-X-VERSION:3", "#EXT-X-TARGETDURATION:2", f"#EXT-X-MEDIA-SEQUENCE:{seq}"]
+    if extra:
+        lines.append(extra)
+    for e in entries:
+        lines += ([e] if e.startswith("#") else ["#EXTINF:1.0,", e])
+    if endlist:
+        lines.append("#EXT-X-ENDLIST")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def m3u(body: bytes) -> tuple[int, dict, bytes]:
+    return (200, {"Content-Type": "application/vnd.apple.mpegurl"}, body)
+
+
+def ts(data: bytes) -> tuple[int, dict, bytes]:
+    return (200, {"Content-Type": "video/mp2t"}, data)
+
+
+def seg_routes(segs: dict) -> dict:
+    return {f"/{n}": ts(segs["bytes"][n]) for n in segs["names"]}
+
+
+def stream(sid: str, url: str, **kw) -> StreamConfig:
+    return StreamConfig.model_validate({"id": sid, "url": url, "pipeline": "frame_info", "fps": None,
+                                        "reconnect": {"initial_s": 0.2, "max_s": 0.5, "max_attempts": None}, **kw})
+
+
+def egress_cfg(redis_url: str):
+    return make_config(redis_url, [], egress={"allow": [f"{ALLOWED}/32"]})
+
+
+async def _reason_code(r, sid: str, code: str) -> bool:
+    return any(e.get("reason_code") == code for e in await events(r, sid, "state"))
+
+
+async def test_vod_playlist_plays_every_frame_once_then_stops(r, redis_server, segs):
+    total = sum(segs["frames"].values())
+    with Canary(ALLOWED, {"/vod.m3u8": m3u(playlist(segs["names"], endlist=True)), **seg_routes(segs)}) as origin:
+        cfg = make_config(redis_server.url, [{"id": "vod", "url": origin.url("/vod.m3u8"), "fps": None}])
+        async with running(cfg) as d:
+            await until(lambda: d.runners["vod"].state.value == "stopped", 30, what="the recording's end")
+            await asyncio.sleep(1.5)  # a replay would publish more
+            assert origin.hits("/vod.m3u8") == 1
+    recs = await results(r, "vod")
+    pts = [x["pts_s"] for x in recs]
+    assert len(pts) == total and len(set(pts)) == total
+    last = (await events(r, "vod", "state"))[-1]
+    assert last["to"] == "stopped" and last["reason_code"] == "ended"
+    assert all(x["capture_ts_source"] == "receive" for x in recs)
+
+
+async def test_frozen_live_playlist_goes_stalled_and_republishes_nothing(r, redis_server, segs):
+    names = segs["names"][:3]
+    with Canary(ALLOWED, {"/live.m3u8": m3u(playlist(names)), **seg_routes(segs)}) as origin:
+        cfg = make_config(redis_server.url, [{"id": "frozen", "url": origin.url("/live.m3u8"), "fps": None,
+                                              "stall_timeout_s": 2, "hls": {"start": "first"}, "drop_policy": "wait",
+                                              "reconnect": {"initial_s": 0.2, "max_s": 0.5, "max_attempts": None}}])
+        async with running(cfg) as d:
+            runner = d.runners["frozen"]
+            await until(lambda: runner.frames >= sum(segs["frames"][n] for n in names), 20, what="3 segments")
+            t_last = time.time()
+
+            async def stalled_at():
+                return next((e["ts"] for e in await events(r, "frozen", "state") if e["to"] == "stalled"), None)
+
+            t_stalled = await until(stalled_at, 10, what="stalled")
+            assert t_stalled - t_last <= 2 + 1.5
+            await asyncio.sleep(4)  # reconnects follow; none may republish a segment
+    recs = await results(r, "frozen")
+    pts = [x["pts_s"] for x in recs]
+    assert len(pts) == len(set(pts)) == sum(segs["frames"][n] for n in names)
+    assert states(await events(r, "frozen")).count("stalled") >= 1
+
+
+async def test_growing_playlist_with_a_server_restart_decodes_no_segment_twice(r, redis_server, segs):
+    listed = segs["names"][:2]
+    routes = {"/live.m3u8": lambda: m3u(playlist(listed)), **seg_routes(segs)}
+    origin = Canary(ALLOWED, routes).start()
+    try:
+        cfg = make_config(redis_server.url, [{"id": "grow", "url": origin.url("/live.m3u8"), "fps": None,
+                                              "stall_timeout_s": 3, "open_timeout_s": 2,
+                                              "hls": {"start": "first"}, "drop_policy": "wait",
+                                              "reconnect": {"initial_s": 0.2, "max_s": 0.5, "max_attempts": None}}])
+        async with running(cfg) as d:
+            runner = d.runners["grow"]
+            await until(lambda: runner.frames >= sum(segs["frames"][n] for n in listed), 20, what="2 segments")
+            origin.stop()
+            await until(lambda: runner.state.value in ("backoff", "connecting", "stalled"), 15, what="the outage")
+            listed.extend(segs["names"][2:4])
+            origin.start()
+            want = sum(segs["frames"][n] for n in segs["names"][:4])
+            await until(lambda: runner.frames >= want, 30, what="the new segments after the restart")
+            await asyncio.sleep(2.5)
+    finally:
+        origin.stop()
+    pts = [x["pts_s"] for x in await results(r, "grow")]
+    assert len(pts) == len(set(pts)) == sum(segs["frames"][n] for n in segs["names"][:4])
+    assert sorted(pts) == pts
+
+
+async def test_discontinuity_and_program_date_time(r, redis_server, segs):
+    n = segs["names"]
+    entries = ["#EXT-X-PROGRAM-DATE-TIME:2026-01-01T00:00:00.000Z", n[0], n[1], "#EXT-X-DISCONTINUITY",
+               "#EXT-X-PROGRAM-DATE-TIME:2026-01-01T01:00:00.000Z", n[2]]
+    with Canary(ALLOWED, {"/pdt.m3u8": m3u(playlist(entries, endlist=True)), **seg_routes(segs)}) as origin:
+        cfg = make_config(redis_server.url, [{"id": "pdt", "url": origin.url("/pdt.m3u8"), "fps": None}])
+        async with running(cfg) as d:
+            await until(lambda: d.runners["pdt"].state.value == "stopped", 30, what="the end")
+    recs = await results(r, "pdt")
+    assert all(x["capture_ts_source"] == "source" for x in recs)
+    t0 = 1767225600.0  # 2026-01-01T00:00:00Z
+    first = recs[0]
+    assert abs(first["capture_ts"] - t0) < 0.01
+    second = recs[segs["frames"][n[0]]]  # first frame of segment 1: 1 s of media later
+    assert abs(second["capture_ts"] - (t0 + (second["pts_s"] - first["pts_s"]))) < 0.01
+    k = segs["frames"][n[0]] + segs["frames"][n[1]]
+    assert [i for i, x in enumerate(recs) if x["discontinuity"]] == [k]
+    assert abs(recs[k]["capture_ts"] - (t0 + 3600)) < 0.01
+
+
+async def _refused(r, d, sid: str, url: str) -> None:
+    d.add_stream(stream(sid, url), "api")
+    await until(lambda: _reason_code(r, sid, "egress_refused"), 15, what=f"{sid}: egress_refused")
+    await d.remove_stream(sid)
+
+
+@pytest.mark.parametrize("case", ["segment", "key", "map", "variant", "redirect", "metadata", "cgnat"])
+async def test_playlist_lines_and_redirects_cannot_bypass_the_policy(r, redis_server, segs, case):
+    n0 = segs["names"][0]
+    with Canary(CANARY, {"/secret.ts": ts(segs["bytes"][n0]), "/key": (200, {}, b"k" * 16),
+                         "/init.mp4": (200, {}, b"x"), "/v.m3u8": m3u(playlist([n0]))}) as canary:
+        bodies = {
+            "segment": playlist([canary.url("/secret.ts")], endlist=True),
+            "key": playlist([f'#EXT-X-KEY:METHOD=AES-128,URI="{canary.url("/key")}"', n0], endlist=True),
+            "map": playlist([f'#EXT-X-MAP:URI="{canary.url("/init.mp4")}"', n0], endlist=True),
+            "variant": f"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=100000\n{canary.url('/v.m3u8')}\n".encode(),
+            "metadata": playlist(["http://169.254.169.254/latest/meta-data/s.ts"], endlist=True),
+            "cgnat": playlist(["http://100.100.100.200/latest/meta-data/s.ts"], endlist=True),
+        }
+        routes = {"/p.m3u8": (redirect(canary.url("/v.m3u8")) if case == "redirect" else m3u(bodies[case])),
+                  **seg_routes(segs)}
+        with Canary(ALLOWED, routes) as origin, connect_guard() as guard:
+            async with running(egress_cfg(redis_server.url)) as d:
+                await _refused(r, d, f"bypass-{case}", origin.url("/p.m3u8"))
+            assert origin.hits("/p.m3u8") >= 1
+        assert canary.connections == 0 and canary.hits() == 0
+        assert guard.outside == []  # refused before any connection outside loopback was attempted
+
+
+async def test_config_stream_keeps_its_own_host_but_not_others(r, redis_server, segs):
+    n0 = segs["names"][0]
+    with Canary(CANARY, {"/secret.ts": ts(segs["bytes"][n0])}) as canary, \
+            Canary(ALLOWED, {"/own.m3u8": m3u(playlist([n0], endlist=True)),
+                             "/other.m3u8": m3u(playlist([canary.url("/secret.ts")], endlist=True)),
+                             **seg_routes(segs)}) as origin:
+        cfg = make_config(redis_server.url, [{"id": "own", "url": origin.url("/own.m3u8"), "fps": None},
+                                             {"id": "other", "url": origin.url("/other.m3u8"), "fps": None,
+                                              "reconnect": {"initial_s": 0.2, "max_attempts": 1}}])
+        async with running(cfg) as d:
+            await until(lambda: d.runners["own"].state.value == "stopped", 20, what="own host played")
+            await until(lambda: _reason_code(r, "other", "egress_refused"), 15, what="other host refused")
+        assert canary.connections == 0
+    assert len(await results(r, "own")) == segs["frames"][n0]
+
+
+async def test_self_referencing_master_playlist_fails_fast(r, redis_server):
+    origin = Canary(ALLOWED)
+    origin.routes["/loop.m3u8"] = m3u(f"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\n{origin.url('/loop.m3u8')}\n"
+                                      .encode())
+    origin.routes["/a.m3u8"] = m3u(b"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nb.m3u8\n")
+    origin.routes["/b.m3u8"] = m3u(b"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\na.m3u8\n")
+    with origin:
+        async with running(egress_cfg(redis_server.url)) as d:
+            t0 = time.monotonic()
+            for sid, path in (("loop", "/loop.m3u8"), ("pingpong", "/a.m3u8")):
+                d.add_stream(stream(sid, origin.url(path)), "api")
+                await until(lambda: d.runners[sid].state.value == "failed", 5, what=f"{sid} failed")
+                assert d.runners[sid].reason_code == "playlist_loop"
+            assert time.monotonic() - t0 < 6
+    assert origin.hits() < 10
+
+
+async def test_oversize_playlist_is_refused(r, redis_server):
+    big = playlist([f"s{i}.ts" for i in range(20)], endlist=True) + b"#" * 4096
+    with Canary(ALLOWED, {"/big.m3u8": m3u(big)}) as origin:
+        cfg = make_config(redis_server.url, [{"id": "big", "url": origin.url("/big.m3u8"),
+                                              "hls": {"max_playlist_bytes": 1024},
+                                              "reconnect": {"initial_s": 0.1, "max_attempts": 1}}])
+        async with running(cfg):
+            await until(lambda: _reason_code(r, "big", "too_large"), 10, what="too_large")
+
+
+async def test_aes128_segments_are_decrypted(r, redis_server, segs):
+    from cryptography.hazmat.primitives import padding
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key, n = os.urandom(16), segs["names"][:2]
+    routes = {"/key.bin": (200, {}, key)}
+    for i, name in enumerate(n):  # no IV in the tag: the media sequence number is the IV
+        p = padding.PKCS7(128).padder()
+        enc = Cipher(algorithms.AES(key), modes.CBC((i + 7).to_bytes(16, "big"))).encryptor()
+        routes[f"/e{i}.ts"] = ts(enc.update(p.update(segs["bytes"][name]) + p.finalize()) + enc.finalize())
+    with Canary(ALLOWED, routes) as origin:
+        origin.routes["/enc.m3u8"] = m3u(playlist(['#EXT-X-KEY:METHOD=AES-128,URI="key.bin"', "e0.ts", "e1.ts"],
+                                                  endlist=True, seq=7))
+        cfg = make_config(redis_server.url, [{"id": "aes", "url": origin.url("/enc.m3u8"), "fps": None}])
+        async with running(cfg) as d:
+            await until(lambda: d.runners["aes"].state.value == "stopped", 20, what="the end")
+        assert origin.hits("/key.bin") == 1
+    assert len(await results(r, "aes")) == sum(segs["frames"][x] for x in n)
+
+
+@pytest.mark.parametrize("variant", ["lowest", "highest"])
+async def test_master_playlist_picks_a_variant(r, redis_server, segs, variant):
+    n0 = segs["names"][0]
+    master = b"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=800000\nhi.m3u8\n#EXT-X-STREAM-INF:BANDWIDTH=200000\nlo.m3u8\n"
+    with Canary(ALLOWED, {"/master.m3u8": m3u(master), "/hi.m3u8": m3u(playlist([n0], endlist=True)),
+                          "/lo.m3u8": m3u(playlist([n0], endlist=True)), **seg_routes(segs)}) as origin:
+        cfg = make_config(redis_server.url, [{"id": "m", "url": origin.url("/master.m3u8"), "fps": None,
+                                              "hls": {"variant": variant}}])
+        async with running(cfg) as d:
+            await until(lambda: d.runners["m"].state.value == "stopped", 20, what="the end")
+        picked, other = ("/lo.m3u8", "/hi.m3u8") if variant == "lowest" else ("/hi.m3u8", "/lo.m3u8")
+        assert origin.hits(picked) == 1 and origin.hits(other) == 0
+
+
+async def test_fmp4_segments_with_an_init_section_play_every_frame_once(r, redis_server, clip, tmp_path):
+    """fMP4 (CMAF) segments: each is decoded with its EXT-X-MAP init section (not as part of an MPEG-TS run)."""
+    out = tmp_path / "fmp4"
+    out.mkdir()
+    subprocess.run([shutil.which("ffmpeg") or "ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(clip), "-an",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-g", "15", "-f", "hls", "-hls_time", "1",
+                    "-hls_list_size", "0", "-hls_playlist_type", "vod", "-hls_segment_type", "fmp4",
+                    "-hls_fmp4_init_filename", "init.mp4", str(out / "index.m3u8")], check=True)
+    text = (out / "index.m3u8").read_text()
+    assert "#EXT-X-MAP" in text
+    with av.open(str(clip)) as c:
+        total = sum(1 for _ in c.decode(video=0))
+    routes = {f"/{p.name}": (200, {}, p.read_bytes()) for p in out.iterdir()}
+    with Canary(ALLOWED, routes) as origin:
+        cfg = make_config(redis_server.url, [{"id": "cmaf", "url": origin.url("/index.m3u8"), "fps": None}])
+        async with running(cfg) as d:
+            await until(lambda: d.runners["cmaf"].state.value == "stopped", 30, what="the recording's end")
+            assert origin.hits("/init.mp4") == 1  # the init section is fetched once, not per segment
+    pts = [x["pts_s"] for x in await results(r, "cmaf")]
+    assert len(pts) == total and len(set(pts)) == total
