@@ -136,7 +136,10 @@ class RedisInputConfig(Strict):
     max_deliveries: int = Field(3, ge=1, description="deliveries before an entry goes to the dead-letter stream")
     claim_idle_ms: int = Field(30_000, ge=1, description="pending entries idle this long are claimed and retried")
     read_count: int = Field(16, ge=1, description="entries read per XREADGROUP")
-    block_ms: int = Field(1000, ge=1, description="how long one XREADGROUP blocks")
+    block_ms: int = Field(1000, ge=1, le=5000, description="how long one XREADGROUP blocks (below the Redis "
+                          "connection's socket timeout)")
+    max_pixels: int = Field(3840 * 2160, ge=1, le=1 << 30, description="largest frame (width x height) an entry may "
+                            "carry, checked from the image header or `shape` before decoding (default: a 4K frame)")
     start_id: str = Field("0", pattern=r"^(\$|0|\d+(-\d+)?)$",
                           description="where a new consumer group starts: 0 = whole stream, $ = new entries, "
                                       "or an entry id")

@@ -432,7 +432,7 @@ class Daemon:
     def stream_info(self, sid: str) -> dict[str, Any]:
         r = self.runners[sid]
         return {"id": sid, "url": r.url_redacted, "pipeline": r.cfg.pipeline, "state": r.state.value,
-                "reason": r.reason, "reason_code": r.reason_code, "last_error": r.last_error, "fps": r.cfg.fps, "fps_in": round(r.fps_in, 2), "fps_out": round(r.fps_out, 2),
+                "reason": r.reason, "reason_code": r.reason_code, "last_error": r.last_error, "fps": r.fps, "fps_in": round(r.fps_in, 2), "fps_out": round(r.fps_out, 2),
                 "frames_sampled": r.frames, "frames_decoded": r.decoded, "dropped": r.drops.total,
                 "queue_depth": len(r.queue), "last_frame_ts": r.last_frame_ts,
                 "results": self.sink.results_by_stream.get(sid, 0) if self.sink is not None else 0,

@@ -138,6 +138,7 @@ class StreamRunner:
         fps = cfg.fps
         if self.ref is not None and self.ref.kind == "redis" and "fps" not in cfg.model_fields_set:
             fps = None  # Redis input: every entry gets a result unless an fps is asked for
+        self.fps = fps  # the sampling rate in effect (None: every frame)
         self.sampler = FpsSampler(fps)
         policy = cfg.drop_policy
         if policy is None:
@@ -165,6 +166,8 @@ class StreamRunner:
         return redact_url(self.cfg.url)
 
     def event(self, kind: str, fields: dict[str, Any]) -> None:
+        if kind == "dead_letter":  # counted here whoever dead-lettered it (the source's decoder or a stage)
+            self.metrics.dead_letters.labels(self.cfg.id).inc()
         self._emit(self.cfg.id, kind, fields)
 
     def _set_state(self, state: State, reason: str | None = None, code: str | None = None) -> None:
@@ -367,5 +370,4 @@ class StreamRunner:
         if src is None:
             self.inflight.discard(ref.entry_id)
             return
-        if await src.fail(ref, reason):
-            self.metrics.dead_letters.labels(self.cfg.id).inc()
+        await src.fail(ref, reason)

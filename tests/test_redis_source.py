@@ -47,8 +47,41 @@ async def _zero(r, key):
     return await pending(r, key) == 0
 
 
-POISON = {  # an entry streamd cannot use: (fields, what the dead letter's reason says)
-    "image": ({"image": b"not an image at all", "ts": "1"}, b"cannot decode image"),
+def _bomb_png() -> bytes:
+    """A small PNG (~70 KB) that decodes to 5000x5000 pixels (75 MB of RGB): under PIL's own bomb limit."""
+    import zlib
+
+    w = h = 5000
+    row = b"\0" * (1 + w * 3)  # filter byte + black pixels
+    z = zlib.compressobj(9)
+    body = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", w.to_bytes(4, "big") + h.to_bytes(4, "big") + b"\x08\x02\0\0\0") \
+        + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+POISON = {  # an entry streamd cannot use: (fields, the dead letter's whole reason: stable, no addresses)
+    "image": ({"image": b"not an image at all", "ts": "1"},
+              b"cannot decode image: not a JPEG, PNG, WEBP, BMP or TIFF image"),
+    "truncated": ({"image": encode_jpeg(np.zeros((32, 32, 3), np.uint8))[:200]},
+                  b"cannot decode image: truncated or corrupt image data"),
+    "bomb": ({"image": _bomb_png()}, b"image is 5000x5000, over redis_input.max_pixels (8294400)"),
+    "raw-too-big": ({"image": b"\0" * 12, "shape": "5000,5000,3"},
+                    b"image is 5000x5000, over redis_input.max_pixels (8294400)"),
+    "raw-negative": ({"image": b"\0" * 12, "shape": "-1,2,3"}, b"shape has a dimension that is not positive"),
+    "raw-size": ({"image": b"\0" * 11, "shape": "2,2,3"}, b"raw image size does not match shape and dtype"),
+    "dtype-text": ({"image": b"\0" * 48, "shape": "2,2,3", "dtype": "U1"},
+                   b"dtype must be a plain numeric type (bool, int, uint or float)"),
+    "dtype-void": ({"image": b"\0" * 12, "shape": "2,2,3", "dtype": "V1"},
+                   b"dtype must be a plain numeric type (bool, int, uint or float)"),
+    "dtype-date": ({"image": b"\0" * 96, "shape": "2,2,3", "dtype": "M8[s]"},
+                   b"dtype must be a plain numeric type (bool, int, uint or float)"),
+    "dtype-struct": ({"image": b"\0" * 24, "shape": "2,2,3", "dtype": "u1,u1"},
+                     b"dtype must be a plain numeric type (bool, int, uint or float)"),
+    "dtype-junk": ({"image": b"\0" * 12, "shape": "2,2,3", "dtype": "no such type"}, b"dtype is not a numpy dtype"),
     "ts-nan": ({"ts": "nan"}, b"ts is not a finite number"),  # NaN would reach every JSON consumer
     "ts-inf": ({"ts": "1e999"}, b"ts is not a finite number"),
     "pts-inf": ({"pts": "-Infinity"}, b"pts is not a finite number"),
@@ -66,16 +99,22 @@ async def test_poison_entry_goes_to_dead_letters_after_max_deliveries(r, redis_s
     good += await push_frames(r, "frames:p", images(1), "jpeg")
     cfg = make_config(redis_server.url, [{"id": "p", "url": "redis:frames:p",
                                          "redis_input": {"max_deliveries": 3, "claim_idle_ms": 200}}])
-    async with running(cfg):
+    async with running(cfg) as d:
         dead = await until(lambda: r.xrange(keys.dead_letter_key("frames:p")), 20, what="a dead letter")
         await until(lambda: _zero(r, "frames:p"), 10, what="all acknowledged")
+        later = await push_frames(r, "frames:p", images(1), "jpeg")  # the stream goes on after it
+        await until(lambda: _n(r, "p", 4), 20, what="a result after the dead letter")
         recs = await results(r, "p")
         evs = await events(r, "p", "dead_letter")
-    assert [x["input"]["entry_id"] for x in recs] == good  # no result for the poison entry
+        state = d.runners["p"].state.value
+        counted = d.metrics.registry.get_sample_value("streamd_dead_letters_total", {"stream": "p"})
+    assert state == "live"
+    assert [x["input"]["entry_id"] for x in recs] == good + later  # no result for the poison entry
     (_, fields), = dead
     assert fields[b"dead.entry_id"].decode() == bad
     assert int(fields[b"dead.deliveries"]) == 3
-    assert reason in fields[b"dead.reason"], fields[b"dead.reason"]
+    assert fields[b"dead.reason"] == reason
+    assert counted == 1
     assert fields[b"image"] == dict(POISON[case][0]).get("image", fields[b"image"])  # the original entry is kept
     assert evs and evs[0]["entry_id"] == bad
 
@@ -93,3 +132,46 @@ async def test_consumer_restart_rereads_its_own_pending_entries(r, redis_server)
         await until(lambda: _zero(r, "frames:c"), 10, what="all acknowledged")
     assert [x["input"]["entry_id"] for x in recs] == ids
     assert all(x["input"]["deliveries"] >= 2 for x in recs)
+
+
+async def test_restart_pages_through_all_its_own_pending_entries(r, redis_server):
+    """40 entries delivered to this consumer before a crash, read 2 at a time: the first pages are still in the
+    pipeline when the next is read, and every page is still taken at once (not after claim_idle_ms)."""
+    await r.xgroup_create("frames:pg", "streamd", id="0", mkstream=True)
+    ids = await push_frames(r, "frames:pg", images(40), "jpeg")
+    await r.xreadgroup("streamd", "worker-1", {"frames:pg": ">"}, count=100)
+    cfg = make_config(redis_server.url, [{"id": "pg", "url": "redis:frames:pg",
+                                          "redis_input": {"read_count": 2, "claim_idle_ms": 120_000}}],
+                      redis={"url": redis_server.url, "consumer": "worker-1"})
+    async with running(cfg):
+        recs = await until(lambda: _n(r, "pg", 40), 30, what="40 results well before claim_idle_ms")
+        await until(lambda: _zero(r, "frames:pg"), 10, what="all acknowledged")
+    assert sorted(x["input"]["entry_id"] for x in recs) == ids
+    assert len(recs) == 40
+
+
+async def test_a_dead_consumers_entries_are_claimed_all_at_once(r, redis_server):
+    """64 entries left pending by a dead consumer: claimed in one sweep once idle, not read_count per
+    claim_idle_ms / 2 (which took 32 rounds: 16 s here)."""
+    await r.xgroup_create("frames:dc", "streamd", id="0", mkstream=True)
+    ids = await push_frames(r, "frames:dc", images(64), "jpeg")
+    await r.xreadgroup("streamd", "dead-worker", {"frames:dc": ">"}, count=100)
+    cfg = make_config(redis_server.url, [{"id": "dc", "url": "redis:frames:dc",
+                                          "redis_input": {"read_count": 2, "claim_idle_ms": 1000}}])
+    async with running(cfg) as d:
+        recs = await until(lambda: _n(r, "dc", 64), 8, what="64 claimed results")
+        info = d.stream_info("dc")
+    assert sorted(x["input"]["entry_id"] for x in recs) == ids
+    assert info["fps"] is None  # every entry gets a result: the effective rate, not the 2.0 default
+
+
+def test_block_ms_stays_below_the_socket_timeout():
+    """A block as long as the connection's socket timeout (10 s) made the stream flap every 10 s."""
+    from pydantic import ValidationError
+
+    from streamd.config import StreamConfig
+
+    with pytest.raises(ValidationError, match="block_ms"):
+        StreamConfig.model_validate({"id": "b", "url": "redis:frames:b", "redis_input": {"block_ms": 10_000}})
+    assert StreamConfig.model_validate({"id": "b", "url": "redis:frames:b",
+                                        "redis_input": {"block_ms": 5000}}).redis_input.block_ms == 5000

@@ -19,7 +19,8 @@ class StreamInfo(BaseModel):
     reason_code: str | None = Field(..., description="the failure class of `reason` (timeout, egress_refused, "
                                     "http_status, not_media, playlist_loop, too_large, ended ...)")
     last_error: str | None = Field(..., description="the last error, kept after the stream recovered")
-    fps: float | None = Field(..., description="configured sampling rate (null = every frame)")
+    fps: float | None = Field(..., description="sampling rate in effect (null = every frame: the default for "
+                                               "Redis inputs)")
     fps_in: float = Field(..., ge=0, description="frames decoded per second (over the last second)")
     fps_out: float = Field(..., ge=0, description="results published per second (over the last second)")
     frames_sampled: int = Field(..., ge=0, description="sampled frames queued for the pipeline")

@@ -38,42 +38,97 @@ def default_consumer_name() -> str:
 
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+DEFAULT_MAX_PIXELS = 3840 * 2160
 
 
-def decode_image(fields: dict[bytes, bytes], image_field: str) -> np.ndarray:
-    """Decode an entry's image into HxWx3 uint8 RGB. Raises FrameDecodeError with the reason."""
-    data = fields.get(image_field.encode())
-    if not data:
-        raise FrameDecodeError(f"missing field {image_field!r}")
-    shape_raw = fields.get(b"shape")
-    if shape_raw is not None:
-        try:
-            shape = tuple(int(x) for x in shape_raw.decode().replace("x", ",").split(",") if x.strip())
-            dtype = np.dtype(fields.get(b"dtype", b"uint8").decode())
-            arr = np.frombuffer(data, dtype=dtype).reshape(shape)
-        except (ValueError, TypeError, UnicodeDecodeError) as e:
-            raise FrameDecodeError(f"raw image does not match shape/dtype: {e}") from None
-        if arr.ndim == 2:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-            raise FrameDecodeError(f"unsupported raw image shape {shape}")
-        if arr.shape[2] == 1:
-            arr = np.repeat(arr, 3, axis=2)
-        arr = arr[:, :, :3]
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
-        if fields.get(b"color", b"rgb").lower() == b"bgr":
-            arr = arr[:, :, ::-1]
-        return np.ascontiguousarray(arr)
+def _shape(raw: bytes) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(x) for x in raw.decode("ascii").replace("x", ",").split(",") if x.strip())
+    except (ValueError, UnicodeDecodeError):
+        raise FrameDecodeError("shape is not a list of integers (H,W[,C])") from None
+    if len(dims) not in (2, 3):
+        raise FrameDecodeError("shape must be H,W or H,W,C")
+    if any(d <= 0 for d in dims):
+        raise FrameDecodeError("shape has a dimension that is not positive")
+    if len(dims) == 3 and dims[2] not in (1, 3, 4):
+        raise FrameDecodeError("shape's channel count must be 1, 3 or 4")
+    return dims
+
+
+def _dtype(raw: bytes) -> np.dtype:
+    try:
+        dtype = np.dtype(raw.decode("ascii"))
+    except (TypeError, ValueError, UnicodeDecodeError, SyntaxError):
+        raise FrameDecodeError("dtype is not a numpy dtype") from None
+    if dtype.kind not in "buif" or dtype.fields is not None or dtype.subdtype is not None:  # no text, void, dates
+        raise FrameDecodeError("dtype must be a plain numeric type (bool, int, uint or float)")
+    return dtype
+
+
+def _over_budget(h: int, w: int, max_pixels: int) -> FrameDecodeError | None:
+    if h * w > max_pixels:
+        return FrameDecodeError(f"image is {w}x{h}, over redis_input.max_pixels ({max_pixels})")
+    return None
+
+
+def _raw(data: bytes, fields: dict[bytes, bytes], shape_raw: bytes, max_pixels: int) -> np.ndarray:
+    shape = _shape(shape_raw)
+    dtype = _dtype(fields.get(b"dtype", b"uint8"))
+    too_big = _over_budget(shape[0], shape[1], max_pixels)
+    if too_big:
+        raise too_big
+    if len(data) != int(np.prod(shape)) * dtype.itemsize:
+        raise FrameDecodeError("raw image size does not match shape and dtype")
+    arr = np.frombuffer(data, dtype=dtype).reshape(shape)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    arr = arr[:, :, :3]
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.nan_to_num(arr.astype(np.float64)), 0, 255).astype(np.uint8)
+    if fields.get(b"color", b"rgb").lower() == b"bgr":
+        arr = arr[:, :, ::-1]
+    return np.ascontiguousarray(arr)
+
+
+def _encoded(data: bytes, max_pixels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+            w, h = im.size  # from the header: nothing decoded yet
+            too_big = _over_budget(h, w, max_pixels)
+            if too_big:
+                raise too_big
             return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise FrameDecodeError(f"cannot decode image: {e}") from None
+    except FrameDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise FrameDecodeError("cannot decode image: not a JPEG, PNG, WEBP, BMP or TIFF image") from None
+    except Image.DecompressionBombError:
+        raise FrameDecodeError("cannot decode image: over PIL's decompression-bomb limit") from None
+    except (OSError, ValueError, SyntaxError, EOFError):
+        raise FrameDecodeError("cannot decode image: truncated or corrupt image data") from None
+
+
+def decode_image(fields: dict[bytes, bytes], image_field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an entry's image into HxWx3 uint8 RGB, within `max_pixels`. Raises FrameDecodeError with a stable
+    reason (no addresses, no values from the entry: dead letters can be grouped by it), whatever goes wrong."""
+    data = fields.get(image_field.encode())
+    if not data:
+        raise FrameDecodeError(f"missing field {image_field!r}")
+    shape_raw = fields.get(b"shape")
+    try:
+        if shape_raw is not None:
+            return _raw(data, fields, shape_raw, max_pixels)
+        return _encoded(data, max_pixels)
+    except FrameDecodeError:
+        raise
+    except MemoryError:
+        raise FrameDecodeError("cannot decode image: out of memory") from None
     except Exception as e:  # noqa: BLE001 - a decoder bug must not take the stream down
-        raise FrameDecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
+        raise FrameDecodeError(f"cannot decode image: {type(e).__name__}") from None
 
 
 def _float(fields: dict[bytes, bytes], name: bytes) -> float | None:
@@ -83,9 +138,9 @@ def _float(fields: dict[bytes, bytes], name: bytes) -> float | None:
     try:
         v = float(raw)
     except ValueError:
-        raise FrameDecodeError(f"{name.decode()} is not a number: {raw[:40]!r}") from None
+        raise FrameDecodeError(f"{name.decode()} is not a number") from None
     if not math.isfinite(v):  # NaN / inf would reach every JSON consumer of the results
-        raise FrameDecodeError(f"{name.decode()} is not a finite number: {raw[:40]!r}")
+        raise FrameDecodeError(f"{name.decode()} is not a finite number")
     return v
 
 
@@ -114,6 +169,7 @@ class RedisFrameSource:
         self._backlog_done = False
         self._last_claim = 0.0
         self._claim_cursor = "0-0"
+        self._backlog_cursor: bytes | str = "0"
         self._group_ready = False
         self.created_group = False  # this source made the consumer group (removed with an API stream)
         self._closed = False
@@ -152,22 +208,30 @@ class RedisFrameSource:
 
     async def _fill(self) -> None:
         await self._ensure_group()
-        if not self._backlog_done:  # our own pending entries first (a restart)
-            resp = await self.r.xreadgroup(self.icfg.group, self.consumer, {self.key: "0"}, count=self.icfg.read_count)
-            entries = [(i, f) for i, f in (resp[0][1] if resp else []) if f]  # deleted entries have no fields
-            entries = [(i, f) for i, f in entries if i.decode() not in self._inflight]
-            if not entries:
+        if not self._backlog_done:  # our own pending entries first (a restart), paged through to the end
+            resp = await self.r.xreadgroup(self.icfg.group, self.consumer, {self.key: self._backlog_cursor},
+                                           count=self.icfg.read_count)
+            page = resp[0][1] if resp else []
+            if not page:
                 self._backlog_done = True
             else:
-                self._pending.extend(await self._with_counts(entries))
+                self._backlog_cursor = page[-1][0]
+                # deleted entries have no fields; entries still in the pipeline are settled by it
+                entries = [(i, f) for i, f in page if f and i.decode() not in self._inflight]
+                if entries:
+                    self._pending.extend(await self._with_counts(entries))
                 return
         now = time.monotonic()
-        if now - self._last_claim >= self.icfg.claim_idle_ms / 2000:
-            self._last_claim = now
+        # idle entries of other (dead) consumers: every page at once, then again after claim_idle_ms / 2
+        if self._claim_cursor != "0-0" or now - self._last_claim >= self.icfg.claim_idle_ms / 2000:
+            if self._claim_cursor == "0-0":
+                self._last_claim = now
             claimed = await self._claim()
             if claimed:
                 self._pending.extend(claimed)
                 return
+            if self._claim_cursor != "0-0":
+                return  # a page of nothing usable: the next one at once
         block = min(self.icfg.block_ms, max(1, self.icfg.claim_idle_ms // 2))
         resp = await self.r.xreadgroup(
             self.icfg.group, self.consumer, {self.key: ">"}, count=self.icfg.read_count, block=block
@@ -178,7 +242,7 @@ class RedisFrameSource:
     async def _claim(self) -> list[tuple[bytes, dict[bytes, bytes], int]]:
         resp = await self.r.xautoclaim(
             self.key, self.icfg.group, self.consumer, self.icfg.claim_idle_ms, self._claim_cursor,
-            count=self.icfg.read_count,
+            count=max(self.icfg.read_count, 100),
         )
         cursor, entries = resp[0], resp[1]
         self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
@@ -207,7 +271,7 @@ class RedisFrameSource:
             await self.r.xack(self.key, self.icfg.group, eid)
             return None
         try:
-            image = await asyncio.to_thread(decode_image, fields, self.icfg.image_field)
+            image = await asyncio.to_thread(decode_image, fields, self.icfg.image_field, self.icfg.max_pixels)
         except FrameDecodeError as e:
             await self.fail(InputRef(self.key, self.icfg.group, eid, deliveries), str(e), fields)
             return None
