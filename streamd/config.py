@@ -39,6 +39,8 @@ class RedisConfig(Strict):
     results_maxlen: int = Field(10_000, ge=1, description="approximate MAXLEN of each results stream")
     events_maxlen: int = Field(10_000, ge=1, description="approximate MAXLEN of each events stream")
     buffer_max_records: int = Field(10_000, ge=1, description="records kept in memory while Redis is unreachable")
+    events_reserved: float = Field(0.1, ge=0, le=1, description="share of buffer_max_records kept for events "
+                                   "(state changes, gaps, dead letters): results are dropped first")
     publish_batch: int = Field(64, ge=1, le=10_000, description="records sent in one round trip")
     publish_max_wait_ms: float = Field(5.0, ge=0, le=1000, description="under load, how long the oldest buffered "
                                        "record may wait for a fuller batch (0 = never waits)")

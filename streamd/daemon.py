@@ -15,6 +15,10 @@ from collections import deque
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import RedisError
 
 from streamd import pipelines as pipeline_files
@@ -37,11 +41,25 @@ from streamd.stages import StageContext, build_stage
 from streamd.supervisor import State, StreamRunner
 
 log = get_logger("streamd.daemon")
+API_POOL = 64  # connections of the API's pool (a request waits up to 2 s for one, then 503 busy)
+CACHE_POOL = 4
 _FLUSH_ON_REMOVE_S = 5.0  # a removed stream's buffered results: how long its removal waits for them (Redis up)
 
 
-def redis_client(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=15)
+def redis_client(url: str, max_connections: int | None = None, wait_s: float = 2.0) -> aioredis.Redis:
+    """A client with a pool of its own (one per role: the API and prompt store, Redis inputs, the prompt cache; the
+    sink has its own connection), so that one role cannot starve the others. `max_connections`: a blocking pool
+    that waits up to `wait_s` for a free connection (then redis_unavailable / busy); None: unbounded (Redis
+    inputs hold one connection each while XREADGROUP blocks). A command that meets a dead connection (Redis was
+    restarted) is retried once on a new one."""
+    opts: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": 10, "health_check_interval": 15,
+                            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+                            "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
+    if max_connections is None:
+        pool = aioredis.ConnectionPool.from_url(url, max_connections=2**31, **opts)
+    else:
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=wait_s, **opts)
+    return aioredis.Redis.from_pool(pool)  # the client owns its pool: closing it closes the pool
 
 
 class Daemon:
@@ -51,6 +69,8 @@ class Daemon:
         self.embedded: ManagedRedis | None = None
         self.redis_url: str = cfg.redis.url or ""
         self.redis: aioredis.Redis | None = None
+        self._inputs_redis: aioredis.Redis | None = None
+        self._cache_redis: aioredis.Redis | None = None
         self.sink: RedisSink | None = None
         self.doorbell: Doorbell | None = None
         self.pipelines: dict[str, Pipeline] = {}
@@ -84,13 +104,15 @@ class Daemon:
             await asyncio.to_thread(self.embedded.start)
             self.redis_url = self.embedded.url
             log.info("started embedded redis-server", url=self.redis_url, data_dir=self.cfg.redis.data_dir)
-        self.redis = redis_client(self.redis_url)
+        self.redis = redis_client(self.redis_url, API_POOL)  # the API, the prompt store, the stored streams
+        self._inputs_redis = redis_client(self.redis_url)  # Redis inputs on the daemon's own Redis
+        self._cache_redis = redis_client(self.redis_url, CACHE_POOL)  # the prompt cache's reads and pub/sub
         self.sink = RedisSink(self.redis, self.cfg.redis, self.metrics, self._settled)
         # decoder threads -> the loop
         self.doorbell = Doorbell(asyncio.get_running_loop(), FRAME_TICK_S, FRAME_BUSY_RATE)
         self.prompts = PromptStore(self.redis)
         self.stored = StoredStreams(self.redis)
-        self.prompt_cache = PromptCache(self.prompts)
+        self.prompt_cache = PromptCache(PromptStore(self._cache_redis))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then drain within the grace period."""
@@ -147,7 +169,7 @@ class Daemon:
         await self.models.aclose()
         if self.sink is not None:
             await self.sink.aclose()
-        for c in [self.redis, *self._clients.values()]:
+        for c in [self.redis, self._inputs_redis, self._cache_redis, *self._clients.values()]:
             if c is not None:
                 try:
                     await c.aclose()
@@ -330,8 +352,8 @@ class Daemon:
 
     def _client(self, url: str) -> aioredis.Redis:
         if not url or url == self.redis_url:
-            assert self.redis is not None
-            return self.redis
+            assert self._inputs_redis is not None
+            return self._inputs_redis
         c = self._clients.get(url)
         if c is None:
             c = self._clients[url] = redis_client(url)

@@ -51,8 +51,10 @@ async def health(request: web.Request) -> web.Response:
     for s in st["streams"].values():
         states[s["state"]] = states.get(s["state"], 0) + 1
     redis_ok = await _redis_ok(d)
+    flushing = d.sink is not None and d.sink.catching_up
     return json_response({
-        "status": "ok" if redis_ok else "degraded", "redis": {**st["redis"], "reachable": redis_ok},
+        "status": "ok" if redis_ok and not flushing else "degraded",
+        "redis": {**st["redis"], "reachable": redis_ok, "catching_up": flushing},
         "states": states,
         "streams": {sid: {k: s[k] for k in ("state", "reason", "fps_in", "fps_out", "last_frame_ts")}
                     for sid, s in st["streams"].items()},

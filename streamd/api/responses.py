@@ -122,11 +122,13 @@ class RedisHealth(BaseModel):
     healthy: bool = Field(..., description="the result sink's last publish worked")
     reachable: bool = Field(..., description="PING answered now")
     buffered: int = Field(..., ge=0, description="records waiting for Redis")
+    catching_up: bool = Field(..., description="an outage's backlog is still being published")
     last_error: str | None
 
 
 class Health(BaseModel):
-    status: Literal["ok", "degraded"] = Field(..., description="degraded: Redis unreachable")
+    status: Literal["ok", "degraded"] = Field(..., description="degraded: Redis unreachable, or the records "
+                                              "buffered during an outage are still being published")
     redis: RedisHealth
     states: dict[str, int] = Field(..., description="number of streams per state")
     streams: dict[str, StreamHealth]

@@ -48,6 +48,12 @@ class Pending:
     result: dict[str, Any] | None = None  # a result record (not the frame: its image is freed once buffered)
     ack: InputRef | None = None
     queued_t: float = 0.0  # time.monotonic() when it was buffered
+    event: bool = False  # a state/gap/dead-letter event: kept in the buffer's reserved share, dropped last
+
+    @property
+    def stream_id(self) -> str:
+        sid = self.fields.get("stream_id", "")
+        return sid if isinstance(sid, str) else str(sid)
 
 
 def result_record(w: Work) -> dict[str, Any]:
@@ -108,6 +114,9 @@ class RedisSink:
         self.published = 0
         self.overflowed = 0
         self.results_by_stream: dict[str, int] = {}
+        self.catching_up = False  # an outage's backlog is still being published (set while down, cleared when empty)
+        self._events = 0  # events in the buffer
+        self._lost: dict[str, dict[str, int]] = {}  # dropped to overflow during this outage, per stream and kind
         self._queued = 0  # records ever buffered
         self._gone = 0  # of those, published or dropped (the buffer is FIFO: the first `_gone` are done)
         self._progress = asyncio.Event()
@@ -125,9 +134,12 @@ class RedisSink:
 
     def event(self, stream_id: str, kind: str, fields: dict[str, Any] | None = None) -> None:
         """Queue an event; never waits (events are small and rare)."""
+        self._append(self._event(stream_id, kind, fields))
+
+    def _event(self, stream_id: str, kind: str, fields: dict[str, Any] | None) -> Pending:
         body = {"type": kind, "ts": round(time.time(), 6), "stream_id": stream_id, **(fields or {})}
         rec = {"schema_version": keys.SCHEMA_VERSION, "stream_id": stream_id, "type": kind, "event": _json(body)}
-        self._append(Pending(keys.events_key(stream_id), self.cfg.events_maxlen, rec))
+        return Pending(keys.events_key(stream_id), self.cfg.events_maxlen, rec, event=True)
 
     def record(self, key: str, maxlen: int, record: dict[str, Any]) -> None:
         """Queue a JSON record for any stream key (VLM answers); never waits."""
@@ -137,19 +149,49 @@ class RedisSink:
 
     def _append(self, p: Pending) -> None:
         if len(self._buf) >= self.cfg.buffer_max_records:
-            old = self._buf.popleft()
-            self._done(1)
-            self.overflowed += 1
-            self.metrics.buffer_overflow.inc()
-            if old.ack is not None and self._on_settled is not None:
-                self._on_settled(old.ack)  # not acknowledged: Redis will deliver it again
+            self._drop_one()
         p.queued_t = time.monotonic()
         self._buf.append(p)
+        self._events += p.event
         self._queued += 1
         self._idle.clear()
         self._ready.set()
         if len(self._buf) >= self.cfg.publish_batch:
             self._full.set()
+
+    def _drop_one(self) -> None:
+        """The buffer is full (Redis down): drop the oldest result, keeping events while they fit in their
+        reserved share (`events_reserved`); the loss is logged, counted and published once Redis is back."""
+        reserve = self.cfg.buffer_max_records * self.cfg.events_reserved
+        i = 0
+        if self._events <= reserve and self._events < len(self._buf):
+            i = next(k for k, x in enumerate(self._buf) if not x.event)
+        old = self._buf[i]
+        del self._buf[i]
+        self._events -= old.event
+        self._done(1)
+        self.overflowed += 1
+        self.metrics.buffer_overflow.inc()
+        if not self._lost:  # the first loss of this outage
+            log.warning("outage buffer full: dropping the oldest records (events last)",
+                        buffer_max_records=self.cfg.buffer_max_records, stream=old.stream_id)
+        lost = self._lost.setdefault(old.stream_id, {"results": 0, "events": 0})
+        lost["events" if old.event else "results"] += 1
+        if old.ack is not None and self._on_settled is not None:
+            self._on_settled(old.ack)  # not acknowledged: Redis will deliver it again
+
+    def _report_losses(self) -> None:
+        """Redis is back: one `records_dropped` event per stream that lost records to the full buffer."""
+        lost, self._lost = self._lost, {}
+        for sid, n in lost.items():
+            log.warning("records dropped during the Redis outage", stream=sid, **n)
+            if sid:  # over the buffer's bound by one event per stream: a report must not cause another loss
+                p = self._event(sid, "records_dropped", {**n, "reason": "outage buffer full "
+                                f"(redis.buffer_max_records={self.cfg.buffer_max_records})"})
+                p.queued_t = time.monotonic()
+                self._buf.append(p)
+                self._events += 1
+                self._queued += 1
 
     def __len__(self) -> int:
         return len(self._buf)
@@ -184,6 +226,7 @@ class RedisSink:
         delay = self.cfg.retry_initial_s
         while True:
             if not self._buf:
+                self.catching_up = False
                 self._idle.set()
                 self._ready.clear()
                 await self._ready.wait()
@@ -199,19 +242,22 @@ class RedisSink:
                     log.warning("redis unreachable, buffering records", error=str(e) or type(e).__name__,
                                 buffered=len(self._buf))
                 self.healthy = False
+                self.catching_up = True
                 self.last_error = str(e) or type(e).__name__
                 self._space.set()  # producers stop waiting: the buffer now drops its oldest
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self.cfg.retry_max_s)
                 continue
             if not self.healthy:
-                log.info("redis reachable again, published buffered records", buffered=len(self._buf))
+                log.info("redis reachable again, publishing buffered records", buffered=len(self._buf))
+                self._report_losses()
             self.healthy = True
             self.last_error = None
             delay = self.cfg.retry_initial_s
             for p in batch:  # still at the front, unless overflow trimmed it during the send
                 if self._buf and self._buf[0] is p:
                     self._buf.popleft()
+                    self._events -= p.event
                     self._done(1)
                 if p.ack is not None and self._on_settled is not None:
                     self._on_settled(p.ack)
