@@ -10,7 +10,8 @@ changes, when the scene changes, and about the crop of each new track. Modes (se
 with a schema), `tags` / `safety` (tags with confidences turned into time ranges: tag_started / tag_ended
 events) and `summary` (captions summarised every `summary_every_s`). Requests in flight are bounded; a question
 that would start more than `staleness_s` after its frame's capture is skipped (counted, published as a
-``vlm_skipped`` event) instead of queued.
+``vlm_skipped`` event) instead of queued: checked when the stage's slot is granted and again when the backend's
+(an endpoint's concurrency slot, a place in a batch).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from streamd.errors import StageError
 from streamd.frames import Frame, Work
 from streamd.log import get_logger
 from streamd.stages import Stage, parse_options
-from streamd.stages.vlm.base import VlmRequest
+from streamd.stages.vlm.base import VlmRequest, VlmStale
 from streamd.stages.vlm.modes import Caption, SummaryWindow, TagTimeline, captions_text
 from streamd.stages.vlm.options import VlmOptions
 from streamd.stages.vlm.prompting import frame_values, parse_tags, render, tags_instruction, tags_schema
@@ -206,17 +207,29 @@ class Vlm(Stage):
     async def _ask(self, w: Work, ask: Ask) -> None:
         f = ask.frames[-1]
         async with self._slots:
-            age = time.time() - f.capture_ts
-            if age > self.opts.staleness_s:
-                self._skip(f, f"stale: {age:.1f} s old")
+            if self._stale(f):
                 return
             self.asked += 1
             req, version = await asyncio.to_thread(self._request, w, ask)
+            req.not_after = f.capture_ts + self.opts.staleness_s  # checked again where the backend queues it
             rec = self._record(f, ask, version)
-            await self._answer(req, rec)
+            try:
+                await self._answer(req, rec)
+            except VlmStale:  # its turn at the backend came too late
+                self.asked -= 1
+                self._skip(f, f"stale: {time.time() - f.capture_ts:.1f} s old")
+                return
         if "text" in rec and ask.track is None:
             self._after(f, rec, req.schema)
         self._publish(f.stream_id, rec)
+
+    def _stale(self, f: Frame) -> bool:
+        """Skips the question about `f` (True) when the frame is older than `staleness_s`."""
+        age = time.time() - f.capture_ts
+        if age <= self.opts.staleness_s:
+            return False
+        self._skip(f, f"stale: {age:.1f} s old")
+        return True
 
     def _record(self, f: Frame, ask: Ask, version: Any) -> dict[str, Any]:
         rec: dict[str, Any] = {"schema_version": keys.SCHEMA_VERSION, "stream_id": f.stream_id, "seq": f.seq,
@@ -235,6 +248,8 @@ class Vlm(Stage):
         t0 = time.perf_counter()
         try:
             ans = await self.backend.answer(req)
+        except VlmStale:
+            raise  # not asked: the caller skips it
         except Exception as e:  # noqa: BLE001
             self.failed += 1
             self._count(rec["stream_id"], "failed")

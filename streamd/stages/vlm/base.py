@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -15,6 +16,19 @@ class VlmRequest:
     schema: dict[str, Any] | None = None
     max_tokens: int = 128
     temperature: float = 0.0
+    # wall-clock time (time.time()) after which the question is stale: a backend that queues it (an endpoint's
+    # concurrency slot, a batch) checks this when its turn comes and raises VlmStale instead of asking
+    not_after: float | None = None
+
+
+class VlmStale(Exception):
+    """The question's turn came after its `not_after`: it was not asked."""
+
+
+def check_fresh(req: VlmRequest) -> None:
+    """Raises VlmStale when `req` is past its `not_after`."""
+    if req.not_after is not None and time.time() > req.not_after:
+        raise VlmStale(f"stale: {time.time() - req.not_after:.1f} s past its deadline")
 
 
 @dataclass

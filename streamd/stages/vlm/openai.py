@@ -3,7 +3,8 @@ LM Studio, hosted APIs) through the `openai` client.
 
 Endpoints have weights; fallback endpoints are used only when no primary is available; an endpoint that keeps
 failing is taken out for `eject_s`. Retries back off exponentially with jitter on 429/5xx/timeouts and honour
-Retry-After. Each endpoint has its own concurrency limit.
+Retry-After. Each endpoint has its own concurrency limit; a request whose `not_after` has passed when it gets an
+endpoint's slot is not sent (VlmStale).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from streamd.log import get_logger, redact_url
+from streamd.stages.vlm.base import VlmStale
 
 if TYPE_CHECKING:
     from streamd.stages.vlm.base import VlmAnswer, VlmRequest
@@ -104,10 +106,11 @@ class OpenAIBackend:
         return isinstance(exc, o.APIStatusError) and exc.status_code >= 500
 
     async def chat(self, model: str, messages: list[dict[str, Any]], response_format: dict[str, Any] | None = None,
-                   **kw: Any) -> tuple[Any, str]:
+                   not_after: float | None = None, **kw: Any) -> tuple[Any, str]:
         """One completion. Returns (response, endpoint URL). Raises VlmRequestError after the retries.
         `response_format` (structured output) is sent where the server supports it: an endpoint that answers
-        400/422 to it is asked again at once without it, and from then on never with it."""
+        400/422 to it is asked again at once without it, and from then on never with it. When an endpoint's
+        concurrency slot is granted (also for a retry) after `not_after` (time.time()), raises VlmStale unsent."""
         delay = self.retry.initial_s
         tried: set[int] = set()
         last: BaseException | None = None
@@ -121,11 +124,15 @@ class OpenAIBackend:
             extra = {"response_format": response_format} if response_format and ep.structured else {}
             try:
                 async with ep.sem:
+                    if not_after is not None and time.time() > not_after:
+                        raise VlmStale(f"stale when the endpoint's slot came: {time.time() - not_after:.1f} s late")
                     ep.requests += 1
                     resp = await ep.client.chat.completions.create(model=ep.cfg.model or model, messages=messages,
                                                                    **kw, **extra)
                 ep.failures = 0
                 return resp, ep.cfg.url
+            except VlmStale:
+                raise
             except Exception as e:  # noqa: BLE001 - classified below
                 last = e
                 if extra and getattr(e, "status_code", None) in (400, 422):
@@ -158,7 +165,7 @@ class OpenAIBackend:
         if req.schema is not None:
             kw["response_format"] = {"type": "json_schema",
                                      "json_schema": {"name": "answer", "schema": req.schema, "strict": True}}
-        resp, endpoint = await self.chat(self.model, messages, **kw)
+        resp, endpoint = await self.chat(self.model, messages, not_after=req.not_after, **kw)
         usage = getattr(resp, "usage", None)
         tokens = {"prompt": usage.prompt_tokens, "completion": usage.completion_tokens} if usage is not None else {}
         return VlmAnswer(resp.choices[0].message.content or "", endpoint, tokens)

@@ -1,6 +1,7 @@
 """The `transformers` backend: a vision-language model in process (`AutoModelForImageTextToText` +
 `AutoProcessor`), loaded once per (model, device, dtype, quantization) and shared; questions from many streams
-are batched into one `generate` call (up to `max_batch`, waiting at most `max_wait_ms` for a fuller batch).
+are batched into one `generate` call (up to `max_batch`, waiting at most `max_wait_ms` for a fuller batch); a
+question past its `not_after` when its batch is formed is dropped (VlmStale).
 `generate` runs in the device's single executor thread, never on the event loop.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from streamd.errors import StageError
 from streamd.stages import device_executor
-from streamd.stages.vlm.base import VlmAnswer, VlmRequest
+from streamd.stages.vlm.base import VlmAnswer, VlmRequest, VlmStale, check_fresh
 
 
 def load_transformers_vlm(model: str, device: str, dtype: str, quantization: str | None) -> tuple[Any, Any]:
@@ -109,11 +110,19 @@ class SharedVlm:
             rest: deque[_Pending] = deque()
             while self._queue:
                 p = self._queue.popleft()
+                try:
+                    check_fresh(p.req)
+                except VlmStale as e:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                    continue
                 if len(group) < self.max_batch and _batch_key(p.req) == key:
                     group.append(p)
                 else:
                     rest.append(p)
             self._queue = rest
+            if not group:
+                continue
             try:
                 outs = await loop.run_in_executor(device_executor(self.device), self._generate,
                                                   [p.req for p in group])

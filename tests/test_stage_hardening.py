@@ -1,0 +1,69 @@
+"""Stages and the prompt cache, hardened (issue 12): the VLM's staleness checked when an endpoint's slot is granted,
+the configured VLM prompt stamped on records, the pipelines' own descriptions, repeated log lines rate-limited."""
+
+import json
+import time
+
+from streamd import keys
+from streamd.testing import ScriptedOpenAI, prompt_text
+from conftest import events, make_config, results, running, until
+
+
+async def vlm_records(r, sid):
+    return [json.loads(f[b"record"]) for _, f in await r.xrange(keys.vlm_key(sid))]
+
+
+def vlm_stage(url, max_concurrency=4, **opts):
+    return {"type": "vlm", "model": "scripted", "endpoints": [{"url": url, "max_concurrency": max_concurrency}],
+            **opts}
+
+
+def metric(d, name, **labels):
+    for m in d.metrics.registry.collect():
+        for s in m.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+async def test_vlm_staleness_checked_when_the_endpoint_slot_is_granted(r, redis_server, clip):
+    """A slow endpoint with one request at a time and more questions than it can answer: questions wait for its
+    slot, and those whose frame got older than `staleness_s` meanwhile are skipped, never sent."""
+    staleness = 1.0
+    sent: dict[tuple[str, int], float] = {}
+    srv = ScriptedOpenAI(lambda req: "seen")
+    srv.delay_s = 0.4
+    orig = srv._chat
+
+    async def stamped(request):
+        body = await request.json()
+        sid, seq = prompt_text(body).split()
+        sent[(sid, int(seq))] = time.time()
+        return await orig(request)
+
+    srv._chat = stamped
+    await srv.start()
+    sids = ["st0", "st1", "st2"]
+    cfg = make_config(redis_server.url, [{"id": sid, "url": str(clip), "fps": 2.0, "playback": "realtime",
+                                          "loop": True, "pipeline": "p"} for sid in sids],
+                      pipelines={"p": {"stages": [vlm_stage(srv.url, max_concurrency=1, every_s=0, max_in_flight=8,
+                                                            staleness_s=staleness, prompt="{stream_id} {seq}")]}})
+    try:
+        async with running(cfg) as d:
+            async def answered():
+                return sum([len(await vlm_records(r, sid)) for sid in sids]) >= 10
+            await until(answered, 30, what="10 answers")
+            stage = d.pipelines["p"].stages[0]
+        # stopped: the questions in flight were answered or skipped
+        skipped = sum(metric(d, "streamd_vlm_questions_total", stream=sid, outcome="skipped") for sid in sids)
+    finally:
+        await srv.stop()
+    answers = [a for sid in sids for a in await vlm_records(r, sid)]
+    assert answers and all("error" not in a for a in answers)
+    late = [(a["stream_id"], a["seq"], round(sent[(a["stream_id"], a["seq"])] - a["capture_ts"], 2))
+            for a in answers if sent[(a["stream_id"], a["seq"])] - a["capture_ts"] > staleness + 0.15]
+    assert not late, f"sent after staleness_s ({staleness} s): {late[:5]}"
+    stale = [e for sid in sids for e in await events(r, sid, "vlm_skipped") if "stale" in e["reason"]]
+    assert stale and all((e["stream_id"], e["seq"]) not in sent for e in stale)  # skipped ones were never sent
+    assert skipped >= len(stale)  # counted like the other skips
+    assert stage.failed == 0 and stage.asked == stage.answered == len(answers)  # skipped ones were not asked
