@@ -151,3 +151,34 @@ def connect_guard() -> Iterator[_Guard]:
         yield guard
     finally:
         _Guard.active = prev
+
+
+class RebindingDns:
+    """A stand-in for a DNS server that rebinds: on the running event loop (whose `getaddrinfo` the egress policy
+    uses), `name` answers `first` on the first lookup and `then` on every later one; other names resolve as usual.
+    Nothing else is replaced: connections are real. FFmpeg's own resolver (libc) does not know `name` at all, so a
+    stream that reaches it through FFmpeg proves that FFmpeg was given the checked address."""
+
+    def __init__(self, name: str, first: str, then: str):
+        self.name, self.first, self.then = name, first, then
+        self.lookups = 0
+        self._loop: Any = None
+        self._orig: Any = None
+
+    async def _getaddrinfo(self, host: Any, port: Any, *args: Any, **kw: Any) -> list[Any]:
+        if host != self.name:
+            return await self._orig(host, port, *args, **kw)
+        self.lookups += 1
+        ip = self.first if self.lookups == 1 else self.then
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, int(port or 0)))]
+
+    def __enter__(self) -> "RebindingDns":
+        import asyncio
+
+        self._loop = asyncio.get_running_loop()
+        self._orig = self._loop.getaddrinfo
+        self._loop.getaddrinfo = self._getaddrinfo
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self._loop.getaddrinfo  # back to the class's own method

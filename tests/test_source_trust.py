@@ -23,7 +23,7 @@ from streamd.egress import EgressRules, StreamEgress
 from streamd.redis_server import free_port
 from streamd.sources.base import Abandoned
 from streamd.testing import RtspServer
-from streamd.testing_egress import Canary, connect_guard, redirect
+from streamd.testing_egress import Canary, RebindingDns, connect_guard, redirect
 from conftest import events, make_config, results, running, states, until
 
 ALLOWED = "127.0.0.2"
@@ -40,9 +40,9 @@ class TsServer:
     connection, then going silent with the connection held open (`close=True`: closing it instead)."""
 
     def __init__(self, data: bytes, send_bytes: int, *, http: bool = False, close: bool = False,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", port: int | None = None):
         self.data, self.send_bytes, self.http, self.close = data, send_bytes, http, close
-        self.host, self.port = host, free_port()
+        self.host, self.port = host, port or free_port()
         self.connections = 0
         self.silent_since: float | None = None  # when the last byte of the first connection was sent
         self._sock = socket.create_server((host, self.port))
@@ -272,6 +272,44 @@ async def test_api_stream_never_reaches_a_refused_address(r, redis_server, ts_cl
     finally:
         canary.stop()
         web_canary.stop()
+
+
+async def test_a_rebinding_name_never_leads_a_connection_to_its_second_address(r, redis_server, ts_clip, clip):
+    """`rebind.test` answers the allowed address first and the canary's afterwards (same port on both): FFmpeg
+    (TCP) connects to the address the policy checked, never resolving the name itself; plain HTTP media resolves
+    through the policy on every new connection, so a later answer is checked too. The canary sees nothing."""
+    live = TsServer(ts_clip, len(ts_clip), host=ALLOWED)
+    canary = TsServer(ts_clip, len(ts_clip), host=CANARY, port=live.port)
+    web = Canary(ALLOWED, {"/clip.mp4": (200, {}, clip.read_bytes())}).start()
+    web_canary = Canary(CANARY, {"/clip.mp4": (200, {}, clip.read_bytes())}, port=web.port).start()
+    try:
+        cfg = make_config(redis_server.url, [], egress={"allow": [f"{ALLOWED}/32"]})
+        async with running(cfg) as d:
+            with RebindingDns("rebind.test", ALLOWED, CANARY) as dns:
+                d.add_stream(stream("rb-tcp", f"tcp://rebind.test:{live.port}/live.ts", fps=None), "api")
+                await until(lambda: _n_results(r, "rb-tcp", 5), 20, what="results through the checked address")
+                first = dns.lookups
+            with RebindingDns("rebind.test", ALLOWED, CANARY):
+                d.add_stream(stream("rb-http", f"http://rebind.test:{web.port}/clip.mp4", fps=None), "api")
+                await until(lambda: d.runners["rb-http"].state.value in ("stopped", "failed", "backoff"), 20,
+                            what="the HTTP stream to end or be refused")
+            http_state, http_code = d.runners["rb-http"].state.value, d.runners["rb-http"].reason_code
+            http_results = await _settled(r, "rb-http")
+    finally:
+        for s in (live, canary):
+            s.stop()
+        for c in (web, web_canary):
+            c.stop()
+    assert first == 1  # one resolution for FFmpeg's connection; FFmpeg never asked again
+    assert live.connections >= 1 and canary.connections == 0
+    assert web.connections >= 1 and web_canary.connections == 0
+    # it either played over the first (checked) connection or was refused on a later resolution: never the canary
+    assert (http_state == "stopped" and http_results == CLIP_FRAMES) or http_code == "egress_refused", \
+        (http_state, http_code, http_results)
+
+
+async def _n_results(r, sid, n):
+    return len(await results(r, sid)) >= n
 
 
 def _reason(d, sid):
