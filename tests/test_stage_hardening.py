@@ -5,6 +5,8 @@ import json
 import time
 
 from streamd import keys
+from streamd.config import StreamConfig
+from streamd.pipelines import REPO_PIPELINES
 from streamd.testing import ScriptedOpenAI, prompt_text
 from conftest import events, make_config, results, running, until
 
@@ -67,3 +69,36 @@ async def test_vlm_staleness_checked_when_the_endpoint_slot_is_granted(r, redis_
     assert stale and all((e["stream_id"], e["seq"]) not in sent for e in stale)  # skipped ones were never sent
     assert skipped >= len(stale)  # counted like the other skips
     assert stage.failed == 0 and stage.asked == stage.answered == len(answers)  # skipped ones were not asked
+
+
+async def test_vlm_configured_prompt_is_stamped_on_records(r, redis_server, clip):
+    """No prompt in the store: records say the configured prompt was used ({scope: config, version: 0}), as
+    detection does for its configured vocabulary, and the same version as the VLM answers about them."""
+    srv = await ScriptedOpenAI(lambda req: "seen").start()
+    cfg = make_config(redis_server.url, [{"id": "cp", "url": str(clip), "fps": 4.0, "pipeline": "p"}],
+                      pipelines={"p": {"stages": [{"type": "frame_info"},
+                                                  vlm_stage(srv.url, every_s=0.5, prompt="what is here?")]}})
+    try:
+        async with running(cfg):
+            await until(lambda: _at_least(vlm_records(r, "cp"), 3), 20, what="3 answers")
+    finally:
+        await srv.stop()
+    config = {"scope": "config", "version": 0}
+    recs = await results(r, "cp")
+    assert recs and all(x["prompt_versions"] == {"vlm": config} for x in recs), recs[0]["prompt_versions"]
+    answers = await vlm_records(r, "cp")
+    assert answers and all(a["prompt"] == config and a["text"] == "seen" for a in answers)
+    by_seq = {x["seq"]: x for x in recs}
+    asked = [a for a in answers if a["seq"] in by_seq]
+    assert asked and all(by_seq[a["seq"]]["outputs"]["vlm"]["asked"] for a in asked)
+
+
+async def _at_least(coro, n):
+    return len(await coro) >= n
+
+
+def test_only_the_default_pipeline_calls_itself_the_default():
+    default = StreamConfig.model_fields["pipeline"].default  # what a stream that names no pipeline gets
+    assert (REPO_PIPELINES / f"{default}.yaml").is_file()
+    claims = {p.stem for p in REPO_PIPELINES.glob("*.yaml") if "the default pipeline" in p.read_text().lower()}
+    assert claims == {default}

@@ -40,6 +40,7 @@ __all__ = ["Vlm", "VlmOptions", "clean_text", "fit_pixels"]
 
 log = get_logger("streamd.stage.vlm")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONFIG_PROMPT = {"scope": "config", "version": 0}  # the version of the configured prompt (no store prompt)
 
 
 def fit_pixels(image: np.ndarray, max_pixels: int) -> np.ndarray:
@@ -136,6 +137,8 @@ class Vlm(Stage):
 
     async def process(self, batch: list[Work]) -> list[Work]:
         for w in batch:
+            if "vlm" not in w.prompts:  # the configured prompt, stamped as detection stamps its configured vocabulary
+                w.prompt_versions["vlm"] = dict(_CONFIG_PROMPT)
             asks = self._decide(w)
             w.outputs[self.name] = {"asked": bool(asks), **({"trigger": asks[0].trigger} if asks else {})}
             for ask in asks:
@@ -148,7 +151,7 @@ class Vlm(Stage):
     def _prompt(self, w: Work) -> tuple[str, dict[str, Any] | None, Any]:
         rec = w.prompts.get("vlm")
         if rec is None:
-            return self.opts.default_prompt(), self.opts.schema_, {"scope": "config", "version": 0}
+            return self.opts.default_prompt(), self.opts.schema_, dict(_CONFIG_PROMPT)
         return rec.get("text") or self.opts.default_prompt(), rec.get("schema"), w.prompt_versions["vlm"]
 
     def _decide(self, w: Work) -> list[Ask]:
