@@ -88,9 +88,11 @@ class Daemon:
         self.api_stream_ids: set[str] = set()
         self._groups_made: set[tuple[str, str, str]] = set()  # Redis consumer groups our inputs created
         self.stored: StoredStreams | None = None
-        self._api_lock = asyncio.Lock()  # one API change of the stream set at a time
+        self._api_lock = asyncio.Lock()  # held while the streams kept in Redis are loaded
+        self._stream_locks: dict[str, asyncio.Lock] = {}  # one API change of a stream at a time
         self.pipeline_errors: dict[str, str] = {}  # pipelines whose setup failed: why (shown by /health)
         self.api_url: str | None = None
+        self.last_ping: tuple[float, asyncio.Future[bool]] | None = None  # /health's Redis PING, shared for 1 s
         self.ready = False  # streams loaded and every started pipeline set up
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -253,7 +255,7 @@ class Daemon:
         untouched; a Redis error stops the new stream again and restores the old one. Raises StreamExists /
         StreamNotFound when another request got there first."""
         assert self.stored is not None
-        async with self._api_lock:
+        async with self._stream_lock(s.id):
             if (s.id in self.runners) != replace:
                 raise StreamNotFound(s.id) if replace else StreamExists(s.id)
             if s.pipeline not in self.pipelines:
@@ -267,6 +269,8 @@ class Daemon:
                     await self.stored.save(s)
                 except Exception:
                     await self.remove_stream(s.id)
+                    if old is None:
+                        self.metrics.forget_stream(s.id)
                     raise
             except Exception:
                 if old is not None:
@@ -284,12 +288,19 @@ class Daemon:
     async def api_delete_stream(self, stream_id: str) -> None:
         """Forget the stream in Redis first (a Redis error leaves it running), then stop it."""
         assert self.stored is not None
-        async with self._api_lock:
+        async with self._stream_lock(stream_id):
             if stream_id not in self.runners:
                 raise StreamNotFound(stream_id)
             await self.stored.delete(stream_id)
             self.api_stream_ids.discard(stream_id)
             await self.remove_stream(stream_id, drop_group=True)
+            self.metrics.forget_stream(stream_id)  # its series go with it (a replaced stream keeps them)
+        self._stream_locks.pop(stream_id, None)
+
+    def _stream_lock(self, stream_id: str) -> asyncio.Lock:
+        """Changes of one stream are serialised; a slow change (a stream that takes seconds to stop) never holds up
+        another stream's."""
+        return self._stream_locks.setdefault(stream_id, asyncio.Lock())
 
     async def remove_stream(self, stream_id: str, drop_group: bool = False) -> None:
         """Stop a stream. `drop_group` (a DELETE): its Redis input's consumer group goes too (a replaced stream

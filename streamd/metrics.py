@@ -58,6 +58,19 @@ class Metrics:
         self.abandoned_threads.set_function(Abandoned.alive)
         self._streams: dict[str, StreamMetrics] = {}
 
+    def forget_stream(self, stream_id: str) -> int:
+        """Remove every series labelled with a removed stream's id; returns how many went."""
+        self._streams.pop(stream_id, None)
+        gone = 0
+        for metric in (self.frames_in, self.frames_sampled, self.frames_dropped, self.frames_processed,
+                       self.frames_failed, self.dead_letters, self.queue_depth, self.e2e_latency, self.stream_state,
+                       self.vlm_questions):
+            i = metric._labelnames.index("stream")  # prometheus_client has no public way to list children
+            for values in [v for v in list(metric._metrics) if v[i] == stream_id]:
+                metric.remove(*values)
+                gone += 1
+        return gone
+
     def stream(self, stream_id: str) -> StreamMetrics:
         m = self._streams.get(stream_id)
         if m is None:

@@ -33,6 +33,10 @@ async def test_live_never_needs_redis_ready_follows_it(tmp_path, clip):
             t0 = time.monotonic()
             status, body, _ = await get("/health/live")
             assert status == 200 and body == {"status": "ok"} and time.monotonic() - t0 < 1.0
+            async def unready():  # readiness is cached for READY_CACHE_S (1 s): a PING a second at most
+                return (await get("/health/ready"))[0] == 503
+
+            await until(unready, 3, what="/health/ready to say 503 within the cache's second")
             status, body, headers = await get("/health/ready")
             assert status == 503 and headers["Retry-After"] == "1"
             err = _error_shape(body)

@@ -4,6 +4,8 @@ not readiness); `/health` sums up streams and pipelines; `/metrics` is Prometheu
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -20,7 +22,21 @@ async def health_live(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+READY_CACHE_S = 1.0  # /health/ready is public: a flood of it sends at most one PING a second to Redis
+
+
 async def _redis_ok(d: "Daemon") -> bool:
+    """Whether Redis answers a PING, asked at most once per READY_CACHE_S (concurrent callers share one PING)."""
+    now = time.monotonic()
+    hit = d.last_ping
+    if hit is not None and now - hit[0] < READY_CACHE_S:
+        return await asyncio.shield(hit[1])
+    fut = asyncio.ensure_future(_ping(d))
+    d.last_ping = (now, fut)
+    return await asyncio.shield(fut)
+
+
+async def _ping(d: "Daemon") -> bool:
     try:
         assert d.redis is not None
         return bool(await d.redis.ping())
