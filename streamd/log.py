@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -72,3 +74,50 @@ def setup_logging(level: str = "info", fmt: str = "console") -> None:
 
 def get_logger(name: str = "streamd") -> Any:
     return structlog.get_logger(name)
+
+
+class RepeatedLog:
+    """One log line for a condition that repeats (an outage retried every second): the first occurrence is
+    logged, then at most one line per `every_s` with `suppressed` (occurrences not logged since the last line),
+    and `over()` logs one line when the condition ends (only if it was logged), with the `occurrences` in all.
+    `clock` is injectable for tests."""
+
+    def __init__(self, logger: Any, every_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.log = logger
+        self.every_s = every_s
+        self.clock = clock
+        self.occurrences = 0  # since the condition began
+        self.suppressed = 0  # since the last line
+        self._last: float | None = None  # when the last line was logged; None: the condition is not on
+
+    @property
+    def active(self) -> bool:
+        return self._last is not None
+
+    def __call__(self, level: str, event: str, **kw: Any) -> bool:
+        """Counts one occurrence; logs it at `level` unless a line was logged less than `every_s` ago.
+        Returns whether it was logged."""
+        now = self.clock()
+        self.occurrences += 1
+        if self._last is not None and now - self._last < self.every_s:
+            self.suppressed += 1
+            return False
+        if self.suppressed:
+            kw["suppressed"] = self.suppressed
+        getattr(self.log, level)(event, **kw)
+        self._last, self.suppressed = now, 0
+        return True
+
+    def warning(self, event: str, **kw: Any) -> bool:
+        return self("warning", event, **kw)
+
+    def error(self, event: str, **kw: Any) -> bool:
+        return self("error", event, **kw)
+
+    def over(self, event: str, level: str = "info", **kw: Any) -> bool:
+        """The condition ended: one line (if any was logged for it) and a fresh start. Returns whether it logged."""
+        if self._last is None:
+            return False
+        getattr(self.log, level)(event, occurrences=self.occurrences, **kw)
+        self._last, self.occurrences, self.suppressed = None, 0, 0
+        return True

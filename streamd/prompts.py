@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from streamd.log import get_logger
+from streamd.log import RepeatedLog, get_logger
 
 log = get_logger("streamd.prompts")
 
@@ -111,9 +111,10 @@ class PromptStore:
 class PromptCache:
     """Current prompts of every scope, in memory; refreshed from pub/sub and every `refresh_s`."""
 
-    def __init__(self, store: PromptStore, refresh_s: float = 5.0):
+    def __init__(self, store: PromptStore, refresh_s: float = 5.0, log_every_s: float = 30.0):
         self.store = store
         self.refresh_s = refresh_s
+        self._outage = RepeatedLog(log, log_every_s)  # an outage is retried every second, logged far less often
         self._current: dict[str, dict[str, Any]] = {}
         self.loaded = asyncio.Event()
         self._stop = asyncio.Event()
@@ -147,6 +148,7 @@ class PromptCache:
             try:
                 await pubsub.subscribe(CHANNEL)
                 await self.refresh()
+                self._outage.over("prompt cache has Redis back")
                 last = loop.time()
                 while not self._stop.is_set():
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -161,7 +163,7 @@ class PromptCache:
                     except PromptNotFound:
                         pass
             except (RedisError, OSError) as e:
-                log.warning("prompt cache lost Redis, retrying", error=str(e) or type(e).__name__)
+                self._outage.warning("prompt cache lost Redis, retrying", error=str(e) or type(e).__name__)
                 try:
                     await asyncio.wait_for(self._stop.wait(), 1.0)
                 except TimeoutError:

@@ -1,13 +1,19 @@
 """Stages and the prompt cache, hardened (issue 12): the VLM's staleness checked when an endpoint's slot is granted,
 the configured VLM prompt stamped on records, the pipelines' own descriptions, repeated log lines rate-limited."""
 
+import asyncio
 import json
 import time
 
+import redis.asyncio as aioredis
+from structlog.testing import capture_logs
+
 from streamd import keys
 from streamd.config import StreamConfig
+from streamd.log import RepeatedLog, get_logger
 from streamd.pipelines import REPO_PIPELINES
-from streamd.testing import ScriptedOpenAI, prompt_text
+from streamd.prompts import PromptCache, PromptStore
+from streamd.testing import ManagedRedis, ScriptedOpenAI, prompt_text
 from conftest import events, make_config, results, running, until
 
 
@@ -102,3 +108,51 @@ def test_only_the_default_pipeline_calls_itself_the_default():
     assert (REPO_PIPELINES / f"{default}.yaml").is_file()
     claims = {p.stem for p in REPO_PIPELINES.glob("*.yaml") if "the default pipeline" in p.read_text().lower()}
     assert claims == {default}
+
+
+LOST, BACK = "prompt cache lost Redis, retrying", "prompt cache has Redis back"
+
+
+async def test_prompt_cache_logs_a_redis_outage_once_not_every_second(tmp_path):
+    """The prompt cache retries every second during an outage: one line when it begins, one when it ends."""
+    srv = ManagedRedis(tmp_path / "redis").start()
+    client = aioredis.Redis.from_url(srv.url)
+    cache = PromptCache(PromptStore(client))
+    task = asyncio.create_task(cache.run())
+    try:
+        await asyncio.wait_for(cache.loaded.wait(), 10)
+        with capture_logs() as logs:
+            srv.stop(kill=True)
+            await asyncio.sleep(4.5)  # ~4 retries
+            during = [x["event"] for x in logs if x["event"] in (LOST, BACK)]
+            assert during == [LOST], f"{len(during)} lines in 4.5 s of outage"
+            srv.start()
+            await until(lambda: any(x["event"] == BACK for x in logs), 15, what="the cache to have Redis back")
+            lines = [x for x in logs if x["event"] in (LOST, BACK)]
+            await PromptStore(client).put("vlm", "global", {"text": "still followed?"}, "test")
+            await until(lambda: cache.resolve("vlm", "any", "p"), 10, what="a prompt put after the outage")
+            srv.stop(kill=True)  # a second outage is logged again at once
+            await until(lambda: sum(x["event"] == LOST for x in logs) == 2, 10, what="the second outage")
+    finally:
+        cache.stop()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+        srv.stop()
+    assert [x["event"] for x in lines] == [LOST, BACK]
+    assert lines[0]["log_level"] == "warning" and lines[1]["occurrences"] >= 4
+
+
+def test_repeated_log_lines_at_most_once_per_interval_with_a_count():
+    now = [0.0]
+    with capture_logs() as logs:
+        rep = RepeatedLog(get_logger("test"), every_s=30, clock=lambda: now[0])
+        assert not rep.over("back")  # nothing was logged: nothing to close
+        for _ in range(65):  # once a second for 65 s
+            rep.warning("down", error="refused")
+            now[0] += 1
+        assert rep.active
+        rep.over("back")
+        rep.warning("down again")
+    assert [(x["event"], x.get("suppressed"), x.get("occurrences")) for x in logs] == [
+        ("down", None, None), ("down", 29, None), ("down", 29, None), ("back", None, 65), ("down again", None, None)]
+    assert logs[1]["error"] == "refused" and logs[0]["log_level"] == "warning"
