@@ -69,7 +69,7 @@ async def test_vlm_staleness_checked_when_the_endpoint_slot_is_granted(r, redis_
     answers = [a for sid in sids for a in await vlm_records(r, sid)]
     assert answers and all("error" not in a for a in answers)
     late = [(a["stream_id"], a["seq"], round(sent[(a["stream_id"], a["seq"])] - a["capture_ts"], 2))
-            for a in answers if sent[(a["stream_id"], a["seq"])] - a["capture_ts"] > staleness + 0.15]
+            for a in answers if sent[(a["stream_id"], a["seq"])] - a["capture_ts"] > staleness + 0.3]
     assert not late, f"sent after staleness_s ({staleness} s): {late[:5]}"
     stale = [e for sid in sids for e in await events(r, sid, "vlm_skipped") if "stale" in e["reason"]]
     assert stale and all((e["stream_id"], e["seq"]) not in sent for e in stale)  # skipped ones were never sent
