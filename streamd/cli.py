@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from streamd import __version__
-from streamd.config import Config, load_config, parse_config
+from streamd.config import Config, check_tokens, load_config, parse_config
 from streamd.errors import ConfigError, StreamdError
 from streamd.log import get_logger, setup_logging
 
@@ -96,6 +96,7 @@ def _validate(path: str | None) -> int:
         print("streamd validate: give a config file", file=sys.stderr)
         return 2
     cfg = load_config(path)
+    check_tokens(cfg, dict(os.environ))
     check_config(cfg)
     print(f"{path}: ok ({len(cfg.streams)} streams)")
     return 0
@@ -167,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "demo":
             return asyncio.run(_demo(a))
         cfg = load_config(a.config)
+        plain = check_tokens(cfg, dict(os.environ))
         setup_logging(cfg.log.level, cfg.log.format)
+        for name in plain:
+            log.warning("an API token is written in plain text in the config: prefer token_env", token=name)
         return asyncio.run(serve(cfg))
     except ConfigError as e:
         print(f"streamd: invalid config: {e}", file=sys.stderr)
@@ -175,5 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     except StreamdError as e:
         print(f"streamd: error: {e}", file=sys.stderr)
         return 1
+    except ExceptionGroup as eg:  # raised inside the daemon's task group: one clear line all the same
+        leaves = _leaves(eg)
+        if not all(isinstance(x, StreamdError) for x in leaves):
+            raise
+        config = [x for x in leaves if isinstance(x, ConfigError)]
+        if config:
+            print(f"streamd: invalid config: {config[0]}", file=sys.stderr)
+            return 2
+        print(f"streamd: error: {leaves[0]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
+    return [x for e in eg.exceptions for x in (_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from streamd.errors import ConfigError
 
@@ -55,18 +55,25 @@ class LogConfig(Strict):
 
 
 class TokenConfig(Strict):
-    name: str = Field(..., min_length=1, description="who holds the token (shown in prompt authorship, never the token)")
+    name: str = Field(..., min_length=1, description="who holds the token (shown in prompt authorship, never the "
+                      "token)")
     token: str | None = Field(None, min_length=16, description="the bearer token (prefer token_env)")
     token_env: str | None = Field(None, description="environment variable holding the token")
     scopes: list[Literal["read", "operate", "admin"]] = Field(["read"], min_length=1,
                                                               description="read < operate < admin")
 
-    def value(self, environ: dict[str, str]) -> str:
+    @model_validator(mode="after")
+    def _one_source(self) -> "TokenConfig":
+        if not self.token and not self.token_env:
+            raise ValueError(f"token {self.name!r}: give token_env (or token)")
+        return self
+
+    def value(self, environ: dict[str, str], where: str = "api.tokens") -> str:
         if self.token:
             return self.token
         v = environ.get(self.token_env or "", "")
         if len(v) < 16:
-            raise ConfigError("api.tokens", f"token {self.name!r}: ${self.token_env} is unset or shorter than 16")
+            raise ConfigError(where, f"token {self.name!r}: ${self.token_env} is unset or shorter than 16 characters")
         return v
 
 
@@ -147,8 +154,13 @@ class RedisInputConfig(Strict):
                                       "or an entry id")
 
 
+# a letter or digit, then up to 127 letters, digits, `_ . : -` (so never `.` or `..`, never a leading `-`)
+STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+
+
 class StreamConfig(Strict):
-    id: str = Field(..., pattern=r"^[A-Za-z0-9_.:-]{1,128}$", description="stream id, used in Redis keys")
+    id: str = Field(..., pattern=STREAM_ID_PATTERN, description="stream id, used in Redis keys and URLs: a letter "
+                    "or digit, then up to 127 letters, digits, _ . : -")
     url: str = Field(..., min_length=1, description="rtsp://, http(s)://...m3u8, a file path, redis://host/db#key")
     pipeline: str = Field("default", description="name of the pipeline (pipelines/ or this file's pipelines:)")
     fps: float | None = Field(2.0, gt=0, description="sampling rate by presentation time; null = every frame")
@@ -266,6 +278,14 @@ def parse_config(data: dict[str, Any] | None, environ: dict[str, str] | None = N
     if cfg.api.enabled and cfg.api.bind not in LOOPBACK and not cfg.api.tokens:
         raise ConfigError("api.tokens", f"the control API binds {cfg.api.bind} (beyond loopback): tokens are required")
     return cfg
+
+
+def check_tokens(cfg: Config, environ: dict[str, str]) -> list[str]:
+    """Every API token has its value (else ConfigError naming `api.tokens.<i>.token_env`); returns the names of the
+    tokens written in plain text in the config (`token:`), to warn about."""
+    for i, t in enumerate(cfg.api.tokens):
+        t.value(environ, f"api.tokens.{i}.token_env")
+    return [t.name for t in cfg.api.tokens if t.token]
 
 
 def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> Config:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from streamd.api.app import build_app
+from streamd.api.app import ApiRunner, build_app
 from streamd.config import ApiConfig
 from streamd.log import get_logger
 
@@ -24,7 +24,7 @@ class ApiServer:
     def __init__(self, daemon: "Daemon", cfg: ApiConfig):
         self.app = build_app(daemon, cfg, dict(os.environ))
         self.cfg = cfg
-        self._runner: web.AppRunner | None = None
+        self._runner: ApiRunner | None = None
         self.port = cfg.port
 
     @property
@@ -33,7 +33,7 @@ class ApiServer:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = ApiRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.bind, self.cfg.port)
         await site.start()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestHandler
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
@@ -15,7 +16,8 @@ from streamd.api.context import AUTH, CFG, DAEMON, LIMITER, PRINCIPAL, daemon as
 from streamd.api.errors import ApiError, error_response, json_response, validation_details
 from streamd.api.health import health, health_live, health_ready, metrics
 from streamd.api.schemas import PromptUpdate, Rollback, StreamPatch
-from streamd.api.security import Authenticator, Principal, RateLimiter, check_stream_url
+from streamd.api.security import (Authenticator, Principal, RateLimiter, check_ffmpeg_options,
+                                  check_stream_url)
 from streamd.api_streams import StreamExists, StreamNotFound
 from streamd.config import ApiConfig, StreamConfig
 from streamd.errors import ConfigError, StreamdError
@@ -40,18 +42,83 @@ class Route:
     response: Any = None  # pydantic model of the success body (for the OpenAPI document)
 
 
+MAX_DEPTH = 64  # arrays and objects in a request body (a prompt's JSON schema is the deepest part)
+
+
+def _depth(data: Any) -> int:
+    """How deeply arrays and objects nest in `data` (without recursion)."""
+    deepest, todo = 0, [(data, 1)]
+    while todo:
+        x, d = todo.pop()
+        if isinstance(x, (dict, list)):
+            deepest = max(deepest, d)
+            todo.extend((v, d + 1) for v in (x.values() if isinstance(x, dict) else x))
+    return deepest
+
+
 async def _json_body(request: web.Request, model: Any) -> Any:
+    """The body as `model`; any parser error is a 400 `invalid_json`, a body the schema refuses a 422."""
     raw = await request.read()  # raises 413 past client_max_size
     try:
         data = jsonsafe.loads(raw or b"null")  # NaN, Infinity and 1e999 are refused, not read as floats
     except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {str(e)[:200]}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", f"the body nests arrays or objects deeper than {MAX_DEPTH} levels") \
+            from None
+    if _depth(data) > MAX_DEPTH:
+        raise ApiError(400, "invalid_json", f"the body nests arrays or objects deeper than {MAX_DEPTH} levels")
     if not isinstance(data, dict):
         raise ApiError(422, "invalid_body", "the body must be a JSON object", [{"path": "<body>"}])
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise ApiError(422, "invalid_body", "the body does not match the schema", validation_details(e)) from None
+
+
+HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+              500: "internal"}
+
+
+# -- errors aiohttp answers itself --------------------------------------------------------------------------------
+class _JsonErrorsHandler(RequestHandler):
+    """aiohttp answers a request it cannot parse (a request line or header over 8190 bytes, a bad method ...)
+    itself, before any middleware, in plain text echoing the request line: this one answers in the API's shape
+    and never echoes the request. aiohttp still logs the error and closes the connection."""
+
+    __slots__ = ()  # the layout of RequestHandler: an instance can take this class (see _JsonErrorsServer)
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if a response was sent already
+        if isinstance(exc, http_exceptions.LineTooLong):
+            text = "a request line or header is too long"
+        elif isinstance(exc, http_exceptions.BadStatusLine):
+            text = "not an HTTP request line"
+        elif isinstance(exc, http_exceptions.BadHttpMessage):
+            text = "a malformed HTTP request"
+        else:
+            text = "the request failed" if status >= 500 else "a bad request"
+        details = {"reason": type(exc).__name__} if exc is not None and status < 500 else None
+        resp = error_response(status, HTTP_CODES.get(status, "http_error"), text, details)
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorsServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        handler.__class__ = _JsonErrorsHandler
+        return handler
+
+
+class ApiRunner(web.AppRunner):
+    """web.AppRunner whose connections answer aiohttp's own errors in the API's JSON shape."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorsServer
+        return server
 
 
 # -- middlewares ----------------------------------------------------------------------------------------------
@@ -68,9 +135,8 @@ async def errors_mw(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status, "http_error")
         headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")}
-        return error_response(e.status, code, e.reason or "error", None, headers)
+        return error_response(e.status, HTTP_CODES.get(e.status, "http_error"), e.reason or "error", None, headers)
     except Exception as e:  # noqa: BLE001 - never leak a traceback; log it
         log.exception("API handler failed", path=request.path)
         return error_response(500, "internal", redact_text(f"{type(e).__name__}: {e}"))
@@ -102,7 +168,8 @@ def auth_mw(routes: dict[tuple[str, str], Route]) -> Any:
     @web.middleware
     async def mw(request: web.Request, handler: Any) -> web.StreamResponse:
         info = request.match_info.route.resource
-        key = (request.method, info.canonical if info is not None else "")
+        method = "GET" if request.method == "HEAD" else request.method  # HEAD: GET's answer without the body
+        key = (method, info.canonical if info is not None else "")
         route = routes.get(key)
         cfg, auth = request.app[CFG], request.app[AUTH]
         if route is None or (route.scope is None and (cfg.public_health or not auth.enabled)):
@@ -138,9 +205,24 @@ async def stream_get(request: web.Request) -> web.Response:
     return json_response(_daemon(request).stream_info(_stream(request)))
 
 
-async def _start(request: web.Request, s: StreamConfig, replace: bool) -> web.Response:
+async def _check_source(request: web.Request, s: StreamConfig, old: StreamConfig | None) -> None:
+    """Refuse a URL or FFmpeg options a client must not set. A PATCH of a config-file stream that leaves its URL
+    as the operator wrote it (a file, say) does not check that URL against the API's rules, nor options it leaves
+    alone; a new URL checks every option (they would go to another host). API-added streams are checked whole."""
     d = _daemon(request)
-    await check_stream_url(s.url, s.ffmpeg_options, request.app[CFG], d.cfg.egress)
+    configured = next((c for c in d.cfg.streams if c.id == s.id), None)
+    operators_url = old is not None and configured is not None and s.url == old.url == configured.url
+    options_changed = old is None or s.ffmpeg_options != old.ffmpeg_options
+    if not operators_url:
+        await check_stream_url(s.url, request.app[CFG], d.cfg.egress, s.ffmpeg_options)
+    elif options_changed:
+        check_ffmpeg_options(s.ffmpeg_options)
+
+
+async def _start(request: web.Request, s: StreamConfig, replace: bool, old: StreamConfig | None = None) \
+        -> web.Response:
+    d = _daemon(request)
+    await _check_source(request, s, old)
     known = pipeline_files.available(d.cfg)
     if s.pipeline not in known:  # only names of pipelines: never a path to some other YAML file
         raise ApiError(422, "invalid_pipeline", f"unknown pipeline {s.pipeline!r}",
@@ -169,13 +251,13 @@ async def stream_update(request: web.Request) -> web.Response:
     sid = _stream(request)
     patch = await _json_body(request, StreamPatch)
     d = _daemon(request)
-    merged = {**d.runners[sid].cfg.model_dump(mode="json", exclude_unset=True),
-              **patch.model_dump(mode="json", exclude_unset=True)}
+    old = d.runners[sid].cfg
+    merged = {**old.model_dump(mode="json", exclude_unset=True), **patch.model_dump(mode="json", exclude_unset=True)}
     try:
         s = StreamConfig.model_validate(merged)
     except ValidationError as e:
         raise ApiError(422, "invalid_body", "the stream would be invalid", validation_details(e)) from None
-    return await _start(request, s, replace=True)
+    return await _start(request, s, replace=True, old=old)
 
 
 async def stream_delete(request: web.Request) -> web.Response:
@@ -332,5 +414,8 @@ def build_app(daemon: "Daemon", cfg: ApiConfig, environ: dict[str, str]) -> web.
     app[AUTH] = Authenticator(cfg, environ)
     app[LIMITER] = RateLimiter(cfg.rate_limit_per_s, cfg.rate_limit_burst)
     for r in ROUTES:
-        app.router.add_route(r.method, r.path, r.handler)
+        if r.method == "GET":
+            app.router.add_get(r.path, r.handler, allow_head=True)  # HEAD too
+        else:
+            app.router.add_route(r.method, r.path, r.handler)
     return app

@@ -9,6 +9,43 @@ from aiohttp import web
 from streamd import jsonsafe
 
 
+# every code the API answers with: code -> (HTTP status, when). README.md's error table and the OpenAPI document
+# list these; tests/test_api_hardening.py checks that the code uses no other.
+CODES: dict[str, tuple[int, str]] = {
+    "bad_request": (400, "not a valid HTTP request (e.g. a request line or header over 8190 bytes); the "
+                         "connection is closed"),
+    "invalid_json": (400, "the body is not JSON: a syntax error, not UTF-8, NaN/Infinity or a number out of range, "
+                          "nested deeper than 64 levels"),
+    "unauthorized": (401, "no bearer token, or an unknown one (with WWW-Authenticate)"),
+    "forbidden": (403, "the token lacks the scope the route needs (details.needed)"),
+    "cors_denied": (403, "a CORS preflight from an origin not in api.cors_origins"),
+    "not_found": (404, "no such route"),
+    "stream_not_found": (404, "no stream with that id"),
+    "prompt_not_found": (404, "no prompt (or no such version) for that kind and scope"),
+    "unknown_prompt_kind": (404, "the prompt kind is not vlm or vocabulary"),
+    "method_not_allowed": (405, "the route does not take that method (see Allow)"),
+    "stream_exists": (409, "POST of a stream id that exists"),
+    "body_too_large": (413, "the body is over api.max_body_bytes"),
+    "invalid_body": (422, "the body does not match the schema (details list each path), or is not an object"),
+    "invalid_url": (422, "the stream URL cannot be used (e.g. a host name label over 63 characters)"),
+    "scheme_not_allowed": (422, "a URL scheme not in api.allowed_schemes (files and FFmpeg pseudo-protocols never)"),
+    "server_mode_not_allowed": (422, "the URL asks FFmpeg to listen (listen, mode=listener ...)"),
+    "option_not_allowed": (422, "an FFmpeg option the API does not take (details.allowed)"),
+    "invalid_option_value": (422, "an FFmpeg option's value outside its schema (details.expected)"),
+    "redis_key_not_allowed": (422, "a redis: input outside api.redis_key_prefix, or one of streamd's own keys"),
+    "egress_refused": (422, "the URL's host is not global (loopback, private ...) and egress.allow does not name it"),
+    "unresolvable_host": (422, "the URL's host name does not resolve"),
+    "invalid_pipeline": (422, "an unknown pipeline, or one whose stages cannot be built"),
+    "invalid_scope": (422, "the prompt scope is not global, pipeline:<name> or stream:<id>"),
+    "invalid_query": (422, "offset/limit of a history are not integers in range"),
+    "rate_limited": (429, "too many requests for this token or client address (see Retry-After)"),
+    "http_error": (400, "another HTTP error aiohttp raised (its status)"),
+    "internal": (500, "a bug: logged with its traceback, never shown"),
+    "not_ready": (503, "/health/ready: not started, Redis unreachable or models loading (see Retry-After)"),
+    "redis_unavailable": (503, "streams and prompts live in Redis, which is unreachable (see Retry-After)"),
+}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, details: Any = None,
                  headers: dict[str, str] | None = None):
@@ -22,7 +59,7 @@ class ApiError(Exception):
 
 def error_response(status: int, code: str, message: str, details: Any = None,
                    headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": {"code": code, "message": message, "details": details}}
+    body = {"error": {"code": code, "message": message, "details": {} if details is None else details}}
     return json_response(body, status=status, headers=headers)
 
 

@@ -7,15 +7,23 @@ import re
 from typing import Any
 
 from streamd import __version__
+from streamd.api.errors import CODES
+from streamd.config import STREAM_ID_PATTERN
+from streamd.prompts import SCOPE_RE
 
 ERROR = {
     "type": "object", "required": ["error"],
-    "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-        "code": {"type": "string"}, "message": {"type": "string"}, "details": {}}}},
+    "properties": {"error": {"type": "object", "required": ["code", "message", "details"], "properties": {
+        "code": {"type": "string", "enum": list(CODES),
+                 "description": "; ".join(f"`{c}` ({s}): {why}" for c, (s, why) in CODES.items())},
+        "message": {"type": "string", "description": "for people; may change between versions"},
+        "details": {"type": ["object", "array"],
+                    "description": "an object (`{}` when there is nothing to add); `invalid_body`: a list of "
+                                   "{path, message, type}"}}}},
 }
-STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad JSON", 401: "No or invalid token",
-               403: "Token lacks the scope", 404: "Not found", 409: "Conflict", 413: "Body too large",
-               422: "Invalid body, URL or parameter", 429: "Rate limited (see Retry-After)",
+STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad JSON or a bad HTTP request",
+               401: "No or invalid token", 403: "Token lacks the scope", 404: "Not found", 409: "Conflict",
+               413: "Body too large", 422: "Invalid body, URL or parameter", 429: "Rate limited (see Retry-After)",
                503: "Not ready, or Redis unreachable (see Retry-After)"}
 # request examples (schemathesis sends them too): a camera, and frames pushed into the daemon's own Redis
 EXAMPLES = {
@@ -120,8 +128,8 @@ def _path_schema(name: str) -> dict[str, Any]:
     if name == "kind":
         return {"type": "string", "enum": ["vlm", "vocabulary"]}
     if name == "scope":
-        return {"type": "string", "pattern": r"^(global|pipeline:[A-Za-z0-9_.:-]{1,128}|stream:[A-Za-z0-9_.:-]{1,128})$"}
-    return {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,128}$"}
+        return {"type": "string", "pattern": SCOPE_RE.pattern}
+    return {"type": "string", "pattern": STREAM_ID_PATTERN}
 
 
 def docs_html(routes: list[Any]) -> str:

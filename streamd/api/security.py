@@ -122,11 +122,28 @@ class RateLimiter:
         return (1 - tokens) / self.rate
 
 
-async def check_stream_url(url: str, ffmpeg_options: dict[str, str], cfg: ApiConfig,
-                           egress: EgressConfig | None = None) -> None:
+def check_authority(url: str) -> None:
+    """A host name DNS can carry (no label over 63 characters, no empty label as in `a..b`, no control character
+    or space) and a port that is a number up to 65535. Raises ApiError(422) `invalid_url`."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in host):
+            raise ValueError("a control character or space in the host name")
+        host.encode("idna")
+        parts.port  # noqa: B018 - raises ValueError past 65535 or for a non-number
+    except (UnicodeError, ValueError) as e:
+        reason = str(e).rpartition("(")[2].rstrip(")") or "not a valid host name"
+        raise ApiError(422, "invalid_url", f"the URL's host or port is not valid: {reason}",
+                       {"path": "url", "reason": reason}) from None
+
+
+async def check_stream_url(url: str, cfg: ApiConfig, egress: EgressConfig | None = None,
+                           ffmpeg_options: dict[str, str] | None = None) -> None:
     """Refuse what a remote client must not make the daemon open. Raises ApiError(422). The address check is the
     run-time egress policy itself (streamd/egress.py), applied at admission so the client gets a 422 instead of a
-    stream that fails: only the operator's `egress.allow` opens a non-global address, whatever the token."""
+    stream that fails: only the operator's `egress.allow` opens a non-global address, whatever the token. FFmpeg
+    options, when given, are checked after the scheme."""
     try:
         ref = parse_reference(url)
     except SourceError as e:
@@ -136,12 +153,15 @@ async def check_stream_url(url: str, ffmpeg_options: dict[str, str], cfg: ApiCon
         raise ApiError(422, "scheme_not_allowed",
                        f"scheme {scheme!r} is not allowed from the API (allowed: {', '.join(cfg.allowed_schemes)})",
                        {"path": "url"})
-    check_ffmpeg_options(ffmpeg_options)
+    if ffmpeg_options is not None:
+        check_ffmpeg_options(ffmpeg_options)
     if ref.kind == "redis":
         check_redis_key(ref.key or "", cfg)
     if _SERVER_QUERY.search(urlsplit(url).query):
         raise ApiError(422, "server_mode_not_allowed", "the URL asks FFmpeg to listen (a server mode): not from "
                        "the API", {"path": "url"})
+    if ref.url:
+        check_authority(ref.url)
     if cfg.deny_private_addresses and ref.url:
         host = urlsplit(ref.url).hostname or ""
         policy = StreamEgress(EgressRules.from_config(egress or EgressConfig()), "api")

@@ -1,0 +1,284 @@
+"""Control API hardening (issue 12): parser errors are 400s in the JSON error shape, non-finite numbers are refused,
+config-file streams can be changed, token configuration fails cleanly, stream ids follow one pattern, errors aiohttp
+answers itself are JSON too, and every error code is documented. Real daemon, real Redis, real HTTP."""
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from conftest import make_config, running, until
+from streamd.config import StreamConfig, parse_config
+from streamd.errors import ConfigError
+
+ADMIN, OPER, READ = "admin-token-0123456789", "operate-token-0123456789", "read-token-0123456789abc"
+TOKENS = [{"name": "alice", "token": ADMIN, "scopes": ["admin"]},
+          {"name": "ops", "token": OPER, "scopes": ["operate"]},
+          {"name": "viewer", "token": READ, "scopes": ["read"]}]
+ROOT = Path(__file__).resolve().parents[1]
+STREAMD = [sys.executable, "-m", "streamd"]
+
+
+def api_cfg(redis_url, streams=(), **api):
+    return make_config(redis_url, list(streams), api={"enabled": True, "port": 0, "tokens": TOKENS,
+                                                      "rate_limit_per_s": 10_000, "rate_limit_burst": 10_000,
+                                                      **api}, egress={"allow": ["127.0.0.1/32", "localhost"]})
+
+
+def h(token):
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+
+async def _send(s, method, url, status, code=None, token=OPER, **kw):
+    async with s.request(method, url, headers=h(token), **kw) as resp:
+        assert resp.content_type == "application/json", (resp.status, await resp.text())
+        body = await resp.json()
+        assert resp.status == status, (resp.status, body)
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
+        assert isinstance(body["error"]["details"], dict) or body["error"]["code"] == "invalid_body", body
+        if code is not None:
+            assert body["error"]["code"] == code, body
+        return body["error"]
+
+
+def _paths(details):
+    """The paths a validation error names."""
+    return [x["path"] for x in (details["errors"] if isinstance(details, dict) else details)]
+
+
+async def _raw(api_url, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request written by hand (what aiohttp's client would refuse to send); the answer parsed roughly."""
+    u = URL(api_url)
+    reader, writer = await asyncio.open_connection(u.host, u.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        out = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+# -- 1. parser errors and host names -----------------------------------------------------------------------------
+async def test_parser_errors_are_400_in_the_json_shape(r, redis_server):
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        streams = d.api_url + "/api/v1/streams"
+        for raw in (b"[" * 6000 + b"]" * 6000,  # RecursionError in the JSON parser
+                    b'{"a": ' * 3000 + b"1" + b"}" * 3000,
+                    b'{"id": "a", "url": "rtsp://cam.example/x", "fps": ' + b"1" * 5000 + b"}",  # too many digits
+                    b'{"id": "a\xff", "url": "rtsp://cam.example/x"}',  # not UTF-8
+                    b"{not json"):
+            e = await _send(s, "POST", streams, 400, "invalid_json", data=raw)
+            assert "Traceback" not in e["message"]
+        # nested far below the parser's limit but deeper than any request needs: refused before it goes further
+        schema: dict = {"type": "string"}
+        for _ in range(15):
+            schema = {"type": "object", "properties": {"x": schema}}
+        deep = b'{"text": "q?", "schema": ' + b'{"a": ' * 900 + b"1" + b"}" * 900 + b"}"
+        await _send(s, "PUT", d.api_url + "/api/v1/prompts/vlm/global", 400, "invalid_json", data=deep)
+        async with s.put(d.api_url + "/api/v1/prompts/vlm/global", json={"text": "q?", "schema": schema},
+                         headers=h(OPER)) as resp:
+            assert resp.status == 201, await resp.text()  # a reasonably nested schema is fine
+        await _send(s, "PATCH", streams + "/nosuch", 404, "stream_not_found", data=b"[" * 6000)
+
+
+@pytest.mark.parametrize("deny", [True, False])
+async def test_a_host_name_label_over_63_characters_is_a_422(r, redis_server, deny):
+    long_label = "a" * 64 + ".example"
+    cam = {"id": "cam", "url": "redis:frames:cam"}
+    async with running(api_cfg(redis_server.url, [cam], deny_private_addresses=deny)) as d, \
+            aiohttp.ClientSession() as s:
+        streams = d.api_url + "/api/v1/streams"
+        for url in (f"rtsp://{long_label}/x", f"http://{long_label}/x.m3u8", f"rtsp://user:pw@{long_label}:554/x",
+                    f"redis://{long_label}/0#frames:x", "rtsp://a..b/x", f"rtsp://{'é' * 64}.example/x",
+                    f"rtsp://{'a' * 300}/x", "rtsp://cam.example:99999/x", "rtsp://cam.example:abc/x"):
+            e = await _send(s, "POST", streams, 422, json={"id": "x", "url": url}, token=ADMIN)
+            assert e["code"] == "invalid_url", e
+            assert e["details"]["path"] == "url"
+            await _send(s, "PATCH", streams + "/cam", 422, json={"url": url}, token=ADMIN)
+        async with s.get(streams, headers=h(READ)) as resp:
+            assert [x["id"] for x in (await resp.json())["streams"]] == ["cam"]
+
+
+# -- 2. non-finite numbers ---------------------------------------------------------------------------------------
+async def test_non_finite_numbers_are_refused_by_post_and_patch(r, redis_server):
+    cam = {"id": "cam", "url": "redis:frames:cam", "fps": 2.0}
+    async with running(api_cfg(redis_server.url, [cam])) as d, aiohttp.ClientSession() as s:
+        streams = d.api_url + "/api/v1/streams"
+        for field in ("fps", "stall_timeout_s", "open_timeout_s"):
+            for number in (b"Infinity", b"-Infinity", b"NaN", b"1e999", b"-1e999"):  # not JSON numbers a float holds
+                post = b'{"id": "x", "url": "redis:frames:x", "%s": %s}' % (field.encode(), number)
+                await _send(s, "POST", streams, 400, "invalid_json", data=post)
+                await _send(s, "PATCH", streams + "/cam", 400, "invalid_json",
+                            data=b'{"%s": %s}' % (field.encode(), number))
+            huge = b"1" + b"0" * 400  # a JSON integer: parsed, then out of range for a float
+            await _send(s, "POST", streams, 422, "invalid_body",
+                        data=b'{"id": "x", "url": "redis:frames:x", "%s": %s}' % (field.encode(), huge))
+            await _send(s, "PATCH", streams + "/cam", 422, "invalid_body", data=b'{"%s": %s}' % (field.encode(), huge))
+        async with s.get(streams + "/cam", headers=h(READ)) as resp:
+            assert (await resp.json())["fps"] == 2.0
+        assert not await r.hexists("streamd:api:streams", "x")
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(ConfigError) as e:
+            parse_config({"streams": [{"id": "a", "url": "x.mp4", "fps": value}]}, environ={})
+        assert e.value.key == "streams.0.fps"
+
+
+# -- 3. PATCH of a config-file stream with a file URL ----------------------------------------------------------
+async def test_a_config_file_stream_with_a_file_url_can_be_patched(r, redis_server, clip):
+    cam = {"id": "file", "url": str(clip), "playback": "realtime", "loop": True, "fps": 2.0}
+    async with running(api_cfg(redis_server.url, [cam])) as d, aiohttp.ClientSession() as s:
+        u = d.api_url + "/api/v1/streams/file"
+        for token, fps in ((OPER, 1.0), (ADMIN, 3.0)):
+            async with s.patch(u, json={"fps": fps}, headers=h(token)) as resp:
+                body = await resp.json()
+                assert resp.status == 200, body
+                assert body["fps"] == fps and body["url"] == str(clip)
+        async with s.patch(u, json={"url": str(clip), "queue_size": 4}, headers=h(OPER)) as resp:
+            assert resp.status == 200, await resp.text()  # the same URL is no change
+        # what the client changes is still checked
+        await _send(s, "PATCH", u, 422, "scheme_not_allowed", json={"url": "/etc/passwd"})
+        await _send(s, "PATCH", u, 422, "option_not_allowed", json={"ffmpeg_options": {"protocol_whitelist": "file"}})
+        async with s.get(u, headers=h(READ)) as resp:
+            info = await resp.json()
+        assert info["url"] == str(clip) and info["fps"] == 3.0
+        await until(lambda: d.runners["file"].cfg.queue_size == 4, 5, what="the PATCHed stream")
+
+
+# -- 4. tokens in the config -------------------------------------------------------------------------------------
+def _config(tmp_path, redis_url, token_line):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"redis:\n  url: {redis_url}\napi:\n  enabled: true\n  port: 0\n  tokens:\n    - name: ops\n"
+                 f"      {token_line}\n")
+    return f
+
+
+def test_run_with_an_unset_token_env_exits_2_with_one_line(tmp_path, redis_server):
+    f = _config(tmp_path, redis_server.url, "token_env: STREAMD_TEST_UNSET_TOKEN")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "STREAMD_TEST_UNSET_TOKEN"}
+    p = subprocess.run(STREAMD + ["run", "-c", str(f)], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "api.tokens.0.token_env" in lines[0] and "STREAMD_TEST_UNSET_TOKEN" in lines[0], lines
+    v = subprocess.run(STREAMD + ["validate", str(f)], capture_output=True, text=True, timeout=60, env=env)
+    assert v.returncode == 2 and "STREAMD_TEST_UNSET_TOKEN" in v.stderr, v.stderr
+
+
+def test_a_plain_text_token_in_the_config_is_warned_about(tmp_path, redis_server):
+    f = _config(tmp_path, redis_server.url, "token: plain-text-token-0123456789")
+    proc = subprocess.Popen(STREAMD + ["run", "-c", str(f)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        err = []
+        for line in proc.stderr:
+            err.append(line)
+            if "control API listening" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+        err.append(proc.stderr.read())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(err)
+    assert rc == 0, text
+    warning = [ln for ln in text.splitlines() if "plain text" in ln]
+    assert warning and "ops" in warning[0] and "token_env" in warning[0], text
+    assert "plain-text-token-0123456789" not in text
+
+
+# -- 5. stream ids -------------------------------------------------------------------------------------------------
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+
+
+async def test_stream_ids_follow_the_documented_pattern(r, redis_server):
+    bad = [".", "..", "-a", "_a", ":a", ".hidden", "a b", "a/b", "", "a" * 129, "é"]
+    good = ["a", "cam-1", "gate.north", "site:7_cam", "A" * 128, "0"]
+    for sid in bad:
+        with pytest.raises(ValueError):
+            StreamConfig(id=sid, url="x.mp4")
+    for sid in good:
+        assert StreamConfig(id=sid, url="x.mp4").id == sid
+    assert StreamConfig.model_fields["id"].metadata[0].pattern == ID_PATTERN
+    assert ID_PATTERN.replace("\\", "") in (ROOT / "README.md").read_text().replace("\\", "")
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        for sid in (".", "..", "-a"):
+            e = await _send(s, "POST", d.api_url + "/api/v1/streams", 422, "invalid_body",
+                            json={"id": sid, "url": "redis:frames:x"})
+            assert _paths(e["details"]) == ["id"], e
+        async with s.get(d.api_url + "/openapi.json", headers=h(READ)) as resp:
+            doc = await resp.json()
+    param = doc["paths"]["/api/v1/streams/{id}"]["get"]["parameters"][0]
+    assert param["schema"]["pattern"] == ID_PATTERN
+    assert doc["components"]["schemas"]["StreamConfig"]["properties"]["id"]["pattern"] == ID_PATTERN
+
+
+# -- 6. errors aiohttp answers itself --------------------------------------------------------------------------
+async def test_bad_http_and_head_get_json_errors(r, redis_server):
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        for request in (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\nConnection: close\r\n\r\n",
+                        b"GARBAGE\r\n\r\n"):
+            status, headers, body = await _raw(d.api_url, request)
+            assert status == 400 and headers["content-type"].startswith("application/json"), (status, body)
+            err = __import__("json").loads(body)["error"]
+            assert err["code"] == "bad_request" and isinstance(err["details"], dict), err
+            assert b"aaaa" not in body  # the path is not echoed
+        # HEAD: what GET would answer, without the body; a route without GET answers 405 with Allow
+        for path in ("/api/v1/streams", "/health/live", "/openapi.json"):
+            async with s.head(d.api_url + path, headers=h(READ)) as resp:
+                assert resp.status == 200, path
+        async with s.head(d.api_url + "/api/v1/streams") as resp:
+            assert resp.status == 401 and resp.content_type == "application/json"
+        async with s.head(d.api_url + "/api/v1/prompts/vlm/global/rollback", headers=h(READ)) as resp:
+            assert resp.status == 405 and resp.content_type == "application/json" and resp.headers["Allow"] == "POST"
+        async with s.request("TRACE", d.api_url + "/api/v1/streams", headers=h(READ)) as resp:
+            e = (await resp.json())["error"]
+            assert resp.status == 405 and e["code"] == "method_not_allowed" and "GET" in resp.headers["Allow"]
+
+
+# -- 7. every error code documented ----------------------------------------------------------------------------
+def _codes_in_source() -> set[str]:
+    codes: set[str] = set()
+    for f in (ROOT / "streamd" / "api").glob("*.py"):
+        text = f.read_text()
+        codes |= set(re.findall(r"(?:ApiError|error_response)\(\s*[\w.]+,\s*\"([a-z_]+)\"", text))
+        for m in re.findall(r"code = \"([a-z_]+)\" if e\.code == \"\w+\" else \"([a-z_]+)\"", text):
+            codes |= set(m)
+        codes |= set(re.findall(r"\d{3}: \"([a-z_]+)\"", text))  # HTTP_CODES
+        codes |= set(re.findall(r"\.get\([\w.]+, \"([a-z_]+)\"\)", text))  # the fallback of HTTP_CODES
+    return codes
+
+
+async def test_every_error_code_is_documented(r, redis_server):
+    from streamd.api.errors import CODES
+
+    used = _codes_in_source()
+    expected = {"option_not_allowed", "unresolvable_host", "invalid_scope", "invalid_query", "unknown_prompt_kind",
+                "cors_denied", "method_not_allowed", "internal", "egress_refused", "redis_key_not_allowed",
+                "server_mode_not_allowed", "invalid_option_value", "invalid_json", "invalid_body", "not_ready",
+                "redis_unavailable", "bad_request"}
+    assert expected <= used, expected - used
+    assert used <= set(CODES), used - set(CODES)
+    readme = (ROOT / "README.md").read_text()
+    table = {m for m in re.findall(r"^\| `([a-z_]+)` \|", readme, re.M)}
+    assert set(CODES) <= table, set(CODES) - table
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        async with s.get(d.api_url + "/openapi.json", headers=h(READ)) as resp:
+            doc = await resp.json()
+        async with s.get(d.api_url + "/api/v1/nope", headers=h(READ)) as resp:
+            assert (await resp.json())["error"]["details"] == {}
+    error = doc["components"]["schemas"]["Error"]["properties"]["error"]
+    assert set(error["properties"]["code"]["enum"]) == set(CODES)
+    assert "object" in error["properties"]["details"]["type"]
+    assert set(error["required"]) == {"code", "message", "details"}
