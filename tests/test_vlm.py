@@ -41,10 +41,12 @@ async def test_prompt_switch_happens_at_one_frame_boundary(r, redis_server, clip
     finally:
         await srv.stop()
     recs = await results(r, "v")
-    versions = [x["prompt_versions"].get("vlm", {}).get("version") for x in recs]
-    first = next(i for i, v in enumerate(versions) if v is not None)
+    stamps = [x["prompt_versions"]["vlm"] for x in recs]  # every record says which prompt its frame was asked with
+    versions = [s["version"] for s in stamps]
+    first = next(i for i, v in enumerate(versions) if v)
+    assert all(s == {"scope": "config", "version": 0} for s in stamps[:first])  # the configured one until then
     tail = versions[first:]
-    assert None not in tail  # once the prompt exists, no record misses its version
+    assert 0 not in tail  # once the store's prompt exists, every record has its version
     assert tail == sorted(tail) and set(tail) == {1, 2}
     switch = tail.index(2)
     assert all(v == 1 for v in tail[:switch]) and all(v == 2 for v in tail[switch:])  # one boundary
