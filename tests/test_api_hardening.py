@@ -3,6 +3,8 @@ config-file streams can be changed, token configuration fails cleanly, stream id
 answers itself are JSON too, and every error code is documented. Real daemon, real Redis, real HTTP."""
 
 import asyncio
+import json
+import os
 import re
 import signal
 import subprocess
@@ -164,7 +166,7 @@ def _config(tmp_path, redis_url, token_line):
 
 def test_run_with_an_unset_token_env_exits_2_with_one_line(tmp_path, redis_server):
     f = _config(tmp_path, redis_server.url, "token_env: STREAMD_TEST_UNSET_TOKEN")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "STREAMD_TEST_UNSET_TOKEN"}
+    env = {k: v for k, v in os.environ.items() if k != "STREAMD_TEST_UNSET_TOKEN"}
     p = subprocess.run(STREAMD + ["run", "-c", str(f)], capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
@@ -231,7 +233,7 @@ async def test_bad_http_and_head_get_json_errors(r, redis_server):
                         b"GARBAGE\r\n\r\n"):
             status, headers, body = await _raw(d.api_url, request)
             assert status == 400 and headers["content-type"].startswith("application/json"), (status, body)
-            err = __import__("json").loads(body)["error"]
+            err = json.loads(body)["error"]
             assert err["code"] == "bad_request" and isinstance(err["details"], dict), err
             assert b"aaaa" not in body  # the path is not echoed
         # HEAD: what GET would answer, without the body; a route without GET answers 405 with Allow
