@@ -25,7 +25,7 @@ log = get_logger("streamd.prompts")
 KINDS = ("vlm", "vocabulary")
 CHANNEL = "streamd:prompts:changed"
 INDEX = "streamd:prompts:index"
-SCOPE_RE = re.compile(r"^(global|pipeline:[A-Za-z0-9_.:-]{1,128}|stream:[A-Za-z0-9_.:-]{1,128})$")
+SCOPE_RE = re.compile(r"^(global|pipeline:[A-Za-z0-9_.:-]{1,128}|stream:[A-Za-z0-9][A-Za-z0-9_.:-]{0,127})$")
 
 _PUT = """
 local v = redis.call('INCR', KEYS[1])

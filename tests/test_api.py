@@ -167,9 +167,9 @@ async def test_bad_requests_get_documented_4xx(r, redis_server):
                            code="invalid_json")
             assert "number" in b["error"]["message"], b
         b = await post(json={"id": "a", "url": "rtsp://cam.example/x", "fsp": 2}, status=422, code="invalid_body")
-        assert b["error"]["details"][0]["path"] == "fsp"
+        assert b["error"]["details"]["errors"][0]["path"] == "fsp"
         b = await post(json={"id": "a", "url": "rtsp://cam.example/x", "reconnect": {"max_ss": 1}}, status=422)
-        assert b["error"]["details"][0]["path"] == "reconnect.max_ss"
+        assert b["error"]["details"]["errors"][0]["path"] == "reconnect.max_ss"
         for bad in ("file:///etc/passwd", "/etc/passwd", "concat:a.mp4|b.mp4", "subfile:,,start,0,end,0,,:x.mp4",
                     "gopher://x/y"):
             await post(json={"id": "a", "url": bad}, status=422, code="scheme_not_allowed")

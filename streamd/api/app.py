@@ -69,7 +69,8 @@ async def _json_body(request: web.Request, model: Any) -> Any:
     if _depth(data) > MAX_DEPTH:
         raise ApiError(400, "invalid_json", f"the body nests arrays or objects deeper than {MAX_DEPTH} levels")
     if not isinstance(data, dict):
-        raise ApiError(422, "invalid_body", "the body must be a JSON object", [{"path": "<body>"}])
+        raise ApiError(422, "invalid_body", "the body must be a JSON object",
+                       {"errors": [{"path": "<body>", "message": "not an object", "type": "dict_type"}]})
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -226,11 +227,11 @@ async def _start(request: web.Request, s: StreamConfig, replace: bool, old: Stre
     known = pipeline_files.available(d.cfg)
     if s.pipeline not in known:  # only names of pipelines: never a path to some other YAML file
         raise ApiError(422, "invalid_pipeline", f"unknown pipeline {s.pipeline!r}",
-                       [{"path": "pipeline", "available": known}])
+                       {"path": "pipeline", "available": known})
     try:
         await d.api_put_stream(s, replace=replace)
     except ConfigError as e:
-        raise ApiError(422, "invalid_pipeline", str(e), [{"path": "pipeline", "key": e.key}]) from None
+        raise ApiError(422, "invalid_pipeline", str(e), {"path": "pipeline", "key": e.key}) from None
     except StreamExists as e:  # another request added the same id meanwhile
         raise ApiError(409, "stream_exists", str(e)) from None
     except StreamNotFound as e:  # another request removed it meanwhile
@@ -275,7 +276,7 @@ def _prompt_key(request: web.Request) -> tuple[str, str]:
     if kind not in KINDS:
         raise ApiError(404, "unknown_prompt_kind", f"prompt kinds: {', '.join(KINDS)}")
     if not SCOPE_RE.match(scope):
-        raise ApiError(422, "invalid_scope", "scope is global, pipeline:<name> or stream:<id>", [{"path": "scope"}])
+        raise ApiError(422, "invalid_scope", "scope is global, pipeline:<name> or stream:<id>", {"path": "scope"})
     return kind, scope
 
 
@@ -300,9 +301,9 @@ async def prompt_put(request: web.Request) -> web.Response:
     kind, scope = _prompt_key(request)
     body = await _json_body(request, PromptUpdate)
     if kind == "vlm" and not body.text:
-        raise ApiError(422, "invalid_body", "a vlm prompt needs text", [{"path": "text"}])
+        raise ApiError(422, "invalid_body", "a vlm prompt needs text", {"path": "text"})
     if kind == "vocabulary" and not body.phrases:
-        raise ApiError(422, "invalid_body", "a vocabulary needs phrases", [{"path": "phrases"}])
+        raise ApiError(422, "invalid_body", "a vocabulary needs phrases", {"path": "phrases"})
     content: dict[str, Any] = {"text": body.text} if kind == "vlm" else {"phrases": body.phrases}
     if kind == "vlm" and body.schema_ is not None:
         content["schema"] = body.schema_

@@ -26,7 +26,7 @@ CODES: dict[str, tuple[int, str]] = {
     "method_not_allowed": (405, "the route does not take that method (see Allow)"),
     "stream_exists": (409, "POST of a stream id that exists"),
     "body_too_large": (413, "the body is over api.max_body_bytes"),
-    "invalid_body": (422, "the body does not match the schema (details list each path), or is not an object"),
+    "invalid_body": (422, "the body does not match the schema (details.errors name each path), or is not an object"),
     "invalid_url": (422, "the stream URL cannot be used (e.g. a host name label over 63 characters)"),
     "scheme_not_allowed": (422, "a URL scheme not in api.allowed_schemes (files and FFmpeg pseudo-protocols never)"),
     "server_mode_not_allowed": (422, "the URL asks FFmpeg to listen (listen, mode=listener ...)"),
@@ -68,7 +68,7 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return web.json_response(body, status=status, headers=headers, dumps=jsonsafe.dumps)
 
 
-def validation_details(exc: Any) -> list[dict[str, Any]]:
-    """pydantic errors as [{"path": "reconnect.max_s", "message": ...}]."""
-    return [{"path": ".".join(str(p) for p in e["loc"]) or "<body>", "message": e["msg"], "type": e["type"]}
-            for e in exc.errors()]
+def validation_details(exc: Any) -> dict[str, Any]:
+    """pydantic errors as {"errors": [{"path": "reconnect.max_s", "message": ..., "type": ...}]}."""
+    return {"errors": [{"path": ".".join(str(p) for p in e["loc"]) or "<body>", "message": e["msg"],
+                        "type": e["type"]} for e in exc.errors()]}

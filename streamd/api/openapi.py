@@ -17,9 +17,8 @@ ERROR = {
         "code": {"type": "string", "enum": list(CODES),
                  "description": "; ".join(f"`{c}` ({s}): {why}" for c, (s, why) in CODES.items())},
         "message": {"type": "string", "description": "for people; may change between versions"},
-        "details": {"type": ["object", "array"],
-                    "description": "an object (`{}` when there is nothing to add); `invalid_body`: a list of "
-                                   "{path, message, type}"}}}},
+        "details": {"type": "object", "description": "`{}` when there is nothing to add; `invalid_body`: "
+                                                      "`errors`, a list of {path, message, type}"}}}},
 }
 STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad JSON or a bad HTTP request",
                401: "No or invalid token", 403: "Token lacks the scope", 404: "Not found", 409: "Conflict",
