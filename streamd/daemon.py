@@ -252,12 +252,20 @@ class Daemon:
     async def api_put_stream(self, s: StreamConfig, replace: bool = False) -> StreamRunner:
         """Add (or, with `replace`, change) a stream, then keep it in Redis so a restarted or second daemon sees
         it. Only an accepted stream is kept: a ConfigError (bad pipeline) leaves the old stream running and Redis
-        untouched; a Redis error stops the new stream again and restores the old one. Raises StreamExists /
+        untouched; a Redis error stops the new stream again and restores the old one. A change of a running
+        stream's `fps` or `stall_timeout_s` alone is applied without a restart (StreamRunner.apply: no reconnect,
+        seq and trackers go on); a Redis error then leaves the stream as it was. Raises StreamExists /
         StreamNotFound when another request got there first."""
         assert self.stored is not None
         async with self._stream_lock(s.id):
             if (s.id in self.runners) != replace:
                 raise StreamNotFound(s.id) if replace else StreamExists(s.id)
+            running = self.runners.get(s.id)
+            if running is not None and running.can_apply(s):
+                await self.stored.save(s)
+                running.apply(s)
+                self.api_stream_ids.add(s.id)
+                return running
             if s.pipeline not in self.pipelines:
                 self._pipeline_config(s.pipeline, "pipeline")  # refused before the old stream is touched
             old = self.runners.get(s.id)

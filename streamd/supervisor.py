@@ -47,6 +47,8 @@ class State(str, enum.Enum):
 
 
 TERMINAL = {State.FAILED, State.STOPPED}
+# config fields a running stream takes without reconnecting (StreamRunner.apply); any other change replaces it
+LIVE_FIELDS = frozenset({"fps", "stall_timeout_s"})
 
 
 class DropReporter:
@@ -135,11 +137,8 @@ class StreamRunner:
             else None
         self.egress = StreamEgress(egress_rules or EgressRules(), cfg.id, trusted)
         self.hls_state: dict[str, Any] = {}  # kept across reconnects: the HLS follower never decodes a segment twice
-        fps = cfg.fps
-        if self.ref is not None and self.ref.kind == "redis" and "fps" not in cfg.model_fields_set:
-            fps = None  # Redis input: every entry gets a result unless an fps is asked for
-        self.fps = fps  # the sampling rate in effect (None: every frame)
-        self.sampler = FpsSampler(fps)
+        self.fps = self.effective_fps(cfg)  # the sampling rate in effect (None: every frame)
+        self.sampler = FpsSampler(self.fps)
         policy = cfg.drop_policy
         if policy is None:
             live = self.ref is not None and (self.ref.live or cfg.playback.value == "realtime")
@@ -150,6 +149,32 @@ class StreamRunner:
         self._sampled = metrics.stream(cfg.id).sampled
         for st in State:
             metrics.stream_state.labels(cfg.id, st.value).set(0)
+
+    def effective_fps(self, cfg: StreamConfig) -> float | None:
+        """The sampling rate `cfg` means for this stream's source: a Redis input without an `fps` of its own gives
+        every entry a result."""
+        if self.ref is not None and self.ref.kind == "redis" and "fps" not in cfg.model_fields_set:
+            return None
+        return cfg.fps
+
+    def can_apply(self, cfg: StreamConfig) -> bool:
+        """`cfg` differs from the running config in fields that change without a reconnect only, and the stream
+        runs (a failed or stopped one is started again)."""
+        if self.state in TERMINAL or self._stop.is_set() or cfg.id != self.cfg.id:
+            return False
+        old, new = self.cfg.model_dump(), cfg.model_dump()
+        return all(old[k] == new[k] for k in old if k not in LIVE_FIELDS)
+
+    def apply(self, cfg: StreamConfig) -> None:
+        """Take `cfg` without a reconnect (see can_apply): the sampling rate changes at the next frame boundary
+        (seq and trackers go on), the watchdog times the next check with the new `stall_timeout_s` (FFmpeg's read
+        timeout follows at the next connection)."""
+        fps = self.effective_fps(cfg)
+        self.cfg = cfg
+        if fps != self.fps:
+            self.sampler.set_fps(fps)
+            log.info("stream sampling rate changed", stream=cfg.id, fps=fps, was=self.fps)
+            self.fps = fps
 
     @property
     def redis_source(self) -> Any:
@@ -339,8 +364,8 @@ class StreamRunner:
     async def _watch(self, src: PushSource) -> bool:
         """Wait for a source that fills the queue itself to end; raise TimeoutError when it stalls. The watchdog
         times the source only, never our own queue (a full `wait` queue blocks it on purpose)."""
-        stall_s = self.cfg.stall_timeout_s
         while not src.ended.done():
+            stall_s = self.cfg.stall_timeout_s  # read again: a PATCH can change it while the stream runs
             await asyncio.wait({src.ended}, timeout=min(1.0, stall_s / 4))
             if not src.ended.done() and src.idle_s > stall_s:
                 # said now, not once the source's thread has been closed (it may be stuck in a read)

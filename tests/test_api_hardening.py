@@ -284,3 +284,45 @@ async def test_every_error_code_is_documented(r, redis_server):
     assert set(error["properties"]["code"]["enum"]) == set(CODES)
     assert error["properties"]["details"]["type"] == "object"
     assert set(error["required"]) == {"code", "message", "details"}
+
+
+# -- 8. PATCH without a restart ----------------------------------------------------------------------------------
+async def test_patch_of_fps_applies_live_and_an_empty_patch_does_nothing(r, redis_server, clip):
+    from conftest import events, results
+
+    cam = {"id": "cam", "url": str(clip), "playback": "realtime", "loop": True, "fps": 2.0}
+    async with running(api_cfg(redis_server.url, [cam])) as d, aiohttp.ClientSession() as s:
+        u = d.api_url + "/api/v1/streams/cam"
+        await until(lambda: _at_least(r, "cam", 3), 20, what="results at 2 fps")
+        runner = d.runners["cam"]
+        n_events = len(await events(r, "cam"))
+        # nothing to change: 200 with the stream, the same runner, no event
+        for body in ({}, {"fps": 2.0, "queue_size": 8}, {"url": str(clip), "playback": "realtime"}):
+            async with s.patch(u, json=body, headers=h(OPER)) as resp:
+                info = await resp.json()
+                assert resp.status == 200 and info["id"] == "cam" and info["fps"] == 2.0, info
+            assert d.runners["cam"] is runner
+        assert len(await events(r, "cam")) == n_events
+        n_before = len(await results(r, "cam"))
+        async with s.patch(u, json={"fps": 5.0, "stall_timeout_s": 20}, headers=h(OPER)) as resp:
+            info = await resp.json()
+            assert resp.status == 200 and info["fps"] == 5.0 and info["state"] == "live", info
+        assert d.runners["cam"] is runner and runner.cfg.stall_timeout_s == 20
+        await until(lambda: _at_least(r, "cam", n_before + 12), 20, what="results at 5 fps")
+        evs = (await events(r, "cam"))[n_events:]
+        assert not [e for e in evs if e["type"] in ("state", "discontinuity")], evs
+        recs = await results(r, "cam")
+        assert [x["seq"] for x in recs] == list(range(len(recs)))  # seq goes on: no new runner, no reconnect
+        assert not any(x["discontinuity"] for x in recs[1:])
+        gaps = [b["pts_s"] - a["pts_s"] for a, b in zip(recs, recs[1:])]
+        before, after = gaps[:n_before - 2], gaps[n_before + 2:]
+        assert all(abs(g - 0.5) < 0.05 for g in before), before
+        assert all(abs(g - 0.2) < 0.05 for g in after), after
+    assert json.loads(await r.hget("streamd:api:streams", "cam"))["fps"] == 5.0  # kept like any PATCH
+
+
+async def _at_least(r, sid, n):
+    from conftest import results
+
+    recs = await results(r, sid)
+    return recs if len(recs) >= n else None

@@ -23,6 +23,7 @@ from streamd.config import ApiConfig, StreamConfig
 from streamd.errors import ConfigError, StreamdError
 from streamd.log import get_logger, redact_text
 from streamd.prompts import KINDS, SCOPE_RE, PromptNotFound
+from streamd.supervisor import TERMINAL
 
 if TYPE_CHECKING:
     from streamd.daemon import Daemon
@@ -258,6 +259,9 @@ async def stream_update(request: web.Request) -> web.Response:
         s = StreamConfig.model_validate(merged)
     except ValidationError as e:
         raise ApiError(422, "invalid_body", "the stream would be invalid", validation_details(e)) from None
+    if s.model_dump() == old.model_dump() and s.model_fields_set == old.model_fields_set \
+            and d.runners[sid].state not in TERMINAL:
+        return json_response(d.stream_info(sid))  # no change (an empty body, the same values): nothing happens
     return await _start(request, s, replace=True, old=old)
 
 
@@ -388,8 +392,8 @@ ROUTES: list[Route] = [
     Route("POST", f"{P}/streams", stream_create, "operate", "add a stream", StreamConfig, ok=201,
           response=R.StreamInfo),
     Route("GET", f"{P}/streams/{{id}}", stream_get, "read", "one stream's state and rates", response=R.StreamInfo),
-    Route("PATCH", f"{P}/streams/{{id}}", stream_update, "operate", "change a stream (it restarts)", StreamPatch,
-          response=R.StreamInfo),
+    Route("PATCH", f"{P}/streams/{{id}}", stream_update, "operate",
+          "change a stream (fps, stall_timeout_s: live; other fields restart it)", StreamPatch, response=R.StreamInfo),
     Route("DELETE", f"{P}/streams/{{id}}", stream_delete, "operate", "remove a stream", ok=204),
     Route("GET", f"{P}/prompts", prompts_list, "read", "current prompts of every scope", tag="prompts",
           response=R.PromptList),
