@@ -208,6 +208,28 @@ class PipelineConfig(Strict):
     queue_size: int = Field(16, ge=1, le=10_000, description="bounded queue between two stages")
 
 
+class FleetConfig(Strict):
+    """Several daemons on one Redis (streamd/fleet.py): each stream runs on exactly one of them."""
+
+    enabled: bool = Field(False, description="share the streams with the other daemons on this Redis (leases)")
+    member_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$",
+                                  description="this daemon's name in the fleet (default: <hostname>-<pid>)")
+    max_streams: int | None = Field(None, ge=1, description="streams this daemon may own (its capacity; "
+                                    "placement is weighted by it); null = no limit")
+    lease_ttl_s: float = Field(10.0, ge=1, le=300, description="a stream whose owner stops renewing moves to "
+                               "another daemon after this long")
+    renew_s: float = Field(1.0, gt=0, le=60, description="how often leases are renewed and streams placed")
+    settle_s: float = Field(10.0, ge=0, description="a new daemon gets streams handed over once it has been "
+                            "alive this long")
+    max_moves: int = Field(2, ge=0, le=1000, description="streams handed over per renew interval when rebalancing")
+
+    @model_validator(mode="after")
+    def _renew_within_ttl(self) -> "FleetConfig":
+        if self.renew_s * 2 > self.lease_ttl_s:
+            raise ValueError("renew_s must be at most half of lease_ttl_s")
+        return self
+
+
 class ShutdownConfig(Strict):
     grace_s: float = Field(10.0, ge=0, description="time to drain in-flight frames on SIGTERM/SIGINT")
 
@@ -223,6 +245,7 @@ class Config(Strict):
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     egress: EgressConfig = Field(default_factory=EgressConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
     pipelines_dir: str | None = Field(None, description="folder of pipeline YAML files (default: ./pipelines)")
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict, description="pipelines defined inline")
     streams: list[StreamConfig] = Field(default_factory=list)
@@ -238,7 +261,7 @@ class Config(Strict):
         return streams
 
 
-ENV_SECTIONS = ("redis", "log", "api", "shutdown", "events", "egress")
+ENV_SECTIONS = ("redis", "log", "api", "shutdown", "events", "egress", "fleet")
 
 
 def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:

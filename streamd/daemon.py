@@ -10,6 +10,7 @@ added and removed while it runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections import deque
 from typing import Any
@@ -71,6 +72,7 @@ class Daemon:
         self.redis: aioredis.Redis | None = None
         self._inputs_redis: aioredis.Redis | None = None
         self._cache_redis: aioredis.Redis | None = None
+        self._fleet_redis: aioredis.Redis | None = None
         self.sink: RedisSink | None = None
         self.doorbell: Doorbell | None = None
         self.pipelines: dict[str, Pipeline] = {}
@@ -93,6 +95,7 @@ class Daemon:
         self.pipeline_errors: dict[str, str] = {}  # pipelines whose setup failed: why (shown by /health)
         self.api_url: str | None = None
         self.last_ping: tuple[float, asyncio.Future[bool]] | None = None  # /health's Redis PING, shared for 1 s
+        self.fleet: Any = None  # streamd.fleet_streams.FleetStreams when fleet.enabled
         self.ready = False  # streams loaded and every started pipeline set up
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -132,8 +135,14 @@ class Daemon:
                 api = ApiServer(self, self.cfg.api)
                 await api.start()
                 self.api_url = api.url
+            if self.cfg.fleet.enabled:
+                from streamd.fleet_streams import FleetStreams
+
+                self._fleet_redis = redis_client(self.redis_url, 8)
+                self.fleet = FleetStreams(self, self._fleet_redis, _version())
+                background.append(tg.create_task(self.fleet.run(), name="fleet"))
             for s in self.cfg.streams:
-                self.add_stream(s)
+                self._offer(s, "config")
             if not await self._start_api_streams():  # Redis unreachable: keep trying in the background
                 background.append(tg.create_task(self._retry_api_streams(), name="api-streams"))
             try:
@@ -144,6 +153,9 @@ class Daemon:
             await stop.wait()
             if api is not None:
                 await api.stop()
+            if self.fleet is not None:  # hand every stream over at once, then stop
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.fleet.leave(), self.cfg.shutdown.grace_s)
             log.info("stopping: draining in-flight frames", grace_s=self.cfg.shutdown.grace_s)
             try:
                 await asyncio.wait_for(self._drain(), self.cfg.shutdown.grace_s)
@@ -171,7 +183,7 @@ class Daemon:
         await self.models.aclose()
         if self.sink is not None:
             await self.sink.aclose()
-        for c in [self.redis, self._inputs_redis, self._cache_redis, *self._clients.values()]:
+        for c in [self.redis, self._inputs_redis, self._cache_redis, self._fleet_redis, *self._clients.values()]:
             if c is not None:
                 try:
                     await c.aclose()
@@ -189,6 +201,13 @@ class Daemon:
         await self.shutdown()
 
     # -- streams ----------------------------------------------------------------------------------------------
+    def _offer(self, s: StreamConfig, origin: str) -> None:
+        """Start a stream here, or (fleet mode) let the fleet place it on one daemon."""
+        if self.fleet is not None:
+            self.fleet.offer(s, origin)
+        else:
+            self.add_stream(s, origin)
+
     def add_stream(self, s: StreamConfig, origin: str = "config") -> StreamRunner:
         """Start a stream (the daemon must be running). Raises ConfigError for an unknown pipeline. `origin` is
         "config" (the operator's file: its own host stays reachable) or "api" (the whole egress policy)."""
@@ -229,12 +248,12 @@ class Daemon:
                 log.warning("could not load API-added streams from Redis", error=str(e) or type(e).__name__)
                 return False
             for s, problem in stored:
-                if s.id in self.runners:
+                if s.id in self.runners or (self.fleet is not None and s.id in self.fleet.cfgs):
                     continue  # a stream of the config file (or one added meanwhile) has this id
                 self.api_stream_ids.add(s.id)
                 if problem is None:
                     try:
-                        self.add_stream(s, "api")
+                        self._offer(s, "api")
                         continue
                     except StreamdError as e:
                         problem = str(e)
@@ -477,7 +496,8 @@ class Daemon:
                 "frames_sampled": r.frames, "frames_decoded": r.decoded, "dropped": r.drops.total,
                 "queue_depth": len(r.queue), "last_frame_ts": r.last_frame_ts,
                 "results": self.sink.results_by_stream.get(sid, 0) if self.sink is not None else 0,
-                "source": "api" if sid in self.api_stream_ids else "config"}
+                "source": "api" if sid in self.api_stream_ids else "config",
+                "owner": self.fleet.member_id if self.fleet is not None else None}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -485,6 +505,15 @@ class Daemon:
                       "last_error": self.sink.last_error if self.sink is not None else None},
             "streams": {sid: self.stream_info(sid) for sid in self.runners},
         }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("streamd")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def check_config(cfg: Config) -> None:

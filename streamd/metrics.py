@@ -56,6 +56,12 @@ class Metrics:
                                        "in FFmpeg that have not returned yet (each returns within its timeout)",
                                        registry=r)
         self.abandoned_threads.set_function(Abandoned.alive)
+        self.results_fenced = Counter("streamd_results_fenced", "results not written because their stream's lease "
+                                      "had moved to another daemon (fleet)", ["stream"], registry=r)
+        self.ownership_changes = Counter("streamd_fleet_ownership_changes", "streams this daemon took over from "
+                                         "another or lost to another", ["direction"], registry=r)
+        self.lease_renew_failures = Counter("streamd_fleet_lease_renew_failures", "lease renewals that failed "
+                                            "(Redis errors, or the lease was gone)", registry=r)
         self._streams: dict[str, StreamMetrics] = {}
 
     def forget_stream(self, stream_id: str) -> int:
@@ -64,7 +70,7 @@ class Metrics:
         gone = 0
         for metric in (self.frames_in, self.frames_sampled, self.frames_dropped, self.frames_processed,
                        self.frames_failed, self.dead_letters, self.queue_depth, self.e2e_latency, self.stream_state,
-                       self.vlm_questions):
+                       self.vlm_questions, self.results_fenced):
             i = metric._labelnames.index("stream")  # prometheus_client has no public way to list children
             for values in [v for v in list(metric._metrics) if v[i] == stream_id]:
                 metric.remove(*values)

@@ -176,6 +176,11 @@ class StreamRunner:
             log.info("stream sampling rate changed", stream=cfg.id, fps=fps, was=self.fps)
             self.fps = fps
 
+    def continue_seq(self, start: int) -> None:
+        """Number this stream's frames from `start` (a stream taken over from another daemon continues its `seq`);
+        before its first connection only."""
+        self._seq = itertools.count(start)
+
     @property
     def redis_source(self) -> Any:
         """The stream's Redis input (the last one opened), or None."""

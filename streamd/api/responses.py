@@ -30,6 +30,7 @@ class StreamInfo(BaseModel):
     last_frame_ts: float | None = Field(..., description="capture time (Unix seconds) of the last sampled frame")
     results: int = Field(..., ge=0, description="result records published by this daemon")
     source: Literal["api", "config"] = Field(..., description="added through the API (kept in Redis) or the config")
+    owner: str | None = Field(None, description="fleet mode: the daemon (fleet.member_id) running the stream")
 
 
 class StreamList(BaseModel):

@@ -40,6 +40,11 @@ log = get_logger("streamd.sink")
 _MULTI, _EXEC = pack_command(("MULTI",)), pack_command(("EXEC",))
 
 
+# a result write in fleet mode: only while the stream's lease still holds the writer's token (fencing)
+FENCED_XADD = ("if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end "
+               "redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3)) return 1")
+
+
 @dataclass(slots=True)
 class Pending:
     key: str
@@ -49,6 +54,7 @@ class Pending:
     ack: InputRef | None = None
     queued_t: float = 0.0  # time.monotonic() when it was buffered
     event: bool = False  # a state/gap/dead-letter event: kept in the buffer's reserved share, dropped last
+    fence: tuple[str, str] | None = None  # (lease key, token): written only while the lease holds it (fleet)
 
     @property
     def stream_id(self) -> str:
@@ -97,6 +103,12 @@ class RedisSink:
         self.cfg = cfg
         self.metrics = metrics
         self._on_settled = on_settled
+        # fleet mode: the lease (key, token) a stream's results must still hold when written, and who to tell when
+        # a write was refused because the lease moved on
+        self.fence_for: Callable[[str], tuple[str, str] | None] | None = None
+        self.on_fenced: Callable[[str], None] | None = None
+        self.fenced = 0  # results refused because their stream's lease had moved to another daemon
+        self.member: str | None = None  # fleet mode: this daemon's id, written into each result (`daemon`)
         self._buf: deque[Pending] = deque()
         self._ready = asyncio.Event()
         self._full = asyncio.Event()  # publish_batch records are buffered
@@ -129,8 +141,12 @@ class RedisSink:
                 await self._space.wait()
             f = w.frame
             fields = {"schema_version": keys.SCHEMA_VERSION, "stream_id": f.stream_id, "seq": f.seq}
-            self._append(Pending(keys.results_key(f.stream_id), self.cfg.results_maxlen, fields, result_record(w),
-                                 f.ref))
+            fence = self.fence_for(f.stream_id) if self.fence_for is not None else None
+            rec = result_record(w)
+            if self.member is not None:
+                rec["daemon"] = self.member
+            self._append(Pending(keys.results_key(f.stream_id), self.cfg.results_maxlen, fields, rec, f.ref,
+                                 fence=fence))
 
     def event(self, stream_id: str, kind: str, fields: dict[str, Any] | None = None) -> None:
         """Queue an event; never waits (events are small and rare)."""
@@ -290,17 +306,31 @@ class RedisSink:
             if p.result is not None:
                 p.result["publish_ts"] = round(now, 6)
                 p.fields["record"] = _json(p.result)
-            cmds.append(pack_command(("XADD", p.key, "MAXLEN", "~", p.maxlen, "*", *chain(*p.fields.items()))))
+            if p.fence is not None:
+                cmds.append(pack_command(("EVAL", FENCED_XADD, 2, p.fence[0], p.key, p.fence[1], p.maxlen,
+                                          *chain(*p.fields.items()))))
+            else:
+                cmds.append(pack_command(("XADD", p.key, "MAXLEN", "~", p.maxlen, "*", *chain(*p.fields.items()))))
             if p.ack is not None:
                 cmds.append(pack_command(("XACK", p.ack.key, p.ack.group, p.ack.entry_id)))
         if tx:
             cmds.append(_EXEC)
         replies = await self._roundtrip(cmds)
-        error = next((r for r in (replies[-1] if tx else replies) if isinstance(r, Exception)), None)
+        replies = replies[-1] if tx else replies
+        error = next((r for r in replies if isinstance(r, Exception)), None)
         if error is not None:
             raise error
         done: dict[str, int] = {}  # results per stream
+        i = 0
         for p in batch:
+            reply = replies[i]
+            i += 1 + (p.ack is not None)
+            if p.fence is not None and reply == 0:  # the lease moved on: not written, and never will be
+                self.fenced += 1
+                self.metrics.results_fenced.labels(p.stream_id).inc()
+                if self.on_fenced is not None:
+                    self.on_fenced(p.stream_id)
+                continue
             if p.result is not None:
                 sid = p.result["stream_id"]
                 done[sid] = done.get(sid, 0) + 1

@@ -1,0 +1,285 @@
+"""Several daemons on one Redis: membership, one lease per stream, placement. Nothing here is home-made consensus:
+a lease is a Redis key set with NX and a TTL (value `<member>|<token>`), renewed and released by compare-and-set
+Lua scripts; a member is a key with a TTL that it refreshes.
+
+- Every daemon wants the same streams (the shared config file, plus the streams added through any daemon's API,
+  kept in Redis). For each stream the preferred owner is chosen by rendezvous hashing over the live members,
+  weighted by each member's capacity (`fleet.max_streams`); a daemon takes a free lease when it is the preferred
+  owner, or when the stream has been free for a whole lease TTL (its preferred owner does not take it).
+- A daemon that owns a stream renews its lease every `renew_s`; one that cannot (paused, cut off) loses it after
+  `lease_ttl_s`, and another takes over. The result writer checks the lease token in the same Lua call that writes
+  the result (`streamd.sinks.redis.FENCED_XADD`), so a daemon that lost its lease never publishes a result after the new owner started.
+- A daemon stopping gracefully releases its leases at once (hand-over within a renew interval).
+- Rebalancing: a stream whose preferred owner is another live member is handed over, at most `max_moves` per
+  interval, only after that member has been alive for `settle_s` (no flapping while members come and go).
+- Redis frame inputs take no lease: their consumer group splits the entries between daemons already.
+
+Keys: `streamd:{<stream>}:lease` (beside the stream's results: one Cluster slot), `streamd:fleet:member:<id>`
+(JSON: id, address, version, capacity, streams, load, heartbeat), `streamd:fleet:members` (a set of ids, pruned).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from streamd.log import get_logger
+
+log = get_logger("streamd.fleet")
+
+LEASE_KEY = "streamd:{{{stream}}}:lease"
+MEMBER_KEY = "streamd:fleet:member:{member}"
+MEMBERS_KEY = "streamd:fleet:members"
+
+_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def lease_key(stream_id: str) -> str:
+    return LEASE_KEY.format(stream=stream_id)
+
+
+def default_member_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def preferred(stream_id: str, members: dict[str, float]) -> str | None:
+    """Weighted rendezvous hashing: the member with the highest -w / ln(u), u a hash of (member, stream) in (0, 1)."""
+    best, best_score = None, -math.inf
+    for m, weight in members.items():
+        h = int.from_bytes(hashlib.blake2b(f"{m}\0{stream_id}".encode(), digest_size=8).digest(), "big")
+        u = (h + 1) / (2**64 + 1)
+        score = -weight / math.log(u)
+        if score > best_score:
+            best, best_score = m, score
+    return best
+
+
+@dataclass
+class Lease:
+    stream_id: str
+    token: str  # "<member>|<random>": the value of the lease key while it is ours
+    since: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> str:
+        return lease_key(self.stream_id)
+
+
+class Fleet:
+    """One daemon's view of the fleet. `on_acquire(stream_id, lease, previous_owner)` starts a stream here;
+    `on_release(stream_id, why)` stops it (the lease is already gone or being handed over)."""
+
+    def __init__(self, client: aioredis.Redis, cfg: Any, address: str | None, version: str,
+                 on_acquire: Callable[[str, Lease, str | None], Awaitable[None]],
+                 on_release: Callable[[str, str], Awaitable[None]], load: Callable[[], dict[str, Any]],
+                 metrics: Any = None):
+        self.r = client
+        self.cfg = cfg
+        self.member_id: str = cfg.member_id or default_member_id()
+        self.address = address
+        self.version = version
+        self.capacity = float(cfg.max_streams or 1000)
+        self._on_acquire = on_acquire
+        self._on_release = on_release
+        self._load = load
+        self.wanted: set[str] = set()  # streams that need an owner (leased kinds only)
+        self.leases: dict[str, Lease] = {}
+        self.members: dict[str, dict[str, Any]] = {}
+        self._free_since: dict[str, float] = {}
+        self._seen_since: dict[str, float] = {}  # member -> when we first saw it alive
+        self._wake = asyncio.Event()
+        self._metrics = metrics
+
+    @property
+    def ttl_ms(self) -> int:
+        return int(self.cfg.lease_ttl_s * 1000)
+
+    def want(self, stream_id: str) -> None:
+        self.wanted.add(stream_id)
+        self._wake.set()
+
+    def unwant(self, stream_id: str) -> None:
+        self.wanted.discard(stream_id)
+        self._free_since.pop(stream_id, None)
+
+    def owns(self, stream_id: str) -> bool:
+        return stream_id in self.leases
+
+    def token(self, stream_id: str) -> str | None:
+        lease = self.leases.get(stream_id)
+        return lease.token if lease else None
+
+    async def owner(self, stream_id: str) -> str | None:
+        raw = await self.r.get(lease_key(stream_id))
+        return raw.decode().split("|", 1)[0] if raw else None
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Heartbeat, renew, place: every `renew_s`, or at once when a stream is wanted. The first placement waits
+        one renew interval after the first heartbeat, so daemons started together see each other first."""
+        try:
+            await self._heartbeat()
+        except (RedisError, OSError) as e:
+            log.warning("fleet heartbeat failed", error=str(e) or type(e).__name__)
+        await asyncio.sleep(self.cfg.renew_s)
+        while True:
+            try:
+                await self.tick()
+            except (RedisError, OSError) as e:
+                log.warning("fleet tick failed", error=str(e) or type(e).__name__)
+            try:
+                async with asyncio.timeout(self.cfg.renew_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def tick(self) -> None:
+        await self._heartbeat()
+        await self._renew()
+        await self._place()
+
+    async def _heartbeat(self) -> None:
+        load = self._load()
+        rec = {"id": self.member_id, "address": self.address, "version": self.version, "capacity": self.capacity,
+               "streams": sorted(self.leases), "load": load, "heartbeat": time.time()}
+        async with self.r.pipeline(transaction=False) as p:
+            p.set(MEMBER_KEY.format(member=self.member_id), json.dumps(rec), px=self.ttl_ms)
+            p.sadd(MEMBERS_KEY, self.member_id)
+            await p.execute()
+        ids = sorted(m.decode() for m in await self.r.smembers(MEMBERS_KEY))
+        raws = await self.r.mget([MEMBER_KEY.format(member=m) for m in ids]) if ids else []
+        members = {}
+        for m, raw in zip(ids, raws):
+            if raw is None:
+                await self.r.srem(MEMBERS_KEY, m)  # its key expired: gone
+                continue
+            members[m] = json.loads(raw)
+        now = time.monotonic()
+        self._seen_since = {m: self._seen_since.get(m, now) for m in members}
+        self.members = members
+
+    async def _renew(self) -> None:
+        for sid, lease in list(self.leases.items()):
+            try:
+                ok = await self.r.eval(_RENEW, 1, lease.key, lease.token, self.ttl_ms)
+            except (RedisError, OSError) as e:
+                self._count_renew_failure()
+                if time.monotonic() - lease.since > self.cfg.lease_ttl_s:  # it may have expired meanwhile
+                    log.warning("lease renewal failing", stream=sid, error=str(e) or type(e).__name__)
+                continue
+            if ok:
+                lease.since = time.monotonic()
+            else:
+                self._count_renew_failure()
+                await self._lost(sid, "lease lost (another daemon owns the stream now)")
+
+    def _count_renew_failure(self) -> None:
+        if self._metrics is not None:
+            self._metrics.lease_renew_failures.inc()
+
+    def _count_change(self, direction: str) -> None:
+        if self._metrics is not None:
+            self._metrics.ownership_changes.labels(direction).inc()
+
+    async def _lost(self, sid: str, why: str) -> None:
+        if self.leases.pop(sid, None) is not None:
+            self._count_change("lost")
+            log.warning("stream lease lost", stream=sid, why=why)
+            await self._on_release(sid, why)
+
+    def fenced(self, sid: str) -> None:
+        """The result writer found the lease gone: stop the stream here now (called on the loop)."""
+        if sid in self.leases:
+            asyncio.get_running_loop().create_task(self._lost(sid, "lease lost (a result write was fenced)"))
+
+    def _weights(self) -> dict[str, float]:
+        """Placement weights of the members that are alive: heartbeat within three renew intervals (a member that
+        stopped renewing is out of placement at once, before its key expires)."""
+        now = time.time()
+        stale = max(3 * self.cfg.renew_s, 1.0)
+        return {m: float(rec.get("capacity") or 1.0) for m, rec in self.members.items()
+                if m == self.member_id or now - float(rec.get("heartbeat") or 0) <= stale}
+
+    async def _place(self) -> None:
+        weights = self._weights() or {self.member_id: self.capacity}
+        now = time.monotonic()
+        for sid in sorted(self.wanted - set(self.leases)):
+            if len(self.leases) >= self.capacity:
+                break
+            owner = await self.owner(sid)
+            if owner is not None:
+                self._free_since.pop(sid, None)
+                continue
+            since = self._free_since.setdefault(sid, now)
+            mine = preferred(sid, weights) == self.member_id
+            if mine or now - since >= self.cfg.lease_ttl_s:
+                await self._acquire(sid)
+        await self._rebalance(weights, now)
+
+    async def _acquire(self, sid: str) -> None:
+        token = f"{self.member_id}|{secrets.token_hex(8)}"
+        previous = await self.r.get(f"{lease_key(sid)}:last")
+        if not await self.r.set(lease_key(sid), token, nx=True, px=self.ttl_ms):
+            return
+        await self.r.set(f"{lease_key(sid)}:last", self.member_id)
+        lease = self.leases[sid] = Lease(sid, token)
+        self._free_since.pop(sid, None)
+        prev = previous.decode() if previous else None
+        if prev is not None and prev != self.member_id:
+            self._count_change("taken")
+        log.info("stream lease taken", stream=sid, previous_owner=prev)
+        try:
+            await self._on_acquire(sid, lease, prev)
+        except Exception:
+            log.exception("stream could not start after its lease was taken", stream=sid)
+            await self.release(sid)
+
+    async def _rebalance(self, weights: dict[str, float], now: float) -> None:
+        moves = 0
+        for sid in sorted(self.leases):
+            if moves >= self.cfg.max_moves:
+                return
+            want = preferred(sid, weights)
+            if want is None or want == self.member_id:
+                continue
+            if now - self._seen_since.get(want, now) < self.cfg.settle_s:
+                continue  # a member that just arrived: wait until it has stayed a while
+            if sid not in self.wanted:
+                continue
+            moves += 1
+            log.info("stream handed over", stream=sid, to=want)
+            await self.release(sid, "rebalanced to " + want)
+
+    async def release(self, sid: str, why: str = "released") -> None:
+        lease = self.leases.pop(sid, None)
+        if lease is None:
+            return
+        await self._on_release(sid, why)
+        try:
+            await self.r.eval(_RELEASE, 1, lease.key, lease.token)
+        except (RedisError, OSError) as e:  # it expires by itself
+            log.warning("lease not released", stream=sid, error=str(e) or type(e).__name__)
+
+    async def leave(self) -> None:
+        """Graceful stop: every lease released at once (the others take over within a renew interval)."""
+        for sid in list(self.leases):
+            await self.release(sid, "daemon stopping")
+        try:
+            await self.r.delete(MEMBER_KEY.format(member=self.member_id))
+            await self.r.srem(MEMBERS_KEY, self.member_id)
+        except (RedisError, OSError):
+            pass
