@@ -326,3 +326,54 @@ async def _at_least(r, sid, n):
 
     recs = await results(r, sid)
     return recs if len(recs) >= n else None
+
+
+# -- 9. one schema for POST and PATCH, strict types ------------------------------------------------------------
+async def test_post_and_patch_share_one_strict_schema(r, redis_server):
+    from streamd.api.schemas import StreamPatch
+
+    # PATCH takes every field of POST but the id, with the same bounds
+    post, patch = StreamConfig.model_json_schema(), StreamPatch.model_json_schema()
+    assert set(patch["properties"]) == set(post["properties"]) - {"id"}
+    for name, prop in patch["properties"].items():
+        want = {k: v for k, v in post["properties"][name].items() if k != "default"}
+        assert {k: v for k, v in prop.items() if k != "default"} == want, name
+    cam = {"id": "cam", "url": "redis:frames:cam", "fps": 2.0}
+    async with running(api_cfg(redis_server.url, [cam])) as d, aiohttp.ClientSession() as s:
+        streams, cam_u = d.api_url + "/api/v1/streams", d.api_url + "/api/v1/streams/cam"
+        # the same values are taken or refused by both: queue_size up to 10000, fps and timeouts as POST has them
+        for field, value, ok in (("queue_size", 10_000, True), ("queue_size", 10_001, False), ("fps", 500, True),
+                                 ("stall_timeout_s", 7200, True), ("open_timeout_s", 3601, False),
+                                 ("loop", "yes", False), ("fps", "2", False), ("queue_size", 4.0, False),
+                                 ("queue_size", True, False), ("url", 5, False), ("drop_policy", "wait", True),
+                                 ("ffmpeg_options", {"a b": "x"}, False), ("reconnect", {"max_attempts": "3"}, False)):
+            body = {"id": f"x{len(field)}", "url": "redis:frames:x", field: value}
+            if ok:
+                async with s.post(streams, json=body, headers=h(OPER)) as resp:
+                    assert resp.status == 201, (field, value, await resp.text())
+                async with s.delete(f"{streams}/{body['id']}", headers=h(OPER)) as resp:
+                    assert resp.status == 204
+                async with s.patch(cam_u, json={field: value}, headers=h(OPER)) as resp:
+                    assert resp.status == 200, (field, value, await resp.text())
+            else:
+                e = await _send(s, "POST", streams, 422, "invalid_body", json=body)
+                assert _paths(e["details"])[0].startswith(field), e
+                e = await _send(s, "PATCH", cam_u, 422, "invalid_body", json={field: value})
+                assert _paths(e["details"])[0].startswith(field), e
+        # prompts: strict rollback versions, no field the kind ignores, no empty phrases
+        base = d.api_url + "/api/v1/prompts"
+        async with s.put(base + "/vlm/global", json={"text": "q?"}, headers=h(OPER)) as resp:
+            assert resp.status == 201
+        for version in (True, "1", 1.0):
+            await _send(s, "POST", base + "/vlm/global/rollback", 422, "invalid_body", json={"version": version})
+        e = await _send(s, "PUT", base + "/vlm/global", 422, "invalid_body", json={"text": "q?", "phrases": ["a"]})
+        assert _paths(e["details"]) == ["phrases"], e
+        for body in ({"phrases": ["a"], "text": "q?"}, {"phrases": ["a"], "schema": {"type": "object"}}):
+            e = await _send(s, "PUT", base + "/vocabulary/global", 422, "invalid_body", json=body)
+            assert _paths(e["details"]) in (["text"], ["schema"]), e
+        for phrases in ([], [""], ["person", "  "]):
+            await _send(s, "PUT", base + "/vocabulary/global", 422, "invalid_body", json={"phrases": phrases})
+        async with s.put(base + "/vocabulary/global", json={"phrases": ["person"]}, headers=h(OPER)) as resp:
+            assert resp.status == 201
+        async with s.post(base + "/vlm/global/rollback", json={"version": 1}, headers=h(OPER)) as resp:
+            assert resp.status == 201

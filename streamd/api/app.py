@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,8 +73,8 @@ async def _json_body(request: web.Request, model: Any) -> Any:
     if not isinstance(data, dict):
         raise ApiError(422, "invalid_body", "the body must be a JSON object",
                        {"errors": [{"path": "<body>", "message": "not an object", "type": "dict_type"}]})
-    try:
-        return model.model_validate(data)
+    try:  # strict types ("2" is no number, "yes" no boolean); JSON mode, so enums still come as their strings
+        return model.model_validate_json(json.dumps(data), strict=True)
     except ValidationError as e:
         raise ApiError(422, "invalid_body", "the body does not match the schema", validation_details(e)) from None
 
@@ -289,6 +290,9 @@ def _author(request: web.Request, given: str | None) -> str:
     return p.name if request.app[AUTH].enabled else (given or "anonymous")
 
 
+IGNORED_BY_KIND = {"vlm": frozenset({"phrases"}), "vocabulary": frozenset({"text", "schema_"})}
+
+
 async def prompts_list(request: web.Request) -> web.Response:
     return json_response({"prompts": await _daemon(request).prompts.all_current()})  # type: ignore[union-attr]
 
@@ -304,6 +308,11 @@ async def prompt_get(request: web.Request) -> web.Response:
 async def prompt_put(request: web.Request) -> web.Response:
     kind, scope = _prompt_key(request)
     body = await _json_body(request, PromptUpdate)
+    ignored = sorted("schema" if f == "schema_" else f for f in body.model_fields_set & IGNORED_BY_KIND[kind])
+    if ignored:  # refused, not dropped: the client meant something the prompt would not do
+        raise ApiError(422, "invalid_body", f"a {kind} prompt takes no {', '.join(ignored)}",
+                       {"errors": [{"path": f, "message": f"not used by a {kind} prompt", "type": "extra_forbidden"}
+                                   for f in ignored]})
     if kind == "vlm" and not body.text:
         raise ApiError(422, "invalid_body", "a vlm prompt needs text", {"path": "text"})
     if kind == "vocabulary" and not body.phrases:
