@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,37 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_pan_clip(tmp_path_factory.mktemp("clips") / "pan.mp4", seconds=6, fps=30, size=(640, 360))
 
 
+# -- the control API's test tokens and configuration (tests/test_api*.py) -------------------------------------------
+ADMIN, OPER, READ = "admin-token-0123456789", "operate-token-0123456789", "read-token-0123456789abc"
+TOKENS = [{"name": "alice", "token": ADMIN, "scopes": ["admin"]},
+          {"name": "ops", "token": OPER, "scopes": ["operate"]},
+          {"name": "viewer", "token": READ, "scopes": ["read"]}]
+LOOPBACK_ALLOWED = {"allow": ["127.0.0.1/32", "::1/128", "localhost"]}  # the tests' own servers
+
+# the person detector as a pipeline's first stage (tests/test_detect_track.py, tests/test_vlm_modes.py)
+PERSON = [{"type": "detect", "model": "person", "labels": {"Normal": "person", "Fall": "person_fallen"},
+           "conf": 0.35}]
+
+
 def make_config(redis_url: str, streams: list[dict[str, Any]], **extra: Any) -> Any:
     streams = [{"pipeline": "frame_info", **s} for s in streams]  # model-free unless a test names a pipeline
     data: dict[str, Any] = {"redis": {"url": redis_url, "retry_initial_s": 0.05, "retry_max_s": 0.5},
                             "shutdown": {"grace_s": 5}, "streams": streams}
     data.update(extra)
     return parse_config(data, environ={})
+
+
+def api_cfg(redis_url: str, streams: Any = (), pipelines: dict[str, Any] | None = None,
+            egress: dict[str, Any] = LOOPBACK_ALLOWED, redis: dict[str, Any] | None = None, **api: Any) -> Any:
+    """A config with the control API on a free port, the three test tokens and no rate limit to speak of."""
+    return make_config(redis_url, list(streams), api={"enabled": True, "port": 0, "tokens": TOKENS,
+                                                      "rate_limit_per_s": 10_000, "rate_limit_burst": 10_000,
+                                                      **api}, egress=egress,
+                       **({"pipelines": pipelines} if pipelines else {}), **({"redis": redis} if redis else {}))
+
+
+def h(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 async def results(client: aioredis.Redis, stream_id: str) -> list[dict[str, Any]]:
@@ -75,6 +101,40 @@ async def until(cond: Any, timeout_s: float = 20.0, interval_s: float = 0.1, wha
             return last
         await asyncio.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+async def at_least(client: aioredis.Redis, stream_id: str, n: int) -> list[dict[str, Any]] | None:
+    """The stream's results once there are at least `n` (None before): `await until(lambda: at_least(r, sid, n))`."""
+    recs = await results(client, stream_id)
+    return recs if len(recs) >= n else None
+
+
+async def settled(client: aioredis.Redis, stream_id: str, quiet_s: float = 1.0) -> int:
+    """The number of the stream's results once it has not changed for `quiet_s`."""
+    n, since = -1, time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        m = len(await results(client, stream_id))
+        if m != n:
+            n, since = m, time.monotonic()
+        await asyncio.sleep(0.1)
+    return n
+
+
+async def vlm_at_least(client: aioredis.Redis, stream_id: str, n: int) -> list[dict[str, Any]] | None:
+    """The stream's VLM records once there are at least `n` (None before)."""
+    recs = await vlm_records(client, stream_id)
+    return recs if len(recs) >= n else None
+
+
+async def vlm_records(client: aioredis.Redis, stream_id: str) -> list[dict[str, Any]]:
+    return [json.loads(f[b"record"]) for _, f in await client.xrange(keys.vlm_key(stream_id))]
+
+
+def vlm_pipeline(*urls: str, fallback: str | None = None, model: str = "scripted", **opts: Any) -> dict[str, Any]:
+    """frame_info, then a VLM stage asking the given endpoints (and a fallback)."""
+    eps = [{"url": u} for u in urls] + ([{"url": fallback, "fallback": True}] if fallback else [])
+    return {"stages": [{"type": "frame_info"},
+                       {"type": "vlm", "model": model, "endpoints": eps, **opts}]}
 
 
 def states(evs: list[dict[str, Any]]) -> list[str]:

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from streamd.keys import API_STREAMS_KEY
-from conftest import running
-from test_api import ADMIN, api_cfg
+from conftest import ADMIN, api_cfg, running
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 HOOKS = Path(__file__).parent / "api_fuzz_hooks.py"

@@ -7,8 +7,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from streamd.testing import ManagedRedis
-from conftest import make_config, results, running, until
-from test_api import OPER, READ, api_cfg, h
+from conftest import OPER, READ, api_cfg, h, make_config, results, running, until
 
 
 def _error_shape(body):

@@ -16,7 +16,7 @@ from streamd.testing import push_frames
 from conftest import make_config, results, running, until
 
 ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
-needs_ort = pytest.mark.skipif(not ORT, reason="onnx / onnxruntime not installed (pip install 'streamd[onnx]')")
+needs_ort = pytest.mark.skipif(not ORT, reason="onnx / onnxruntime is not installed on this machine")
 P = Params(conf=0.25, iou=0.7, imgsz=640, max_det=300, half=False, classes=None, vocabulary=None, masks=True)
 
 
@@ -74,7 +74,7 @@ async def test_lanes_option_sets_the_forward_passes_at_once_and_their_batches(ph
         np.testing.assert_allclose(data[:, :4], reference[1][:, :4], atol=0.05)
 
 
-@pytest.mark.skipif(not cpu_bf16(), reason="this CPU has no native bfloat16 (AVX512-BF16 / AMX)")
+@pytest.mark.skipif(not cpu_bf16(), reason="this machine's CPU has no native bfloat16 (AVX512-BF16 / AMX)")
 async def test_half_on_a_bf16_cpu_runs_torch_lanes_in_bfloat16(photos, reference):
     """half: true on the CPU: PyTorch lanes under bfloat16 autocast (auto skips ONNX Runtime, which is float32);
     the same people as float32 model.predict, boxes within a few pixels."""
@@ -153,14 +153,18 @@ async def _one(r, sid):
     return recs or None
 
 
-def _gpu_with_tensorrt() -> bool:
+def _no_tensorrt() -> str | None:
+    """Why this machine cannot build a TensorRT engine, or None."""
     import torch
 
-    return torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed on this machine"
+    return None
 
 
-@pytest.mark.skipif(not _gpu_with_tensorrt(), reason="a TensorRT .engine needs an NVIDIA GPU and TensorRT: none here "
-                                                     "(no GPU lent to this task)")
+@pytest.mark.skipif(_no_tensorrt() is not None, reason=_no_tensorrt() or "")
 async def test_a_tensorrt_engine_detects_people_on_a_gpu(r, redis_server, tmp_path, photos):  # pragma: no cover
     shutil.copyfile(resolve_model_path("person"), tmp_path / "person.pt")
     engine = load_yolo(str(tmp_path / "person.pt")).export(format="engine", imgsz=640, device=0, verbose=False)

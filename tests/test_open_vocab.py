@@ -83,8 +83,10 @@ async def test_vocabulary_switches_at_one_frame_boundary_and_reuses_cached_embed
         out = x["outputs"]["detect"]
         assert (out["vocabulary_scope"], out["vocabulary_version"]) == (scope, version)
         phrases = B if version == 1 else A
-        # conf 0: random weights give boxes (YOLOE-seg drops the boxes whose masks come out empty)
-        assert out["detections"] or model == YOLOE, x["seq"]
+        # conf 0: random weights give boxes on every frame (YOLOE-seg drops the boxes whose masks come out empty:
+        # some of its frames have none, each vocabulary block has some, below)
+        if model != YOLOE:
+            assert out["detections"], x["seq"]
         for det_ in out["detections"]:
             assert 0 <= det_["class_id"] < len(phrases), (version, det_)
             assert det_["label"] == phrases[det_["class_id"]], (version, det_)

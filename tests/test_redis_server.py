@@ -12,7 +12,7 @@ import pytest
 
 STREAMD = [sys.executable, "-m", "streamd"]
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="this machine has no Linux /proc")
 
 
 def _stat(pid: int) -> tuple[str, str, int, int] | None:

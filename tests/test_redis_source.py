@@ -5,7 +5,7 @@ import pytest
 
 from streamd import keys
 from streamd.testing import encode_jpeg, push_frames
-from conftest import events, make_config, results, running, until
+from conftest import at_least, events, make_config, results, running, until
 
 
 def images(n, h=48, w=64):
@@ -25,10 +25,10 @@ async def test_redis_frames_one_result_per_entry_all_acked(r, redis_server):
     ids += await push_frames(r, "frames:cam", imgs[7:], "raw", extra={"site": "north"})
     cfg = make_config(redis_server.url, [{"id": "rf", "url": f"{redis_server.url}#frames:cam"}])
     async with running(cfg):
-        recs = await until(lambda: _n(r, "rf", 10), 20, what="10 results")
+        recs = await until(lambda: at_least(r, "rf", 10), 20, what="10 results")
         await until(lambda: _zero(r, "frames:cam"), 10, what="all acknowledged")
         more = await push_frames(r, "frames:cam", images(2), "jpeg")  # entries added while running
-        recs = await until(lambda: _n(r, "rf", 12), 20, what="12 results")
+        recs = await until(lambda: at_least(r, "rf", 12), 20, what="12 results")
         await until(lambda: _zero(r, "frames:cam"), 10, what="all acknowledged")
     assert [x["input"]["entry_id"] for x in recs] == ids + more
     assert len({x["seq"] for x in recs}) == 12
@@ -36,11 +36,6 @@ async def test_redis_frames_one_result_per_entry_all_acked(r, redis_server):
     assert raw["meta"] == {"site": "north"} and raw["width"] == 64
     # the raw frame decoded to the exact pixels: mean matches
     assert abs(raw["outputs"]["frame_info"]["mean_brightness"] - float(np.mean(imgs[9][::32, ::32]))) < 0.01
-
-
-async def _n(r, sid, n):
-    recs = await results(r, sid)
-    return recs if len(recs) >= n else None
 
 
 async def _zero(r, key):
@@ -103,7 +98,7 @@ async def test_poison_entry_goes_to_dead_letters_after_max_deliveries(r, redis_s
         dead = await until(lambda: r.xrange(keys.dead_letter_key("frames:p")), 20, what="a dead letter")
         await until(lambda: _zero(r, "frames:p"), 10, what="all acknowledged")
         later = await push_frames(r, "frames:p", images(1), "jpeg")  # the stream goes on after it
-        await until(lambda: _n(r, "p", 4), 20, what="a result after the dead letter")
+        await until(lambda: at_least(r, "p", 4), 20, what="a result after the dead letter")
         recs = await results(r, "p")
         evs = await events(r, "p", "dead_letter")
         state = d.runners["p"].state.value
@@ -128,7 +123,7 @@ async def test_consumer_restart_rereads_its_own_pending_entries(r, redis_server)
     cfg = make_config(redis_server.url, [{"id": "c", "url": "redis:frames:c"}],
                       redis={"url": redis_server.url, "consumer": "worker-1"})
     async with running(cfg):
-        recs = await until(lambda: _n(r, "c", 3), 20, what="3 results")
+        recs = await until(lambda: at_least(r, "c", 3), 20, what="3 results")
         await until(lambda: _zero(r, "frames:c"), 10, what="all acknowledged")
     assert [x["input"]["entry_id"] for x in recs] == ids
     assert all(x["input"]["deliveries"] >= 2 for x in recs)
@@ -144,7 +139,7 @@ async def test_restart_pages_through_all_its_own_pending_entries(r, redis_server
                                           "redis_input": {"read_count": 2, "claim_idle_ms": 120_000}}],
                       redis={"url": redis_server.url, "consumer": "worker-1"})
     async with running(cfg):
-        recs = await until(lambda: _n(r, "pg", 40), 30, what="40 results well before claim_idle_ms")
+        recs = await until(lambda: at_least(r, "pg", 40), 30, what="40 results well before claim_idle_ms")
         await until(lambda: _zero(r, "frames:pg"), 10, what="all acknowledged")
     assert sorted(x["input"]["entry_id"] for x in recs) == ids
     assert len(recs) == 40
@@ -159,7 +154,7 @@ async def test_a_dead_consumers_entries_are_claimed_all_at_once(r, redis_server)
     cfg = make_config(redis_server.url, [{"id": "dc", "url": "redis:frames:dc",
                                           "redis_input": {"read_count": 2, "claim_idle_ms": 1000}}])
     async with running(cfg) as d:
-        recs = await until(lambda: _n(r, "dc", 64), 8, what="64 claimed results")
+        recs = await until(lambda: at_least(r, "dc", 64), 8, what="64 claimed results")
         info = d.stream_info("dc")
     assert sorted(x["input"]["entry_id"] for x in recs) == ids
     assert info["fps"] is None  # every entry gets a result: the effective rate, not the 2.0 default

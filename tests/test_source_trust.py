@@ -24,7 +24,7 @@ from streamd.redis_server import free_port
 from streamd.sources.base import Abandoned
 from streamd.testing import RtspServer
 from streamd.testing_egress import Canary, RebindingDns, connect_guard, redirect
-from conftest import events, make_config, results, running, states, until
+from conftest import at_least, events, make_config, results, running, settled, states, until
 
 ALLOWED = "127.0.0.2"
 CANARY = "127.0.0.3"
@@ -94,17 +94,6 @@ def ts_clip(clip, tmp_path_factory) -> bytes:
     return out.read_bytes()
 
 
-async def _settled(r, sid: str, quiet_s: float = 1.0) -> int:
-    """The number of results once it has not changed for `quiet_s`."""
-    n, since = -1, time.monotonic()
-    while time.monotonic() - since < quiet_s:
-        m = len(await results(r, sid))
-        if m != n:
-            n, since = m, time.monotonic()
-        await asyncio.sleep(0.1)
-    return n
-
-
 def _pts(recs) -> list[float]:
     return [x["pts_s"] for x in recs]
 
@@ -121,7 +110,7 @@ async def test_http_mp4_plays_every_frame_once_then_stops(r, redis_server, clip,
         cfg = make_config(redis_server.url, [{"id": "mp4", "url": origin.url("/clip.mp4"), "fps": None}])
         async with running(cfg) as d:
             await until(lambda: d.runners["mp4"].state.value == "stopped", 60, what="the recording ended")
-            n = await _settled(r, "mp4")  # the last frames are still in the pipeline when the source ends
+            n = await settled(r, "mp4")  # the last frames are still in the pipeline when the source ends
             await asyncio.sleep(2.0)
             assert len(await results(r, "mp4")) == n  # never replayed
             assert d.runners["mp4"].reason_code == "ended"
@@ -141,7 +130,7 @@ async def test_corrupt_middle_file_is_skipped_never_replayed(r, redis_server, cl
                                           "reconnect": {"initial_s": 0.1, "max_attempts": 50}}])
     async with running(cfg) as d:
         await until(lambda: d.runners["cm"].state.value in ("stopped", "failed"), 60, what="the file ended")
-        n = await _settled(r, "cm")
+        n = await settled(r, "cm")
         await asyncio.sleep(2.0)
         assert len(await results(r, "cm")) == n
     pts = _pts(await results(r, "cm"))
@@ -197,14 +186,15 @@ async def _state_event(r, sid: str, to: str):
     return next((e for e in await events(r, sid, "state") if e["to"] == to), None)
 
 
-@pytest.mark.skipif(not RtspServer.available(), reason="Debian's GStreamer RTSP server (python3-gi) not installed")
+@pytest.mark.skipif(not RtspServer.available(),
+                    reason="Debian's GStreamer RTSP server (python3-gi) is not installed on this machine")
 async def test_rtsp_camera_frozen_with_sigstop_is_stalled_on_time(r, redis_server):
     srv = RtspServer(size=(320, 180)).start()
     try:
         cfg = make_config(redis_server.url, [{"id": "cam", "url": srv.url, "fps": 5.0, "stall_timeout_s": 2,
                                               "open_timeout_s": 30, "reconnect": {"initial_s": 30}}])
         async with running(cfg) as d:
-            await until(lambda: _n(r, "cam", 3), 40, what="3 RTSP results")
+            await until(lambda: at_least(r, "cam", 3), 40, what="3 RTSP results")
             os.killpg(srv.proc.pid, signal.SIGSTOP)
             t0 = time.time()
             try:
@@ -216,11 +206,6 @@ async def test_rtsp_camera_frozen_with_sigstop_is_stalled_on_time(r, redis_serve
         srv.stop()
     assert ev["ts"] - t0 <= 2.0 + 1.5, ev["ts"] - t0
     assert ev["reason_code"] == "stalled"
-
-
-async def _n(r, sid, n):
-    recs = await results(r, sid)
-    return recs if len(recs) >= n else None
 
 
 async def test_flapping_source_still_reaches_failed(r, redis_server, ts_clip):
@@ -287,14 +272,14 @@ async def test_a_rebinding_name_never_leads_a_connection_to_its_second_address(r
         async with running(cfg) as d:
             with RebindingDns("rebind.test", ALLOWED, CANARY) as dns:
                 d.add_stream(stream("rb-tcp", f"tcp://rebind.test:{live.port}/live.ts", fps=None), "api")
-                await until(lambda: _n_results(r, "rb-tcp", 5), 20, what="results through the checked address")
+                await until(lambda: at_least(r, "rb-tcp", 5), 20, what="results through the checked address")
                 first = dns.lookups
             with RebindingDns("rebind.test", ALLOWED, CANARY):
                 d.add_stream(stream("rb-http", f"http://rebind.test:{web.port}/clip.mp4", fps=None), "api")
                 await until(lambda: d.runners["rb-http"].state.value in ("stopped", "failed", "backoff"), 20,
                             what="the HTTP stream to end or be refused")
             http_state, http_code = d.runners["rb-http"].state.value, d.runners["rb-http"].reason_code
-            http_results = await _settled(r, "rb-http")
+            http_results = await settled(r, "rb-http")
     finally:
         for s in (live, canary):
             s.stop()
@@ -306,10 +291,6 @@ async def test_a_rebinding_name_never_leads_a_connection_to_its_second_address(r
     # it either played over the first (checked) connection or was refused on a later resolution: never the canary
     assert (http_state == "stopped" and http_results == CLIP_FRAMES) or http_code == "egress_refused", \
         (http_state, http_code, http_results)
-
-
-async def _n_results(r, sid, n):
-    return len(await results(r, sid)) >= n
 
 
 def _reason(d, sid):

@@ -1,23 +1,9 @@
 """The VLM stage through the `openai` backend, against real HTTP servers. Prompt versions from the store."""
 
-import asyncio
-import json
-
 import aiohttp
 
-from streamd import keys
 from streamd.testing import ScriptedOpenAI, prompt_text
-from conftest import make_config, results, running, until
-
-
-async def vlm_records(r, sid):
-    return [json.loads(f[b"record"]) for _, f in await r.xrange(keys.vlm_key(sid))]
-
-
-def vlm_pipeline(*urls, fallback=None, model="scripted", **opts):
-    eps = [{"url": u} for u in urls] + ([{"url": fallback, "fallback": True}] if fallback else [])
-    return {"stages": [{"type": "frame_info"},
-                       {"type": "vlm", "model": model, "endpoints": eps, **opts}]}
+from conftest import at_least, make_config, results, running, until, vlm_at_least, vlm_pipeline, vlm_records
 
 
 async def test_prompt_switch_happens_at_one_frame_boundary(r, redis_server, clip):
@@ -32,12 +18,12 @@ async def test_prompt_switch_happens_at_one_frame_boundary(r, redis_server, clip
             async with s.put(url, json={"text": "what is the first question?"}) as resp:
                 assert resp.status == 201
             await until(lambda: d.prompt_cache.resolve("vlm", "v", "p"), 5)
-            await until(lambda: _n(r, "v", 10), 20)
+            await until(lambda: at_least(r, "v", 10), 20)
             async with s.put(url, json={"text": "and the second?"}) as resp:
                 assert (await resp.json())["version"] == 2
             n = len(await results(r, "v"))
-            await until(lambda: _n(r, "v", n + 10), 20)
-            await until(lambda: _vn(r, "v", 4), 20)
+            await until(lambda: at_least(r, "v", n + 10), 20)
+            await until(lambda: vlm_at_least(r, "v", 4), 20)
     finally:
         await srv.stop()
     recs = await results(r, "v")
@@ -63,14 +49,6 @@ async def test_prompt_switch_happens_at_one_frame_boundary(r, redis_server, clip
     assert asked and len(asked) < len(recs)  # asked at its own rate, not every frame
 
 
-async def _n(r, sid, n):
-    return len(await results(r, sid)) >= n
-
-
-async def _vn(r, sid, n):
-    return len(await vlm_records(r, sid)) >= n
-
-
 async def test_fallback_takes_over_when_the_primary_dies(r, redis_server, clip):
     primary = await ScriptedOpenAI(lambda req: "primary").start()
     backup = await ScriptedOpenAI(lambda req: "backup").start()
@@ -81,10 +59,10 @@ async def test_fallback_takes_over_when_the_primary_dies(r, redis_server, clip):
                                                    retry={"attempts": 3, "initial_s": 0.05, "eject_s": 60})})
     try:
         async with running(cfg) as d:
-            await until(lambda: _vn(r, "f", 3), 20, what="answers from the primary")
+            await until(lambda: vlm_at_least(r, "f", 3), 20, what="answers from the primary")
             await primary.stop()  # killed mid-run
             await until(lambda: d.runners["f"].state.value == "stopped", 30)
-            await until(lambda: _vn(r, "f", 24), 30, what="an answer for every sampled frame")
+            await until(lambda: vlm_at_least(r, "f", 24), 30, what="an answer for every sampled frame")
     finally:
         await backup.stop()
         await primary.stop()
@@ -144,13 +122,13 @@ async def test_sglang_backend_without_sglang_fails_the_stream_clearly(r, redis_s
     if _has_sglang():
         import pytest
 
-        pytest.skip("sglang is installed here; this test covers the message shown where it is not")
+        pytest.skip("SGLang is installed on this machine (this test covers the error shown where it is not)")
     cfg = make_config(redis_server.url, [{"id": "sg", "url": str(clip), "pipeline": "p"},
                                          {"id": "fine", "url": str(clip), "fps": 1.0}],
                       pipelines={"p": {"stages": [{"type": "vlm", "backend": "sglang", "model": "Qwen/x"}]}})
     async with running(cfg) as d:
         await until(lambda: d.runners["sg"].state.value == "failed", 20)
-        await until(lambda: _n(r, "fine", 6), 20)
+        await until(lambda: at_least(r, "fine", 6), 20)
         reason = d.runners["sg"].reason
     assert "pip install 'streamd[sglang]'" in reason and "openai backend" in reason
 
@@ -164,7 +142,7 @@ async def test_transformers_backend_batches_streams_into_one_generate(r, redis_s
                       pipelines={"p": {"stages": [stage]}})
     async with running(cfg) as d:
         for i in range(3):
-            await until(lambda: _vn(r, f"t{i}", 6), 60, what=f"answers for t{i}")
+            await until(lambda: vlm_at_least(r, f"t{i}", 6), 60, what=f"answers for t{i}")
         assert d.pipelines["p"].stages[0].skipped == 0
         shared = next(iter(d.models._models.values()))
     for i in range(3):
@@ -238,10 +216,10 @@ async def test_fallback_to_a_real_server_when_the_primary_endpoint_dies(r, redis
                                                    retry={"attempts": 3, "initial_s": 0.05, "eject_s": 60})})
     try:
         async with running(cfg) as d:
-            await until(lambda: _vn(r, "fb", 3), 60, what="answers through the primary")
+            await until(lambda: vlm_at_least(r, "fb", 3), 60, what="answers through the primary")
             await primary.stop()  # the endpoint dies mid-run
             await until(lambda: d.runners["fb"].state.value == "stopped", 30)
-            await until(lambda: _vn(r, "fb", 12), 60, what="an answer for every sampled frame")
+            await until(lambda: vlm_at_least(r, "fb", 12), 60, what="an answer for every sampled frame")
     finally:
         await primary.stop()
     answers = sorted(await vlm_records(r, "fb"), key=lambda a: a["seq"])
@@ -262,9 +240,10 @@ def _cuda() -> bool:
 async def test_sglang_engine_answers_on_a_gpu(r, redis_server, clip, tiny_vlm):
     import pytest
 
-    if not _has_sglang() or not _cuda():
-        pytest.skip("needs SGLang (pip install 'streamd[sglang]') and a CUDA GPU: SGLang has no CPU build; "
-                    "without them the backend's clear error is tested above")
+    if not _cuda():
+        pytest.skip("no CUDA GPU on this machine")
+    if not _has_sglang():
+        pytest.skip("SGLang is not installed on this machine")
     stage = {"type": "vlm", "backend": "sglang", "model": str(tiny_vlm), "every_s": 0, "max_tokens": 4,
              "max_pixels": 112 * 112}
     cfg = make_config(redis_server.url, [{"id": "sgl", "url": str(clip), "fps": 1.0, "pipeline": "p"}],
@@ -279,9 +258,10 @@ async def test_transformers_backend_4bit_on_a_gpu(r, redis_server, clip, tiny_vl
 
     import pytest
 
-    if not _cuda() or importlib.util.find_spec("bitsandbytes") is None:
-        pytest.skip("needs a CUDA GPU and bitsandbytes (pip install 'streamd[gpu]'); on the CPU the clear error "
-                    "is tested above")
+    if not _cuda():
+        pytest.skip("no CUDA GPU on this machine")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed on this machine")
     stage = {"type": "vlm", "backend": "transformers", "model": str(tiny_vlm), "device": "cuda",
              "quantization": "4bit", "dtype": "float16", "every_s": 0, "max_tokens": 4, "max_pixels": 112 * 112}
     cfg = make_config(redis_server.url, [{"id": "q4", "url": str(clip), "fps": 1.0, "pipeline": "p"}],

@@ -16,9 +16,8 @@ import pytest
 from streamd.config import parse_config
 from streamd.errors import ConfigError
 from streamd.testing import ScriptedOpenAI, prompt_text, request_images
-from conftest import events, make_config, results, running, until
-from test_detect_track import PERSON
-from test_vlm import vlm_pipeline, vlm_records
+from conftest import (PERSON, at_least, events, make_config, results, running, until, vlm_at_least, vlm_pipeline,
+                      vlm_records)
 
 
 def flat(n: int) -> np.ndarray:
@@ -81,7 +80,7 @@ async def test_tags_become_time_ranges(r, redis_server, mode):
     try:
         async with running(cfg):
             await push(r, "frames:tg", [(n, flat(n)) for n in range(12)])
-            await until(lambda: _vn(r, "tg", 12), 20, what="12 answers")
+            await until(lambda: vlm_at_least(r, "tg", 12), 20, what="12 answers")
     finally:
         await srv.stop()
     answers = {a["seq"]: a for a in await vlm_records(r, "tg")}
@@ -121,7 +120,7 @@ async def test_tag_end_waits_for_end_after_s(r, redis_server):
     try:
         async with running(cfg):
             await push(r, "frames:te", [(n, flat(n)) for n in range(6)])
-            await until(lambda: _vn(r, "te", 6), 20, what="6 answers")
+            await until(lambda: vlm_at_least(r, "te", 6), 20, what="6 answers")
     finally:
         await srv.stop()
     evs = [e for e in await events(r, "te") if e["type"].startswith("tag_")]
@@ -145,7 +144,7 @@ async def test_summary_mode_summarises_windows_of_captions(r, redis_server):
     try:
         async with running(cfg) as d:
             await push(r, "frames:su", [(n, flat(n)) for n in range(12)])
-            await until(lambda: _vn(r, "su", 14), 20, what="12 captions and 2 summaries")
+            await until(lambda: vlm_at_least(r, "su", 14), 20, what="12 captions and 2 summaries")
         # the last, partial window is summarised at shutdown
         recs = await vlm_records(r, "su")
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -183,8 +182,8 @@ async def test_scene_change_and_clips(r, redis_server):
     try:
         async with running(cfg):
             await push(r, "frames:sc", frames)
-            await until(lambda: _n(r, "sc", 10), 20, what="10 results")
-            await until(lambda: _vn(r, "sc", 2), 10, what="2 answers")
+            await until(lambda: at_least(r, "sc", 10), 20, what="10 results")
+            await until(lambda: vlm_at_least(r, "sc", 2), 10, what="2 answers")
             await asyncio.sleep(0.5)
     finally:
         await srv.stop()
@@ -211,7 +210,7 @@ async def test_new_tracks_are_asked_about_their_crop(r, redis_server, tmp_path):
                       pipelines={"p": pipeline})
     async with running(cfg) as d:
         await until(lambda: d.runners["nt"].state.value == "stopped", 120, what="end of clip")
-        await until(lambda: _n(r, "nt", 10), 60, what="10 results")
+        await until(lambda: at_least(r, "nt", 10), 60, what="10 results")
         await asyncio.sleep(0.5)
     await srv.stop()
     recs = await results(r, "nt")
@@ -227,7 +226,8 @@ async def test_new_tracks_are_asked_about_their_crop(r, redis_server, tmp_path):
         (w, h), = request_images(req)
         x1, y1, x2, y2 = a["box"]
         px, py = 0.1 * (x2 - x1), 0.1 * (y2 - y1)  # the box grown by crop_padding, clipped to the frame
-        assert abs(w - (min(960, x2 + px) - max(0, x1 - px))) <= 2 and abs(h - (min(540, y2 + py) - max(0, y1 - py))) <= 2
+        assert abs(w - (min(960, x2 + px) - max(0, x1 - px))) <= 2
+        assert abs(h - (min(540, y2 + py) - max(0, y1 - py))) <= 2
         assert a["trigger"] == "new_track" and a["label"] == "person" and a["text"] == "a man"
     frame_q = [prompt_text(q) for q in srv.requests if prompt_text(q).startswith("Seen:")]
     assert len(frame_q) == 1  # every_s 100: only the first frame
@@ -251,14 +251,6 @@ def test_vlm_options_are_checked():
     with pytest.raises(ConfigError, match="scene_change"):
         cfg(scene_change=2)
     cfg(mode="safety")
-
-
-async def _n(r, sid, n):
-    return len(await results(r, sid)) >= n
-
-
-async def _vn(r, sid, n):
-    return len(await vlm_records(r, sid)) >= n
 
 
 def test_tag_answers_parse_leniently():
