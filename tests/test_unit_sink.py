@@ -1,0 +1,161 @@
+"""RedisSink on its own (no daemon) against a real redis-server: batches, an input's acknowledgement in the
+MULTI/EXEC of its result, and the outage buffer (results dropped before events, a `records_dropped` event once
+Redis is back)."""
+
+import asyncio
+import itertools
+import json
+import time
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from streamd import keys
+from streamd.config import RedisConfig
+from streamd.frames import Frame, InputRef, Work
+from streamd.metrics import Metrics
+from streamd.sinks.redis import RedisSink
+from streamd.testing import ManagedRedis
+from conftest import events, results, until
+
+IMG = np.zeros((4, 6, 3), np.uint8)
+
+
+def work(sid: str, seq: int, ref: InputRef | None = None) -> Work:
+    return Work(Frame(sid, seq, seq / 10, time.time(), IMG, ref=ref))
+
+
+@pytest.fixture
+async def sink_for():
+    """sink_for(url, **cfg) -> a running RedisSink; closed (and its client too) after the test."""
+    made: list[tuple[RedisSink, asyncio.Task, aioredis.Redis]] = []
+
+    def make(url: str, on_settled=None, **cfg) -> RedisSink:
+        client = aioredis.Redis.from_url(url, socket_timeout=2)
+        sink = RedisSink(client, RedisConfig(url=url, **cfg), Metrics(), on_settled)
+        made.append((sink, asyncio.ensure_future(sink.run()), client))
+        return sink
+
+    yield make
+    for sink, task, client in made:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sink.aclose()
+        await client.aclose()
+
+
+async def test_buffered_results_go_in_batches_of_publish_batch(r, redis_server):
+    client = aioredis.Redis.from_url(redis_server.url)
+    sink = RedisSink(client, RedisConfig(url=redis_server.url, publish_batch=4), Metrics())
+    try:
+        await sink.publish_results([work("b", i) for i in range(10)])  # buffered before the publisher runs
+        assert len(sink) == 10
+        task = asyncio.ensure_future(sink.run())
+        await asyncio.wait_for(sink.wait_idle(), 5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await sink.aclose()
+        await client.aclose()
+    recs = await results(r, "b")
+    assert [x["seq"] for x in recs] == list(range(10))
+    # a batch is stamped once when it is sent: 4, 4, then the last 2
+    assert [len(list(g)) for _, g in itertools.groupby(x["publish_ts"] for x in recs)] == [4, 4, 2]
+    assert sink.published == 10 and sink.results_by_stream == {"b": 10}
+
+
+async def test_an_input_is_acknowledged_with_its_result_and_only_then(r, redis_server, sink_for):
+    ids = [await r.xadd("frames:in", {"n": i}) for i in range(3)]
+    await r.xgroup_create("frames:in", "g", id="0")
+    await r.xreadgroup("g", "c", {"frames:in": ">"})  # all three now pending for consumer c
+    settled: list[InputRef] = []
+    sink = sink_for(redis_server.url, on_settled=settled.append)
+    refs = [InputRef("frames:in", "g", i.decode()) for i in ids]
+    await sink.publish_results([work("in", 0, refs[0]), work("in", 1, refs[1])])
+    await asyncio.wait_for(sink.wait_idle(), 5)
+    pending = await r.xpending_range("frames:in", "g", "-", "+", 10)
+    assert [p["message_id"] for p in pending] == [ids[2]]  # the one without a result is still pending
+    assert settled == refs[:2]
+    recs = await results(r, "in")
+    assert [x["input"] for x in recs] == [{"key": "frames:in", "entry_id": refs[i].entry_id, "deliveries": 1}
+                                          for i in range(2)]
+
+
+async def test_a_full_outage_buffer_drops_results_first_then_reports_the_loss(tmp_path, sink_for):
+    srv = ManagedRedis(tmp_path / "redis", durable=True).start()  # what was written before the kill stays
+    r = aioredis.Redis.from_url(srv.url)
+    try:
+        settled: list[InputRef] = []
+        sink = sink_for(srv.url, on_settled=settled.append, buffer_max_records=10, events_reserved=0.5,
+                        retry_initial_s=0.05, retry_max_s=0.2)
+        await sink.publish_results([work("s", 0)])
+        await asyncio.wait_for(sink.wait_idle(), 5)
+        srv.stop(kill=True)
+        await sink.publish_results([work("s", 1)])
+        await until(lambda: not sink.healthy, 5, what="the sink to see the outage")
+        for i in range(3):
+            sink.event("s", "state", {"n": i})
+        # an input entry whose result is dropped is settled unacknowledged (Redis delivers it again)
+        ref = InputRef("frames:x", "g", "1-1")
+        await sink.publish_results([work("s", 2, ref)] + [work("s", i) for i in range(3, 14)])
+        # 1 + 3 + 12 records in a buffer of 10: the 6 oldest results went, every event stayed
+        assert len(sink) == 10 and sink.overflowed == 6 and settled == [ref]
+        srv.start()
+        await until(lambda: sink.healthy and len(sink) == 0, 10, what="the buffer flushed")
+        recs = await results(r, "s")
+        evs = await events(r, "s")
+    finally:
+        await r.aclose()
+        srv.stop()
+    assert [x["seq"] for x in recs] == [0] + list(range(7, 14))
+    assert [e["n"] for e in evs if e["type"] == "state"] == [0, 1, 2]
+    (dropped,) = [e for e in evs if e["type"] == "records_dropped"]
+    assert dropped["results"] == 6 and dropped["events"] == 0
+    assert dropped["reason"] == "outage buffer full (redis.buffer_max_records=10)"
+    assert not sink.catching_up and sink.last_error is None
+
+
+async def test_events_beyond_their_reserved_share_are_dropped_oldest_first(tmp_path, sink_for):
+    srv = ManagedRedis(tmp_path / "redis", durable=True).start()  # what was written before the kill stays
+    r = aioredis.Redis.from_url(srv.url)
+    try:
+        sink = sink_for(srv.url, buffer_max_records=4, events_reserved=0.5, retry_initial_s=0.05, retry_max_s=0.2)
+        srv.stop(kill=True)
+        sink.event("e", "state", {"n": 0})
+        await until(lambda: not sink.healthy, 5, what="the sink to see the outage")
+        await sink.publish_results([work("e", 0), work("e", 1)])
+        sink.event("e", "state", {"n": 1})
+        assert sink.overflowed == 0  # [e0 r0 r1 e1]: full
+        sink.event("e", "state", {"n": 2})  # 2 events, within their share of 2: the oldest result goes, not e0
+        assert sink.overflowed == 1 and [e["n"] for e in _buffered_events(sink)] == [0, 1, 2]
+        sink.event("e", "state", {"n": 3})  # 3 events, over their share: the oldest record goes, here e0 (not r1)
+        assert sink.overflowed == 2 and [e["n"] for e in _buffered_events(sink)] == [1, 2, 3]
+        for i in range(4, 6):  # then r1, then e1
+            sink.event("e", "state", {"n": i})
+        assert len(sink) == 4 and sink.overflowed == 4
+        srv.start()
+        await until(lambda: sink.healthy and len(sink) == 0, 10, what="the buffer flushed")
+        evs = await events(r, "e")
+        recs = await results(r, "e")
+    finally:
+        await r.aclose()
+        srv.stop()
+    assert recs == [] and [e["n"] for e in evs if e["type"] == "state"] == [2, 3, 4, 5]
+    (dropped,) = [e for e in evs if e["type"] == "records_dropped"]
+    assert (dropped["results"], dropped["events"]) == (2, 2)
+
+
+def _buffered_events(sink):
+    return [json.loads(p.fields["event"]) for p in sink._buf if p.event]
+
+
+async def test_records_and_events_are_valid_json_on_their_keys(r, redis_server, sink_for):
+    sink = sink_for(redis_server.url)
+    sink.record(keys.vlm_key("j"), 100, {"stream_id": "j", "value": float("nan")})
+    sink.event("j", "discontinuity", {"seq": 3})
+    await asyncio.wait_for(sink.wait_idle(), 5)
+    (entry,) = await r.xrange(keys.vlm_key("j"))
+    assert json.loads(entry[1][b"record"]) == {"stream_id": "j", "value": None}  # never a bare NaN
+    (ev,) = await events(r, "j")
+    assert ev["type"] == "discontinuity" and ev["seq"] == 3 and ev["stream_id"] == "j"
