@@ -88,6 +88,9 @@ class ApiConfig(Strict):
     max_body_bytes: int = Field(65_536, ge=1024, description="larger request bodies get 413")
     rate_limit_per_s: float = Field(50.0, gt=0, description="requests per second per token (or client address)")
     rate_limit_burst: int = Field(100, ge=1, description="burst allowance of the rate limit")
+    auth_failure_limit: int = Field(20, ge=1, description="refused tokens from one client address within "
+                                    "auth_failure_window_s; then 429 too_many_auth_failures, the token unchecked")
+    auth_failure_window_s: float = Field(60.0, gt=0, le=86_400, description="the window of auth_failure_limit")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (none = CORS off)")
     allowed_schemes: list[str] = Field(["rtsp", "rtsps", "http", "https", "rtmp", "rtmps", "srt", "redis", "rediss"],
                                        description="stream URL schemes accepted from the API")

@@ -377,3 +377,29 @@ async def test_post_and_patch_share_one_strict_schema(r, redis_server):
             assert resp.status == 201
         async with s.post(base + "/vlm/global/rollback", json={"version": 1}, headers=h(OPER)) as resp:
             assert resp.status == 201
+
+
+# -- 10. failed authentication is throttled per client address ------------------------------------------------
+async def test_failed_authentication_is_throttled_per_address(r, redis_server):
+    assert parse_config({}, environ={}).api.auth_failure_limit == 20  # the default (config/streamd.yaml says so)
+    async with running(api_cfg(redis_server.url, auth_failure_limit=3, auth_failure_window_s=2)) as d, \
+            aiohttp.ClientSession() as s:
+        u = d.api_url + "/api/v1/streams"
+        for _ in range(5):  # no token, and successful requests, are no failed guesses
+            async with s.get(u) as resp:
+                assert resp.status == 401
+            async with s.get(u, headers=h(READ)) as resp:
+                assert resp.status == 200
+        for i in range(3):
+            await _send(s, "GET", u, 401, "unauthorized", token=f"wrong-token-{i:016d}")
+        t0 = asyncio.get_running_loop().time()
+        for token in ("wrong-token-0123456789abcdef", READ):  # refused whatever the token: it is not checked
+            e = await _send(s, "GET", u, 429, "too_many_auth_failures", token=token)
+            assert 0 < e["details"]["retry_after_s"] <= 2
+        async with s.get(u, headers=h(ADMIN)) as resp:
+            assert resp.status == 429 and 1 <= int(resp.headers["Retry-After"]) <= 2
+        async with s.get(d.api_url + "/health/live") as resp:
+            assert resp.status == 200  # public routes need no token
+        await asyncio.sleep(max(0.0, t0 + 2.1 - asyncio.get_running_loop().time()))
+        async with s.get(u, headers=h(READ)) as resp:
+            assert resp.status == 200, await resp.text()  # the window passed

@@ -13,12 +13,12 @@ from redis.exceptions import RedisError
 
 from streamd import jsonsafe, pipelines as pipeline_files
 from streamd.api import responses as R
-from streamd.api.context import AUTH, CFG, DAEMON, LIMITER, PRINCIPAL, daemon as _daemon
+from streamd.api.context import AUTH, AUTH_FAILURES, CFG, DAEMON, LIMITER, PRINCIPAL, daemon as _daemon
 from streamd.api.errors import ApiError, error_response, json_response, validation_details
 from streamd.api.health import health, health_live, health_ready, metrics
 from streamd.api.schemas import PromptUpdate, Rollback, StreamPatch
-from streamd.api.security import (Authenticator, Principal, RateLimiter, check_ffmpeg_options,
-                                  check_stream_url)
+from streamd.api.security import (AuthFailures, Authenticator, Principal, RateLimiter,
+                                  check_ffmpeg_options, check_stream_url)
 from streamd.api_streams import StreamExists, StreamNotFound
 from streamd.config import ApiConfig, StreamConfig
 from streamd.errors import ConfigError, StreamdError
@@ -177,8 +177,21 @@ def auth_mw(routes: dict[tuple[str, str], Route]) -> Any:
         cfg, auth = request.app[CFG], request.app[AUTH]
         if route is None or (route.scope is None and (cfg.public_health or not auth.enabled)):
             return await handler(request)
-        principal: Principal = auth.principal(request)
-        wait = request.app[LIMITER].check(principal.name if auth.enabled else (request.remote or "?"))
+        client = request.remote or "?"
+        failures = request.app[AUTH_FAILURES]
+        if auth.enabled:
+            wait = failures.blocked(client)
+            if wait > 0:  # the token is not even checked
+                raise ApiError(429, "too_many_auth_failures", "too many failed authentications from this address",
+                               {"retry_after_s": round(wait, 3)},
+                               headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+        try:
+            principal: Principal = auth.principal(request)
+        except ApiError:
+            if "Authorization" in request.headers:  # a credential was presented and refused: a guess
+                failures.failed(client)
+            raise
+        wait = request.app[LIMITER].check(principal.name if auth.enabled else client)
         if wait > 0:
             raise ApiError(429, "rate_limited", "too many requests", {"retry_after_s": round(wait, 3)},
                            headers={"Retry-After": str(max(1, int(wait + 0.999)))})
@@ -427,6 +440,7 @@ def build_app(daemon: "Daemon", cfg: ApiConfig, environ: dict[str, str]) -> web.
     app[CFG] = cfg
     app[AUTH] = Authenticator(cfg, environ)
     app[LIMITER] = RateLimiter(cfg.rate_limit_per_s, cfg.rate_limit_burst)
+    app[AUTH_FAILURES] = AuthFailures(cfg.auth_failure_limit, cfg.auth_failure_window_s)
     for r in ROUTES:
         if r.method == "GET":
             app.router.add_get(r.path, r.handler, allow_head=True)  # HEAD too

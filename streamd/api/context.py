@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from streamd.api.security import Authenticator, Principal, RateLimiter
+from streamd.api.security import AuthFailures, Authenticator, Principal, RateLimiter
 from streamd.config import ApiConfig
 
 if TYPE_CHECKING:
@@ -16,6 +16,7 @@ DAEMON = web.AppKey("daemon", object)
 CFG = web.AppKey("cfg", ApiConfig)
 AUTH = web.AppKey("auth", Authenticator)
 LIMITER = web.AppKey("limiter", RateLimiter)
+AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 

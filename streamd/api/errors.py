@@ -39,6 +39,8 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_scope": (422, "the prompt scope is not global, pipeline:<name> or stream:<id>"),
     "invalid_query": (422, "offset/limit of a history are not integers in range"),
     "rate_limited": (429, "too many requests for this token or client address (see Retry-After)"),
+    "too_many_auth_failures": (429, "api.auth_failure_limit refused tokens from this client address within "
+                                    "api.auth_failure_window_s: refused without checking the token (see Retry-After)"),
     "http_error": (400, "another HTTP error aiohttp raised (its status)"),
     "internal": (500, "a bug: logged with its traceback, never shown"),
     "not_ready": (503, "/health/ready: not started, Redis unreachable or models loading (see Retry-After)"),

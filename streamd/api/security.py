@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import re
 import time
+from collections import deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -120,6 +121,41 @@ class RateLimiter:
         if len(self._buckets) > 10_000:
             self._buckets.clear()
         return (1 - tokens) / self.rate
+
+
+class AuthFailures:
+    """Failed authentications (a token presented and refused) per client address, over a sliding window: an address
+    with `limit` failures within `window_s` is refused (429) without its token being checked until the oldest of
+    them is `window_s` old. Requests without a token and successful ones do not count."""
+
+    def __init__(self, limit: int, window_s: float):
+        self.limit = limit
+        self.window_s = window_s
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, key: str, now: float) -> deque[float] | None:
+        times = self._failures.get(key)
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if times is not None and not times:
+            del self._failures[key]
+            return None
+        return times
+
+    def blocked(self, key: str) -> float:
+        """0 if `key` may try, else seconds until it may."""
+        now = time.monotonic()
+        times = self._recent(key, now)
+        if times is None or len(times) < self.limit:
+            return 0.0
+        return max(0.001, times[0] + self.window_s - now)
+
+    def failed(self, key: str) -> None:
+        now = time.monotonic()
+        if len(self._failures) > 10_000:  # many addresses: forget those whose failures are over
+            for k in list(self._failures):
+                self._recent(k, now)
+        self._failures.setdefault(key, deque(maxlen=self.limit)).append(now)
 
 
 def check_authority(url: str) -> None:
