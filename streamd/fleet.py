@@ -8,7 +8,8 @@ Lua scripts; a member is a key with a TTL that it refreshes.
   owner, or when the stream has been free for a whole lease TTL (its preferred owner does not take it).
 - A daemon that owns a stream renews its lease every `renew_s`; one that cannot (paused, cut off) loses it after
   `lease_ttl_s`, and another takes over. The result writer checks the lease token in the same Lua call that writes
-  the result (`streamd.sinks.redis.FENCED_XADD`), so a daemon that lost its lease never publishes a result after the new owner started.
+  the result (`streamd.sinks.redis.FENCED_XADD`), so a daemon that lost its lease never publishes a result after
+  the new owner started.
 - A daemon stopping gracefully releases its leases at once (hand-over within a renew interval).
 - Rebalancing: a stream whose preferred owner is another live member is handed over, at most `max_moves` per
   interval, only after that member has been alive for `settle_s` (no flapping while members come and go).
@@ -155,6 +156,7 @@ class Fleet:
     async def _heartbeat(self) -> None:
         load = self._load()
         rec = {"id": self.member_id, "address": self.address, "version": self.version, "capacity": self.capacity,
+               "max_streams": self.cfg.max_streams,
                "streams": sorted(self.leases), "load": load, "heartbeat": time.time()}
         async with self.r.pipeline(transaction=False) as p:
             p.set(MEMBER_KEY.format(member=self.member_id), json.dumps(rec), px=self.ttl_ms)

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from streamd import keys
 from streamd.config import StreamConfig
-from streamd.errors import SourceError
+from streamd.errors import SourceError, StreamdError
 from streamd.fleet import Fleet, Lease, lease_key
 from streamd.log import get_logger
 from streamd.sources import parse_reference
@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 
 log = get_logger("streamd.fleet")
 _NO_LEASE = "-"  # a token no lease ever holds: a stream's results written after its lease went are refused
+
+
+class CapacityExhausted(StreamdError):
+    def __init__(self, streams: int, capacity: float):
+        super().__init__(f"the fleet runs {streams} streams and can take {capacity:g}: no room for another")
+        self.streams, self.capacity = streams, capacity
 
 
 def leased(s: StreamConfig) -> bool:
@@ -46,6 +52,21 @@ class FleetStreams:
     @property
     def member_id(self) -> str:
         return self.fleet.member_id
+
+    def leases_kind(self, s: StreamConfig) -> bool:
+        return leased(s)
+
+    def capacity(self) -> float | None:
+        """Streams the live members may own in all (their `fleet.max_streams`); None: one of them has no limit."""
+        members = self.fleet.members or {self.member_id: {"max_streams": self.d.cfg.fleet.max_streams}}
+        limits = [m.get("max_streams") for m in members.values()]
+        return None if any(x is None for x in limits) else float(sum(limits))
+
+    def admit(self, stream_id: str) -> None:
+        """Raises CapacityExhausted when one more stream would exceed what the fleet can run."""
+        cap = self.capacity()
+        if cap is not None and len(self.cfgs) + 1 > cap:
+            raise CapacityExhausted(len(self.cfgs), self.capacity())
 
     def offer(self, s: StreamConfig, origin: str) -> None:
         """A stream of the config file or the API: start it here (not leased) or let the fleet place it."""

@@ -51,7 +51,8 @@ class Daemons:
 def fleet(tmp_path, redis_server, clip):
     r = redis.Redis.from_url(redis_server.url)
     for sid in STREAMS:
-        r.delete(keys.results_key(sid), keys.events_key(sid), f"streamd:{{{sid}}}:lease", f"streamd:{{{sid}}}:lease:last")
+        r.delete(keys.results_key(sid), keys.events_key(sid), f"streamd:{{{sid}}}:lease",
+                 f"streamd:{{{sid}}}:lease:last")
     d = Daemons(tmp_path, redis_server.url, clip)
     try:
         yield d, r
@@ -232,3 +233,66 @@ async def test_a_result_write_is_fenced_by_the_lease_token(redis_server):
     assert written == [0]
     assert lost == [sid, sid] and sink.fenced == 2
     assert metrics.registry.get_sample_value("streamd_results_fenced_total", {"stream": sid}) == 2
+
+
+async def test_any_daemons_api_adds_reads_and_removes_fleet_streams_within_capacity(redis_server):
+    """Two daemons (max_streams 1 each): a camera added through one API runs on exactly one daemon and both APIs
+    say where; a second fits; a third is refused with 503 capacity_exhausted + Retry-After; /api/v1/cluster lists
+    both; a DELETE through the daemon that does not run it stops it where it runs."""
+    import asyncio
+
+    import aiohttp
+    import redis.asyncio as aioredis
+
+    from conftest import api_cfg, h, OPER, READ, until
+    from streamd.keys import API_STREAMS_KEY
+    from streamd.testing import running
+
+    r = aioredis.Redis.from_url(redis_server.url)
+    await r.delete(API_STREAMS_KEY, "streamd:fleet:members")
+
+    def cfg(name):
+        c = api_cfg(redis_server.url)
+        return c.model_copy(update={"fleet": c.fleet.model_copy(update={
+            "enabled": True, "member_id": name, "max_streams": 1, "lease_ttl_s": 3, "renew_s": 0.5})})
+
+    cam = {"url": "rtsp://127.0.0.1:9/cam", "pipeline": "frame_info", "reconnect": {"max_attempts": None}}
+    try:
+        async with running(cfg("x")) as dx, running(cfg("y")) as dy, aiohttp.ClientSession() as s:
+            apis = {"x": dx.api_url, "y": dy.api_url}
+
+            async def call(who, method, path, token=OPER, **kw):
+                async with s.request(method, apis[who] + "/api/v1" + path, headers=h(token), **kw) as resp:
+                    return resp.status, await resp.json() if resp.status != 204 else None, resp.headers
+
+            await asyncio.sleep(1.5)  # both heartbeats seen
+            st, body, _ = await call("x", "POST", "/streams", json={"id": "one", **cam})
+            assert st == 201, body
+            await until(lambda: ("one" in dx.runners) != ("one" in dy.runners), 10, what="one runs on one daemon")
+            owner = "x" if "one" in dx.runners else "y"
+
+            async def owner_everywhere():
+                got = [(await call(w, "GET", "/streams/one", READ))[1].get("owner") for w in ("x", "y")]
+                return got == [owner, owner]
+
+            await until(owner_everywhere, 10, what="both APIs name the owner")
+            st, body, _ = await call("y", "POST", "/streams", json={"id": "two", **cam})
+            assert st == 201, body
+            await until(lambda: {"one", "two"} == set(dx.runners) | set(dy.runners) and len(dx.runners) == 1
+                        and len(dy.runners) == 1, 10, what="one stream per daemon")
+            st, body, headers = await call("x", "POST", "/streams", json={"id": "three", **cam})
+            assert st == 503 and body["error"]["code"] == "capacity_exhausted" and "Retry-After" in headers, body
+            st, body, _ = await call("y", "GET", "/cluster", READ)
+            assert st == 200 and body["fleet"] and {m["id"] for m in body["members"]} == {"x", "y"}
+            assert body["capacity"] == 2 and body["streams"] == 2
+            st, listed, _ = await call("x", "GET", "/streams", READ)
+            assert {x["id"] for x in listed["streams"]} == {"one", "two"}
+            other = "y" if owner == "x" else "x"
+            st, _, _ = await call(other, "DELETE", "/streams/one")
+            assert st == 204
+            await until(lambda: "one" not in dx.runners and "one" not in dy.runners, 10, what="one stopped")
+            await asyncio.sleep(1.5)
+            assert "one" not in dx.runners and "one" not in dy.runners  # and not started again anywhere
+    finally:
+        await r.delete(API_STREAMS_KEY)
+        await r.aclose()

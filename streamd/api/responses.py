@@ -134,3 +134,22 @@ class Health(BaseModel):
     states: dict[str, int] = Field(..., description="number of streams per state")
     streams: dict[str, StreamHealth]
     pipelines: dict[str, PipelineHealth]
+
+
+class ClusterMember(BaseModel):
+    id: str = Field(..., description="fleet.member_id")
+    address: str | None = Field(None, description="its API's address")
+    version: str | None
+    max_streams: int | None = Field(None, description="its capacity (null: no limit)")
+    streams: list[str] = Field(..., description="the streams it holds the lease of")
+    load: dict[str, Any] = Field(..., description="owned and running stream counts")
+    last_heartbeat: float | None = Field(None, description="epoch seconds")
+    heartbeat_age_s: float
+
+
+class Cluster(BaseModel):
+    fleet: bool = Field(..., description="fleet mode on (fleet.enabled)")
+    self: str | None = Field(..., description="this daemon's member id")
+    members: list[ClusterMember]
+    streams: int = Field(..., description="streams the fleet runs (leased: not Redis inputs)")
+    capacity: float | None = Field(..., description="streams the live members may own in all (null: no limit)")
