@@ -296,3 +296,20 @@ async def test_any_daemons_api_adds_reads_and_removes_fleet_streams_within_capac
     finally:
         await r.delete(API_STREAMS_KEY)
         await r.aclose()
+
+
+def test_a_daemon_that_joins_gets_a_share(fleet):
+    d, r = fleet
+    for name in ("j1", "j2"):
+        d.start(name)
+    wait(lambda: all(results(r, s) for s in STREAMS), 40, "every stream's first result")
+    d.start("j3")
+    t_join = time.time()
+    share = wait(lambda: [s for s, v in owners(r, t_join).items() if "j3" in v], 30, "the new daemon's share")
+    print("streams handed to the new daemon:", share, "after", round(time.time() - t_join, 1), "s")
+    time.sleep(2)
+    t0 = time.time()
+    time.sleep(2)
+    own = owners(r, t0)
+    assert all(len(own[s]) == 1 for s in STREAMS), dict(own)
+    assert_no_duplicate_seq(r)
