@@ -91,6 +91,8 @@ class ApiConfig(Strict):
     auth_failure_limit: int = Field(20, ge=1, description="refused tokens from one client address within "
                                     "auth_failure_window_s; then 429 too_many_auth_failures, the token unchecked")
     auth_failure_window_s: float = Field(60.0, gt=0, le=86_400, description="the window of auth_failure_limit")
+    redis_pool: int = Field(64, ge=1, le=10_000, description="Redis connections of the API (and prompt store); a "
+                            "request waits up to 2 s for a free one, then 503 busy")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (none = CORS off)")
     allowed_schemes: list[str] = Field(["rtsp", "rtsps", "http", "https", "rtmp", "rtmps", "srt", "redis", "rediss"],
                                        description="stream URL schemes accepted from the API")

@@ -42,7 +42,6 @@ from streamd.stages import StageContext, build_stage
 from streamd.supervisor import State, StreamRunner
 
 log = get_logger("streamd.daemon")
-API_POOL = 64  # connections of the API's pool (a request waits up to 2 s for one, then 503 busy)
 CACHE_POOL = 4
 _FLUSH_ON_REMOVE_S = 5.0  # a removed stream's buffered results: how long its removal waits for them (Redis up)
 
@@ -109,7 +108,9 @@ class Daemon:
             await asyncio.to_thread(self.embedded.start)
             self.redis_url = self.embedded.url
             log.info("started embedded redis-server", url=self.redis_url, data_dir=self.cfg.redis.data_dir)
-        self.redis = redis_client(self.redis_url, API_POOL)  # the API, the prompt store, the stored streams
+        # the API, the prompt store, the stored streams: api.redis_pool connections (a request waits up to 2 s for
+        # one, then 503 busy)
+        self.redis = redis_client(self.redis_url, self.cfg.api.redis_pool)
         self._inputs_redis = redis_client(self.redis_url)  # Redis inputs on the daemon's own Redis
         self._cache_redis = redis_client(self.redis_url, CACHE_POOL)  # the prompt cache's reads and pub/sub
         self.sink = RedisSink(self.redis, self.cfg.redis, self.metrics, self._settled)

@@ -403,3 +403,26 @@ async def test_failed_authentication_is_throttled_per_address(r, redis_server):
         await asyncio.sleep(max(0.0, t0 + 2.1 - asyncio.get_running_loop().time()))
         async with s.get(u, headers=h(READ)) as resp:
             assert resp.status == 200, await resp.text()  # the window passed
+
+
+# -- 11. an exhausted Redis pool is 503 busy, not redis_unavailable --------------------------------------------
+async def test_an_exhausted_api_redis_pool_is_503_busy(r, redis_server):
+    assert parse_config({}, environ={}).api.redis_pool == 64
+    async with running(api_cfg(redis_server.url, redis_pool=2)) as d, aiohttp.ClientSession() as s:
+        u = d.api_url + "/api/v1/prompts"
+        async with s.get(u, headers=h(READ)) as resp:
+            assert resp.status == 200
+        pool = d.redis.connection_pool
+        assert pool.max_connections == 2
+        held = [await pool.get_connection() for _ in range(2)]  # every connection of the API busy
+        try:
+            e = await _send(s, "GET", u, 503, "busy", token=READ)
+            assert e["details"] == {"pool": "api.redis_pool"}, e
+            async with s.get(u + "/vlm/global", headers=h(READ)) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+                assert (await resp.json())["error"]["code"] == "busy"
+        finally:
+            for c in held:
+                await pool.release(c)
+        async with s.get(u, headers=h(READ)) as resp:
+            assert resp.status == 200, await resp.text()

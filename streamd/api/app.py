@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from streamd import jsonsafe, pipelines as pipeline_files
@@ -132,6 +133,10 @@ async def errors_mw(request: web.Request, handler: Any) -> web.StreamResponse:
     except ApiError as e:
         return error_response(e.status, e.code, e.message, e.details, e.headers)
     except (RedisError, ConnectionError) as e:  # state lives in Redis: try again when it is back
+        if _pool_exhausted(e):  # Redis answers, but every connection of the API's pool is in use
+            log.warning("API request refused: every Redis connection of the API is busy", path=request.path)
+            return error_response(503, "busy", "the daemon is busy (every Redis connection of the API is in use); "
+                                  "try again", {"pool": "api.redis_pool"}, {"Retry-After": "1"})
         log.warning("API request failed: Redis unreachable", path=request.path, error=str(e) or type(e).__name__)
         return error_response(503, "redis_unavailable", "Redis is unreachable; try again",
                               {"reason": redact_text(str(e) or type(e).__name__)}, {"Retry-After": "1"})
@@ -143,6 +148,11 @@ async def errors_mw(request: web.Request, handler: Any) -> web.StreamResponse:
     except Exception as e:  # noqa: BLE001 - never leak a traceback; log it
         log.exception("API handler failed", path=request.path)
         return error_response(500, "internal", redact_text(f"{type(e).__name__}: {e}"))
+
+
+def _pool_exhausted(e: BaseException) -> bool:
+    """redis-py's blocking pool found no free connection within its timeout (not an unreachable Redis)."""
+    return isinstance(e, RedisConnectionError) and str(e).startswith("No connection available")
 
 
 def _cors_headers(request: web.Request, cfg: ApiConfig) -> dict[str, str]:

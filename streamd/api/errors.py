@@ -45,6 +45,8 @@ CODES: dict[str, tuple[int, str]] = {
     "internal": (500, "a bug: logged with its traceback, never shown"),
     "not_ready": (503, "/health/ready: not started, Redis unreachable or models loading (see Retry-After)"),
     "redis_unavailable": (503, "streams and prompts live in Redis, which is unreachable (see Retry-After)"),
+    "busy": (503, "every Redis connection of the API's pool (api.redis_pool) stayed in use for 2 s (see "
+                  "Retry-After)"),
 }
 
 

@@ -23,7 +23,7 @@ ERROR = {
 STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad JSON or a bad HTTP request",
                401: "No or invalid token", 403: "Token lacks the scope", 404: "Not found", 409: "Conflict",
                413: "Body too large", 422: "Invalid body, URL or parameter", 429: "Rate limited (see Retry-After)",
-               503: "Not ready, or Redis unreachable (see Retry-After)"}
+               503: "Not ready, Redis unreachable or busy (see Retry-After)"}
 # request examples (schemathesis sends them too): a camera, and frames pushed into the daemon's own Redis
 EXAMPLES = {
     "StreamConfig": {
