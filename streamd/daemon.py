@@ -28,7 +28,7 @@ from streamd.config import Config, StreamConfig
 from streamd.egress import EgressRules
 from streamd.errors import StreamdError
 from streamd.frames import Work
-from streamd.log import get_logger
+from streamd.log import get_logger, redact_url
 from streamd.memory import tune_malloc
 from streamd.metrics import Metrics
 from streamd.pipeline import Pipeline
@@ -277,6 +277,8 @@ class Daemon:
         seq and trackers go on); a Redis error then leaves the stream as it was. Raises StreamExists /
         StreamNotFound when another request got there first."""
         assert self.stored is not None
+        if self.fleet is not None and self.fleet.leases_kind(s):
+            return await self._fleet_put_stream(s, replace)
         async with self._stream_lock(s.id):
             if (s.id in self.runners) != replace:
                 raise StreamNotFound(s.id) if replace else StreamExists(s.id)
@@ -307,6 +309,38 @@ class Daemon:
             self.api_stream_ids.add(s.id)
             return runner
 
+    async def _fleet_put_stream(self, s: StreamConfig, replace: bool) -> StreamRunner | None:
+        """Fleet mode: keep the stream in Redis and let the fleet place it (here when this daemon is its preferred
+        owner: placed at once; otherwise another daemon takes it within a renew interval). The runner when it runs
+        here, else None."""
+        assert self.stored is not None and self.fleet is not None
+        async with self._stream_lock(s.id):
+            if self.has_stream(s.id) != replace:
+                raise StreamNotFound(s.id) if replace else StreamExists(s.id)
+            if not replace:
+                self.fleet.admit(s.id)  # CapacityExhausted when the fleet cannot take another stream
+            if s.pipeline not in self.pipelines:
+                self._pipeline_config(s.pipeline, "pipeline")
+            await self.stored.save(s)
+            self.api_stream_ids.add(s.id)
+            await self.fleet.fleet.release(s.id, "changed through the API")  # a no-op unless it runs here
+            self.fleet.offer(s, "api")
+            await self.fleet.fleet.tick()
+            return self.runners.get(s.id)
+
+    def has_stream(self, sid: str) -> bool:
+        """A stream this daemon runs, or (fleet mode) one of the fleet's streams, wherever it runs."""
+        return sid in self.runners or (self.fleet is not None and sid in self.fleet.cfgs)
+
+    def stream_config(self, sid: str) -> StreamConfig:
+        if sid in self.runners:
+            return self.runners[sid].cfg
+        assert self.fleet is not None
+        return self.fleet.cfgs[sid][0]
+
+    def stream_ids(self) -> list[str]:
+        return sorted(set(self.runners) | (set(self.fleet.cfgs) if self.fleet is not None else set()))
+
     def _restore_stream(self, old: StreamRunner) -> None:
         try:
             self.add_stream(old.cfg, old.origin)
@@ -317,11 +351,14 @@ class Daemon:
         """Forget the stream in Redis first (a Redis error leaves it running), then stop it."""
         assert self.stored is not None
         async with self._stream_lock(stream_id):
-            if stream_id not in self.runners:
+            if not self.has_stream(stream_id):
                 raise StreamNotFound(stream_id)
             await self.stored.delete(stream_id)
             self.api_stream_ids.discard(stream_id)
-            await self.remove_stream(stream_id, drop_group=True)
+            if self.fleet is not None and stream_id in self.fleet.cfgs:
+                await self.fleet.withdraw(stream_id)  # stops it here if it runs here; the owner sees it go
+            else:
+                await self.remove_stream(stream_id, drop_group=True)
             self.metrics.forget_stream(stream_id)  # its series go with it (a replaced stream keeps them)
         self._stream_locks.pop(stream_id, None)
 
@@ -491,6 +528,8 @@ class Daemon:
                 last[sid] = (dec, out)
 
     def stream_info(self, sid: str) -> dict[str, Any]:
+        if sid not in self.runners:
+            return self._remote_info(sid)
         r = self.runners[sid]
         return {"id": sid, "url": r.url_redacted, "pipeline": r.cfg.pipeline, "state": r.state.value,
                 "reason": r.reason, "reason_code": r.reason_code, "last_error": r.last_error, "fps": r.fps, "fps_in": round(r.fps_in, 2), "fps_out": round(r.fps_out, 2),
@@ -499,6 +538,19 @@ class Daemon:
                 "results": self.sink.results_by_stream.get(sid, 0) if self.sink is not None else 0,
                 "source": "api" if sid in self.api_stream_ids else "config",
                 "owner": self.fleet.member_id if self.fleet is not None else None}
+
+    def _remote_info(self, sid: str) -> dict[str, Any]:
+        """A fleet stream another daemon runs (or none yet): what its owner's heartbeat says."""
+        assert self.fleet is not None
+        s, origin = self.fleet.cfgs[sid]
+        remote = self.fleet.remote(sid) or {}
+        owner = remote.get("owner")
+        return {"id": sid, "url": redact_url(s.url), "pipeline": s.pipeline,
+                "state": remote.get("state", "connecting"),
+                "reason": None if owner else "waiting for a daemon of the fleet to take it",
+                "reason_code": None, "last_error": None, "fps": s.fps, "fps_in": 0.0,
+                "fps_out": remote.get("fps_out", 0.0), "frames_sampled": 0, "frames_decoded": 0, "dropped": 0,
+                "queue_depth": 0, "last_frame_ts": None, "results": 0, "source": origin, "owner": owner}
 
     def status(self) -> dict[str, Any]:
         return {

@@ -16,11 +16,13 @@ from streamd import jsonsafe, pipelines as pipeline_files
 from streamd.api import responses as R
 from streamd.api.context import AUTH, AUTH_FAILURES, CFG, DAEMON, LIMITER, PRINCIPAL, daemon as _daemon
 from streamd.api.errors import ApiError, error_response, json_response, validation_details
+from streamd.api.cluster import cluster
 from streamd.api.health import health, health_live, health_ready, metrics
 from streamd.api.schemas import PromptUpdate, Rollback, StreamPatch
 from streamd.api.security import (AuthFailures, Authenticator, Principal, RateLimiter,
                                   check_ffmpeg_options, check_stream_url)
 from streamd.api_streams import StreamExists, StreamNotFound
+from streamd.fleet_streams import CapacityExhausted
 from streamd.config import ApiConfig, StreamConfig
 from streamd.errors import ConfigError, StreamdError
 from streamd.log import get_logger, redact_text
@@ -217,14 +219,14 @@ def auth_mw(routes: dict[tuple[str, str], Route]) -> Any:
 # -- streams --------------------------------------------------------------------------------------------------
 def _stream(request: web.Request) -> str:
     sid = request.match_info["id"]
-    if sid not in _daemon(request).runners:
+    if not _daemon(request).has_stream(sid):  # fleet mode: also a stream another daemon runs
         raise ApiError(404, "stream_not_found", f"no stream {sid!r}")
     return sid
 
 
 async def streams_list(request: web.Request) -> web.Response:
     d = _daemon(request)
-    return json_response({"streams": [d.stream_info(s) for s in sorted(d.runners)]})
+    return json_response({"streams": [d.stream_info(s) for s in d.stream_ids()]})
 
 
 async def stream_get(request: web.Request) -> web.Response:
@@ -257,6 +259,9 @@ async def _start(request: web.Request, s: StreamConfig, replace: bool, old: Stre
         await d.api_put_stream(s, replace=replace)
     except ConfigError as e:
         raise ApiError(422, "invalid_pipeline", str(e), {"path": "pipeline", "key": e.key}) from None
+    except CapacityExhausted as e:  # fleet mode: every daemon is full
+        raise ApiError(503, "capacity_exhausted", str(e), {"streams": e.streams, "capacity": e.capacity},
+                       headers={"Retry-After": "30"}) from None
     except StreamExists as e:  # another request added the same id meanwhile
         raise ApiError(409, "stream_exists", str(e)) from None
     except StreamNotFound as e:  # another request removed it meanwhile
@@ -268,7 +273,7 @@ async def _start(request: web.Request, s: StreamConfig, replace: bool, old: Stre
 async def stream_create(request: web.Request) -> web.Response:
     s = await _json_body(request, StreamConfig)
     d = _daemon(request)
-    if s.id in d.runners:
+    if d.has_stream(s.id):
         raise ApiError(409, "stream_exists", f"stream {s.id!r} exists")
     return await _start(request, s, replace=False)
 
@@ -277,14 +282,14 @@ async def stream_update(request: web.Request) -> web.Response:
     sid = _stream(request)
     patch = await _json_body(request, StreamPatch)
     d = _daemon(request)
-    old = d.runners[sid].cfg
+    old = d.stream_config(sid)
     merged = {**old.model_dump(mode="json", exclude_unset=True), **patch.model_dump(mode="json", exclude_unset=True)}
     try:
         s = StreamConfig.model_validate(merged)
     except ValidationError as e:
         raise ApiError(422, "invalid_body", "the stream would be invalid", validation_details(e)) from None
     if s.model_dump() == old.model_dump() and s.model_fields_set == old.model_fields_set \
-            and d.runners[sid].state not in TERMINAL:
+            and (sid not in d.runners or d.runners[sid].state not in TERMINAL):
         return json_response(d.stream_info(sid))  # no change (an empty body, the same values): nothing happens
     return await _start(request, s, replace=True, old=old)
 
@@ -440,6 +445,8 @@ ROUTES: list[Route] = [
     Route("GET", f"{P}/pipelines", pipelines_list, "read", "pipelines and the models they use", tag="pipelines",
           response=R.PipelineList),
     Route("GET", f"{P}/models", models_list, "read", "models loaded now", tag="pipelines", response=R.ModelList),
+    Route("GET", f"{P}/cluster", cluster, "read", "the daemons sharing this Redis (fleet mode) and their load",
+          tag="health", response=R.Cluster),
 ]
 
 

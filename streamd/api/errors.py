@@ -47,6 +47,8 @@ CODES: dict[str, tuple[int, str]] = {
     "redis_unavailable": (503, "streams and prompts live in Redis, which is unreachable (see Retry-After)"),
     "busy": (503, "every Redis connection of the API's pool (api.redis_pool) stayed in use for 2 s (see "
                   "Retry-After)"),
+    "capacity_exhausted": (503, "fleet mode: every daemon runs its fleet.max_streams; try again later (see "
+                                "Retry-After; details.streams, details.capacity)"),
 }
 
 
