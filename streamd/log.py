@@ -47,6 +47,23 @@ def _redact_processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[s
     return event
 
 
+class _CurrentStderr:
+    """sys.stderr as it is when a line is written, not when logging was set up (it may have been replaced since:
+    a test's captured stream that is closed now, a redirect): a log line must never raise in the code logging it."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stderr.write(text)
+        except (ValueError, OSError):  # closed or broken: the line is lost, the caller goes on
+            return 0
+
+    def flush(self) -> None:
+        try:
+            sys.stderr.flush()
+        except (ValueError, OSError):
+            pass
+
+
 def setup_logging(level: str = "info", fmt: str = "console") -> None:
     """Configure structlog once for the process. `fmt` is ``json`` or ``console``."""
     lvl = logging.getLevelName(level.upper())
@@ -67,7 +84,7 @@ def setup_logging(level: str = "info", fmt: str = "console") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 
