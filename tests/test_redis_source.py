@@ -170,3 +170,26 @@ def test_block_ms_stays_below_the_socket_timeout():
         StreamConfig.model_validate({"id": "b", "url": "redis:frames:b", "redis_input": {"block_ms": 10_000}})
     assert StreamConfig.model_validate({"id": "b", "url": "redis:frames:b",
                                         "redis_input": {"block_ms": 5000}}).redis_input.block_ms == 5000
+
+
+def test_decoding_does_not_go_through_a_replaced_pil_open():
+    """Ultralytics replaces PIL.Image.open with one that imports (or pip-installs) a HEIF plugin when an image is
+    not identified: a Redis entry's junk must still get its stable reason, and real images still decode."""
+    import io
+
+    import ultralytics.utils.patches  # noqa: F401 - applies the replacement
+    from PIL import Image
+
+    from streamd.errors import FrameDecodeError
+    from streamd.sources.redis import decode_image
+
+    assert Image.open.__module__ != "PIL.Image"
+    with pytest.raises(FrameDecodeError) as e:
+        decode_image({b"image": b"not an image at all"}, "image")
+    assert str(e.value) == "cannot decode image: not a JPEG, PNG, WEBP, BMP or TIFF image"
+    img = images(1)[0]
+    for fmt in ("PNG", "BMP", "TIFF", "WEBP"):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        assert np.array_equal(decode_image({b"image": buf.getvalue()}, "image"), img), fmt
+    assert decode_image({b"image": encode_jpeg(img)}, "image").shape == img.shape

@@ -15,6 +15,7 @@ import io
 import itertools
 import math
 import socket
+import struct
 import time
 from typing import Any
 
@@ -92,11 +93,34 @@ def _raw(data: bytes, fields: dict[bytes, bytes], shape_raw: bytes, max_pixels: 
     return np.ascontiguousarray(arr)
 
 
+def _identify(data: bytes) -> Any:
+    """PIL's own opening (Image._open_core) over IMAGE_FORMATS only, without `PIL.Image.open`, which other libraries
+    replace: Ultralytics' replacement imports (and with internet even pip-installs) a HEIF plugin whenever an image
+    is not identified, so hostile bytes would get "ModuleNotFoundError" as their reason, or worse."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.init()  # the plugins of IMAGE_FORMATS registered (once)
+    fp = io.BytesIO(data)
+    prefix = data[:16]
+    for fmt in IMAGE_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None:
+            ok = accept(prefix)
+            if not ok or isinstance(ok, str):  # a string: "looks like it, but cannot be read" (PIL's convention)
+                continue
+        fp.seek(0)
+        try:
+            return factory(fp, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue
+    raise UnidentifiedImageError("not identified")
+
+
 def _encoded(data: bytes, max_pixels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+        with _identify(data) as im:
             w, h = im.size  # from the header: nothing decoded yet
             too_big = _over_budget(h, w, max_pixels)
             if too_big:
