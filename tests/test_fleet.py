@@ -313,3 +313,31 @@ def test_a_daemon_that_joins_gets_a_share(fleet):
     own = owners(r, t0)
     assert all(len(own[s]) == 1 for s in STREAMS), dict(own)
     assert_no_duplicate_seq(r)
+
+
+async def test_a_taken_over_streams_track_ids_stay_above_the_previous_owners():
+    """Two Track stages standing for two daemons: the first tracks a box from seq 0, the second takes the stream
+    over at seq 40 (seq continues); its track ids start above anything the first could have given."""
+    import numpy as np
+
+    from streamd.config import StageConfig
+    from streamd.frames import Frame, Work
+    from streamd.stages.track import TRACK_IDS_PER_FRAME, Track
+
+    async def run(seqs):
+        stage = Track.from_config(StageConfig(type="track"), "test")
+        await stage.setup()
+        ids = set()
+        for seq in seqs:
+            w = Work(Frame(stream_id="cam", seq=seq, pts_s=seq / 4, capture_ts=seq / 4,
+                           image=np.zeros((360, 640, 3), np.uint8)))
+            x = 100 + 2 * (seq % 40)
+            w.carry["detect"] = np.array([[x, 100, x + 80, 260, 0.9, 0], [400, 50, 460, 200, 0.9, 0]], np.float32)
+            w.outputs["detect"] = {"detections": [{"label": "person"}, {"label": "person"}]}
+            await stage.process([w])
+            ids |= {t["track_id"] for t in w.outputs["track"]["tracks"]}
+        return ids
+
+    first = await run(range(0, 40))
+    second = await run(range(40, 60))
+    assert first and second and max(first) < 40 * TRACK_IDS_PER_FRAME < min(second), (first, second)

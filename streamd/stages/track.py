@@ -1,12 +1,14 @@
 """Tracking with Ultralytics' own trackers (ByteTrack, BoT-SORT): one tracker per stream, no shared state.
 
-Track ids are unique within a stream for the daemon's lifetime (a reset keeps counting). Buffers are set in
+Track ids are unique within a stream for the daemon's lifetime (a reset keeps counting), and across daemons of a
+fleet (a stream taken over numbers its tracks above the previous owner's: TRACK_IDS_PER_FRAME). Buffers are set in
 seconds and scaled to the stream's *sampled* frame rate (measured from timestamps). A discontinuity (reconnect,
 timestamp jump) resets the stream's tracker. Publishes `track_started` and `track_lost` events.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -72,6 +74,12 @@ class _Dets:
         return self.data[:, 5]
 
 
+# A tracker that starts on a stream whose frames are already numbered (its seq goes on from another daemon's: a fleet
+# takeover) numbers its tracks from seq * TRACK_IDS_PER_FRAME + 1: the earlier tracker, which saw fewer frames than
+# that seq and at most this many new tracks per frame (a detector's max_det is 300), never gave such an id.
+TRACK_IDS_PER_FRAME = 1000
+
+
 class _StreamTracker:
     def __init__(self, make: Any, buffer_s: float):
         self.tracker = make()
@@ -87,6 +95,11 @@ class _StreamTracker:
         self.last_pts = pts
         if self.period_s:
             self.tracker.max_frames_lost = max(1, round(self.buffer_s / self.period_s))
+
+    def number_from(self, first: int) -> None:
+        """Give new tracks ids from `first` on: above every id an earlier tracker of the stream can have given."""
+        if getattr(self.tracker, "_ids", None) is not None:
+            self.tracker._ids = iter(range(first, sys.maxsize))
 
     def reset(self) -> None:
         ids = getattr(self.tracker, "_ids", None)
@@ -150,6 +163,8 @@ class Track(Stage):
         st = self._streams.get(f.stream_id)
         if st is None:
             st = self._streams[f.stream_id] = _StreamTracker(self._make, self.opts.track_buffer_s)
+            if f.seq > 0:  # a stream that goes on elsewhere's numbering (taken over by this daemon in a fleet)
+                st.number_from(f.seq * TRACK_IDS_PER_FRAME + 1)
         st.observe_pts(f.pts_s)
         data = w.carry.get(self.opts.source)
         det_out = w.outputs.get(self.opts.source) or {}
