@@ -14,7 +14,10 @@ from redis.exceptions import RedisError
 
 from streamd import jsonsafe, pipelines as pipeline_files
 from streamd.api import responses as R
-from streamd.api.context import AUTH, AUTH_FAILURES, CFG, DAEMON, LIMITER, PRINCIPAL, daemon as _daemon
+from streamd.api.context import (AUTH, AUTH_FAILURES, CFG, DAEMON, LIMITER, PRINCIPAL, STREAM_LOCKS,
+                                 daemon as _daemon)
+from streamd.api.etag import (KeyedLocks, if_match, matches, precondition_failed, prompt_etag, prompt_versions,
+                              stream_etag)
 from streamd.api.errors import ApiError, error_response, json_response, validation_details
 from streamd.api.cluster import cluster
 from streamd.api.health import health, health_live, health_ready, metrics
@@ -26,7 +29,7 @@ from streamd.fleet_streams import CapacityExhausted
 from streamd.config import ApiConfig, StreamConfig
 from streamd.errors import ConfigError, StreamdError
 from streamd.log import get_logger, redact_text
-from streamd.prompts import KINDS, SCOPE_RE, PromptNotFound
+from streamd.prompts import KINDS, SCOPE_RE, PreconditionFailed, PromptDeleted, PromptNotFound, RollbackToDeletion
 from streamd.supervisor import TERMINAL
 
 if TYPE_CHECKING:
@@ -45,6 +48,8 @@ class Route:
     tag: str = "streams"
     ok: int = 200
     response: Any = None  # pydantic model of the success body (for the OpenAPI document)
+    etag: bool = False  # the success answer carries an ETag
+    if_match: bool = False  # takes If-Match (412 precondition_failed)
 
 
 MAX_DEPTH = 64  # arrays and objects in a request body (a prompt's JSON schema is the deepest part)
@@ -194,7 +199,8 @@ def _cors_headers(request: web.Request, cfg: ApiConfig) -> dict[str, str]:
     if not origin or origin not in cfg.cors_origins:
         return {}
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+            "Access-Control-Expose-Headers": "ETag, Retry-After",
             "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS", "Access-Control-Max-Age": "600"}
 
 
@@ -261,8 +267,26 @@ async def streams_list(request: web.Request) -> web.Response:
     return json_response({"streams": [d.stream_info(s) for s in d.stream_ids()]})
 
 
+def _with_etag(resp: web.Response, etag: str) -> web.Response:
+    resp.headers["ETag"] = etag
+    return resp
+
+
 async def stream_get(request: web.Request) -> web.Response:
-    return json_response(_daemon(request).stream_info(_stream(request)))
+    d = _daemon(request)
+    sid = _stream(request)
+    return _with_etag(json_response(d.stream_info(sid)), stream_etag(d.stream_config(sid)))
+
+
+def _stream_precondition(request: web.Request, sid: str) -> StreamConfig:
+    """The stream's configuration, once If-Match holds for it (called holding the stream's lock)."""
+    d = _daemon(request)
+    if not d.has_stream(sid):  # removed meanwhile
+        raise ApiError(404, "stream_not_found", f"no stream {sid!r}")
+    old = d.stream_config(sid)
+    if not matches(if_match(request), stream_etag(old)):
+        raise precondition_failed(stream_etag(old))
+    return old
 
 
 async def _check_source(request: web.Request, s: StreamConfig, old: StreamConfig | None) -> None:
@@ -299,39 +323,45 @@ async def _start(request: web.Request, s: StreamConfig, replace: bool, old: Stre
     except StreamNotFound as e:  # another request removed it meanwhile
         raise ApiError(404, "stream_not_found", str(e)) from None
     log.info("stream set through the API", stream=s.id, by=request[PRINCIPAL].name)
-    return json_response(d.stream_info(s.id), status=200 if replace else 201)
+    return _with_etag(json_response(d.stream_info(s.id), status=200 if replace else 201), stream_etag(s))
 
 
 async def stream_create(request: web.Request) -> web.Response:
     s = await _json_body(request, StreamConfig)
     d = _daemon(request)
-    if d.has_stream(s.id):
-        raise ApiError(409, "stream_exists", f"stream {s.id!r} exists")
-    return await _start(request, s, replace=False)
+    async with request.app[STREAM_LOCKS].hold(s.id):
+        if d.has_stream(s.id):
+            raise ApiError(409, "stream_exists", f"stream {s.id!r} exists")
+        return await _start(request, s, replace=False)
 
 
 async def stream_update(request: web.Request) -> web.Response:
     sid = _stream(request)
     patch = await _json_body(request, StreamPatch)
     d = _daemon(request)
-    old = d.stream_config(sid)
-    merged = {**old.model_dump(mode="json", exclude_unset=True), **patch.model_dump(mode="json", exclude_unset=True)}
-    try:
-        s = StreamConfig.model_validate(merged)
-    except ValidationError as e:
-        raise ApiError(422, "invalid_body", "the stream would be invalid", validation_details(e)) from None
-    if s.model_dump() == old.model_dump() and s.model_fields_set == old.model_fields_set \
-            and (sid not in d.runners or d.runners[sid].state not in TERMINAL):
-        return json_response(d.stream_info(sid))  # no change (an empty body, the same values): nothing happens
-    return await _start(request, s, replace=True, old=old)
+    async with request.app[STREAM_LOCKS].hold(sid):  # If-Match is checked against the stream this PATCH changes
+        old = _stream_precondition(request, sid)
+        merged = {**old.model_dump(mode="json", exclude_unset=True),
+                  **patch.model_dump(mode="json", exclude_unset=True)}
+        try:
+            s = StreamConfig.model_validate(merged)
+        except ValidationError as e:
+            raise ApiError(422, "invalid_body", "the stream would be invalid", validation_details(e)) from None
+        if s.model_dump() == old.model_dump() and s.model_fields_set == old.model_fields_set \
+                and (sid not in d.runners or d.runners[sid].state not in TERMINAL):
+            # no change (an empty body, the same values): nothing happens
+            return _with_etag(json_response(d.stream_info(sid)), stream_etag(old))
+        return await _start(request, s, replace=True, old=old)
 
 
 async def stream_delete(request: web.Request) -> web.Response:
     sid = _stream(request)
-    try:
-        await _daemon(request).api_delete_stream(sid)
-    except StreamNotFound as e:  # another request removed it meanwhile
-        raise ApiError(404, "stream_not_found", str(e)) from None
+    async with request.app[STREAM_LOCKS].hold(sid):
+        _stream_precondition(request, sid)
+        try:
+            await _daemon(request).api_delete_stream(sid)
+        except StreamNotFound as e:  # another request removed it meanwhile
+            raise ApiError(404, "stream_not_found", str(e)) from None
     return web.Response(status=204)
 
 
@@ -357,12 +387,25 @@ async def prompts_list(request: web.Request) -> web.Response:
     return json_response({"prompts": await _daemon(request).prompts.all_current()})  # type: ignore[union-attr]
 
 
+def _deleted(e: PromptDeleted) -> ApiError:
+    rec = e.record
+    return ApiError(404, "prompt_deleted", f"the {rec['kind']} prompt for {rec['scope']} was deleted (version "
+                    f"{rec['version']}); its history is kept", {"version": rec["version"]})
+
+
+def _prompt_precondition_failed(e: PreconditionFailed) -> ApiError:
+    return precondition_failed(None if e.current is None else prompt_etag(e.current))
+
+
 async def prompt_get(request: web.Request) -> web.Response:
     kind, scope = _prompt_key(request)
     try:
-        return json_response(await _daemon(request).prompts.current(kind, scope))  # type: ignore[union-attr]
+        rec = await _daemon(request).prompts.current(kind, scope)  # type: ignore[union-attr]
+    except PromptDeleted as e:
+        raise _deleted(e) from None
     except PromptNotFound:
         raise ApiError(404, "prompt_not_found", f"no {kind} prompt for {scope}") from None
+    return _with_etag(json_response(rec), prompt_etag(rec["version"]))
 
 
 async def prompt_put(request: web.Request) -> web.Response:
@@ -380,9 +423,32 @@ async def prompt_put(request: web.Request) -> web.Response:
     content: dict[str, Any] = {"text": body.text} if kind == "vlm" else {"phrases": body.phrases}
     if kind == "vlm" and body.schema_ is not None:
         content["schema"] = body.schema_
-    rec = await _daemon(request).prompts.put(kind, scope, content, _author(request, body.author),  # type: ignore
-                                             body.note)
-    return json_response(rec, status=201)
+    try:
+        rec = await _daemon(request).prompts.put(  # type: ignore[union-attr]
+            kind, scope, content, _author(request, body.author), body.note,
+            if_match=prompt_versions(if_match(request)))
+    except PreconditionFailed as e:
+        raise _prompt_precondition_failed(e) from None
+    return _with_etag(json_response(rec, status=201), prompt_etag(rec["version"]))
+
+
+async def prompt_delete(request: web.Request) -> web.Response:
+    kind, scope = _prompt_key(request)
+    note = request.query.get("note")
+    if note is not None and len(note) > 1000:
+        raise ApiError(422, "invalid_query", "note is at most 1000 characters", {"path": "note"})
+    try:
+        rec = await _daemon(request).prompts.delete(  # type: ignore[union-attr]
+            kind, scope, _author(request, None), note, if_match=prompt_versions(if_match(request)))
+    except PromptDeleted as e:
+        raise _deleted(e) from None
+    except PromptNotFound:
+        raise ApiError(404, "prompt_not_found", f"no {kind} prompt for {scope}") from None
+    except PreconditionFailed as e:
+        raise _prompt_precondition_failed(e) from None
+    log.info("prompt deleted through the API", kind=kind, scope=scope, version=rec["version"],
+             by=request[PRINCIPAL].name)
+    return json_response(rec)
 
 
 async def prompt_history(request: web.Request) -> web.Response:
@@ -405,12 +471,18 @@ async def prompt_rollback(request: web.Request) -> web.Response:
     kind, scope = _prompt_key(request)
     body = await _json_body(request, Rollback)
     try:
-        rec = await _daemon(request).prompts.rollback(kind, scope, body.version,  # type: ignore[union-attr]
-                                                      _author(request, body.author), body.note)
+        rec = await _daemon(request).prompts.rollback(  # type: ignore[union-attr]
+            kind, scope, body.version, _author(request, body.author), body.note,
+            if_match=prompt_versions(if_match(request)))
     except PromptNotFound:
         raise ApiError(404, "prompt_not_found", f"no version {body.version} of the {kind} prompt for {scope}") \
             from None
-    return json_response(rec, status=201)
+    except RollbackToDeletion as e:
+        raise ApiError(422, "invalid_body", f"{e}: DELETE the prompt instead", {"errors": [
+            {"path": "version", "message": "a deletion (tombstone) version", "type": "value_error"}]}) from None
+    except PreconditionFailed as e:
+        raise _prompt_precondition_failed(e) from None
+    return _with_etag(json_response(rec, status=201), prompt_etag(rec["version"]))
 
 
 # -- pipelines and models -------------------------------------------------------------------------------------
@@ -459,21 +531,27 @@ ROUTES: list[Route] = [
     Route("GET", "/docs", docs, "read", "human-readable API reference", tag="docs"),
     Route("GET", f"{P}/streams", streams_list, "read", "list streams", response=R.StreamList),
     Route("POST", f"{P}/streams", stream_create, "operate", "add a stream", StreamConfig, ok=201,
-          response=R.StreamInfo),
-    Route("GET", f"{P}/streams/{{id}}", stream_get, "read", "one stream's state and rates", response=R.StreamInfo),
+          response=R.StreamInfo, etag=True),
+    Route("GET", f"{P}/streams/{{id}}", stream_get, "read", "one stream's state and rates", response=R.StreamInfo,
+          etag=True),
     Route("PATCH", f"{P}/streams/{{id}}", stream_update, "operate",
-          "change a stream (fps, stall_timeout_s: live; other fields restart it)", StreamPatch, response=R.StreamInfo),
-    Route("DELETE", f"{P}/streams/{{id}}", stream_delete, "operate", "remove a stream", ok=204),
+          "change a stream (fps, stall_timeout_s: live; other fields restart it)", StreamPatch, response=R.StreamInfo,
+          etag=True, if_match=True),
+    Route("DELETE", f"{P}/streams/{{id}}", stream_delete, "operate", "remove a stream", ok=204, if_match=True),
     Route("GET", f"{P}/prompts", prompts_list, "read", "current prompts of every scope", tag="prompts",
           response=R.PromptList),
     Route("GET", f"{P}/prompts/{{kind}}/{{scope}}", prompt_get, "read", "current version", tag="prompts",
-          response=R.PromptRecord),
+          response=R.PromptRecord, etag=True),
     Route("PUT", f"{P}/prompts/{{kind}}/{{scope}}", prompt_put, "operate", "new version", PromptUpdate,
-          tag="prompts", ok=201, response=R.PromptRecord),
+          tag="prompts", ok=201, response=R.PromptRecord, etag=True, if_match=True),
+    Route("DELETE", f"{P}/prompts/{{kind}}/{{scope}}", prompt_delete, "operate",
+          "delete: a tombstone version (history kept); the next scope's prompt applies", tag="prompts",
+          response=R.PromptRecord, if_match=True),
     Route("GET", f"{P}/prompts/{{kind}}/{{scope}}/history", prompt_history, "read", "versions, newest first",
           tag="prompts", response=R.PromptHistory),
     Route("POST", f"{P}/prompts/{{kind}}/{{scope}}/rollback", prompt_rollback, "operate",
-          "new version with an old version's content", Rollback, tag="prompts", ok=201, response=R.PromptRecord),
+          "new version with an old version's content", Rollback, tag="prompts", ok=201, response=R.PromptRecord,
+          etag=True, if_match=True),
     Route("GET", f"{P}/pipelines", pipelines_list, "read", "pipelines and the models they use", tag="pipelines",
           response=R.PipelineList),
     Route("GET", f"{P}/models", models_list, "read", "models loaded now", tag="pipelines", response=R.ModelList),
@@ -490,6 +568,7 @@ def build_app(daemon: "Daemon", cfg: ApiConfig, environ: dict[str, str]) -> web.
     app[AUTH] = Authenticator(cfg, environ)
     app[LIMITER] = RateLimiter(cfg.rate_limit_per_s, cfg.rate_limit_burst)
     app[AUTH_FAILURES] = AuthFailures(cfg.auth_failure_limit, cfg.auth_failure_window_s)
+    app[STREAM_LOCKS] = KeyedLocks()
     for r in ROUTES:
         if r.method == "GET":
             app.router.add_get(r.path, r.handler, allow_head=True)  # HEAD too

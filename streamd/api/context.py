@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from streamd.api.etag import KeyedLocks
 from streamd.api.security import AuthFailures, Authenticator, Principal, RateLimiter
 from streamd.config import ApiConfig
 
@@ -17,6 +18,7 @@ CFG = web.AppKey("cfg", ApiConfig)
 AUTH = web.AppKey("auth", Authenticator)
 LIMITER = web.AppKey("limiter", RateLimiter)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
+STREAM_LOCKS = web.AppKey("stream_locks", KeyedLocks)  # one API change of a stream at a time (If-Match holds)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 

@@ -22,9 +22,13 @@ CODES: dict[str, tuple[int, str]] = {
     "not_found": (404, "no such route"),
     "stream_not_found": (404, "no stream with that id"),
     "prompt_not_found": (404, "no prompt (or no such version) for that kind and scope"),
+    "prompt_deleted": (404, "the prompt was deleted: its current version is a tombstone (details.version); its "
+                            "history is kept and a PUT or rollback makes it live again"),
     "unknown_prompt_kind": (404, "the prompt kind is not vlm or vocabulary"),
     "method_not_allowed": (405, "the route does not take that method (see Allow)"),
     "stream_exists": (409, "POST of a stream id that exists"),
+    "precondition_failed": (412, "If-Match does not match the stream's or prompt's current ETag, or nothing "
+                                 "exists to match (details.current_etag, null then)"),
     "body_too_large": (413, "the body is over api.max_body_bytes"),
     "invalid_body": (422, "the body does not match the schema (details.errors name each path), or is not an object"),
     "invalid_url": (422, "the stream URL cannot be used (e.g. a host name label over 63 characters)"),

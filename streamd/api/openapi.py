@@ -22,6 +22,7 @@ ERROR = {
 }
 STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad JSON or a bad HTTP request",
                401: "No or invalid token", 403: "Token lacks the scope", 404: "Not found", 409: "Conflict",
+               412: "If-Match does not match the current ETag (details.current_etag)",
                413: "Body too large", 422: "Invalid body, URL or parameter", 429: "Rate limited (see Retry-After)",
                503: "Not ready, Redis unreachable or busy (see Retry-After)"}
 # request examples (schemathesis sends them too): a camera, and frames pushed into the daemon's own Redis
@@ -36,6 +37,16 @@ EXAMPLES = {
     "Rollback": {"version": {"value": {"version": 1}}},
 }
 PATH_EXAMPLES = {"id": "yard", "kind": "vlm", "scope": "global"}
+IF_MATCH = {
+    "name": "If-Match", "in": "header", "required": False,
+    "description": "RFC 9110: `*` or a list of strong ETags (as GET answered them); the change is made only if the "
+                   "current ETag is one of them (`*`: if it exists), else 412 `precondition_failed`. Without it, "
+                   "no condition.",
+    "schema": {"type": "string", "pattern": r'^(\*|(W/)?"[!#-~]*"( ?, ?(W/)?"[!#-~]*")*)$'},
+    "example": '"v1"'}
+ETAG = {"description": "strong validator of the current version: a prompt's `\"v<version>\"`, a stream's a short "
+                       "hash of its configuration (state and rates change without it); send it back in If-Match",
+        "schema": {"type": "string"}}
 # routes that read or write state kept in Redis answer 503 while it is unreachable
 REDIS_PATHS = ("/api/v1/streams", "/api/v1/prompts")
 
@@ -61,6 +72,12 @@ def document(routes: list[Any]) -> dict[str, Any]:
             op.setdefault("parameters", []).extend([
                 {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}}])
+        if r.method == "DELETE" and r.tag == "prompts":
+            op.setdefault("parameters", []).append(
+                {"name": "note", "in": "query", "required": False, "description": "kept with the tombstone version",
+                 "schema": {"type": "string", "maxLength": 1000}})
+        if r.if_match:
+            op.setdefault("parameters", []).append(IF_MATCH)
         if r.body is not None:
             media: dict[str, Any] = {"schema": _schema(r.body, components)}
             if r.body.__name__ in EXAMPLES:
@@ -73,6 +90,8 @@ def document(routes: list[Any]) -> dict[str, Any]:
             schema = _schema(r.response, components) if r.response is not None else \
                 {"type": "string"} if ctype != "application/json" else {"type": "object"}
             ok["content"] = {ctype: {"schema": schema}}
+        if r.etag:
+            ok["headers"] = {"ETag": ETAG}
         if r.method == "POST" and r.path.endswith("/streams"):
             ok["links"] = _stream_links()
         responses[str(r.ok)] = ok
@@ -85,6 +104,10 @@ def document(routes: list[Any]) -> dict[str, Any]:
             codes += [404, 422]
         if r.method == "POST" and r.path.endswith("/streams"):
             codes.append(409)
+        if r.if_match:
+            codes.append(412)
+        if r.method == "DELETE" and r.tag == "prompts":
+            codes.append(422)  # invalid_query: a note over 1000 characters
         if r.path == "/health/ready" or r.path.startswith(REDIS_PATHS):
             codes.append(503)
         for c in sorted(set(codes)):

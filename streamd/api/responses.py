@@ -48,6 +48,8 @@ class PromptRecord(BaseModel):
     note: str | None = Field(..., description="free text given with the update")
     created_ts: float = Field(..., description="Unix seconds")
     rolled_back_from: int | None = Field(None, description="the version whose content a rollback copied")
+    deleted: bool | None = Field(None, description="a tombstone: the prompt was deleted at this version (no text, "
+                                                   "schema or phrases)")
 
 
 class PromptList(BaseModel):
