@@ -277,9 +277,9 @@ class Fleet:
             log.warning("lease not released", stream=sid, error=str(e) or type(e).__name__)
 
     async def leave(self) -> None:
-        """Graceful stop: every lease released at once (the others take over within a renew interval)."""
-        for sid in list(self.leases):
-            await self.release(sid, "daemon stopping")
+        """Graceful stop: every stream stopped and its lease released, all at once (the others take over within a
+        renew interval)."""
+        await asyncio.gather(*(self.release(sid, "daemon stopping") for sid in list(self.leases)))
         try:
             await self.r.delete(MEMBER_KEY.format(member=self.member_id))
             await self.r.srem(MEMBERS_KEY, self.member_id)
