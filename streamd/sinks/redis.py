@@ -141,7 +141,8 @@ class RedisSink:
                 await self._space.wait()
             f = w.frame
             fields = {"schema_version": keys.SCHEMA_VERSION, "stream_id": f.stream_id, "seq": f.seq}
-            fence = self.fence_for(f.stream_id) if self.fence_for is not None else None
+            # leased streams only (never Redis inputs): a refused write must not take an XACK through with it
+            fence = self.fence_for(f.stream_id) if self.fence_for is not None and f.ref is None else None
             rec = result_record(w)
             if self.member is not None:
                 rec["daemon"] = self.member
