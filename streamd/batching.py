@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from streamd.config import DropPolicy
+from streamd.frames import EndOfStream
 
 T = TypeVar("T")
 
@@ -237,13 +238,13 @@ class FrameQueue(Generic[T]):
 
 
 class Ingress(Generic[T]):
-    """Fan-in of many per-stream queues, read fairly (round-robin) in batches."""
+    """Fan-in of many per-stream queues, read fairly (round-robin) in batches. A queue that is closed and drained
+    leaves the fan-in with an `EndOfStream(key)` in the batch, after its last item."""
 
     def __init__(self) -> None:
         self._queues: dict[str, FrameQueue[T]] = {}
         self._ready = asyncio.Event()
         self._closed = False
-        self._holding: dict[str, int] = {}  # items taken into a batch that `get_batch` has not returned yet
 
     def attach(self, key: str, q: FrameQueue[T]) -> None:
         self._queues[key] = q
@@ -262,11 +263,7 @@ class Ingress(Generic[T]):
         self._closed = True
         self._ready.set()
 
-    def holding(self, key: str) -> int:
-        """Items of `key` taken from its queue into a batch still being filled (waiting for `max_wait_s`)."""
-        return self._holding.get(key, 0)
-
-    def _take_round(self, out: list[T], max_batch: int) -> bool:
+    def _take_round(self, out: list[Any], max_batch: int) -> bool:
         took = False
         for key, q in list(self._queues.items()):
             if len(out) >= max_batch:
@@ -274,20 +271,17 @@ class Ingress(Generic[T]):
             item = q.get_nowait()
             if item is not None:
                 out.append(item)
-                self._holding[key] = self._holding.get(key, 0) + 1
+                took = True
+            elif q.closed:  # its last item was taken before: the stream ends here
+                self.detach(key)
+                out.append(EndOfStream(key))
                 took = True
         return took
 
-    async def get_batch(self, max_batch: int, max_wait_s: float = 0.0) -> list[T]:
+    async def get_batch(self, max_batch: int, max_wait_s: float = 0.0) -> list[T | EndOfStream]:
         """Wait for at least one item, then take up to `max_batch` round-robin; wait up to `max_wait_s` more for
         a fuller batch. Raises QueueClosed once closed and drained."""
-        try:
-            return await self._get_batch(max_batch, max_wait_s)
-        finally:
-            self._holding.clear()
-
-    async def _get_batch(self, max_batch: int, max_wait_s: float) -> list[T]:
-        out: list[T] = []
+        out: list[Any] = []
         while not out:
             self._ready.clear()
             while len(out) < max_batch and self._take_round(out, max_batch):

@@ -90,7 +90,7 @@ async def serve(cfg: Config, extra: Callable[..., Awaitable[None]] | None = None
 
 
 def _validate(path: str | None) -> int:
-    from streamd.daemon import check_config
+    from streamd.streams.pipelines import check_config
 
     if not path:
         print("streamd validate: give a config file", file=sys.stderr)

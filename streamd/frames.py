@@ -10,12 +10,16 @@ import numpy as np
 
 @dataclass(frozen=True, slots=True)
 class InputRef:
-    """Where a frame came from, when that place must be told it was handled (a Redis entry to acknowledge)."""
+    """Where a frame came from, when that place must be told it was handled (a Redis entry to acknowledge).
+    `handle` is the input's settlement handle (`streamd.sources.base.Settlement`): the sink calls
+    `handle.settled(ref)` once the entry is acknowledged (or will be delivered again), the pipeline
+    `await handle.fail(ref, reason)` when a stage failed on it."""
 
     key: str
     group: str
     entry_id: str
     deliveries: int = 1
+    handle: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,14 @@ class Frame:
     @property
     def width(self) -> int:
         return int(self.image.shape[1])
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """Follows a stream's last frame through a pipeline: once it reaches the end, nothing of the stream is left in
+    any stage (its per-stream state can go)."""
+
+    stream_id: str
 
 
 @dataclass(slots=True)

@@ -4,8 +4,10 @@
 
 Frames of all streams meet in the first stage, so batches span streams; no stream waits for another (the fan-in
 takes whatever is ready). A stage that fails on a batch marks those frames failed; they skip the later stages
-and the sink settles them (a Redis input entry is retried, then dead-lettered). Closing the ingress drains the
-pipeline in order, stage by stage, through sentinels.
+and the sink settles them (a Redis input entry is retried, then dead-lettered). A stream's closed queue sends an
+`EndOfStream` marker after its last frame; it passes every stage in order, and when it reaches the end the stages
+forget the stream and `attach`'s future resolves. Closing the ingress drains the pipeline in order, stage by stage,
+through sentinels.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from streamd.batching import Ingress, QueueClosed, StageQueue
 from streamd.config import PipelineConfig
-from streamd.frames import Frame, Work
+from streamd.frames import EndOfStream, Frame, Work
 from streamd.log import get_logger, redact_text
 from streamd.metrics import Metrics
 from streamd.stages import Stage
@@ -39,11 +41,25 @@ class Pipeline:
         self.ready = asyncio.Event()
         self.prompt_kinds = sorted({k for st in stages for k in st.prompt_kinds})
         self.prompts: Any = None  # PromptCache, when the daemon has one
-        self._in_flight: dict[str, int] = {}  # stream -> frames between the ingress and the sink
+        self._ends: dict[str, asyncio.Future[None]] = {}  # stream -> resolved when its end marker came through
 
-    def in_flight(self, stream_id: str) -> int:
-        """Frames of this stream inside the pipeline (taken from its queue, not yet delivered)."""
-        return self._in_flight.get(stream_id, 0) + self.ingress.holding(stream_id)
+    def attach(self, stream_id: str, queue: Any) -> asyncio.Future[None]:
+        """Read the stream's frames from `queue`. The future resolves once the queue was closed and every frame of
+        it has left the last stage (the stages forgot the stream by then), or when the pipeline stops."""
+        fut = self._ends[stream_id] = asyncio.get_running_loop().create_future()
+        self.ingress.attach(stream_id, queue)
+        return fut
+
+    def detach(self, stream_id: str) -> None:
+        """A stream whose frames never entered (the pipeline was not set up yet): forget it now."""
+        self.ingress.detach(stream_id)
+        self._ended(stream_id)
+
+    def _ended(self, stream_id: str) -> None:
+        self.forget_stream(stream_id)
+        fut = self._ends.pop(stream_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     async def run(self) -> None:
         """Set the stages up, run until the ingress is closed and everything queued has been delivered."""
@@ -56,6 +72,10 @@ class Pipeline:
                     tg.create_task(self._stage_loop(i, st), name=f"{self.name}:{st.name}")
                 tg.create_task(self._deliver_loop(), name=f"{self.name}:deliver")
         finally:
+            for sid in list(self._ends):
+                fut = self._ends.pop(sid)
+                if not fut.done():
+                    fut.set_result(None)
             for st in self.stages:
                 try:
                     await st.teardown()
@@ -66,17 +86,17 @@ class Pipeline:
         for st in self.stages:
             st.forget_stream(stream_id)
 
-    async def _get(self, i: int, st: Stage) -> list[Work]:
+    async def _get(self, i: int, st: Stage) -> list[Work | EndOfStream]:
         wait_s = st.max_wait_ms / 1000.0
         if i == 0:
-            frames = await self.ingress.get_batch(st.max_batch, wait_s)
-            for f in frames:
-                self._in_flight[f.stream_id] = self._in_flight.get(f.stream_id, 0) + 1
+            items = await self.ingress.get_batch(st.max_batch, wait_s)
             now = time.time()
-            works = [Work(f, timings_ms={"queue": round((now - f.capture_ts) * 1000.0, 3)}) for f in frames]
+            out: list[Work | EndOfStream] = [
+                it if isinstance(it, EndOfStream) else
+                Work(it, timings_ms={"queue": round((now - it.capture_ts) * 1000.0, 3)}) for it in items]
             if self.prompt_kinds and self.prompts is not None:
-                self._stamp_prompts(works)
-            return works
+                self._stamp_prompts([w for w in out if isinstance(w, Work)])
+            return out
         return await self._queues[i - 1].get_batch(st.max_batch, wait_s)
 
     def _stamp_prompts(self, works: list[Work]) -> None:
@@ -98,7 +118,7 @@ class Pipeline:
             except QueueClosed:
                 await out.close()
                 return
-            todo = [w for w in batch if w.error is None]
+            todo = [w for w in batch if isinstance(w, Work) and w.error is None]
             if todo:
                 for w in todo:
                     if w.frame.discontinuity:
@@ -130,13 +150,11 @@ class Pipeline:
                 batch = await last.get_batch(256)
             except QueueClosed:
                 return
+            works = [w for w in batch if isinstance(w, Work)]
             try:
-                await self._deliver(batch)
+                if works:
+                    await self._deliver(works)
             finally:
-                for w in batch:
-                    sid = w.frame.stream_id
-                    left = self._in_flight.get(sid, 1) - 1
-                    if left > 0:
-                        self._in_flight[sid] = left
-                    else:
-                        self._in_flight.pop(sid, None)
+                for w in batch:  # a marker follows its stream's last frame: delivered above or before
+                    if isinstance(w, EndOfStream):
+                        self._ended(w.stream_id)

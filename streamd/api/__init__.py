@@ -4,16 +4,17 @@ Prometheus metrics, an OpenAPI document. Binds 127.0.0.1 unless told otherwise; 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import Any
 
 from aiohttp import web
 
-from streamd.api.app import ApiRunner, build_app
-from streamd.config import ApiConfig
+from streamd.api.app import build_app
+from streamd.api.middleware import ApiRunner
+from streamd.config import Config
 from streamd.log import get_logger
-
-if TYPE_CHECKING:
-    from streamd.daemon import Daemon
+from streamd.metrics import Metrics
+from streamd.prompts import PromptStore
+from streamd.streams.manager import StreamManager
 
 log = get_logger("streamd.api")
 
@@ -21,11 +22,11 @@ log = get_logger("streamd.api")
 class ApiServer:
     """The API embedded in the daemon's event loop (AppRunner + TCPSite)."""
 
-    def __init__(self, daemon: "Daemon", cfg: ApiConfig):
-        self.app = build_app(daemon, cfg, dict(os.environ))
-        self.cfg = cfg
+    def __init__(self, streams: StreamManager, prompts: PromptStore, models: Any, metrics: Metrics, cfg: Config):
+        self.app = build_app(streams, prompts, models, metrics, cfg.api, dict(os.environ))
+        self.cfg = cfg.api
         self._runner: ApiRunner | None = None
-        self.port = cfg.port
+        self.port = self.cfg.port
 
     @property
     def url(self) -> str:

@@ -6,12 +6,12 @@ import time
 
 from aiohttp import web
 
-from streamd.api.context import daemon
+from streamd.api.context import streams
 from streamd.api.errors import json_response
 
 
 async def cluster(request: web.Request) -> web.Response:
-    d = daemon(request)
+    d = streams(request)
     if d.fleet is None:
         return json_response({"fleet": False, "self": None, "members": [], "streams": len(d.runners),
                               "capacity": None})

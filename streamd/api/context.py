@@ -1,19 +1,23 @@
-"""What the handlers share: typed keys of the application and the request, and the daemon they serve."""
+"""What the handlers share: typed keys of the application and the request, and the parts of the daemon they serve
+(the stream manager, the prompt store, the models, the metrics) — never the daemon itself."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from aiohttp import web
 
 from streamd.api.etag import KeyedLocks
-from streamd.api.security import AuthFailures, Authenticator, Principal, RateLimiter
+from streamd.api.security import Authenticator, AuthFailures, Principal, RateLimiter
 from streamd.config import ApiConfig
+from streamd.metrics import Metrics
+from streamd.prompts import PromptStore
+from streamd.streams.manager import StreamManager
 
-if TYPE_CHECKING:
-    from streamd.daemon import Daemon
-
-DAEMON = web.AppKey("daemon", object)
+STREAMS = web.AppKey("streams", StreamManager)
+PROMPTS = web.AppKey("prompts", PromptStore)
+MODELS = web.AppKey("models", object)  # the model registry (streamd.models)
+METRICS = web.AppKey("metrics", Metrics)
 CFG = web.AppKey("cfg", ApiConfig)
 AUTH = web.AppKey("auth", Authenticator)
 LIMITER = web.AppKey("limiter", RateLimiter)
@@ -22,5 +26,13 @@ STREAM_LOCKS = web.AppKey("stream_locks", KeyedLocks)  # one API change of a str
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
-def daemon(request: web.Request) -> "Daemon":
-    return request.app[DAEMON]  # type: ignore[return-value]
+def streams(request: web.Request) -> StreamManager:
+    return request.app[STREAMS]
+
+
+def prompts(request: web.Request) -> PromptStore:
+    return request.app[PROMPTS]
+
+
+def models(request: web.Request) -> Any:
+    return request.app[MODELS]

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from streamd.api.context import daemon
+from streamd.api.context import METRICS, streams
 from streamd.api.errors import ApiError, json_response
+from streamd.streams.manager import StreamManager
 
-if TYPE_CHECKING:
-    from streamd.daemon import Daemon
+PING = web.AppKey("ping", dict)  # the last /health PING: {"at": monotonic time, "answer": future}
 
 
 async def health_live(request: web.Request) -> web.Response:
@@ -25,20 +25,19 @@ async def health_live(request: web.Request) -> web.Response:
 READY_CACHE_S = 1.0  # /health/ready is public: a flood of it sends at most one PING a second to Redis
 
 
-async def _redis_ok(d: "Daemon") -> bool:
+async def _redis_ok(request: web.Request) -> bool:
     """Whether Redis answers a PING, asked at most once per READY_CACHE_S (concurrent callers share one PING)."""
     now = time.monotonic()
-    hit = d.last_ping
-    if hit is not None and now - hit[0] < READY_CACHE_S:
-        return await asyncio.shield(hit[1])
-    fut = asyncio.ensure_future(_ping(d))
-    d.last_ping = (now, fut)
+    last: dict[str, Any] = request.app[PING]
+    if last and now - last["at"] < READY_CACHE_S:
+        return await asyncio.shield(last["answer"])
+    fut = asyncio.ensure_future(_ping(streams(request)))
+    last.update(at=now, answer=fut)
     return await asyncio.shield(fut)
 
 
-async def _ping(d: "Daemon") -> bool:
+async def _ping(d: StreamManager) -> bool:
     try:
-        assert d.redis is not None
         return bool(await d.redis.ping())
     except Exception:  # noqa: BLE001 - any failure means not ready
         return False
@@ -47,11 +46,11 @@ async def _ping(d: "Daemon") -> bool:
 async def health_ready(request: web.Request) -> web.Response:
     """Ready: started, Redis answers, every running pipeline's models loaded. A pipeline whose setup failed does
     not make the daemon unready (its streams are failed, the others run; /health and the streams say why)."""
-    d = daemon(request)
-    redis_ok = await _redis_ok(d)
+    d = streams(request)
+    redis_ok = await _redis_ok(request)
     models_ok = all(p.ready.is_set() for p in d.pipelines.values())
     details = {"started": d.started.is_set(), "redis": redis_ok, "models_loaded": models_ok,
-               "failed_pipelines": dict(d.pipeline_errors)}
+               "failed_pipelines": dict(d.pipelines.errors)}
     if not (redis_ok and models_ok and d.started.is_set()):
         why = [w for w, ok in (("Redis unreachable", redis_ok), ("models loading", models_ok),
                                ("starting", d.started.is_set())) if not ok]
@@ -61,24 +60,24 @@ async def health_ready(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    d = daemon(request)
+    d = streams(request)
     st = d.status()
     states: dict[str, int] = {}
     for s in st["streams"].values():
         states[s["state"]] = states.get(s["state"], 0) + 1
-    redis_ok = await _redis_ok(d)
-    flushing = d.sink is not None and d.sink.catching_up
+    redis_ok = await _redis_ok(request)
+    flushing = d.sink.catching_up
     return json_response({
         "status": "ok" if redis_ok and not flushing else "degraded",
         "redis": {**st["redis"], "reachable": redis_ok, "catching_up": flushing},
         "states": states,
         "streams": {sid: {k: s[k] for k in ("state", "reason", "fps_in", "fps_out", "last_frame_ts")}
                     for sid, s in st["streams"].items()},
-        "pipelines": {**{n: {"ready": False, "error": e} for n, e in d.pipeline_errors.items()},
+        "pipelines": {**{n: {"ready": False, "error": e} for n, e in d.pipelines.errors.items()},
                       **{n: {"ready": p.ready.is_set(), "error": None} for n, p in d.pipelines.items()}},
     })
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(daemon(request).metrics.registry)
+    body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -46,6 +46,39 @@ class PushSource(Protocol):
     async def aclose(self) -> None: ...
 
 
+class Settlement:
+    """A stream's input entries handed to the pipeline and not settled yet (Redis entries), and the handle every
+    such frame carries in its `InputRef`: the sink calls `settled` once the entry is acknowledged (or will be
+    delivered again), the pipeline awaits `fail` when a stage failed on it. It outlives the input's connections:
+    a reconnected input does not read again what is still in the pipeline. `source` is the connection that
+    decides what a failure means (retry, or dead-letter after its deliveries)."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self.source: Any = None  # the input open now (an object with `async fail(ref, reason)`), or None
+
+    def __contains__(self, entry_id: object) -> bool:
+        return entry_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, entry_id: str) -> None:
+        self._ids.add(entry_id)
+
+    def discard(self, entry_id: str) -> None:
+        self._ids.discard(entry_id)
+
+    def settled(self, ref: Any) -> None:
+        self._ids.discard(ref.entry_id)
+
+    async def fail(self, ref: Any, reason: str) -> None:
+        if self.source is None:  # the input is gone: Redis delivers the entry again to whoever reads it
+            self._ids.discard(ref.entry_id)
+            return
+        await self.source.fail(ref, reason)
+
+
 class Abandoned:
     """Decoder threads given up on by `aclose()` (stuck in an FFmpeg call) that have not returned yet. Each one
     returns by itself within its read/open timeout; a stream does not start another connection while it has

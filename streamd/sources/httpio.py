@@ -185,4 +185,18 @@ class EgressReader(io.RawIOBase):
         super().close()
 
 
-__all__ = ["EgressReader", "Interrupted"]
+def http_headers(opts: dict[str, str]) -> dict[str, str]:
+    """FFmpeg's HTTP options, for the policy's own requests."""
+    headers: dict[str, str] = {}
+    if opts.get("user_agent"):
+        headers["User-Agent"] = opts["user_agent"]
+    if opts.get("referer"):
+        headers["Referer"] = opts["referer"]
+    for line in opts.get("headers", "").splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip():
+            headers[name.strip()] = value.strip()
+    return headers
+
+
+__all__ = ["EgressReader", "Interrupted", "http_headers"]

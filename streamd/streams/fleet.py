@@ -18,7 +18,7 @@ from streamd.log import get_logger
 from streamd.sources import parse_reference
 
 if TYPE_CHECKING:
-    from streamd.daemon import Daemon
+    from streamd.streams.manager import StreamManager
 
 log = get_logger("streamd.fleet")
 _NO_LEASE = "-"  # a token no lease ever holds: a stream's results written after its lease went are refused
@@ -39,15 +39,14 @@ def leased(s: StreamConfig) -> bool:
 
 
 class FleetStreams:
-    def __init__(self, daemon: "Daemon", client: Any, version: str):
-        self.d = daemon
+    def __init__(self, streams: "StreamManager", client: Any, version: str):
+        self.d = streams
         self.cfgs: dict[str, tuple[StreamConfig, str]] = {}  # leased streams this daemon knows: (config, origin)
-        self.fleet = Fleet(client, daemon.cfg.fleet, daemon.api_url, version, self._acquired, self._released,
-                           self._load, daemon.metrics)
-        assert daemon.sink is not None
-        daemon.sink.fence_for = self._fence
-        daemon.sink.on_fenced = self.fleet.fenced
-        daemon.sink.member = self.fleet.member_id
+        self.fleet = Fleet(client, streams.cfg.fleet, streams.api_url, version, self._acquired, self._released,
+                           self._load, streams.metrics)
+        streams.sink.fence_for = self._fence
+        streams.sink.on_fenced = self.fleet.fenced
+        streams.sink.member = self.fleet.member_id
 
     @property
     def member_id(self) -> str:
@@ -97,8 +96,7 @@ class FleetStreams:
                 log.warning("fleet sync failed", error=str(e) or type(e).__name__)
 
     async def sync(self) -> None:
-        assert self.d.stored is not None
-        stored = {s.id: s for s, problem in await self.d.stored.load() if problem is None}
+        stored = {s.id: s for s, problem in await self.d.store.load() if problem is None}
         for sid, s in stored.items():
             known = self.cfgs.get(sid)
             if known is None and sid not in self.d.runners or known is not None and known[0] != s:
@@ -130,7 +128,7 @@ class FleetStreams:
             await self.d.remove_stream(sid)
 
     async def _last_seq(self, sid: str) -> int:
-        entries = await self.d.redis.xrevrange(keys.results_key(sid), count=1)  # type: ignore[union-attr]
+        entries = await self.d.redis.xrevrange(keys.results_key(sid), count=1)
         if not entries:
             return -1
         fields = entries[0][1]

@@ -27,14 +27,15 @@ from streamd.batching import Doorbell, FrameQueue, QueueClosed
 from streamd.config import DropPolicy, StreamConfig
 from streamd.egress import EgressRules, StreamEgress
 from streamd.errors import SourceError
-from streamd.frames import Frame, InputRef
+from streamd.frames import Frame
 from streamd.log import get_logger, redact_text, redact_url
 from streamd.metrics import Metrics
 from streamd.sampling import FpsSampler
 from streamd.sources import SourceRef, parse_reference
-from streamd.sources.base import Abandoned, EventFn, PushSource, Source
+from streamd.sources.base import Abandoned, EventFn, PushSource, Settlement, Source
+from streamd.streams.drops import DropReporter
 
-log = get_logger("streamd.supervisor")
+log = get_logger("streamd.streams")
 
 
 class State(str, enum.Enum):
@@ -49,46 +50,6 @@ class State(str, enum.Enum):
 TERMINAL = {State.FAILED, State.STOPPED}
 # config fields a running stream takes without reconnecting (StreamRunner.apply); any other change replaces it
 LIVE_FIELDS = frozenset({"fps", "stall_timeout_s"})
-
-
-class DropReporter:
-    """Counts drops; publishes at most one aggregated event per interval."""
-
-    def __init__(self, stream_id: str, metrics: Metrics, on_event: EventFn, interval_s: float):
-        self.stream_id = stream_id
-        self._dropped = metrics.stream(stream_id).dropped
-        self._on_event = on_event
-        self._interval_s = interval_s
-        self._pending = 0
-        self.total = 0
-        self._handle: asyncio.TimerHandle | None = None
-
-    def __call__(self, frame: Frame) -> None:
-        self.total += 1
-        self._pending += 1
-        self._dropped.inc()
-        if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_later(self._interval_s, self.flush)
-
-    def flush(self) -> None:
-        self._handle = None
-        if self._pending:
-            self._on_event("frames_dropped", {"count": self._pending, "total": self.total, "reason": "queue_full"})
-            self._pending = 0
-
-
-def _http_headers(opts: dict[str, str]) -> dict[str, str]:
-    """FFmpeg's HTTP options, for the policy's own requests."""
-    headers: dict[str, str] = {}
-    if opts.get("user_agent"):
-        headers["User-Agent"] = opts["user_agent"]
-    if opts.get("referer"):
-        headers["Referer"] = opts["referer"]
-    for line in opts.get("headers", "").splitlines():
-        name, sep, value = line.partition(":")
-        if sep and name.strip():
-            headers[name.strip()] = value.strip()
-    return headers
 
 
 class StreamRunner:
@@ -121,7 +82,7 @@ class StreamRunner:
         self.fps_out = 0.0  # results published per second
         self.attempts = 0
         self._live_since: float | None = None
-        self.inflight: set[str] = set()
+        self.inflight = Settlement()  # Redis input entries in the pipeline; each frame's InputRef carries it
         self._seq = itertools.count()
         self._stop = asyncio.Event()
         self._source: Source | PushSource | None = None
@@ -319,10 +280,10 @@ class StreamRunner:
         if self.ref.kind == "file":
             check_local_file(self.ref.url)
         elif urlsplit(self.ref.url).scheme in ("http", "https"):  # plain media over HTTP: fetched by the policy
-            from streamd.sources.httpio import EgressReader
+            from streamd.sources.httpio import EgressReader, http_headers
 
             reader = EgressReader(self.egress, self.ref.url, loop, timeout_s=self.cfg.open_timeout_s,
-                                  headers=_http_headers(self.cfg.ffmpeg_options))
+                                  headers=http_headers(self.cfg.ffmpeg_options))
             await self._unless_stopped(reader.start())
         else:  # RTSP, RTMP, SRT ...: FFmpeg connects to the address the policy checked (no second resolution)
             url = await self._unless_stopped(self.egress.pin_url(self.ref.url))
@@ -389,15 +350,3 @@ class StreamRunner:
         self._sampled.inc()
         if frame.discontinuity:
             self.event("discontinuity", {"seq": frame.seq, "pts_s": frame.pts_s})
-
-    # -- input settlement (Redis entries) -------------------------------------------------------------------
-    def settled(self, ref: InputRef) -> None:
-        self.inflight.discard(ref.entry_id)
-
-    async def failed(self, ref: InputRef, reason: str) -> None:
-        """A stage failed on a Redis input entry: retry it later, or dead-letter it after max deliveries."""
-        src = self._redis_source
-        if src is None:
-            self.inflight.discard(ref.entry_id)
-            return
-        await src.fail(ref, reason)

@@ -1,0 +1,283 @@
+"""The stream manager: which streams run here, started, changed and stopped through one place.
+
+Streams come from the config file and from the control API (kept in Redis by `store.py`, so a restarted or second
+daemon runs them too). In fleet mode (`fleet.py`) a stream that needs an owner runs on exactly one daemon: this
+manager offers it to the fleet, which calls `add_stream` / `remove_stream` as leases come and go. Each running
+stream is one `StreamRunner` (supervisor.py) feeding its pipeline; when it ends, the pipeline's end-of-stream
+marker says when its last frame is through and the stages have forgotten it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from streamd.batching import Doorbell
+from streamd.config import Config, StreamConfig
+from streamd.egress import EgressRules
+from streamd.errors import StreamdError
+from streamd.log import get_logger
+from streamd.metrics import Metrics
+from streamd.pipeline import Pipeline
+from streamd.streams.groups import ConsumerGroups
+from streamd.streams.info import StreamInfo
+from streamd.streams.pipelines import PipelineSet
+from streamd.streams.store import StoredStreams, StreamExists, StreamNotFound
+from streamd.streams.supervisor import State, StreamRunner
+
+log = get_logger("streamd.streams")
+_FLUSH_ON_REMOVE_S = 5.0  # a removed stream's buffered results: how long its removal waits for them (Redis up)
+
+
+class StreamManager(StreamInfo):
+    def __init__(self, cfg: Config, metrics: Metrics, redis: aioredis.Redis, sink: Any, doorbell: Doorbell,
+                 client: Callable[[str], aioredis.Redis], consumer: str, started: asyncio.Event):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.redis = redis  # the API's client (the stored streams; /health's PING)
+        self.sink = sink
+        self.doorbell = doorbell
+        self.client = client  # url -> the Redis client Redis inputs on that server use
+        self.consumer = consumer
+        self.started = started  # set once the configured and stored streams were offered
+        self.store = StoredStreams(redis)
+        self.pipelines: PipelineSet = None  # type: ignore[assignment] - set by the daemon (it needs fail_stream)
+        self.runners: dict[str, StreamRunner] = {}
+        self.api_stream_ids: set[str] = set()
+        self.fleet: Any = None  # streamd.streams.fleet.FleetStreams when fleet.enabled
+        self.api_url: str | None = None
+        self._groups = ConsumerGroups()
+        self._stream_pipeline: dict[str, str] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._api_lock = asyncio.Lock()  # held while the streams kept in Redis are loaded
+        self._stream_locks: dict[str, asyncio.Lock] = {}  # one API change of a stream at a time
+
+    def bind(self, tg: asyncio.TaskGroup | None) -> None:
+        """The task group streams and pipelines run in (the daemon's), or None once it is gone."""
+        self._tg = tg
+
+    # -- starting and stopping -----------------------------------------------------------------------------------
+    def offer(self, s: StreamConfig, origin: str) -> None:
+        """Start a stream here, or (fleet mode) let the fleet place it on one daemon."""
+        if self.fleet is not None:
+            self.fleet.offer(s, origin)
+        else:
+            self.add_stream(s, origin)
+
+    def add_stream(self, s: StreamConfig, origin: str = "config") -> StreamRunner:
+        """Start a stream (the daemon must be running). Raises ConfigError for an unknown pipeline. `origin` is
+        "config" (the operator's file: its own host stays reachable) or "api" (the whole egress policy)."""
+        assert self._tg is not None, "the daemon is not running"
+        if s.id in self.runners and self.runners[s.id].state not in (State.STOPPED, State.FAILED):
+            raise StreamdError(f"stream {s.id!r} exists")
+        pipeline = self.pipelines.get_or_start(s.pipeline, f"streams.{s.id}.pipeline", self._tg)
+        runner = StreamRunner(s, self.metrics, self.sink.event, self.client, self.consumer,
+                              self.cfg.events.drop_event_interval_s, self.doorbell,
+                              EgressRules.from_config(self.cfg.egress), origin)
+        self.runners[s.id] = runner
+        self._stream_pipeline[s.id] = s.pipeline
+        ended = pipeline.attach(s.id, runner.queue)
+        self._tasks[s.id] = self._tg.create_task(self._run_stream(runner, pipeline, ended), name=f"stream:{s.id}")
+        log.info("stream added", stream=s.id, url=runner.url_redacted, pipeline=s.pipeline)
+        return runner
+
+    def add_failed_stream(self, s: StreamConfig, reason: str) -> StreamRunner:
+        """Show a stream that cannot start (its pipeline is gone, its stored entry is invalid) as failed, with the
+        reason; nothing runs for it. PATCH or DELETE through the API replace or remove it."""
+        runner = StreamRunner(s, self.metrics, self.sink.event, self.client, self.consumer,
+                              self.cfg.events.drop_event_interval_s)
+        self.runners[s.id] = runner
+        runner.fail(reason)
+        return runner
+
+    async def remove_stream(self, stream_id: str, drop_group: bool = False) -> None:
+        """Stop a stream and wait until its last frames are through and published. `drop_group` (a DELETE): its
+        Redis input's consumer group goes too (a replaced stream keeps it: the new one reads on from there)."""
+        runner = self.runners.pop(stream_id)
+        runner.stop()
+        task = self._tasks.get(stream_id)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+        if self.sink.healthy:  # its last results are buffered in the sink: once this returns, nothing more appears
+            await self.sink.flushed(_FLUSH_ON_REMOVE_S)
+        if drop_group:
+            await self._groups.drop(runner, self.runners.values())
+
+    async def _run_stream(self, runner: StreamRunner, pipeline: Pipeline, ended: asyncio.Future[None]) -> None:
+        sid = runner.cfg.id
+        try:
+            # frames wait for loaded models, not in a queue going stale
+            ready = asyncio.ensure_future(pipeline.ready.wait())
+            stopped = asyncio.ensure_future(runner.stopped.wait())
+            await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            stopped.cancel()
+            await runner.run()
+        except Exception as e:  # noqa: BLE001 - one stream's bug never stops the others
+            log.exception("stream task crashed", stream=sid)
+            runner._set_state(State.FAILED, f"internal error: {type(e).__name__}: {e}")
+        # the queue is closed now: its end marker follows the last frame through the stages, and the stages forget
+        # the stream once it is through (a tracker is never dropped while the stream's frames are on their way)
+        if not pipeline.ready.is_set():
+            pipeline.detach(sid)  # nothing of it entered: its setup is still going on (or failed)
+        task = self.pipelines.task(pipeline)
+        if task is not None and not ended.done():
+            await asyncio.wait({ended, task}, return_when=asyncio.FIRST_COMPLETED)
+        self._tasks.pop(sid, None)
+
+    async def drain(self) -> None:
+        """Stop every stream, let the pipelines finish what they hold, publish it."""
+        for r in self.runners.values():
+            r.stop()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await self.pipelines.close()
+        while self.sink.healthy and len(self.sink):
+            await self.sink.wait_idle()
+
+    def cancel(self) -> None:
+        for t in self._tasks.values():
+            t.cancel()
+        self.pipelines.cancel()
+
+    def fail_stream(self, stream_id: str, reason: str) -> None:
+        """A stage failed this stream for good (its vocabulary cannot be set), also a file that ended while its last
+        frames were in the pipeline; the other streams run on. A removed stream is not in `runners` any more."""
+        r = self.runners.get(stream_id)
+        if r is not None and r.state is not State.FAILED:
+            r.fail(reason)
+
+    def pipeline_failed(self, name: str, reason: str) -> None:
+        """A pipeline could not start: the streams using it fail with the reason."""
+        for sid, pname in list(self._stream_pipeline.items()):
+            r = self.runners.get(sid)
+            if pname == name and r is not None:
+                r.fail(reason)
+
+    # -- streams added through the API, kept in Redis --------------------------------------------------------------
+    async def start_api_streams(self) -> bool:
+        """Start the streams kept in Redis; one that cannot start is shown failed and never stops the daemon.
+        False when Redis could not be read."""
+        async with self._api_lock:
+            try:
+                stored = await self.store.load()
+            except (RedisError, OSError) as e:
+                log.warning("could not load API-added streams from Redis", error=str(e) or type(e).__name__)
+                return False
+            for s, problem in stored:
+                if s.id in self.runners or (self.fleet is not None and s.id in self.fleet.cfgs):
+                    continue  # a stream of the config file (or one added meanwhile) has this id
+                self.api_stream_ids.add(s.id)
+                if problem is None:
+                    try:
+                        self.offer(s, "api")
+                        continue
+                    except StreamdError as e:
+                        problem = str(e)
+                    except Exception as e:  # noqa: BLE001 - one stored stream's bug never stops the daemon
+                        log.exception("stored stream crashed at start", stream=s.id)
+                        problem = f"internal error: {type(e).__name__}: {e}"
+                self.add_failed_stream(s, f"stored stream cannot start: {problem}")
+        return True
+
+    async def retry_api_streams(self, interval_s: float = 1.0) -> None:
+        while not await self.start_api_streams():
+            await asyncio.sleep(interval_s)
+        log.info("API-added streams loaded from Redis")
+
+    async def api_put_stream(self, s: StreamConfig, replace: bool = False) -> StreamRunner | None:
+        """Add (or, with `replace`, change) a stream, then keep it in Redis so a restarted or second daemon sees
+        it. Only an accepted stream is kept: a ConfigError (bad pipeline) leaves the old stream running and Redis
+        untouched; a Redis error stops the new stream again and restores the old one. A change of a running
+        stream's `fps` or `stall_timeout_s` alone is applied without a restart (StreamRunner.apply: no reconnect,
+        `seq` and trackers go on). In fleet mode the fleet places it (the runner when it runs here, else None)."""
+        if self.fleet is not None and self.fleet.leases_kind(s):
+            return await self._fleet_put_stream(s, replace)
+        async with self._stream_lock(s.id):
+            if (s.id in self.runners) != replace:
+                raise StreamNotFound(s.id) if replace else StreamExists(s.id)
+            old = self.runners.get(s.id)
+            if old is not None and old.can_apply(s):
+                await self.store.save(s)  # a Redis error leaves the stream as it was
+                old.apply(s)
+                self.api_stream_ids.add(s.id)
+                return old
+            if s.pipeline not in self.pipelines:
+                self.pipelines.config(s.pipeline, "pipeline")  # ConfigError before the old stream is touched
+            if old is not None:
+                await self.remove_stream(s.id)
+            try:
+                runner = self.add_stream(s, "api")
+                try:
+                    await self.store.save(s)
+                except Exception:
+                    await self.remove_stream(s.id)
+                    if old is None:
+                        self.metrics.forget_stream(s.id)
+                    raise
+            except Exception:
+                if old is not None:
+                    self._restore_stream(old)
+                raise
+            self.api_stream_ids.add(s.id)
+            return runner
+
+    async def _fleet_put_stream(self, s: StreamConfig, replace: bool) -> StreamRunner | None:
+        """Fleet mode: keep the stream in Redis and let the fleet place it (here when this daemon is its preferred
+        owner: placed at once; otherwise another daemon takes it within a renew interval)."""
+        async with self._stream_lock(s.id):
+            if self.has_stream(s.id) != replace:
+                raise StreamNotFound(s.id) if replace else StreamExists(s.id)
+            if not replace:
+                self.fleet.admit(s.id)  # CapacityExhausted when the fleet cannot take another stream
+            if s.pipeline not in self.pipelines:
+                self.pipelines.config(s.pipeline, "pipeline")
+            await self.store.save(s)
+            self.api_stream_ids.add(s.id)
+            await self.fleet.fleet.release(s.id, "changed through the API")  # a no-op unless it runs here
+            self.fleet.offer(s, "api")
+            await self.fleet.fleet.tick()
+            return self.runners.get(s.id)
+
+    def _restore_stream(self, old: StreamRunner) -> None:
+        try:
+            self.add_stream(old.cfg, old.origin)
+        except StreamdError as e:
+            self.add_failed_stream(old.cfg, str(e))
+
+    async def api_delete_stream(self, stream_id: str) -> None:
+        """Forget the stream in Redis first (a Redis error leaves it running), then stop it."""
+        async with self._stream_lock(stream_id):
+            if not self.has_stream(stream_id):
+                raise StreamNotFound(stream_id)
+            await self.store.delete(stream_id)
+            self.api_stream_ids.discard(stream_id)
+            if self.fleet is not None and stream_id in self.fleet.cfgs:
+                await self.fleet.withdraw(stream_id)  # stops it here if it runs here; the owner sees it go
+            else:
+                await self.remove_stream(stream_id, drop_group=True)
+            self.metrics.forget_stream(stream_id)  # its series go with it (a replaced stream keeps them)
+        self._stream_locks.pop(stream_id, None)
+
+    def _stream_lock(self, stream_id: str) -> asyncio.Lock:
+        """Changes of one stream are serialised; a slow change (a stream that takes seconds to stop) never holds up
+        another stream's."""
+        return self._stream_locks.setdefault(stream_id, asyncio.Lock())
+
+    # -- what streams there are ------------------------------------------------------------------------------------
+    def has_stream(self, sid: str) -> bool:
+        """A stream this daemon runs, or (fleet mode) one of the fleet's streams, wherever it runs."""
+        return sid in self.runners or (self.fleet is not None and sid in self.fleet.cfgs)
+
+    def stream_config(self, sid: str) -> StreamConfig:
+        if sid in self.runners:
+            return self.runners[sid].cfg
+        assert self.fleet is not None
+        return self.fleet.cfgs[sid][0]
+
+    def stream_ids(self) -> list[str]:
+        return sorted(set(self.runners) | (set(self.fleet.cfgs) if self.fleet is not None else set()))
