@@ -57,7 +57,7 @@ from streamd.models import resolve_model_path  # noqa: E402
 from streamd.redis_server import ManagedRedis  # noqa: E402
 from streamd.samples import make_pan_clip  # noqa: E402
 from streamd.stages.detector import Params, SharedDetector  # noqa: E402
-from streamd.testing import running  # noqa: E402
+from streamd.testing.daemon import running  # noqa: E402
 from ultralytics.data.augment import LetterBox  # noqa: E402
 from ultralytics.utils.checks import check_imgsz  # noqa: E402
 

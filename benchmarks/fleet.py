@@ -28,7 +28,7 @@ from common import cpu_model, revision  # noqa: E402
 
 from streamd import keys  # noqa: E402
 from streamd.redis_server import ManagedRedis  # noqa: E402
-from streamd.testing import encode_jpeg  # noqa: E402
+from streamd.testing.media import encode_jpeg  # noqa: E402
 
 TARGET = 1.7
 

@@ -34,7 +34,7 @@ from streamd.sampling import FpsSampler  # noqa: E402
 from streamd.samples import make_pan_clip  # noqa: E402
 from streamd.sources import parse_reference  # noqa: E402
 from streamd.sources.hls import HlsSource  # noqa: E402
-from streamd.testing import HttpDir  # noqa: E402
+from streamd.testing.servers import HttpDir  # noqa: E402
 
 TARGET = 0.95
 QUEUE = 8  # the stream queue (StreamConfig.queue_size default)

@@ -31,8 +31,9 @@ from streamd.config import parse_config  # noqa: E402
 from streamd.log import setup_logging  # noqa: E402
 from streamd.redis_server import ManagedRedis  # noqa: E402
 from streamd.samples import make_pan_clip  # noqa: E402
-from streamd.testing import TransformersServe, running  # noqa: E402
-from streamd.tiny_vlm import build_tiny_qwen25vl  # noqa: E402
+from streamd.testing.daemon import running  # noqa: E402
+from streamd.testing.openai import TransformersServe  # noqa: E402
+from streamd.testing.tiny_vlm import build_tiny_qwen25vl  # noqa: E402
 
 PIXELS = 112 * 112
 TOKENS = 16

@@ -14,7 +14,9 @@ import redis.asyncio as aioredis
 from streamd import keys
 from streamd.config import parse_config
 from streamd.log import setup_logging
-from streamd.testing import ManagedRedis, make_pan_clip, running  # noqa: F401 - `running`: tests import it from here
+from streamd.testing.daemon import running  # noqa: F401 - `running`: tests import it from here
+from streamd.testing.media import make_pan_clip
+from streamd.testing.servers import ManagedRedis
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -144,7 +146,7 @@ def states(evs: list[dict[str, Any]]) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight Qwen2.5-VL built offline (tokenizer trained locally)."""
-    from streamd.tiny_vlm import build_tiny_qwen25vl
+    from streamd.testing.tiny_vlm import build_tiny_qwen25vl
 
     return build_tiny_qwen25vl(tmp_path_factory.mktemp("vlm") / "tiny-qwen25vl")
 
@@ -152,7 +154,7 @@ def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def transformers_serve(tiny_vlm: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real OpenAI-compatible server (`transformers serve`) serving the tiny VLM on CPU."""
-    from streamd.testing import TransformersServe
+    from streamd.testing.openai import TransformersServe
 
     srv = TransformersServe(str(tiny_vlm), str(tmp_path_factory.mktemp("hfhome"))).start()
     try:

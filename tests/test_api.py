@@ -8,9 +8,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamd.api.app import ROUTES
-from streamd.testing import HttpDir, LiveHls
+from streamd.testing.egress import connect_guard
+from streamd.testing.servers import HttpDir, LiveHls
 from conftest import ADMIN, OPER, READ, TOKENS, api_cfg, at_least, h, results, running, until
-from streamd.testing_egress import connect_guard
 
 def read_status(path):
     """What the read token gets from a read route of a daemon without streams or prompts: 404 where the path names
@@ -87,7 +87,7 @@ async def test_adding_and_removing_a_stream_leaves_the_others_trackers_alone(r, 
     """Detect + track: a second camera (live HLS) added and removed through the API runs on the same loaded
     detector, and the first camera's tracker is never reset: no frame lost, no id restarted, no reset."""
     from conftest import events
-    from streamd.testing import make_pan_clip
+    from streamd.testing.media import make_pan_clip
 
     clip = make_pan_clip(tmp_path / "z.mp4", "zidane.jpg", seconds=6, fps=10, size=(640, 360))
     pipe = {"stages": [{"type": "detect", "model": "person", "labels": {"Normal": "person"}, "conf": 0.35,

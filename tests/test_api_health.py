@@ -6,7 +6,7 @@ import time
 import aiohttp
 import redis.asyncio as aioredis
 
-from streamd.testing import ManagedRedis
+from streamd.testing.servers import ManagedRedis
 from conftest import OPER, READ, api_cfg, h, make_config, results, running, until
 
 

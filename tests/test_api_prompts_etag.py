@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 
 from streamd.api.errors import CODES
-from streamd.testing import ScriptedOpenAI, prompt_text
+from streamd.testing.openai import ScriptedOpenAI, prompt_text
 from conftest import ADMIN, OPER, READ, api_cfg, h, results, running, until, vlm_pipeline, vlm_records
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import numpy as np
 
 from streamd.config import StreamConfig
 from streamd.keys import API_STREAMS_KEY
-from streamd.testing import push_frames
+from streamd.testing.media import push_frames
 from conftest import ADMIN, OPER, READ, api_cfg, at_least, events, h, make_config, running, until
 
 IMGS = [np.random.default_rng(7).integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(6)]

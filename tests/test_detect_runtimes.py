@@ -12,7 +12,7 @@ from streamd.models import load_yolo, resolve_model_path
 from streamd.samples import load_photo
 from streamd.stages import onnx_runtime
 from streamd.stages.detector import Params, SharedDetector, cpu_bf16, cpu_cores
-from streamd.testing import push_frames
+from streamd.testing.media import push_frames
 from conftest import make_config, results, running, until
 
 ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None

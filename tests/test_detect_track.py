@@ -11,7 +11,7 @@ from streamd.samples import load_photo, make_pan_clip
 from streamd.stages import StageContext
 from streamd.stages.detect import mask_rle
 from streamd.stages.track import Track, TrackOptions
-from streamd.testing import push_frames
+from streamd.testing.media import push_frames
 from conftest import PERSON, at_least, events, make_config, results, running, until
 
 DETECT_TRACK = {"stages": PERSON + [{"type": "track", "tracker": "bytetrack"}]}
@@ -216,10 +216,10 @@ def _work_tracks(st, sid, seq, pts, boxes):
     return w.outputs["track"]["tracks"]
 
 
-@pytest.mark.skipif(not __import__("streamd.testing", fromlist=["RtspServer"]).RtspServer.available(),
+@pytest.mark.skipif(not __import__("streamd.testing.servers", fromlist=["RtspServer"]).RtspServer.available(),
                     reason="Debian's GStreamer RTSP server (python3-gi) is not installed on this machine")
 async def test_hls_rtsp_and_redis_streams_detect_and_track_at_once(r, redis_server, tmp_path):
-    from streamd.testing import HttpDir, LiveHls, RtspServer
+    from streamd.testing.servers import HttpDir, LiveHls, RtspServer
 
     clip = make_pan_clip(tmp_path / "z.mp4", "zidane.jpg", seconds=4, fps=15, size=(640, 360))
     hls = LiveHls(clip, tmp_path / "hls").start()

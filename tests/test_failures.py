@@ -3,7 +3,7 @@
 import asyncio
 
 from streamd.redis_server import free_port
-from streamd.testing import HttpDir
+from streamd.testing.servers import HttpDir
 from conftest import events, make_config, results, running, until
 
 FAST_GIVE_UP = {"initial_s": 0.1, "max_s": 0.2, "max_attempts": 1}

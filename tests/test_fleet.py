@@ -246,7 +246,7 @@ async def test_any_daemons_api_adds_reads_and_removes_fleet_streams_within_capac
 
     from conftest import api_cfg, h, OPER, READ, until
     from streamd.keys import API_STREAMS_KEY
-    from streamd.testing import running
+    from streamd.testing.daemon import running
 
     r = aioredis.Redis.from_url(redis_server.url)
     await r.delete(API_STREAMS_KEY, "streamd:fleet:members")

@@ -14,7 +14,7 @@ import av
 import pytest
 
 from streamd.config import StreamConfig
-from streamd.testing_egress import Canary, connect_guard, redirect
+from streamd.testing.egress import Canary, connect_guard, redirect
 from conftest import events, make_config, results, running, states, until
 
 ALLOWED = "127.0.0.2"

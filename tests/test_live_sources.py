@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from streamd.testing import HttpDir, LiveHls, RtspServer
+from streamd.testing.servers import HttpDir, LiveHls, RtspServer
 from conftest import at_least, events, make_config, results, running, states, until
 
 

@@ -6,7 +6,8 @@ import asyncio
 import numpy as np
 import redis.asyncio as aioredis
 
-from streamd.testing import ManagedRedis, push_frames
+from streamd.testing.media import push_frames
+from streamd.testing.servers import ManagedRedis
 from conftest import at_least, events, make_config, results, running, until
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from streamd import keys
-from streamd.testing import encode_jpeg, push_frames
+from streamd.testing.media import encode_jpeg, push_frames
 from conftest import at_least, events, make_config, results, running, until
 
 

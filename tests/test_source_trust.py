@@ -22,8 +22,8 @@ from streamd.config import StreamConfig
 from streamd.egress import EgressRules, StreamEgress
 from streamd.redis_server import free_port
 from streamd.sources.base import Abandoned
-from streamd.testing import RtspServer
-from streamd.testing_egress import Canary, RebindingDns, connect_guard, redirect
+from streamd.testing.egress import Canary, RebindingDns, connect_guard, redirect
+from streamd.testing.servers import RtspServer
 from conftest import at_least, events, make_config, results, running, settled, states, until
 
 ALLOWED = "127.0.0.2"

@@ -13,7 +13,8 @@ from streamd.config import StreamConfig
 from streamd.log import RepeatedLog, get_logger
 from streamd.pipelines import REPO_PIPELINES
 from streamd.prompts import PromptCache, PromptStore
-from streamd.testing import ManagedRedis, ScriptedOpenAI, prompt_text
+from streamd.testing.openai import ScriptedOpenAI, prompt_text
+from streamd.testing.servers import ManagedRedis
 from conftest import events, make_config, results, running, until
 
 

@@ -7,7 +7,7 @@ import time
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamd.testing import push_frames
+from streamd.testing.media import push_frames
 from conftest import make_config, running, until
 
 import numpy as np

@@ -16,7 +16,7 @@ from streamd.config import RedisConfig
 from streamd.frames import Frame, InputRef, Work
 from streamd.metrics import Metrics
 from streamd.sinks.redis import RedisSink
-from streamd.testing import ManagedRedis
+from streamd.testing.servers import ManagedRedis
 from conftest import events, results, until
 
 IMG = np.zeros((4, 6, 3), np.uint8)

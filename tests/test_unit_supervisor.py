@@ -12,7 +12,7 @@ from streamd.batching import QueueClosed
 from streamd.config import StreamConfig
 from streamd.metrics import Metrics
 from streamd.supervisor import State, StreamRunner
-from streamd.testing import push_frames
+from streamd.testing.media import push_frames
 from conftest import until
 
 IMG = np.full((16, 16, 3), 128, np.uint8)

@@ -2,7 +2,7 @@
 
 import aiohttp
 
-from streamd.testing import ScriptedOpenAI, prompt_text
+from streamd.testing.openai import ScriptedOpenAI, prompt_text
 from conftest import at_least, make_config, results, running, until, vlm_at_least, vlm_pipeline, vlm_records
 
 
@@ -180,7 +180,7 @@ async def test_openai_backend_against_a_real_transformers_serve(r, redis_server,
 async def test_faults_in_front_of_a_real_server_are_retried_as_configured(r, redis_server, clip, transformers_serve):
     """A fault-injecting proxy in front of a real `transformers serve`: 503 and 429 with Retry-After, a stall
     past the timeout, then the real answer."""
-    from streamd.testing import FaultProxy
+    from streamd.testing.openai import FaultProxy
 
     srv = transformers_serve
     proxy = await FaultProxy(srv["url"]).start()
@@ -205,7 +205,7 @@ async def test_faults_in_front_of_a_real_server_are_retried_as_configured(r, red
 async def test_fallback_to_a_real_server_when_the_primary_endpoint_dies(r, redis_server, clip, transformers_serve):
     """Primary: a proxy to the real server, killed mid-run; fallback: the real server itself. No sampled frame
     goes unanswered."""
-    from streamd.testing import FaultProxy
+    from streamd.testing.openai import FaultProxy
 
     srv = transformers_serve
     primary = await FaultProxy(srv["url"]).start()

@@ -15,7 +15,7 @@ import pytest
 
 from streamd.config import parse_config
 from streamd.errors import ConfigError
-from streamd.testing import ScriptedOpenAI, prompt_text, request_images
+from streamd.testing.openai import ScriptedOpenAI, prompt_text, request_images
 from conftest import (PERSON, at_least, events, make_config, results, running, until, vlm_at_least, vlm_pipeline,
                       vlm_records)
 
@@ -40,7 +40,7 @@ def frame_number(request) -> int:
 
 async def push(r, key, frames, gap_s=0.15, pts_step_s=1.0):
     """XADD frames with pts n * pts_step_s, one every gap_s (a camera pushing frames)."""
-    from streamd.testing import encode_jpeg
+    from streamd.testing.media import encode_jpeg
 
     for n, img in frames:
         await r.xadd(key, {"image": encode_jpeg(img, 95), "ts": repr(time.time()), "pts": repr(n * pts_step_s)})
@@ -197,7 +197,7 @@ async def test_scene_change_and_clips(r, redis_server):
 
 
 async def test_new_tracks_are_asked_about_their_crop(r, redis_server, tmp_path):
-    from streamd.testing import make_pan_clip
+    from streamd.testing.media import make_pan_clip
 
     clip = make_pan_clip(tmp_path / "z.mp4", "zidane.jpg", seconds=2, fps=10, size=(960, 540))
     srv = await ScriptedOpenAI(lambda req: "a man").start()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from streamd.redis_server import free_port
-from streamd.testing import ServedHttp
+from streamd.testing.servers import ServedHttp
 
 Response = tuple[int, dict[str, str], bytes]
 
@@ -98,7 +98,6 @@ class Canary(ServedHttp):
         self._srv.daemon_threads = True
         threading.Thread(target=self._srv.serve_forever, name=f"canary-{self.host}", daemon=True).start()
         return self
-
 
 
 def redirect(location: str, status: int = 302) -> Response:

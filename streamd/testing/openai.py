@@ -3,6 +3,7 @@
 - `ScriptedOpenAI`: answers from a function of the request (for logic that depends on what a model says).
 - `FaultProxy`: a reverse proxy in front of a real server (e.g. `transformers serve`) that injects faults
   (status codes with Retry-After, stalls) before passing requests through; `stop()` kills the endpoint.
+- `TransformersServe`: `transformers serve <model>` on the CPU in a child process (a real server to proxy).
 - `prompt_text`, `request_images`: what a chat-completions request asked, and the sizes of the images it sent.
 """
 
@@ -184,7 +185,7 @@ class TransformersServe:
         import urllib.request
         from pathlib import Path
 
-        from streamd.testing import wait_for
+        from streamd.testing.servers import wait_for
 
         exe = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
         Path(self.home, "hub").mkdir(parents=True, exist_ok=True)  # /v1/models answers 500 without it

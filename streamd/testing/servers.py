@@ -1,23 +1,16 @@
-"""Test kit shipped with the package: real servers, no mocks.
+"""Test servers: real processes and sockets on loopback, no mocks.
 
-- `ManagedRedis` (re-exported): a real redis-server on a free port; `stop(kill=True)` + `start()` restarts it on
-  the same port for outage tests.
+- `ManagedRedis`, `free_port` (re-exported from `streamd.redis_server`): a real redis-server on a free port;
+  `stop(kill=True)` + `start()` restarts it on the same port for outage tests.
 - `HttpDir`: serves a folder over HTTP from a thread; stop/start on the same port; per-path faults.
 - `LiveHls`: ffmpeg writes a live HLS stream in real time (a looping clip) into a folder served by `HttpDir`.
 - `RtspServer`: Debian's GStreamer RTSP server (run with the system Python, which has `gi`).
-- `push_frames`: XADD encoded frames into a Redis stream.
-- `make_pan_clip` (re-exported): footage made by panning over a real photo.
-- `running`: an async context manager, a real `Daemon` running in the current event loop, stopped and drained on
-  exit (tests and benchmarks).
-- `ScriptedOpenAI`, `FaultProxy` (re-exported from testing_openai): an OpenAI-compatible server answering from a
-  script, and a fault-injecting proxy to put in front of a real one.
+- `ServedHttp`: stop() and `with` for the thread-served HTTP servers here and in `streamd.testing.egress`.
+- `wait_for`: poll a condition with a deadline (blocking; for starting servers).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import io
 import os
 import shutil
 import signal
@@ -26,24 +19,14 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from streamd.redis_server import ManagedRedis, free_port
-from streamd.samples import make_pan_clip
 
-if TYPE_CHECKING:
-    from streamd.config import Config
-    from streamd.daemon import Daemon
-
-__all__ = ["ManagedRedis", "HttpDir", "LiveHls", "RtspServer", "push_frames", "encode_jpeg", "make_pan_clip",
-           "free_port", "wait_for", "running", "ScriptedOpenAI", "FaultProxy", "TransformersServe", "prompt_text",
-           "request_images"]
+__all__ = ["ManagedRedis", "free_port", "wait_for", "ServedHttp", "HttpDir", "LiveHls", "RtspServer"]
 
 
 def wait_for(cond: Any, timeout_s: float = 10.0, interval_s: float = 0.05, what: str = "condition") -> Any:
@@ -54,36 +37,6 @@ def wait_for(cond: Any, timeout_s: float = 10.0, interval_s: float = 0.05, what:
             return v
         time.sleep(interval_s)
     raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: Config) -> AsyncIterator[Daemon]:
-    """A real daemon running in this event loop: `startup()`, `run()` as a task, yielded once `started` is set
-    (within 10 s); on exit `stop` is set, the run drains (the config's `shutdown.grace_s`) and must end within
-    30 s (else every task's stack is printed and TimeoutError raised), then `shutdown()` (always).
-
-        async with running(cfg) as d:
-            ...  # d.pipelines, d.runners, d.redis_url
-    """
-    from streamd.daemon import Daemon  # the whole daemon only for those who run one
-
-    d = Daemon(cfg)
-    stop = asyncio.Event()
-    await d.startup()
-    task = asyncio.create_task(d.run(stop))
-    try:
-        await asyncio.wait_for(d.started.wait(), 10)
-        yield d
-    finally:
-        stop.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 30)
-        except TimeoutError:
-            for t in asyncio.all_tasks():
-                t.print_stack(limit=6)
-            raise
-        finally:
-            await d.shutdown()
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -142,7 +95,6 @@ class HttpDir(ServedHttp):
         self._thread = threading.Thread(target=self._srv.serve_forever, daemon=True)
         self._thread.start()
         return self
-
 
 
 class LiveHls:
@@ -257,35 +209,3 @@ class RtspServer:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-
-
-def encode_jpeg(image: np.ndarray, quality: int = 85) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-async def push_frames(client: Any, key: str, images: list[np.ndarray], fmt: str = "jpeg",
-                      extra: dict[str, Any] | None = None) -> list[str]:
-    """XADD each image (JPEG, PNG or raw with shape/dtype) with a capture timestamp. Returns entry ids."""
-    from PIL import Image
-
-    ids = []
-    for img in images:
-        fields: dict[str, Any] = {"ts": repr(time.time()), **(extra or {})}
-        if fmt == "raw":
-            fields.update(image=img.tobytes(), shape=",".join(map(str, img.shape)), dtype=str(img.dtype))
-        elif fmt == "png":
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
-            fields["image"] = buf.getvalue()
-        else:
-            fields["image"] = encode_jpeg(img)
-        ids.append((await client.xadd(key, fields)).decode())
-    return ids
-
-
-from streamd.testing_openai import (  # noqa: E402
-    FaultProxy, ScriptedOpenAI, TransformersServe, prompt_text, request_images)
