@@ -131,3 +131,60 @@ async def test_stage_queue_closes_with_a_sentinel_after_items():
     assert await q.get_batch(10) == [3, 4]
     with pytest.raises(QueueClosed):
         await q.get_batch(10)
+
+
+async def test_a_closed_queue_leaves_the_ingress_with_an_end_marker_after_its_last_item():
+    from streamd.frames import EndOfStream
+
+    loop = asyncio.get_running_loop()
+    a = FrameQueue(100, DropPolicy.WAIT, loop)
+    b = FrameQueue(100, DropPolicy.WAIT, loop)
+    ing = Ingress()
+    ing.attach("a", a)
+    ing.attach("b", b)
+    for i in range(3):
+        await a.put(("a", i))
+    await b.put(("b", 0))
+    a.close()
+    got: list = []
+    while EndOfStream("a") not in got:
+        got += await asyncio.wait_for(ing.get_batch(2), 2)
+    of_a = [x for x in got if x == EndOfStream("a") or isinstance(x, tuple) and x[0] == "a"]
+    assert of_a == [("a", 0), ("a", 1), ("a", 2), EndOfStream("a")]  # after the stream's last item, once
+    await b.put(("b", 1))
+    assert EndOfStream("a") not in await asyncio.wait_for(ing.get_batch(8), 2)  # a has left the fan-in
+
+
+async def test_a_pipeline_says_a_stream_ended_once_its_last_frame_was_delivered():
+    """The end marker follows the stream's frames through every stage; the future `attach` gives resolves only
+    after the last of them reached the sink side (no polling of queue depths)."""
+    import numpy as np
+
+    from streamd.config import PipelineConfig, StageConfig
+    from streamd.frames import Frame
+    from streamd.metrics import Metrics
+    from streamd.pipeline import Pipeline
+    from streamd.stages import build_stage
+
+    delivered: list[int] = []
+    ended_after: list[int] = []
+
+    async def deliver(works):
+        await asyncio.sleep(0.01)  # the sink takes its time: the end must wait for it
+        delivered.extend(w.frame.seq for w in works)
+
+    stages = [build_stage(StageConfig(type="frame_info"), "t.0"), build_stage(StageConfig(type="frame_info"), "t.1")]
+    p = Pipeline("t", PipelineConfig(stages=[StageConfig(type="frame_info")] * 2), stages, deliver, Metrics())
+    loop = asyncio.get_running_loop()
+    q = FrameQueue(100, DropPolicy.WAIT, loop)
+    ended = p.attach("s", q)
+    ended.add_done_callback(lambda _: ended_after.append(len(delivered)))
+    task = asyncio.ensure_future(p.run())
+    img = np.zeros((8, 8, 3), np.uint8)
+    for i in range(20):
+        await q.put(Frame("s", i, i / 10, time.time(), img))
+    q.close()
+    await asyncio.wait_for(ended, 5)
+    assert delivered == list(range(20)) and ended_after == [20]
+    p.ingress.close()
+    await asyncio.wait_for(task, 5)
