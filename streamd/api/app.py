@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from streamd.api import responses as R
+import streamd.api.responses as R
 from streamd.api.cluster import cluster
 from streamd.api.context import AUTH, AUTH_FAILURES, CFG, LIMITER, METRICS, MODELS, PROMPTS, STREAM_LOCKS, STREAMS
 from streamd.api.errors import json_response
