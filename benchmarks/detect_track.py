@@ -135,17 +135,17 @@ async def bench_streamd(paths: list[str], imgsz: int, conf: float, max_batch: in
         # the clock starts once every stream has its first result (Ultralytics' loops: once every one has its first
         # frame), so neither side's set-up is measured
         while len(d.sink.results_by_stream) < len(paths) or not all(d.sink.results_by_stream.values()):
-            if any(r.state.value == "failed" for r in d.runners.values()):
-                raise RuntimeError(f"a stream failed: {d.status()}")
+            if any(r.state.value == "failed" for r in d.streams.runners.values()):
+                raise RuntimeError(f"a stream failed: {d.streams.status()}")
             await asyncio.sleep(0.005)
         t0, n0 = time.perf_counter(), sum(d.sink.results_by_stream.values())
-        while not all(r.state.value in ("stopped", "failed") for r in d.runners.values()):
+        while not all(r.state.value in ("stopped", "failed") for r in d.streams.runners.values()):
             await asyncio.sleep(0.02)
-        while sum(d.sink.results_by_stream.values()) < sum(r.frames for r in d.runners.values()) or len(d.sink):
+        while sum(d.sink.results_by_stream.values()) < sum(r.frames for r in d.streams.runners.values()) or len(d.sink):
             await asyncio.sleep(0.01)
         wall = time.perf_counter() - t0
         frames = sum(d.sink.results_by_stream.values()) - n0
-        assert all(r.state.value == "stopped" for r in d.runners.values()), d.status()
+        assert all(r.state.value == "stopped" for r in d.streams.runners.values()), d.streams.status()
         (info,) = d.models.loaded()
     return frames / wall, f"{info['runtime']}, {info['lanes']} lanes, {info['precision']}"
 

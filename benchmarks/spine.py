@@ -146,13 +146,13 @@ async def daemon_fast(redis_url: str, paths: list[Path], expect: int) -> tuple[i
         while True:
             # `published` (results + events) is a plain attribute: the exact count is only read once it can be done
             done = _processed(d) if d.sink.published >= expect else 0
-            if done >= expect and all(r.state.value in ("stopped", "failed") for r in d.runners.values()) \
+            if done >= expect and all(r.state.value in ("stopped", "failed") for r in d.streams.runners.values()) \
                     and len(d.sink) == 0:
                 break
             if task.done():
-                raise RuntimeError(f"daemon stopped early: {d.status()}")
+                raise RuntimeError(f"daemon stopped early: {d.streams.status()}")
             if time.perf_counter() - t0 > 600:
-                raise RuntimeError(f"timed out: {done}/{expect} published; {d.status()}")
+                raise RuntimeError(f"timed out: {done}/{expect} published; {d.streams.status()}")
             await asyncio.sleep(0.05)  # the poll must cost the daemon next to nothing (it sets no time: see below)
         dt_poll = time.perf_counter() - t0
         lags = list(d.loop_lag_s)
@@ -160,7 +160,7 @@ async def daemon_fast(redis_url: str, paths: list[Path], expect: int) -> tuple[i
         stop.set()
         await task
         await d.shutdown()
-    failed = [r for r in d.runners.values() if r.state.value == "failed"]
+    failed = [r for r in d.streams.runners.values() if r.state.value == "failed"]
     if failed:
         raise RuntimeError(f"stream failed: {failed[0].reason}")
     stored, last_publish = 0, 0.0

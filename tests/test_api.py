@@ -364,12 +364,12 @@ async def test_credentials_are_redacted_in_api_responses(r, redis_server):
                                                                "reconnect": {"max_attempts": 1, "initial_s": 0.1}},
                           headers=h(ADMIN)) as resp:
             created = await resp.text()
-        await until(lambda: d.runners["cred"].state.value == "failed", 20, what="auth failure")  # wrong password
+        await until(lambda: d.streams.runners["cred"].state.value == "failed", 20, what="auth failure")  # wrong password
         texts = [created]
         for path in ("/api/v1/streams", "/api/v1/streams/cred", "/health", "/metrics"):
             async with s.get(d.api_url + path, headers=h(READ)) as resp:
                 texts.append(await resp.text())
-        info = d.stream_info("cred")
+        info = d.streams.stream_info("cred")
     assert all("hunter2" not in t for t in texts)
     assert "***@127.0.0.1" in texts[0]
     assert info["state"] == "failed" and info["last_error"] and "hunter2" not in info["last_error"]

@@ -36,7 +36,7 @@ async def test_fuzz_with_no_scheme_allowed_creates_nothing(r, redis_server, tmp_
     """No scheme allowed: every generated stream is validated and refused, never opened."""
     async with running(api_cfg(redis_server.url, allowed_schemes=[])) as d:
         await _schemathesis(d.api_url, tmp_path, "examples,coverage,fuzzing", 15)
-    assert d.runners == {} and await r.hgetall(API_STREAMS_KEY) == {}
+    assert d.streams.runners == {} and await r.hgetall(API_STREAMS_KEY) == {}
 
 
 async def test_fuzz_real_streams(r, redis_server, tmp_path):
@@ -48,7 +48,7 @@ async def test_fuzz_real_streams(r, redis_server, tmp_path):
                                   seed=3)  # seed 1 happens to re-post the documented examples only
         # what Redis keeps and what runs agree after all that
         kept = {k.decode() for k in await r.hkeys(API_STREAMS_KEY)}
-        assert kept == {sid for sid in d.api_stream_ids if sid in d.runners}
+        assert kept == {sid for sid in d.streams.api_stream_ids if sid in d.streams.runners}
     links = re.search(r"API Links:\s+(\d+) covered", text)
     assert links and int(links.group(1)) >= 3, text[-3000:]  # GET, PATCH and DELETE after a POST
     ran = {k.decode().split("{")[1].split("}")[0] async for k in r.scan_iter("streamd:{*}:events")}

@@ -153,7 +153,7 @@ async def test_a_config_file_stream_with_a_file_url_can_be_patched(r, redis_serv
         async with s.get(u, headers=h(READ)) as resp:
             info = await resp.json()
         assert info["url"] == str(clip) and info["fps"] == 3.0
-        await until(lambda: d.runners["file"].cfg.queue_size == 4, 5, what="the PATCHed stream")
+        await until(lambda: d.streams.runners["file"].cfg.queue_size == 4, 5, what="the PATCHed stream")
 
 
 # -- 4. tokens in the config -------------------------------------------------------------------------------------
@@ -294,20 +294,20 @@ async def test_patch_of_fps_applies_live_and_an_empty_patch_does_nothing(r, redi
     async with running(api_cfg(redis_server.url, [cam])) as d, aiohttp.ClientSession() as s:
         u = d.api_url + "/api/v1/streams/cam"
         await until(lambda: _at_least(r, "cam", 3), 20, what="results at 2 fps")
-        runner = d.runners["cam"]
+        runner = d.streams.runners["cam"]
         n_events = len(await events(r, "cam"))
         # nothing to change: 200 with the stream, the same runner, no event
         for body in ({}, {"fps": 2.0, "queue_size": 8}, {"url": str(clip), "playback": "realtime"}):
             async with s.patch(u, json=body, headers=h(OPER)) as resp:
                 info = await resp.json()
                 assert resp.status == 200 and info["id"] == "cam" and info["fps"] == 2.0, info
-            assert d.runners["cam"] is runner
+            assert d.streams.runners["cam"] is runner
         assert len(await events(r, "cam")) == n_events
         n_before = len(await results(r, "cam"))
         async with s.patch(u, json={"fps": 5.0, "stall_timeout_s": 20}, headers=h(OPER)) as resp:
             info = await resp.json()
             assert resp.status == 200 and info["fps"] == 5.0 and info["state"] == "live", info
-        assert d.runners["cam"] is runner and runner.cfg.stall_timeout_s == 20
+        assert d.streams.runners["cam"] is runner and runner.cfg.stall_timeout_s == 20
         await until(lambda: _at_least(r, "cam", n_before + 12), 20, what="results at 5 fps")
         evs = (await events(r, "cam"))[n_events:]
         assert not [e for e in evs if e["type"] in ("state", "discontinuity")], evs

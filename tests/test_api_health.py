@@ -50,7 +50,7 @@ async def test_live_never_needs_redis_ready_follows_it(tmp_path, clip):
             async with s.post(d.api_url + "/api/v1/streams", headers=h(OPER),
                               json={"id": "new", "url": "redis:frames:new", "pipeline": "frame_info"}) as resp:
                 assert resp.status == 503 and _error_shape(await resp.json())["code"] == "redis_unavailable"
-            assert "new" not in d.runners  # not kept, so not started either
+            assert "new" not in d.streams.runners  # not kept, so not started either
             status, _, _ = await get("/health/live")
             assert status == 200
 
@@ -83,7 +83,7 @@ async def test_a_pipeline_whose_setup_fails_fails_its_streams_not_readiness(r, r
                {"id": "vlm", "url": str(clip), "playback": "realtime", "loop": True, "pipeline": "broken"}]
     async with running(make_config(redis_server.url, streams, api=api, pipelines={"broken": broken})) as d, \
             aiohttp.ClientSession() as s:
-        await until(lambda: d.runners["vlm"].state.value == "failed", 20, what="the stream of the broken pipeline")
+        await until(lambda: d.streams.runners["vlm"].state.value == "failed", 20, what="the stream of the broken pipeline")
         async with s.get(d.api_url + "/api/v1/streams/vlm", headers=h(READ)) as resp:
             info = await resp.json()
         assert "pipeline 'broken' failed" in info["reason"] and "needs endpoints" in info["reason"]

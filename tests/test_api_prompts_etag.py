@@ -253,10 +253,10 @@ async def test_stream_etag_and_if_match(r, redis_server):
         async with s.delete(url, headers={**h(OPER), "If-Match": changed}) as resp:
             status, body = await _json(resp)
         assert status == 412 and body["error"]["details"] == {"current_etag": created}
-        assert d.has_stream("cam")
+        assert d.streams.has_stream("cam")
         async with s.delete(url, headers={**h(OPER), "If-Match": "*"}) as resp:
             assert resp.status == 204
-        assert not d.has_stream("cam")
+        assert not d.streams.has_stream("cam")
 
 
 async def test_two_clients_with_the_same_stream_etag_exactly_one_wins(r, redis_server):

@@ -62,7 +62,7 @@ async def test_bad_stored_streams_fail_alone_and_can_be_fixed(r, redis_server, c
         assert not await r.hexists(API_STREAMS_KEY, "garbage")
         await push_frames(r, "frames:good", IMGS[3:])
         await until(lambda: at_least(r, "good", 6), 20, what="the good stream to go on")
-        assert d.runners["cam"].state.value == "live"
+        assert d.streams.runners["cam"].state.value == "live"
 
 
 async def test_refused_stream_requests_leave_nothing_behind(r, redis_server):
@@ -79,7 +79,7 @@ async def test_refused_stream_requests_leave_nothing_behind(r, redis_server):
             async with s.post(u, json=body, headers=h(OPER)) as resp:
                 err = await resp.json()
                 assert resp.status == 422 and err["error"]["code"] == code, (body, err)
-            assert await r.hgetall(API_STREAMS_KEY) == {} and d.runners == {}
+            assert await r.hgetall(API_STREAMS_KEY) == {} and d.streams.runners == {}
             if body["pipeline"] == "badopts":
                 assert "bogus" in err["error"]["message"], err  # names the bad stage option
 
@@ -88,11 +88,11 @@ async def test_refused_stream_requests_leave_nothing_behind(r, redis_server):
                           headers=h(OPER)) as resp:
             assert resp.status == 201
         stored = await r.hget(API_STREAMS_KEY, "b")
-        runner = d.runners["b"]
+        runner = d.streams.runners["b"]
         async with s.patch(u + "/b", json={"pipeline": "badopts"}, headers=h(OPER)) as resp:
             err = await resp.json()
             assert resp.status == 422 and "bogus" in err["error"]["message"], err
-        assert await r.hget(API_STREAMS_KEY, "b") == stored and d.runners["b"] is runner
+        assert await r.hget(API_STREAMS_KEY, "b") == stored and d.streams.runners["b"] is runner
         assert runner.state.value not in ("failed", "stopped")
         await push_frames(r, "frames:b", IMGS[:2])
         await until(lambda: at_least(r, "b", 2), 20, what="results of the untouched stream")
@@ -191,4 +191,4 @@ async def test_a_stored_stream_means_the_same_after_a_restart(r, redis_server):
     async with running(api_cfg(redis_server.url)) as d:
         await push_frames(r, "frames:every", IMGS)  # pushed at once: an fps would sample one or two of them
         await until(lambda: at_least(r, "every", len(IMGS)), 20, what="a result for every entry")
-        assert d.runners["every"].cfg.queue_size == 4
+        assert d.streams.runners["every"].cfg.queue_size == 4

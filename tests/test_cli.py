@@ -106,6 +106,6 @@ def test_demo_runs_offline_with_embedded_redis(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parent.parent / "pipelines").glob("*.yaml")))
 def test_every_shipped_pipeline_validates(name):
     from streamd.config import parse_config
-    from streamd.daemon import check_config
+    from streamd.streams.pipelines import check_config
 
     check_config(parse_config({"streams": [{"id": "a", "url": "redis:frames:a", "pipeline": name}]}, environ={}))

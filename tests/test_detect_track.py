@@ -41,7 +41,7 @@ async def test_trackers_keep_stable_ids_on_a_pan_over_zidane(r, redis_server, tm
     cfg = make_config(redis_server.url, [{"id": "z", "url": str(clip), "fps": 5.0, "pipeline": "dt"}],
                       pipelines={"dt": pipeline})
     async with running(cfg) as d:
-        await until(lambda: d.runners["z"].state.value == "stopped", 120, what="end of clip")
+        await until(lambda: d.streams.runners["z"].state.value == "stopped", 120, what="end of clip")
         recs = await until(lambda: at_least(r, "z", 20), 60, what="20 results")
         evs = await until(lambda: _all_lost(r, "z"), 20, what="track_lost for every track once the stream ended")
     per_frame = [{t["track_id"] for t in x["outputs"]["track"]["tracks"]} for x in recs]
@@ -81,7 +81,7 @@ async def test_batches_span_streams_and_models_are_shared(r, redis_server, clip)
         {"id": f"s{i}", "url": str(clip), "fps": 5.0, "pipeline": "a" if i < 3 else "b"} for i in range(4)
     ], pipelines={"a": {"stages": [rand]}, "b": {"stages": [rand, {"type": "track"}]}})
     async with running(cfg) as d:
-        await until(lambda: all(x.state.value == "stopped" for x in d.runners.values()), 120)
+        await until(lambda: all(x.state.value == "stopped" for x in d.streams.runners.values()), 120)
         for i in range(4):
             await until(lambda: at_least(r, f"s{i}", 30), 30, what=f"results of s{i}")
         loaded = d.models.loaded()
@@ -172,9 +172,9 @@ async def test_open_vocabulary_offline_fails_the_stream_not_the_daemon(r, redis_
     ], pipelines={"ov": {"stages": [{"type": "detect", "model": "yolov8s-worldv2.yaml",
                                       "vocabulary": ["red car", "person"], "imgsz": 160}]}})
     async with running(cfg) as d:
-        await until(lambda: d.runners["ov"].state.value == "failed", 120, what="the open-vocab stream failed")
+        await until(lambda: d.streams.runners["ov"].state.value == "failed", 120, what="the open-vocab stream failed")
         await until(lambda: at_least(r, "ok", 6), 30, what="the other stream's results")
-        reason = d.runners["ov"].reason
+        reason = d.streams.runners["ov"].reason
     assert "vocabulary" in reason and "text encoder" in reason, reason
 
 
@@ -238,7 +238,7 @@ async def test_hls_rtsp_and_redis_streams_detect_and_track_at_once(r, redis_serv
             for sid, n in (("hls", 4), ("rtsp", 4), ("red", 3)):
                 got[sid] = await until(lambda: at_least(r, sid, n), 90, what=f"{n} results of {sid}")
             # all three live together (a live source may be reconnecting for a moment on a loaded machine)
-            await until(lambda: {x.state.value for x in d.runners.values()} == {"live"}, 30, what="all three live")
+            await until(lambda: {x.state.value for x in d.streams.runners.values()} == {"live"}, 30, what="all three live")
     finally:
         rtsp.stop()
         http.stop()

@@ -31,14 +31,14 @@ async def test_bad_streams_fail_with_reasons_others_unaffected(r, redis_server, 
         ])
         async with running(cfg) as d:
             bad = ["unreachable", "notfound", "corrupt", "scheme", "nofile"]
-            await until(lambda: all(d.runners[s].state.value == "failed" for s in bad), 40,
+            await until(lambda: all(d.streams.runners[s].state.value == "failed" for s in bad), 40,
                         what="every bad stream failed")
             n_before = len(await results(r, "good"))
             await asyncio.sleep(1.5)
             n_after = len(await results(r, "good"))
-            assert d.runners["good"].state.value == "live"
-            reasons = {s: d.runners[s].reason for s in bad}
-            codes = {s: d.runners[s].reason_code for s in bad}
+            assert d.streams.runners["good"].state.value == "live"
+            reasons = {s: d.streams.runners[s].reason for s in bad}
+            codes = {s: d.streams.runners[s].reason_code for s in bad}
     finally:
         http.stop()
     assert n_after > n_before >= 1  # the good stream kept publishing
@@ -62,8 +62,8 @@ async def test_credentials_never_reach_events_or_status(r, redis_server):
     cfg = make_config(redis_server.url, [{"id": "cred", "url": url, "open_timeout_s": 1,
                                          "reconnect": FAST_GIVE_UP}])
     async with running(cfg) as d:
-        await until(lambda: d.runners["cred"].state.value == "failed", 20)
-        status = d.status()
+        await until(lambda: d.streams.runners["cred"].state.value == "failed", 20)
+        status = d.streams.status()
     text = str(await r.xrange("streamd:{cred}:events")) + str(status)
     assert "s3cret" not in text and "abc123" not in text
     assert "***@127.0.0.1" in status["streams"]["cred"]["url"]

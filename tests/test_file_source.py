@@ -10,7 +10,7 @@ from conftest import at_least, events, make_config, running, states, until
 async def test_file_fast_replay_loses_no_sampled_frame(r, redis_server, clip):
     cfg = make_config(redis_server.url, [{"id": "f", "url": str(clip), "fps": 2.0, "queue_size": 1}])
     async with running(cfg) as d:
-        await until(lambda: d.runners["f"].state.value == "stopped", 30, what="end of file")
+        await until(lambda: d.streams.runners["f"].state.value == "stopped", 30, what="end of file")
         await until(lambda: len(d.sink) == 0 and d.sink.published > 0, 10)
         recs = await until(lambda: at_least(r, "f", 12), 10, what="12 results")
     assert [x["seq"] for x in recs] == list(range(12))  # 6 s at 2 fps, in order, none lost
@@ -33,7 +33,7 @@ async def test_file_every_frame_and_multiple_streams_in_one_pipeline(r, redis_se
         {"id": "b", "url": f"file://{clip}", "fps": 5.0},
     ])
     async with running(cfg) as d:
-        await until(lambda: all(x.state.value == "stopped" for x in d.runners.values()), 60)
+        await until(lambda: all(x.state.value == "stopped" for x in d.streams.runners.values()), 60)
         ra = await until(lambda: at_least(r, "a", 180), 10, what="180 results")
         rb = await until(lambda: at_least(r, "b", 30), 10, what="30 results")
     assert len(ra) == 180 and [x["seq"] for x in ra] == list(range(180))
@@ -69,7 +69,7 @@ async def test_stages_get_pyavs_own_rgb_also_after_the_input_changes_size(r, red
     cfg = make_config(redis_server.url, [{"id": "z", "url": str(both), "fps": None, "pipeline": "exact"}],
                       pipelines={"exact": {"stages": [{"type": "frame_info", "stride": 1}]}})
     async with running(cfg) as d:
-        await until(lambda: d.runners["z"].state.value == "stopped", 30, what="end of file")
+        await until(lambda: d.streams.runners["z"].state.value == "stopped", 30, what="end of file")
         recs = await until(lambda: at_least(r, "z", 20), 10, what="20 results")
     got = [(x["width"], x["height"], x["outputs"]["frame_info"]["mean_brightness"]) for x in recs]
     assert got == want

@@ -268,8 +268,8 @@ async def test_any_daemons_api_adds_reads_and_removes_fleet_streams_within_capac
             await asyncio.sleep(1.5)  # both heartbeats seen
             st, body, _ = await call("x", "POST", "/streams", json={"id": "one", **cam})
             assert st == 201, body
-            await until(lambda: ("one" in dx.runners) != ("one" in dy.runners), 10, what="one runs on one daemon")
-            owner = "x" if "one" in dx.runners else "y"
+            await until(lambda: ("one" in dx.streams.runners) != ("one" in dy.streams.runners), 10, what="one runs on one daemon")
+            owner = "x" if "one" in dx.streams.runners else "y"
 
             async def owner_everywhere():
                 got = [(await call(w, "GET", "/streams/one", READ))[1].get("owner") for w in ("x", "y")]
@@ -278,8 +278,8 @@ async def test_any_daemons_api_adds_reads_and_removes_fleet_streams_within_capac
             await until(owner_everywhere, 10, what="both APIs name the owner")
             st, body, _ = await call("y", "POST", "/streams", json={"id": "two", **cam})
             assert st == 201, body
-            await until(lambda: {"one", "two"} == set(dx.runners) | set(dy.runners) and len(dx.runners) == 1
-                        and len(dy.runners) == 1, 10, what="one stream per daemon")
+            await until(lambda: {"one", "two"} == set(dx.streams.runners) | set(dy.streams.runners) and len(dx.streams.runners) == 1
+                        and len(dy.streams.runners) == 1, 10, what="one stream per daemon")
             st, body, headers = await call("x", "POST", "/streams", json={"id": "three", **cam})
             assert st == 503 and body["error"]["code"] == "capacity_exhausted" and "Retry-After" in headers, body
             st, body, _ = await call("y", "GET", "/cluster", READ)
@@ -290,9 +290,9 @@ async def test_any_daemons_api_adds_reads_and_removes_fleet_streams_within_capac
             other = "y" if owner == "x" else "x"
             st, _, _ = await call(other, "DELETE", "/streams/one")
             assert st == 204
-            await until(lambda: "one" not in dx.runners and "one" not in dy.runners, 10, what="one stopped")
+            await until(lambda: "one" not in dx.streams.runners and "one" not in dy.streams.runners, 10, what="one stopped")
             await asyncio.sleep(1.5)
-            assert "one" not in dx.runners and "one" not in dy.runners  # and not started again anywhere
+            assert "one" not in dx.streams.runners and "one" not in dy.streams.runners  # and not started again anywhere
     finally:
         await r.delete(API_STREAMS_KEY)
         await r.aclose()

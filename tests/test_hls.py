@@ -78,7 +78,7 @@ async def test_vod_playlist_plays_every_frame_once_then_stops(r, redis_server, s
     with Canary(ALLOWED, {"/vod.m3u8": m3u(playlist(segs["names"], endlist=True)), **seg_routes(segs)}) as origin:
         cfg = make_config(redis_server.url, [{"id": "vod", "url": origin.url("/vod.m3u8"), "fps": None}])
         async with running(cfg) as d:
-            await until(lambda: d.runners["vod"].state.value == "stopped", 30, what="the recording's end")
+            await until(lambda: d.streams.runners["vod"].state.value == "stopped", 30, what="the recording's end")
             await asyncio.sleep(1.5)  # a replay would publish more
             assert origin.hits("/vod.m3u8") == 1
     recs = await results(r, "vod")
@@ -96,7 +96,7 @@ async def test_frozen_live_playlist_goes_stalled_and_republishes_nothing(r, redi
                                               "stall_timeout_s": 2, "hls": {"start": "first"}, "drop_policy": "wait",
                                               "reconnect": {"initial_s": 0.2, "max_s": 0.5, "max_attempts": None}}])
         async with running(cfg) as d:
-            runner = d.runners["frozen"]
+            runner = d.streams.runners["frozen"]
             await until(lambda: runner.frames >= sum(segs["frames"][n] for n in names), 20, what="3 segments")
             t_last = time.time()
 
@@ -122,7 +122,7 @@ async def test_growing_playlist_with_a_server_restart_decodes_no_segment_twice(r
                                               "hls": {"start": "first"}, "drop_policy": "wait",
                                               "reconnect": {"initial_s": 0.2, "max_s": 0.5, "max_attempts": None}}])
         async with running(cfg) as d:
-            runner = d.runners["grow"]
+            runner = d.streams.runners["grow"]
             await until(lambda: runner.frames >= sum(segs["frames"][n] for n in listed), 20, what="2 segments")
             origin.stop()
             await until(lambda: runner.state.value in ("backoff", "connecting", "stalled"), 15, what="the outage")
@@ -145,7 +145,7 @@ async def test_discontinuity_and_program_date_time(r, redis_server, segs):
     with Canary(ALLOWED, {"/pdt.m3u8": m3u(playlist(entries, endlist=True)), **seg_routes(segs)}) as origin:
         cfg = make_config(redis_server.url, [{"id": "pdt", "url": origin.url("/pdt.m3u8"), "fps": None}])
         async with running(cfg) as d:
-            await until(lambda: d.runners["pdt"].state.value == "stopped", 30, what="the end")
+            await until(lambda: d.streams.runners["pdt"].state.value == "stopped", 30, what="the end")
     recs = await results(r, "pdt")
     assert all(x["capture_ts_source"] == "source" for x in recs)
     t0 = 1767225600.0  # 2026-01-01T00:00:00Z
@@ -159,9 +159,9 @@ async def test_discontinuity_and_program_date_time(r, redis_server, segs):
 
 
 async def _refused(r, d, sid: str, url: str) -> None:
-    d.add_stream(stream(sid, url), "api")
+    d.streams.add_stream(stream(sid, url), "api")
     await until(lambda: _reason_code(r, sid, "egress_refused"), 15, what=f"{sid}: egress_refused")
-    await d.remove_stream(sid)
+    await d.streams.remove_stream(sid)
 
 
 @pytest.mark.parametrize("case", ["segment", "key", "map", "variant", "redirect", "metadata", "cgnat"])
@@ -197,7 +197,7 @@ async def test_config_stream_keeps_its_own_host_but_not_others(r, redis_server, 
                                              {"id": "other", "url": origin.url("/other.m3u8"), "fps": None,
                                               "reconnect": {"initial_s": 0.2, "max_attempts": 1}}])
         async with running(cfg) as d:
-            await until(lambda: d.runners["own"].state.value == "stopped", 20, what="own host played")
+            await until(lambda: d.streams.runners["own"].state.value == "stopped", 20, what="own host played")
             await until(lambda: _reason_code(r, "other", "egress_refused"), 15, what="other host refused")
         assert canary.connections == 0
     assert len(await results(r, "own")) == segs["frames"][n0]
@@ -213,9 +213,9 @@ async def test_self_referencing_master_playlist_fails_fast(r, redis_server):
         async with running(egress_cfg(redis_server.url)) as d:
             t0 = time.monotonic()
             for sid, path in (("loop", "/loop.m3u8"), ("pingpong", "/a.m3u8")):
-                d.add_stream(stream(sid, origin.url(path)), "api")
-                await until(lambda: d.runners[sid].state.value == "failed", 5, what=f"{sid} failed")
-                assert d.runners[sid].reason_code == "playlist_loop"
+                d.streams.add_stream(stream(sid, origin.url(path)), "api")
+                await until(lambda: d.streams.runners[sid].state.value == "failed", 5, what=f"{sid} failed")
+                assert d.streams.runners[sid].reason_code == "playlist_loop"
             assert time.monotonic() - t0 < 6
     assert origin.hits() < 10
 
@@ -245,7 +245,7 @@ async def test_aes128_segments_are_decrypted(r, redis_server, segs):
                                                   endlist=True, seq=7))
         cfg = make_config(redis_server.url, [{"id": "aes", "url": origin.url("/enc.m3u8"), "fps": None}])
         async with running(cfg) as d:
-            await until(lambda: d.runners["aes"].state.value == "stopped", 20, what="the end")
+            await until(lambda: d.streams.runners["aes"].state.value == "stopped", 20, what="the end")
         assert origin.hits("/key.bin") == 1
     assert len(await results(r, "aes")) == sum(segs["frames"][x] for x in n)
 
@@ -259,7 +259,7 @@ async def test_master_playlist_picks_a_variant(r, redis_server, segs, variant):
         cfg = make_config(redis_server.url, [{"id": "m", "url": origin.url("/master.m3u8"), "fps": None,
                                               "hls": {"variant": variant}}])
         async with running(cfg) as d:
-            await until(lambda: d.runners["m"].state.value == "stopped", 20, what="the end")
+            await until(lambda: d.streams.runners["m"].state.value == "stopped", 20, what="the end")
         picked, other = ("/lo.m3u8", "/hi.m3u8") if variant == "lowest" else ("/hi.m3u8", "/lo.m3u8")
         assert origin.hits(picked) == 1 and origin.hits(other) == 0
 
@@ -280,7 +280,7 @@ async def test_fmp4_segments_with_an_init_section_play_every_frame_once(r, redis
     with Canary(ALLOWED, routes) as origin:
         cfg = make_config(redis_server.url, [{"id": "cmaf", "url": origin.url("/index.m3u8"), "fps": None}])
         async with running(cfg) as d:
-            await until(lambda: d.runners["cmaf"].state.value == "stopped", 30, what="the recording's end")
+            await until(lambda: d.streams.runners["cmaf"].state.value == "stopped", 30, what="the recording's end")
             assert origin.hits("/init.mp4") == 1  # the init section is fetched once, not per segment
     pts = [x["pts_s"] for x in await results(r, "cmaf")]
     assert len(pts) == total and len(set(pts)) == total

@@ -24,7 +24,7 @@ async def test_hls_live_results_at_the_configured_fps(r, redis_server, live_hls)
         first = await until(lambda: at_least(r, "hls", 1), 30, what="a first result")
         await asyncio.sleep(6)
         recs = await results(r, "hls")
-        assert d.runners["hls"].state.value == "live"
+        assert d.streams.runners["hls"].state.value == "live"
     recs = [x for x in recs if x["seq"] >= first[0]["seq"]]
     pts = [x["pts_s"] for x in recs]
     assert pts == sorted(pts) and len(set(pts)) == len(pts)  # increasing
@@ -42,13 +42,13 @@ async def test_hls_server_killed_and_restarted_reconnects(r, redis_server, live_
     async with running(cfg) as d:
         await until(lambda: at_least(r, "h", 2), 30, what="results before the outage")
         http.stop()
-        await until(lambda: d.runners["h"].state.value in ("backoff", "stalled", "connecting"), 20,
+        await until(lambda: d.streams.runners["h"].state.value in ("backoff", "stalled", "connecting"), 20,
                     what="the outage noticed")
         before = len(await results(r, "h"))
         await asyncio.sleep(2)
         http.start()
         await until(lambda: at_least(r, "h", before + 3), 40, what="results after the restart")
-        assert d.runners["h"].state.value == "live"
+        assert d.streams.runners["h"].state.value == "live"
     evs = await events(r, "h")
     st = states(evs)
     assert st[:2] == ["connecting", "live"]
@@ -69,7 +69,7 @@ async def test_rtsp_stream_results(r, redis_server):
         cfg = make_config(redis_server.url, [{"id": "rtsp", "url": srv.url, "fps": 5.0}])
         async with running(cfg) as d:
             recs = await until(lambda: at_least(r, "rtsp", 10), 40, what="10 RTSP results")
-            assert d.runners["rtsp"].state.value == "live"
+            assert d.streams.runners["rtsp"].state.value == "live"
     finally:
         srv.stop()
     assert recs[0]["width"] == 640 and recs[0]["height"] == 360

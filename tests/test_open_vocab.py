@@ -70,7 +70,7 @@ async def test_vocabulary_switches_at_one_frame_boundary_and_reuses_cached_embed
         counters = {"encoder_calls": ov.encoder_calls, "builds": ov.vocabulary_builds, "cache_hits": ov.cache_hits}
         same_model = det.model is yolo and det.model.predictor is predictor  # nothing reloaded or rebuilt
         loaded = d.models.loaded()
-        state = d.runners["ov"].state.value
+        state = d.streams.runners["ov"].state.value
     assert state == "live"
     recs = sorted(await results(r, "ov"), key=lambda x: x["seq"])
     stamps = [(x["prompt_versions"]["vocabulary"]["scope"], x["prompt_versions"]["vocabulary"]["version"])
@@ -136,10 +136,10 @@ async def test_a_vocabulary_that_cannot_be_encoded_fails_its_streams_only(r, red
     ], pipelines={"ov": {"stages": [ov_stage(WORLD, embeddings, max_det=2)]}})
     async with running(cfg) as d:
         for sid in ("bad1", "bad2"):
-            await until(lambda: d.runners[sid].state.value == "failed", 60, what=f"{sid} failed")
-        await until(lambda: d.runners["good"].state.value == "stopped", 60, what="good played to its end")
+            await until(lambda: d.streams.runners[sid].state.value == "failed", 60, what=f"{sid} failed")
+        await until(lambda: d.streams.runners["good"].state.value == "stopped", 60, what="good played to its end")
         ov = (await _detector(d)).open_vocab
-        reasons = {sid: d.runners[sid].reason for sid in ("bad1", "bad2")}
+        reasons = {sid: d.streams.runners[sid].reason for sid in ("bad1", "bad2")}
         encoder_calls, failed = ov.encoder_calls, set(ov.failed)
     for reason in reasons.values():
         assert "unicorn" in reason and "text encoder" in reason and "export_text_embeddings" in reason, reason

@@ -29,7 +29,7 @@ async def test_redis_killed_and_restarted(tmp_path, clip):
             srv.stop(kill=True)  # SIGKILL: no goodbye
             await until(lambda: not d.sink.healthy, 10, what="the sink to notice")
             await asyncio.sleep(2)
-            assert d.runners["cam"].state.value == "live"  # the camera kept running
+            assert d.streams.runners["cam"].state.value == "live"  # the camera kept running
             assert len(d.sink) > 0  # and its records are buffered
             srv.start()
             await r.aclose()
@@ -128,7 +128,7 @@ async def test_concurrent_api_calls_and_a_redis_restart_meet_no_dead_or_missing_
             r = aioredis.Redis.from_url(srv.url)
             await push_frames(r, "frames:after", [np.zeros((16, 16, 3), np.uint8)])
             from streamd.config import StreamConfig
-            d.add_stream(StreamConfig(id="after", url="redis:frames:after", pipeline="frame_info"))
+            d.streams.add_stream(StreamConfig(id="after", url="redis:frames:after", pipeline="frame_info"))
             await until(lambda: at_least(r, "after", 1), 10, what="a result from the new input")
             after = [e["to"] for e in await events(r, "after", "state")]
     finally:

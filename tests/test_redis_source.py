@@ -101,7 +101,7 @@ async def test_poison_entry_goes_to_dead_letters_after_max_deliveries(r, redis_s
         await until(lambda: at_least(r, "p", 4), 20, what="a result after the dead letter")
         recs = await results(r, "p")
         evs = await events(r, "p", "dead_letter")
-        state = d.runners["p"].state.value
+        state = d.streams.runners["p"].state.value
         counted = d.metrics.registry.get_sample_value("streamd_dead_letters_total", {"stream": "p"})
     assert state == "live"
     assert [x["input"]["entry_id"] for x in recs] == good + later  # no result for the poison entry
@@ -155,7 +155,7 @@ async def test_a_dead_consumers_entries_are_claimed_all_at_once(r, redis_server)
                                           "redis_input": {"read_count": 2, "claim_idle_ms": 1000}}])
     async with running(cfg) as d:
         recs = await until(lambda: at_least(r, "dc", 64), 8, what="64 claimed results")
-        info = d.stream_info("dc")
+        info = d.streams.stream_info("dc")
     assert sorted(x["input"]["entry_id"] for x in recs) == ids
     assert info["fps"] is None  # every entry gets a result: the effective rate, not the 2.0 default
 

@@ -109,11 +109,11 @@ async def test_http_mp4_plays_every_frame_once_then_stops(r, redis_server, clip,
         origin.ranges = ranges
         cfg = make_config(redis_server.url, [{"id": "mp4", "url": origin.url("/clip.mp4"), "fps": None}])
         async with running(cfg) as d:
-            await until(lambda: d.runners["mp4"].state.value == "stopped", 60, what="the recording ended")
+            await until(lambda: d.streams.runners["mp4"].state.value == "stopped", 60, what="the recording ended")
             n = await settled(r, "mp4")  # the last frames are still in the pipeline when the source ends
             await asyncio.sleep(2.0)
             assert len(await results(r, "mp4")) == n  # never replayed
-            assert d.runners["mp4"].reason_code == "ended"
+            assert d.streams.runners["mp4"].reason_code == "ended"
     pts = _pts(await results(r, "mp4"))
     assert len(pts) == CLIP_FRAMES and _once_in_order(pts)
     assert states(await events(r, "mp4", "state")) == ["connecting", "live", "stopped"]
@@ -129,7 +129,7 @@ async def test_corrupt_middle_file_is_skipped_never_replayed(r, redis_server, cl
     cfg = make_config(redis_server.url, [{"id": "cm", "url": str(bad), "fps": None,
                                           "reconnect": {"initial_s": 0.1, "max_attempts": 50}}])
     async with running(cfg) as d:
-        await until(lambda: d.runners["cm"].state.value in ("stopped", "failed"), 60, what="the file ended")
+        await until(lambda: d.streams.runners["cm"].state.value in ("stopped", "failed"), 60, what="the file ended")
         n = await settled(r, "cm")
         await asyncio.sleep(2.0)
         assert len(await results(r, "cm")) == n
@@ -154,9 +154,9 @@ async def test_permanent_local_errors_fail_at_once(r, redis_server, tmp_path, ki
     cfg = make_config(redis_server.url, [{"id": "bad", "url": str(p),
                                           "reconnect": {"initial_s": 0.1, "max_attempts": 5}}])
     async with running(cfg) as d:
-        await until(lambda: d.runners["bad"].state.value == "failed", 10, what="failed")
-        code = d.runners["bad"].reason_code
-    assert code == ("not_found" if kind == "missing" else "not_media"), (code, d.runners["bad"].reason)
+        await until(lambda: d.streams.runners["bad"].state.value == "failed", 10, what="failed")
+        code = d.streams.runners["bad"].reason_code
+    assert code == ("not_found" if kind == "missing" else "not_media"), (code, d.streams.runners["bad"].reason)
     assert states(await events(r, "bad", "state")) == ["connecting", "failed"]  # no retry
     assert threading.active_count() <= threads + 1 and Abandoned.alive("bad") == 0  # no thread left in an open
 
@@ -201,7 +201,7 @@ async def test_rtsp_camera_frozen_with_sigstop_is_stalled_on_time(r, redis_serve
                 ev = await until(lambda: _state_event(r, "cam", "stalled"), 15, what="stalled")
             finally:
                 os.killpg(srv.proc.pid, signal.SIGCONT)
-            assert d.runners["cam"].state.value != "live"
+            assert d.streams.runners["cam"].state.value != "live"
     finally:
         srv.stop()
     assert ev["ts"] - t0 <= 2.0 + 1.5, ev["ts"] - t0
@@ -215,8 +215,8 @@ async def test_flapping_source_still_reaches_failed(r, redis_server, ts_clip):
                                               "reconnect": {"initial_s": 0.1, "max_s": 0.2, "max_attempts": 3,
                                                             "reset_after_s": 30}}])
         async with running(cfg) as d:
-            await until(lambda: d.runners["flap"].state.value == "failed", 30, what="failed")
-            reason = d.runners["flap"].reason
+            await until(lambda: d.streams.runners["flap"].state.value == "failed", 30, what="failed")
+            reason = d.streams.runners["flap"].reason
     finally:
         srv.stop()
     st = states(await events(r, "flap", "state"))
@@ -247,10 +247,10 @@ async def test_api_stream_never_reaches_a_refused_address(r, redis_server, ts_cl
             async with running(cfg) as d:
                 for sid, url in (("direct", direct), ("tcp", direct.replace("rtsp://", "tcp://")),
                                  ("redirect", origin.url("/clip.mp4"))):
-                    d.add_stream(stream(sid, url), "api")
+                    d.streams.add_stream(stream(sid, url), "api")
                 for sid in ("direct", "tcp", "redirect"):
                     await until(lambda: _reason(d, sid), 15, what=f"{sid} refused")
-                    assert d.runners[sid].reason_code == "egress_refused", (sid, d.runners[sid].reason)
+                    assert d.streams.runners[sid].reason_code == "egress_refused", (sid, d.streams.runners[sid].reason)
             assert origin.hits("/clip.mp4") >= 1
         assert canary.connections == 0 and web_canary.connections == 0
         assert guard.outside == []
@@ -271,14 +271,14 @@ async def test_a_rebinding_name_never_leads_a_connection_to_its_second_address(r
         cfg = make_config(redis_server.url, [], egress={"allow": [f"{ALLOWED}/32"]})
         async with running(cfg) as d:
             with RebindingDns("rebind.test", ALLOWED, CANARY) as dns:
-                d.add_stream(stream("rb-tcp", f"tcp://rebind.test:{live.port}/live.ts", fps=None), "api")
+                d.streams.add_stream(stream("rb-tcp", f"tcp://rebind.test:{live.port}/live.ts", fps=None), "api")
                 await until(lambda: at_least(r, "rb-tcp", 5), 20, what="results through the checked address")
                 first = dns.lookups
             with RebindingDns("rebind.test", ALLOWED, CANARY):
-                d.add_stream(stream("rb-http", f"http://rebind.test:{web.port}/clip.mp4", fps=None), "api")
-                await until(lambda: d.runners["rb-http"].state.value in ("stopped", "failed", "backoff"), 20,
+                d.streams.add_stream(stream("rb-http", f"http://rebind.test:{web.port}/clip.mp4", fps=None), "api")
+                await until(lambda: d.streams.runners["rb-http"].state.value in ("stopped", "failed", "backoff"), 20,
                             what="the HTTP stream to end or be refused")
-            http_state, http_code = d.runners["rb-http"].state.value, d.runners["rb-http"].reason_code
+            http_state, http_code = d.streams.runners["rb-http"].state.value, d.streams.runners["rb-http"].reason_code
             http_results = await settled(r, "rb-http")
     finally:
         for s in (live, canary):
@@ -294,7 +294,7 @@ async def test_a_rebinding_name_never_leads_a_connection_to_its_second_address(r
 
 
 def _reason(d, sid):
-    return d.runners[sid].reason_code in ("egress_refused",) or d.runners[sid].state.value == "failed"
+    return d.streams.runners[sid].reason_code in ("egress_refused",) or d.streams.runners[sid].state.value == "failed"
 
 
 def test_sigterm_during_a_stuck_open_exits_within_grace(tmp_path, redis_server):

@@ -31,7 +31,7 @@ async def test_a_deleted_stream_leaves_no_metric_series(r, redis_server):
         body = {"id": "gone", "url": "redis:frames:gone", "pipeline": "frame_info"}
         async with s.post(d.api_url + "/api/v1/streams", json=body) as resp:
             assert resp.status == 201, await resp.text()
-        await until(lambda: d.runners["gone"].frames >= 3, 10, what="frames")
+        await until(lambda: d.streams.runners["gone"].frames >= 3, 10, what="frames")
         before = await _series(s, d.api_url, "gone")
         async with s.delete(d.api_url + "/api/v1/streams/gone") as resp:
             assert resp.status == 204
@@ -48,7 +48,7 @@ async def test_a_slow_delete_does_not_hold_up_another_streams_change(r, redis_se
                 "redis_input": {"block_ms": 5000, "claim_idle_ms": 60_000}}
         async with s.post(d.api_url + "/api/v1/streams", json=body) as resp:
             assert resp.status == 201, await resp.text()
-        await until(lambda: d.runners["slow"].state.value == "connecting", 5, what="slow reading")
+        await until(lambda: d.streams.runners["slow"].state.value == "connecting", 5, what="slow reading")
         await asyncio.sleep(0.5)  # inside its blocking read now
         done: dict[str, float] = {}
 

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from streamd.batching import QueueClosed
 from streamd.config import StreamConfig
 from streamd.metrics import Metrics
-from streamd.supervisor import State, StreamRunner
+from streamd.streams.supervisor import State, StreamRunner
 from streamd.testing.media import push_frames
 from conftest import until
 

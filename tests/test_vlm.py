@@ -61,7 +61,7 @@ async def test_fallback_takes_over_when_the_primary_dies(r, redis_server, clip):
         async with running(cfg) as d:
             await until(lambda: vlm_at_least(r, "f", 3), 20, what="answers from the primary")
             await primary.stop()  # killed mid-run
-            await until(lambda: d.runners["f"].state.value == "stopped", 30)
+            await until(lambda: d.streams.runners["f"].state.value == "stopped", 30)
             await until(lambda: vlm_at_least(r, "f", 24), 30, what="an answer for every sampled frame")
     finally:
         await backup.stop()
@@ -127,9 +127,9 @@ async def test_sglang_backend_without_sglang_fails_the_stream_clearly(r, redis_s
                                          {"id": "fine", "url": str(clip), "fps": 1.0}],
                       pipelines={"p": {"stages": [{"type": "vlm", "backend": "sglang", "model": "Qwen/x"}]}})
     async with running(cfg) as d:
-        await until(lambda: d.runners["sg"].state.value == "failed", 20)
+        await until(lambda: d.streams.runners["sg"].state.value == "failed", 20)
         await until(lambda: at_least(r, "fine", 6), 20)
-        reason = d.runners["sg"].reason
+        reason = d.streams.runners["sg"].reason
     assert "pip install 'streamd[sglang]'" in reason and "openai backend" in reason
 
 
@@ -160,8 +160,8 @@ async def test_quantization_on_cpu_is_a_clear_error(r, redis_server, clip, tiny_
     cfg = make_config(redis_server.url, [{"id": "q", "url": str(clip), "pipeline": "p"}],
                       pipelines={"p": {"stages": [stage]}})
     async with running(cfg) as d:
-        await until(lambda: d.runners["q"].state.value == "failed", 30)
-        assert "needs CUDA" in d.runners["q"].reason
+        await until(lambda: d.streams.runners["q"].state.value == "failed", 30)
+        assert "needs CUDA" in d.streams.runners["q"].reason
 
 
 async def test_openai_backend_against_a_real_transformers_serve(r, redis_server, clip, transformers_serve):
@@ -218,7 +218,7 @@ async def test_fallback_to_a_real_server_when_the_primary_endpoint_dies(r, redis
         async with running(cfg) as d:
             await until(lambda: vlm_at_least(r, "fb", 3), 60, what="answers through the primary")
             await primary.stop()  # the endpoint dies mid-run
-            await until(lambda: d.runners["fb"].state.value == "stopped", 30)
+            await until(lambda: d.streams.runners["fb"].state.value == "stopped", 30)
             await until(lambda: vlm_at_least(r, "fb", 12), 60, what="an answer for every sampled frame")
     finally:
         await primary.stop()

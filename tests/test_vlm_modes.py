@@ -209,7 +209,7 @@ async def test_new_tracks_are_asked_about_their_crop(r, redis_server, tmp_path):
                                           "playback": "realtime"}],  # a live camera
                       pipelines={"p": pipeline})
     async with running(cfg) as d:
-        await until(lambda: d.runners["nt"].state.value == "stopped", 120, what="end of clip")
+        await until(lambda: d.streams.runners["nt"].state.value == "stopped", 120, what="end of clip")
         await until(lambda: at_least(r, "nt", 10), 60, what="10 results")
         await asyncio.sleep(0.5)
     await srv.stop()
@@ -239,7 +239,7 @@ def test_vlm_options_are_checked():
     base = {"streams": [{"id": "a", "url": "redis:x", "pipeline": "p"}]}
 
     def cfg(**opts):
-        from streamd.daemon import check_config
+        from streamd.streams.pipelines import check_config
 
         stage = {"type": "vlm", "model": "m", "endpoints": [{"url": "http://127.0.0.1:1/v1"}], **opts}
         check_config(parse_config({**base, "pipelines": {"p": {"stages": [stage]}}}, environ={}))

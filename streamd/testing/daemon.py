@@ -25,7 +25,7 @@ async def running(cfg: Config) -> AsyncIterator[Daemon]:
     30 s (else every task's stack is printed and TimeoutError raised), then `shutdown()` (always).
 
         async with running(cfg) as d:
-            ...  # d.pipelines, d.runners, d.redis_url
+            ...  # d.pipelines, d.streams.runners, d.redis_url
     """
     from streamd.daemon import Daemon  # the whole daemon only for those who run one
 
