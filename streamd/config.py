@@ -230,6 +230,12 @@ class FleetConfig(Strict):
 
     @model_validator(mode="after")
     def _renew_within_ttl(self) -> "FleetConfig":
+    max_busy: float = Field(0.9, gt=0, le=1, description="measured load limit: a daemon whose busiest stage works "
+                            "more than this share of the time (smoothed over a few renew intervals) takes no new "
+                            "stream, and the fleet counts no room on it; 1 = no limit")
+    max_drop_fraction: float = Field(0.05, gt=0, le=1, description="measured load limit: a daemon whose live "
+                                     "streams' queues drop more than this share of their sampled frames takes no "
+                                     "new stream; 1 = no limit")
         if self.renew_s * 2 > self.lease_ttl_s:
             raise ValueError("renew_s must be at most half of lease_ttl_s")
         return self

@@ -89,6 +89,7 @@ class Fleet:
                  metrics: Any = None):
         self.r = client
         self.cfg = cfg
+        self.overloaded = False  # over its measured-load limit (streamd.streams.fleet): takes no new stream
         self.member_id: str = cfg.member_id or default_member_id()
         self.address = address
         self.version = version
@@ -220,7 +221,7 @@ class Fleet:
         weights = self._weights() or {self.member_id: self.capacity}
         now = time.monotonic()
         for sid in sorted(self.wanted - set(self.leases)):
-            if len(self.leases) >= self.capacity:
+            if len(self.leases) >= self.capacity or self.overloaded:
                 break
             owner = await self.owner(sid)
             if owner is not None:
@@ -256,12 +257,22 @@ class Fleet:
             if moves >= self.cfg.max_moves:
                 return
             want = preferred(sid, weights)
+            if not self._has_room(want):
+                continue  # handed to a full member, it would wait for one with room: keep it
             if want is None or want == self.member_id:
                 continue
             if now - self._seen_since.get(want, now) < self.cfg.settle_s:
                 continue  # a member that just arrived: wait until it has stayed a while
             if sid not in self.wanted:
                 continue
+    def _has_room(self, member: str) -> bool:
+        """Whether `member`'s last heartbeat says it can take one more stream (fleet.max_streams, load limits)."""
+        rec = self.members.get(member) or {}
+        if (rec.get("load") or {}).get("overloaded"):
+            return False
+        limit = rec.get("max_streams")
+        return limit is None or len(rec.get("streams") or []) < limit
+
             moves += 1
             log.info("stream handed over", stream=sid, to=want)
             await self.release(sid, "rebalanced to " + want)

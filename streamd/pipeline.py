@@ -42,6 +42,7 @@ class Pipeline:
         self.prompt_kinds = sorted({k for st in stages for k in st.prompt_kinds})
         self.prompts: Any = None  # PromptCache, when the daemon has one
         self._ends: dict[str, asyncio.Future[None]] = {}  # stream -> resolved when its end marker came through
+        self.busy_s: dict[str, float] = {st.name: 0.0 for st in stages}  # seconds each stage spent processing
 
     def attach(self, stream_id: str, queue: Any) -> asyncio.Future[None]:
         """Read the stream's frames from `queue`. The future resolves once the queue was closed and every frame of
@@ -135,6 +136,7 @@ class Pipeline:
                     for w in todo:
                         w.error = reason
                 dt = time.perf_counter() - t0
+                self.busy_s[st.name] = self.busy_s.get(st.name, 0.0) + dt
                 latency.observe(dt)
                 sizes.observe(len(todo))
                 ms = round(dt * 1000.0, 3)

@@ -41,7 +41,8 @@ CODES: dict[str, tuple[int, str]] = {
     "unresolvable_host": (422, "the URL's host name does not resolve"),
     "invalid_pipeline": (422, "an unknown pipeline, or one whose stages cannot be built"),
     "invalid_scope": (422, "the prompt scope is not global, pipeline:<name> or stream:<id>"),
-    "invalid_query": (422, "offset/limit of a history are not integers in range"),
+    "invalid_query": (422, "a query parameter out of its range (offset/limit of a history, admission of a new "
+                           "stream, ...): details.path names it"),
     "rate_limited": (429, "too many requests for this token or client address (see Retry-After)"),
     "too_many_auth_failures": (429, "api.auth_failure_limit refused tokens from this client address within "
                                     "api.auth_failure_window_s: refused without checking the token (see Retry-After)"),
@@ -51,8 +52,10 @@ CODES: dict[str, tuple[int, str]] = {
     "redis_unavailable": (503, "streams and prompts live in Redis, which is unreachable (see Retry-After)"),
     "busy": (503, "every Redis connection of the API's pool (api.redis_pool) stayed in use for 2 s (see "
                   "Retry-After)"),
-    "capacity_exhausted": (503, "fleet mode: every daemon runs its fleet.max_streams; try again later (see "
-                                "Retry-After; details.streams, details.capacity)"),
+    "capacity_exhausted": (503, "fleet mode: every daemon runs its fleet.max_streams or is over its load limit "
+                                "(fleet.max_busy, fleet.max_drop_fraction); try again later (see Retry-After; "
+                                "details.streams, details.capacity, details.overloaded), or add the stream with "
+                                "?admission=pending"),
 }
 
 

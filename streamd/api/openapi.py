@@ -76,6 +76,11 @@ def document(routes: list[Any]) -> dict[str, Any]:
             op.setdefault("parameters", []).append(
                 {"name": "note", "in": "query", "required": False, "description": "kept with the tombstone version",
                  "schema": {"type": "string", "maxLength": 1000}})
+        if r.method == "POST" and r.path.endswith("/streams"):
+            op.setdefault("parameters", []).append(
+                {"name": "admission", "in": "query", "required": False, "schema": {"enum": ["refuse", "pending"]},
+                 "description": "fleet mode, when no daemon has room: refuse (503 capacity_exhausted) or keep the "
+                                "stream pending until one has"})
         if r.if_match:
             op.setdefault("parameters", []).append(IF_MATCH)
         if r.body is not None:
@@ -103,7 +108,7 @@ def document(routes: list[Any]) -> dict[str, Any]:
         if params:
             codes += [404, 422]
         if r.method == "POST" and r.path.endswith("/streams"):
-            codes.append(409)
+            codes += [409, 422, 503]  # 422 invalid_query (admission), 503 capacity_exhausted
         if r.if_match:
             codes.append(412)
         if r.method == "DELETE" and r.tag == "prompts":

@@ -7,14 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-StreamState = Literal["connecting", "live", "stalled", "backoff", "failed", "stopped"]
+StreamState = Literal["connecting", "live", "stalled", "backoff", "failed", "stopped", "pending"]
 
 
 class StreamInfo(BaseModel):
     id: str = Field(..., description="stream id")
     url: str = Field(..., description="the stream reference, credentials redacted (user:***@host)")
     pipeline: str = Field(..., description="name of the pipeline the stream runs through")
-    state: StreamState = Field(..., description="supervisor state")
+    state: StreamState = Field(..., description="supervisor state; `pending` (fleet mode): no daemon runs it yet "
+                               "(one takes it when it has room)")
     reason: str | None = Field(..., description="why the stream is in this state (failed, backoff, stalled ...)")
     reason_code: str | None = Field(..., description="the failure class of `reason` (timeout, egress_refused, "
                                     "http_status, not_media, playlist_loop, too_large, ended ...)")

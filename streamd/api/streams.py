@@ -72,8 +72,8 @@ async def _check_source(request: web.Request, s: StreamConfig, old: StreamConfig
         check_ffmpeg_options(s.ffmpeg_options)
 
 
-async def _start(request: web.Request, s: StreamConfig, replace: bool, old: StreamConfig | None = None) \
-        -> web.Response:
+async def _start(request: web.Request, s: StreamConfig, replace: bool, old: StreamConfig | None = None,
+                 pending: bool = False) -> web.Response:
     d = _streams(request)
     await _check_source(request, s, old)
     known = pipeline_files.available(d.cfg)
@@ -81,12 +81,13 @@ async def _start(request: web.Request, s: StreamConfig, replace: bool, old: Stre
         raise ApiError(422, "invalid_pipeline", f"unknown pipeline {s.pipeline!r}",
                        {"path": "pipeline", "available": known})
     try:
-        await d.api_put_stream(s, replace=replace)
+        await d.api_put_stream(s, replace=replace, pending=pending)
     except ConfigError as e:
         raise ApiError(422, "invalid_pipeline", str(e), {"path": "pipeline", "key": e.key}) from None
     except CapacityExhausted as e:  # fleet mode: every daemon is full
-        raise ApiError(503, "capacity_exhausted", str(e), {"streams": e.streams, "capacity": e.capacity},
-                       headers={"Retry-After": "30"}) from None
+        raise ApiError(503, "capacity_exhausted", str(e), {"streams": e.streams, "capacity": e.capacity,
+                                                           "overloaded": e.overloaded, "admission": "refuse"},
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except StreamExists as e:  # another request added the same id meanwhile
         raise ApiError(409, "stream_exists", str(e)) from None
     except StreamNotFound as e:  # another request removed it meanwhile
@@ -95,13 +96,23 @@ async def _start(request: web.Request, s: StreamConfig, replace: bool, old: Stre
     return _with_etag(json_response(d.stream_info(s.id), status=200 if replace else 201), stream_etag(s))
 
 
+RETRY_AFTER_S = 30  # a full fleet: room comes back when a stream is removed, a load falls or a daemon joins
+ADMISSIONS = ("refuse", "pending")
+
+
 async def stream_create(request: web.Request) -> web.Response:
+    """`?admission=refuse` (default): a fleet with no room answers 503 capacity_exhausted; `?admission=pending`:
+    the stream is kept, shown `pending`, and starts on the first daemon that has room."""
+    admission = request.query.get("admission", "refuse")
+    if admission not in ADMISSIONS:
+        raise ApiError(422, "invalid_query", f"admission is one of {', '.join(ADMISSIONS)}",
+                       {"path": "admission"})
     s = await _json_body(request, StreamConfig)
     d = _streams(request)
     async with request.app[STREAM_LOCKS].hold(s.id):
         if d.has_stream(s.id):
             raise ApiError(409, "stream_exists", f"stream {s.id!r} exists")
-        return await _start(request, s, replace=False)
+        return await _start(request, s, replace=False, pending=admission == "pending")
 
 
 async def stream_update(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ from streamd.errors import SourceError, StreamdError
 from streamd.fleet import Fleet, Lease, lease_key
 from streamd.log import get_logger
 from streamd.sources import parse_reference
+from streamd.streams.load import LoadMeter
 
 if TYPE_CHECKING:
     from streamd.streams.manager import StreamManager
@@ -25,9 +26,10 @@ _NO_LEASE = "-"  # a token no lease ever holds: a stream's results written after
 
 
 class CapacityExhausted(StreamdError):
-    def __init__(self, streams: int, capacity: float):
-        super().__init__(f"the fleet runs {streams} streams and can take {capacity:g}: no room for another")
-        self.streams, self.capacity = streams, capacity
+    def __init__(self, streams: int, capacity: float, overloaded: list[str]):
+        why = f" ({', '.join(overloaded)} over the load limit)" if overloaded else ""
+        super().__init__(f"the fleet has {streams} streams and room for {capacity:g}{why}: no room for another")
+        self.streams, self.capacity, self.overloaded = streams, capacity, overloaded
 
 
 def leased(s: StreamConfig) -> bool:
@@ -47,6 +49,8 @@ class FleetStreams:
         streams.sink.fence_for = self._fence
         streams.sink.on_fenced = self.fleet.fenced
         streams.sink.member = self.fleet.member_id
+        fc = streams.cfg.fleet
+        self.load = LoadMeter(fc.max_busy, fc.max_drop_fraction)
 
     @property
     def member_id(self) -> str:
@@ -55,17 +59,37 @@ class FleetStreams:
     def leases_kind(self, s: StreamConfig) -> bool:
         return leased(s)
 
+    def _members(self) -> dict[str, dict[str, Any]]:
+        """The live members as their heartbeats say, this daemon as it is now."""
+        members = dict(self.fleet.members)
+        members[self.member_id] = {"max_streams": self.d.cfg.fleet.max_streams, "streams": sorted(self.fleet.leases),
+                                   "load": self.load.report()}
+        return members
+
+    def overloaded(self) -> list[str]:
+        return sorted(m for m, rec in self._members().items() if (rec.get("load") or {}).get("overloaded"))
+
     def capacity(self) -> float | None:
-        """Streams the live members may own in all (their `fleet.max_streams`); None: one of them has no limit."""
-        members = self.fleet.members or {self.member_id: {"max_streams": self.d.cfg.fleet.max_streams}}
-        limits = [m.get("max_streams") for m in members.values()]
-        return None if any(x is None for x in limits) else float(sum(limits))
+        """Streams the live members can run in all: each its `fleet.max_streams`, or, while it is over its measured
+        load limit, only the streams it runs now. None: a member with room has no limit."""
+        total = 0.0
+        for rec in self._members().values():
+            if (rec.get("load") or {}).get("overloaded"):
+                total += len(rec.get("streams") or [])
+            elif rec.get("max_streams") is None:
+                return None
+            else:
+                total += float(rec["max_streams"])
+        return total
+
+    def full(self, extra: int = 0) -> bool:
+        cap = self.capacity()
+        return cap is not None and len(self.cfgs) + extra > cap
 
     def admit(self, stream_id: str) -> None:
         """Raises CapacityExhausted when one more stream would exceed what the fleet can run."""
-        cap = self.capacity()
-        if cap is not None and len(self.cfgs) + 1 > cap:
-            raise CapacityExhausted(len(self.cfgs), self.capacity())
+        if self.full(1):
+            raise CapacityExhausted(len(self.cfgs), self.capacity() or 0.0, self.overloaded())
 
     def offer(self, s: StreamConfig, origin: str) -> None:
         """A stream of the config file or the API: start it here (not leased) or let the fleet place it."""
@@ -143,10 +167,16 @@ class FleetStreams:
         return lease_key(sid), self.fleet.token(sid) or _NO_LEASE
 
     def _load(self) -> dict[str, Any]:
+        """This daemon's heartbeat load (every renew interval): what it runs, and its measured load."""
         runners = self.d.runners
+        self.load.sample(self.d.pipelines, runners)
+        if self.fleet.overloaded != self.load.overloaded:
+            log.warning("load limit " + ("reached: taking no new stream" if self.load.overloaded else "cleared"),
+                        **self.load.report())
+        self.fleet.overloaded = self.load.overloaded
         return {"streams": {sid: {"state": runners[sid].state.value, "fps_out": round(runners[sid].fps_out, 2)}
                             for sid in self.fleet.leases if sid in runners},
-                "owned": len(self.fleet.leases), "running": len(runners)}
+                "owned": len(self.fleet.leases), "running": len(runners), **self.load.report()}
 
     def remote(self, sid: str) -> dict[str, Any] | None:
         """What the fleet says of a stream another daemon owns: owner, state, rate, last heartbeat."""

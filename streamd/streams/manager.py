@@ -189,14 +189,17 @@ class StreamManager(StreamInfo):
             await asyncio.sleep(interval_s)
         log.info("API-added streams loaded from Redis")
 
-    async def api_put_stream(self, s: StreamConfig, replace: bool = False) -> StreamRunner | None:
+    async def api_put_stream(self, s: StreamConfig, replace: bool = False, pending: bool = False) \
+            -> StreamRunner | None:
         """Add (or, with `replace`, change) a stream, then keep it in Redis so a restarted or second daemon sees
         it. Only an accepted stream is kept: a ConfigError (bad pipeline) leaves the old stream running and Redis
         untouched; a Redis error stops the new stream again and restores the old one. A change of a running
         stream's `fps` or `stall_timeout_s` alone is applied without a restart (StreamRunner.apply: no reconnect,
-        `seq` and trackers go on). In fleet mode the fleet places it (the runner when it runs here, else None)."""
+        `seq` and trackers go on). In fleet mode the fleet places it (the runner when it runs here, else None); a
+        new stream the fleet has no room for is refused (CapacityExhausted), or with `pending` kept until a daemon
+        has room."""
         if self.fleet is not None and self.fleet.leases_kind(s):
-            return await self._fleet_put_stream(s, replace)
+            return await self._fleet_put_stream(s, replace, pending)
         async with self._stream_lock(s.id):
             if (s.id in self.runners) != replace:
                 raise StreamNotFound(s.id) if replace else StreamExists(s.id)
@@ -226,13 +229,13 @@ class StreamManager(StreamInfo):
             self.api_stream_ids.add(s.id)
             return runner
 
-    async def _fleet_put_stream(self, s: StreamConfig, replace: bool) -> StreamRunner | None:
+    async def _fleet_put_stream(self, s: StreamConfig, replace: bool, pending: bool) -> StreamRunner | None:
         """Fleet mode: keep the stream in Redis and let the fleet place it (here when this daemon is its preferred
         owner: placed at once; otherwise another daemon takes it within a renew interval)."""
         async with self._stream_lock(s.id):
             if self.has_stream(s.id) != replace:
                 raise StreamNotFound(s.id) if replace else StreamExists(s.id)
-            if not replace:
+            if not (replace or pending):
                 self.fleet.admit(s.id)  # CapacityExhausted when the fleet cannot take another stream
             if s.pipeline not in self.pipelines:
                 self.pipelines.config(s.pipeline, "pipeline")
