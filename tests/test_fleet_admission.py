@@ -125,3 +125,30 @@ def test_load_meter_smooths_the_busiest_stage_and_the_drop_share():
         b.frames += 10
         m.sample({"p": p}, {"a": b}, now=t)
     assert m.busy < 0.05 and m.drop_fraction < 0.01 and not m.overloaded
+
+
+async def test_three_daemons_of_two_streams_each_refuse_the_seventh(redis_server):
+    """The issue's figure: a fleet of 3 daemons with fleet.max_streams 2 takes 6 streams, one daemon each two, and
+    answers the 7th with 503 capacity_exhausted + Retry-After, through any daemon's API."""
+    r = aioredis.Redis.from_url(redis_server.url)
+    await r.delete(API_STREAMS_KEY)
+    try:
+        async with running(fleet_cfg(redis_server.url, "a", max_streams=2)) as da, \
+                running(fleet_cfg(redis_server.url, "b", max_streams=2)) as db, \
+                running(fleet_cfg(redis_server.url, "c", max_streams=2)) as dc, aiohttp.ClientSession() as s:
+            ds = [da, db, dc]
+            await asyncio.sleep(1.5)  # every heartbeat seen
+            for i in range(6):
+                st, body, _ = await _call(s, ds[i % 3].api_url, "POST", "/streams", json={"id": f"c{i}", **CAM})
+                assert st == 201, body
+            await until(lambda: sorted(len(d.streams.runners) for d in ds) == [2, 2, 2], 20,
+                        what="two streams on each daemon")
+            owners = [set(d.streams.runners) for d in ds]
+            assert set().union(*owners) == {f"c{i}" for i in range(6)}  # each exactly once
+            for d in ds:
+                st, body, headers = await _call(s, d.api_url, "POST", "/streams", json={"id": "c6", **CAM})
+                assert st == 503 and body["error"]["code"] == "capacity_exhausted", body
+                assert int(headers["Retry-After"]) > 0 and body["error"]["details"]["capacity"] == 6, body
+    finally:
+        await r.delete(API_STREAMS_KEY)
+        await r.aclose()
