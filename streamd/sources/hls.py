@@ -21,12 +21,10 @@ most two segments (memory stays bounded; a slow pipeline slows the fetching, nev
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import av
@@ -42,130 +40,14 @@ from streamd.log import get_logger, redact_url
 from streamd.sampling import FpsSampler
 from streamd.sources import SourceRef
 from streamd.sources.base import EventFn
+from streamd.sources.hls_feed import END, Feed, Segment
 
 log = get_logger("streamd.source.hls")
 
-_END = object()
-_FLUSH_IDLE_S = 0.2  # no new segment for this long: the decoder's held-back frames are flushed out
 _MAX_BAD_SEGMENTS = 3  # undecodable segments in a row that end a connection (corrupt_input)
 
 
 _OPEN_OPTIONS = {"probesize": "32", "analyzeduration": "0"}  # no read-ahead probing: the codec comes with the data
-
-
-@dataclass(slots=True)
-class _Segment:
-    msn: int
-    data: bytes
-    discontinuity: bool
-    pdt: float | None  # program date time of the segment's start (epoch seconds)
-    start: int = 0  # its first byte's offset in the run of segments it is read in
-    packets: int = 0  # video packets demuxed from it
-
-
-class _Feed(io.RawIOBase):
-    """The decoder thread's input: segments from the hand-off queue as one byte stream for a run of MPEG-TS
-    segments (EOF at a discontinuity, at a non-TS segment, at the end, or after _FLUSH_IDLE_S without a new
-    segment), or one segment alone otherwise. Knows which segment each byte offset came from."""
-
-    def __init__(self, handoff: queue.Queue[Any], stop: threading.Event):
-        self._handoff = handoff
-        self._stop = stop
-        self._next: Any = None  # an item taken that belongs to the next run
-        self._buf = memoryview(b"")
-        self._off = 0
-        self._segs: list[_Segment] = []  # fed in this run, not yet settled
-        self._eof = False
-        self.final: Any = None  # _END or a SourceError: nothing comes after it
-        self.ts = False
-        self.discontinuity = False
-        self.count = 0  # segments fed, ever
-        self.last_t = time.monotonic()
-
-    def readable(self) -> bool:
-        return True
-
-    def _take(self, wait: bool) -> Any:
-        if self._next is not None:
-            item, self._next = self._next, None
-            return item
-        t0 = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                return self._handoff.get(timeout=0.05)
-            except queue.Empty:
-                if not wait and time.monotonic() - t0 >= _FLUSH_IDLE_S:
-                    return None  # caught up with the live edge: this run ends, its held-back frames go out
-        return None
-
-    def begin(self) -> bool:
-        """Start a run with the next segment; False when the feed is finished or stopping."""
-        if self.final is not None:
-            return False
-        item = self._take(wait=True)
-        if not isinstance(item, _Segment):
-            self.final = item
-            return False
-        self._off, self._segs, self._eof = 0, [], False
-        self.ts = item.data[:1] == b"\x47"
-        self.discontinuity = item.discontinuity
-        self._feed(item)
-        return True
-
-    def _feed(self, seg: _Segment) -> None:
-        seg.start, seg.packets = self._off, 0
-        self._segs.append(seg)
-        self._buf = memoryview(seg.data)
-        self.count += 1
-        self.last_t = time.monotonic()
-
-    def readinto(self, b: Any) -> int:
-        while not len(self._buf):
-            if self._eof or not self.ts or self._stop.is_set():
-                return 0
-            item = self._take(wait=False)
-            if isinstance(item, _Segment) and not item.discontinuity and item.data[:1] == b"\x47":
-                self._feed(item)
-                continue
-            self._eof = True
-            if isinstance(item, _Segment):
-                self._next = item
-            elif item is not None:
-                self.final = item
-            return 0
-        k = min(len(b), len(self._buf))
-        b[:k] = self._buf[:k]
-        self._buf = self._buf[k:]
-        self._off += k
-        return k
-
-    def whole(self) -> io.BytesIO:
-        """A non-TS run's one segment, as a seekable file (an MP4 demuxer may seek)."""
-        data = bytes(self._buf)
-        self.drain()
-        self._eof = True
-        return io.BytesIO(data)
-
-    def drain(self) -> None:
-        """Skip what is left of the current segment (the demuxer gave up on it)."""
-        self._off += len(self._buf)
-        self._buf = memoryview(b"")
-
-    def locate(self, pos: int | None) -> tuple[_Segment | None, bool, list[_Segment]]:
-        """The segment a packet at byte `pos` came from, whether it is that segment's first packet, and the
-        segments before it (now settled: the demuxer is past them)."""
-        if pos is None or pos < 0 or not self._segs:
-            return (self._segs[0] if self._segs else None), False, []
-        i = len(self._segs) - 1
-        while i > 0 and self._segs[i].start > pos:
-            i -= 1
-        done, self._segs = self._segs[:i], self._segs[i:]
-        seg = self._segs[0]
-        return seg, seg.packets == 0, done
-
-    def settle_all(self) -> list[_Segment]:
-        done, self._segs = self._segs, []
-        return done
 
 
 def _text(data: bytes) -> str:
@@ -195,7 +77,7 @@ class HlsSource:
         self._waiting = False
         self._keys: dict[str, bytes] = {}
         self._maps: dict[str, bytes] = {}
-        self._feed = _Feed(self._handoff, self._stop)
+        self._feed = Feed(self._handoff, self._stop)
         self._thread = threading.Thread(target=self._decode_loop, name=f"hls-{cfg.id}", daemon=True)
         self._thread.start()
         self._task = loop.create_task(self._follow_guarded(), name=f"hls-follow:{cfg.id}")
@@ -227,7 +109,7 @@ class HlsSource:
     async def _follow_guarded(self) -> None:
         try:
             await self._follow()
-            item: Any = _END
+            item: Any = END
         except asyncio.CancelledError:
             return
         except SourceError as e:
@@ -318,7 +200,7 @@ class HlsSource:
                 gap = last is not None and msn > last + 1
                 data = await self._segment(seg, msn, final)
                 pdt = seg.current_program_date_time
-                await self._hand(_Segment(msn, data, bool(seg.discontinuity) or gap,
+                await self._hand(Segment(msn, data, bool(seg.discontinuity) or gap,
                                           pdt.timestamp() if pdt is not None else None))
                 self._state["last_msn"] = last = msn
                 if self._stop.is_set():
@@ -384,7 +266,7 @@ class HlsSource:
     # -- decoding (thread) --------------------------------------------------------------------------------
     # MPEG-TS segments that arrive back to back are read as one stream by one long-lived demuxer and decoder (as
     # FFmpeg's own HLS demuxer does): no per-segment probing, no decoder restart. A run of segments ends at a
-    # discontinuity, at the end, or when no new segment came for _FLUSH_IDLE_S (the live edge: what the decoder
+    # discontinuity, at the end, or when no new segment came for FLUSH_IDLE_S (the live edge: what the decoder
     # holds back goes out then). Other segments (fMP4 with their init section) get a demuxer each.
     def _decode_loop(self) -> None:
         error: SourceError | None = None
@@ -404,7 +286,7 @@ class HlsSource:
                     break
             if isinstance(feed.final, SourceError):
                 error = feed.final
-            elif feed.final is _END and self.segments and not self.frames_decoded:
+            elif feed.final is END and self.segments and not self.frames_decoded:
                 error = SourceError(f"corrupt input: none of the {self.segments} HLS segments is decodable video",
                                     permanent=True, code="corrupt_input")
         except SourceError as e:
@@ -413,7 +295,7 @@ class HlsSource:
             error = SourceError(f"HLS decode: {type(e).__name__}: {e}")
         self._out.call_threadsafe(self._end, error)
 
-    def _decode_run(self, feed: _Feed) -> bool:
+    def _decode_run(self, feed: Feed) -> bool:
         """Demux and decode one run of segments from the feed. False when stopping."""
         try:
             if feed.ts:
@@ -470,14 +352,14 @@ class HlsSource:
             self._skipped(d, "no decodable packet") if not d.packets else self._decoded(d)
         return True
 
-    def _decoded(self, seg: _Segment) -> None:
+    def _decoded(self, seg: Segment) -> None:
         self._bad_run = 0
 
-    def _skipped(self, seg: _Segment, reason: str) -> None:
+    def _skipped(self, seg: Segment, reason: str) -> None:
         self._on_event("segment_skipped", {"media_sequence": seg.msn, "reason": reason})
         self._bad_segment(seg)
 
-    def _bad_segment(self, seg: _Segment) -> None:
+    def _bad_segment(self, seg: Segment) -> None:
         """One more undecodable segment: a feed of nothing but such segments is `corrupt_input`, not `live`."""
         self._bad_run += 1
         if self._bad_run >= _MAX_BAD_SEGMENTS:
