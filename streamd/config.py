@@ -35,6 +35,8 @@ class Playback(str, enum.Enum):
 
 class RedisConfig(Strict):
     url: str | None = Field(None, description="redis:// URL; null starts an embedded redis-server (data in data_dir)")
+    cluster: bool = Field(False, description="url names one master of a Redis Cluster: every client is a cluster "
+                          "client (needs a url; the embedded redis-server is a single server)")
     data_dir: str = Field(".streamd/redis", description="folder for the embedded redis-server's files")
     results_maxlen: int = Field(10_000, ge=1, description="approximate MAXLEN of each results stream")
     events_maxlen: int = Field(10_000, ge=1, description="approximate MAXLEN of each events stream")
@@ -227,15 +229,15 @@ class FleetConfig(Strict):
     settle_s: float = Field(10.0, ge=0, description="a new daemon gets streams handed over once it has been "
                             "alive this long")
     max_moves: int = Field(2, ge=0, le=1000, description="streams handed over per renew interval when rebalancing")
-
-    @model_validator(mode="after")
-    def _renew_within_ttl(self) -> "FleetConfig":
     max_busy: float = Field(0.9, gt=0, le=1, description="measured load limit: a daemon whose busiest stage works "
                             "more than this share of the time (smoothed over a few renew intervals) takes no new "
                             "stream, and the fleet counts no room on it; 1 = no limit")
     max_drop_fraction: float = Field(0.05, gt=0, le=1, description="measured load limit: a daemon whose live "
                                      "streams' queues drop more than this share of their sampled frames takes no "
                                      "new stream; 1 = no limit")
+
+    @model_validator(mode="after")
+    def _renew_within_ttl(self) -> "FleetConfig":
         if self.renew_s * 2 > self.lease_ttl_s:
             raise ValueError("renew_s must be at most half of lease_ttl_s")
         return self
