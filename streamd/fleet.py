@@ -15,8 +15,10 @@ Lua scripts; a member is a key with a TTL that it refreshes.
   interval, only after that member has been alive for `settle_s` (no flapping while members come and go).
 - Redis frame inputs take no lease: their consumer group splits the entries between daemons already.
 
-Keys: `streamd:{<stream>}:lease` (beside the stream's results: one Cluster slot), `streamd:fleet:member:<id>`
-(JSON: id, address, version, capacity, streams, load, heartbeat), `streamd:fleet:members` (a set of ids, pruned).
+Keys (streamd.keys): `streamd:{<stream>}:lease` and `:lease:last` (beside the stream's results: one Cluster slot,
+so the fenced write is one Lua call), `streamd:{fleet}:member:<id>` (JSON: id, address, version, capacity, streams,
+load, heartbeat) and `streamd:{fleet}:members` (a set of ids, pruned): one slot, so one MGET reads every member on
+a Redis Cluster too. Every other command here touches one key.
 """
 
 from __future__ import annotations
@@ -36,20 +38,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from streamd.keys import FLEET_MEMBERS_KEY as MEMBERS_KEY
+from streamd.keys import fleet_member_key, lease_key, lease_last_key
 from streamd.log import get_logger
 
 log = get_logger("streamd.fleet")
 
-LEASE_KEY = "streamd:{{{stream}}}:lease"
-MEMBER_KEY = "streamd:fleet:member:{member}"
-MEMBERS_KEY = "streamd:fleet:members"
-
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-
-def lease_key(stream_id: str) -> str:
-    return LEASE_KEY.format(stream=stream_id)
 
 
 def default_member_id() -> str:
@@ -89,11 +85,11 @@ class Fleet:
                  metrics: Any = None):
         self.r = client
         self.cfg = cfg
-        self.overloaded = False  # over its measured-load limit (streamd.streams.fleet): takes no new stream
         self.member_id: str = cfg.member_id or default_member_id()
         self.address = address
         self.version = version
         self.capacity = float(cfg.max_streams or 1000)
+        self.overloaded = False  # over its measured-load limit (streamd.streams.fleet): takes no new stream
         self._on_acquire = on_acquire
         self._on_release = on_release
         self._load = load
@@ -160,11 +156,11 @@ class Fleet:
                "max_streams": self.cfg.max_streams,
                "streams": sorted(self.leases), "load": load, "heartbeat": time.time()}
         async with self.r.pipeline(transaction=False) as p:
-            p.set(MEMBER_KEY.format(member=self.member_id), json.dumps(rec), px=self.ttl_ms)
+            p.set(fleet_member_key(self.member_id), json.dumps(rec), px=self.ttl_ms)
             p.sadd(MEMBERS_KEY, self.member_id)
             await p.execute()
         ids = sorted(m.decode() for m in await self.r.smembers(MEMBERS_KEY))
-        raws = await self.r.mget([MEMBER_KEY.format(member=m) for m in ids]) if ids else []
+        raws = await self.r.mget([fleet_member_key(m) for m in ids]) if ids else []  # one slot
         members = {}
         for m, raw in zip(ids, raws):
             if raw is None:
@@ -235,10 +231,10 @@ class Fleet:
 
     async def _acquire(self, sid: str) -> None:
         token = f"{self.member_id}|{secrets.token_hex(8)}"
-        previous = await self.r.get(f"{lease_key(sid)}:last")
+        previous = await self.r.get(lease_last_key(sid))
         if not await self.r.set(lease_key(sid), token, nx=True, px=self.ttl_ms):
             return
-        await self.r.set(f"{lease_key(sid)}:last", self.member_id)
+        await self.r.set(lease_last_key(sid), self.member_id)
         lease = self.leases[sid] = Lease(sid, token)
         self._free_since.pop(sid, None)
         prev = previous.decode() if previous else None
@@ -257,14 +253,18 @@ class Fleet:
             if moves >= self.cfg.max_moves:
                 return
             want = preferred(sid, weights)
-            if not self._has_room(want):
-                continue  # handed to a full member, it would wait for one with room: keep it
             if want is None or want == self.member_id:
                 continue
             if now - self._seen_since.get(want, now) < self.cfg.settle_s:
                 continue  # a member that just arrived: wait until it has stayed a while
+            if not self._has_room(want):
+                continue  # handed to a full member, it would wait for one with room: keep it
             if sid not in self.wanted:
                 continue
+            moves += 1
+            log.info("stream handed over", stream=sid, to=want)
+            await self.release(sid, "rebalanced to " + want)
+
     def _has_room(self, member: str) -> bool:
         """Whether `member`'s last heartbeat says it can take one more stream (fleet.max_streams, load limits)."""
         rec = self.members.get(member) or {}
@@ -272,10 +272,6 @@ class Fleet:
             return False
         limit = rec.get("max_streams")
         return limit is None or len(rec.get("streams") or []) < limit
-
-            moves += 1
-            log.info("stream handed over", stream=sid, to=want)
-            await self.release(sid, "rebalanced to " + want)
 
     async def release(self, sid: str, why: str = "released") -> None:
         lease = self.leases.pop(sid, None)
@@ -292,7 +288,7 @@ class Fleet:
         renew interval)."""
         await asyncio.gather(*(self.release(sid, "daemon stopping") for sid in list(self.leases)))
         try:
-            await self.r.delete(MEMBER_KEY.format(member=self.member_id))
+            await self.r.delete(fleet_member_key(self.member_id))
             await self.r.srem(MEMBERS_KEY, self.member_id)
         except (RedisError, OSError):
             pass

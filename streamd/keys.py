@@ -1,12 +1,37 @@
 """Redis key formats and record constants: the Redis contract lives here and nowhere else.
 
-Hash-tag braces keep every key of one stream in the same Redis Cluster slot.
+Redis Cluster: a command or script that touches several keys must find them all in one hash slot. Keys that go
+together share a hash tag (the part in braces, the only part Redis hashes):
+- a stream's results, events, VLM answers and lease: `{<stream_id>}` (the fenced result write is one Lua call
+  over the lease and the results stream);
+- the fleet's member records and their index: `{fleet}` (one MGET reads every member);
+- a prompt's version counter, versions and current pointer: `{<kind>|<scope>}` (one Lua write).
+A Redis frame input is a key the user names: its dead-letter stream `<key>:dead` and its acknowledgement share its
+slot only when that key carries a hash tag, and the result stream only when that tag is the stream id
+(`frames:{<stream_id>}`); otherwise the writes that go together in one MULTI/EXEC on a single Redis are made one
+after the other on a cluster (at least once: see streamd.sinks.redis and streamd.sources.redis).
 """
 
-SCHEMA_VERSION = 1
+from redis.crc import key_slot
+
+SCHEMA_VERSION = 1  # of the records; key formats are versioned by the README's Redis contract section
 RESULTS_KEY = "streamd:{{{stream}}}:results"
 EVENTS_KEY = "streamd:{{{stream}}}:events"
+VLM_KEY = "streamd:{{{stream}}}:vlm"  # answers of the VLM stage (they arrive later than the frame's result)
 DEAD_LETTER_KEY = "{key}:dead"  # beside the user's input stream
+API_STREAMS_KEY = "streamd:api:streams"  # hash: stream id -> stream config (JSON) of streams added through the API
+
+# fleet (streamd.fleet): a stream's lease `<member>|<token>` and its last owner's id, beside its results
+LEASE_KEY = "streamd:{{{stream}}}:lease"
+LEASE_LAST_KEY = "streamd:{{{stream}}}:lease:last"
+# a member's record (JSON, with a TTL) and the set of member ids: one slot, so one MGET reads them all
+FLEET_MEMBER_KEY = "streamd:{{fleet}}:member:{member}"
+FLEET_MEMBERS_KEY = "streamd:{fleet}:members"
+
+# prompts (streamd.prompts): the index of prompt ids, the change channel, a prompt's keys (one slot per prompt)
+PROMPTS_INDEX_KEY = "streamd:prompts:index"
+PROMPTS_CHANNEL = "streamd:prompts:changed"
+PROMPT_KEY = "streamd:prompt:{{{pid}}}:{part}"  # part: seq, versions, current
 
 
 def results_key(stream_id: str) -> str:
@@ -17,12 +42,36 @@ def events_key(stream_id: str) -> str:
     return EVENTS_KEY.format(stream=stream_id)
 
 
+def vlm_key(stream_id: str) -> str:
+    return VLM_KEY.format(stream=stream_id)
+
+
 def dead_letter_key(input_key: str) -> str:
     return DEAD_LETTER_KEY.format(key=input_key)
 
-API_STREAMS_KEY = "streamd:api:streams"  # hash: stream id -> stream config (JSON) of streams added through the API
-VLM_KEY = "streamd:{{{stream}}}:vlm"  # answers of the VLM stage (they arrive later than the frame's result)
+
+def lease_key(stream_id: str) -> str:
+    return LEASE_KEY.format(stream=stream_id)
 
 
-def vlm_key(stream_id: str) -> str:
-    return VLM_KEY.format(stream=stream_id)
+def lease_last_key(stream_id: str) -> str:
+    return LEASE_LAST_KEY.format(stream=stream_id)
+
+
+def fleet_member_key(member_id: str) -> str:
+    return FLEET_MEMBER_KEY.format(member=member_id)
+
+
+def prompt_keys(pid: str) -> tuple[str, str, str]:
+    """A prompt's (seq, versions, current) keys."""
+    return PROMPT_KEY.format(pid=pid, part="seq"), PROMPT_KEY.format(pid=pid, part="versions"), \
+        PROMPT_KEY.format(pid=pid, part="current")
+
+
+def slot(key: str | bytes) -> int:
+    """The Redis Cluster hash slot of a key (its hash tag's, when it has one)."""
+    return key_slot(key.encode() if isinstance(key, str) else key)
+
+
+def same_slot(*keys: str | bytes) -> bool:
+    return len({slot(k) for k in keys}) <= 1

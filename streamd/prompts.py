@@ -7,6 +7,10 @@ same version. Rollback creates a new version with an old version's content. A de
 `deleted: true`), so history keeps every version and a later update goes on counting. A write may be conditional on
 the current version (`if_match`, checked in the same script). Changes are announced on a pub/sub channel; each
 daemon keeps a cache that stages read at frame boundaries (no Redis round trip per frame).
+
+Redis Cluster: a prompt's three keys share the hash tag `{<kind>|<scope>}` (one slot, so the write script runs
+there); every other command touches one key; the pub/sub channel works on any node (Redis Cluster forwards
+PUBLISH to every node).
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from streamd.keys import PROMPTS_CHANNEL, PROMPTS_INDEX_KEY, prompt_keys
 from streamd.log import RepeatedLog, get_logger
 
 log = get_logger("streamd.prompts")
 
 KINDS = ("vlm", "vocabulary")
-CHANNEL = "streamd:prompts:changed"
-INDEX = "streamd:prompts:index"
+CHANNEL = PROMPTS_CHANNEL
+INDEX = PROMPTS_INDEX_KEY
 SCOPE_RE = re.compile(r"^(global|pipeline:[A-Za-z0-9_.:-]{1,128}|stream:[A-Za-z0-9][A-Za-z0-9_.:-]{0,127})$")
 
 # KEYS: seq, versions, current. ARGV[1]: the record (a JSON object, without its version); ARGV[2]: the condition ('':
@@ -60,8 +65,7 @@ def prompt_id(kind: str, scope: str) -> str:
 
 
 def _keys(pid: str) -> tuple[str, str, str]:
-    base = f"streamd:prompt:{{{pid}}}"
-    return f"{base}:seq", f"{base}:versions", f"{base}:current"
+    return prompt_keys(pid)  # one slot: the write script's keys
 
 
 class PromptNotFound(KeyError):
