@@ -83,12 +83,13 @@ class Daemon:
                                                               self.prompt_cache, self.streams.pipeline_failed)
 
     def _role(self, max_connections: int | None) -> aioredis.Redis:
-        c = redis_client(self.redis_url, max_connections)
+        c = redis_client(self.redis_url, max_connections, cluster=self.cfg.redis.cluster)
         self._role_clients.append(c)
         return c
 
     def _client(self, url: str) -> aioredis.Redis:
-        """The client Redis inputs on the server at `url` share (the daemon's own Redis when `url` is empty)."""
+        """The client Redis inputs on the server at `url` share (the daemon's own Redis when `url` is empty; another
+        server is a single Redis)."""
         url = url or self.redis_url
         c = self._clients.get(url)
         if c is None:
