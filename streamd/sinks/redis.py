@@ -10,6 +10,11 @@ Under load the sink waits a little for fuller batches (until `publish_batch` rec
 has waited `publish_max_wait_ms`); after a quiet spell a record goes at once. A batch is packed with hiredis and
 written on the sink's own connection in one go: no pipeline object, no pool, no per-command callbacks on the hot
 path.
+
+On a Redis Cluster (a `RedisCluster` client) a batch is split by slot and node instead (streamd.sinks.cluster): an
+input entry is acknowledged in the MULTI/EXEC of its result only when its key is in the result's slot (tagged with
+the stream id, `frames:{<stream_id>}`); otherwise after its result was written (at least once: a failure between
+the two delivers the entry again, and it gets a second result).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from streamd.config import RedisConfig
 from streamd.frames import InputRef, Work
 from streamd.log import get_logger
 from streamd.metrics import Metrics
+from streamd.redis_clients import is_cluster
+from streamd.sinks.cluster import ClusterWriter
 
 log = get_logger("streamd.sink")
 
@@ -55,6 +62,8 @@ class Pending:
     queued_t: float = 0.0  # time.monotonic() when it was buffered
     event: bool = False  # a state/gap/dead-letter event: kept in the buffer's reserved share, dropped last
     fence: tuple[str, str] | None = None  # (lease key, token): written only while the lease holds it (fleet)
+    written: bool = False  # Redis Cluster: in Redis already (a retried batch skips it)
+    acked: bool = False  # Redis Cluster: its input entry acknowledged already
 
     @property
     def stream_id(self) -> str:
@@ -91,6 +100,20 @@ def result_record(w: Work) -> dict[str, Any]:
 _json = jsonsafe.encoder(separators=(",", ":"))  # never NaN/Infinity: a stray one becomes null
 
 
+def _encode(p: Pending, now: float) -> None:
+    if p.result is not None:
+        p.result["publish_ts"] = round(now, 6)
+        p.fields["record"] = _json(p.result)
+
+
+def _write_args(p: Pending) -> tuple[Any, ...]:
+    """A record's write: XADD, or in fleet mode the fenced XADD (one Lua call over the lease and the results stream,
+    which share the stream's hash tag: one Cluster slot)."""
+    if p.fence is not None:
+        return ("EVAL", FENCED_XADD, 2, p.fence[0], p.key, p.fence[1], p.maxlen, *chain(*p.fields.items()))
+    return ("XADD", p.key, "MAXLEN", "~", p.maxlen, "*", *chain(*p.fields.items()))
+
+
 class RedisSink:
     def __init__(
         self,
@@ -115,9 +138,15 @@ class RedisSink:
         self._space = asyncio.Event()
         # the sink's own connection (it connects when first used); a round trip is timed as a whole, so the
         # connection has no socket timeout of its own (redis-py would run every write as a task with a timer)
-        pool = client.connection_pool
-        self._timeout_s: float | None = pool.connection_kwargs.get("socket_timeout")
-        self._conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
+        self._cluster: ClusterWriter | None = None
+        self._conn: Any = None
+        self._timeout_s: float | None = None
+        if is_cluster(client):  # the cluster client's pipelines, split by node (streamd.sinks.cluster)
+            self._cluster = ClusterWriter(client, _write_args)
+        else:
+            pool = client.connection_pool
+            self._timeout_s = pool.connection_kwargs.get("socket_timeout")
+            self._conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         self._sent_at = -math.inf  # time.monotonic() when the last send began
         self._idle = asyncio.Event()
         self._idle.set()
@@ -234,6 +263,8 @@ class RedisSink:
         self._progress.set()
 
     async def aclose(self) -> None:
+        if self._conn is None:
+            return  # Redis Cluster: the client's connections are its owner's to close
         with contextlib.suppress(Exception):  # closing a dead connection
             await self._conn.disconnect()
 
@@ -299,19 +330,15 @@ class RedisSink:
                 await self._full.wait()
 
     async def _send(self, batch: list[Pending]) -> None:
+        if self._cluster is not None:
+            return await self._send_cluster(self._cluster, batch)
         self._sent_at = time.monotonic()
         now = time.time()
         tx = any(p.ack is not None for p in batch)  # an acknowledgement goes in one MULTI/EXEC with its result
         cmds = [_MULTI] if tx else []
         for p in batch:
-            if p.result is not None:
-                p.result["publish_ts"] = round(now, 6)
-                p.fields["record"] = _json(p.result)
-            if p.fence is not None:
-                cmds.append(pack_command(("EVAL", FENCED_XADD, 2, p.fence[0], p.key, p.fence[1], p.maxlen,
-                                          *chain(*p.fields.items()))))
-            else:
-                cmds.append(pack_command(("XADD", p.key, "MAXLEN", "~", p.maxlen, "*", *chain(*p.fields.items()))))
+            _encode(p, now)
+            cmds.append(pack_command(_write_args(p)))
             if p.ack is not None:
                 cmds.append(pack_command(("XACK", p.ack.key, p.ack.group, p.ack.entry_id)))
         if tx:
@@ -326,16 +353,36 @@ class RedisSink:
         for p in batch:
             reply = replies[i]
             i += 1 + (p.ack is not None)
-            if p.fence is not None and reply == 0:  # the lease moved on: not written, and never will be
-                self.fenced += 1
-                self.metrics.results_fenced.labels(p.stream_id).inc()
-                if self.on_fenced is not None:
-                    self.on_fenced(p.stream_id)
-                continue
-            if p.result is not None:
-                sid = p.result["stream_id"]
-                done[sid] = done.get(sid, 0) + 1
-                self.metrics.stream(sid).e2e_latency.observe(max(0.0, now - p.result["capture_ts"]))
+            self._account(p, reply, now, done)
+        self._count(done)
+
+    async def _send_cluster(self, writer: ClusterWriter, batch: list[Pending]) -> None:
+        """Redis Cluster: what of the batch is not in Redis yet, split by slot and node (streamd.sinks.cluster)."""
+        self._sent_at = time.monotonic()
+        now = time.time()
+        for p in batch:
+            if not p.written:
+                _encode(p, now)
+        done: dict[str, int] = {}
+        try:
+            await writer.write(batch, lambda p, reply: self._account(p, reply, now, done))
+        finally:
+            self._count(done)
+
+    def _account(self, p: Pending, reply: Any, now: float, done: dict[str, int]) -> None:
+        """A record's write answered `reply`: count it (or its fencing)."""
+        if p.fence is not None and reply == 0:  # the lease moved on: not written, and never will be
+            self.fenced += 1
+            self.metrics.results_fenced.labels(p.stream_id).inc()
+            if self.on_fenced is not None:
+                self.on_fenced(p.stream_id)
+            return
+        if p.result is not None:
+            sid = p.result["stream_id"]
+            done[sid] = done.get(sid, 0) + 1
+            self.metrics.stream(sid).e2e_latency.observe(max(0.0, now - p.result["capture_ts"]))
+
+    def _count(self, done: dict[str, int]) -> None:
         for sid, n in done.items():
             self.results_by_stream[sid] = self.results_by_stream.get(sid, 0) + n
             self.metrics.stream(sid).processed.inc(n)

@@ -5,6 +5,10 @@ Entry fields: ``image`` (JPEG/PNG bytes, or raw pixels with ``shape`` "H,W[,C]" 
 other fields are passed through as metadata. On start the consumer first re-reads its own pending entries, then
 new ones; entries idle in other (dead) consumers' pending lists are claimed. An entry that fails
 `max_deliveries` times is copied to ``<key>:dead`` with the reason and acknowledged, in one MULTI/EXEC.
+On a Redis Cluster every command touches one key, except that pair: it is one MULTI/EXEC when ``<key>`` carries a
+hash tag (``frames:{cam1}``: ``frames:{cam1}:dead`` is in its slot); otherwise the dead letter is written first and
+the entry acknowledged after (at least once: a failure between the two leaves it pending, and a later delivery
+may write a second dead letter for it).
 The only blocking call is XREADGROUP (bounded by `block_ms`); image decoding runs in a worker thread.
 """
 
@@ -26,8 +30,9 @@ from redis.exceptions import RedisError, ResponseError
 from streamd.config import RedisInputConfig, StreamConfig
 from streamd.errors import FrameDecodeError, SourceError
 from streamd.frames import Frame, InputRef
-from streamd.keys import dead_letter_key
+from streamd.keys import dead_letter_key, same_slot
 from streamd.log import get_logger, redact_text
+from streamd.redis_clients import is_cluster
 from streamd.sampling import FpsSampler
 from streamd.sources.base import EventFn
 
@@ -338,10 +343,15 @@ class RedisFrameSource:
             b"dead.stream_id": self.cfg.id.encode(),
             b"dead.ts": repr(time.time()).encode(),
         })
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.xadd(dead_letter_key(self.key), dead, maxlen=10_000, approximate=True)
-            pipe.xack(self.key, ref.group, ref.entry_id)
-            await pipe.execute()
+        dead_key = dead_letter_key(self.key)
+        if not is_cluster(self.r) or same_slot(dead_key, self.key):  # always one slot on a single Redis
+            async with self.r.pipeline(transaction=True) as pipe:
+                pipe.xadd(dead_key, dead, maxlen=10_000, approximate=True)
+                pipe.xack(self.key, ref.group, ref.entry_id)
+                await pipe.execute()
+        else:  # a cluster, an input key without a hash tag: the dead letter, then the acknowledgement
+            await self.r.xadd(dead_key, dead, maxlen=10_000, approximate=True)
+            await self.r.xack(self.key, ref.group, ref.entry_id)
         log.warning("frame entry dead-lettered", stream=self.cfg.id, entry=ref.entry_id, reason=reason)
         self._on_event("dead_letter", {"entry_id": ref.entry_id, "reason": reason, "deliveries": ref.deliveries})
         return True
