@@ -369,3 +369,100 @@ async def test_a_master_down_and_back_every_record_written_once_in_order(tmp_pat
             assert sink.results_by_stream == {sid: 10 for sid in sids}
         finally:
             await client.aclose()
+
+
+# -- whole daemons with redis.cluster: true ---------------------------------------------------------------------
+def cluster_cfg(cluster: ManagedRedisCluster, streams: list[dict[str, Any]], **extra: Any) -> Any:
+    from conftest import make_config
+
+    redis = {"url": cluster.url, "cluster": True, "retry_initial_s": 0.05, "retry_max_s": 0.5,
+             **extra.pop("redis", {})}
+    return make_config(cluster.url, streams, redis=redis, **extra)
+
+
+async def test_two_daemons_on_the_cluster_share_redis_inputs_and_ack_every_entry(cluster, rc):
+    """Two daemons (redis.cluster: true) read two frame keys through one consumer group each: one key tagged with
+    its stream id (result and XACK in one Lua call), one not (XACK after the result); every entry gets exactly one
+    result and none stays pending."""
+    from streamd.testing.daemon import running
+
+    plain = next(k for k in (f"frames:dm-plain-{i}" for i in itertools.count())
+                 if cluster.port_for(k) != cluster.port_for(keys.results_key("dm-plain")))
+    inputs = {"dm-tagged": "frames:{dm-tagged}", "dm-plain": plain}
+    for sid, key in inputs.items():
+        await rc.delete(key, keys.results_key(sid), keys.events_key(sid))
+    streams = [{"id": sid, "url": f"{cluster.url}#{key}", "fps": None} for sid, key in inputs.items()]
+    pushed: dict[str, list[str]] = {sid: [] for sid in inputs}
+    async with running(cluster_cfg(cluster, streams, redis={"consumer": "a"})) as da, \
+            running(cluster_cfg(cluster, streams, redis={"consumer": "b"})) as db:
+        for i in range(20):
+            for sid, key in inputs.items():
+                pushed[sid].append((await rc.xadd(key, {"image": IMG.tobytes(), "shape": "4,6,3"})).decode())
+
+        async def done() -> bool:
+            for sid, key in inputs.items():
+                if await rc.xlen(keys.results_key(sid)) < 20 or (await rc.xpending(key, "streamd"))["pending"]:
+                    return False
+            return True
+
+        await until(done, 30, what="20 results per input, nothing pending")
+        await asyncio.sleep(0.5)
+        for sid in inputs:
+            recs = [json.loads(f[b"record"]) for _, f in await rc.xrange(keys.results_key(sid))]
+            assert sorted(x["input"]["entry_id"] for x in recs) == sorted(pushed[sid]), sid  # each once
+        assert da.sink.healthy and db.sink.healthy
+
+
+async def test_a_fleet_of_two_daemons_on_the_cluster_runs_each_stream_once_and_hands_over(cluster, rc, clip):
+    """Two daemons in fleet mode on the cluster, 4 looping file streams: each stream runs on exactly one daemon and
+    its results come from that one only, no duplicate seq; the first daemon stops and the other takes every
+    stream over."""
+    from streamd.testing.daemon import running
+
+    sids = spread(cluster, "fleet-cam", 4, key=keys.lease_key)
+    for sid in sids:
+        await rc.delete(keys.results_key(sid), keys.events_key(sid), keys.lease_key(sid), keys.lease_last_key(sid))
+    streams = [{"id": sid, "url": str(clip), "playback": "realtime", "loop": True, "fps": 4} for sid in sids]
+
+    def cfg(name: str) -> Any:
+        return cluster_cfg(cluster, streams, fleet={"enabled": True, "member_id": name, "lease_ttl_s": 3,
+                                                    "renew_s": 0.5, "settle_s": 60})
+
+    cx, cy = running(cfg("dx")), running(cfg("dy"))
+    dx = await cx.__aenter__()
+    x_open = True
+    try:
+        async with cy as dy:
+            def placed() -> bool:
+                x, y = set(dx.streams.runners), set(dy.streams.runners)
+                return x | y == set(sids) and not x & y
+
+            await until(placed, 15, what="every stream on one daemon")
+            await until(lambda: all(dx.sink.results_by_stream.get(s, 0) + dy.sink.results_by_stream.get(s, 0) >= 3
+                                    for s in sids), 15, what="results from every stream")
+            where = {s: ("dx" if s in dx.streams.runners else "dy") for s in sids}
+            for sid in sids:
+                recs = [json.loads(f[b"record"]) for _, f in await rc.xrange(keys.results_key(sid))]
+                assert {x["daemon"] for x in recs} == {where[sid]}, sid
+                seqs = [x["seq"] for x in recs]
+                assert len(seqs) == len(set(seqs)), sid
+            t0 = time.time()
+            x_open = False
+            await cx.__aexit__(None, None, None)  # graceful: its leases released, the other takes over
+            await until(lambda: set(dy.streams.runners) == set(sids), 10, what="dy to run every stream")
+
+            async def all_from_dy_after() -> bool:
+                for sid in sids:
+                    last = await rc.xrevrange(keys.results_key(sid), count=1)
+                    if not last or json.loads(last[0][1][b"record"])["daemon"] != "dy" \
+                            or json.loads(last[0][1][b"record"])["publish_ts"] < t0:
+                        return False
+                return True
+
+            await until(all_from_dy_after, 10, what="new results of every stream from dy")
+            for sid in sids:
+                seqs = [json.loads(f[b"record"])["seq"] for _, f in await rc.xrange(keys.results_key(sid))]
+                assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs), sid
+    finally:
+        if x_open:
+            await cx.__aexit__(None, None, None)
