@@ -466,3 +466,56 @@ async def test_a_fleet_of_two_daemons_on_the_cluster_runs_each_stream_once_and_h
     finally:
         if x_open:
             await cx.__aexit__(None, None, None)
+
+
+async def test_an_input_key_that_is_no_longer_a_stream_does_not_stall_the_sink(cluster, rc, sink_on):
+    """An input key replaced by a string while its entries' results waited (XACK answers WRONGTYPE): each result is
+    written once, the sink stays healthy and goes on (the error is not retried for ever, holding every stream's
+    records back and writing the same results again and again)."""
+    sid = "wrongtype"
+    tagged = f"frames:{{{sid}}}"  # acknowledged in the Lua call of its result
+    untagged = next(k for k in (f"frames:{sid}:{i}" for i in itertools.count())
+                    if not keys.same_slot(k, keys.results_key(sid)))  # acknowledged after it
+    await rc.delete(keys.results_key(sid))
+    refs = []
+    for key in (tagged, untagged):
+        await rc.delete(key)
+        eid = (await rc.xadd(key, {"n": 1})).decode()
+        await rc.xgroup_create(key, "g", id="0")
+        await rc.xreadgroup("g", "c", {key: ">"})
+        await rc.delete(key)
+        await rc.set(key, "not a stream any more")
+        refs.append(InputRef(key, "g", eid))
+    sink = sink_on(retry_initial_s=0.05)
+    await sink.publish_results([work(sid, i, ref) for i, ref in enumerate(refs)])
+    await asyncio.wait_for(sink.wait_idle(), 5)
+    await sink.publish_results([work(sid, 2)])
+    await asyncio.wait_for(sink.wait_idle(), 5)
+    seqs = [int(f[b"seq"]) for _, f in await rc.xrange(keys.results_key(sid))]
+    assert seqs == [0, 1, 2] and sink.healthy
+
+
+async def test_on_a_single_redis_too_an_input_key_that_is_no_longer_a_stream_does_not_stall_the_sink(r, redis_server):
+    """The same on a single Redis (XACK in the MULTI/EXEC of its result answers WRONGTYPE inside EXEC)."""
+    sid = "wrongtype-single"
+    await r.delete("frames:wt", keys.results_key(sid))
+    eid = (await r.xadd("frames:wt", {"n": 1})).decode()
+    await r.xgroup_create("frames:wt", "g", id="0")
+    await r.xreadgroup("g", "c", {"frames:wt": ">"})
+    await r.delete("frames:wt")
+    await r.set("frames:wt", "not a stream any more")
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=2)
+    sink = RedisSink(client, RedisConfig(url=redis_server.url, retry_initial_s=0.05), Metrics())
+    task = asyncio.ensure_future(sink.run())
+    try:
+        await sink.publish_results([work(sid, 0, InputRef("frames:wt", "g", eid))])
+        await asyncio.wait_for(sink.wait_idle(), 5)
+        await sink.publish_results([work(sid, 1)])
+        await asyncio.wait_for(sink.wait_idle(), 5)
+        seqs = [int(f[b"seq"]) for _, f in await r.xrange(keys.results_key(sid))]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sink.aclose()
+        await client.aclose()
+    assert seqs == [0, 1] and sink.healthy

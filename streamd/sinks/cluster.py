@@ -18,20 +18,34 @@ from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from streamd import keys
+from streamd.log import get_logger
 
 if TYPE_CHECKING:
     from streamd.sinks.redis import Pending
+
+
+log = get_logger("streamd.sink")
+
+
+def ack_failed(p: Pending, error: Exception) -> None:
+    """An XACK answered an error (WRONGTYPE: the input key is no longer a stream): no retry could acknowledge the
+    entry, and retrying would write its result again and hold every other stream's records back; logged only (also
+    on a single Redis)."""
+    log.warning("input entry not acknowledged", key=p.ack.key if p.ack else None, stream=p.stream_id,
+                error=str(error))
 
 WriteArgs = Callable[["Pending"], tuple[Any, ...]]  # a record's XADD (or fenced EVAL) command
 Written = Callable[["Pending", Any], None]  # told once per record, with the write's reply
 
 
 # a result and its input entry's acknowledgement, in one slot, atomically. KEYS: results, input; ARGV: group, entry
-# id, maxlen, the entry's fields
+# id, maxlen, the entry's fields. An XACK that fails (WRONGTYPE: the input key is no longer a stream) leaves the
+# result written and is not an error: nothing could acknowledge the entry, and a retry would write the result again
 ACKED_XADD = ("local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4)) "
-              "redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) return id")
+              "redis.pcall('XACK', KEYS[2], ARGV[1], ARGV[2]) return id")
 
 
 def _ack_beside(p: Pending) -> bool:
@@ -87,7 +101,10 @@ class ClusterWriter:
         replies = await pipe.execute(raise_on_error=False)
         error = None
         for p, reply in zip(ps, replies):
-            if isinstance(reply, Exception):
+            if isinstance(reply, ResponseError):  # WRONGTYPE: no retry can acknowledge it
+                ack_failed(p, reply)
+                p.acked = True
+            elif isinstance(reply, Exception):
                 error = error or reply
             else:
                 p.acked = True

@@ -40,7 +40,7 @@ from streamd.frames import InputRef, Work
 from streamd.log import get_logger
 from streamd.metrics import Metrics
 from streamd.redis_clients import is_cluster
-from streamd.sinks.cluster import ClusterWriter
+from streamd.sinks.cluster import ClusterWriter, ack_failed
 
 log = get_logger("streamd.sink")
 
@@ -344,15 +344,23 @@ class RedisSink:
         if tx:
             cmds.append(_EXEC)
         replies = await self._roundtrip(cmds)
-        replies = replies[-1] if tx else replies
-        error = next((r for r in replies if isinstance(r, Exception)), None)
+        if tx:  # MULTI's reply, a QUEUED per command, then EXEC's: the commands' replies (an error if it aborted)
+            error = next((r for r in replies if isinstance(r, Exception)), None)
+            if error is not None:
+                raise error
+            replies = replies[-1]
+        writes = []
+        i = 0
+        for p in batch:
+            writes.append(replies[i])
+            if p.ack is not None and isinstance(replies[i + 1], Exception):
+                ack_failed(p, replies[i + 1])
+            i += 1 + (p.ack is not None)
+        error = next((r for r in writes if isinstance(r, Exception)), None)
         if error is not None:
             raise error
         done: dict[str, int] = {}  # results per stream
-        i = 0
-        for p in batch:
-            reply = replies[i]
-            i += 1 + (p.ack is not None)
+        for p, reply in zip(batch, writes):
             self._account(p, reply, now, done)
         self._count(done)
 
