@@ -344,11 +344,7 @@ class RedisSink:
         if tx:
             cmds.append(_EXEC)
         replies = await self._roundtrip(cmds)
-        if tx:  # MULTI's reply, a QUEUED per command, then EXEC's: the commands' replies (an error if it aborted)
-            error = next((r for r in replies if isinstance(r, Exception)), None)
-            if error is not None:
-                raise error
-            replies = replies[-1]
+        replies = replies[-1] if tx else replies  # EXEC's array (an error reply at top level raised already)
         writes = []
         i = 0
         for p in batch:
