@@ -70,7 +70,10 @@ class Daemon:
         self.redis = self._role(self.cfg.api.redis_pool)
         inputs = self._role(None)  # Redis inputs on the daemon's own Redis
         self._clients[self.redis_url] = inputs
-        self.sink = RedisSink(self.redis, self.cfg.redis, self.metrics)
+        # the sink writes on a connection of its own; on a Redis Cluster through a client of its own (the API's
+        # busy pool must never look like Redis being down to the sink)
+        self.sink = RedisSink(self._role(None) if self.cfg.redis.cluster else self.redis, self.cfg.redis,
+                              self.metrics)
         self.prompts = PromptStore(self.redis)
         self.prompt_cache = PromptCache(PromptStore(self._role(CACHE_POOL)))  # its reads and pub/sub
         # decoder threads -> the loop

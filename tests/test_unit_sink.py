@@ -22,6 +22,13 @@ from conftest import events, results, until
 IMG = np.zeros((4, 6, 3), np.uint8)
 
 
+class Settled(list):
+    """An input's settlement handle that records what the sink settled (InputRef.handle)."""
+
+    def settled(self, ref: InputRef) -> None:
+        self.append(ref)
+
+
 def work(sid: str, seq: int, ref: InputRef | None = None) -> Work:
     return Work(Frame(sid, seq, seq / 10, time.time(), IMG, ref=ref))
 
@@ -31,9 +38,9 @@ async def sink_for():
     """sink_for(url, **cfg) -> a running RedisSink; closed (and its client too) after the test."""
     made: list[tuple[RedisSink, asyncio.Task, aioredis.Redis]] = []
 
-    def make(url: str, on_settled=None, **cfg) -> RedisSink:
+    def make(url: str, **cfg) -> RedisSink:
         client = aioredis.Redis.from_url(url, socket_timeout=2)
-        sink = RedisSink(client, RedisConfig(url=url, **cfg), Metrics(), on_settled)
+        sink = RedisSink(client, RedisConfig(url=url, **cfg), Metrics())
         made.append((sink, asyncio.ensure_future(sink.run()), client))
         return sink
 
@@ -69,9 +76,9 @@ async def test_an_input_is_acknowledged_with_its_result_and_only_then(r, redis_s
     ids = [await r.xadd("frames:in", {"n": i}) for i in range(3)]
     await r.xgroup_create("frames:in", "g", id="0")
     await r.xreadgroup("g", "c", {"frames:in": ">"})  # all three now pending for consumer c
-    settled: list[InputRef] = []
-    sink = sink_for(redis_server.url, on_settled=settled.append)
-    refs = [InputRef("frames:in", "g", i.decode()) for i in ids]
+    settled = Settled()
+    sink = sink_for(redis_server.url)
+    refs = [InputRef("frames:in", "g", i.decode(), handle=settled) for i in ids]
     await sink.publish_results([work("in", 0, refs[0]), work("in", 1, refs[1])])
     await asyncio.wait_for(sink.wait_idle(), 5)
     pending = await r.xpending_range("frames:in", "g", "-", "+", 10)
@@ -86,8 +93,8 @@ async def test_a_full_outage_buffer_drops_results_first_then_reports_the_loss(tm
     srv = ManagedRedis(tmp_path / "redis", durable=True).start()  # what was written before the kill stays
     r = aioredis.Redis.from_url(srv.url)
     try:
-        settled: list[InputRef] = []
-        sink = sink_for(srv.url, on_settled=settled.append, buffer_max_records=10, events_reserved=0.5,
+        settled = Settled()
+        sink = sink_for(srv.url, buffer_max_records=10, events_reserved=0.5,
                         retry_initial_s=0.05, retry_max_s=0.2)
         await sink.publish_results([work("s", 0)])
         await asyncio.wait_for(sink.wait_idle(), 5)
@@ -97,7 +104,7 @@ async def test_a_full_outage_buffer_drops_results_first_then_reports_the_loss(tm
         for i in range(3):
             sink.event("s", "state", {"n": i})
         # an input entry whose result is dropped is settled unacknowledged (Redis delivers it again)
-        ref = InputRef("frames:x", "g", "1-1")
+        ref = InputRef("frames:x", "g", "1-1", handle=settled)
         await sink.publish_results([work("s", 2, ref)] + [work("s", i) for i in range(3, 14)])
         # 1 + 3 + 12 records in a buffer of 10: the 6 oldest results went, every event stayed
         assert len(sink) == 10 and sink.overflowed == 6 and settled == [ref]

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError
 from redis.exceptions import RedisError
 
 from streamd.api.context import AUTH, AUTH_FAILURES, CFG, LIMITER, PRINCIPAL
@@ -107,8 +108,10 @@ async def errors_mw(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 def _pool_exhausted(e: BaseException) -> bool:
-    """redis-py's blocking pool found no free connection within its timeout (not an unreachable Redis)."""
-    return isinstance(e, RedisConnectionError) and str(e).startswith("No connection available")
+    """redis-py's blocking pool found no free connection within its timeout, or (Redis Cluster) a master's
+    connections were all in use: not an unreachable Redis."""
+    return isinstance(e, MaxConnectionsError) or \
+        isinstance(e, RedisConnectionError) and str(e).startswith("No connection available")
 
 
 def _cors_headers(request: web.Request, cfg: ApiConfig) -> dict[str, str]:

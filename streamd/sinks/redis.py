@@ -100,6 +100,13 @@ def result_record(w: Work) -> dict[str, Any]:
 _json = jsonsafe.encoder(separators=(",", ":"))  # never NaN/Infinity: a stray one becomes null
 
 
+def _settle(ref: InputRef) -> None:
+    """The input entry's fate is sealed (acknowledged with its result, or dropped and to be delivered again): its
+    input stops counting it as in the pipeline."""
+    if ref.handle is not None:
+        ref.handle.settled(ref)
+
+
 def _encode(p: Pending, now: float) -> None:
     if p.result is not None:
         p.result["publish_ts"] = round(now, 6)
@@ -120,12 +127,10 @@ class RedisSink:
         client: aioredis.Redis,
         cfg: RedisConfig,
         metrics: Metrics,
-        on_settled: Callable[[InputRef], None] | None = None,
     ):
         self.r = client
         self.cfg = cfg
         self.metrics = metrics
-        self._on_settled = on_settled
         # fleet mode: the lease (key, token) a stream's results must still hold when written, and who to tell when
         # a write was refused because the lease moved on
         self.fence_for: Callable[[str], tuple[str, str] | None] | None = None
@@ -223,8 +228,8 @@ class RedisSink:
                         buffer_max_records=self.cfg.buffer_max_records, stream=old.stream_id)
         lost = self._lost.setdefault(old.stream_id, {"results": 0, "events": 0})
         lost["events" if old.event else "results"] += 1
-        if old.ack is not None and self._on_settled is not None:
-            self._on_settled(old.ack)  # not acknowledged: Redis will deliver it again
+        if old.ack is not None:
+            _settle(old.ack)  # not acknowledged: Redis will deliver it again
 
     def _report_losses(self) -> None:
         """Redis is back: one `records_dropped` event per stream that lost records to the full buffer."""
@@ -307,8 +312,8 @@ class RedisSink:
                     self._buf.popleft()
                     self._events -= p.event
                     self._done(1)
-                if p.ack is not None and self._on_settled is not None:
-                    self._on_settled(p.ack)
+                if p.ack is not None:
+                    _settle(p.ack)
             self.published += n
             self.metrics.buffered.set(len(self._buf))
             self._space.set()

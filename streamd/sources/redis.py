@@ -34,7 +34,7 @@ from streamd.keys import dead_letter_key, same_slot
 from streamd.log import get_logger, redact_text
 from streamd.redis_clients import is_cluster
 from streamd.sampling import FpsSampler
-from streamd.sources.base import EventFn
+from streamd.sources.base import EventFn, Settlement
 
 log = get_logger("streamd.source.redis")
 
@@ -182,7 +182,7 @@ class RedisFrameSource:
         sampler: FpsSampler,
         seq: itertools.count,
         consumer: str,
-        inflight: set[str],
+        inflight: Settlement,
         on_event: EventFn,
     ):
         self.cfg = cfg
@@ -192,7 +192,8 @@ class RedisFrameSource:
         self.sampler = sampler
         self._seq = seq
         self.consumer = consumer
-        self._inflight = inflight  # entry ids handed to the pipeline and not yet settled by the sink
+        self._inflight = inflight  # entries handed to the pipeline and not yet settled by the sink
+        inflight.source = self  # a frame that failed in a stage is failed through this connection
         self._on_event = on_event
         self._pending: list[tuple[bytes, dict[bytes, bytes], int]] = []
         self._backlog_done = False
@@ -317,7 +318,7 @@ class RedisFrameSource:
             pts_s=pts,
             capture_ts=ts,
             image=image,
-            ref=InputRef(self.key, self.icfg.group, eid, deliveries),
+            ref=InputRef(self.key, self.icfg.group, eid, deliveries, handle=self._inflight),
             discontinuity=decision.discontinuity,
             meta=meta or None,
         )
