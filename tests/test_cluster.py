@@ -16,7 +16,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from streamd import keys
-from streamd.cluster_testing import ManagedRedisCluster
 from streamd.config import FleetConfig, RedisConfig, StreamConfig
 from streamd.fleet import Fleet, Lease, lease_key
 from streamd.frames import Frame, InputRef, Work
@@ -25,6 +24,7 @@ from streamd.prompts import PromptCache, PromptStore
 from streamd.redis_clients import is_cluster, redis_client
 from streamd.sampling import FpsSampler
 from streamd.sinks.redis import RedisSink
+from streamd.testing.cluster import ManagedRedisCluster
 from conftest import until
 
 IMG = np.zeros((4, 6, 3), np.uint8)

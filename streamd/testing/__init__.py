@@ -3,6 +3,7 @@
 - `streamd.testing.daemon`: `running`, a real daemon in the current event loop.
 - `streamd.testing.media`: `make_pan_clip`, `encode_jpeg`, `push_frames`.
 - `streamd.testing.servers`: `ManagedRedis`, `HttpDir`, `LiveHls`, `RtspServer`, `wait_for`.
+- `streamd.testing.cluster`: `ManagedRedisCluster`, a real Redis Cluster of N cluster-enabled redis-servers.
 - `streamd.testing.egress`: `Canary` servers on loopback addresses, `RebindingDns`, `connect_guard`.
 - `streamd.testing.openai`: `ScriptedOpenAI`, `FaultProxy`, `TransformersServe`, `prompt_text`, `request_images`.
 - `streamd.testing.tiny_vlm`: `build_tiny_qwen25vl`, a tiny random-weight Qwen2.5-VL folder built offline.
