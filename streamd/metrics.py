@@ -62,6 +62,21 @@ class Metrics:
                                          "another or lost to another", ["direction"], registry=r)
         self.lease_renew_failures = Counter("streamd_fleet_lease_renew_failures", "lease renewals that failed "
                                             "(Redis errors, or the lease was gone)", registry=r)
+        # models (streamd/models/): labelled by catalog name
+        self.model_memory = Gauge("streamd_model_memory_bytes", "memory a loaded model holds (CUDA allocator bytes "
+                                  "on a GPU, parameter and buffer bytes on the CPU; 0 once unloaded)",
+                                  ["model", "device"], registry=r)
+        self.model_loads = Counter("streamd_model_loads", "model loads by outcome: ok, model_load_failed, "
+                                   "insufficient_memory", ["model", "outcome"], registry=r)
+        self.model_unloads = Counter("streamd_model_unloads", "model unloads by reason: idle (keep_alive_s), "
+                                     "evicted (to fit another in the budget), manual, forced, shutdown",
+                                     ["model", "reason"], registry=r)
+        self.model_evictions = Counter("streamd_model_evictions", "idle models unloaded to fit another model in "
+                                       "their device's budget", ["model"], registry=r)
+        self.model_load_seconds = Histogram("streamd_model_load_seconds", "time to load a model (on its device's "
+                                            "executor), measured to ready", ["model"],
+                                            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+                                            registry=r)
         self._streams: dict[str, StreamMetrics] = {}
 
     def forget_stream(self, stream_id: str) -> int:

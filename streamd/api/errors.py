@@ -25,8 +25,14 @@ CODES: dict[str, tuple[int, str]] = {
     "prompt_deleted": (404, "the prompt was deleted: its current version is a tombstone (details.version); its "
                             "history is kept and a PUT or rollback makes it live again"),
     "unknown_prompt_kind": (404, "the prompt kind is not vlm or vocabulary"),
+    "model_not_found": (404, "no model with that name in the catalog (GET /api/v1/models lists them)"),
     "method_not_allowed": (405, "the route does not take that method (see Allow)"),
     "stream_exists": (409, "POST of a stream id that exists"),
+    "model_in_use": (409, "DELETE of a model that streams use (details.users); ?force=true unloads it anyway and "
+                          "fails those streams with the reason"),
+    "insufficient_memory": (409, "the model does not fit its device's budget (models.budget) even with every idle "
+                                 "model unloaded: details.holders names the models holding the memory (in use, "
+                                 "pinned or loading), details.needed_bytes and budget_bytes the sizes"),
     "precondition_failed": (412, "If-Match does not match the stream's or prompt's current ETag, or nothing "
                                  "exists to match (details.current_etag, null then)"),
     "body_too_large": (413, "the body is over api.max_body_bytes"),
@@ -40,6 +46,8 @@ CODES: dict[str, tuple[int, str]] = {
     "egress_refused": (422, "the URL's host is not global (loopback, private ...) and egress.allow does not name it"),
     "unresolvable_host": (422, "the URL's host name does not resolve"),
     "invalid_pipeline": (422, "an unknown pipeline, or one whose stages cannot be built"),
+    "model_load_failed": (422, "the model cannot be loaded (a missing file, a download while offline, a runtime "
+                               "that refuses it): details.reason"),
     "invalid_scope": (422, "the prompt scope is not global, pipeline:<name> or stream:<id>"),
     "invalid_query": (422, "a query parameter out of its range (offset/limit of a history, admission of a new "
                            "stream, ...): details.path names it"),

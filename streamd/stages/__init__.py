@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -40,7 +41,7 @@ def _no_fail(stream_id: str, reason: str) -> None:
 class StageContext:
     """What the daemon lends every stage: the shared model registry and the events publisher."""
 
-    models: Any = None  # streamd.models.ModelRegistry
+    models: Any = None  # streamd.models.ModelManager: stages take a ModelRef in setup(), `use()` it per call
     events: Any = field(default=_no_events)  # (stream_id, type, fields) -> None
     prompts: Any = None  # streamd.prompts.PromptCache
     publish: Any = None  # (key, maxlen, record) -> None: records beside the results (VLM answers)
@@ -67,6 +68,13 @@ class Stage:
         self.cfg = cfg
         self.name = cfg.name or cfg.type
         self.ctx = StageContext()
+        self.where = ""  # its config key (streams.0.pipeline[p].stages.1), set by build_stage
+
+    def label(self) -> str:
+        """`<pipeline>.<stage>`, as the model catalog lists the stages using a model."""
+        m = re.search(r"\[([^\]]+)\]\.stages\.\d+$", self.where) or \
+            re.match(r"pipelines\.([^.]+)\.stages\.\d+$", self.where)
+        return f"{m.group(1)}.{self.name}" if m else self.name
 
     def bind(self, ctx: StageContext) -> None:
         self.ctx = ctx
@@ -115,4 +123,6 @@ def build_stage(cfg: StageConfig, where: str) -> Stage:
     if path is None:
         raise ConfigError(f"{where}.type", f"unknown stage type {cfg.type!r} (known: {', '.join(sorted(REGISTRY))})")
     cls = _import(path)
-    return cls.from_config(cfg, where) if hasattr(cls, "from_config") else cls(cfg)
+    stage = cls.from_config(cfg, where) if hasattr(cls, "from_config") else cls(cfg)
+    stage.where = where
+    return stage

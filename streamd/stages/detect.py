@@ -12,6 +12,7 @@ the pipeline's other streams.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -36,7 +37,8 @@ class DetectOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["detect"] = "detect"
     name: str | None = None
-    model: str = Field("person", description="Ultralytics model path/name, or an alias (person)")
+    model: str = Field("person", description="a model declared in models.catalog (its name), an alias (person), "
+                       "or an Ultralytics model file (.pt .yaml .onnx .engine)")
     conf: float = Field(0.25, ge=0, le=1, description="confidence threshold")
     iou: float = Field(0.7, ge=0, le=1, description="NMS IoU threshold")
     classes: list[str | int] | None = Field(None, description="keep only these classes (names or ids)")
@@ -68,7 +70,9 @@ class Detect(Stage):
         self.opts = opts
         self.max_batch = opts.max_batch
         self.max_wait_ms = opts.max_wait_ms
-        self.detector: SharedDetector | None = None
+        self.model: Any = None  # streamd.models.ModelRef: the shared model, lent per call by the model manager
+        self.source = opts.model  # what the model was loaded from (a declared name's source)
+        self._prepared: weakref.WeakSet[SharedDetector] = weakref.WeakSet()  # loaded models this stage set up
         self.params: Params | None = None
         self._open_vocab = False
         name = opts.model.lower()
@@ -79,49 +83,94 @@ class Detect(Stage):
     def from_config(cls, cfg: StageConfig, where: str) -> "Detect":
         return cls(cfg, parse_options(DetectOptions, cfg, where))
 
+    @property
+    def detector(self) -> SharedDetector | None:
+        """The loaded model now (None while the model manager has it unloaded)."""
+        return None if self.model is None else self.model.entry.obj
+
     async def setup(self) -> None:
-        from streamd.models import load_yolo, resolve_device
+        """Take a handle on the model from the model manager and load it (the first stream of the pipeline is
+        its first use): check `classes` and the vocabulary options against it and run one forward pass."""
+        from streamd.models.sources import resolve_device
+        from streamd.models.spec import ModelSpec
 
         o = self.opts
-        self.device = resolve_device(o.device)
-        half = o.half and (self.device.startswith("cuda") or (self.device == "cpu" and cpu_bf16()))
-        if o.half and not half:
-            log.warning("half precision needs CUDA, or a CPU with bfloat16; running in fp32", device=self.device)
-        # the predictor keeps the precision it was built with
-        key = ("yolo", o.model, self.device, half, o.runtime, o.lanes)
-        self.detector = await self.ctx.models.get(
-            key, self.device, lambda: load_yolo(o.model),
-            lambda m: SharedDetector(m, o.model, self.device, max(o.max_batch, 1), o.runtime, o.lanes))
-        ov = self.detector.open_vocab
-        self._open_vocab = ov is not None
-        if ov is None and (o.vocabulary or o.text_embeddings):
-            raise StageError(f"model {o.model!r} is not an open-vocabulary model (YOLO-World / YOLOE): "
-                             "'vocabulary' and 'text_embeddings' need one")
-        if ov is not None and o.text_embeddings:
-            n = await self.run_blocking(ov.add_file, o.text_embeddings)
+        models = self.ctx.models
+        models.check_stage(self.cfg.model_dump(exclude_unset=True), self.where or f"stage {self.name}")
+        device = resolve_device(o.device)
+        precision = ("fp16" if device.startswith("cuda") else "bf16") if o.half else "auto"
+        implicit = ModelSpec(source=o.model, kind="detector", device=device, precision=precision,
+                             options={"runtime": o.runtime, "lanes": o.lanes, "max_batch": o.max_batch})
+        self.model = models.ref(o.model, implicit, self.label(), self.ctx.fail_stream)
+        async with self.model.use() as det:
+            self.device = det.device
+            self.source = det.name
+            ov = det.open_vocab
+            self._open_vocab = ov is not None
+            if ov is None and (o.vocabulary or o.text_embeddings):
+                raise StageError(f"model {o.model!r} is not an open-vocabulary model (YOLO-World / YOLOE): "
+                                 "'vocabulary' and 'text_embeddings' need one")
+            vocab = tuple(o.vocabulary) if o.vocabulary else None
+            names = {i: n for i, n in enumerate(vocab)} if vocab else det.names
+            self.params = Params(o.conf, o.iou, o.imgsz, o.max_det, det.half, self._classes(names), vocab, o.masks)
+            self._names = names
+            await self._prepare(det)
+
+    def _classes(self, names: dict[int, str]) -> tuple[int, ...] | None:
+        o = self.opts
+        if not o.classes:
+            return None
+        by_name = {n: i for i, n in names.items()}
+        by_name.update({o.labels.get(n, n): i for i, n in names.items()})
+        ids = []
+        for c in o.classes:
+            if isinstance(c, int) or (isinstance(c, str) and c.isdigit()):
+                ids.append(int(c))
+            elif c in by_name:
+                ids.append(by_name[c])
+            else:
+                raise StageError(f"class {c!r} is not one of the model's classes: {sorted(by_name)}")
+        return tuple(sorted(set(ids)))
+
+    async def _prepare(self, det: SharedDetector) -> None:
+        """What this stage adds to a loaded model, again after each reload: its text embeddings (open vocabulary);
+        then one forward pass, so the first frames do not pay for lazy initialisation."""
+        if det in self._prepared:
+            return
+        o = self.opts
+        if det.open_vocab is not None and o.text_embeddings:
+            n = await self.run_blocking(det.open_vocab.add_file, o.text_embeddings)
             log.info("text embeddings loaded", model=o.model, path=o.text_embeddings, phrases=n)
-        vocab = tuple(o.vocabulary) if o.vocabulary else None
-        names = {i: n for i, n in enumerate(vocab)} if vocab else self.detector.names
-        classes = None
-        if o.classes:
-            by_name = {n: i for i, n in names.items()}
-            by_name.update({o.labels.get(n, n): i for i, n in names.items()})
-            ids = []
-            for c in o.classes:
-                if isinstance(c, int) or (isinstance(c, str) and c.isdigit()):
-                    ids.append(int(c))
-                elif c in by_name:
-                    ids.append(by_name[c])
-                else:
-                    raise StageError(f"class {c!r} is not one of the model's classes: {sorted(by_name)}")
-            classes = tuple(sorted(set(ids)))
-        self.params = Params(o.conf, o.iou, o.imgsz, o.max_det, half, classes, vocab, o.masks)
-        self._names = names
-        # one forward pass now, so the first frames do not pay for lazy initialisation
-        await self.detector.detect([np.zeros((o.imgsz, o.imgsz, 3), np.uint8)], self.params)
+        assert self.params is not None
+        await det.detect([np.zeros((o.imgsz, o.imgsz, 3), np.uint8)], self.params)
+        self._prepared.add(det)
+
+    async def teardown(self) -> None:
+        if self.model is not None:
+            self.model.close()
+
+    def forget_stream(self, stream_id: str) -> None:
+        if self.model is not None:
+            self.model.drop_stream(stream_id)  # the model may be unloaded once no stream uses it
 
     async def process(self, batch: list[Work]) -> list[Work]:
-        assert self.detector is not None and self.params is not None
+        assert self.model is not None and self.params is not None
+        todo = []
+        for w in batch:  # a stream whose model was unloaded by force fails (its frames still in the queues too)
+            why = self.model.revoked.get(w.frame.stream_id)
+            if why is not None:
+                w.error = why
+            else:
+                todo.append(w)
+        if not todo:
+            return batch
+        async with self.model.use({w.frame.stream_id for w in todo}) as det:
+            await self._prepare(det)
+            await self._detect(det, todo)
+        return batch
+
+    async def _detect(self, det: SharedDetector, batch: list[Work]) -> None:
+        assert self.params is not None
         # a vocabulary from the prompt store (open-vocabulary models) overrides the configured one per frame
         groups: dict[Params, list[Work]] = {}
         for w in batch:
@@ -133,8 +182,8 @@ class Detect(Stage):
             elif p.vocabulary is not None:
                 w.prompt_versions["vocabulary"] = {"scope": "config", "version": 0}
             groups.setdefault(p, []).append(w)
-        outs = await asyncio.gather(*(self.detector.detect([w.frame.image for w in ws], p)
-                                      for p, ws in groups.items()), return_exceptions=True)
+        outs = await asyncio.gather(*(det.detect([w.frame.image for w in ws], p) for p, ws in groups.items()),
+                                    return_exceptions=True)
         for (p, ws), res in zip(groups.items(), outs):
             if isinstance(res, BaseException):
                 self._failed(ws, res)
@@ -142,7 +191,6 @@ class Detect(Stage):
             names = {i: n for i, n in enumerate(p.vocabulary)} if p.vocabulary else self._names
             for w, (data, masks) in zip(ws, res):
                 self._publish(w, data, masks, names, p.vocabulary is not None)
-        return batch
 
     def _failed(self, ws: list[Work], e: BaseException) -> None:
         """Frames whose forward pass failed are marked failed; a vocabulary that cannot be set also fails the

@@ -126,6 +126,7 @@ class SharedDetector:
         self.open_vocab = OpenVocabulary(model, name, device) if open_vocabulary_kind(inner) else None
         self.forward_passes = 0
         self.lanes = 1
+        self.half = False  # what requests ask for (Params.half): set by the model manager's loader
 
     async def detect(self, images: list[np.ndarray], params: Params) -> list[tuple[np.ndarray, list[Any] | None]]:
         """Per image: an (N, 6) array [x1, y1, x2, y2, conf, cls] in pixels, and N masks (RLE) or None.
@@ -147,10 +148,17 @@ class SharedDetector:
         self._wake.set()
         return await req.future
 
-    async def aclose(self) -> None:
+    async def aclose(self, error: BaseException | None = None) -> None:
+        """Stop the batcher; requests still waiting fail with `error` (the model was unloaded), and later ones too.
+        A forward pass under way in a lane finishes on its own; its result is dropped."""
+        err = self._error = error or StageError(f"model {self.name!r} was unloaded")
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        while self._pending:
+            req, _ = self._pending.popleft()
+            if not req.future.done():
+                req.future.set_exception(err)
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.runtime, "lanes": self.lanes, "precision": self.precision}
@@ -207,6 +215,12 @@ class SharedDetector:
             try:
                 outs = await loop.run_in_executor(executor, forward, [r.images[i] for r, i in items],
                                                   items[0][0].params)
+            except asyncio.CancelledError:  # closed (unloaded): the callers of these frames get the reason
+                err = self._error or StageError(f"model {self.name!r} was unloaded")
+                for req in {id(r): r for r, _ in items}.values():
+                    if not req.future.done():
+                        req.future.set_exception(err)
+                raise
             except Exception as e:  # noqa: BLE001 - handed to every waiting caller
                 for req in {id(r): r for r, _ in items}.values():
                     if not req.future.done():
@@ -314,6 +328,27 @@ class SharedDetector:
         self.runtime, self.precision = "torch", "bf16" if bf16 else "fp32"
         threads = torch.get_num_threads()  # one intra-op pool, shared by the lanes
         return [_TorchLane(backend if i == 0 else copy.deepcopy(backend), bf16, threads) for i in range(n)]
+
+
+def model_loader(spec: Any, device: str) -> tuple[Callable[[], Any], Callable[[Any], SharedDetector]]:
+    """How the model manager loads a detector or segmenter of the catalog (`streamd.models.manager.LOADERS`):
+    Ultralytics' model, on the device's executor; then its shared batcher, on the loop. `half` (fp16 / bf16
+    precision) is what the stages' requests ask for: fp16 on CUDA, bfloat16 on CPUs that have it, else fp32."""
+    from streamd.models.sources import load_yolo
+
+    opts = spec.typed_options()
+    half = spec.precision in ("fp16", "bf16")
+    if half and not (device.startswith("cuda") or (device == "cpu" and cpu_bf16())):
+        log.warning("half precision needs CUDA, or a CPU with bfloat16; running in fp32", model=spec.source,
+                    device=device)
+        half = False
+
+    def wrap(model: Any) -> SharedDetector:
+        det = SharedDetector(model, spec.source, device, opts.max_batch, opts.runtime, opts.lanes)
+        det.half = half
+        return det
+
+    return lambda: load_yolo(spec.source), wrap
 
 
 class _Lane(abc.ABC):

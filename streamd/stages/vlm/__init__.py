@@ -69,7 +69,8 @@ class Vlm(Stage):
         super().__init__(cfg)
         self.opts = opts
         self.backend: Any = None
-        self._owns_backend = False  # shared in-process models are closed by the registry
+        self._owns_backend = False
+        self._model: Any = None  # transformers: a streamd.models.ModelRef on the shared model
         self._triggers: dict[str, StreamTriggers] = {}
         self._tags: dict[str, TagTimeline] = {}
         self._windows: dict[str, SummaryWindow] = {}
@@ -94,15 +95,22 @@ class Vlm(Stage):
             self.backend = OpenAIBackend(o.model, o.endpoints, o.retry, o.timeout_s, o.jpeg_quality)
             self._owns_backend = True
         elif o.backend == "transformers":
-            from streamd.models import resolve_device
-            from streamd.stages.vlm.transformers import SharedVlm, load_transformers_vlm
+            from streamd.models.sources import resolve_device
+            from streamd.models.spec import ModelSpec
+            from streamd.stages.vlm.transformers import ManagedVlm
 
+            models = self.ctx.models
+            models.check_stage(self.cfg.model_dump(exclude_unset=True), self.where or f"stage {self.name}")
             device = resolve_device(o.device)
-            self.device = device
-            key = ("vlm", o.model, device, o.dtype, o.quantization)
-            self.backend = await self.ctx.models.get(
-                key, device, lambda: load_transformers_vlm(o.model, device, o.dtype, o.quantization),
-                lambda loaded: SharedVlm(loaded, o.model, device, o.max_batch, o.max_wait_ms))
+            precision = o.quantization or {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(o.dtype,
+                                                                                                        "auto")
+            implicit = ModelSpec(source=o.model, kind="vlm", device=device, precision=precision,
+                                 options={"max_batch": o.max_batch, "max_wait_ms": o.max_wait_ms})
+            self._model = models.ref(o.model, implicit, self.label(), self.ctx.fail_stream)
+            self.backend = ManagedVlm(self._model)
+            self._owns_backend = True  # closing it lets go of the model, which the manager unloads when idle
+            async with self._model.use() as vlm:  # loaded now: the pipeline's first stream is its first use
+                self.device = vlm.device
         else:
             from streamd.stages.vlm.sglang import SglangBackend
 
@@ -127,6 +135,8 @@ class Vlm(Stage):
         self.reset_stream(stream_id)
         self._close_tags(stream_id, "stream removed")
         self._flush_summary(stream_id)
+        if self._model is not None:
+            self._model.drop_stream(stream_id)  # the model may be unloaded once no stream uses it
 
     def _flush_summary(self, stream_id: str) -> None:
         win = self._windows.pop(stream_id, None)
@@ -136,6 +146,8 @@ class Vlm(Stage):
     # -- deciding
 
     async def process(self, batch: list[Work]) -> list[Work]:
+        if self._model is not None:  # these streams use the model: it stays loaded for them
+            self._model.hold(w.frame.stream_id for w in batch)
         for w in batch:
             if "vlm" not in w.prompts:  # the configured prompt, stamped as detection stamps its configured vocabulary
                 w.prompt_versions["vlm"] = dict(_CONFIG_PROMPT)
@@ -205,7 +217,8 @@ class Vlm(Stage):
         if o.mode in ("tags", "safety") and ask.track is None:
             text, schema = text + "\n" + tags_instruction(o.tags), tags_schema(o.tags)
         images = [fit_pixels(im, o.max_pixels) for im in images]
-        return VlmRequest(images, text, schema, o.max_tokens, o.temperature), version
+        return VlmRequest(images, text, schema, o.max_tokens, o.temperature,
+                          stream_id=ask.frames[-1].stream_id), version
 
     async def _ask(self, w: Work, ask: Ask) -> None:
         f = ask.frames[-1]

@@ -19,6 +19,7 @@ class VlmRequest:
     # wall-clock time (time.time()) after which the question is stale: a backend that queues it (an endpoint's
     # concurrency slot, a batch) checks this when its turn comes and raises VlmStale instead of asking
     not_after: float | None = None
+    stream_id: str | None = None  # whose question it is (None: a text-only summary of several frames' captions)
 
 
 class VlmStale(Exception):

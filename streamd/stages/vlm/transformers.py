@@ -1,5 +1,6 @@
 """The `transformers` backend: a vision-language model in process (`AutoModelForImageTextToText` +
-`AutoProcessor`), loaded once per (model, device, dtype, quantization) and shared; questions from many streams
+`AutoProcessor`), loaded by the model manager (`model_loader`) once per (model, device, dtype, quantization) and
+shared; questions from many streams
 are batched into one `generate` call (up to `max_batch`, waiting at most `max_wait_ms` for a fuller batch); a
 question past its `not_after` when its batch is formed is dropped (VlmStale).
 `generate` runs in the device's single executor thread, never on the event loop.
@@ -52,6 +53,38 @@ def load_transformers_vlm(model: str, device: str, dtype: str, quantization: str
     return processor, net
 
 
+def model_loader(spec: Any, device: str) -> tuple[Any, Any]:
+    """How the model manager loads a vlm of the catalog (`streamd.models.manager.LOADERS`): processor and model
+    on the device's executor, then its shared batcher on the loop. Precision: auto / fp32 / fp16 / bf16 dtypes,
+    8bit / 4bit through bitsandbytes (CUDA)."""
+    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(spec.precision, "auto")
+    quantization = spec.precision if spec.precision in ("8bit", "4bit") else None
+    opts = spec.typed_options()
+    return (lambda: load_transformers_vlm(spec.source, device, dtype, quantization),
+            lambda loaded: SharedVlm(loaded, spec.source, device, opts.max_batch, opts.max_wait_ms))
+
+
+class ManagedVlm:
+    """The transformers backend as a VLM stage holds it: a handle on the model manager's shared model, borrowed
+    for each question (loaded again first if it was unloaded while idle). A stream whose model was unloaded by
+    force gets that reason instead of an answer."""
+
+    def __init__(self, ref: Any):
+        self.ref = ref  # streamd.models.ModelRef
+
+    async def answer(self, req: VlmRequest) -> VlmAnswer:
+        why = self.ref.revoked.get(req.stream_id) if req.stream_id is not None else None
+        if why is not None:
+            from streamd.models.errors import ModelRevoked
+
+            raise ModelRevoked(why)
+        async with self.ref.use() as vlm:
+            return await vlm.answer(req)
+
+    async def aclose(self) -> None:
+        self.ref.close()
+
+
 def _batch_key(req: VlmRequest) -> tuple[Any, ...]:
     """Requests that can share one generate call: same generation settings, all with images or all text-only."""
     return req.max_tokens, req.temperature, bool(req.images)
@@ -77,8 +110,11 @@ class SharedVlm:
         self._task: asyncio.Task[None] | None = None
         self.calls = 0
         self.batch_sizes: list[int] = []
+        self._error: BaseException | None = None  # closed: every question fails with this
 
     async def answer(self, req: VlmRequest) -> VlmAnswer:
+        if self._error is not None:
+            raise self._error
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._worker(), name=f"vlm:{self.name}")
         fut: asyncio.Future[VlmAnswer] = asyncio.get_running_loop().create_future()
@@ -86,10 +122,16 @@ class SharedVlm:
         self._wake.set()
         return await fut
 
-    async def aclose(self) -> None:
+    async def aclose(self, error: BaseException | None = None) -> None:
+        """Stop the batcher; questions waiting (or in the generate call under way) fail with `error`."""
+        self._error = error or StageError(f"VLM {self.name!r} was unloaded")
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(self._error)
+        self._queue.clear()
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -126,6 +168,11 @@ class SharedVlm:
             try:
                 outs = await loop.run_in_executor(device_executor(self.device), self._generate,
                                                   [p.req for p in group])
+            except asyncio.CancelledError:  # closed (unloaded): the batch's callers get the reason
+                for p in group:
+                    if not p.future.done():
+                        p.future.set_exception(self._error or StageError(f"VLM {self.name!r} was unloaded"))
+                raise
             except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
                 for p in group:
                     if not p.future.done():

@@ -1,0 +1,148 @@
+"""Memory of loaded models: what a model holds, what a device has, and giving memory back.
+
+What a model holds (`Footprint`), measured on the device's executor thread around its load:
+- on CUDA, the bytes torch's caching allocator has allocated on that device after the load minus before it. Every
+  load and forward pass on a device runs in that device's one executor thread, so nothing else allocates there
+  meanwhile; the figure covers weights and whatever the loader allocated on the GPU and kept.
+- on the CPU, the bytes of the model's parameters and buffers (every tensor of each torch module it holds, storage
+  counted once). Not the process's RSS delta: decoder threads, the event loop and other models' forward passes
+  allocate and free at the same time, so a process-wide delta around one load mixes their memory in (several MB
+  either way; Ultralytics also runs a forward pass while building a model, whose activations glibc keeps unless
+  trimmed). Parameter bytes are exact for what the model pins and what unloading gives back. The RSS delta
+  (after a `malloc_trim`) is measured too and reported beside it (`host_rss_delta_bytes`), for comparison.
+
+Giving memory back (`release`): the caller drops its references first; then `gc.collect()`, `malloc_trim(0)` on
+glibc (freed heap pages go back to the kernel; streamd's malloc thresholds keep up to 256 MB otherwise) and
+`torch.cuda.empty_cache()` on CUDA (the allocator's cached blocks go back to the driver).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Footprint:
+    bytes: int  # what the budget counts: CUDA allocator bytes on a GPU, parameter/buffer bytes on the CPU
+    method: str  # "cuda_allocator" or "tensor_bytes"
+    host_rss_delta_bytes: int  # the process's RSS after the load minus before it (both after a trim)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _torch() -> Any:
+    return sys.modules.get("torch")  # only where a model loader imported it already
+
+
+def cuda_allocated(device: str) -> int:
+    torch = _torch()
+    if torch is None or not device.startswith("cuda") or not torch.cuda.is_available():
+        return 0
+    return int(torch.cuda.memory_allocated(device))
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the parameters and buffers of the torch modules in `obj` (a module, or a tuple/list holding some,
+    e.g. a transformers (processor, model) pair), each storage counted once."""
+    torch = _torch()
+    if torch is None:
+        return 0
+    seen: set[int] = set()
+    total = 0
+    todo = [obj]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, (tuple, list)):
+            todo.extend(x)
+        elif isinstance(x, torch.nn.Module):
+            for t in [*x.parameters(), *x.buffers()]:
+                s = t.untyped_storage()
+                key = s.data_ptr()
+                if key not in seen:
+                    seen.add(key)
+                    total += s.nbytes()
+    return total
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the kernel (glibc `malloc_trim(0)`; nothing elsewhere)."""
+    try:
+        if os.confstr("CS_GNU_LIBC_VERSION"):
+            ctypes.CDLL(None).malloc_trim(0)
+    except (ValueError, OSError, AttributeError):
+        pass
+
+
+def release(device: str) -> None:
+    """After the last reference to a model went: collect, trim the heap, empty CUDA's cache. On the executor."""
+    gc.collect()
+    trim_heap()
+    torch = _torch()
+    if torch is not None and device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure_load(load: Any, device: str) -> tuple[Any, Footprint]:
+    """Run `load()` (on the device's executor) and measure what the loaded model holds."""
+    trim_heap()
+    rss0, cuda0 = rss_bytes(), cuda_allocated(device)
+    loaded = load()
+    trim_heap()
+    rss1, cuda1 = rss_bytes(), cuda_allocated(device)
+    if device.startswith("cuda") and cuda1 > cuda0:
+        return loaded, Footprint(cuda1 - cuda0, "cuda_allocator", rss1 - rss0)
+    return loaded, Footprint(tensor_bytes(loaded), "tensor_bytes", rss1 - rss0)
+
+
+def device_total_bytes(device: str) -> int | None:
+    """A device's memory: a GPU's total (torch), the host's RAM or its cgroup limit for `cpu`; None if unknown."""
+    if device == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        try:
+            with open("/sys/fs/cgroup/memory.max") as f:
+                raw = f.read().strip()
+            if raw.isdigit():
+                total = min(total, int(raw))
+        except OSError:
+            pass
+        return total
+    if device.startswith("cuda"):
+        try:
+            import torch
+        except ImportError:
+            return None
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return None
+
+
+def budget_bytes(budget: int | float | None, device: str) -> int | None:
+    """A configured budget in bytes: bytes as they are, a fraction of the device's memory; None = no budget."""
+    if budget is None:
+        return None
+    if isinstance(budget, int):
+        return budget
+    total = device_total_bytes(device)
+    return None if total is None else int(total * budget)
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
