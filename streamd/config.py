@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from streamd.errors import ConfigError
+from streamd.models.spec import ModelsConfig, check_pipeline_models
 
 
 class Strict(BaseModel):
@@ -262,6 +263,8 @@ class Config(Strict):
     pipelines_dir: str | None = Field(None, description="folder of pipeline YAML files (default: ./pipelines)")
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict, description="pipelines defined inline")
     streams: list[StreamConfig] = Field(default_factory=list)
+    models: ModelsConfig = Field(default_factory=ModelsConfig, description="declared models, memory budgets "
+                                 "per device, idle unload (streamd/models/)")
 
     @field_validator("streams")
     @classmethod
@@ -313,6 +316,7 @@ def parse_config(data: dict[str, Any] | None, environ: dict[str, str] | None = N
         raise ConfigError(_loc(err["loc"]), err["msg"]) from None
     if cfg.api.enabled and cfg.api.bind not in LOOPBACK and not cfg.api.tokens:
         raise ConfigError("api.tokens", f"the control API binds {cfg.api.bind} (beyond loopback): tokens are required")
+    check_pipeline_models(cfg)  # a model a pipeline names is declared, an alias or a source
     return cfg
 
 
