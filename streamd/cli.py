@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tail", help="follow result (or event) streams")
     t.add_argument("streams", nargs="*", help="stream ids (default: every stream found)")
-    t.add_argument("--redis", default=os.environ.get("STREAMD_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    t.add_argument("--redis", help="Redis URL (default: the config's redis.url, else $STREAMD_REDIS_URL, else "
+                   "redis://127.0.0.1:6379/0)")
+    t.add_argument("-c", "--config", help="a daemon's YAML config: tail its Redis (redis.url, redis.cluster)")
+    t.add_argument("--cluster", action="store_true", help="the Redis URL names one master of a Redis Cluster")
     t.add_argument("--events", action="store_true", help="events instead of results")
     t.add_argument("--both", action="store_true", help="results and events")
     t.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -103,12 +106,14 @@ def _validate(path: str | None) -> int:
 
 
 async def _tail(a: argparse.Namespace) -> int:
-    import redis.asyncio as aioredis
-
+    from streamd.redis_clients import redis_client
     from streamd.tail import follow
 
     kinds = ("results", "events") if a.both else ("events",) if a.events else ("results",)
-    client = aioredis.Redis.from_url(a.redis)
+    cfg = load_config(a.config) if a.config else None
+    url = a.redis or (cfg.redis.url if cfg else None) or os.environ.get("STREAMD_REDIS_URL",
+                                                                        "redis://127.0.0.1:6379/0")
+    client = redis_client(url, cluster=a.cluster or (cfg is not None and cfg.redis.cluster))
     try:
         await follow(client, a.streams, kinds, a.json, a.from_start, a.count)
     finally:

@@ -9,8 +9,13 @@ import time
 from typing import Any, TextIO
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from streamd import keys
+from streamd.redis_clients import is_cluster
+
+BLOCK_MS = 500  # how long one XREAD waits for new entries
+READ_COUNT = 100  # entries per stream key and XREAD
 
 
 def _short(v: Any) -> str:
@@ -43,8 +48,21 @@ def decode_entry(kind: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
     return json.loads(raw)
 
 
+async def read_new(client: aioredis.Redis | RedisCluster, cursors: dict[str, str]) -> list[Any]:
+    """New entries after each key's cursor, as XREAD's `[key, entries]` pairs. One XREAD on a single Redis; on a
+    Redis Cluster, where one command's keys must share a hash slot, one XREAD per slot (a stream's results and
+    events share one), all sent at once, so an idle tail still waits BLOCK_MS per round, not BLOCK_MS per slot."""
+    if not is_cluster(client):
+        return await client.xread(cursors, block=BLOCK_MS, count=READ_COUNT) or []
+    groups: dict[int, dict[str, str]] = {}
+    for k, cursor in cursors.items():
+        groups.setdefault(keys.slot(k), {})[k] = cursor
+    replies = await asyncio.gather(*(client.xread(g, block=BLOCK_MS, count=READ_COUNT) for g in groups.values()))
+    return [pair for reply in replies for pair in reply or []]
+
+
 async def follow(
-    client: aioredis.Redis,
+    client: aioredis.Redis | RedisCluster,
     streams: list[str],
     kinds: tuple[str, ...] = ("results",),
     as_json: bool = False,
@@ -80,8 +98,7 @@ async def follow(
             if not cursors:
                 await asyncio.sleep(0.5)
                 continue
-        resp = await client.xread(cursors, block=500, count=100)
-        for key, entries in resp or []:
+        for key, entries in await read_new(client, cursors):
             k = key.decode()
             kind = "events" if k.endswith(":events") else "results"
             for eid, fields in entries:

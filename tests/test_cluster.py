@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -519,3 +520,34 @@ async def test_on_a_single_redis_too_an_input_key_that_is_no_longer_a_stream_doe
         await sink.aclose()
         await client.aclose()
     assert seqs == [0, 1] and sink.healthy
+
+
+@pytest.mark.parametrize("how", ["config", "flag"])
+async def test_streamd_tail_follows_streams_whose_keys_are_on_different_slots(cluster, rc, tmp_path, how):
+    """`streamd tail` with `-c` (a config with redis.cluster: true) or `--cluster`: one XREAD per slot (a stream's
+    results and events together), so two streams on different masters both come out, results and events."""
+    sids = spread(cluster, f"tail-{how}", 3)[:2]
+    assert not keys.same_slot(*(keys.results_key(s) for s in sids))
+    assert cluster.port_for(keys.results_key(sids[0])) != cluster.port_for(keys.results_key(sids[1]))
+    for sid in sids:
+        await rc.delete(keys.results_key(sid), keys.events_key(sid))
+        for seq in range(2):
+            await rc.xadd(keys.results_key(sid), {"record": json.dumps({"stream_id": sid, "seq": seq})})
+        await rc.xadd(keys.events_key(sid), {"event": json.dumps({"stream_id": sid, "type": "started"})})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"redis:\n  url: {cluster.url}\n  cluster: true\n")
+    where = ["-c", str(cfg)] if how == "config" else ["--redis", cluster.url, "--cluster"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamd", "tail", *sids, *where, "--both", "--json", "--from-start", "-n", "6",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    lines = [json.loads(x) for x in out.decode().splitlines()]
+    got = sorted((x["stream_id"], x["kind"], x.get("seq", x.get("type"))) for x in lines)
+    assert got == sorted([(sid, "results", seq) for sid in sids for seq in range(2)]
+                         + [(sid, "events", "started") for sid in sids])
