@@ -297,6 +297,42 @@ async def test_a_pipeline_names_a_declared_model_and_it_loads_with_the_first_str
             assert resp.status == 204
         await until(lambda: d.models.get_entry("people").state.value == "unloaded", 10,
                     what="the model unloaded 0.5 s after its last stream left")
+        # a new stream of the same pipeline: the stage loads it again and sets it up again
+        await push_frames(r, "frames:cam2", [load_photo("zidane.jpg")[::4, ::4]] * 2, "png")
+        body = {"id": "cam2", "url": "redis:frames:cam2", "pipeline": "dt"}
+        async with s.post(d.api_url + "/api/v1/streams", json=body, headers=h(OPER)) as resp:
+            assert resp.status == 201, await resp.text()
+        recs = await until(lambda: at_least(r, "cam2", 2), 60, what="results after the reload")
+        assert all(x["error"] is None for x in recs) and d.models.get_entry("people").loads == 2
+
+
+async def test_a_vlm_loads_through_the_manager_and_an_unload_fails_its_waiting_questions(tiny_vlm):
+    from streamd.stages.vlm.base import VlmRequest
+    from streamd.stages.vlm.transformers import ManagedVlm
+
+    m = ModelManager(ModelsConfig.model_validate({"catalog": {"vlm": {
+        "source": str(tiny_vlm), "kind": "vlm", "device": "cpu", "options": {"max_batch": 2, "max_wait_ms": 200}}}}))
+    ref = refs(m, "vlm")["vlm"]
+    backend = ManagedVlm(ref)
+    try:
+        ans = await backend.answer(VlmRequest([], "hello", max_tokens=2, stream_id="cam"))
+        assert ans.endpoint == "transformers:cpu" and ans.tokens["completion"] <= 2
+        info = {x["name"]: x for x in m.catalog()}["vlm"]
+        assert info["state"] == "ready" and info["kind"] == "vlm" and info["memory_bytes"] > 0
+        # a question waiting for its batch (max_wait_ms 200) when the model is unloaded by force fails with the
+        # reason, instead of waiting for ever
+        ref.hold(["cam"])
+        waiting = asyncio.create_task(backend.answer(VlmRequest([], "again", max_tokens=2, stream_id="other")))
+        await asyncio.sleep(0.05)
+        await m.unload("vlm", force=True)
+        with pytest.raises(Exception, match="unloaded by force"):
+            await asyncio.wait_for(waiting, 10)
+        with pytest.raises(Exception, match="unloaded by force"):  # the revoked stream: no reload for it
+            await backend.answer(VlmRequest([], "more", max_tokens=2, stream_id="cam"))
+        assert state(m)["vlm"] == "unloaded"
+    finally:
+        await backend.aclose()
+        await m.aclose()
 
 
 def _validate(tmp_path: Path, text: str) -> subprocess.CompletedProcess:

@@ -166,6 +166,8 @@ class ModelManager:
         ident = self._identity(spec)
         for e in self._entries.values():
             if e.origin != "declared" and self._identity(e.spec) == ident:
+                if not e.refs and e.state in (State.UNLOADED, State.FAILED):
+                    e.spec = spec  # the same model; its first user's batching options (max_batch) apply
                 return e
         base = spec.source if re.fullmatch(MODEL_NAME_PATTERN, spec.source) else \
             (re.sub(r"[^A-Za-z0-9_.:-]", "_", spec.source).lstrip("_.:-")[-100:] or "model")
@@ -302,10 +304,10 @@ class ModelManager:
         users = e.users()
         if e.in_use() and not force:
             raise ModelInUse(name, users)
-        why = "manual"
+        why, message = "manual", None
         if e.in_use():
             why = "forced"
-            reason = f"model {name!r} was unloaded by force (DELETE /api/v1/models/{name}?force=true) while " \
+            reason = message = f"model {name!r} was unloaded by force (DELETE /api/v1/models/{name}?force=true) while " \
                      "this stream used it"
             for ref in list(e.refs):
                 for sid in sorted(ref.streams):
@@ -314,16 +316,17 @@ class ModelManager:
                 ref.streams.clear()
             log.warning("model unloaded by force", model=name, streams=users["streams"])
         e.state = State.UNLOADING
-        await self._drop(e, f"unloaded by hand ({why})", why)
+        await self._drop(e, f"unloaded by hand ({why})", why, message)
         return e
 
-    async def _drop(self, e: Entry, reason: str, why: str | None = None) -> None:
-        """Close and forget the loaded model, then give its memory back on the device's executor."""
+    async def _drop(self, e: Entry, reason: str, why: str | None = None, message: str | None = None) -> None:
+        """Close and forget the loaded model (calls waiting on it fail with `message`), then give its memory back
+        on the device's executor."""
         e.state = State.UNLOADING
         obj, e.obj = e.obj, None
         device = e.device or "cpu"
         if obj is not None:
-            await _close(obj, f"model {e.name!r} was unloaded: {reason}")
+            await _close(obj, message or f"model {e.name!r} was unloaded: {reason}")
         del obj
         await asyncio.get_running_loop().run_in_executor(device_executor(device), memory.release, device)
         e.memory_bytes = 0
