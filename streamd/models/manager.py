@@ -307,8 +307,8 @@ class ModelManager:
         why, message = "manual", None
         if e.in_use():
             why = "forced"
-            reason = message = f"model {name!r} was unloaded by force (DELETE /api/v1/models/{name}?force=true) while " \
-                     "this stream used it"
+            reason = message = (f"model {name!r} was unloaded by force (DELETE /api/v1/models/{name}?force=true) "
+                                "while this stream used it")
             for ref in list(e.refs):
                 for sid in sorted(ref.streams):
                     ref.revoked[sid] = reason

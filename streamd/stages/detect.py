@@ -24,7 +24,7 @@ from streamd.errors import StageError
 from streamd.frames import Work
 from streamd.log import get_logger, redact_text
 from streamd.stages import Stage, parse_options
-from streamd.stages.detector import Params, Runtime, SharedDetector, cpu_bf16, mask_rle
+from streamd.stages.detector import Params, Runtime, SharedDetector, mask_rle
 from streamd.stages.open_vocab import VocabularyError, export_text_embeddings
 
 __all__ = ["Detect", "DetectOptions", "Params", "SharedDetector", "VocabularyError", "export_text_embeddings",
