@@ -242,22 +242,21 @@ class Ingress(Generic[T]):
     leaves the fan-in with an `EndOfStream(key)` in the batch, after its last item."""
 
     def __init__(self) -> None:
-        self._queues: dict[str, FrameQueue[T]] = {}
+        self._queues: dict[FrameQueue[T], str] = {}  # queue -> its stream (a stream id may have an old and a new one)
         self._ready = asyncio.Event()
         self._closed = False
 
     def attach(self, key: str, q: FrameQueue[T]) -> None:
-        self._queues[key] = q
+        self._queues[q] = key
         q.add_listener(self._ready)
         self._ready.set()
 
-    def detach(self, key: str) -> None:
-        q = self._queues.pop(key, None)
-        if q is not None:
+    def detach(self, q: FrameQueue[T]) -> None:
+        if self._queues.pop(q, None) is not None:
             q.remove_listener(self._ready)
 
     def depth(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return sum(len(q) for q in self._queues)
 
     def close(self) -> None:
         self._closed = True
@@ -265,7 +264,7 @@ class Ingress(Generic[T]):
 
     def _take_round(self, out: list[Any], max_batch: int) -> bool:
         took = False
-        for key, q in list(self._queues.items()):
+        for q, key in list(self._queues.items()):
             if len(out) >= max_batch:
                 break
             item = q.get_nowait()
@@ -273,8 +272,8 @@ class Ingress(Generic[T]):
                 out.append(item)
                 took = True
             elif q.closed:  # its last item was taken before: the stream ends here
-                self.detach(key)
-                out.append(EndOfStream(key))
+                self.detach(q)
+                out.append(EndOfStream(key, q))
                 took = True
         return took
 

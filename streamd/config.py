@@ -51,6 +51,12 @@ class RedisConfig(Strict):
     retry_max_s: float = Field(5.0, gt=0, description="longest wait between Redis retries")
     consumer: str | None = Field(None, description="consumer name for Redis frame inputs (default: host name)")
 
+    @model_validator(mode="after")
+    def _cluster_needs_url(self) -> "RedisConfig":
+        if self.cluster and not self.url:
+            raise ValueError("redis.cluster needs redis.url (the embedded redis-server is a single server)")
+        return self
+
 
 class LogConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

@@ -55,6 +55,8 @@ class EndOfStream:
     any stage (its per-stream state can go)."""
 
     stream_id: str
+    queue: Any = field(default=None, compare=False, repr=False)  # the stream queue it closes (one stream id can
+    # have a new queue attached while the old one's last frames are still on their way)
 
 
 @dataclass(slots=True)

@@ -41,24 +41,30 @@ class Pipeline:
         self.ready = asyncio.Event()
         self.prompt_kinds = sorted({k for st in stages for k in st.prompt_kinds})
         self.prompts: Any = None  # PromptCache, when the daemon has one
-        self._ends: dict[str, asyncio.Future[None]] = {}  # stream -> resolved when its end marker came through
+        self._ends: dict[Any, tuple[str, asyncio.Future[None]]] = {}  # stream queue -> (stream, its end future)
         self.busy_s: dict[str, float] = {st.name: 0.0 for st in stages}  # seconds each stage spent processing
+        self.busy_since: dict[str, float | None] = {st.name: None for st in stages}  # the batch in progress's start
 
     def attach(self, stream_id: str, queue: Any) -> asyncio.Future[None]:
         """Read the stream's frames from `queue`. The future resolves once the queue was closed and every frame of
-        it has left the last stage (the stages forgot the stream by then), or when the pipeline stops."""
-        fut = self._ends[stream_id] = asyncio.get_running_loop().create_future()
+        it has left the last stage (the stages forgot the stream by then, unless a new queue of the same stream id
+        was attached meanwhile), or when the pipeline stops."""
+        fut = asyncio.get_running_loop().create_future()
+        self._ends[queue] = (stream_id, fut)
         self.ingress.attach(stream_id, queue)
         return fut
 
-    def detach(self, stream_id: str) -> None:
-        """A stream whose frames never entered (the pipeline was not set up yet): forget it now."""
-        self.ingress.detach(stream_id)
-        self._ended(stream_id)
+    def detach(self, queue: Any) -> None:
+        """A stream queue whose frames never entered (the pipeline was not set up yet): forget it now."""
+        self.ingress.detach(queue)
+        self._ended(queue)
 
-    def _ended(self, stream_id: str) -> None:
-        self.forget_stream(stream_id)
-        fut = self._ends.pop(stream_id, None)
+    def _ended(self, queue: Any) -> None:
+        sid, fut = self._ends.pop(queue, (None, None))
+        if sid is None:
+            return
+        if not any(other == sid for other, _ in self._ends.values()):
+            self.forget_stream(sid)  # no newer queue of this stream id is on its way
         if fut is not None and not fut.done():
             fut.set_result(None)
 
@@ -73,15 +79,21 @@ class Pipeline:
                     tg.create_task(self._stage_loop(i, st), name=f"{self.name}:{st.name}")
                 tg.create_task(self._deliver_loop(), name=f"{self.name}:deliver")
         finally:
-            for sid in list(self._ends):
-                fut = self._ends.pop(sid)
+            for _, fut in self._ends.values():
                 if not fut.done():
                     fut.set_result(None)
+            self._ends.clear()
             for st in self.stages:
                 try:
                     await st.teardown()
                 except Exception as e:  # noqa: BLE001 - teardown errors are logged, the others still run
                     log.error("stage teardown failed", pipeline=self.name, stage=st.name, error=str(e))
+
+    def busy_until(self, name: str, now: float) -> float:
+        """Seconds stage `name` has spent processing up to `now` (time.perf_counter()), the batch in progress
+        included: a stage working on one long batch counts as busy before the batch is done."""
+        since = self.busy_since.get(name)
+        return self.busy_s.get(name, 0.0) + (max(0.0, now - since) if since is not None else 0.0)
 
     def forget_stream(self, stream_id: str) -> None:
         for st in self.stages:
@@ -125,6 +137,7 @@ class Pipeline:
                     if w.frame.discontinuity:
                         st.reset_stream(w.frame.stream_id)
                 t0 = time.perf_counter()
+                self.busy_since[st.name] = t0
                 try:
                     await st.process(todo)
                 except asyncio.CancelledError:
@@ -137,6 +150,7 @@ class Pipeline:
                         w.error = reason
                 dt = time.perf_counter() - t0
                 self.busy_s[st.name] = self.busy_s.get(st.name, 0.0) + dt
+                self.busy_since[st.name] = None
                 latency.observe(dt)
                 sizes.observe(len(todo))
                 ms = round(dt * 1000.0, 3)
@@ -159,4 +173,4 @@ class Pipeline:
             finally:
                 for w in batch:  # a marker follows its stream's last frame: delivered above or before
                     if isinstance(w, EndOfStream):
-                        self._ended(w.stream_id)
+                        self._ended(w.queue)

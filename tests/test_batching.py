@@ -188,3 +188,57 @@ async def test_a_pipeline_says_a_stream_ended_once_its_last_frame_was_delivered(
     assert delivered == list(range(20)) and ended_after == [20]
     p.ingress.close()
     await asyncio.wait_for(task, 5)
+
+
+async def test_a_stream_id_re_added_before_its_old_queue_drained_keeps_both_ends_apart():
+    """A stream is removed and the same id added again (a fleet lease lost and taken back) while the old queue's
+    last frames are still on their way: the old end resolves after the old frames, the new one stays open, and the
+    stream's stage state is not forgotten under the new queue's frames."""
+    import numpy as np
+
+    from streamd.config import PipelineConfig, StageConfig
+    from streamd.frames import Frame
+    from streamd.metrics import Metrics
+    from streamd.pipeline import Pipeline
+    from streamd.stages import build_stage
+
+    delivered: list[tuple[str, int]] = []
+    forgotten: list[str] = []
+
+    class Observed(Pipeline):
+        def forget_stream(self, stream_id):
+            forgotten.append(stream_id)
+            super().forget_stream(stream_id)
+
+    async def deliver(works):
+        await asyncio.sleep(0.01)
+        delivered.extend((w.frame.meta["q"], w.frame.seq) for w in works)
+
+    p = Observed("t", PipelineConfig(stages=[StageConfig(type="frame_info")]),
+                 [build_stage(StageConfig(type="frame_info"), "t.0")], deliver, Metrics())
+    loop = asyncio.get_running_loop()
+    img = np.zeros((8, 8, 3), np.uint8)
+    old, new = FrameQueue(100, DropPolicy.WAIT, loop), FrameQueue(100, DropPolicy.WAIT, loop)
+    for i in range(10):
+        await old.put(Frame("s", i, i / 10, time.time(), img, meta={"q": "old"}))
+    old.close()
+    old_end = p.attach("s", old)
+    new_end = p.attach("s", new)  # before the pipeline read anything of the old queue
+    await new.put(Frame("s", 100, 10.0, time.time(), img, meta={"q": "new"}))
+    task = asyncio.ensure_future(p.run())
+    await asyncio.wait_for(old_end, 5)
+    assert [s for q, s in delivered if q == "old"] == list(range(10))
+    assert not new_end.done() and forgotten == []  # the new queue of "s" is still attached
+    await until_delivered(delivered, ("new", 100))
+    new.close()
+    await asyncio.wait_for(new_end, 5)
+    assert forgotten == ["s"]
+    p.ingress.close()
+    await asyncio.wait_for(task, 5)
+
+
+async def until_delivered(delivered, item, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while item not in delivered:
+        assert time.monotonic() < deadline, f"{item} never delivered"
+        await asyncio.sleep(0.01)

@@ -193,3 +193,27 @@ def test_decoding_does_not_go_through_a_replaced_pil_open():
         Image.fromarray(img).save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
         assert np.array_equal(decode_image({b"image": buf.getvalue()}, "image"), img), fmt
     assert decode_image({b"image": encode_jpeg(img)}, "image").shape == img.shape
+
+
+async def test_entries_a_drop_oldest_queue_drops_are_acknowledged_not_left_pending(r, redis_server):
+    """A Redis input the user set to `drop_oldest` (a live feed pushed into Redis) behind a slow stage: the frames
+    its queue drops are skipped on purpose, so their entries are acknowledged without a result; none stays pending
+    (unread again while the stream lives, the consumer group's backlog growing)."""
+    from conftest import PERSON
+
+    await push_frames(r, "frames:live", images(40, 240, 320), "jpeg")
+    cfg = make_config(redis_server.url, [{"id": "live", "url": f"{redis_server.url}#frames:live", "queue_size": 1,
+                                          "drop_policy": "drop_oldest", "pipeline": "people"}],
+                      pipelines={"people": {"stages": PERSON}})
+    async def settled():
+        try:
+            return (await r.xinfo_groups("frames:live"))[0]["entries-read"] == 40 and await _zero(r, "frames:live")
+        except Exception:  # noqa: BLE001 - the group is not there yet
+            return False
+
+    async with running(cfg) as d:
+        await until(settled, 60, what="every entry read, and acknowledged with a result or dropped")
+        dropped = d.streams.runners["live"].drops.total
+    got = await results(r, "live")
+    assert dropped > 0, "the queue never dropped: the test proves nothing"
+    assert len(got) + dropped == 40, (len(got), dropped)

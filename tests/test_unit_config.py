@@ -114,3 +114,11 @@ def test_validate_exits_2_naming_the_key_path(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("streamd: invalid config: streams.0.reconnect.tries: "), err
     assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+
+
+def test_a_redis_cluster_needs_a_url():
+    """The embedded redis-server is a single server: `redis.cluster` without `redis.url` is refused at start."""
+    with pytest.raises(ConfigError) as e:
+        parse_config({"redis": {"cluster": True}}, environ={})
+    assert e.value.key == "redis" and "redis.url" in str(e.value)
+    assert parse_config({"redis": {"cluster": True, "url": "redis://127.0.0.1:7000"}}, environ={}).redis.cluster

@@ -55,7 +55,8 @@ class Settlement:
 
     def __init__(self) -> None:
         self._ids: set[str] = set()
-        self.source: Any = None  # the input open now (an object with `async fail(ref, reason)`), or None
+        self.source: Any = None  # the input open now (with `async fail(ref, reason)`, `async skip(ref)`), or None
+        self._skips: set[asyncio.Task[None]] = set()
 
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self._ids
@@ -77,6 +78,15 @@ class Settlement:
             self._ids.discard(ref.entry_id)
             return
         await self.source.fail(ref, reason)
+
+    def dropped(self, ref: Any) -> None:
+        """The stream's queue dropped the frame (`drop_oldest`, chosen for this input): the entry is skipped on
+        purpose, acknowledged without a result like a frame the sampler left out."""
+        self._ids.discard(ref.entry_id)
+        if self.source is not None:
+            task = asyncio.ensure_future(self.source.skip(ref))
+            self._skips.add(task)
+            task.add_done_callback(self._skips.discard)
 
 
 class Abandoned:

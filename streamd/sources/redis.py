@@ -323,6 +323,15 @@ class RedisFrameSource:
             meta=meta or None,
         )
 
+    async def skip(self, ref: InputRef) -> None:
+        """Acknowledge an entry without a result (its frame was dropped on purpose); Redis down: it stays pending
+        and is delivered again."""
+        try:
+            await self.r.xack(self.key, ref.group, ref.entry_id)
+        except (RedisError, OSError) as e:
+            log.warning("could not acknowledge a dropped entry", stream=self.cfg.id, entry=ref.entry_id,
+                        error=str(e) or type(e).__name__)
+
     async def fail(self, ref: InputRef, reason: str, fields: dict[bytes, bytes] | None = None) -> bool:
         """Record a failed delivery. After `max_deliveries` the entry goes to the dead-letter stream and is
         acknowledged (one MULTI/EXEC); before that it stays pending and is retried after `claim_idle_ms`.

@@ -22,6 +22,8 @@ class DropReporter:
         self._handle: asyncio.TimerHandle | None = None
 
     def __call__(self, frame: Frame) -> None:
+        if frame.ref is not None and frame.ref.handle is not None:
+            frame.ref.handle.dropped(frame.ref)  # a Redis entry: acknowledged without a result
         self.total += 1
         self._pending += 1
         self._dropped.inc()

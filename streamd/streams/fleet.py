@@ -6,6 +6,7 @@ the last published result, starts with a discontinuity, and says so in a `state`
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -50,7 +51,8 @@ class FleetStreams:
         streams.sink.on_fenced = self.fleet.fenced
         streams.sink.member = self.fleet.member_id
         fc = streams.cfg.fleet
-        self.load = LoadMeter(fc.max_busy, fc.max_drop_fraction)
+        self.load = LoadMeter(fc.max_busy, fc.max_drop_fraction, tau_s=max(3.0, 3 * fc.renew_s))
+        self._reserved: set[str] = set()  # admitted, not offered yet
 
     @property
     def member_id(self) -> str:
@@ -60,8 +62,11 @@ class FleetStreams:
         return leased(s)
 
     def _members(self) -> dict[str, dict[str, Any]]:
-        """The live members as their heartbeats say, this daemon as it is now."""
-        members = dict(self.fleet.members)
+        """The live members as their heartbeats say (a heartbeat older than three renew intervals is a member that
+        stopped: its key has not expired yet, but placement counts it out already), this daemon as it is now."""
+        now, stale = time.time(), max(3 * self.d.cfg.fleet.renew_s, 1.0)
+        members = {m: rec for m, rec in self.fleet.members.items()
+                   if now - float(rec.get("heartbeat") or 0) <= stale}
         members[self.member_id] = {"max_streams": self.d.cfg.fleet.max_streams, "streams": sorted(self.fleet.leases),
                                    "load": self.load.report()}
         return members
@@ -84,12 +89,19 @@ class FleetStreams:
 
     def full(self, extra: int = 0) -> bool:
         cap = self.capacity()
-        return cap is not None and len(self.cfgs) + extra > cap
+        return cap is not None and len(set(self.cfgs) | self._reserved) + extra > cap
 
     def admit(self, stream_id: str) -> None:
-        """Raises CapacityExhausted when one more stream would exceed what the fleet can run."""
+        """Raises CapacityExhausted when one more stream would exceed what the fleet can run; otherwise holds a
+        place for it until `unreserve` (so two requests at once on this daemon cannot both take the last place).
+        Across daemons admission is as good as the last renew interval's view: a stream admitted by two daemons
+        at once beyond the capacity waits as `pending`."""
         if self.full(1):
             raise CapacityExhausted(len(self.cfgs), self.capacity() or 0.0, self.overloaded())
+        self._reserved.add(stream_id)
+
+    def unreserve(self, stream_id: str) -> None:
+        self._reserved.discard(stream_id)
 
     def offer(self, s: StreamConfig, origin: str) -> None:
         """A stream of the config file or the API: start it here (not leased) or let the fleet place it."""

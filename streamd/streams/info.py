@@ -49,10 +49,11 @@ class StreamInfo:
         s, origin = self.fleet.cfgs[sid]
         remote = self.fleet.remote(sid) or {}
         owner = remote.get("owner")
+        full = self.fleet.full()
         waiting = "no daemon of the fleet has room for it (fleet.max_streams, load limits): it starts when one has" \
-            if self.fleet.full() else "waiting for a daemon of the fleet to take it"
+            if full else "waiting for a daemon of the fleet to take it"
         return {"id": sid, "url": redact_url(s.url), "pipeline": s.pipeline,
-                "state": remote.get("state", "pending"),
+                "state": remote.get("state", "pending" if full else "connecting"),
                 "reason": None if owner else waiting,
                 "reason_code": None, "last_error": None, "fps": s.fps, "fps_in": 0.0,
                 "fps_out": remote.get("fps_out", 0.0), "frames_sampled": 0, "frames_decoded": 0, "dropped": 0,

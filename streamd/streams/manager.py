@@ -52,7 +52,8 @@ class StreamManager(StreamInfo):
         self.api_url: str | None = None
         self._groups = ConsumerGroups()
         self._stream_pipeline: dict[str, str] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[StreamRunner, asyncio.Task[None]] = {}  # by runner: a stream id re-added while its old
+        # runner is still finishing has two
         self._tg: asyncio.TaskGroup | None = None
         self._api_lock = asyncio.Lock()  # held while the streams kept in Redis are loaded
         self._stream_locks: dict[str, asyncio.Lock] = {}  # one API change of a stream at a time
@@ -82,7 +83,7 @@ class StreamManager(StreamInfo):
         self.runners[s.id] = runner
         self._stream_pipeline[s.id] = s.pipeline
         ended = pipeline.attach(s.id, runner.queue)
-        self._tasks[s.id] = self._tg.create_task(self._run_stream(runner, pipeline, ended), name=f"stream:{s.id}")
+        self._tasks[runner] = self._tg.create_task(self._run_stream(runner, pipeline, ended), name=f"stream:{s.id}")
         log.info("stream added", stream=s.id, url=runner.url_redacted, pipeline=s.pipeline)
         return runner
 
@@ -100,7 +101,7 @@ class StreamManager(StreamInfo):
         Redis input's consumer group goes too (a replaced stream keeps it: the new one reads on from there)."""
         runner = self.runners.pop(stream_id)
         runner.stop()
-        task = self._tasks.get(stream_id)
+        task = self._tasks.get(runner)
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
         if self.sink.healthy:  # its last results are buffered in the sink: once this returns, nothing more appears
@@ -124,11 +125,11 @@ class StreamManager(StreamInfo):
         # the queue is closed now: its end marker follows the last frame through the stages, and the stages forget
         # the stream once it is through (a tracker is never dropped while the stream's frames are on their way)
         if not pipeline.ready.is_set():
-            pipeline.detach(sid)  # nothing of it entered: its setup is still going on (or failed)
+            pipeline.detach(runner.queue)  # nothing of it entered: its setup is still going on (or failed)
         task = self.pipelines.task(pipeline)
         if task is not None and not ended.done():
             await asyncio.wait({ended, task}, return_when=asyncio.FIRST_COMPLETED)
-        self._tasks.pop(sid, None)
+        self._tasks.pop(runner, None)
 
     async def drain(self) -> None:
         """Stop every stream, let the pipelines finish what they hold, publish it."""
@@ -237,12 +238,15 @@ class StreamManager(StreamInfo):
                 raise StreamNotFound(s.id) if replace else StreamExists(s.id)
             if not (replace or pending):
                 self.fleet.admit(s.id)  # CapacityExhausted when the fleet cannot take another stream
-            if s.pipeline not in self.pipelines:
-                self.pipelines.config(s.pipeline, "pipeline")
-            await self.store.save(s)
-            self.api_stream_ids.add(s.id)
-            await self.fleet.fleet.release(s.id, "changed through the API")  # a no-op unless it runs here
-            self.fleet.offer(s, "api")
+            try:
+                if s.pipeline not in self.pipelines:
+                    self.pipelines.config(s.pipeline, "pipeline")
+                await self.store.save(s)
+                self.api_stream_ids.add(s.id)
+                await self.fleet.fleet.release(s.id, "changed through the API")  # a no-op unless it runs here
+                self.fleet.offer(s, "api")
+            finally:
+                self.fleet.unreserve(s.id)
             await self.fleet.fleet.tick()
             return self.runners.get(s.id)
 
