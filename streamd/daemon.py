@@ -20,7 +20,7 @@ from streamd.config import Config
 from streamd.log import get_logger
 from streamd.memory import tune_malloc
 from streamd.metrics import Metrics
-from streamd.models import ModelRegistry
+from streamd.models import ModelManager
 from streamd.prompts import PromptCache, PromptStore
 from streamd.redis_clients import redis_client
 from streamd.redis_server import ManagedRedis
@@ -44,7 +44,7 @@ class Daemon:
         self._clients: dict[str, aioredis.Redis] = {}  # Redis inputs by server URL
         self._role_clients: list[aioredis.Redis] = []
         self.sink: RedisSink | None = None
-        self.models = ModelRegistry()
+        self.models = ModelManager(cfg.models, self.metrics)  # the catalog: lazy loads, budgets, idle unloads
         self.prompts: PromptStore | None = None
         self.prompt_cache: PromptCache | None = None
         self.streams: StreamManager = None  # type: ignore[assignment] - made by startup()
@@ -82,6 +82,7 @@ class Daemon:
                                      self.consumer, self.started)
         ctx = StageContext(models=self.models, events=self.sink.event, prompts=self.prompt_cache,
                            publish=self.sink.record, fail_stream=self.streams.fail_stream, metrics=self.metrics)
+        await self.models.start()  # preloads, the idle-unload task
         self.pipelines = self.streams.pipelines = PipelineSet(self.cfg, self.metrics, ctx, self.sink,
                                                               self.prompt_cache, self.streams.pipeline_failed)
 

@@ -278,8 +278,7 @@ async def test_a_pipeline_names_a_declared_model_and_it_loads_with_the_first_str
     cfg = make_config(redis_server.url, [], api=api, egress=LOOPBACK_ALLOWED, pipelines={"dt": pipe},
                       models={"catalog": {"people": {"source": "person", "device": "cpu", "keep_alive_s": 0.5}}})
     async with running(cfg) as d, aiohttp.ClientSession() as s:
-        if d.models.cfg is not cfg.models:
-            pytest.skip("needs the daemon wiring: Daemon.models = ModelManager(cfg.models, metrics)")
+        assert d.models.cfg is cfg.models  # the daemon's manager serves the declared catalog
         api = d.api_url + "/api/v1/models"
         async with s.get(api, headers=h(READ)) as resp:
             assert {x["name"]: x["state"] for x in (await resp.json())["models"]}["people"] == "unloaded"
