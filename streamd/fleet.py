@@ -18,7 +18,8 @@ Lua scripts; a member is a key with a TTL that it refreshes.
 Keys (streamd.keys): `streamd:{<stream>}:lease` and `:lease:last` (beside the stream's results: one Cluster slot,
 so the fenced write is one Lua call), `streamd:{fleet}:member:<id>` (JSON: id, address, version, capacity, streams,
 load, heartbeat) and `streamd:{fleet}:members` (a set of ids, pruned): one slot, so one MGET reads every member on
-a Redis Cluster too. Every other command here touches one key.
+a Redis Cluster too. Every other command here touches one key; placement reads the leases of all the streams it
+wants and does not own in one pipelined round trip per tick (a cluster client sends one pipeline per master).
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def preferred(stream_id: str, members: dict[str, float]) -> str | None:
         if score > best_score:
             best, best_score = m, score
     return best
+
+
+def _holder(lease_value: bytes | None) -> str | None:
+    """The member id in a lease key's value `<member>|<token>` (None: no lease)."""
+    return lease_value.decode().split("|", 1)[0] if lease_value else None
 
 
 @dataclass
@@ -121,8 +127,18 @@ class Fleet:
         return lease.token if lease else None
 
     async def owner(self, stream_id: str) -> str | None:
-        raw = await self.r.get(lease_key(stream_id))
-        return raw.decode().split("|", 1)[0] if raw else None
+        return _holder(await self.r.get(lease_key(stream_id)))
+
+    async def owners(self, stream_ids: list[str]) -> list[str | None]:
+        """The member holding each stream's lease, read in one round trip (a non-transactional pipeline; a cluster
+        client splits it by master)."""
+        if not stream_ids:
+            return []
+        async with self.r.pipeline(transaction=False) as p:
+            for sid in stream_ids:
+                p.get(lease_key(sid))
+            raws = await p.execute()
+        return [_holder(raw) for raw in raws]
 
     # -- the loop -----------------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -216,10 +232,11 @@ class Fleet:
     async def _place(self) -> None:
         weights = self._weights() or {self.member_id: self.capacity}
         now = time.monotonic()
-        for sid in sorted(self.wanted - set(self.leases)):
+        unowned = sorted(self.wanted - set(self.leases))
+        room = len(self.leases) < self.capacity and not self.overloaded
+        for sid, owner in zip(unowned, await self.owners(unowned) if room else []):
             if len(self.leases) >= self.capacity or self.overloaded:
                 break
-            owner = await self.owner(sid)
             if owner is not None:
                 self._free_since.pop(sid, None)
                 continue

@@ -318,6 +318,65 @@ async def test_an_expired_lease_moves_and_the_old_owners_fenced_write_is_refused
             await b.close()
 
 
+async def node_stats(nodes: list[aioredis.Redis]) -> tuple[int, int]:
+    """Summed over `nodes`: reads the servers made from their clients' sockets (one per round trip a client makes;
+    each INFO here is one too) and GET commands run."""
+    reads = gets = 0
+    for node in nodes:
+        info = await node.info("stats", "commandstats")
+        reads += int(info["total_reads_processed"])
+        gets += int((info.get("cmdstat_get") or {}).get("calls", 0))
+    return reads, gets
+
+
+@pytest.mark.parametrize("where", ["single", "cluster"])
+async def test_placement_reads_the_leases_of_every_unowned_stream_in_one_round_trip(request, where):
+    """A Fleet that wants 30 streams whose leases another member holds: one tick reads the 30 leases (30 GETs) in one
+    pipelined round trip (one per master on a cluster), not one round trip each, and takes none of them; with 10 of
+    those leases gone, the next tick takes exactly those 10."""
+    if where == "single":
+        server = request.getfixturevalue("redis_server")
+        url, ports, on_cluster = server.url, [server.port], False
+    else:
+        cl = request.getfixturevalue("cluster")
+        url, ports, on_cluster = cl.url, cl.ports, True
+    client = redis_client(url, cluster=on_cluster)
+    nodes = [aioredis.Redis(host="127.0.0.1", port=port) for port in ports]
+    taken: list[str] = []
+
+    async def acquired(sid: str, lease: Lease, previous: str | None) -> None:
+        taken.append(sid)
+
+    async def released(sid: str, why: str) -> None:
+        pass
+
+    fleet = Fleet(client, fleet_cfg(f"placer-{where}", 0.0), None, "test", acquired, released, lambda: {})
+    sids = [f"round-trips-{where}-{i}" for i in range(30)]
+    try:
+        for sid in sids:
+            await client.set(lease_key(sid), "other|t", px=60_000)
+            await client.delete(keys.lease_last_key(sid))
+            fleet.want(sid)
+        await fleet.tick()  # connections made, the cluster's slots learnt
+        reads0, gets0 = await node_stats(nodes)
+        await fleet.tick()
+        reads1, gets1 = await node_stats(nodes)
+        reads, gets = reads1 - reads0, gets1 - gets0
+        print(f"{where}: one tick, 30 streams leased elsewhere: {gets} GETs in {reads} socket reads")
+        assert gets == 30 and not taken and not fleet.leases
+        # heartbeat (a pipeline, SMEMBERS, MGET), the lease reads (one per master), INFO (one per master)
+        assert reads <= 3 + 2 * len(ports) + 2, reads
+        await client.delete(*(lease_key(s) for s in sids[:10]))  # a cluster client splits it by slot
+        await fleet.tick()
+        assert sorted(taken) == sorted(sids[:10]) and set(fleet.leases) == set(sids[:10])
+    finally:
+        await fleet.leave()
+        await client.delete(*(lease_key(s) for s in sids), *(keys.lease_last_key(s) for s in sids))
+        for node in nodes:
+            await node.aclose()
+        await client.aclose()
+
+
 async def test_prompts_are_versioned_and_announced_on_the_cluster(cluster, rc):
     store = PromptStore(rc)
     cache_client = redis_client(cluster.url, 4, cluster=True)
