@@ -249,7 +249,7 @@ async def test_any_daemons_api_adds_reads_and_removes_fleet_streams_within_capac
     from streamd.testing.daemon import running
 
     r = aioredis.Redis.from_url(redis_server.url)
-    await r.delete(API_STREAMS_KEY, "streamd:fleet:members")
+    await r.delete(API_STREAMS_KEY, "streamd:{fleet}:members")
 
     def cfg(name):
         c = api_cfg(redis_server.url)
