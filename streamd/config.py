@@ -89,6 +89,19 @@ class TokenConfig(Strict):
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+class PredictConfig(Strict):
+    """POST /api/v1/predict/{pipeline}: single images through a running pipeline (streamd/streams/predict.py)."""
+
+    queue_size: int = Field(16, ge=1, le=10_000, description="images one pipeline holds for predict requests at "
+                            "once (queued or in its stages); past it: 503 overloaded with Retry-After")
+    timeout_s: float = Field(30.0, gt=0, le=600, description="longest wait for an answer, a model's first load "
+                             "included; then 503 predict_timeout")
+    max_image_bytes: int = Field(16 << 20, ge=1024, le=1 << 30, description="largest image body (or multipart "
+                                 "file part); larger: 413 image_too_large")
+    max_pixels: int = Field(3840 * 2160, ge=1, le=1 << 30, description="largest image (width x height), checked "
+                            "from its header before it is decoded; larger: 413 image_too_large")
+
+
 class ApiConfig(Strict):
     enabled: bool = Field(False, description="serve the HTTP control API")
     bind: str = Field("127.0.0.1", description="address the control API binds")
@@ -110,6 +123,7 @@ class ApiConfig(Strict):
     redis_key_prefix: str = Field("frames:", min_length=1, description="redis: inputs added through the API must "
                                   "name a key starting with this (never a streamd: key)")
     public_health: bool = Field(True, description="/health/live and /health/ready answer without a token")
+    predict: PredictConfig = Field(default_factory=PredictConfig, description="single-image predict requests")
 
 
 class EgressConfig(Strict):

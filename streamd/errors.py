@@ -53,5 +53,13 @@ class FrameDecodeError(StreamdError):
     """A frame pushed into a Redis stream could not be decoded."""
 
 
+class ImageTooLarge(FrameDecodeError):
+    """An image whose header says it is over a pixel budget (nothing of it was decoded)."""
+
+    def __init__(self, message: str, width: int, height: int, max_pixels: int):
+        super().__init__(message)
+        self.width, self.height, self.max_pixels = width, height, max_pixels
+
+
 class StageError(StreamdError):
     """A pipeline stage failed on a batch."""

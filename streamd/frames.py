@@ -8,6 +8,11 @@ from typing import Any
 import numpy as np
 
 
+# the stream ids of single images sent to POST /api/v1/predict (`_predict:<n>`): never a valid stream id (those start
+# with a letter or digit)
+PREDICT_PREFIX = "_predict:"
+
+
 @dataclass(frozen=True, slots=True)
 class InputRef:
     """Where a frame came from, when that place must be told it was handled (a Redis entry to acknowledge).
@@ -47,6 +52,12 @@ class Frame:
     @property
     def width(self) -> int:
         return int(self.image.shape[1])
+
+    @property
+    def predict(self) -> bool:
+        """A single image of a predict request: answered to its request through `ref.handle`, never published;
+        stateful stages treat it as a stream of its own that ends with it."""
+        return self.stream_id.startswith(PREDICT_PREFIX)
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,19 @@ class Metrics:
                                             "executor), measured to ready", ["model"],
                                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
                                             registry=r)
+        # single-image predict requests (streamd/streams/predict.py): labelled by pipeline
+        self.predict_requests = Counter("streamd_predict_requests", "predict requests by outcome: ok, overloaded, "
+                                        "invalid_image, failed (a stage or the pipeline), timeout, unavailable, "
+                                        "unsupported",
+                                        ["pipeline", "outcome"], registry=r)
+        self.predict_latency = Histogram("streamd_predict_latency_seconds", "a predict image from accepted to "
+                                         "answered (its queue and stages; decoding not included)", ["pipeline"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.predict_queue_depth = Gauge("streamd_predict_queue_depth", "predict images a pipeline holds now "
+                                         "(queued or in its stages)", ["pipeline"], registry=r)
+        self.predict_rejections = Counter("streamd_predict_rejections", "predict requests refused with 503 "
+                                          "overloaded: the pipeline's predict queue was full", ["pipeline"],
+                                          registry=r)
         self._streams: dict[str, StreamMetrics] = {}
 
     def forget_stream(self, stream_id: str) -> int:

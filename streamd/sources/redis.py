@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from streamd.config import RedisInputConfig, StreamConfig
-from streamd.errors import FrameDecodeError, SourceError
+from streamd.errors import FrameDecodeError, ImageTooLarge, SourceError
 from streamd.frames import Frame, InputRef
 from streamd.keys import dead_letter_key, same_slot
 from streamd.log import get_logger, redact_text
@@ -73,7 +73,7 @@ def _dtype(raw: bytes) -> np.dtype:
 
 def _over_budget(h: int, w: int, max_pixels: int) -> FrameDecodeError | None:
     if h * w > max_pixels:
-        return FrameDecodeError(f"image is {w}x{h}, over redis_input.max_pixels ({max_pixels})")
+        return ImageTooLarge(f"image is {w}x{h}, over redis_input.max_pixels ({max_pixels})", w, h, max_pixels)
     return None
 
 

@@ -3,7 +3,9 @@
 Track ids are unique within a stream for the daemon's lifetime (a reset keeps counting), and across daemons of a
 fleet (a stream taken over numbers its tracks above the previous owner's: TRACK_IDS_PER_FRAME). Buffers are set in
 seconds and scaled to the stream's *sampled* frame rate (measured from timestamps). A discontinuity (reconnect,
-timestamp jump) resets the stream's tracker. Publishes `track_started` and `track_lost` events.
+timestamp jump) resets the stream's tracker. Publishes `track_started` and `track_lost` events. A single image of a
+predict request (POST /api/v1/predict) is tracked as the first frame of a stream of its own, on a tracker that is
+not kept, and publishes no events.
 """
 
 from __future__ import annotations
@@ -109,6 +111,10 @@ class _StreamTracker:
         self.last_pts = None
 
 
+def _quiet(stream_id: str, kind: str, fields: dict[str, Any] | None = None) -> None:
+    """The events of a predict image's tracker: none (it has no events stream)."""
+
+
 class Track(Stage):
     kind = "track"
     max_batch = 64
@@ -160,11 +166,18 @@ class Track(Stage):
 
     def _track(self, w: Work) -> None:
         f = w.frame
+        if f.predict:  # a single image (POST /api/v1/predict): a stream's first frame, on a tracker kept nowhere
+            self._update(w, _StreamTracker(self._make, self.opts.track_buffer_s), _quiet)
+            return
         st = self._streams.get(f.stream_id)
         if st is None:
             st = self._streams[f.stream_id] = _StreamTracker(self._make, self.opts.track_buffer_s)
             if f.seq > 0:  # a stream that goes on elsewhere's numbering (taken over by this daemon in a fleet)
                 st.number_from(f.seq * TRACK_IDS_PER_FRAME + 1)
+        self._update(w, st, self.ctx.events)
+
+    def _update(self, w: Work, st: _StreamTracker, events: Any) -> None:
+        f = w.frame
         st.observe_pts(f.pts_s)
         data = w.carry.get(self.opts.source)
         det_out = w.outputs.get(self.opts.source) or {}
@@ -196,12 +209,12 @@ class Track(Stage):
             info = st.tracks.get(tid_i)
             if info is None:
                 st.tracks[tid_i] = _TrackInfo(label, f.capture_ts, f.pts_s, f.capture_ts, f.pts_s)
-                self.ctx.events(f.stream_id, "track_started",
-                                {"track_id": tid_i, "label": label, "seq": f.seq, "pts_s": f.pts_s})
+                events(f.stream_id, "track_started",
+                       {"track_id": tid_i, "label": label, "seq": f.seq, "pts_s": f.pts_s})
             else:
                 info.last_ts, info.last_pts, info.frames = f.capture_ts, f.pts_s, info.frames + 1
         alive = {t.track_id for t in (*st.tracker.tracked_stracks, *st.tracker.lost_stracks)}
-        for tid in [t for t in st.tracks if t not in alive]:
+        for tid in [t for t in st.tracks if t not in alive]:  # none on a fresh tracker (a predict image's)
             self._end(f.stream_id, tid, st.tracks.pop(tid), "lost")
         w.outputs[self.name] = {"tracker": self.opts.tracker, "tracks": tracks}
 

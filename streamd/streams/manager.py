@@ -26,6 +26,7 @@ from streamd.pipeline import Pipeline
 from streamd.streams.groups import ConsumerGroups
 from streamd.streams.info import StreamInfo
 from streamd.streams.pipelines import PipelineSet
+from streamd.streams.predict import Predictor, PredictUnavailable
 from streamd.streams.store import StoredStreams, StreamExists, StreamNotFound
 from streamd.streams.supervisor import State, StreamRunner
 
@@ -57,6 +58,7 @@ class StreamManager(StreamInfo):
         self._tg: asyncio.TaskGroup | None = None
         self._api_lock = asyncio.Lock()  # held while the streams kept in Redis are loaded
         self._stream_locks: dict[str, asyncio.Lock] = {}  # one API change of a stream at a time
+        self.predict = Predictor(self, cfg.api.predict, metrics)  # single images (POST /api/v1/predict/{pipeline})
 
     def bind(self, tg: asyncio.TaskGroup | None) -> None:
         """The task group streams and pipelines run in (the daemon's), or None once it is gone."""
@@ -86,6 +88,13 @@ class StreamManager(StreamInfo):
         self._tasks[runner] = self._tg.create_task(self._run_stream(runner, pipeline, ended), name=f"stream:{s.id}")
         log.info("stream added", stream=s.id, url=runner.url_redacted, pipeline=s.pipeline)
         return runner
+
+    def start_pipeline(self, name: str, where: str) -> Pipeline:
+        """The running pipeline `name`, started if none runs (a predict request's: streams/predict.py). Raises
+        ConfigError naming `where`; PredictUnavailable while the daemon does not run."""
+        if self._tg is None:
+            raise PredictUnavailable("the daemon is not running")
+        return self.pipelines.get_or_start(name, where, self._tg)
 
     def add_failed_stream(self, s: StreamConfig, reason: str) -> StreamRunner:
         """Show a stream that cannot start (its pipeline is gone, its stored entry is invalid) as failed, with the

@@ -115,6 +115,9 @@ class PipelineSet(Mapping[str, Pipeline]):
         ok: list[Work] = []
         for w in works:
             f = w.frame
+            if f.predict:  # a predict request's image: answered to the request (streams/predict.py), not published
+                f.ref.handle.answer(w)
+                continue
             if w.error is not None:
                 self._metrics.frames_failed.labels(f.stream_id).inc()
                 if f.ref is not None:
