@@ -14,6 +14,7 @@ from streamd.api.etag import KeyedLocks
 from streamd.api.health import PING, health, health_live, health_ready, metrics
 from streamd.api.middleware import Route, auth_mw, cors_mw, errors_mw
 from streamd.api.models import ModelCatalog, ModelInfo, model_delete, model_load, models_list
+from streamd.api.predict import PredictAnswer, predict
 from streamd.api.prompts import prompt_delete, prompt_get, prompt_history, prompt_put, prompt_rollback, prompts_list
 from streamd.api.schemas import PromptUpdate, Rollback, StreamPatch
 from streamd.api.security import Authenticator, AuthFailures, RateLimiter
@@ -77,6 +78,9 @@ ROUTES: list[Route] = [
           "if its device's budget needs it)", tag="models", response=ModelInfo),
     Route("DELETE", f"{P}/models/{{id}}", model_delete, "operate", "unload a model (409 while streams use it, "
           "unless ?force=true, which fails them)", tag="models", response=ModelInfo),
+    Route("POST", f"{P}/predict/{{pipeline}}", predict, "operate", "one image (image/jpeg, image/png or multipart "
+          "with a file part) through a pipeline, batched with its live frames: its outputs as JSON (503 overloaded "
+          "with Retry-After past api.predict.queue_size)", tag="pipelines", response=PredictAnswer),
     Route("GET", f"{P}/cluster", cluster, "read", "the daemons sharing this Redis (fleet mode) and their load",
           tag="health", response=R.Cluster),
 ]

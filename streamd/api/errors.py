@@ -26,6 +26,8 @@ CODES: dict[str, tuple[int, str]] = {
                             "history is kept and a PUT or rollback makes it live again"),
     "unknown_prompt_kind": (404, "the prompt kind is not vlm or vocabulary"),
     "model_not_found": (404, "no model with that name in the catalog (GET /api/v1/models lists them)"),
+    "pipeline_not_found": (404, "no pipeline with that name (GET /api/v1/pipelines lists them; predict: "
+                                "details.available too)"),
     "method_not_allowed": (405, "the route does not take that method (see Allow)"),
     "stream_exists": (409, "POST of a stream id that exists"),
     "model_in_use": (409, "DELETE of a model that streams use (details.users); ?force=true unloads it anyway and "
@@ -36,6 +38,9 @@ CODES: dict[str, tuple[int, str]] = {
     "precondition_failed": (412, "If-Match does not match the stream's or prompt's current ETag, or nothing "
                                  "exists to match (details.current_etag, null then)"),
     "body_too_large": (413, "the body is over api.max_body_bytes"),
+    "image_too_large": (413, "predict: the image is over api.predict.max_image_bytes, or its width x height (read "
+                             "from its header, before decoding) over api.predict.max_pixels"),
+    "unsupported_media_type": (415, "predict: the body is not image/* or multipart/form-data (details.content_type)"),
     "invalid_body": (422, "the body does not match the schema (details.errors name each path), or is not an object"),
     "invalid_url": (422, "the stream URL cannot be used (e.g. a host name label over 63 characters)"),
     "scheme_not_allowed": (422, "a URL scheme not in api.allowed_schemes (files and FFmpeg pseudo-protocols never)"),
@@ -48,6 +53,12 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_pipeline": (422, "an unknown pipeline, or one whose stages cannot be built"),
     "model_load_failed": (422, "the model cannot be loaded (a missing file, a download while offline, a runtime "
                                "that refuses it): details.reason"),
+    "invalid_image": (422, "predict: the image cannot be decoded (not a JPEG, PNG, WEBP, BMP or TIFF image; "
+                           "truncated or corrupt), or a multipart body without a file part: details.reason"),
+    "pipeline_failed": (422, "predict: the pipeline cannot start (a model that cannot load, a stage whose setup "
+                             "fails): details.reason"),
+    "predict_unsupported": (422, "predict: the pipeline has a stage whose output is not part of the frame's "
+                                 "outputs (vlm: its answers are records of their own)"),
     "invalid_scope": (422, "the prompt scope is not global, pipeline:<name> or stream:<id>"),
     "invalid_query": (422, "a query parameter out of its range (offset/limit of a history, admission of a new "
                            "stream, ...): details.path names it"),
@@ -56,10 +67,17 @@ CODES: dict[str, tuple[int, str]] = {
                                     "api.auth_failure_window_s: refused without checking the token (see Retry-After)"),
     "http_error": (400, "another HTTP error aiohttp raised (its status)"),
     "internal": (500, "a bug: logged with its traceback, never shown"),
+    "predict_failed": (500, "predict: a stage failed on the image (details.reason, as a result record's error)"),
     "not_ready": (503, "/health/ready: not started, Redis unreachable or models loading (see Retry-After)"),
     "redis_unavailable": (503, "streams and prompts live in Redis, which is unreachable (see Retry-After)"),
     "busy": (503, "every Redis connection of the API's pool (api.redis_pool) stayed in use for 2 s (see "
                   "Retry-After)"),
+    "overloaded": (503, "predict: the pipeline holds api.predict.queue_size predict images already; Retry-After "
+                        "(details.retry_after_s) is the images in flight over the measured answers per second, at "
+                        "least 1 s"),
+    "predict_timeout": (503, "predict: no answer within api.predict.timeout_s (see Retry-After)"),
+    "pipeline_unavailable": (503, "predict: the pipeline stopped before answering (the daemon is stopping); try "
+                                  "again (see Retry-After)"),
     "capacity_exhausted": (503, "fleet mode: every daemon runs its fleet.max_streams or is over its load limit "
                                 "(fleet.max_busy, fleet.max_drop_fraction); try again later (see Retry-After; "
                                 "details.streams, details.capacity, details.overloaded), or add the stream with "

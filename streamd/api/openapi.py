@@ -23,8 +23,9 @@ ERROR = {
 STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad JSON or a bad HTTP request",
                401: "No or invalid token", 403: "Token lacks the scope", 404: "Not found", 409: "Conflict",
                412: "If-Match does not match the current ETag (details.current_etag)",
-               413: "Body too large", 422: "Invalid body, URL or parameter", 429: "Rate limited (see Retry-After)",
-               503: "Not ready, Redis unreachable or busy (see Retry-After)"}
+               413: "Body too large", 415: "Unsupported Content-Type", 422: "Invalid body, URL or parameter",
+               429: "Rate limited (see Retry-After)", 500: "A stage failed on the image (predict_failed)",
+               503: "Not ready, Redis unreachable, busy or overloaded (see Retry-After)"}
 # request examples (schemathesis sends them too): a camera, and frames pushed into the daemon's own Redis
 EXAMPLES = {
     "StreamConfig": {
@@ -36,7 +37,13 @@ EXAMPLES = {
                      "vocabulary": {"value": {"phrases": ["forklift", "person in hi-vis"]}}},
     "Rollback": {"version": {"value": {"version": 1}}},
 }
-PATH_EXAMPLES = {"id": "yard", "kind": "vlm", "scope": "global"}
+PATH_EXAMPLES = {"id": "yard", "kind": "vlm", "scope": "global", "pipeline": "detect"}
+# bodies that are not JSON: POST /api/v1/predict/{pipeline} takes an image, raw or as a multipart file part
+_BINARY = {"type": "string", "format": "binary"}
+IMAGE_BODY = {"required": True, "description": "the image: JPEG or PNG (WEBP, BMP, TIFF decode too), at most "
+              "api.predict.max_image_bytes, width x height at most api.predict.max_pixels",
+              "content": {"image/jpeg": {"schema": _BINARY}, "image/png": {"schema": _BINARY},
+                          "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _BINARY}}}}}
 IF_MATCH = {
     "name": "If-Match", "in": "header", "required": False,
     "description": "RFC 9110: `*` or a list of strong ETags (as GET answered them); the change is made only if the "
@@ -83,6 +90,8 @@ def document(routes: list[Any]) -> dict[str, Any]:
                                 "stream pending until one has"})
         if r.if_match:
             op.setdefault("parameters", []).append(IF_MATCH)
+        if r.path.startswith("/api/v1/predict/"):
+            op["requestBody"] = IMAGE_BODY
         if r.body is not None:
             media: dict[str, Any] = {"schema": _schema(r.body, components)}
             if r.body.__name__ in EXAMPLES:
@@ -111,6 +120,8 @@ def document(routes: list[Any]) -> dict[str, Any]:
             codes += [409, 422, 503]  # 422 invalid_query (admission), 503 capacity_exhausted
         if r.if_match:
             codes.append(412)
+        if r.path.startswith("/api/v1/predict/"):
+            codes += [413, 415, 422, 500, 503]  # image_too_large, unsupported_media_type, invalid_image ...
         if r.method == "DELETE" and r.tag == "prompts":
             codes.append(422)  # invalid_query: a note over 1000 characters
         if r.path == "/health/ready" or r.path.startswith(REDIS_PATHS):

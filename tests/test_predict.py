@@ -1,0 +1,208 @@
+"""Single-image predict (issue 14): POST /api/v1/predict/{pipeline} through the real daemon, the real aiohttp server,
+a real redis-server and the real `person` detector. The image goes through the same pipeline as live frames (its
+predict queue in the pipeline's ingress): the same detections as a Redis-input stream's frame of the same image,
+typed 4xx errors for bad images, load shedding (503 overloaded + Retry-After) when flooded, nothing leaked by clients
+that go away, live streams gapless while predicts run."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+
+from conftest import OPER, PERSON, READ, api_cfg, at_least, h, results, running, until, vlm_pipeline
+from streamd.samples import load_photo, pan_frames
+from streamd.streams.predict import QUEUE_KEY
+from streamd.testing.media import encode_jpeg, push_frames
+
+DETECT_TRACK = {"stages": PERSON + [{"type": "track", "tracker": "bytetrack"}]}
+URL = "/api/v1/predict/{}"
+
+
+def png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample(metric, **labels) -> float:
+    total = 0.0
+    for fam in metric.collect():
+        for s in fam.samples:
+            if s.name.endswith(("_total", "_count")) or s.name == fam.name:
+                if all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+    return total
+
+
+async def post(s: aiohttp.ClientSession, d, pipeline: str, body: bytes | aiohttp.FormData,
+               ctype: str | None = "image/png", token: str = OPER) -> tuple[int, dict, dict]:
+    headers = h(token) | ({"Content-Type": ctype} if ctype and not isinstance(body, aiohttp.FormData) else {})
+    async with s.post(d.api_url + URL.format(pipeline), data=body, headers=headers) as resp:
+        return resp.status, dict(resp.headers), await resp.json()
+
+
+async def test_predict_returns_the_detections_of_a_stream_frame_of_the_same_image(r, redis_server):
+    bus = load_photo("bus.jpg")
+    await push_frames(r, "frames:bus", [bus], "png")
+    cfg = api_cfg(redis_server.url, [{"id": "bus", "url": "redis:frames:bus", "pipeline": "dt"}],
+                  pipelines={"dt": DETECT_TRACK})
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        (rec,) = await until(lambda: at_least(r, "bus", 1), 60, what="the stream's result")
+        status, _, got = await post(s, d, "dt", png(bus))
+        assert status == 200, got
+        form = aiohttp.FormData()
+        form.add_field("file", png(bus), filename="bus.png", content_type="image/png")
+        status, _, multi = await post(s, d, "dt", form)
+        assert status == 200, multi
+        keys = await r.keys("*_predict*")
+        metrics = d.metrics
+        users = {m["name"]: m["users"] for m in d.models.catalog()}
+    people = [x for x in got["outputs"]["detect"]["detections"] if x["label"] == "person"]
+    print(f"\nstream frame: {len(rec['outputs']['detect']['detections'])} detections; predict: {len(people)} people, "
+          f"timings {got['timings_ms']}")
+    assert len(people) >= 3  # bus.jpg: 4 people
+    # the same outputs as the stream's first frame: detections (with their track ids) and first-frame tracks
+    assert got["outputs"] == rec["outputs"] and multi["outputs"] == rec["outputs"]
+    assert got["width"] == rec["width"] == 810 and got["height"] == rec["height"] == 1080
+    assert got["prompt_versions"] == rec["prompt_versions"] and got["pipeline"] == "dt"
+    assert got["models"] == {"detect": {k: v for k, v in rec["outputs"]["detect"].items()
+                                        if k in ("model", "model_version")}}
+    assert {"decode", "queue", "detect", "track", "total"} <= set(got["timings_ms"])
+    # nothing of the predict images in Redis (no results, no events), nor among the model's users
+    assert keys == [], keys
+    assert len(await results(r, "bus")) == 1
+    assert not any(s.startswith("_predict") for u in users.values() for s in u["streams"]), users
+    assert sample(metrics.predict_requests, pipeline="dt", outcome="ok") == 2
+    assert sample(metrics.predict_latency, pipeline="dt") == 2  # observations
+    assert sample(metrics.predict_queue_depth, pipeline="dt") == 0
+
+
+async def test_bad_images_and_pipelines_get_typed_json_errors(r, redis_server, tmp_path):
+    from test_redis_source import _bomb_png
+
+    pipelines = {"vlm": vlm_pipeline("http://127.0.0.1:9/v1"),
+                 "broken": {"stages": [{"type": "detect", "model": str(tmp_path / "missing.pt")}]}}
+    cfg = api_cfg(redis_server.url, pipelines=pipelines, predict={"max_image_bytes": 200_000, "max_pixels": 10**6})
+    ok = png(np.full((48, 64, 3), 200, np.uint8))
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        status, _, body = await post(s, d, "frame_info", ok)
+        assert status == 200 and body["outputs"]["frame_info"]["width"] == 64, body
+        assert body["outputs"]["frame_info"]["mean_brightness"] == 200.0 and body["models"] == {}
+        cases = {
+            "garbage": (("frame_info", b"not an image at all", "image/jpeg"), 422, "invalid_image"),
+            "truncated": (("frame_info", ok[: len(ok) // 2], "image/png"), 422, "invalid_image"),
+            "empty": (("frame_info", b"", "image/png"), 422, "invalid_image"),
+            "text": (("frame_info", ok, "text/plain"), 415, "unsupported_media_type"),
+            "json": (("frame_info", b"{}", "application/json"), 415, "unsupported_media_type"),
+            "bomb": (("frame_info", _bomb_png(), "image/png"), 413, "image_too_large"),  # 5000x5000 in 70 KB
+            "bytes": (("frame_info", b"\xff" * 300_000, "image/jpeg"), 413, "image_too_large"),
+            "pipeline": (("no-such", ok, "image/png"), 404, "pipeline_not_found"),
+            "path": (("..%2Fconfig", ok, "image/png"), 404, None),
+            "vlm": (("vlm", ok, "image/png"), 422, "predict_unsupported"),
+            "setup": (("broken", ok, "image/png"), 422, "pipeline_failed"),
+        }
+        for name, ((pipeline, data, ctype), want, code) in cases.items():
+            status, _, body = await post(s, d, pipeline, data, ctype)
+            assert status == want, (name, status, body)
+            assert code is None or body["error"]["code"] == code, (name, body)
+        status, _, body = await post(s, d, "frame_info", ok, token=READ)
+        assert status == 403 and body["error"]["code"] == "forbidden"
+        form = aiohttp.FormData(default_to_multipart=True)
+        form.add_field("note", "no file here")
+        status, _, body = await post(s, d, "frame_info", form)
+        assert status == 422 and body["error"]["details"] == {"reason": "no file part"}, body
+        bad = b"--xx\r\nContent-Disposition: form-data; name=file\r\n\r\nabc"  # no closing boundary
+        status, _, body = await post(s, d, "frame_info", bad, "multipart/form-data; boundary=xx")
+        assert status == 422 and body["error"]["code"] == "invalid_image", body
+        status, _, body = await post(s, d, "broken", ok)
+        assert "missing.pt" in body["error"]["details"]["reason"], body
+        status, _, body = await post(s, d, "frame_info", ok)  # the daemon goes on answering
+        assert status == 200
+        m = d.metrics.predict_requests
+        assert sample(m, pipeline="frame_info", outcome="invalid_image") == 9
+        assert sample(m, pipeline="broken", outcome="failed") == 2
+
+
+async def test_flooding_predict_sheds_load_with_retry_after_and_answers_every_accepted_one(r, redis_server):
+    cfg = api_cfg(redis_server.url, pipelines={"p": {"stages": PERSON}}, predict={"queue_size": 4})
+    image = png(load_photo("zidane.jpg"))
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        status, _, first = await post(s, d, "p", image)  # the model loads; the rate is measured from here on
+        assert status == 200, first
+        got = await asyncio.gather(*(post(s, d, "p", image) for _ in range(40)))
+        statuses = [g[0] for g in got]
+        shed = [g for g in got if g[0] == 503]
+        print(f"\n40 concurrent predicts, queue_size 4: {statuses.count(200)} answered, {len(shed)} shed, Retry-After "
+              f"{sorted({int(g[1]['Retry-After']) for g in shed})}")
+        assert set(statuses) <= {200, 503}, statuses
+        assert shed and statuses.count(200) >= 4
+        for _, headers, body in shed:
+            assert body["error"]["code"] == "overloaded"
+            assert int(headers["Retry-After"]) >= 1 and body["error"]["details"]["retry_after_s"] == \
+                int(headers["Retry-After"]) and body["error"]["details"]["queue_size"] == 4
+        for _, _, body in got:  # every accepted one answered with the same people
+            if "outputs" in body:
+                assert body["outputs"] == first["outputs"]
+        q = d.streams.predict.queue("p")
+        assert len(q) == 0 and q.rate.per_s(time.monotonic()) > 0
+        m = d.metrics
+        assert sample(m.predict_rejections, pipeline="p") == len(shed)
+        assert sample(m.predict_requests, pipeline="p", outcome="overloaded") == len(shed)
+        assert sample(m.predict_requests, pipeline="p", outcome="ok") == 1 + statuses.count(200)
+
+        # clients that go away while their images are queued: nothing stays behind
+        async def gone():
+            async with aiohttp.ClientSession() as s2:
+                await post(s2, d, "p", image)
+
+        tasks = [asyncio.create_task(gone()) for _ in range(4)]
+        await until(lambda: len(q) >= 2, 10, 0.005, what="images in flight")
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await until(lambda: len(q) == 0, 20, what="the abandoned images out of the pipeline")
+        assert q._waiting == {} and sample(m.predict_queue_depth, pipeline="p") == 0
+        assert (await post(s, d, "p", image))[0] == 200  # and it goes on
+
+
+async def test_predict_while_live_streams_run_on_the_same_pipeline(r, redis_server):
+    frames = list(pan_frames(load_photo("zidane.jpg"), 24, 10.0, (640, 360)))
+    sids = ["cam0", "cam1", "cam2"]
+    for sid in sids:
+        await push_frames(r, f"frames:{sid}", frames, "jpeg")
+    cfg = api_cfg(redis_server.url, [{"id": sid, "url": f"redis:frames:{sid}", "pipeline": "dt"} for sid in sids],
+                  pipelines={"dt": DETECT_TRACK})
+    image = encode_jpeg(load_photo("bus.jpg"))
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        await until(lambda: at_least(r, "cam0", 1), 60, what="the live streams running")
+        answers, answered_ts = [], []
+        for _ in range(5):  # while the streams' frames go through: bursts of three
+            answers += await asyncio.gather(*(post(s, d, "dt", image, "image/jpeg") for _ in range(3)))
+            answered_ts.append(time.time())
+        ingress = d.pipelines["dt"].ingress
+        assert QUEUE_KEY in ingress._queues.values()  # one more queue of the same fan-in
+        recs = {sid: await until(lambda sid=sid: at_least(r, sid, len(frames)), 60, what=f"{sid}'s results")
+                for sid in sids}
+        track_events = [json.loads(f[b"event"]) for k in await r.keys("streamd:{*}:events")
+                        for _, f in await r.xrange(k)]
+    assert all(a[0] == 200 for a in answers), [a[2] for a in answers if a[0] != 200]
+    outs = [a[2]["outputs"] for a in answers]
+    assert all(o == outs[0] for o in outs)  # each image a fresh stream: the same tracks every time
+    assert [t["track_id"] for t in outs[0]["track"]["tracks"]] == list(range(1, len(outs[0]["track"]["tracks"]) + 1))
+    live_done = max(x["publish_ts"] for rs in recs.values() for x in rs)
+    during = sum(t < live_done for t in answered_ts)
+    print(f"\n15 predicts while 3 streams ran: p50 total {np.median([a[2]['timings_ms']['total'] for a in answers]):.0f}"
+          f" ms; {during} of 5 bursts answered before the streams' last result")
+    assert during >= 1  # the predicts really ran while live frames went through
+    for sid, rs in recs.items():
+        assert [x["seq"] for x in rs] == list(range(len(frames))), sid  # gapless, in order, none twice
+        assert all(x["error"] is None for x in rs)
+    assert not any(e.get("stream_id", "").startswith("_predict") for e in track_events)
