@@ -236,7 +236,7 @@ async def test_stream_etag_and_if_match(r, redis_server):
             status, body = await _json(resp)
         assert status == 412 and body["error"] == {"code": "precondition_failed", "message": body["error"]["message"],
                                                    "details": {"current_etag": created}}
-        assert d.stream_config("cam").fps == 2.0
+        assert d.streams.stream_config("cam").fps == 2.0
         # the current one: changed; the answer's ETag is the new one, and GET agrees
         async with s.patch(url, json={"fps": 1.0}, headers={**h(OPER), "If-Match": created}) as resp:
             assert resp.status == 200 and (await resp.json())["fps"] == 1.0
@@ -281,7 +281,7 @@ async def test_two_clients_with_the_same_stream_etag_exactly_one_wins(r, redis_s
                                            patch(b, {"fps": fb, "queue_size": 4 + i}, tags[1]))
             assert sorted(st for st, _ in answers) == [200, 412], answers
             won = next(body for st, body in answers if st == 200)
-            assert d.stream_config("cam").fps == won["fps"]
+            assert d.streams.stream_config("cam").fps == won["fps"]
 
 
 async def test_openapi_and_readme_describe_delete_and_the_headers(r, redis_server):
