@@ -392,6 +392,9 @@ class Sampler:
                 except OSError:  # not listening yet (starting), or too slow this once
                     self.api_errors += 1
                     continue
+                if not isinstance(body, dict) or "members" not in body:  # not the cluster view: counted, skipped
+                    self.api_errors += 1
+                    continue
                 self.answers.append((time.time(), body))
                 for m in body["members"]:
                     if m["last_heartbeat"] is not None:
