@@ -21,7 +21,7 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 BUDGET_DEVICE_PATTERN = r"^(cpu|cuda(:\d+)?|mps)$"
 PINNED = -1.0  # keep_alive_s of a model that is never unloaded for being idle (nor evicted)
 
-Kind = Literal["detector", "segmenter", "vlm"]
+Kind = Literal["detector", "segmenter", "vlm", "sam2"]
 Precision = Literal["auto", "fp32", "fp16", "bf16", "8bit", "4bit"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -77,8 +77,18 @@ class VlmModelOptions(_Strict):
     max_wait_ms: float = Field(20.0, ge=0, description="wait this long for a fuller batch")
 
 
+class Sam2ModelOptions(_Strict):
+    """`options` of a sam2 model (the segment stage's SAM 2 mask tracker: streamd/stages/segment/)."""
+
+    checkpoint: str = Field("hub", min_length=1, description="a local SAM 2 checkpoint file (.pt); hub: the "
+                            "source's weights from the Hugging Face hub (needs internet once, then cached); "
+                            "random: untrained weights (tests and benchmarks: the masks mean nothing)")
+    image_size: int | None = Field(None, ge=128, le=2048, multiple_of=32, description="the square input size; "
+                                   "null: the model config's (1024)")
+
+
 OPTIONS: dict[str, type[_Strict]] = {"detector": DetectorOptions, "segmenter": DetectorOptions,
-                                     "vlm": VlmModelOptions}
+                                     "vlm": VlmModelOptions, "sam2": Sam2ModelOptions}
 # the options that set the shared batcher, not the loaded weights: not part of a model's identity
 BATCHING_OPTIONS = frozenset({"max_batch", "max_wait_ms"})
 
@@ -89,13 +99,14 @@ class ModelSpec(_Strict):
     source: str = Field(..., min_length=1, description="a file or folder (.pt .yaml .onnx .engine, a transformers "
                         "folder), an alias (person), or a Hugging Face hub id (org/name)")
     kind: Kind = Field("detector", description="detector (Ultralytics, also YOLO-World/YOLOE), segmenter "
-                       "(Ultralytics -seg models) or vlm (transformers, in process)")
+                       "(Ultralytics -seg models), vlm (transformers, in process) or sam2 (SAM 2 mask "
+                       "tracking, the segment stage)")
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto (cuda:0 where there is a GPU, else cpu), "
                         "cpu, cuda:N, mps")
     precision: Precision = Field("auto", description="auto (the model's own; fp32 for detectors), fp32, fp16, bf16; "
                                  "8bit / 4bit: vlm on CUDA (bitsandbytes)")
     options: dict[str, Any] = Field(default_factory=dict, description="per kind: detector/segmenter: runtime, "
-                                    "lanes, max_batch; vlm: max_batch, max_wait_ms")
+                                    "lanes, max_batch; vlm: max_batch, max_wait_ms; sam2: checkpoint, image_size")
     keep_alive_s: float | None = Field(None, description="seconds without a user before the model is unloaded; "
                                        "-1: pinned (never unloaded for being idle, never evicted); null: "
                                        "models.keep_alive_s")
@@ -165,8 +176,9 @@ class ModelsConfig(_Strict):
 
 
 # stage keys that belong to a declared model: set on `models.catalog.<name>`, not on the stage
-OWNED_BY_MODEL = {"detect": ("device", "half", "runtime", "lanes"), "vlm": ("device", "dtype", "quantization")}
-STAGE_KINDS = {"detect": ("detector", "segmenter"), "vlm": ("vlm",)}
+OWNED_BY_MODEL = {"detect": ("device", "half", "runtime", "lanes"), "vlm": ("device", "dtype", "quantization"),
+                  "segment": ("device", "precision", "checkpoint", "image_size")}
+STAGE_KINDS = {"detect": ("detector", "segmenter"), "vlm": ("vlm",), "segment": ("sam2",)}
 
 
 def stage_model(stage: dict[str, Any]) -> str | None:
@@ -176,6 +188,8 @@ def stage_model(stage: dict[str, Any]) -> str | None:
         m = stage.get("model", "person")
     elif t == "vlm" and stage.get("backend") == "transformers":
         m = stage.get("model")
+    elif t == "segment":
+        m = stage.get("model", "sam2.1-hiera-tiny")
     else:
         return None
     return m if isinstance(m, str) else None

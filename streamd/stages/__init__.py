@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "frame_info": "streamd.stages.frame_info:FrameInfo",
     "detect": "streamd.stages.detect:Detect",
     "track": "streamd.stages.track:Track",
+    "segment": "streamd.stages.segment:Segment",
     "vlm": "streamd.stages.vlm:Vlm",
 }
 
