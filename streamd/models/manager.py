@@ -39,7 +39,8 @@ log = get_logger("streamd.models")
 
 # kind -> "module:function" building (load, wrap) for a spec: imported when a model of that kind first loads
 LOADERS = {"detector": "streamd.stages.detector:model_loader", "segmenter": "streamd.stages.detector:model_loader",
-           "vlm": "streamd.stages.vlm.transformers:model_loader"}
+           "vlm": "streamd.stages.vlm.transformers:model_loader",
+           "sam2": "streamd.stages.segment.model:model_loader"}
 RETRY_FAILED_S = 5.0  # a model whose load failed is tried again by the next call after this long
 
 
