@@ -56,6 +56,8 @@ class Entry:
     active: int = 0  # calls running now
     loads: int = 0
     task: "asyncio.Task[None] | None" = None  # the load or unload under way
+    version: str | None = None  # while loaded: a content hash of its weights (streamd.models.version)
+    version_method: str | None = None  # file, folder or weights (what was hashed), none
 
     @property
     def pinned(self) -> bool:
@@ -92,6 +94,7 @@ class Entry:
             "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 3),
             "loaded_at": self.loaded_at, "last_used": self.last_used, "keep_alive_s": self.keep_alive_s,
             "pinned": self.pinned, "preload": self.spec.preload, "loads": self.loads, "users": self.users(),
+            "version": self.version, "version_method": self.version_method,
         }
 
     def holder(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import importlib
 import inspect
 import re
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ from streamd.models.errors import (InsufficientMemory, ModelError, ModelInUse, M
                                    UnknownModel)
 from streamd.models.sources import ALIAS_KINDS, ALIASES, resolve_device, source_bytes
 from streamd.models.spec import BATCHING_OPTIONS, MODEL_NAME_PATTERN, ModelsConfig, ModelSpec, check_stage_model
+from streamd.models.version import Versions
 from streamd.stages import device_executor
 
 log = get_logger("streamd.models")
@@ -69,6 +71,7 @@ class ModelManager:
         self._wake = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
         self._preloads: set[asyncio.Task[Any]] = set()
+        self._versions = Versions()  # weights hashes, cached per file
         self._closed = False
 
     def _add(self, name: str, spec: ModelSpec, origin: str) -> Entry:
@@ -222,6 +225,7 @@ class ModelManager:
                 loaded, fp = await loop.run_in_executor(device_executor(device), memory.measure_load, load, device)
             finally:
                 e.reserved = 0
+            e.version, e.version_method = await self._version(e, loaded)
             e.obj = wrap(loaded)
             del loaded
             e.footprint, e.memory_bytes = fp, fp.bytes
@@ -249,6 +253,14 @@ class ModelManager:
             m.model_memory.labels(e.name, e.device).set(e.memory_bytes)
         self.wake()
 
+    async def _version(self, e: Entry, loaded: Any) -> tuple[str | None, str]:
+        """A content hash of the loaded weights, in a worker thread (a hash that cannot be made is no failure)."""
+        try:
+            return await asyncio.to_thread(self._versions.of, e.spec.source, loaded)
+        except Exception as err:  # noqa: BLE001 - the model serves without a version
+            log.warning("model version not computed", model=e.name, error=str(err))
+            return None, "none"
+
     def _failed(self, e: Entry, err: BaseException, seconds: float) -> None:
         if isinstance(err, StageError) and not isinstance(err, ModelError):  # the loader's own clear message
             err = ModelLoadFailed(f"model {e.name!r}: {err}")
@@ -256,7 +268,7 @@ class ModelManager:
             err = ModelLoadFailed(f"cannot load model {e.name!r} ({e.spec.source}): "
                                   f"{redact_text(f'{type(err).__name__}: {err}')}")
         e.state, e.error, e.reason, e.failed_at = State.FAILED, err, str(err), time.monotonic()
-        e.obj, e.memory_bytes = None, 0
+        e.obj, e.memory_bytes, e.version, e.version_method = None, 0, None, None
         log.error("model load failed", model=e.name, error=str(err), seconds=round(seconds, 3))
         if self.metrics is not None:
             self.metrics.model_loads.labels(e.name, getattr(err, "code", "failed")).inc()
@@ -326,11 +338,13 @@ class ModelManager:
         e.state = State.UNLOADING
         obj, e.obj = e.obj, None
         device = e.device or "cpu"
+        gone = _watch(obj)
         if obj is not None:
             await _close(obj, message or f"model {e.name!r} was unloaded: {reason}")
         del obj
-        await asyncio.get_running_loop().run_in_executor(device_executor(device), memory.release, device)
-        e.memory_bytes = 0
+        await asyncio.get_running_loop().run_in_executor(device_executor(device), memory.release, device,
+                                                         lambda: gone() is not None)
+        e.memory_bytes, e.version, e.version_method = 0, None, None
         e.state, e.reason = State.UNLOADED, reason
         if why is not None:
             log.info("model unloaded", model=e.name, device=device, reason=reason)
@@ -365,6 +379,16 @@ class ModelManager:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+
+def _watch(obj: Any) -> Callable[[], Any]:
+    """A weak reference to a model being dropped (freed once the call returns None), or one that never says so."""
+    if obj is None:
+        return lambda: None
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # no weak references to it: taken as alive (a full collection)
+        return lambda: True
 
 
 async def _close(obj: Any, reason: str) -> None:

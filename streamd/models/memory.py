@@ -11,17 +11,21 @@ What a model holds (`Footprint`), measured on the device's executor thread aroun
   trimmed). Parameter bytes are exact for what the model pins and what unloading gives back. The RSS delta
   (after a `malloc_trim`) is measured too and reported beside it (`host_rss_delta_bytes`), for comparison.
 
-Giving memory back (`release`): the caller drops its references first; then `gc.collect()`, `malloc_trim(0)` on
+Giving memory back (`release`): the caller drops its references first; then a collection of the young
+generations (a full `gc.collect()` only if the model is still alive: it pauses the whole process), `malloc_trim(0)` on
 glibc (freed heap pages go back to the kernel; streamd's malloc thresholds keep up to 256 MB otherwise) and
 `torch.cuda.empty_cache()` on CUDA (the allocator's cached blocks go back to the driver).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import os
 import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,13 +89,37 @@ def trim_heap() -> None:
         pass
 
 
-def release(device: str) -> None:
-    """After the last reference to a model went: collect, trim the heap, empty CUDA's cache. On the executor."""
-    gc.collect()
+def release(device: str, alive: Callable[[], bool] = lambda: True) -> None:
+    """After the last reference to a model went: collect, trim the heap, empty CUDA's cache. On the executor.
+
+    A model in no reference cycle is freed when its last reference goes: then collecting the young generations
+    (a few ms) is enough. A full collection holds the GIL for 0.2 s and more once torch is loaded, which stalls
+    every stream's decoder and the event loop (a visible gap in the results): it runs only while `alive()` says
+    the model was not freed."""
+    gc.collect(1)
+    if alive():
+        gc.collect()
     trim_heap()
     torch = _torch()
     if torch is not None and device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def clear_task_frames(task: asyncio.Task[Any]) -> None:
+    """Clear the frames a finished task's exception holds. A cancelled task's CancelledError and the frames it
+    went through (an asyncio.TaskGroup's exit among them) refer to each other: a cycle that keeps the task's
+    frames, and what they hold (a model's batcher, its model), until a full collection (see `release`)."""
+    if not task.done():
+        return
+    if task.cancelled():
+        try:
+            task.exception()
+        except asyncio.CancelledError as e:  # the exception the task was cancelled with, its traceback kept
+            traceback.clear_frames(e.__traceback__)
+        return
+    exc = task.exception()
+    if exc is not None:
+        traceback.clear_frames(exc.__traceback__)
 
 
 def measure_load(load: Any, device: str) -> tuple[Any, Footprint]:

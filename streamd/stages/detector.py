@@ -33,6 +33,7 @@ import numpy as np
 
 from streamd.errors import StageError
 from streamd.log import get_logger, redact_text
+from streamd.models.memory import clear_task_frames
 from streamd.stages import device_executor
 from streamd.stages.open_vocab import OpenVocabulary, VocabularyError, open_vocabulary_kind
 
@@ -152,9 +153,11 @@ class SharedDetector:
         """Stop the batcher; requests still waiting fail with `error` (the model was unloaded), and later ones too.
         A forward pass under way in a lane finishes on its own; its result is dropped."""
         err = self._error = error or StageError(f"model {self.name!r} was unloaded")
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            clear_task_frames(task)  # then nothing but the manager holds this object: freed when it lets go
         while self._pending:
             req, _ = self._pending.popleft()
             if not req.future.done():

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamd.errors import StageError
+from streamd.models.memory import clear_task_frames
 from streamd.stages import device_executor
 from streamd.stages.vlm.base import VlmAnswer, VlmRequest, VlmStale, check_fresh
 
@@ -125,9 +126,11 @@ class SharedVlm:
     async def aclose(self, error: BaseException | None = None) -> None:
         """Stop the batcher; questions waiting (or in the generate call under way) fail with `error`."""
         self._error = error or StageError(f"VLM {self.name!r} was unloaded")
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            clear_task_frames(task)  # then nothing but the manager holds this object: freed when it lets go
         for p in self._queue:
             if not p.future.done():
                 p.future.set_exception(self._error)
