@@ -7,20 +7,25 @@ for plain detection models on the CPU, in as many concurrent lanes as the cores 
 (`runtime`). Frames of many streams arrive in one stage batch (the pipeline's fan-in), so no stream waits for
 another's frame. A vocabulary that cannot be set fails the streams that use it (`StageContext.fail_stream`), never
 the pipeline's other streams.
+
+A batch runs with what the stage serves when it starts (`_Serving`: the model's handle, the parameters, the class
+names), taken once: a live switch (`prepare_switch` while the old model keeps serving, then `switch`) replaces it
+between two batches, so no frame is processed by a mix of two models. Every output names its model and the loaded
+weights' version (`model`, `model_version`: a content hash, streamd.models.version).
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from streamd.config import StageConfig
-from streamd.errors import StageError
+from streamd.errors import ConfigError, StageError
 from streamd.frames import Work
 from streamd.log import get_logger, redact_text
 from streamd.stages import Stage, parse_options
@@ -62,19 +67,33 @@ class DetectOptions(BaseModel):
                           "used before the text encoder; what makes vocabularies work offline")
 
 
+@dataclass(frozen=True)
+class _Serving:
+    """What a batch runs with: options, the model's handle, the parameters and class names they give."""
+
+    opts: DetectOptions
+    model: Any  # streamd.models.ModelRef
+    params: Params
+    names: dict[int, str]
+    open_vocab: bool
+    device: str
+    source: str
+
+
 class Detect(Stage):
     kind = "detect"
+    # options a live switch may change (PATCH /api/v1/pipelines/{name}); the others shape the model's batcher, its
+    # device or runtime, or the pipeline (prompt kinds), and need the pipeline restarted
+    live_options = frozenset({"model", "conf", "iou", "classes", "labels", "imgsz", "max_det"})
 
     def __init__(self, cfg: StageConfig, opts: DetectOptions):
         super().__init__(cfg)
         self.opts = opts
         self.max_batch = opts.max_batch
         self.max_wait_ms = opts.max_wait_ms
-        self.model: Any = None  # streamd.models.ModelRef: the shared model, lent per call by the model manager
+        self.serving: _Serving | None = None  # set by setup(), replaced by a switch
         self.source = opts.model  # what the model was loaded from (a declared name's source)
         self._prepared: weakref.WeakSet[SharedDetector] = weakref.WeakSet()  # loaded models this stage set up
-        self.params: Params | None = None
-        self._open_vocab = False
         name = opts.model.lower()
         if opts.vocabulary is not None or opts.text_embeddings or "world" in name or "yoloe" in name:
             self.prompt_kinds = ("vocabulary",)  # the prompt store's vocabularies (stamped per frame)
@@ -84,6 +103,15 @@ class Detect(Stage):
         return cls(cfg, parse_options(DetectOptions, cfg, where))
 
     @property
+    def model(self) -> Any:
+        """The handle on the model serving now (streamd.models.ModelRef), None before setup."""
+        return None if self.serving is None else self.serving.model
+
+    @property
+    def params(self) -> Params | None:
+        return None if self.serving is None else self.serving.params
+
+    @property
     def detector(self) -> SharedDetector | None:
         """The loaded model now (None while the model manager has it unloaded)."""
         return None if self.model is None else self.model.entry.obj
@@ -91,33 +119,79 @@ class Detect(Stage):
     async def setup(self) -> None:
         """Take a handle on the model from the model manager and load it (the first stream of the pipeline is
         its first use): check `classes` and the vocabulary options against it and run one forward pass."""
+        self._install(await self._take(self.cfg, self.opts))
+
+    async def _take(self, cfg: StageConfig, o: DetectOptions) -> _Serving:
+        """A handle on the model `o` names, loaded and set up for `o` (the handle is closed again if that fails)."""
         from streamd.models.sources import resolve_device
         from streamd.models.spec import ModelSpec
 
-        o = self.opts
         models = self.ctx.models
-        models.check_stage(self.cfg.model_dump(exclude_unset=True), self.where or f"stage {self.name}")
+        models.check_stage(cfg.model_dump(exclude_unset=True), self.where or f"stage {self.name}")
         device = resolve_device(o.device)
         precision = ("fp16" if device.startswith("cuda") else "bf16") if o.half else "auto"
         implicit = ModelSpec(source=o.model, kind="detector", device=device, precision=precision,
                              options={"runtime": o.runtime, "lanes": o.lanes, "max_batch": o.max_batch})
-        self.model = models.ref(o.model, implicit, self.label(), self.ctx.fail_stream)
-        async with self.model.use() as det:
-            self.device = det.device
-            self.source = det.name
-            ov = det.open_vocab
-            self._open_vocab = ov is not None
-            if ov is None and (o.vocabulary or o.text_embeddings):
-                raise StageError(f"model {o.model!r} is not an open-vocabulary model (YOLO-World / YOLOE): "
-                                 "'vocabulary' and 'text_embeddings' need one")
-            vocab = tuple(o.vocabulary) if o.vocabulary else None
-            names = {i: n for i, n in enumerate(vocab)} if vocab else det.names
-            self.params = Params(o.conf, o.iou, o.imgsz, o.max_det, det.half, self._classes(names), vocab, o.masks)
-            self._names = names
-            await self._prepare(det)
+        ref = models.ref(o.model, implicit, self.label(), self.ctx.fail_stream)
+        try:
+            async with ref.use() as det:
+                ov = det.open_vocab
+                if ov is None and (o.vocabulary or o.text_embeddings):
+                    raise StageError(f"model {o.model!r} is not an open-vocabulary model (YOLO-World / YOLOE): "
+                                     "'vocabulary' and 'text_embeddings' need one")
+                vocab = tuple(o.vocabulary) if o.vocabulary else None
+                names = {i: n for i, n in enumerate(vocab)} if vocab else det.names
+                params = Params(o.conf, o.iou, o.imgsz, o.max_det, det.half, self._classes(o, names), vocab,
+                                o.masks)
+                await self._prepare(det, o, params)
+                return _Serving(o, ref, params, names, ov is not None, det.device, det.name)
+        except BaseException:
+            ref.close()
+            raise
 
-    def _classes(self, names: dict[int, str]) -> tuple[int, ...] | None:
-        o = self.opts
+    def _install(self, s: _Serving) -> None:
+        self.serving = s
+        self.opts = s.opts
+        self.device = s.device
+        self.source = s.source
+
+    # -- a live switch (streamd.streams.switch) ------------------------------------------------------------------
+    async def prepare_switch(self, cfg: StageConfig) -> _Serving:
+        """Load and set up what `cfg` (this stage's options, some live options changed) needs while the current
+        model keeps serving: its model through the manager, `classes` checked against it, one forward pass. The
+        new handle holds this stage's streams, so the manager keeps the model until the switch. Raises
+        (ConfigError, StageError, ModelError) leaving the stage as it was."""
+        assert self.serving is not None, "setup() first"
+        o = parse_options(DetectOptions, cfg, self.where)
+        changed = sorted(k for k in DetectOptions.model_fields if getattr(o, k) != getattr(self.opts, k))
+        fixed = [k for k in changed if k not in self.live_options]
+        if fixed:
+            raise ConfigError(f"{self.where}.{fixed[0]}", f"{', '.join(fixed)} cannot change while the pipeline "
+                              f"runs (live: {', '.join(sorted(self.live_options))})")
+        s = await self._take(cfg, o)
+        s.model.hold(self.serving.model.streams)
+        return s
+
+    def switch(self, cfg: StageConfig, s: _Serving) -> None:
+        """Serve with `s` from the next batch on (a batch under way ends with what it started with). The old
+        handle is closed: once its last call ends the old model is idle, and the manager unloads it after its
+        keep_alive_s (unless another stage uses it)."""
+        assert self.serving is not None
+        old = self.serving.model
+        s.model.streams.clear()  # the streams of the pipeline now (some may have come or gone during the load)
+        s.model.hold(old.streams)
+        s.model.revoked.update(old.revoked)
+        self.cfg = cfg
+        self._install(s)
+        if old is not s.model:
+            old.close()
+
+    @staticmethod
+    def discard(s: _Serving) -> None:
+        """A prepared switch that will not happen: its handle goes."""
+        s.model.close()
+
+    def _classes(self, o: DetectOptions, names: dict[int, str]) -> tuple[int, ...] | None:
         if not o.classes:
             return None
         by_name = {n: i for i, n in names.items()}
@@ -132,17 +206,15 @@ class Detect(Stage):
                 raise StageError(f"class {c!r} is not one of the model's classes: {sorted(by_name)}")
         return tuple(sorted(set(ids)))
 
-    async def _prepare(self, det: SharedDetector) -> None:
+    async def _prepare(self, det: SharedDetector, o: DetectOptions, params: Params) -> None:
         """What this stage adds to a loaded model, again after each reload: its text embeddings (open vocabulary);
         then one forward pass, so the first frames do not pay for lazy initialisation."""
         if det in self._prepared:
             return
-        o = self.opts
         if det.open_vocab is not None and o.text_embeddings:
             n = await self.run_blocking(det.open_vocab.add_file, o.text_embeddings)
             log.info("text embeddings loaded", model=o.model, path=o.text_embeddings, phrases=n)
-        assert self.params is not None
-        await det.detect([np.zeros((o.imgsz, o.imgsz, 3), np.uint8)], self.params)
+        await det.detect([np.zeros((o.imgsz, o.imgsz, 3), np.uint8)], params)
         self._prepared.add(det)
 
     async def teardown(self) -> None:
@@ -154,28 +226,28 @@ class Detect(Stage):
             self.model.drop_stream(stream_id)  # the model may be unloaded once no stream uses it
 
     async def process(self, batch: list[Work]) -> list[Work]:
-        assert self.model is not None and self.params is not None
+        s = self.serving  # the whole batch runs with this: a switch takes effect between two batches
+        assert s is not None
         todo = []
         for w in batch:  # a stream whose model was unloaded by force fails (its frames still in the queues too)
-            why = self.model.revoked.get(w.frame.stream_id)
+            why = s.model.revoked.get(w.frame.stream_id)
             if why is not None:
                 w.error = why
             else:
                 todo.append(w)
         if not todo:
             return batch
-        async with self.model.use({w.frame.stream_id for w in todo}) as det:
-            await self._prepare(det)
-            await self._detect(det, todo)
+        async with s.model.use({w.frame.stream_id for w in todo}) as det:
+            await self._prepare(det, s.opts, s.params)
+            await self._detect(det, todo, s, s.model.entry.version)
         return batch
 
-    async def _detect(self, det: SharedDetector, batch: list[Work]) -> None:
-        assert self.params is not None
+    async def _detect(self, det: SharedDetector, batch: list[Work], s: _Serving, version: str | None) -> None:
         # a vocabulary from the prompt store (open-vocabulary models) overrides the configured one per frame
         groups: dict[Params, list[Work]] = {}
         for w in batch:
-            p = self.params
-            rec = w.prompts.get("vocabulary") if self._open_vocab else None
+            p = s.params
+            rec = w.prompts.get("vocabulary") if s.open_vocab else None
             if rec is not None and rec.get("phrases"):
                 p = replace(p, vocabulary=tuple(rec["phrases"]), classes=None)
                 w.prompt_versions["vocabulary"] = {"scope": rec["scope"], "version": rec["version"]}
@@ -188,9 +260,9 @@ class Detect(Stage):
             if isinstance(res, BaseException):
                 self._failed(ws, res)
                 continue
-            names = {i: n for i, n in enumerate(p.vocabulary)} if p.vocabulary else self._names
+            names = {i: n for i, n in enumerate(p.vocabulary)} if p.vocabulary else s.names
             for w, (data, masks) in zip(ws, res):
-                self._publish(w, data, masks, names, p.vocabulary is not None)
+                self._publish(w, data, masks, names, p.vocabulary is not None, s.opts, version)
 
     def _failed(self, ws: list[Work], e: BaseException) -> None:
         """Frames whose forward pass failed are marked failed; a vocabulary that cannot be set also fails the
@@ -207,8 +279,8 @@ class Detect(Stage):
                 self.ctx.fail_stream(sid, reason)
 
     def _publish(self, w: Work, data: np.ndarray, masks: list[Any] | None, names: dict[int, str],
-                 vocab: bool) -> None:
-        labels = self.opts.labels
+                 vocab: bool, o: DetectOptions, version: str | None) -> None:
+        labels = o.labels
         h, w_px = w.frame.height, w.frame.width
         dets = []
         for i, row in enumerate(data):
@@ -225,7 +297,7 @@ class Detect(Stage):
             if masks is not None:
                 d["mask"] = masks[i]
             dets.append(d)
-        out: dict[str, Any] = {"model": self.opts.model, "detections": dets}
+        out: dict[str, Any] = {"model": o.model, "model_version": version, "detections": dets}
         version = w.prompt_versions.get("vocabulary") if vocab else None
         if version is not None:  # the vocabulary these classes came from: the store's, or the config's (version 0)
             out["vocabulary_version"] = version["version"]
