@@ -9,13 +9,16 @@ worker thread, never on the event loop or the device's executor).
   name, dtype, shape and bytes, in name order (`method: weights`). Two loads of a `.yaml` are two versions: their
   random weights differ.
 
-A file's hash is cached by (path, size, mtime), so loading an unchanged file again reads nothing. Written
-`sha256:<16 hex digits>` (64 bits: enough to tell the weights of one deployment apart).
+A file's hash is cached by (path, size, mtime), so loading an unchanged file again reads nothing; a file in the
+Hugging Face cache is a link to a blob named by the sha256 of its content, which is taken as it is (a model of
+several GB is not read for it). Written `sha256:<16 hex digits>` (64 bits: enough to tell the weights of one
+deployment apart).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ PREFIX = "sha256:"
 DIGITS = 16
 _CHUNK = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".engine", ".gguf")
+_HF_BLOB = re.compile(r"[0-9a-f]{64}")  # huggingface_hub's cache: blobs/<sha256 of the content> (git LFS files)
 
 
 class Versions:
@@ -50,12 +54,15 @@ class Versions:
         return (_short(digest), "weights") if digest is not None else (None, "none")
 
     def _file(self, path: Path) -> str:
-        st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        real = path.resolve()
+        if real.parent.name == "blobs" and _HF_BLOB.fullmatch(real.name):
+            return real.name
+        st = real.stat()
+        key = (str(real), st.st_size, st.st_mtime_ns)
         digest = self._files.get(key)
         if digest is None:
             h = hashlib.sha256()
-            with path.open("rb") as f:
+            with real.open("rb") as f:
                 while chunk := f.read(_CHUNK):
                     h.update(chunk)
             digest = self._files[key] = h.hexdigest()
