@@ -19,7 +19,8 @@ def read_status(path):
 
 
 def concrete(path):
-    return (path.replace("{id}", "nosuch").replace("{kind}", "vlm").replace("{scope}", "global"))
+    return (path.replace("{id}", "nosuch").replace("{kind}", "vlm").replace("{scope}", "global")
+            .replace("{pipeline}", "detect"))
 
 
 async def test_every_route_needs_a_token_and_the_right_scope(r, redis_server):

@@ -122,12 +122,15 @@ async def test_bad_images_and_pipelines_get_typed_json_errors(r, redis_server, t
         bad = b"--xx\r\nContent-Disposition: form-data; name=file\r\n\r\nabc"  # no closing boundary
         status, _, body = await post(s, d, "frame_info", bad, "multipart/form-data; boundary=xx")
         assert status == 422 and body["error"]["code"] == "invalid_image", body
+        bad = b"--xx\r\n-1.8e+16--xx--\r\n"  # a part header line without a colon (schemathesis found it)
+        status, _, body = await post(s, d, "frame_info", bad, "multipart/form-data; boundary=xx")
+        assert status == 422 and body["error"]["details"] == {"reason": "malformed multipart body"}, body
         status, _, body = await post(s, d, "broken", ok)
         assert "missing.pt" in body["error"]["details"]["reason"], body
         status, _, body = await post(s, d, "frame_info", ok)  # the daemon goes on answering
         assert status == 200
         m = d.metrics.predict_requests
-        assert sample(m, pipeline="frame_info", outcome="invalid_image") == 9
+        assert sample(m, pipeline="frame_info", outcome="invalid_image") == 10
         assert sample(m, pipeline="broken", outcome="failed") == 2
 
 

@@ -67,7 +67,10 @@ async def _image_bytes(request: web.Request, limit: int) -> bytes:
                 ptype = part.headers.get("Content-Type", "")
                 if part.filename is not None or ptype.startswith("image/") or part.name in ("image", "file"):
                     return await _read_limited(part.read_chunk, limit)
-        except (ValueError, AssertionError, RuntimeError) as e:  # a malformed multipart body
+        except ApiError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a malformed multipart body: aiohttp's parser raises ValueError,
+            # AssertionError, InvalidHeader ... (hostile bytes must not reach the 500 handler)
             raise ApiError(422, "invalid_image", f"the multipart body cannot be read: {type(e).__name__}",
                            {"reason": "malformed multipart body"}) from None
         raise ApiError(422, "invalid_image", "the multipart body has no file part (a part with a filename, an "
