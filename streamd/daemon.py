@@ -21,6 +21,7 @@ from streamd.log import get_logger
 from streamd.memory import tune_malloc
 from streamd.metrics import Metrics
 from streamd.models import ModelManager
+from streamd.pipeline_versions import PipelineStore
 from streamd.prompts import PromptCache, PromptStore
 from streamd.redis_clients import redis_client
 from streamd.redis_server import ManagedRedis
@@ -29,6 +30,7 @@ from streamd.sources.redis import default_consumer_name
 from streamd.stages import StageContext
 from streamd.streams.manager import StreamManager
 from streamd.streams.pipelines import PipelineSet, pipeline_config
+from streamd.streams.switch import ModelSwitches
 
 log = get_logger("streamd.daemon")
 CACHE_POOL = 4
@@ -85,6 +87,12 @@ class Daemon:
         await self.models.start()  # preloads, the idle-unload task
         self.pipelines = self.streams.pipelines = PipelineSet(self.cfg, self.metrics, ctx, self.sink,
                                                               self.prompt_cache, self.streams.pipeline_failed)
+        # live model switches, versioned in Redis (its reads and pub/sub on the cache's kind of pool)
+        self.pipelines.switches = ModelSwitches(self.cfg, self.pipelines, ctx, PipelineStore(self.redis),
+                                                PipelineStore(self._role(CACHE_POOL)), self._pipeline_streams)
+
+    def _pipeline_streams(self, pipeline: str) -> list[str]:
+        return sorted(sid for sid, r in self.streams.runners.items() if r.cfg.pipeline == pipeline)
 
     def _role(self, max_connections: int | None) -> aioredis.Redis:
         c = redis_client(self.redis_url, max_connections, cluster=self.cfg.redis.cluster)
@@ -110,6 +118,12 @@ class Daemon:
             background = [tg.create_task(self.sink.run(), name="sink"),
                           tg.create_task(self._watch_loop_lag(), name="loop-lag"),
                           tg.create_task(self.prompt_cache.run(), name="prompts")]
+            switches = self.pipelines.switches
+            background.append(tg.create_task(switches.run(), name="pipeline-versions"))
+            try:  # pipelines start with their switched models (Redis unreachable: as configured, switched later)
+                await asyncio.wait_for(switches.versions.tried.wait(), 5)
+            except TimeoutError:
+                log.warning("pipeline versions not loaded yet (Redis unreachable?)")
             api = None
             if self.cfg.api.enabled:
                 from streamd.api import ApiServer
@@ -143,6 +157,7 @@ class Daemon:
             except TimeoutError:
                 log.warning("grace period over: cancelling", unpublished=len(self.sink))
             self.prompt_cache.stop()
+            switches.stop()
             streams.cancel()
             for t in background:
                 t.cancel()

@@ -5,7 +5,8 @@ together share a hash tag (the part in braces, the only part Redis hashes):
 - a stream's results, events, VLM answers and lease: `{<stream_id>}` (the fenced result write is one Lua call
   over the lease and the results stream);
 - the fleet's member records and their index: `{fleet}` (one MGET reads every member);
-- a prompt's version counter, versions and current pointer: `{<kind>|<scope>}` (one Lua write).
+- a prompt's version counter, versions and current pointer: `{<kind>|<scope>}` (one Lua write);
+- a pipeline's version counter, versions and current pointer: `{<pipeline>}` (one Lua write).
 A Redis frame input is a key the user names: its dead-letter stream `<key>:dead` and its acknowledgement share its
 slot only when that key carries a hash tag, and the result stream only when that tag is the stream id
 (`frames:{<stream_id>}`); otherwise the writes that go together in one MULTI/EXEC on a single Redis are made one
@@ -32,6 +33,11 @@ FLEET_MEMBERS_KEY = "streamd:{fleet}:members"
 PROMPTS_INDEX_KEY = "streamd:prompts:index"
 PROMPTS_CHANNEL = "streamd:prompts:changed"
 PROMPT_KEY = "streamd:prompt:{{{pid}}}:{part}"  # part: seq, versions, current
+
+# pipeline versions (streamd.pipeline_versions): live changes of a pipeline's stages (a switched model), versioned
+PIPELINES_INDEX_KEY = "streamd:pipelines:index"
+PIPELINES_CHANNEL = "streamd:pipelines:changed"
+PIPELINE_KEY = "streamd:pipeline:{{{name}}}:{part}"  # part: seq, versions, current (one slot per pipeline)
 
 
 def results_key(stream_id: str) -> str:
@@ -66,6 +72,12 @@ def prompt_keys(pid: str) -> tuple[str, str, str]:
     """A prompt's (seq, versions, current) keys."""
     return PROMPT_KEY.format(pid=pid, part="seq"), PROMPT_KEY.format(pid=pid, part="versions"), \
         PROMPT_KEY.format(pid=pid, part="current")
+
+
+def pipeline_keys(name: str) -> tuple[str, str, str]:
+    """A pipeline's (seq, versions, current) keys."""
+    seq, versions, current = (PIPELINE_KEY.format(name=name, part=p) for p in ("seq", "versions", "current"))
+    return seq, versions, current
 
 
 def slot(key: str | bytes) -> int:

@@ -55,6 +55,7 @@ class PipelineSet(Mapping[str, Pipeline]):
         self._pipelines: dict[str, Pipeline] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.errors: dict[str, str] = {}  # pipelines whose setup failed: why
+        self.switches: Any = None  # streamd.streams.switch.ModelSwitches: pipelines are built with their versions
 
     # -- Mapping -------------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Pipeline:
@@ -68,6 +69,8 @@ class PipelineSet(Mapping[str, Pipeline]):
 
     # -- running ---------------------------------------------------------------------------------------------------
     def config(self, name: str, where: str) -> tuple[Any, list[Any]]:
+        if self.switches is not None:  # with the live changes of its current version (models switched)
+            return self.switches.pipeline_config(name, where)
         return pipeline_config(self.cfg, name, where)
 
     def get_or_start(self, name: str, where: str, tg: asyncio.TaskGroup) -> Pipeline:
