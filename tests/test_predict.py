@@ -209,3 +209,19 @@ async def test_predict_while_live_streams_run_on_the_same_pipeline(r, redis_serv
         assert [x["seq"] for x in rs] == list(range(len(frames))), sid  # gapless, in order, none twice
         assert all(x["error"] is None for x in rs)
     assert not any(e.get("stream_id", "").startswith("_predict") for e in track_events)
+
+
+async def test_a_predict_past_its_timeout_is_503_and_its_image_leaves_nothing_behind(r, redis_server):
+    cfg = api_cfg(redis_server.url, pipelines={"p": {"stages": PERSON}}, predict={"timeout_s": 0.05})
+    image = png(load_photo("bus.jpg"))
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        for _ in range(3):  # the first waits for the model's load; each of them for a forward pass (> 50 ms)
+            status, headers, body = await post(s, d, "p", image)
+            assert status == 503 and body["error"]["code"] == "predict_timeout", body
+            assert int(headers["Retry-After"]) >= 1
+        q = d.streams.predict.queue("p")
+        await until(lambda: len(q) == 0, 30, what="the timed-out images through the pipeline")
+        assert sample(d.metrics.predict_requests, pipeline="p", outcome="timeout") == 3
+        assert sample(d.metrics.predict_latency, pipeline="p") == 0  # never answered
+        users = {m["name"]: m["users"]["streams"] for m in d.models.catalog()}
+    assert users["person"] == [], users
