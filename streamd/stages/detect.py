@@ -161,10 +161,14 @@ class Detect(Stage):
         model keeps serving: its model through the manager, `classes` checked against it, one forward pass. The
         new handle holds this stage's streams, so the manager keeps the model until the switch. Raises
         (ConfigError, StageError, ModelError) leaving the stage as it was."""
+        from streamd.models.spec import OWNED_BY_MODEL
+
         assert self.serving is not None, "setup() first"
         o = parse_options(DetectOptions, cfg, self.where)
         changed = sorted(k for k in DetectOptions.model_fields if getattr(o, k) != getattr(self.opts, k))
-        fixed = [k for k in changed if k not in self.live_options]
+        declared = self.ctx.models.cfg.catalog
+        owned = OWNED_BY_MODEL["detect"] if o.model in declared or self.opts.model in declared else ()
+        fixed = [k for k in changed if k not in self.live_options and k not in owned]  # a declared model's own
         if fixed:
             raise ConfigError(f"{self.where}.{fixed[0]}", f"{', '.join(fixed)} cannot change while the pipeline "
                               f"runs (live: {', '.join(sorted(self.live_options))})")

@@ -8,6 +8,8 @@ stage can change while it runs, `Stage.live_options`), switched without stopping
   batches: a batch runs with one model from start to end, and each stage runs its batches in order, so per stream
   every frame before the switch has the old model and every frame after it the new one. The old model's handle is
   closed: the manager unloads it after its keep_alive_s once nothing else uses it.
+- The API names models the operator declared (`models.catalog`) or aliases, never a source: a path or URL from a
+  request would have the daemon read any file (Ultralytics unpickles .pt files) or fetch past the egress policy.
 - A load that fails leaves the old models serving, writes nothing, and publishes `model_switch_failed` on the
   events of each of the pipeline's streams here; a switch publishes `model_switched`.
 - Every daemon follows the versions (`PipelineVersions`): one another daemon wrote is applied to the pipelines
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from pydantic import ValidationError
@@ -28,6 +30,8 @@ from streamd import pipelines as pipeline_files
 from streamd.config import Config, PipelineConfig, StageConfig
 from streamd.errors import ConfigError, StreamdError
 from streamd.log import get_logger, redact_text
+from streamd.models.sources import ALIASES
+from streamd.models.spec import OWNED_BY_MODEL
 from streamd.pipeline import Pipeline
 from streamd.pipeline_versions import Changes, PipelineStore, PipelineVersions
 from streamd.stages import Stage, StageContext, build_stage
@@ -46,12 +50,19 @@ class SwitchRefused(StreamdError):
         self.path = path
 
 
-def apply(pcfg: PipelineConfig, changes: Changes) -> PipelineConfig:
-    """The pipeline with each named stage's options changed (a stage name no longer in it is skipped)."""
+def apply(pcfg: PipelineConfig, changes: Changes, declared: Collection[str] = ()) -> PipelineConfig:
+    """The pipeline with each named stage's options changed (a stage name no longer in it is skipped). A stage
+    switched to a `declared` model loses the keys the declaration owns (device, half, runtime, lanes)."""
     stages = []
     for st in pcfg.stages:
         ch = changes.get(st.name or st.type)
-        stages.append(StageConfig.model_validate({**st.model_dump(exclude_unset=True), **ch}) if ch else st)
+        if ch:
+            data = {**st.model_dump(exclude_unset=True), **ch}
+            if ch.get("model") in declared:
+                for key in OWNED_BY_MODEL.get(st.type, ()):
+                    data.pop(key, None)
+            st = StageConfig.model_validate(data)
+        stages.append(st)
     return pcfg.model_copy(update={"stages": stages})
 
 
@@ -80,12 +91,15 @@ class ModelSwitches:
         rec = self.versions.get(name)
         if rec["stages"]:
             try:
-                changed = apply(pcfg, rec["stages"])
+                changed = self._apply(pcfg, rec["stages"])
                 return changed, self._build(name, changed, where)
             except (ConfigError, ValidationError) as e:
                 log.warning("pipeline version does not fit the configured pipeline: running it as configured",
                             pipeline=name, version=rec["version"], error=str(e))
         return pcfg, self._build(name, pcfg, where)
+
+    def _apply(self, pcfg: PipelineConfig, changes: Changes) -> PipelineConfig:
+        return apply(pcfg, changes, self.cfg.models.catalog)
 
     @staticmethod
     def _build(name: str, pcfg: PipelineConfig, where: str) -> list[Stage]:
@@ -107,14 +121,14 @@ class ModelSwitches:
             target = _normalise(base, target)
             if target == cur["stages"]:
                 return {"status": "unchanged", "record": cur, "switched": [], "streams": []}
-            wanted = apply(base, target)
+            wanted = self._apply(base, target)
             self._check(name, wanted)
             p = await self._running(name)
             plan = self._plan(p, wanted) if p is not None else None
             prepared = await self._prepare(name, plan, cur["version"] + 1) if plan is not None else []
             if plan is None:
                 try:
-                    await self._trial(name, apply(base, cur["stages"]), wanted)
+                    await self._trial(name, self._apply(base, cur["stages"]), wanted)
                 except Exception as e:
                     self.last[name] = {"state": "failed", "version": cur["version"] + 1, "stage": None,
                                        "model": None, "ts": time.time(), "reason": redact_text(str(e))}
@@ -154,6 +168,12 @@ class ModelSwitches:
             if fixed:
                 raise SwitchRefused(f"stages.{j}.{fixed[0]}", f"{', '.join(fixed)} cannot change while the "
                                     f"pipeline runs (live: {', '.join(sorted(live))})")
+            model = opts.get("model")
+            if model is not None and model not in self.cfg.models.catalog and model not in ALIASES:
+                declared = ", ".join(sorted(self.cfg.models.catalog)) or "none"
+                raise SwitchRefused(f"stages.{j}.model", f"model {model!r} is not declared: the API switches to "
+                                    f"models declared in models.catalog (declared: {declared}) or aliases "
+                                    f"({', '.join(sorted(ALIASES))}), never to a file or URL it names")
             out.setdefault(stage, {}).update(opts)
         return out
 
@@ -285,7 +305,7 @@ class ModelSwitches:
                 if p is None:
                     return
                 base = pipeline_files.resolve(self.cfg, name, "pipeline")
-                plan = self._plan(p, apply(base, rec["stages"]))
+                plan = self._plan(p, self._apply(base, rec["stages"]))
                 if not plan:
                     return
                 log.info("switching to a pipeline version", pipeline=name, version=rec["version"],
@@ -314,7 +334,7 @@ class ModelSwitches:
         its last switch on this daemon."""
         rec = self.versions.get(name)
         try:
-            eff = apply(pcfg, rec["stages"])
+            eff = self._apply(pcfg, rec["stages"])
         except ValidationError:
             eff = pcfg
         p = self.pipelines.get(name)
