@@ -157,7 +157,7 @@ class Daemon:
             except TimeoutError:
                 log.warning("grace period over: cancelling", unpublished=len(self.sink))
             self.prompt_cache.stop()
-            switches.stop()
+            await switches.aclose()
             streams.cancel()
             for t in background:
                 t.cancel()

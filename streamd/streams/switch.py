@@ -323,10 +323,13 @@ class ModelSwitches:
     async def run(self) -> None:
         await self.versions.run()
 
-    def stop(self) -> None:
+    async def aclose(self) -> None:
+        """Stop following; changes and switches under way are cancelled (what they prepared is let go)."""
         self.versions.stop()
-        for t in self._tasks:
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- what GET /api/v1/pipelines shows -----------------------------------------------------------------------------
     def describe(self, name: str, pcfg: PipelineConfig) -> dict[str, Any]:
