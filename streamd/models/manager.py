@@ -43,6 +43,8 @@ log = get_logger("streamd.models")
 LOADERS = {"detector": "streamd.stages.detector:model_loader", "segmenter": "streamd.stages.detector:model_loader",
            "vlm": "streamd.stages.vlm.transformers:model_loader",
            "sam2": "streamd.stages.segment.model:model_loader"}
+# kind -> the libraries its loader imports (imported before the first such load, then frozen: memory.freeze_imports)
+LIBRARIES = {"detector": ("ultralytics",), "segmenter": ("ultralytics",), "vlm": ("transformers",)}
 RETRY_FAILED_S = 5.0  # a model whose load failed is tried again by the next call after this long
 
 
@@ -217,6 +219,9 @@ class ModelManager:
         try:
             device = e.device = resolve_device(e.spec.device)
             load, wrap = _loader(e.spec.kind)(e.spec, device)
+            if not any(x.obj is not None for x in self._entries.values()):  # no model loaded: none is frozen
+                await loop.run_in_executor(device_executor(device), memory.freeze_imports,
+                                           LIBRARIES.get(e.spec.kind, ()))
             estimate = e.last_bytes or source_bytes(e.spec.source) or 0
             async with self._lock:
                 await self._make_room(e, device, estimate)

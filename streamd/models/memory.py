@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import importlib
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,28 @@ def release(device: str, alive: Callable[[], bool] = lambda: True) -> None:
     torch = _torch()
     if torch is not None and device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def freeze_imports(modules: Iterable[str]) -> bool:
+    """Import the libraries a kind of model needs, the first time this process needs them, then move every object
+    alive out of the cyclic collector's sight (`gc.freeze()`). A full collection traverses every tracked object
+    while holding the GIL: with torch and Ultralytics imported (some 400,000 objects, none of them ever garbage)
+    an automatic one, which a model's load sets off by its allocations, took 0.22-0.25 s here and stalled every
+    stream (the largest gap of a live switch); after the freeze, 0.03 s. Called before a kind's first model loads
+    and only while no model is loaded (a frozen object that later becomes cyclic garbage is never collected: no
+    model is, only the imported libraries and the daemon's own long-lived parts). On the device's executor.
+    Returns whether it froze."""
+    new = [m for m in modules if m not in sys.modules]
+    if not new:
+        return False
+    try:
+        for m in new:
+            importlib.import_module(m)
+    except ImportError:  # the loader says what is missing, with the way to install it
+        return False
+    gc.collect()
+    gc.freeze()
+    return True
 
 
 def clear_task_frames(task: asyncio.Task[Any]) -> None:
