@@ -43,6 +43,9 @@ class ModelInfo(BaseModel):
     preload: bool
     loads: int
     users: ModelUsers
+    version: str | None = Field(None, description="while loaded: sha256:<16 hex>, a content hash of the weights "
+                                "(of the file, a folder's weight files, or the loaded tensors: version_method)")
+    version_method: str | None = Field(None, description="file, folder, weights or none")
 
 
 class DeviceBudget(BaseModel):

@@ -64,10 +64,26 @@ class PromptHistory(BaseModel):
     versions: list[PromptRecord] = Field(..., description="newest first")
 
 
+class StageServing(BaseModel):
+    model: Any = Field(None, description="the model the running stage serves with now")
+    model_version: str | None = Field(None, description="sha256:<16 hex>: a content hash of its loaded weights "
+                                      "(null while the manager has it unloaded)")
+
+
 class StageInfo(BaseModel):
     type: str
     name: str
-    model: Any = Field(None, description="the model the stage names, if any")
+    model: Any = Field(None, description="the model the stage names, if any (its current version's)")
+    serving: StageServing | None = Field(None, description="running on this daemon: what it serves with now")
+
+
+class LastSwitch(BaseModel):
+    state: Literal["loading", "switched", "failed"]
+    version: int | None = Field(None, description="the pipeline version it was for")
+    stage: str | None = Field(None, description="the stage it was for (null: a pipeline not running here)")
+    model: Any = None
+    ts: float = Field(..., description="Unix seconds")
+    reason: str | None = Field(None, description="failed: why (the old model serves on)")
 
 
 class PipelineInfo(BaseModel):
@@ -77,6 +93,13 @@ class PipelineInfo(BaseModel):
     running: bool | None = Field(None, description="started in this daemon (a stream uses it)")
     streams: list[str] | None = Field(None, description="streams that run through it")
     error: str | None = Field(None, description="why the pipeline file cannot be used (then nothing else is given)")
+    version: int | None = Field(None, description="its current version (0: as configured; PATCH "
+                                "/api/v1/pipelines/{name} makes a new one)")
+    changes: dict[str, dict[str, Any]] | None = Field(None, description="stage name -> options that differ from "
+                                                      "the configuration")
+    changed_by: str | None = None
+    changed_ts: float | None = None
+    last_switch: LastSwitch | None = Field(None, description="the last switch on this daemon")
 
 
 class PipelineList(BaseModel):

@@ -158,9 +158,11 @@ async def pipelines_list(request: web.Request) -> web.Response:
             continue
         stages = [{"type": st.type, "name": st.name or st.type, **({"model": st.model_extra["model"]}
                    if st.model_extra and "model" in st.model_extra else {})} for st in pcfg.stages]
+        switches = d.pipelines.switches if d.pipelines is not None else None
         out.append({"name": name, "description": pcfg.description, "stages": stages,
                     "running": name in d.pipelines,
-                    "streams": sorted(s for s, r in d.runners.items() if r.cfg.pipeline == name)})
+                    "streams": sorted(s for s, r in d.runners.items() if r.cfg.pipeline == name),
+                    **(switches.describe(name, pcfg) if switches is not None else {})})  # its live changes
     return json_response({"pipelines": out})
 
 
