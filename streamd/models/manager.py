@@ -1,7 +1,7 @@
 """The model manager: the catalog of models (declared in `models.catalog`, the aliases, and the sources pipelines
 name), each loaded on first use and unloaded when idle for its `keep_alive_s`, within a memory budget per device.
 
-- Loading and unloading run on the device's executor thread (`streamd.stages.device_executor`), never on the event
+- Loading and unloading run on the device's executor thread (`streamd.models.executors`), never on the event
   loop; concurrent callers of a model that is loading wait for that one load.
 - Before a load, the model's expected size (its last measured size, else its weights' size on disk) must fit the
   device's budget: idle models are unloaded, least recently used first, until it does; a model in use, loading or
@@ -35,7 +35,7 @@ from streamd.models.errors import (InsufficientMemory, ModelError, ModelInUse, M
 from streamd.models.sources import ALIAS_KINDS, ALIASES, resolve_device, source_bytes
 from streamd.models.spec import BATCHING_OPTIONS, MODEL_NAME_PATTERN, ModelsConfig, ModelSpec, check_stage_model
 from streamd.models.version import Versions
-from streamd.stages import device_executor
+from streamd.models.executors import device_executor
 
 log = get_logger("streamd.models")
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import importlib
 import re
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
-
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from streamd.config import StageConfig
 from streamd.errors import ConfigError
 from streamd.frames import Work
+from streamd.models.executors import device_executor
 
 REGISTRY: dict[str, str] = {
     "frame_info": "streamd.stages.frame_info:FrameInfo",
@@ -27,7 +26,6 @@ REGISTRY: dict[str, str] = {
     "vlm": "streamd.stages.vlm:Vlm",
 }
 
-_executors: dict[str, ThreadPoolExecutor] = {}
 
 
 def _no_events(stream_id: str, kind: str, fields: dict[str, Any] | None = None) -> None:
@@ -48,14 +46,6 @@ class StageContext:
     publish: Any = None  # (key, maxlen, record) -> None: records beside the results (VLM answers)
     fail_stream: Any = field(default=_no_fail)  # (stream_id, reason) -> None: fail one stream for good
     metrics: Any = None  # streamd.metrics.Metrics
-
-
-def device_executor(device: str) -> ThreadPoolExecutor:
-    """One thread per device: forward passes on a device never run concurrently with each other."""
-    ex = _executors.get(device)
-    if ex is None:
-        ex = _executors[device] = ThreadPoolExecutor(1, thread_name_prefix=f"model-{device}")
-    return ex
 
 
 class Stage:

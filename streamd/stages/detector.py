@@ -34,7 +34,7 @@ import numpy as np
 from streamd.errors import StageError
 from streamd.log import get_logger, redact_text
 from streamd.models.memory import clear_task_frames
-from streamd.stages import device_executor
+from streamd.models.executors import device_executor
 from streamd.stages.open_vocab import OpenVocabulary, VocabularyError, open_vocabulary_kind
 
 __all__ = ["Params", "Runtime", "SharedDetector", "mask_rle"]

@@ -17,7 +17,7 @@ from typing import Any
 
 from streamd.errors import StageError
 from streamd.models.memory import clear_task_frames
-from streamd.stages import device_executor
+from streamd.models.executors import device_executor
 from streamd.stages.vlm.base import VlmAnswer, VlmRequest, VlmStale, check_fresh
 
 
