@@ -23,7 +23,8 @@ from streamd.samples import load_photo, make_pan_clip, pan_frames  # noqa: E402
 from streamd.stages import StageContext, build_stage  # noqa: E402
 from streamd.stages.segment import ObjectLimit, ObjectNotFound, Segment  # noqa: E402
 from streamd.stages.segment.visibility import State, Visibility  # noqa: E402
-from conftest import PERSON, events, make_config, results, running, until  # noqa: E402
+from streamd.testing.media import push_frames  # noqa: E402
+from conftest import OPER, PERSON, READ, api_cfg, events, h, make_config, results, running, until  # noqa: E402
 
 SIZE = 128  # the model's input size in these tests (SAM 2.1's is 1024)
 W, H = 320, 180
@@ -367,3 +368,67 @@ async def test_end_to_end_tracks_prompt_masks_published_to_redis(r, redis_server
 
 async def _n_results(r, sid, n):
     return len(await results(r, sid)) >= n
+
+
+# -- the API: prompts by hand ------------------------------------------------------------------------------------
+async def test_api_prompts_add_and_remove_objects(r, redis_server, frames):
+    """POST /api/v1/streams/{id}/segment adds an object (box or points, pixels or normalized) that the stream's
+    next frame starts following; GET lists them; DELETE stops one; typed errors for the rest."""
+    import aiohttp
+
+    seg = {"type": "segment", "checkpoint": "random", "image_size": SIZE, "device": "cpu", "track_source": None,
+           "max_objects": 2}
+    cfg = api_cfg(redis_server.url, [{"id": "cam", "url": "redis:frames:cam", "pipeline": "seg"},
+                                     {"id": "plain", "url": "redis:frames:plain", "pipeline": "frame_info"}],
+                  pipelines={"seg": {"stages": [seg]}})
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        base = d.api_url + "/api/v1/streams/cam/segment"
+
+        async def frame(i: int) -> dict[str, Any]:
+            await push_frames(r, "frames:cam", [frames[i]], "png")
+            return (await until(lambda: at(i), 60, what=f"result {i}"))["outputs"]["segment"]
+
+        async def at(i: int) -> dict[str, Any] | None:
+            recs = await results(r, "cam")
+            return recs[i] if len(recs) > i else None
+
+        assert (await frame(0))["objects"] == []
+        async with s.post(base, json={"box": BOX_A}, headers=h(OPER)) as resp:
+            assert resp.status == 201 and await resp.json() == {"stream_id": "cam", "object_id": 1, "state": "pending"}
+        async with s.post(base, json={"points": [[0.2, 0.5]], "normalized": True}, headers=h(OPER)) as resp:
+            assert resp.status == 201 and (await resp.json())["object_id"] == 2
+        async with s.post(base, json={"box": [0, 0, 5, 5]}, headers=h(OPER)) as resp:
+            body = await resp.json()
+            assert resp.status == 409 and body["error"]["code"] == "segment_object_limit"
+            assert body["error"]["details"] == {"max_objects": 2}
+        async with s.get(base, headers=h(READ)) as resp:
+            assert [o["state"] for o in (await resp.json())["objects"]] == ["pending", "pending"]
+        out = await frame(1)
+        assert [(o["object_id"], o["track_id"], o["prompted"]) for o in out["objects"]] == [(1, None, True),
+                                                                                           (2, None, True)]
+        assert all(decode(o["mask"]).shape == (H, W) for o in out["objects"])
+        async with s.get(base, headers=h(READ)) as resp:
+            listed = await resp.json()
+            assert listed["stage"] == "segment" and [o["object_id"] for o in listed["objects"]] == [1, 2]
+            assert listed["memory"]["objects"] == 2 and listed["memory"]["cond_frames"] == 2
+        async with s.delete(base + "/1", headers=h(OPER)) as resp:
+            assert resp.status == 204
+        assert [o["object_id"] for o in (await frame(2))["objects"]] == [2]
+        for path, code, status in [(base + "/1", "segment_object_not_found", 404),
+                                   (base + "/abc", "segment_object_not_found", 404)]:
+            async with s.delete(path, headers=h(OPER)) as resp:
+                assert resp.status == status and (await resp.json())["error"]["code"] == code
+        async with s.delete(base + "/2", headers=h(READ)) as resp:
+            assert resp.status == 403  # removing needs operate
+        bad = [{}, {"box": [10, 10, 5, 20]}, {"points": [[1, 2, 3]]}, {"points": [[1, 2]], "labels": [2]},
+               {"box": [0.1, 0.1, 1.5, 0.5], "normalized": True}, {"labels": [1]}, {"box": BOX_A, "x": 1}]
+        for body in bad:
+            async with s.post(base, json=body, headers=h(OPER)) as resp:
+                assert resp.status == 422 and (await resp.json())["error"]["code"] == "invalid_body", body
+        async with s.post(d.api_url + "/api/v1/streams/plain/segment", json={"box": BOX_A}, headers=h(OPER)) as resp:
+            e = (await resp.json())["error"]
+            assert resp.status == 409 and e["code"] == "segment_unavailable" and "no segment stage" in e["message"]
+        async with s.get(d.api_url + "/api/v1/streams/nope/segment", headers=h(READ)) as resp:
+            assert resp.status == 404 and (await resp.json())["error"]["code"] == "stream_not_found"
+    # object 1 removed by hand; object 2 ends with the stream (the daemon stopped: the stage forgot the stream)
+    assert [e["reason"] for e in await events(r, "cam", "mask_lost")] == ["removed through the API", "stream removed"]

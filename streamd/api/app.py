@@ -17,6 +17,8 @@ from streamd.api.models import ModelCatalog, ModelInfo, model_delete, model_load
 from streamd.api.predict import PredictAnswer, predict
 from streamd.api.prompts import prompt_delete, prompt_get, prompt_history, prompt_put, prompt_rollback, prompts_list
 from streamd.api.schemas import PromptUpdate, Rollback, StreamPatch
+from streamd.api.segment import SegmentCreated, SegmentObjects, SegmentPrompt, segment_delete, segment_objects, \
+    segment_prompt
 from streamd.api.security import Authenticator, AuthFailures, RateLimiter
 from streamd.api.streams import pipelines_list, stream_create, stream_delete, stream_get, stream_update, streams_list
 from streamd.config import ApiConfig, StreamConfig
@@ -56,6 +58,13 @@ ROUTES: list[Route] = [
           "change a stream (fps, stall_timeout_s: live; other fields restart it)", StreamPatch, response=R.StreamInfo,
           etag=True, if_match=True),
     Route("DELETE", f"{P}/streams/{{id}}", stream_delete, "operate", "remove a stream", ok=204, if_match=True),
+    Route("POST", f"{P}/streams/{{id}}/segment", segment_prompt, "operate", "prompt SAM 2 with points and/or a box: "
+          "a new object followed from the stream's next frame (its pipeline has a segment stage)", SegmentPrompt,
+          ok=201, response=SegmentCreated),
+    Route("GET", f"{P}/streams/{{id}}/segment", segment_objects, "read", "the objects the segment stage follows on "
+          "the stream, and its memory bank", response=SegmentObjects),
+    Route("DELETE", f"{P}/streams/{{id}}/segment/{{object_id}}", segment_delete, "operate", "stop following an "
+          "object (from the stream's next frame)", ok=204),
     Route("GET", f"{P}/prompts", prompts_list, "read", "current prompts of every scope", tag="prompts",
           response=R.PromptList),
     Route("GET", f"{P}/prompts/{{kind}}/{{scope}}", prompt_get, "read", "current version", tag="prompts",

@@ -25,11 +25,16 @@ CODES: dict[str, tuple[int, str]] = {
     "prompt_deleted": (404, "the prompt was deleted: its current version is a tombstone (details.version); its "
                             "history is kept and a PUT or rollback makes it live again"),
     "unknown_prompt_kind": (404, "the prompt kind is not vlm or vocabulary"),
+    "segment_object_not_found": (404, "the stream's segment stage follows no object with that id (lost objects "
+                                      "are gone)"),
     "model_not_found": (404, "no model with that name in the catalog (GET /api/v1/models lists them)"),
     "pipeline_not_found": (404, "no pipeline with that name (GET /api/v1/pipelines lists them; predict: "
                                 "details.available too)"),
     "method_not_allowed": (405, "the route does not take that method (see Allow)"),
     "stream_exists": (409, "POST of a stream id that exists"),
+    "segment_unavailable": (409, "/streams/{id}/segment: the stream's pipeline has no segment stage or has not "
+                                 "started, or (fleet mode) another daemon runs the stream"),
+    "segment_object_limit": (409, "a segment prompt past the stage's max_objects for the stream (details.max_objects)"),
     "model_in_use": (409, "DELETE of a model that streams use (details.users); ?force=true unloads it anyway and "
                           "fails those streams with the reason"),
     "insufficient_memory": (409, "the model does not fit its device's budget (models.budget) even with every idle "

@@ -37,7 +37,7 @@ EXAMPLES = {
                      "vocabulary": {"value": {"phrases": ["forklift", "person in hi-vis"]}}},
     "Rollback": {"version": {"value": {"version": 1}}},
 }
-PATH_EXAMPLES = {"id": "yard", "kind": "vlm", "scope": "global", "pipeline": "detect"}
+PATH_EXAMPLES = {"id": "yard", "kind": "vlm", "scope": "global", "pipeline": "detect", "object_id": "1"}
 # bodies that are not JSON: POST /api/v1/predict/{pipeline} takes an image, raw or as a multipart file part
 _BINARY = {"type": "string", "format": "binary"}
 IMAGE_BODY = {"required": True, "description": "the image: JPEG or PNG (WEBP, BMP, TIFF decode too), at most "
@@ -120,6 +120,8 @@ def document(routes: list[Any]) -> dict[str, Any]:
             codes += [409, 422, 503]  # 422 invalid_query (admission), 503 capacity_exhausted
         if r.if_match:
             codes.append(412)
+        if "/segment" in r.path:
+            codes.append(409)  # segment_unavailable, segment_object_limit
         if r.path.startswith("/api/v1/predict/"):
             codes += [413, 415, 422, 500, 503]  # image_too_large, unsupported_media_type, invalid_image ...
         if r.method == "DELETE" and r.tag == "prompts":
@@ -167,6 +169,8 @@ def _path_schema(name: str) -> dict[str, Any]:
         return {"type": "string", "enum": ["vlm", "vocabulary"]}
     if name == "scope":
         return {"type": "string", "pattern": SCOPE_RE.pattern}
+    if name == "object_id":
+        return {"type": "string", "pattern": r"^[0-9]{1,18}$"}
     return {"type": "string", "pattern": STREAM_ID_PATTERN}
 
 

@@ -63,12 +63,13 @@ class TrackedObject:
             del self.cond[min(self.cond)]
 
     def counts(self) -> dict[str, int]:
-        spatial = sum(m.features is not None for m in self.recent.values())
-        return {"cond_frames": len(self.cond), "memory_frames": spatial, "pointer_frames": len(self.recent)}
+        recent = list(self.recent.values())  # one step under the GIL: the device thread may add one meanwhile
+        spatial = sum(m.features is not None for m in recent)
+        return {"cond_frames": len(self.cond), "memory_frames": spatial, "pointer_frames": len(recent)}
 
     def nbytes(self) -> int:
         n = 0
-        for m in (*self.cond.values(), *self.recent.values()):
+        for m in [*list(self.cond.values()), *list(self.recent.values())]:
             for t in (m.features, m.obj_ptr):
                 if t is not None:
                     n += t.numel() * t.element_size()

@@ -92,17 +92,6 @@ class ObjectNotFound(SegmentError):
     code = "segment_object_not_found"
 
 
-_post: ThreadPoolExecutor | None = None
-
-
-def _post_executor() -> ThreadPoolExecutor:
-    """One thread that sizes and encodes masks while the device thread runs the next forward pass."""
-    global _post
-    if _post is None:
-        _post = ThreadPoolExecutor(1, thread_name_prefix="segment-masks")
-    return _post
-
-
 class Segment(Stage):
     kind = "segment"
 
@@ -114,6 +103,7 @@ class Segment(Stage):
         self.model: Any = None  # streamd.models.ModelRef to the shared SAM 2 engine
         self.source = opts.model
         self._streams: dict[str, StreamMemory] = {}
+        self._masks: ThreadPoolExecutor | None = None  # sizes and encodes masks while the next pass runs
 
     @classmethod
     def from_config(cls, cfg: StageConfig, where: str) -> "Segment":
@@ -131,6 +121,7 @@ class Segment(Stage):
         implicit = ModelSpec(source=o.model, kind="sam2", device=resolve_device(o.device), precision=o.precision,
                              options={"checkpoint": o.checkpoint, "image_size": o.image_size})
         self.model = self.ctx.models.ref(o.model, implicit, self.label(), self.ctx.fail_stream)
+        self._masks = ThreadPoolExecutor(1, thread_name_prefix=f"segment-masks-{self.name}")
         async with self.model.use() as engine:
             self.device, self.source = engine.device, engine.name
             if o.memory_frames > engine.max_memory_frames():
@@ -140,6 +131,8 @@ class Segment(Stage):
     async def teardown(self) -> None:
         if self.model is not None:
             self.model.close()
+        if self._masks is not None:
+            self._masks.shutdown(wait=False)
 
     def reset_stream(self, stream_id: str) -> None:
         st = self._streams.get(stream_id)
@@ -208,21 +201,30 @@ class Segment(Stage):
                 todo.append(w)
         if not todo:
             return batch
-        loop = asyncio.get_running_loop()
         async with self.model.use({w.frame.stream_id for w in todo}) as engine:
-            masks = []
-            for rnd in _rounds(todo):
-                jobs = [(w, self._job(engine, w)) for w in rnd]
-                active = [(w, j) for w, j in jobs if j.steps]
-                outs = await self.run_blocking(engine.step, [j for _, j in active], self.opts.memory_frames) \
-                    if active else []
-                by_work = {id(w): fo for (w, _), fo in zip(active, outs)}
-                for w, j in jobs:
-                    fo = by_work.get(id(w))
-                    results = self._after(engine, w, fo.objects if fo is not None else [])
-                    masks.append(loop.run_in_executor(_post_executor(), self._publish, engine, w, results))
-            await asyncio.gather(*masks)
+            masks: list[asyncio.Future[None]] = []
+            try:
+                for rnd in _rounds(todo):
+                    await self._round(engine, rnd, masks)
+            finally:  # every mask job ends before the frames leave (also when a pass failed)
+                done = await asyncio.gather(*masks, return_exceptions=True)
+            for d in done:
+                if isinstance(d, BaseException):
+                    raise d
         return batch
+
+    async def _round(self, engine: Any, rnd: list[Work], masks: list[asyncio.Future[None]]) -> None:
+        """One frame of each stream in `rnd`: the forward pass on the device's thread, then scores and memory on
+        the loop; the masks go to the masks thread (they overlap the next round's pass)."""
+        jobs = [(w, self._job(engine, w)) for w in rnd]
+        active = [(w, j) for w, j in jobs if j.steps]
+        outs = await self.run_blocking(engine.step, [j for _, j in active], self.opts.memory_frames) if active else []
+        by_work = {id(w): fo for (w, _), fo in zip(active, outs)}
+        loop = asyncio.get_running_loop()
+        for w, _ in jobs:
+            fo = by_work.get(id(w))
+            results = self._after(engine, w, fo.objects if fo is not None else [])
+            masks.append(loop.run_in_executor(self._masks, self._publish, engine, w, results))
 
     def _job(self, engine: Any, w: Work) -> Any:
         """This frame's work for the stream: API commands, prompts from new or re-associated or drifting tracks,
@@ -309,7 +311,8 @@ class Segment(Stage):
             event = obj.visibility.update(oo.score, f.pts_s)
             obj.box = boxes.low_res_box(oo.low_res, f.width, f.height)
             if event is not None:
-                self._event(f.stream_id, event, obj, {"seq": f.seq, "pts_s": f.pts_s})
+                self._event(f.stream_id, event, obj, {"seq": f.seq, "pts_s": f.pts_s,
+                                                      **({"reason": "occluded"} if event == "mask_lost" else {})})
             if obj.visibility.state is State.LOST:
                 st.objects.pop(obj.object_id, None)
             results.append((obj, oo.low_res, {"state": obj.visibility.state.value, "score": round(oo.score, 4),

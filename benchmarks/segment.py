@@ -1,0 +1,232 @@
+"""The segment stage (SAM 2 online) against the sam2 package's own video predictor, frame by frame: same frames,
+same objects (boxes on the first frame), same model config and image size, same device, same run.
+
+    .venv/bin/python benchmarks/segment.py [--streams 1,4] [--objects 2] [--frames 20] [--image-size 256]
+        [--repeats 2] [--rss-minutes 10] [--rss-streams 2] [--device cpu]
+
+Frames: a pan over `zidane.jpg` (640x360, 10 fps), each stream starting elsewhere in the pan, written as JPEGs
+(the predictor reads a folder of JPEGs) and read back, so both sides get the same pixels. Weights: random (no hub
+here), seed 0; speed does not depend on the values.
+
+- Baseline: `SAM2VideoPredictor` as its README shows it: `init_state(folder)` per stream (not timed: it loads and
+  preprocesses every frame up front, which a live stream cannot do), `add_new_points_or_box` for each object on
+  frame 0 and `propagate_in_video`, stepped one frame at a time (`next()`), the streams in turn; each frame's masks
+  taken as boolean arrays (`masks > 0`, on the CPU).
+- streamd: one `Segment` stage (checkpoint: random, track_source: null), the boxes given as API prompts, then per
+  frame one stage batch holding that frame of every stream (as the pipeline's fan-in hands it over), records built
+  whole: masks at the frame's size, COCO RLE, box, area, score, state.
+Both after a warm-up of 3 frames. `--repeats` runs, interleaved; frames/s is the best repeat, ratio best / best,
+in brackets the median of the paired ratios; CPU ms per frame is process CPU time (all threads), median.
+
+Memory: the stage's memory bank bytes and the predictor's inference state bytes after the timed frames, and with
+`--rss-minutes` the process RSS while the stage follows `--objects` objects on `--rss-streams` streams for that
+long (frames cycled; SAM 2's memory only sees new frame indices): growth from the first minute to the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import OtherLoad, cpu_model, cpu_s, revision  # noqa: E402
+from streamd.config import StageConfig  # noqa: E402
+from streamd.frames import Frame, Work  # noqa: E402
+from streamd.models import ModelManager  # noqa: E402
+from streamd.models.memory import rss_bytes, trim_heap  # noqa: E402
+from streamd.samples import load_photo, pan_frames  # noqa: E402
+from streamd.stages import StageContext, build_stage  # noqa: E402
+
+W, H = 640, 360
+BOXES = [[300, 40, 460, 360], [60, 100, 200, 300], [470, 80, 620, 350], [200, 150, 300, 300]]
+WARMUP = 3
+
+
+def stream_frames(folder: Path, k: int, n: int) -> list[np.ndarray]:
+    """Stream k's n frames, written to `folder` as JPEGs (the predictor's input) and read back."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pan = list(pan_frames(load_photo(), 37 * k + n, 10, (W, H)))[37 * k:]
+    out = []
+    for i, img in enumerate(pan):
+        p = folder / f"{i:05d}.jpg"
+        Image.fromarray(img).save(p, quality=95)
+        out.append(np.asarray(Image.open(p).convert("RGB")))
+    return out
+
+
+def state_bytes(x: Any) -> int:
+    import torch
+
+    seen: set[int] = set()
+    total, todo = 0, [x]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, dict):
+            todo.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            todo.extend(v)
+        elif isinstance(v, torch.Tensor) and v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            total += v.numel() * v.element_size()
+    return total
+
+
+def baseline(model: Any, folders: list[Path], objects: int, n: int) -> dict[str, float]:
+    """The predictor frame by frame, streams in turn. Returns frames/s, CPU ms per frame, state bytes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        states = [model.init_state(str(f)) for f in folders]  # not timed (loads every frame up front)
+        gens = []
+        for st in states:
+            for k in range(objects):
+                model.add_new_points_or_box(st, 0, k + 1, box=BOXES[k])
+            gens.append(model.propagate_in_video(st))
+        timed_from = None
+        for i in range(n):
+            if i == WARMUP:
+                timed_from = (time.perf_counter(), cpu_s())
+            for g in gens:
+                _, _, masks = next(g)
+                (masks[:, 0] > 0).cpu().numpy()
+        t1, c1 = time.perf_counter(), cpu_s()
+    assert timed_from is not None
+    frames = (n - WARMUP) * len(folders)
+    return {"fps": frames / (t1 - timed_from[0]), "cpu_ms": 1000 * (c1 - timed_from[1]) / frames,
+            "state_bytes": sum(state_bytes(st["output_dict_per_obj"]) for st in states) / len(states)}
+
+
+async def make_stage(models: ModelManager, image_size: int, device: str, objects: int) -> Any:
+    # visible_score 0: every object stays followed for the whole run, whatever these random weights score
+    cfg = StageConfig(type="segment", checkpoint="random", image_size=image_size, device=device, track_source=None,
+                      max_objects=max(objects, 1), max_batch=64, visible_score=0.0)
+    st = build_stage(cfg, "pipelines.bench.stages.0")
+    st.bind(StageContext(models=models))
+    await st.setup()
+    return st
+
+
+async def streamd_run(models: ModelManager, frames: list[list[np.ndarray]], objects: int, n: int,
+                      image_size: int, device: str) -> dict[str, float]:
+    st = await make_stage(models, image_size, device, objects)
+    sids = [f"s{k}" for k in range(len(frames))]
+    for sid in sids:
+        for k in range(objects):
+            st.add_prompt(sid, {"box": BOXES[k]})
+    timed_from = None
+    for i in range(n):
+        if i == WARMUP:
+            timed_from = (time.perf_counter(), cpu_s())
+        batch = [Work(Frame(sid, i, i / 10, time.time(), fr[i])) for sid, fr in zip(sids, frames)]
+        await st.process(batch)
+        assert all(len(w.outputs["segment"]["objects"]) == objects for w in batch), batch[0].outputs
+    t1, c1 = time.perf_counter(), cpu_s()
+    assert timed_from is not None
+    out = {"fps": (n - WARMUP) * len(sids) / (t1 - timed_from[0]),
+           "cpu_ms": 1000 * (c1 - timed_from[1]) / ((n - WARMUP) * len(sids)),
+           "state_bytes": statistics.mean(st.memory(s)["bytes"] for s in sids)}
+    for sid in sids:
+        st.forget_stream(sid)
+    await st.teardown()
+    return out
+
+
+async def rss_run(models: ModelManager, frames: list[list[np.ndarray]], objects: int, minutes: float,
+                  image_size: int, device: str) -> dict[str, Any]:
+    st = await make_stage(models, image_size, device, objects)
+    sids = [f"r{k}" for k in range(len(frames))]
+    for sid in sids:
+        for k in range(objects):
+            st.add_prompt(sid, {"box": BOXES[k]})
+    t0 = time.monotonic()
+    samples: list[tuple[float, int, int]] = []
+    i, next_sample = 0, 0.0
+    while time.monotonic() - t0 < minutes * 60:
+        batch = [Work(Frame(sid, i, i / 10, time.time(), fr[i % len(fr)])) for sid, fr in zip(sids, frames)]
+        await st.process(batch)
+        assert all(len(w.outputs["segment"]["objects"]) == objects for w in batch), batch[0].outputs
+        i += 1
+        el = time.monotonic() - t0
+        if el >= next_sample:
+            trim_heap()
+            samples.append((el, rss_bytes(), sum(st.memory(s)["bytes"] for s in sids)))
+            next_sample += 15.0
+    after_1min = next((s for s in samples if s[0] >= min(60.0, minutes * 30)), samples[0])
+    last = samples[-1]
+    await st.teardown()
+    return {"frames_per_stream": i, "rss_first_min": after_1min[1], "rss_end": last[1],
+            "growth": (last[1] - after_1min[1]) / after_1min[1], "bank_first_min": after_1min[2],
+            "bank_end": last[2], "samples": samples}
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", default="1,4")
+    ap.add_argument("--objects", type=int, default=2)
+    ap.add_argument("--frames", type=int, default=20)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rss-minutes", type=float, default=0.0)
+    ap.add_argument("--rss-streams", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args()
+    import torch
+
+    from streamd.stages.segment.model import build
+
+    counts = [int(x) for x in a.streams.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="segbench-"))
+    frames = [stream_frames(tmp / f"s{k}", k, a.frames) for k in range(max(counts + [a.rss_streams]))]
+    torch.manual_seed(0)
+    model = build("sam2.1-hiera-tiny", "random", a.device, a.image_size)
+    models = ModelManager()
+    print(f"# streamd {revision()}; {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); device {a.device}; sam2.1-hiera-tiny at {a.image_size}; "
+          f"{a.objects} objects per stream; {a.frames} frames per stream ({WARMUP} warm-up)")
+    print("| streams | predictor (frames/s) | streamd (frames/s) | ratio (median) | CPU ms/frame predictor | streamd "
+          "| state per stream: predictor | streamd | other load (cores) |")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for s in counts:
+        base, mine, load = [], [], []
+        for _ in range(a.repeats):
+            ol = OtherLoad()
+            base.append(baseline(model, [tmp / f"s{k}" for k in range(s)], a.objects, a.frames))
+            mine.append(await streamd_run(models, frames[:s], a.objects, a.frames, a.image_size, a.device))
+            load.append(ol.cores())
+        bf, mf = max(x["fps"] for x in base), max(x["fps"] for x in mine)
+        paired = statistics.median(m["fps"] / b["fps"] for b, m in zip(base, mine))
+        print(f"| {s} | {bf:.2f} | {mf:.2f} | **{mf / bf:.2f}** ({paired:.2f}) | "
+              f"{statistics.median(x['cpu_ms'] for x in base):.0f} | {statistics.median(x['cpu_ms'] for x in mine):.0f}"
+              f" | {mb(base[-1]['state_bytes'])} after {a.frames} frames | {mb(mine[-1]['state_bytes'])} | "
+              f"{max(load):.2f} |", flush=True)
+    if a.rss_minutes > 0:
+        ol = OtherLoad()
+        r = await rss_run(models, frames[:a.rss_streams], a.objects, a.rss_minutes, a.image_size, a.device)
+        print(f"\nRSS over {a.rss_minutes:g} min, {a.rss_streams} streams x {a.objects} objects, "
+              f"{r['frames_per_stream']} frames per stream: {mb(r['rss_first_min'])} after the first minute, "
+              f"{mb(r['rss_end'])} at the end: growth **{100 * r['growth']:+.2f} %**; memory bank "
+              f"{mb(r['bank_first_min'])} -> {mb(r['bank_end'])}; other load {ol.cores():.2f} cores")
+        print("samples (s, RSS MB, bank MB): " + ", ".join(f"{t:.0f}:{rss / 1e6:.0f}:{bank / 1e6:.1f}"
+                                                            for t, rss, bank in r["samples"]))
+    await models.aclose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
