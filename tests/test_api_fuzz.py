@@ -44,8 +44,11 @@ async def test_fuzz_real_streams(r, redis_server, tmp_path):
     created, then read, changed and removed through the OpenAPI links (stateful phase). Valid data only (the run
     above sends invalid data): most of it then reaches a real stream."""
     async with running(api_cfg(redis_server.url, allowed_schemes=["redis"])) as d:
+        # the seed picks which bodies are generated, and the routes there are move it: seed 1 happened to re-post
+        # the documented examples only, seed 3 too once PATCH /api/v1/pipelines/{pipeline} was added; 6 creates
+        # streams of its own with and without the segment routes
         text = await _schemathesis(d.api_url, tmp_path, "examples,coverage,fuzzing,stateful", 15, "positive",
-                                  seed=3)  # seed 1 happens to re-post the documented examples only
+                                  seed=6)
         # what Redis keeps and what runs agree after all that
         kept = {k.decode() for k in await r.hkeys(API_STREAMS_KEY)}
         assert kept == {sid for sid in d.streams.api_stream_ids if sid in d.streams.runners}

@@ -14,6 +14,8 @@ from streamd.api.etag import KeyedLocks
 from streamd.api.health import PING, health, health_live, health_ready, metrics
 from streamd.api.middleware import Route, auth_mw, cors_mw, errors_mw
 from streamd.api.models import ModelCatalog, ModelInfo, model_delete, model_load, models_list
+from streamd.api.pipelines import (PipelineHistory, PipelinePatch, PipelineRollback, SwitchOutcome,
+                                   pipeline_history, pipeline_patch, pipeline_rollback)
 from streamd.api.predict import PredictAnswer, predict
 from streamd.api.prompts import prompt_delete, prompt_get, prompt_history, prompt_put, prompt_rollback, prompts_list
 from streamd.api.schemas import PromptUpdate, Rollback, StreamPatch
@@ -81,6 +83,15 @@ ROUTES: list[Route] = [
           etag=True, if_match=True),
     Route("GET", f"{P}/pipelines", pipelines_list, "read", "pipelines and the models they use", tag="pipelines",
           response=R.PipelineList),
+    Route("PATCH", f"{P}/pipelines/{{pipeline}}", pipeline_patch, "operate", "change stages live (a detect stage's "
+          "model, conf, iou, classes, labels, imgsz, max_det): the new models load while the old serve, then every "
+          "stream switches between two batches; a new version, kept in Redis", PipelinePatch, tag="pipelines",
+          response=SwitchOutcome),
+    Route("GET", f"{P}/pipelines/{{pipeline}}/history", pipeline_history, "read", "versions, newest first",
+          tag="pipelines", response=PipelineHistory),
+    Route("POST", f"{P}/pipelines/{{pipeline}}/rollback", pipeline_rollback, "operate", "a new version with an old "
+          "version's changes (0: as configured), switched the same way", PipelineRollback, tag="pipelines",
+          response=SwitchOutcome),
     Route("GET", f"{P}/models", models_list, "read", "the model catalog: state, device, precision, memory, load "
           "time, last use, users; budgets per device", tag="models", response=ModelCatalog),
     Route("POST", f"{P}/models/{{id}}/load", model_load, "operate", "load a model now (idle models are unloaded "

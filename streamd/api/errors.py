@@ -29,12 +29,14 @@ CODES: dict[str, tuple[int, str]] = {
                                       "are gone)"),
     "model_not_found": (404, "no model with that name in the catalog (GET /api/v1/models lists them)"),
     "pipeline_not_found": (404, "no pipeline with that name (GET /api/v1/pipelines lists them; predict: "
-                                "details.available too)"),
+                                "details.available too), or a rollback to a version it never had (details.version)"),
     "method_not_allowed": (405, "the route does not take that method (see Allow)"),
     "stream_exists": (409, "POST of a stream id that exists"),
     "segment_unavailable": (409, "/streams/{id}/segment: the stream's pipeline has no segment stage or has not "
                                  "started, or (fleet mode) another daemon runs the stream"),
     "segment_object_limit": (409, "a segment prompt past the stage's max_objects for the stream (details.max_objects)"),
+    "pipeline_changed": (409, "a pipeline change lost a race: another daemon wrote a version (details.version) "
+                              "while this one's models loaded; nothing was written, send it again"),
     "model_in_use": (409, "DELETE of a model that streams use (details.users); ?force=true unloads it anyway and "
                           "fails those streams with the reason"),
     "insufficient_memory": (409, "the model does not fit its device's budget (models.budget) even with every idle "

@@ -20,7 +20,8 @@ ERROR = {
         "details": {"type": "object", "description": "`{}` when there is nothing to add; `invalid_body`: "
                                                       "`errors`, a list of {path, message, type}"}}}},
 }
-STATUS_TEXT = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad JSON or a bad HTTP request",
+STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted: still under way", 204: "No Content",
+               400: "Bad JSON or a bad HTTP request",
                401: "No or invalid token", 403: "Token lacks the scope", 404: "Not found", 409: "Conflict",
                412: "If-Match does not match the current ETag (details.current_etag)",
                413: "Body too large", 415: "Unsupported Content-Type", 422: "Invalid body, URL or parameter",
@@ -36,6 +37,10 @@ EXAMPLES = {
     "PromptUpdate": {"vlm": {"value": {"text": "Is the gate open?", "note": "v2"}},
                      "vocabulary": {"value": {"phrases": ["forklift", "person in hi-vis"]}}},
     "Rollback": {"version": {"value": {"version": 1}}},
+    "PipelinePatch": {"model": {"value": {"stages": [{"stage": "detect", "model": "person"}], "note": "back to the "
+                                          "person detector"}},
+                      "conf": {"value": {"stages": [{"stage": 0, "conf": 0.5, "max_det": 20}]}}},
+    "PipelineRollback": {"configured": {"value": {"version": 0}}},
 }
 PATH_EXAMPLES = {"id": "yard", "kind": "vlm", "scope": "global", "pipeline": "detect", "object_id": "1"}
 # bodies that are not JSON: POST /api/v1/predict/{pipeline} takes an image, raw or as a multipart file part
@@ -55,7 +60,7 @@ ETAG = {"description": "strong validator of the current version: a prompt's `\"v
                        "hash of its configuration (state and rates change without it); send it back in If-Match",
         "schema": {"type": "string"}}
 # routes that read or write state kept in Redis answer 503 while it is unreachable
-REDIS_PATHS = ("/api/v1/streams", "/api/v1/prompts")
+REDIS_PATHS = ("/api/v1/streams", "/api/v1/prompts", "/api/v1/pipelines/{pipeline}")
 
 
 def _schema(model: Any, components: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +127,10 @@ def document(routes: list[Any]) -> dict[str, Any]:
             codes.append(412)
         if "/segment" in r.path:
             codes.append(409)  # segment_unavailable, segment_object_limit
+        if r.path.startswith("/api/v1/pipelines/{pipeline}") and r.method != "GET":  # a live change of stages
+            responses["202"] = {**ok, "description": "the new models still load after timeout_s: the switch goes "
+                                "on (its outcome: GET /api/v1/pipelines, events)"}
+            codes.append(409)  # pipeline_changed, insufficient_memory
         if r.path.startswith("/api/v1/predict/"):
             codes += [413, 415, 422, 500, 503]  # image_too_large, unsupported_media_type, invalid_image ...
         if r.method == "DELETE" and r.tag == "prompts":
