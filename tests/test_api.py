@@ -20,7 +20,7 @@ def read_status(path):
 
 def concrete(path):
     return (path.replace("{id}", "nosuch").replace("{kind}", "vlm").replace("{scope}", "global")
-            .replace("{pipeline}", "detect"))
+            .replace("{pipeline}", "detect").replace("{object_id}", "1").replace("{name}", "nosuch"))
 
 
 async def test_every_route_needs_a_token_and_the_right_scope(r, redis_server):
