@@ -166,3 +166,21 @@ async def test_records_and_events_are_valid_json_on_their_keys(r, redis_server, 
     assert json.loads(entry[1][b"record"]) == {"stream_id": "j", "value": None}  # never a bare NaN
     (ev,) = await events(r, "j")
     assert ev["type"] == "discontinuity" and ev["seq"] == 3 and ev["stream_id"] == "j"
+
+
+async def test_events_of_a_predict_requests_frame_are_never_published(redis_server, sink_for):
+    """A stage that speaks of a predict request's frame (its tracker or segmenter forgetting the one-frame stream)
+    publishes nothing: no key for the request's stream id appears in Redis."""
+    from streamd.frames import PREDICT_PREFIX
+
+    sink = sink_for(redis_server.url)
+    sink.event(f"{PREDICT_PREFIX}7", "mask_lost", {"object_id": 1})
+    sink.event("cam", "state", {"to": "live"})
+    assert len(sink) == 1
+    await asyncio.wait_for(sink.wait_idle(), 5)
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await client.exists(keys.events_key(f"{PREDICT_PREFIX}7")) == 0
+        assert await client.exists(keys.events_key("cam")) == 1
+    finally:
+        await client.aclose()

@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 
 from streamd import jsonsafe, keys
 from streamd.config import RedisConfig
-from streamd.frames import InputRef, Work
+from streamd.frames import PREDICT_PREFIX, InputRef, Work
 from streamd.log import get_logger
 from streamd.metrics import Metrics
 from streamd.redis_clients import is_cluster
@@ -184,7 +184,10 @@ class RedisSink:
                                  fence=fence))
 
     def event(self, stream_id: str, kind: str, fields: dict[str, Any] | None = None) -> None:
-        """Queue an event; never waits (events are small and rare)."""
+        """Queue an event; never waits (events are small and rare). A predict request's frame (a stream id with
+        PREDICT_PREFIX) is answered to its caller, never published: what stages say of it is dropped here."""
+        if stream_id.startswith(PREDICT_PREFIX):
+            return
         self._append(self._event(stream_id, kind, fields))
 
     def _event(self, stream_id: str, kind: str, fields: dict[str, Any] | None) -> Pending:
