@@ -216,6 +216,8 @@ async def main() -> None:
               f"{statistics.median(x['cpu_ms'] for x in base):.0f} | {statistics.median(x['cpu_ms'] for x in mine):.0f}"
               f" | {mb(base[-1]['state_bytes'])} after {a.frames} frames | {mb(mine[-1]['state_bytes'])} | "
               f"{max(load):.2f} |", flush=True)
+        print(f"<!-- {s} streams, each repeat (predictor, streamd frames/s): "
+              + ", ".join(f"{b['fps']:.2f}/{m['fps']:.2f}" for b, m in zip(base, mine)) + " -->", flush=True)
     if a.rss_minutes > 0:
         ol = OtherLoad()
         r = await rss_run(models, frames[:a.rss_streams], a.objects, a.rss_minutes, a.image_size, a.device)
