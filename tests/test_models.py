@@ -229,6 +229,103 @@ async def test_an_unload_by_hand_is_refused_while_in_use_and_force_fails_the_str
         await m.aclose()
 
 
+
+def _failing_release_once(monkeypatch, message: str) -> list:
+    """memory.release raising once (as torch.cuda.empty_cache can), then the real one: the calls made."""
+    real, calls = memory.release, []
+
+    def release(device, alive=lambda: True):
+        calls.append(device)
+        if len(calls) == 1:
+            raise RuntimeError(message)
+        return real(device, alive)
+
+    monkeypatch.setattr(memory, "release", release)
+    return calls
+
+
+async def test_a_call_waiting_on_a_model_that_is_unloading_sleeps_and_gets_it_reloaded():
+    from streamd.models.executors import device_executor
+
+    m = manager({"a": SMALL})
+    ref = refs(m, "a")["a"]
+    loop = asyncio.get_running_loop()
+    try:
+        async with ref.use():
+            pass
+        # the device's executor thread is busy: the unload's memory release waits behind this job
+        blocker = loop.run_in_executor(device_executor("cpu"), time.sleep, 1.5)
+        unloading = asyncio.create_task(m.unload("a"))
+        await asyncio.sleep(0.05)
+        assert state(m)["a"] == "unloading"
+
+        async def call():
+            async with ref.use() as det:
+                return det
+
+        waiter = asyncio.create_task(call())
+        await asyncio.sleep(0.05)
+        cpu0, t0 = time.thread_time(), time.perf_counter()  # the event loop's thread
+        await asyncio.sleep(1.0)
+        cpu, wall = time.thread_time() - cpu0, time.perf_counter() - t0
+        print(f"\nthe event loop used {cpu * 1000:.0f} ms of CPU in {wall * 1000:.0f} ms while a call waited on "
+              "an unloading model (a busy wait uses about all of it)")
+        assert state(m)["a"] == "unloading" and not waiter.done()
+        assert cpu < 0.15 * wall, (cpu, wall)  # the waiter sleeps on the unload, it does not spin
+        await blocker
+        await asyncio.wait_for(unloading, 30)
+        det = await asyncio.wait_for(waiter, 60)
+        assert type(det).__name__ == "SharedDetector"
+        assert state(m)["a"] == "ready" and m.get_entry("a").loads == 2  # loaded again for the waiting call
+    finally:
+        await m.aclose()
+
+
+async def test_an_unload_whose_memory_release_fails_leaves_the_model_unloaded_and_usable(monkeypatch):
+    m = manager({"a": SMALL})
+    ref = refs(m, "a")["a"]
+    try:
+        async with ref.use():
+            pass
+        calls = _failing_release_once(monkeypatch, "CUDA error: empty_cache failed")
+        with pytest.raises(RuntimeError, match="empty_cache failed"):
+            await m.unload("a")
+        info = {x["name"]: x for x in m.catalog()}["a"]
+        assert info["state"] == "unloaded" and info["memory_bytes"] == 0  # not stuck unloading
+        assert "unloaded by hand" in info["reason"] and "CUDA error: empty_cache failed" in info["reason"]
+        async with asyncio.timeout(60):  # used again: loaded again
+            async with ref.use() as det:
+                assert type(det).__name__ == "SharedDetector"
+        assert state(m)["a"] == "ready" and m.get_entry("a").loads == 2
+        await asyncio.wait_for(m.unload("a"), 30)  # and unloaded cleanly this time
+        assert state(m)["a"] == "unloaded" and m.get_entry("a").reason == "unloaded by hand (manual)"
+        assert len(calls) == 2
+    finally:
+        await m.aclose()
+
+
+async def test_the_idle_unloader_survives_a_failed_unload_and_still_unloads_other_models(monkeypatch):
+    m = manager({"a": SMALL, "b": SMALL}, keep_alive_s=0.5)
+    r = refs(m, "a", "b")
+    try:
+        _failing_release_once(monkeypatch, "CUDA error: empty_cache failed")
+        async with r["a"].use():
+            pass
+        await until(lambda: state(m)["a"] == "unloaded", 10, 0.05, what="a unloaded though its release failed")
+        assert "idle for 0.5 s" in m.get_entry("a").reason and "empty_cache failed" in m.get_entry("a").reason
+        async with r["b"].use():  # used after the failure: the idle unloader still unloads it after keep_alive
+            pass
+        t0 = time.monotonic()
+        await until(lambda: state(m)["b"] == "unloaded", 10, 0.05, what="b unloaded when idle")
+        assert 0.4 <= time.monotonic() - t0 < 5
+        assert m.get_entry("b").reason == "idle for 0.5 s"
+        async with r["a"].use():  # a works again, and is unloaded again when idle
+            pass
+        await until(lambda: state(m)["a"] == "unloaded", 10, 0.05, what="a unloaded when idle again")
+        assert m.get_entry("a").reason == "idle for 0.5 s" and m.get_entry("a").loads == 2
+    finally:
+        await m.aclose()
+
 async def test_models_api_lists_the_catalog_refuses_delete_in_use_and_force_fails_the_stream(r, redis_server,
                                                                                                clip):
     pipe = {"stages": [{"type": "detect", "model": SMALL, "conf": 0.0, "imgsz": 160, "max_det": 3}]}

@@ -209,6 +209,8 @@ class ModelManager:
             await asyncio.wait([task])  # its outcome is read from the entry (a waiter's cancellation stays its own)
             if e.state is State.LOADING and task.done():  # cancelled (the manager is closing)
                 self._failed(e, ModelError(f"the load of model {e.name!r} was cancelled"), 0.0)
+            if e.state is State.UNLOADING and task.done() and e.task is task:  # never spin on a finished task
+                e.state = State.UNLOADED
             if e.state is State.FAILED and e.error is not None:
                 raise e.error
         return e.obj
@@ -306,7 +308,12 @@ class ModelManager:
                      for_model=e.name)
             if self.metrics is not None:
                 self.metrics.model_evictions.labels(x.name).inc()
-            await self._drop(x, f"evicted to make room for {e.name!r}", "evicted")
+        # each unload runs as its victim's task from now (callers waiting on a victim wait on that task)
+        tasks = [self._start_drop(x, f"evicted to make room for {e.name!r}", "evicted") for x in victims]
+        await asyncio.wait(tasks)
+        for t in tasks:
+            if not t.cancelled():
+                t.exception()  # logged by _drop; the victim is unloaded either way
 
     # -- unloading ------------------------------------------------------------------------------------------------
     async def unload(self, name: str, force: bool = False) -> Entry:
@@ -314,7 +321,10 @@ class ModelManager:
         the streams using it (and the calls waiting on it) with the reason."""
         e = self.get_entry(name)
         while e.state in (State.LOADING, State.UNLOADING) and e.task is not None:
-            await asyncio.wait([e.task])
+            task = e.task
+            await asyncio.wait([task])
+            if e.task is task and e.state in (State.LOADING, State.UNLOADING):  # its task ended without a verdict
+                break
         if e.state is not State.READY:
             if e.state is State.FAILED:
                 e.state, e.error = State.UNLOADED, None
@@ -333,9 +343,22 @@ class ModelManager:
                     ref.fail_stream(sid, reason)
                 ref.streams.clear()
             log.warning("model unloaded by force", model=name, streams=users["streams"])
-        e.state = State.UNLOADING
-        await self._drop(e, f"unloaded by hand ({why})", why, message)
+        await self._unload(e, f"unloaded by hand ({why})", why, message)
         return e
+
+    def _start_drop(self, e: Entry, reason: str, why: str | None = None,
+                    message: str | None = None) -> asyncio.Task[None]:
+        """Start unloading `e` as its own task (`e.task`): callers waiting on the entry wait on it."""
+        e.state = State.UNLOADING
+        e.task = asyncio.create_task(self._drop(e, reason, why, message), name=f"model-unload:{e.name}")
+        return e.task
+
+    async def _unload(self, e: Entry, reason: str, why: str | None = None, message: str | None = None) -> None:
+        """Unload `e` (its task) and wait for it; a failed unload raises (the entry is unloaded all the same).
+        The caller's cancellation leaves the unload running."""
+        task = self._start_drop(e, reason, why, message)
+        await asyncio.wait([task])
+        task.result()
 
     async def _drop(self, e: Entry, reason: str, why: str | None = None, message: str | None = None) -> None:
         """Close and forget the loaded model (calls waiting on it fail with `message`), then give its memory back
@@ -343,14 +366,22 @@ class ModelManager:
         e.state = State.UNLOADING
         obj, e.obj = e.obj, None
         device = e.device or "cpu"
-        gone = _watch(obj)
-        if obj is not None:
-            await _close(obj, message or f"model {e.name!r} was unloaded: {reason}")
-        del obj
-        await asyncio.get_running_loop().run_in_executor(device_executor(device), memory.release, device,
-                                                         lambda: gone() is not None)
-        e.memory_bytes, e.version, e.version_method = 0, None, None
-        e.state, e.reason = State.UNLOADED, reason
+        failure: str | None = None
+        try:
+            gone = _watch(obj)
+            if obj is not None:
+                await _close(obj, message or f"model {e.name!r} was unloaded: {reason}")
+            del obj
+            await asyncio.get_running_loop().run_in_executor(device_executor(device), memory.release, device,
+                                                             lambda: gone() is not None)
+        except Exception as err:  # noqa: BLE001 - recorded, then raised to the caller
+            failure = redact_text(f"{type(err).__name__}: {err}")
+            log.error("model unload failed", model=e.name, device=device, reason=reason, error=failure)
+            raise
+        finally:  # whatever happened, the model is gone: the entry never stays unloading
+            e.memory_bytes, e.version, e.version_method = 0, None, None
+            e.state = State.UNLOADED
+            e.reason = reason if failure is None else f"{reason} (giving its memory back failed: {failure})"
         if why is not None:
             log.info("model unloaded", model=e.name, device=device, reason=reason)
             self._count_unload(e, why)
@@ -362,7 +393,7 @@ class ModelManager:
 
     # -- idle unload ---------------------------------------------------------------------------------------------
     def _start_reaper(self) -> None:
-        if self._reaper is None and not self._closed:
+        if (self._reaper is None or self._reaper.done()) and not self._closed:  # a dead one is started again
             self._reaper = asyncio.create_task(self._reap(), name="models:idle-unload")
 
     async def _reap(self) -> None:
@@ -371,14 +402,17 @@ class ModelManager:
             now = time.monotonic()
             nearest: float | None = None
             for e in list(self._entries.values()):
-                if e.state is not State.READY or e.in_use() or e.pinned:
-                    continue
-                due = e.idle_since + e.keep_alive_s
-                if due <= now:
-                    log.info("unloading an idle model", model=e.name, idle_s=round(now - e.idle_since, 1))
-                    await self._drop(e, f"idle for {e.keep_alive_s:g} s", "idle")
-                    continue
-                nearest = due if nearest is None else min(nearest, due)
+                try:  # one model's error neither stops the others' nor kills the reaper
+                    if e.state is not State.READY or e.in_use() or e.pinned:
+                        continue
+                    due = e.idle_since + e.keep_alive_s
+                    if due <= now:
+                        log.info("unloading an idle model", model=e.name, idle_s=round(now - e.idle_since, 1))
+                        await self._unload(e, f"idle for {e.keep_alive_s:g} s", "idle")
+                        continue
+                    nearest = due if nearest is None else min(nearest, due)
+                except Exception as err:  # noqa: BLE001 - logged; the reaper goes on
+                    log.error("idle unload failed", model=e.name, error=redact_text(f"{type(err).__name__}: {err}"))
             try:  # not wait_for: on 3.11 it swallows a cancellation that meets a wake-up
                 async with asyncio.timeout(None if nearest is None else max(0.0, nearest - time.monotonic())):
                     await self._wake.wait()
