@@ -100,6 +100,9 @@ class PredictConfig(Strict):
                                  "file part); larger: 413 image_too_large")
     max_pixels: int = Field(3840 * 2160, ge=1, le=1 << 30, description="largest image (width x height), checked "
                             "from its header before it is decoded; larger: 413 image_too_large")
+    max_requests: int = Field(32, ge=1, le=10_000, description="predict requests this daemon takes at once, from "
+                              "the first byte of the body to the answer (bounds the memory their bodies hold: at "
+                              "most max_requests x max_image_bytes); past it: 503 overloaded with Retry-After")
 
 
 class ApiConfig(Strict):

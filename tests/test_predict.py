@@ -135,7 +135,7 @@ async def test_bad_images_and_pipelines_get_typed_json_errors(r, redis_server, t
 
 
 async def test_flooding_predict_sheds_load_with_retry_after_and_answers_every_accepted_one(r, redis_server):
-    cfg = api_cfg(redis_server.url, pipelines={"p": {"stages": PERSON}}, predict={"queue_size": 4})
+    cfg = api_cfg(redis_server.url, pipelines={"p": {"stages": PERSON}}, predict={"queue_size": 4, "max_requests": 1000})
     image = png(load_photo("zidane.jpg"))
     async with running(cfg) as d, aiohttp.ClientSession() as s:
         status, _, first = await post(s, d, "p", image)  # the model loads; the rate is measured from here on
@@ -225,3 +225,37 @@ async def test_a_predict_past_its_timeout_is_503_and_its_image_leaves_nothing_be
         assert sample(d.metrics.predict_latency, pipeline="p") == 0  # never answered
         users = {m["name"]: m["users"]["streams"] for m in d.models.catalog()}
     assert users["person"] == [], users
+
+
+async def test_bodies_sent_slowly_hold_at_most_max_requests_places_and_time_out(r, redis_server):
+    """A client that sends its image slowly holds one of api.predict.max_requests places while its body is read, and
+    only for api.predict.timeout_s: past the bound others get 503 overloaded at once (nothing read, no memory
+    held), and a body that never finishes is answered 503 predict_timeout."""
+    image = png(load_photo("bus.jpg")[::4, ::4])
+    cfg = api_cfg(redis_server.url, pipelines={"fi": {"stages": [{"type": "frame_info"}]}},
+                  predict={"max_requests": 2, "timeout_s": 3})
+    release = asyncio.Event()
+
+    async def slow_body():
+        yield image[:100]
+        await release.wait()
+        yield image[100:]
+
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        async def slow():
+            async with s.post(d.api_url + URL.format("fi"), data=slow_body(),
+                              headers=h(OPER) | {"Content-Type": "image/png"}) as resp:
+                return resp.status, await resp.json()
+
+        slows = [asyncio.ensure_future(slow()) for _ in range(2)]
+        await until(lambda: d.streams.predict.requests == 2, 10, what="two slow bodies holding their places")
+        t0 = time.monotonic()
+        status, headers, body = await post(s, d, "fi", image)
+        assert status == 503 and body["error"]["code"] == "overloaded" and "Retry-After" in headers, body
+        assert time.monotonic() - t0 < 1.0  # refused at once, not after the others
+        (st1, b1), (st2, b2) = await asyncio.wait_for(asyncio.gather(*slows), 10)  # their bodies never finish
+        assert st1 == st2 == 503 and b1["error"]["code"] == b2["error"]["code"] == "predict_timeout", (b1, b2)
+        release.set()
+        assert d.streams.predict.requests == 0
+        status, _, body = await post(s, d, "fi", image)  # the places are free again
+        assert status == 200, body

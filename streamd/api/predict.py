@@ -147,12 +147,17 @@ async def _predict(request: web.Request, name: str) -> web.Response:
     cfg = request.app[CFG].predict
     predictor = _streams(request).predict
     try:
-        predictor.refuse_if_full(name)  # before the body is read: shedding costs nothing
-        data = await _image_bytes(request, cfg.max_image_bytes)
-        t0 = time.perf_counter()
-        image = await asyncio.to_thread(_decode, data, cfg.max_pixels)
-        t1 = time.perf_counter()
-        w = await predictor.predict(name, image)
+        with predictor.request(name):  # the daemon's bound on bodies held at once (api.predict.max_requests)
+            predictor.refuse_if_full(name)  # before the body is read: shedding costs nothing
+            try:
+                async with asyncio.timeout(cfg.timeout_s):  # a body sent slowly holds its place this long at most
+                    data = await _image_bytes(request, cfg.max_image_bytes)
+            except TimeoutError:
+                raise PredictTimeout(name, cfg.timeout_s, 1) from None
+            t0 = time.perf_counter()
+            image = await asyncio.to_thread(_decode, data, cfg.max_pixels)
+            t1 = time.perf_counter()
+            w = await predictor.predict(name, image)
     except PredictError as e:
         raise _error(name, e) from None
     except ConfigError as e:  # a pipeline file that does not parse, stages that cannot be built

@@ -20,9 +20,11 @@ Pipelines with a `vlm` stage are refused (`PredictUnsupported`): its answers are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -191,6 +193,20 @@ class Predictor:
         self.cfg = cfg
         self._metrics = metrics
         self._queues: dict[str, PredictQueue] = {}
+        self.requests = 0  # requests between their first body byte and their answer, every pipeline together
+
+    @contextlib.contextmanager
+    def request(self, name: str) -> Iterator[None]:
+        """Hold one of the daemon's `max_requests` places for a request while its body is read, decoded and
+        answered. Overloaded (before anything is read) when none is free."""
+        if self.requests >= self.cfg.max_requests:
+            self._metrics.predict_rejections.labels(name).inc()
+            raise Overloaded(name, self.requests, self.cfg.max_requests, 1)
+        self.requests += 1
+        try:
+            yield
+        finally:
+            self.requests -= 1
 
     def queue(self, name: str) -> PredictQueue | None:
         return self._queues.get(name)
