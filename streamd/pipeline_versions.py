@@ -86,15 +86,25 @@ class PipelineStore:
         v = await self.r.get(current)
         if v is None:
             return configured(name)
-        return json.loads(await self.r.hget(versions, v))
+        raw = await self.r.hget(versions, v)
+        rec = _record(name, raw)
+        if rec is None:  # evicted, deleted by hand, or not a version record: as configured, and the daemon runs on
+            log.warning("the current pipeline version's record is missing or invalid in Redis: the pipeline runs "
+                        "as configured", pipeline=name, version=v.decode() if isinstance(v, bytes) else str(v),
+                        record="missing" if raw is None else "invalid")
+            return configured(name)
+        return rec
 
     async def version(self, name: str, version: int) -> dict[str, Any]:
         if version == 0:
             return configured(name)
         raw = await self.r.hget(pipeline_keys(name)[1], str(version))
-        if raw is None:
+        rec = _record(name, raw)
+        if rec is None:
+            if raw is not None:
+                log.warning("a pipeline version's record is invalid in Redis", pipeline=name, version=version)
             raise VersionNotFound(f"{name} v{version}")
-        return json.loads(raw)
+        return rec
 
     async def history(self, name: str, offset: int = 0, limit: int = 50) -> tuple[int, list[dict[str, Any]]]:
         """Newest first, version 0 (as configured) last. Returns (total versions, 0 included; page)."""
@@ -102,7 +112,7 @@ class PipelineStore:
         stored = int(await self.r.get(seq) or 0)
         wanted = list(range(stored - offset, max(stored - offset - limit, -1), -1))
         raws = await self.r.hmget(versions, [str(v) for v in wanted if v > 0]) if any(v > 0 for v in wanted) else []
-        page = [json.loads(x) for x in raws if x is not None]
+        page = [rec for rec in (_record(name, x) for x in raws) if rec is not None]
         if wanted and wanted[-1] == 0:
             page.append(configured(name))
         return stored + 1, page
@@ -110,6 +120,27 @@ class PipelineStore:
     async def all_current(self) -> list[dict[str, Any]]:
         names = sorted(x.decode() for x in await self.r.smembers(PIPELINES_INDEX_KEY))
         return [await self.current(n) for n in names]
+
+
+def _record(name: str, raw: Any) -> dict[str, Any] | None:
+    """A stored version record, or None when it is missing or not one (not JSON, no version number, stages not
+    an object of objects)."""
+    if raw is None:
+        return None
+    try:
+        rec = json.loads(raw)
+    except (TypeError, ValueError):  # ValueError: JSONDecodeError and UnicodeDecodeError
+        return None
+    if not isinstance(rec, dict):
+        return None
+    version, stages = rec.get("version"), rec.get("stages")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1 or not isinstance(stages, dict) \
+            or not all(isinstance(k, str) and isinstance(v, dict) for k, v in stages.items()):
+        return None
+    rec["pipeline"] = name
+    for key in ("author", "note", "created_ts"):
+        rec.setdefault(key, None)
+    return rec
 
 
 class PipelineVersions:
@@ -170,8 +201,11 @@ class PipelineVersions:
                             last = loop.time()
                         continue
                     self._learn(await self.store.current(msg["data"].decode()))
-            except (RedisError, OSError) as e:
-                self._outage.warning("pipeline versions lost Redis, retrying", error=str(e) or type(e).__name__)
+            except Exception as e:  # noqa: BLE001 - an outage, or anything else a record holds: never the daemon's end
+                if isinstance(e, (RedisError, OSError)):
+                    self._outage.warning("pipeline versions lost Redis, retrying", error=str(e) or type(e).__name__)
+                else:
+                    log.warning("pipeline versions could not be read, retrying", error=str(e) or type(e).__name__)
                 self.tried.set()
                 try:
                     await asyncio.wait_for(self._stop.wait(), 1.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from typing import Any
 
@@ -282,3 +283,82 @@ def test_a_folders_version_reads_no_file_the_hugging_face_cache_names_by_its_has
     assert v.of(str(tmp_path / "copy" / "model.safetensors"), None) == ("sha256:" + digest[:16], "file")
     (tmp_path / "blobs" / digest).write_bytes(b"changed")  # the blob's name is its hash: taken, not read
     assert v.of(str(tmp_path / "snapshot"), None) == v.of(str(tmp_path / "copy"), None)
+
+
+async def stored(r: Any, version: int, record: Any, current: int | None = None, name: str = "sw") -> None:
+    """A version record put in Redis as a daemon (or a hand, or an eviction) left it; `record` None: the versions
+    hash deleted. The change is announced as a daemon announces its own."""
+    from streamd.keys import PIPELINES_CHANNEL, PIPELINES_INDEX_KEY, pipeline_keys
+
+    seq, versions, cur = pipeline_keys(name)
+    await r.set(seq, version)
+    if record is None:
+        await r.delete(versions)
+    else:
+        await r.hset(versions, str(version), record if isinstance(record, str) else json.dumps(record))
+    await r.set(cur, current if current is not None else version)
+    await r.sadd(PIPELINES_INDEX_KEY, name)
+    await r.publish(PIPELINES_CHANNEL, name)
+
+
+def version_record(version: int, stages: dict[str, Any]) -> dict[str, Any]:
+    return {"version": version, "pipeline": "sw", "stages": stages, "author": "ops", "note": None,
+            "created_ts": time.time()}
+
+
+async def test_a_missing_or_garbage_version_record_runs_the_pipeline_as_configured(r, redis_server, clip):
+    # the current pointer names version 1, and the versions hash is gone (LRU eviction, a hand DEL)
+    await stored(r, 1, None)
+    async with running(config(redis_server.url, cams(clip, "a"))) as d, aiohttp.ClientSession() as s:
+        recs = await until(lambda: at_least(r, "a", 3), 60, what="results of a")
+        assert {x["outputs"]["detect"]["model"] for x in recs} == {OLD}
+        info = await pipeline_info(s, d)
+        assert info["version"] == 0 and info["changes"] == {}
+        # a record that is not JSON, announced while the daemon runs: it follows on, as configured
+        await stored(r, 2, "{not json")
+        await asyncio.sleep(1.5)
+        await more(r, "a", 5)
+        assert d.pipelines.switches.versions.get("sw")["version"] == 0
+    # a restart with the garbage record current (and one that is JSON but no version record)
+    for garbage in ("{not json", json.dumps(["detect"]), json.dumps({"version": 3, "stages": "x"})):
+        await stored(r, 3, garbage)
+        async with running(config(redis_server.url, cams(clip, "b"))) as d:
+            recs = await more(r, "b", 3)
+            assert {x["outputs"]["detect"]["model"] for x in recs} == {OLD}
+            assert d.pipelines.switches.versions.get("sw")["version"] == 0
+    recs = await results(r, "a")
+    assert [x["seq"] for x in recs] == list(range(len(recs)))
+    assert {x["outputs"]["detect"]["model"] for x in recs} == {OLD}
+
+
+async def test_a_stored_version_naming_a_model_not_declared_here_is_not_applied(r, redis_server, clip):
+    # version 1 names `big`, declared in the catalog of the daemon that wrote it; this daemon's catalog has no `big`
+    await stored(r, 1, version_record(1, {"detect": {"model": "big"}}))
+    async with running(config(redis_server.url, cams(clip, "a"))) as d, aiohttp.ClientSession() as s:
+        recs = await until(lambda: at_least(r, "a", 3), 60, what="results of a")
+        assert {x["outputs"]["detect"]["model"] for x in recs} == {OLD}
+        assert all(x["error"] is None for x in recs)
+        names = {x["name"] for x in d.models.catalog()}
+        assert "big" not in names and OLD in names
+        info = await pipeline_info(s, d)
+        assert info["stages"][0]["serving"]["model"] == OLD
+        assert info["last_switch"]["state"] == "failed" and "'big' is not declared" in info["last_switch"]["reason"]
+        # a version another daemon wrote naming a source (a file, a hub name), followed: never loaded, the
+        # current model serves on, with an event
+        await stored(r, 2, version_record(2, {"detect": {"model": "yolov8s.yaml"}}))
+        evs = await until(lambda: events(r, "a", "model_switch_failed"), 20, what="the refusal's event")
+        assert evs[-1]["model"] == "yolov8s.yaml" and evs[-1]["serving"] == OLD and evs[-1]["version"] == 2
+        assert "is not declared" in evs[-1]["reason"]
+        await more(r, "a", 5)
+        assert "yolov8s.yaml" not in {x["name"] for x in d.models.catalog()}
+        # an option the stage cannot change while it runs, followed: not applied either
+        await stored(r, 3, version_record(3, {"detect": {"model": NEW, "device": "meta"}}))
+        async def refused_3() -> list[dict[str, Any]]:
+            return [e for e in await events(r, "a", "model_switch_failed") if e["version"] == 3]
+
+        evs = await until(refused_3, 20, what="the refusal of version 3")
+        assert "device cannot change while the pipeline runs" in evs[0]["reason"], evs
+        await more(r, "a", 3)
+    recs = await results(r, "a")
+    assert [x["seq"] for x in recs] == list(range(len(recs)))
+    assert {x["outputs"]["detect"]["model"] for x in recs} == {OLD}

@@ -91,12 +91,64 @@ class ModelSwitches:
         rec = self.versions.get(name)
         if rec["stages"]:
             try:
-                changed = self._apply(pcfg, rec["stages"])
+                changed = self._verify(name, pcfg, rec["stages"])
                 return changed, self._build(name, changed, where)
-            except (ConfigError, ValidationError) as e:
-                log.warning("pipeline version does not fit the configured pipeline: running it as configured",
-                            pipeline=name, version=rec["version"], error=str(e))
+            except (ConfigError, SwitchRefused, ValidationError) as e:
+                self._refused(name, {st.name or st.type: _model(st) for st in pcfg.stages}, rec, e,
+                              "the pipeline runs as configured")
         return pcfg, self._build(name, pcfg, where)
+
+    def _verify(self, name: str, base: PipelineConfig, changes: Changes) -> PipelineConfig:
+        """A stored version's changes checked as a change through the API is before it is applied (at a start, or
+        followed): options the stage can change live, models declared here (models.catalog) or aliases, never a
+        source a Redis record names (this daemon's catalog may differ from the writer's, or have changed since);
+        every stage's options valid. The pipeline with the changes; SwitchRefused or ConfigError if they fail."""
+        names = [st.name or st.type for st in base.stages]
+        for stage, opts in changes.items():
+            if stage not in names:
+                continue  # a stage no longer in the pipeline: skipped (apply)
+            st = base.stages[names.index(stage)]
+            live = getattr(build_stage(st, f"pipelines.{name}.stages.{names.index(stage)}"), "live_options",
+                           frozenset())
+            fixed = sorted(set(opts) - live)
+            if fixed:
+                raise SwitchRefused(f"{stage}.{fixed[0]}", f"stage {stage}: {', '.join(fixed)} cannot change while "
+                                    f"the pipeline runs (live: {', '.join(sorted(live)) or 'none'})")
+            model = opts.get("model")
+            if model is not None and model != _model(st):
+                why = self._undeclared(model)
+                if why is not None:
+                    raise SwitchRefused(f"{stage}.model", f"stage {stage}: {why}")
+        wanted = self._apply(base, changes)
+        self._check(name, wanted)
+        return wanted
+
+    def _undeclared(self, model: Any) -> str | None:
+        """Why `model` is not one the versions may name (None: declared in models.catalog, or an alias)."""
+        if isinstance(model, str) and (model in self.cfg.models.catalog or model in ALIASES):
+            return None
+        declared = ", ".join(sorted(self.cfg.models.catalog)) or "none"
+        return (f"model {model!r} is not declared: the API switches to models declared in models.catalog (declared: "
+                f"{declared}) or aliases ({', '.join(sorted(ALIASES))}), never to a file or URL it names")
+
+    def _refused(self, name: str, serving: dict[str, Any], rec: dict[str, Any], e: BaseException,
+                 outcome: str) -> None:
+        """A stored version that fails the checks is not applied: a warning, `last`, and `model_switch_failed` on
+        the pipeline's streams here."""
+        reason = redact_text(str(e) or type(e).__name__)
+        log.warning(f"pipeline version not applied: {outcome}", pipeline=name, version=rec["version"], error=reason)
+        stage = model = None
+        for st_name, opts in rec["stages"].items():
+            stage, model = st_name, opts.get("model") if isinstance(opts, dict) else None
+            if model is not None:
+                break
+        now = serving.get(stage) if stage is not None else None
+        self.last[name] = {"state": "failed", "version": rec["version"], "stage": stage, "model": model,
+                           "ts": time.time(), "reason": reason}
+        for sid in self._streams_of(name):
+            self._ctx.events(sid, "model_switch_failed", {"pipeline": name, "version": rec["version"],
+                                                          "stage": stage, "model": model, "serving": now,
+                                                          "reason": reason})
 
     def _apply(self, pcfg: PipelineConfig, changes: Changes) -> PipelineConfig:
         return apply(pcfg, changes, self.cfg.models.catalog)
@@ -121,8 +173,7 @@ class ModelSwitches:
             target = _normalise(base, target)
             if target == cur["stages"]:
                 return {"status": "unchanged", "record": cur, "switched": [], "streams": []}
-            wanted = self._apply(base, target)
-            self._check(name, wanted)
+            wanted = self._verify(name, base, target)  # a rollback's target too: a model declared here
             p = await self._running(name)
             plan = self._plan(p, wanted) if p is not None else None
             prepared = await self._prepare(name, plan, cur["version"] + 1) if plan is not None else []
@@ -169,11 +220,9 @@ class ModelSwitches:
                 raise SwitchRefused(f"stages.{j}.{fixed[0]}", f"{', '.join(fixed)} cannot change while the "
                                     f"pipeline runs (live: {', '.join(sorted(live))})")
             model = opts.get("model")
-            if model is not None and model not in self.cfg.models.catalog and model not in ALIASES:
-                declared = ", ".join(sorted(self.cfg.models.catalog)) or "none"
-                raise SwitchRefused(f"stages.{j}.model", f"model {model!r} is not declared: the API switches to "
-                                    f"models declared in models.catalog (declared: {declared}) or aliases "
-                                    f"({', '.join(sorted(ALIASES))}), never to a file or URL it names")
+            why = self._undeclared(model) if model is not None else None
+            if why is not None:
+                raise SwitchRefused(f"stages.{j}.model", why)
             out.setdefault(stage, {}).update(opts)
         return out
 
@@ -305,7 +354,13 @@ class ModelSwitches:
                 if p is None:
                     return
                 base = pipeline_files.resolve(self.cfg, name, "pipeline")
-                plan = self._plan(p, self._apply(base, rec["stages"]))
+                try:
+                    wanted = self._verify(name, base, rec["stages"])
+                except (ConfigError, SwitchRefused, ValidationError) as e:
+                    self._refused(name, {st.name: getattr(getattr(st, "opts", None), "model", None)
+                                         for st in p.stages}, rec, e, "the pipeline's current models serve on")
+                    return
+                plan = self._plan(p, wanted)
                 if not plan:
                     return
                 log.info("switching to a pipeline version", pipeline=name, version=rec["version"],
