@@ -32,7 +32,7 @@ from streamd.frames import Work
 from streamd.log import get_logger
 from streamd.stages import Stage, parse_options
 from streamd.stages.detector import mask_rle
-from streamd.stages.segment import boxes
+import streamd.stages.segment.boxes as boxes
 from streamd.stages.segment.memory import Prompt, StreamMemory, TrackedObject
 from streamd.stages.segment.model import DEFAULT_MODEL
 from streamd.stages.segment.visibility import State, Visibility
