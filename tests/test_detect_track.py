@@ -143,7 +143,7 @@ def test_masks_are_moved_from_the_letterboxed_input_to_the_frame():
     below); a mask drawn in the input lands where that part of the frame is, not stretched over the padding."""
     import torch
 
-    from streamd.stages.detector import _frame_masks
+    from streamd.stages.masks import frame_masks as _frame_masks
 
     lb = torch.zeros((2, 64, 160))
     lb[0, 20:30, 50:70] = 1  # input rows 20-30 = frame rows (20-12)*5 .. (30-12)*5, columns 50-70 = 250-350

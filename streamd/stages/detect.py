@@ -29,7 +29,8 @@ from streamd.errors import ConfigError, StageError
 from streamd.frames import Work
 from streamd.log import get_logger, redact_text
 from streamd.stages import Stage, parse_options
-from streamd.stages.detector import Params, Runtime, SharedDetector, mask_rle
+from streamd.stages.detector import Params, Runtime, SharedDetector
+from streamd.stages.masks import mask_rle
 from streamd.stages.open_vocab import VocabularyError, export_text_embeddings
 
 __all__ = ["Detect", "DetectOptions", "Params", "SharedDetector", "VocabularyError", "export_text_embeddings",

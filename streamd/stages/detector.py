@@ -5,7 +5,7 @@ forward pass runs go together into the next one. Forward passes run in lanes:
 
 - most models have one lane, in the device's executor thread, through Ultralytics' `model.predict`;
 - a plain detection model on the CPU has several lanes at once, each running Ultralytics' own steps around the
-  forward pass directly (`_Lane`: letterbox, NMS, box scaling), so that decode, preprocessing and the forward
+  forward pass directly (`streamd.stages.lanes`: letterbox, NMS, box scaling), so that decode, preprocessing and the forward
   passes of several frames overlap and one frame never waits for another's. A single-threaded lane (the
   default up to 4 cores) passes one frame at a time: there a batch costs as much per frame as single frames or
   more (its activations outgrow the caches; with 4 streams on 2 cores, lanes of one frame gave 5-7 % more
@@ -19,7 +19,6 @@ forward pass runs go together into the next one. Forward passes run in lanes:
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import copy
 import os
@@ -33,25 +32,17 @@ import numpy as np
 
 from streamd.errors import StageError
 from streamd.log import get_logger, redact_text
-from streamd.models.memory import clear_task_frames
 from streamd.models.executors import device_executor
+from streamd.models.memory import clear_task_frames
+from streamd.stages.lanes import Lane, OnnxLane, TorchLane
+from streamd.stages.masks import frame_masks, mask_rle
 from streamd.stages.open_vocab import OpenVocabulary, VocabularyError, open_vocabulary_kind
 
-__all__ = ["Params", "Runtime", "SharedDetector", "mask_rle"]
+__all__ = ["Params", "Runtime", "SharedDetector"]
 
 log = get_logger("streamd.stage.detect")
 
 Runtime = Literal["auto", "torch", "onnx"]
-
-
-def mask_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO-style uncompressed RLE: column-major run lengths, the first run counting zeros."""
-    flat = np.asarray(mask, dtype=bool).flatten(order="F")
-    cuts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate(([0], cuts, [flat.size]))).tolist()
-    if flat.size and flat[0]:
-        runs = [0, *runs]
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": runs}
 
 
 @dataclass(frozen=True)
@@ -266,7 +257,7 @@ class SharedDetector:
                 else np.zeros((0, 6), np.float32)
             masks = None
             if p.masks and getattr(r, "masks", None) is not None and len(data):
-                masks = _frame_masks(r.masks.data, r.orig_shape)
+                masks = frame_masks(r.masks.data, r.orig_shape)
             out.append((data, masks))
         return out
 
@@ -276,7 +267,7 @@ class SharedDetector:
                     classes=list(p.classes) if p.classes else None, verbose=False,
                     **_precision(p.half and self.device != "cpu"))
 
-    def _cpu_lanes(self, p: Params) -> list[_Lane]:
+    def _cpu_lanes(self, p: Params) -> list[Lane]:
         """The CPU lanes for a plain detection model, or none (one lane through `model.predict`). Raises
         StageError when `runtime: onnx` was asked for and cannot be had. With `half` on the CPU, the lanes run
         PyTorch under bfloat16 autocast (ONNX Runtime lanes are float32)."""
@@ -311,7 +302,7 @@ class SharedDetector:
             try:
                 lanes = onnx_runtime.lanes(self.model, p.imgsz, cores, self.wanted_lanes)
                 self.runtime, self.precision = "onnxruntime", "fp32"
-                return [_OnnxLane(s, backend.stride, s.get_session_options().intra_op_num_threads) for s in lanes]
+                return [OnnxLane(s, backend.stride, s.get_session_options().intra_op_num_threads) for s in lanes]
             except StageError:
                 if want == "onnx":
                     raise
@@ -330,7 +321,7 @@ class SharedDetector:
             return []
         self.runtime, self.precision = "torch", "bf16" if bf16 else "fp32"
         threads = torch.get_num_threads()  # one intra-op pool, shared by the lanes
-        return [_TorchLane(backend if i == 0 else copy.deepcopy(backend), bf16, threads) for i in range(n)]
+        return [TorchLane(backend if i == 0 else copy.deepcopy(backend), bf16, threads) for i in range(n)]
 
 
 def model_loader(spec: Any, device: str) -> tuple[Callable[[], Any], Callable[[Any], SharedDetector]]:
@@ -354,94 +345,6 @@ def model_loader(spec: Any, device: str) -> tuple[Callable[[], Any], Callable[[A
     return lambda: load_yolo(spec.source), wrap
 
 
-class _Lane(abc.ABC):
-    """Ultralytics' own steps around a detection model's forward pass, called directly, so that lanes run at
-    once (`model.predict` holds a lock): the letterbox, the to-tensor of `BasePredictor.preprocess`, NMS and box
-    scaling of `DetectionPredictor`. The frames' RGB goes into the letterbox as it is (the predictor flips its
-    BGR input to RGB after it: the same tensor, without the copy), and NMS gets the request's parameters, not the
-    shared predictor's. Each frame is letterboxed as Ultralytics letterboxes a frame of its own (the smallest
-    stride-aligned rectangle); frames whose rectangles differ go in separate passes, so a frame's detections
-    never depend on the frames it shares a batch with."""
-
-    def __init__(self, stride: Any, threads: int):
-        self.stride = stride
-        self.threads = threads  # intra-op threads of its forward pass
-        self._imgsz: dict[int, Any] = {}
-
-    def __call__(self, images: list[np.ndarray], p: Params) -> list[tuple[np.ndarray, list[Any] | None]]:
-        from ultralytics.data.augment import LetterBox
-        from ultralytics.utils.checks import check_imgsz
-
-        imgsz = self._imgsz.get(p.imgsz)
-        if imgsz is None:
-            imgsz = self._imgsz[p.imgsz] = check_imgsz(p.imgsz, stride=self.stride, min_dim=2)
-        letterbox = LetterBox(imgsz, auto=True, stride=self.stride)
-        boxed = [letterbox(image=im) for im in images]
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, x in enumerate(boxed):
-            by_shape.setdefault(x.shape, []).append(i)
-        out: list[Any] = [None] * len(images)
-        for idx in by_shape.values():
-            dets = self._detect(np.stack([boxed[i] for i in idx]), [images[i].shape for i in idx], p)
-            for i, d in zip(idx, dets):
-                out[i] = (d, None)
-        return out
-
-    def _detect(self, x: np.ndarray, shapes: list[tuple[int, ...]], p: Params) -> list[np.ndarray]:
-        import torch
-        from ultralytics.utils import nms, ops
-
-        with torch.inference_mode():
-            preds = nms.non_max_suppression(self._forward(x), p.conf, p.iou,
-                                            list(p.classes) if p.classes else None, max_det=p.max_det)
-            dets = []
-            for pred, shape in zip(preds, shapes):
-                pred[:, :4] = ops.scale_boxes(x.shape[1:3], pred[:, :4], shape)
-                dets.append(pred[:, :6].cpu().numpy())
-        return dets
-
-    @abc.abstractmethod
-    def _forward(self, x: np.ndarray) -> Any:
-        """(B, H, W, 3) uint8 RGB -> the model's raw predictions (what NMS takes)."""
-
-
-class _TorchLane(_Lane):
-    """One replica of the fused PyTorch model (Ultralytics' AutoBackend); with `bf16`, under bfloat16 autocast on
-    the CPU (predictions back in float32 for NMS)."""
-
-    def __init__(self, backend: Any, bf16: bool = False, threads: int = 1):
-        super().__init__(backend.stride, threads)
-        self.backend = backend
-        self.bf16 = bf16
-
-    def _forward(self, x: np.ndarray) -> Any:
-        import torch
-
-        b = self.backend
-        im = torch.from_numpy(x).to(b.device).permute(0, 3, 1, 2).contiguous()
-        im = (im.half() if b.fp16 else im.float()).div_(255)
-        if not self.bf16:
-            return b(im)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = b(im)
-        return (y[0] if isinstance(y, (list, tuple)) else y).float()
-
-
-class _OnnxLane(_Lane):
-    """One ONNX Runtime session of the exported model (float32 input scaled to 0..1, like the PyTorch lane)."""
-
-    def __init__(self, session: Any, stride: Any, threads: int = 1):
-        super().__init__(stride, threads)
-        self.session = session
-        self.input = session.get_inputs()[0].name
-
-    def _forward(self, x: np.ndarray) -> Any:
-        import torch
-
-        im = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255).contiguous()
-        return torch.from_numpy(self.session.run(None, {self.input: im.numpy()})[0])
-
-
 def _precision(half: bool) -> dict[str, Any]:
     """fp16 as this Ultralytics spells it (`quantize=16` since 8.4, `half=True` before); nothing for fp32 (the
     shared model's key includes `half`, so a model is always asked with the same precision)."""
@@ -450,16 +353,3 @@ def _precision(half: bool) -> dict[str, Any]:
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
     return {"quantize": 16} if "quantize" in DEFAULT_CFG_DICT else {"half": True}
-
-
-def _frame_masks(masks: Any, frame_shape: tuple[int, int], chunk: int = 16) -> list[dict[str, Any]]:
-    """Masks in the letterboxed input's coordinates -> RLE in the frame's, aligned with the boxes: the letterbox
-    padding is cut off before scaling (`ops.scale_masks`). A few masks at a time, so many detections on a large
-    frame never hold N full-size masks at once."""
-    from ultralytics.utils import ops
-
-    out = []
-    for i in range(0, len(masks), chunk):
-        m = ops.scale_masks(masks[i : i + chunk, None].float(), frame_shape)[:, 0] > 0.5
-        out.extend(mask_rle(x) for x in m.cpu().numpy())
-    return out

@@ -26,13 +26,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+import streamd.stages.segment.boxes as boxes
 from streamd.config import StageConfig
 from streamd.errors import StageError
 from streamd.frames import Work
 from streamd.log import get_logger
 from streamd.stages import Stage, parse_options
-from streamd.stages.detector import mask_rle
-import streamd.stages.segment.boxes as boxes
+from streamd.stages.masks import mask_rle
 from streamd.stages.segment.memory import Prompt, StreamMemory, TrackedObject
 from streamd.stages.segment.model import DEFAULT_MODEL
 from streamd.stages.segment.visibility import State, Visibility
