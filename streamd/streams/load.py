@@ -50,5 +50,5 @@ class LoadMeter:
         self._t, self._busy_s, self._frames = now, busy_s, frames
 
     def report(self) -> dict[str, Any]:
-        return {"busy": round(self.busy, 3), "drop_fraction": round(self.drop_fraction, 3),
+        return {"busy": round(self.busy, 4), "drop_fraction": round(self.drop_fraction, 4),
                 "overloaded": self.overloaded}
