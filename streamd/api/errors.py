@@ -39,6 +39,8 @@ CODES: dict[str, tuple[int, str]] = {
                               "while this one's models loaded; nothing was written, send it again"),
     "model_in_use": (409, "DELETE of a model that streams use (details.users); ?force=true unloads it anyway and "
                           "fails those streams with the reason"),
+    "model_conflict": (409, "the change sets a batching option (forward_batch, generate_batch, max_wait_ms) of a "
+                            "shared model to another value than the one its batcher runs with"),
     "insufficient_memory": (409, "the model does not fit its device's budget (models.budget) even with every idle "
                                  "model unloaded: details.holders names the models holding the memory (in use, "
                                  "pinned or loading), details.needed_bytes and budget_bytes the sizes"),
