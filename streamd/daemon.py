@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -57,6 +58,7 @@ class Daemon:
         self.started = asyncio.Event()
         self.consumer = cfg.redis.consumer or default_consumer_name()
         self.api_url: str | None = None
+        self.api: Any = None  # streamd.api.ApiServer while it runs
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -137,6 +139,7 @@ class Daemon:
 
                 api = ApiServer(streams, self.prompts, self.models, self.metrics, self.cfg)
                 await api.start()
+                self.api = api
                 self.api_url = streams.api_url = api.url
             if self.cfg.fleet.enabled:
                 from streamd.streams.fleet import FleetStreams
