@@ -289,6 +289,18 @@ class EventsConfig(Strict):
     drop_event_interval_s: float = Field(1.0, gt=0, description="drop events are aggregated over this interval")
 
 
+class FramesConfig(Strict):
+    """Recent frames kept per stream (streamd/frame_store.py): the API's snapshots, the web page."""
+
+    per_stream: int = Field(2, ge=1, le=100, description="newest frames kept per stream (held decoded, JPEG-encoded "
+                            "only when a snapshot asks for one)")
+    max_age_s: float = Field(60.0, gt=0, le=86_400, description="a frame older than this is dropped")
+    max_bytes_per_stream: int = Field(32 << 20, ge=1 << 20, description="memory one stream's frames may hold (the "
+                                      "newest is kept whatever its size)")
+    max_total_bytes: int = Field(512 << 20, ge=1 << 20, description="memory every stream's frames may hold")
+    jpeg_quality: int = Field(80, ge=10, le=95, description="JPEG quality of snapshots")
+
+
 class Config(Strict):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     log: LogConfig = Field(default_factory=LogConfig)
@@ -297,6 +309,7 @@ class Config(Strict):
     events: EventsConfig = Field(default_factory=EventsConfig)
     egress: EgressConfig = Field(default_factory=EgressConfig)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
+    frames: FramesConfig = Field(default_factory=FramesConfig, description="recent frames kept for snapshots")
     pipelines_dir: str | None = Field(None, description="folder of pipeline YAML files (default: ./pipelines)")
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict, description="pipelines defined inline")
     streams: list[StreamConfig] = Field(default_factory=list)

@@ -11,6 +11,8 @@ import numpy as np
 # the stream ids of single images sent to POST /api/v1/predict (`_predict:<n>`): never a valid stream id (those start
 # with a letter or digit)
 PREDICT_PREFIX = "_predict:"
+# Work.carry key: tasks that must end before a predict image is answered (a VLM question about it)
+AWAITING = "_awaiting"
 
 
 @dataclass(frozen=True, slots=True)
