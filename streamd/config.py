@@ -35,6 +35,14 @@ class Playback(str, enum.Enum):
     FAST = "fast"  # as fast as the pipeline takes it
 
 
+class DecodeMode(str, enum.Enum):
+    """What a PyAV source decodes (streamd/sources/plan.py)."""
+
+    AUTO = "auto"  # from the measured GOP and fps: keyframes, the GOP up to its last due frame, or everything
+    ALL = "all"  # every frame
+    KEYFRAMES = "keyframes"  # keyframes only: the one nearest each due time
+
+
 class RedisConfig(Strict):
     url: str | None = Field(None, description="redis:// URL; null starts an embedded redis-server (data in data_dir)")
     cluster: bool = Field(False, description="url names one master of a Redis Cluster: every client is a cluster "
@@ -202,7 +210,13 @@ class StreamConfig(Strict):
     loop: bool = Field(False, description="files: start again at the end")
     stall_timeout_s: float = Field(10.0, gt=0, description="no frame for this long: the stream is stalled")
     open_timeout_s: float = Field(10.0, gt=0, le=3600, description="timeout to open the source and read from it")
-    decode_threads: int = Field(0, ge=0, le=64, description="decoder threads (0 = FFmpeg decides)")
+    decode: DecodeMode = Field(DecodeMode.AUTO, description="PyAV sources: what is decoded. auto: keyframes only "
+                               "when 1/fps is at least the measured keyframe interval, else each GOP up to its "
+                               "last due frame (non-reference frames skipped), everything while the GOP is unknown; "
+                               "all: every frame; keyframes: the keyframe nearest each due time (off by at most "
+                               "one GOP)")
+    decode_threads: int = Field(0, ge=0, le=64, description="decoder threads (0 = FFmpeg decides; 1 when only "
+                                "keyframes are decoded)")
     ffmpeg_options: dict[str, str] = Field(default_factory=dict, description="extra FFmpeg demuxer options")
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     redis_input: RedisInputConfig = Field(default_factory=RedisInputConfig, description="for redis:// sources")
@@ -276,6 +290,18 @@ class EventsConfig(Strict):
     drop_event_interval_s: float = Field(1.0, gt=0, description="drop events are aggregated over this interval")
 
 
+class FramesConfig(Strict):
+    """Recent frames kept per stream (streamd/frame_store.py): the API's snapshots, the web page."""
+
+    per_stream: int = Field(2, ge=1, le=100, description="newest frames kept per stream (held decoded, JPEG-encoded "
+                            "only when a snapshot asks for one)")
+    max_age_s: float = Field(60.0, gt=0, le=86_400, description="a frame older than this is dropped")
+    max_bytes_per_stream: int = Field(32 << 20, ge=1 << 20, description="memory one stream's frames may hold (the "
+                                      "newest is kept whatever its size)")
+    max_total_bytes: int = Field(512 << 20, ge=1 << 20, description="memory every stream's frames may hold")
+    jpeg_quality: int = Field(80, ge=10, le=95, description="JPEG quality of snapshots")
+
+
 class Config(Strict):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     log: LogConfig = Field(default_factory=LogConfig)
@@ -284,6 +310,7 @@ class Config(Strict):
     events: EventsConfig = Field(default_factory=EventsConfig)
     egress: EgressConfig = Field(default_factory=EgressConfig)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
+    frames: FramesConfig = Field(default_factory=FramesConfig, description="recent frames kept for snapshots")
     pipelines_dir: str | None = Field(None, description="folder of pipeline YAML files (default: ./pipelines)")
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict, description="pipelines defined inline")
     streams: list[StreamConfig] = Field(default_factory=list)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from streamd.batching import FRAME_BUSY_RATE, FRAME_TICK_S, Doorbell
 from streamd.config import Config
+from streamd.frame_store import FrameLimits, FrameStore
 from streamd.jobs.manager import JobManager
 from streamd.log import get_logger
 from streamd.memory import tune_malloc
@@ -47,6 +49,7 @@ class Daemon:
         self._clients: dict[str, aioredis.Redis] = {}  # Redis inputs by server URL
         self._role_clients: list[aioredis.Redis] = []
         self.sink: RedisSink | None = None
+        self.frames: FrameStore | None = None  # recent frames per stream (snapshots)
         self.models = ModelManager(cfg.models, self.metrics)  # the catalog: lazy loads, budgets, idle unloads
         self.prompts: PromptStore | None = None
         self.prompt_cache: PromptCache | None = None
@@ -57,6 +60,7 @@ class Daemon:
         self.started = asyncio.Event()
         self.consumer = cfg.redis.consumer or default_consumer_name()
         self.api_url: str | None = None
+        self.api: Any = None  # streamd.api.ApiServer while it runs
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -78,12 +82,17 @@ class Daemon:
         # busy pool must never look like Redis being down to the sink)
         self.sink = RedisSink(self._role(None) if self.cfg.redis.cluster else self.redis, self.cfg.redis,
                               self.metrics)
+        f = self.cfg.frames
+        self.frames = FrameStore(FrameLimits(f.per_stream, f.max_bytes_per_stream, f.max_age_s, f.per_stream),
+                                 f.max_total_bytes, f.jpeg_quality, metrics=self.metrics)
+        self.sink.frames = self.frames  # each published frame kept (a few per stream), told its result's entry id
         self.prompts = PromptStore(self.redis)
         self.prompt_cache = PromptCache(PromptStore(self._role(CACHE_POOL)))  # its reads and pub/sub
         # decoder threads -> the loop
         doorbell = Doorbell(asyncio.get_running_loop(), FRAME_TICK_S, FRAME_BUSY_RATE)
         self.streams = StreamManager(self.cfg, self.metrics, self.redis, self.sink, doorbell, self._client,
                                      self.consumer, self.started)
+        self.streams.frames = self.frames
         # jobs (streamd/jobs/): what the stages say about a job's frames goes to the job, not to a stream's keys
         self.jobs = JobManager(self.cfg, self.metrics, None, self.redis, self.prompts, self.sink, doorbell)
         ctx = StageContext(models=self.models, events=self.jobs.events, prompts=self.prompt_cache,
@@ -136,6 +145,7 @@ class Daemon:
 
                 api = ApiServer(streams, self.prompts, self.models, self.metrics, self.cfg, self.jobs)
                 await api.start()
+                self.api = api
                 self.api_url = streams.api_url = api.url
             if self.cfg.fleet.enabled:
                 from streamd.streams.fleet import FleetStreams
@@ -176,6 +186,8 @@ class Daemon:
 
     async def shutdown(self) -> None:
         await self.models.aclose()
+        if self.frames is not None:
+            self.frames.close()
         if self.sink is not None:
             await self.sink.aclose()
         for c in self._role_clients:

@@ -13,6 +13,8 @@ import numpy as np
 PREDICT_PREFIX = "_predict:"
 # the stream ids of jobs' frames (`_job:<job id>`, streamd/jobs/): never a valid stream id either
 JOB_PREFIX = "_job:"
+# Work.carry key: tasks that must end before a predict image is answered (a VLM question about it)
+AWAITING = "_awaiting"
 
 
 @dataclass(frozen=True, slots=True)

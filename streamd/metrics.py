@@ -90,6 +90,15 @@ class Metrics:
         self.predict_rejections = Counter("streamd_predict_rejections", "predict requests refused with 503 "
                                           "overloaded: the pipeline's predict queue was full", ["pipeline"],
                                           registry=r)
+        # recent frames kept for snapshots and re-scoring (streamd/frame_store.py)
+        self.frame_store_bytes = Gauge("streamd_frame_store_bytes", "memory the frame store holds (JPEG bytes, and "
+                                       "the pixels of frames not encoded yet)", registry=r)
+        self.frame_store_frames = Gauge("streamd_frame_store_frames", "frames the frame store holds", registry=r)
+        self.frame_store_encoded = Counter("streamd_frame_store_encoded", "frames JPEG-encoded by the frame store "
+                                           "(in its encoder thread)", registry=r)
+        self.frame_store_evicted = Counter("streamd_frame_store_evicted", "frames the frame store dropped, by "
+                                           "reason: frames, bytes, age (a stream's limits), total_bytes, "
+                                           "encoder_busy", ["reason"], registry=r)
         self._streams: dict[str, StreamMetrics] = {}
 
     def forget_stream(self, stream_id: str) -> int:

@@ -41,3 +41,12 @@ def readiness_is_not_a_server_error(context, failure, case, response):
     if case.operation.path == "/health/ready" and response.status_code == 503:
         return response.json()["error"]["code"] != "not_ready"
     return True
+
+
+@schemathesis.hook("map_query")
+def live_responses_end(context, query):
+    """Server-Sent Events last until the client goes: the fuzzer's end after a second (timeout_s)."""
+    op = context.operation
+    if op is not None and op.path.endswith("/results/live"):
+        query = {**(query or {}), "timeout_s": 1}
+    return query

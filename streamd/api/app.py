@@ -13,12 +13,15 @@ from streamd.api.context import AUTH, AUTH_FAILURES, CFG, JOBS, LIMITER, METRICS
 from streamd.api.errors import json_response
 from streamd.api.etag import KeyedLocks
 from streamd.api.health import PING, health, health_live, health_ready, metrics
-from streamd.api.jobs import JobInfo, JobList, JobResults, job_create, job_delete, job_get, job_results, jobs_list
+from streamd.api.jobs import (LIST_QUERY, RESULTS_QUERY, JobInfo, JobList, JobResults, job_create, job_delete, job_get,
+                              job_results, jobs_list)
 from streamd.api.middleware import Route, auth_mw, cors_mw, errors_mw
 from streamd.api.models import ModelCatalog, ModelInfo, model_delete, model_load, models_list
 from streamd.api.pipelines import (PipelineHistory, PipelinePatch, PipelineRollback, SwitchOutcome,
                                    pipeline_history, pipeline_patch, pipeline_rollback)
+from streamd.api.live import LIVE, LiveFeeds, results_live
 from streamd.api.predict import PredictAnswer, predict
+from streamd.api.results import MAX_LIMIT, snapshot, stream_events, stream_results, stream_vlm
 from streamd.api.prompts import prompt_delete, prompt_get, prompt_history, prompt_put, prompt_rollback, prompts_list
 from streamd.api.schemas import PromptUpdate, Rollback, StreamPatch
 from streamd.api.segment import SegmentCreated, SegmentObjects, SegmentPrompt, segment_delete, segment_objects, \
@@ -45,6 +48,19 @@ async def docs(request: web.Request) -> web.Response:
 
 
 P = "/api/v1"
+_ENTRY = {"type": "string", "pattern": r"^[0-9]{1,20}(-[0-9]{1,20})?$", "example": "1718000000000-0"}
+PAGING = ({"name": "after", "in": "query", "required": False, "schema": _ENTRY,
+           "description": "entries after this id (oldest first); without it, the newest `limit`"},
+          {"name": "limit", "in": "query", "required": False,
+           "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100}})
+LIVE_QUERY = ({"name": "after", "in": "query", "required": False, "schema": _ENTRY,
+               "description": "as Last-Event-ID: resume after this entry"},
+              {"name": "timeout_s", "in": "query", "required": False,
+               "schema": {"type": "integer", "minimum": 0, "maximum": 86400, "default": 0},
+               "description": "end the response after this long (0: when the client goes)"})
+SNAPSHOT_QUERY = ({"name": "overlay", "in": "query", "required": False, "schema": {"enum": ["true", "false"]}},
+                  {"name": "entry", "in": "query", "required": False, "schema": _ENTRY,
+                   "description": "the frame of this result (404 frame_not_found once no longer kept)"})
 ROUTES: list[Route] = [
     Route("GET", "/health/live", health_live, None, "the event loop answers (never depends on Redis)", tag="health",
           response=R.Live),
@@ -63,6 +79,17 @@ ROUTES: list[Route] = [
           "change a stream (fps, stall_timeout_s: live; other fields restart it)", StreamPatch, response=R.StreamInfo,
           etag=True, if_match=True),
     Route("DELETE", f"{P}/streams/{{id}}", stream_delete, "operate", "remove a stream", ok=204, if_match=True),
+    *[Route("GET", f"{P}/streams/{{id}}/{kind}", handler, "read", f"the stream's {what}, paged from Redis: after "
+            "`after` (an entry id, oldest first), or the newest `limit`", tag="results", response=R.EntryPage,
+            query=PAGING) for kind, handler, what in (("results", stream_results, "result records"),
+                                                       ("events", stream_events, "events"),
+                                                       ("vlm", stream_vlm, "VLM answers"))],
+    Route("GET", f"{P}/streams/{{id}}/results/live", results_live, "read", "new result records as Server-Sent "
+          "Events (id: the entry id; resumes after Last-Event-ID or ?after=; without them the newest first)",
+          tag="results", media="text/event-stream", query=LIVE_QUERY),
+    Route("GET", f"{P}/streams/{{id}}/snapshot.jpg", snapshot, "read", "the stream's latest frame (or the frame of "
+          "result ?entry=), JPEG; ?overlay=true draws its result record (boxes, labels, track ids, masks)",
+          tag="results", media="image/jpeg", query=SNAPSHOT_QUERY),
     Route("POST", f"{P}/streams/{{id}}/segment", segment_prompt, "operate", "prompt SAM 2 with points and/or a box: "
           "a new object followed from the stream's next frame (its pipeline has a segment stage)", SegmentPrompt,
           ok=201, response=SegmentCreated),
@@ -112,11 +139,11 @@ ROUTES: list[Route] = [
           "document (413 upload_too_large past jobs.max_upload_bytes, 503 jobs_full with Retry-After)", JobSpec,
           tag="jobs", ok=202, response=JobInfo),
     Route("GET", f"{P}/jobs", jobs_list, "read", "jobs, newest first (?offset, ?limit), until they expire",
-          tag="jobs", response=JobList),
+          tag="jobs", response=JobList, query=LIST_QUERY),
     Route("GET", f"{P}/jobs/{{job}}", job_get, "read", "a job's state, progress and (done) summary", tag="jobs",
           response=JobInfo),
     Route("GET", f"{P}/jobs/{{job}}/results", job_results, "read", "a job's records, in order, paged (?after=next "
-          "cursor, ?limit)", tag="jobs", response=JobResults),
+          "cursor, ?limit)", tag="jobs", response=JobResults, query=RESULTS_QUERY),
     Route("DELETE", f"{P}/jobs/{{job}}", job_delete, "operate", "cancel a queued or running job (within a second); "
           "an ended job's document as it is", tag="jobs", response=JobInfo),
 ]
@@ -139,6 +166,8 @@ def build_app(streams: StreamManager, prompts: PromptStore, models: Any, metrics
     app[STREAM_LOCKS] = KeyedLocks()
     if jobs is not None:
         app[JOBS] = jobs
+    app[LIVE] = LiveFeeds(lambda: streams.client(""))  # blocking reads on the inputs' pool, never the API's
+    app.on_shutdown.append(app[LIVE].close)
     for r in ROUTES:
         if r.method == "GET":
             app.router.add_get(r.path, r.handler, allow_head=True)  # HEAD too

@@ -16,6 +16,7 @@ CODES: dict[str, tuple[int, str]] = {
                          "connection is closed"),
     "invalid_json": (400, "the body is not JSON: a syntax error, not UTF-8, NaN/Infinity or a number out of range, "
                           "nested deeper than 64 levels"),
+    "invalid_cursor": (400, "after, entry or Last-Event-ID is not a Redis stream entry id (<ms>-<seq>)"),
     "unauthorized": (401, "no bearer token, or an unknown one (with WWW-Authenticate)"),
     "forbidden": (403, "the token lacks the scope the route needs (details.needed)"),
     "cors_denied": (403, "a CORS preflight from an origin not in api.cors_origins"),
@@ -31,6 +32,8 @@ CODES: dict[str, tuple[int, str]] = {
     "model_not_found": (404, "no model with that name in the catalog (GET /api/v1/models lists them)"),
     "pipeline_not_found": (404, "no pipeline with that name (GET /api/v1/pipelines lists them; predict: "
                                 "details.available too), or a rollback to a version it never had (details.version)"),
+    "frame_not_found": (404, "snapshot: no frame of the stream is kept (yet), or the frame of the result asked for "
+                             "(entry) is no longer kept (frames: in the config)"),
     "method_not_allowed": (405, "the route does not take that method (see Allow)"),
     "stream_exists": (409, "POST of a stream id that exists"),
     "segment_unavailable": (409, "/streams/{id}/segment: the stream's pipeline has no segment stage or has not "
@@ -40,6 +43,8 @@ CODES: dict[str, tuple[int, str]] = {
                               "while this one's models loaded; nothing was written, send it again"),
     "model_in_use": (409, "DELETE of a model that streams use (details.users); ?force=true unloads it anyway and "
                           "fails those streams with the reason"),
+    "model_conflict": (409, "the change sets a batching option (forward_batch, generate_batch, max_wait_ms) of a "
+                            "shared model to another value than the one its batcher runs with"),
     "insufficient_memory": (409, "the model does not fit its device's budget (models.budget) even with every idle "
                                  "model unloaded: details.holders names the models holding the memory (in use, "
                                  "pinned or loading), details.needed_bytes and budget_bytes the sizes"),

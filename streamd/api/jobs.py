@@ -25,6 +25,14 @@ from streamd.jobs.options import JobSpec
 from streamd.sources import parse_reference
 
 CHUNK = 1 << 16
+LIST_QUERY = ({"name": "offset", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0,
+                                                                             "maximum": 1_000_000}},
+              {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1,
+                                                                            "maximum": 500, "default": 50}})
+RESULTS_QUERY = ({"name": "after", "in": "query", "required": False, "description": "the `next` cursor of the page "
+                  "before", "schema": {"type": "string", "pattern": r"^[0-9]{1,20}-[0-9]{1,20}$"}},
+                 {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1,
+                                                                               "maximum": 1000, "default": 100}})
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 
 
@@ -271,7 +279,7 @@ async def job_results(request: web.Request) -> web.Response:
 
 def _entry_id(s: str) -> bool:
     ms, _, n = s.partition("-")
-    return ms.isdigit() and n.isdigit() and len(s) <= 41
+    return ms.isdigit() and n.isdigit() and len(ms) <= 20 and len(n) <= 20
 
 
 async def job_delete(request: web.Request) -> web.Response:

@@ -34,6 +34,8 @@ class Route:
     response: Any = None  # pydantic model of the success body (for the OpenAPI document)
     etag: bool = False  # the success answer carries an ETag
     if_match: bool = False  # takes If-Match (412 precondition_failed)
+    media: str = "application/json"  # of the success body (image/jpeg, text/event-stream ...)
+    query: tuple[dict[str, Any], ...] = ()  # OpenAPI query parameters
 
 
 
@@ -119,8 +121,9 @@ def _cors_headers(request: web.Request, cfg: ApiConfig) -> dict[str, str]:
     if not origin or origin not in cfg.cors_origins:
         return {}
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-            "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
-            "Access-Control-Expose-Headers": "ETag, Retry-After",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match, Last-Event-ID",
+            "Access-Control-Expose-Headers": "ETag, Retry-After, X-Streamd-Entry-Id, X-Streamd-Seq, "
+                                             "X-Streamd-Capture-Ts",
             "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS", "Access-Control-Max-Age": "600"}
 
 

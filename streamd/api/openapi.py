@@ -21,7 +21,7 @@ ERROR = {
                                                       "`errors`, a list of {path, message, type}"}}}},
 }
 STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted: still under way", 204: "No Content",
-               400: "Bad JSON or a bad HTTP request",
+               400: "Bad JSON, a bad HTTP request or a bad entry id (invalid_cursor)",
                401: "No or invalid token", 403: "Token lacks the scope", 404: "Not found", 409: "Conflict",
                412: "If-Match does not match the current ETag (details.current_etag)",
                413: "Body too large", 415: "Unsupported Content-Type", 422: "Invalid body, URL or parameter",
@@ -94,19 +94,12 @@ def document(routes: list[Any]) -> dict[str, Any]:
                 {"name": "admission", "in": "query", "required": False, "schema": {"enum": ["refuse", "pending"]},
                  "description": "fleet mode, when no daemon has room: refuse (503 capacity_exhausted) or keep the "
                                 "stream pending until one has"})
+        if r.query:
+            op.setdefault("parameters", []).extend(r.query)
         if r.if_match:
             op.setdefault("parameters", []).append(IF_MATCH)
         if r.path.startswith("/api/v1/predict/"):
             op["requestBody"] = IMAGE_BODY
-        if r.path.startswith("/api/v1/jobs") and r.method == "GET" and not params:
-            op["parameters"] = [{"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
-                                                                           "maximum": 500}}]
-        if r.path.endswith("/results"):
-            op["parameters"] += [{"name": "after", "in": "query", "schema": {"type": "string",
-                                                                            "pattern": r"^[0-9]+-[0-9]+$"}},
-                                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
-                                                                            "maximum": 1000}}]
         if r.body is not None:
             media: dict[str, Any] = {"schema": _schema(r.body, components)}
             if r.body.__name__ in EXAMPLES:
@@ -119,7 +112,7 @@ def document(routes: list[Any]) -> dict[str, Any]:
         responses: dict[str, Any] = {}
         ok: dict[str, Any] = {"description": STATUS_TEXT[r.ok]}
         if r.ok != 204:
-            ctype = "text/plain" if r.path == "/metrics" else "text/html" if r.path == "/docs" else "application/json"
+            ctype = "text/plain" if r.path == "/metrics" else "text/html" if r.path == "/docs" else r.media
             schema = _schema(r.response, components) if r.response is not None else \
                 {"type": "string"} if ctype != "application/json" else {"type": "object"}
             ok["content"] = {ctype: {"schema": schema}}
@@ -149,6 +142,8 @@ def document(routes: list[Any]) -> dict[str, Any]:
             codes += [413, 415, 422, 500, 503]  # image_too_large, unsupported_media_type, invalid_image ...
         if r.path.startswith("/api/v1/jobs"):
             codes += [422, 503] + ([404, 413, 415] if r.method == "POST" else [])  # jobs_full, upload_too_large ...
+        if r.query:
+            codes += [400, 422] if any(q["name"] in ("after", "entry") for q in r.query) else [422]
         if r.method == "DELETE" and r.tag == "prompts":
             codes.append(422)  # invalid_query: a note over 1000 characters
         if r.path == "/health/ready" or r.path.startswith(REDIS_PATHS):

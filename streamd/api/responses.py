@@ -179,3 +179,18 @@ class Cluster(BaseModel):
     members: list[ClusterMember]
     streams: int = Field(..., description="streams the fleet runs (leased: not Redis inputs)")
     capacity: float | None = Field(..., description="streams the live members may own in all (null: no limit)")
+
+
+class Entry(BaseModel):
+    id: str = Field(..., description="the Redis stream entry id (<ms>-<seq>): pass it as `after` for the next page")
+    record: dict[str, Any] | None = Field(..., description="the record as published (results: the result record; "
+                                          "events: the event; vlm: the VLM answer); null if it is not JSON")
+
+
+class EntryPage(BaseModel):
+    stream_id: str
+    kind: Literal["results", "events", "vlm"]
+    entries: list[Entry] = Field(..., description="oldest first: after `after`, or the newest `limit` without it")
+    next_after: str | None = Field(..., description="`after` for the next page (the last entry's id; `after` "
+                                   "itself when nothing came)")
+    more: bool = Field(..., description="the page is full: there may be more")

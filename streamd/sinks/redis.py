@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 
 from streamd import jsonsafe, keys
 from streamd.config import RedisConfig
+from streamd.frame_store import FrameStore
 from streamd.frames import PREDICT_PREFIX, InputRef, Work
 from streamd.log import get_logger
 from streamd.metrics import Metrics
@@ -49,7 +50,7 @@ _MULTI, _EXEC = pack_command(("MULTI",)), pack_command(("EXEC",))
 
 # a result write in fleet mode: only while the stream's lease still holds the writer's token (fencing)
 FENCED_XADD = ("if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end "
-               "redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3)) return 1")
+               "return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))")  # its entry id
 
 
 @dataclass(slots=True)
@@ -64,6 +65,7 @@ class Pending:
     fence: tuple[str, str] | None = None  # (lease key, token): written only while the lease holds it (fleet)
     written: bool = False  # Redis Cluster: in Redis already (a retried batch skips it)
     acked: bool = False  # Redis Cluster: its input entry acknowledged already
+    stored: Any = None  # the frame kept in the frame store (streamd.frame_store): told its entry id once written
 
     @property
     def stream_id(self) -> str:
@@ -137,6 +139,7 @@ class RedisSink:
         self.on_fenced: Callable[[str], None] | None = None
         self.fenced = 0  # results refused because their stream's lease had moved to another daemon
         self.member: str | None = None  # fleet mode: this daemon's id, written into each result (`daemon`)
+        self.frames: FrameStore | None = None  # recent frames (snapshots): each told its result's entry id
         self._buf: deque[Pending] = deque()
         self._ready = asyncio.Event()
         self._full = asyncio.Event()  # publish_batch records are buffered
@@ -180,8 +183,9 @@ class RedisSink:
             rec = result_record(w)
             if self.member is not None:
                 rec["daemon"] = self.member
+            stored = self.frames.add(f) if self.frames is not None else None
             self._append(Pending(keys.results_key(f.stream_id), self.cfg.results_maxlen, fields, rec, f.ref,
-                                 fence=fence))
+                                 fence=fence, stored=stored))
 
     def event(self, stream_id: str, kind: str, fields: dict[str, Any] | None = None) -> None:
         """Queue an event; never waits (events are small and rare). A predict request's frame (a stream id with
@@ -389,6 +393,8 @@ class RedisSink:
             if self.on_fenced is not None:
                 self.on_fenced(p.stream_id)
             return
+        if p.stored is not None and isinstance(reply, (bytes, str)) and self.frames is not None:
+            self.frames.written(p.stored, reply.decode() if isinstance(reply, bytes) else reply)
         if p.result is not None:
             sid = p.result["stream_id"]
             done[sid] = done.get(sid, 0) + 1

@@ -51,6 +51,7 @@ class StreamManager(StreamInfo):
         self.api_stream_ids: set[str] = set()
         self.fleet: Any = None  # streamd.streams.fleet.FleetStreams when fleet.enabled
         self.api_url: str | None = None
+        self.frames: Any = None  # streamd.frame_store.FrameStore: recent frames per stream (set by the daemon)
         self._groups = ConsumerGroups()
         self._stream_pipeline: dict[str, str] = {}
         self._tasks: dict[StreamRunner, asyncio.Task[None]] = {}  # by runner: a stream id re-added while its old
@@ -277,6 +278,8 @@ class StreamManager(StreamInfo):
             else:
                 await self.remove_stream(stream_id, drop_group=True)
             self.metrics.forget_stream(stream_id)  # its series go with it (a replaced stream keeps them)
+            if self.frames is not None:
+                self.frames.drop(stream_id)  # its recent frames too
         self._stream_locks.pop(stream_id, None)
 
     def _stream_lock(self, stream_id: str) -> asyncio.Lock:

@@ -13,8 +13,9 @@ at once (`Overloaded`) with a retry time from the measured service rate (images 
 busy time, at least 1 s). A request that stops waiting (timeout, client gone) cancels its future; its frame goes
 on through the stages and still counts until it is out, so the bound holds for the work really queued.
 
-Pipelines with a `vlm` stage are refused (`PredictUnsupported`): its answers are asynchronous records of their own
-(`streamd:{<stream>}:vlm`), not part of a frame's outputs.
+Pipelines with a `vlm` stage answer too: for a predict image the stage always asks (trigger `predict`) and leaves the
+question's task in `Work.carry[AWAITING]` (streamd/stages/vlm/single.py); the answer goes into the image's outputs
+and the request is answered once it is in, while live frames of the same batch go on at once.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ from streamd import pipelines as pipeline_files
 from streamd.batching import FrameQueue
 from streamd.config import DropPolicy, PredictConfig
 from streamd.errors import StreamdError
-from streamd.frames import PREDICT_PREFIX, Frame, InputRef, Work
+from streamd.frames import AWAITING, PREDICT_PREFIX, Frame, InputRef, Work
 from streamd.metrics import Metrics
 from streamd.pipeline import Pipeline
 
 QUEUE_KEY = "_predict"  # the predict queue's key in a pipeline's ingress (never a stream id)
-UNSUPPORTED_STAGES = ("vlm",)
+UNSUPPORTED_STAGES: tuple[str, ...] = ()  # stage types whose output a predict request cannot be given
 MAX_RETRY_AFTER_S = 300
 
 
@@ -135,6 +136,7 @@ class PredictQueue:
         self.rate = ServiceRate()
         self._waiting: dict[str, tuple[asyncio.Future[Work], float]] = {}  # stream id -> (future, perf_counter)
         self._ids = itertools.count()
+        self._finishing: set[asyncio.Future[None]] = set()  # answers waiting for a stage's later part (VLM)
         self._depth = metrics.predict_queue_depth.labels(pipeline.name)
         self._latency = metrics.predict_latency.labels(pipeline.name)
         self._rejected = metrics.predict_rejections.labels(pipeline.name)
@@ -166,7 +168,23 @@ class PredictQueue:
         return sid, fut
 
     def answer(self, w: Work) -> None:
-        """From the pipeline's deliver step: the image left the last stage (failed or not)."""
+        """From the pipeline's deliver step: the image left the last stage (failed or not). A stage that answers
+        later (a VLM question) left its task in `w.carry[AWAITING]`: the request is answered once those end."""
+        awaiting = w.carry.pop(AWAITING, None)
+        if awaiting:
+            task = asyncio.ensure_future(self._answer_after(w, awaiting))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+            return
+        self._answer(w)
+
+    async def _answer_after(self, w: Work, awaiting: list[asyncio.Future[Any]]) -> None:
+        for res in await asyncio.gather(*awaiting, return_exceptions=True):
+            if isinstance(res, BaseException) and w.error is None:
+                w.error = f"{type(res).__name__}: {res}"[:500]
+        self._answer(w)
+
+    def _answer(self, w: Work) -> None:
         sid = w.frame.stream_id
         fut, t0 = self._waiting.pop(sid, (None, 0.0))
         self.rate.answered(time.monotonic(), idle=not self._waiting)

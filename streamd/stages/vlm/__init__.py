@@ -27,13 +27,14 @@ import numpy as np
 from streamd import keys
 from streamd.config import StageConfig
 from streamd.errors import StageError
-from streamd.frames import Frame, Work
+from streamd.frames import PREDICT_PREFIX, Frame, Work
 from streamd.log import get_logger
 from streamd.stages import Stage, parse_options
 from streamd.stages.vlm.base import VlmRequest, VlmStale
 from streamd.stages.vlm.modes import Caption, SummaryWindow, TagTimeline, captions_text
 from streamd.stages.vlm.options import VlmOptions
 from streamd.stages.vlm.prompting import frame_values, parse_tags, render, tags_instruction, tags_schema
+from streamd.stages.vlm.single import ask_for_predict
 from streamd.stages.vlm.triggers import Ask, StreamTriggers, crop
 
 __all__ = ["Vlm", "VlmOptions", "clean_text", "fit_pixels"]
@@ -106,7 +107,8 @@ class Vlm(Stage):
             precision = o.quantization or {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(o.dtype,
                                                                                                         "auto")
             implicit = ModelSpec(source=o.model, kind="vlm", device=device, precision=precision,
-                                 options={"max_batch": o.max_batch, "max_wait_ms": o.max_wait_ms})
+                                 options={k: v for k, v in (("generate_batch", o.generate_batch),
+                                                            ("max_wait_ms", o.max_wait_ms)) if v is not None})
             self._model = models.ref(o.model, implicit, self.label(), self.ctx.fail_stream)
             self.backend = ManagedVlm(self._model)
             self._owns_backend = True  # closing it lets go of the model, which the manager unloads when idle
@@ -152,6 +154,9 @@ class Vlm(Stage):
         for w in batch:
             if "vlm" not in w.prompts:  # the configured prompt, stamped as detection stamps its configured vocabulary
                 w.prompt_versions["vlm"] = dict(_CONFIG_PROMPT)
+            if w.frame.predict:  # one image of a predict request: always asked, answered in its outputs
+                ask_for_predict(self, w)
+                continue
             asks = self._decide(w)
             w.outputs[self.name] = {"asked": bool(asks), **({"trigger": asks[0].trigger} if asks else {})}
             for ask in asks:
@@ -202,8 +207,9 @@ class Vlm(Stage):
         return False
 
     def _count(self, stream_id: str, outcome: str) -> None:
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.vlm_questions.labels(stream_id, self.name, outcome).inc()
+        if self.ctx.metrics is not None:  # predict images count together (one label, not one per request)
+            label = PREDICT_PREFIX.rstrip(":") if stream_id.startswith(PREDICT_PREFIX) else stream_id
+            self.ctx.metrics.vlm_questions.labels(label, self.name, outcome).inc()
 
     def _skip(self, f: Frame, reason: str) -> None:
         self.skipped += 1

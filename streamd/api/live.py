@@ -1,0 +1,180 @@
+"""Results as Server-Sent Events (GET /api/v1/streams/{id}/results/live): one reader per watched stream fans new
+result entries out to every connected client, so 50 viewers cost one blocking XREAD, not 50 (and never the API's
+Redis pool). Each event's `id` is the Redis entry id: a client that reconnects with `Last-Event-ID` (or `?after=`)
+first gets what it missed (paged from Redis, at most the stream's MAXLEN), then the live ones, each once, in order.
+A client that falls `QUEUE` entries behind is disconnected (it resumes with Last-Event-ID), so a slow client
+never makes the daemon buffer without bound."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from streamd import keys
+from streamd.api.errors import ApiError
+from streamd.api.results import entry_id, id_key
+from streamd.api.streams import _stream
+from streamd.api.context import streams as _streams
+from streamd.log import get_logger
+
+log = get_logger("streamd.api")
+
+QUEUE = 256  # entries a client may lag behind before it is disconnected
+BLOCK_MS = 2000  # one XREAD's block (below the client's socket timeout)
+READ_COUNT = 100
+CATCH_UP_PAGE = 100
+KEEPALIVE_S = 15.0
+READY_TIMEOUT_S = 5.0
+MAX_CLIENTS = 500  # SSE connections per daemon (past it: 503 busy)
+_END = object()
+
+
+class Feed:
+    """New entries of one Redis stream, read by one task and handed to every subscriber's bounded queue."""
+
+    def __init__(self, client: Any, key: str):
+        self.client = client
+        self.key = key
+        self.subs: set[asyncio.Queue[Any]] = set()
+        self.start_id: str | None = None  # the newest entry when the feed started: it delivers what follows
+        self.ready = asyncio.Event()
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                if self.start_id is None:
+                    newest = await self.client.xrevrange(self.key, "+", "-", count=1)
+                    self.start_id = last = newest[0][0].decode() if newest else "0-0"
+                    self.ready.set()
+                reply = await self.client.xread({self.key: last}, count=READ_COUNT, block=BLOCK_MS)
+                delay = 0.2
+            except (RedisError, OSError) as e:
+                log.warning("live results: Redis read failed, retrying", key=self.key, error=str(e) or type(e).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            for _key, entries in reply or ():
+                for eid, fields in entries:
+                    last = eid.decode()
+                    item = (last, fields.get(b"record", b"null"))
+                    for q in list(self.subs):
+                        try:
+                            q.put_nowait(item)
+                        except asyncio.QueueFull:  # too slow: it ends, and may resume with Last-Event-ID
+                            self.subs.discard(q)
+                            q.get_nowait()
+                            q.put_nowait(_END)
+
+
+class LiveFeeds:
+    """The feeds of the streams someone watches; a feed stops when its last subscriber leaves."""
+
+    def __init__(self, client: Callable[[], Any], max_clients: int = MAX_CLIENTS):
+        self._client = client
+        self.max_clients = max_clients
+        self.feeds: dict[str, Feed] = {}
+        self.clients = 0
+        self._closed = False
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, key: str) -> AsyncIterator[tuple[Feed, asyncio.Queue[Any]]]:
+        if self._closed:
+            raise ApiError(503, "not_ready", "the daemon is stopping", headers={"Retry-After": "1"})
+        if self.clients >= self.max_clients:
+            raise ApiError(503, "busy", f"{self.max_clients} live connections already", {"max": self.max_clients},
+                           headers={"Retry-After": "5"})
+        feed = self.feeds.get(key)
+        if feed is None:
+            feed = self.feeds[key] = Feed(self._client(), key)
+        q: asyncio.Queue[Any] = asyncio.Queue(QUEUE)
+        feed.subs.add(q)
+        self.clients += 1
+        try:
+            try:
+                await asyncio.wait_for(feed.ready.wait(), READY_TIMEOUT_S)
+            except TimeoutError:
+                raise ApiError(503, "redis_unavailable", "Redis is unreachable; try again",
+                               headers={"Retry-After": "1"}) from None
+            yield feed, q
+        finally:
+            self.clients -= 1
+            feed.subs.discard(q)
+            if not feed.subs and self.feeds.get(key) is feed:
+                del self.feeds[key]
+                feed.task.cancel()
+
+    async def close(self, app: web.Application | None = None) -> None:
+        """The API stops: every live response ends (so shutdown never waits for them)."""
+        self._closed = True
+        for feed in list(self.feeds.values()):
+            for q in list(feed.subs):
+                with contextlib.suppress(asyncio.QueueFull):
+                    q.put_nowait(_END)
+            feed.task.cancel()
+
+
+LIVE = web.AppKey("live_feeds", LiveFeeds)
+
+
+def _event(eid: str, data: bytes) -> bytes:
+    return b"id: " + eid.encode() + b"\nevent: result\ndata: " + data.replace(b"\n", b"") + b"\n\n"
+
+
+async def results_live(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: `event: result`, `id: <entry id>`, `data: <the result record>`. Resumes after
+    `Last-Event-ID` (or `?after=`); without either, the newest result first, then each new one. `?timeout_s=`
+    ends the response after that long (the client reconnects with Last-Event-ID)."""
+    sid = _stream(request)
+    raw = request.headers.get("Last-Event-ID") or request.query.get("after")
+    after = entry_id(raw, "Last-Event-ID" if "Last-Event-ID" in request.headers else "after") if raw else None
+    timeout_raw = request.query.get("timeout_s", "0")
+    if not timeout_raw.isdigit() or int(timeout_raw) > 86_400:
+        raise ApiError(422, "invalid_query", "timeout_s is an integer from 0 (no limit) to 86400",
+                       {"path": "timeout_s"})
+    timeout_s = int(timeout_raw) or None
+    key = keys.results_key(sid)
+    client = _streams(request).redis
+    async with request.app[LIVE].subscribe(key) as (feed, q):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        last = id_key(after) if after is not None else (0, 0)
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            async with asyncio.timeout(timeout_s):
+                # what the client missed (or the newest one), up to where the feed started
+                if after is None:
+                    entries = await client.xrevrange(key, feed.start_id or "+", "-", count=1)
+                else:
+                    entries = []
+                    cursor = after
+                    while id_key(cursor) < id_key(feed.start_id or "0-0"):
+                        chunk = await client.xrange(key, f"({cursor}", feed.start_id, count=CATCH_UP_PAGE)
+                        if not chunk:
+                            break
+                        for e in chunk:
+                            await resp.write(_event(e[0].decode(), e[1].get(b"record", b"null")))
+                        cursor = chunk[-1][0].decode()
+                        last = id_key(cursor)
+                for eid_b, fields in entries:
+                    await resp.write(_event(eid_b.decode(), fields.get(b"record", b"null")))
+                    last = id_key(eid_b.decode())
+                while True:
+                    try:
+                        item = await asyncio.wait_for(q.get(), KEEPALIVE_S)
+                    except TimeoutError:
+                        await resp.write(b": keep-alive\n\n")
+                        continue
+                    if item is _END:
+                        break
+                    eid, data = item
+                    if id_key(eid) > last:
+                        await resp.write(_event(eid, data))
+                        last = id_key(eid)
+        return resp
