@@ -34,6 +34,14 @@ class Playback(str, enum.Enum):
     FAST = "fast"  # as fast as the pipeline takes it
 
 
+class DecodeMode(str, enum.Enum):
+    """What a PyAV source decodes (streamd/sources/plan.py)."""
+
+    AUTO = "auto"  # from the measured GOP and fps: keyframes, the GOP up to its last due frame, or everything
+    ALL = "all"  # every frame
+    KEYFRAMES = "keyframes"  # keyframes only: the one nearest each due time
+
+
 class RedisConfig(Strict):
     url: str | None = Field(None, description="redis:// URL; null starts an embedded redis-server (data in data_dir)")
     cluster: bool = Field(False, description="url names one master of a Redis Cluster: every client is a cluster "
@@ -201,7 +209,13 @@ class StreamConfig(Strict):
     loop: bool = Field(False, description="files: start again at the end")
     stall_timeout_s: float = Field(10.0, gt=0, description="no frame for this long: the stream is stalled")
     open_timeout_s: float = Field(10.0, gt=0, le=3600, description="timeout to open the source and read from it")
-    decode_threads: int = Field(0, ge=0, le=64, description="decoder threads (0 = FFmpeg decides)")
+    decode: DecodeMode = Field(DecodeMode.AUTO, description="PyAV sources: what is decoded. auto: keyframes only "
+                               "when 1/fps is at least the measured keyframe interval, else each GOP up to its "
+                               "last due frame (non-reference frames skipped), everything while the GOP is unknown; "
+                               "all: every frame; keyframes: the keyframe nearest each due time (off by at most "
+                               "one GOP)")
+    decode_threads: int = Field(0, ge=0, le=64, description="decoder threads (0 = FFmpeg decides; 1 when only "
+                                "keyframes are decoded)")
     ffmpeg_options: dict[str, str] = Field(default_factory=dict, description="extra FFmpeg demuxer options")
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     redis_input: RedisInputConfig = Field(default_factory=RedisInputConfig, description="for redis:// sources")

@@ -5,6 +5,10 @@ It survives variable frame rate (the grid follows time, not frames) and timestam
 forwards by more than `jump_s` is a discontinuity (the grid restarts at the new timestamp and the frame is
 flagged, so trackers reset and an event is published). The rate can change while frames flow (`set_fps`, from any
 thread): the next offered frame applies it, and the grid goes on from the last kept frame (no discontinuity).
+
+A decoder that skips frames (streamd/sources/plan.py) offers only some of them: it may let a frame count as due
+`reach_s` before its due time (the keyframe nearest a due time), and it watches forward timestamp jumps itself, on
+every packet (`watch_forward = False`), since the frames it skips make gaps that are no jump.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ class FpsSampler:
         self._next_due: float | None = None
         self._last_pts: float | None = None
         self._pending_discontinuity = False
+        self.watch_forward = True  # a forward gap over jump_s between offered frames is a discontinuity
+
+    @property
+    def next_due_s(self) -> float | None:
+        """The next due time (None: the next offered frame starts the grid)."""
+        return self._next_due
 
     def _set_period(self, period_s: float | None) -> None:
         self.period_s = period_s
@@ -61,11 +71,12 @@ class FpsSampler:
         self._last_pts = None
         self._pending_discontinuity = True
 
-    def offer(self, pts_s: float) -> Decision:
-        """Decide whether the frame at `pts_s` is sampled."""
+    def offer(self, pts_s: float, reach_s: float = 0.0) -> Decision:
+        """Decide whether the frame at `pts_s` is sampled; it counts as due from `reach_s` (or the rounding
+        tolerance) before its due time."""
         self._apply_wanted()
         last = self._last_pts
-        jumped = last is not None and (pts_s < last - 1e-6 or pts_s - last > self.jump_s)
+        jumped = last is not None and (pts_s < last - 1e-6 or (self.watch_forward and pts_s - last > self.jump_s))
         self._last_pts = pts_s
         if jumped:
             self._next_due = None
@@ -75,7 +86,7 @@ class FpsSampler:
         if self._next_due is None:
             self._next_due = pts_s + self.period_s
             return self._emit()
-        if pts_s + self._early_s < self._next_due:
+        if pts_s + (reach_s if reach_s > self._early_s else self._early_s) < self._next_due:
             return Decision(False)
         # advance the grid; if we fell more than a period behind (gap), restart it at this frame
         self._next_due += self.period_s
