@@ -101,7 +101,7 @@ async def test_job_over_http_mp4_detect_track_tags(redis_server, r, clip, tmp_pa
             doc = await wait_job(s, d, doc["id"], seen)
             recs, pages = await all_records(s, d, doc["id"])
             ttl = await r.pttl(f"streamd:{{job:{doc['id']}}}:records")
-            stream_keys = [k for k in await r.keys("streamd:{_job*") ]
+            stream_keys = await r.keys("streamd:{_job*")
     finally:
         srv.stop()
         await vlm.stop()
@@ -123,7 +123,8 @@ async def test_job_over_http_mp4_detect_track_tags(redis_server, r, clip, tmp_pa
     assert tracks and all(t["label"] == "person" for t in tracks)
     for t in tracks:
         assert t["first_seen_pts_s"] <= t["last_seen_pts_s"] and t["frames"] >= 1
-        seen_in = [x["pts_s"] for x in frames for tr in x["outputs"]["track"]["tracks"] if tr["track_id"] == t["track_id"]]
+        seen_in = [x["pts_s"] for x in frames for tr in x["outputs"]["track"]["tracks"]
+                   if tr["track_id"] == t["track_id"]]
         assert (min(seen_in), max(seen_in), len(seen_in)) == (t["first_seen_pts_s"], t["last_seen_pts_s"], t["frames"])
     # tags: asked every 0.5 s of media time; ranges as scripted (fire 1.0-3.0, smoke 2.5-end)
     asked = sorted(a["pts_s"] for a in summ["vlm"]["vlm"]["captions"])

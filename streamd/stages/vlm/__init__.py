@@ -34,6 +34,7 @@ from streamd.stages.vlm.base import VlmRequest, VlmStale
 from streamd.stages.vlm.modes import Caption, SummaryWindow, TagTimeline, captions_text
 from streamd.stages.vlm.options import VlmOptions
 from streamd.stages.vlm.prompting import frame_values, parse_tags, render, tags_instruction, tags_schema
+from streamd.stages.vlm import live
 from streamd.stages.vlm.single import ask_for_predict
 from streamd.stages.vlm.triggers import Ask, StreamTriggers, crop
 
@@ -65,6 +66,7 @@ class Vlm(Stage):
     kind = "vlm"
     max_batch = 64
     prompt_kinds = ("vlm",)
+    live_options = live.LIVE_OPTIONS  # what PATCH /api/v1/pipelines/{name} may change while it runs
 
     def __init__(self, cfg: StageConfig, opts: VlmOptions):
         super().__init__(cfg)
@@ -72,6 +74,7 @@ class Vlm(Stage):
         self.backend: Any = None
         self._owns_backend = False
         self._model: Any = None  # transformers: a streamd.models.ModelRef on the shared model
+        self.serving: live.Serving | None = None  # set by setup(), replaced by a switch
         self._triggers: dict[str, StreamTriggers] = {}
         self._tags: dict[str, TagTimeline] = {}
         self._windows: dict[str, SummaryWindow] = {}
@@ -97,28 +100,36 @@ class Vlm(Stage):
             self.backend = OpenAIBackend(o.model, o.endpoints, o.retry, o.timeout_s, o.jpeg_quality)
             self._owns_backend = True
         elif o.backend == "transformers":
-            from streamd.models.sources import resolve_device
-            from streamd.models.spec import ModelSpec
-            from streamd.stages.vlm.transformers import ManagedVlm
-
-            models = self.ctx.models
-            models.check_stage(self.cfg.model_dump(exclude_unset=True), self.where or f"stage {self.name}")
-            device = resolve_device(o.device)
-            precision = o.quantization or {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(o.dtype,
-                                                                                                        "auto")
-            implicit = ModelSpec(source=o.model, kind="vlm", device=device, precision=precision,
-                                 options={k: v for k, v in (("generate_batch", o.generate_batch),
-                                                            ("max_wait_ms", o.max_wait_ms)) if v is not None})
-            self._model = models.ref(o.model, implicit, self.label(), self.ctx.fail_stream)
-            self.backend = ManagedVlm(self._model)
-            self._owns_backend = True  # closing it lets go of the model, which the manager unloads when idle
-            async with self._model.use() as vlm:  # loaded now: the pipeline's first stream is its first use
-                self.device = vlm.device
+            # closing the backend lets go of the model, which the manager unloads when idle
+            self._model, self.backend = await live.managed_model(self, self.cfg, o)
+            self._owns_backend = True
         else:
             from streamd.stages.vlm.sglang import SglangBackend
 
             self.backend = await asyncio.to_thread(SglangBackend, o.model)
             self._owns_backend = True
+        self.serving = live.Serving(o, self._model, self.backend)
+
+    # -- a live switch (streamd.streams.switch; streamd.stages.vlm.live) ----------------------------------------------
+    @property
+    def model(self) -> Any:
+        """The handle on the model answering now (transformers: a streamd.models.ModelRef), else None."""
+        return self._model
+
+    async def prepare_switch(self, cfg: StageConfig) -> live.Serving:
+        return await live.prepare(self, cfg)
+
+    def switch(self, cfg: StageConfig, s: live.Serving) -> None:
+        live.switch(self, cfg, s)
+
+    def discard(self, s: live.Serving) -> None:
+        live.discard(self, s)
+
+    def install(self, s: live.Serving) -> None:
+        self.serving, self.opts, self._model, self.backend = s, s.opts, s.model, s.backend
+
+    def reset_triggers(self) -> None:
+        self._triggers.clear()
 
     async def teardown(self) -> None:
         # let answers in flight finish (the daemon's grace period bounds this); partial windows are summarised
@@ -161,7 +172,7 @@ class Vlm(Stage):
             w.outputs[self.name] = {"asked": bool(asks), **({"trigger": asks[0].trigger} if asks else {})}
             for ask in asks:
                 f = ask.frames[-1]
-                self._spawn(self._ask(w, ask), f"vlm:{f.stream_id}:{f.seq}:{ask.trigger}", f.stream_id)
+                self._spawn(self._ask(w, ask, self.serving), f"vlm:{f.stream_id}:{f.seq}:{ask.trigger}", f.stream_id)
         return batch
 
     async def settle(self, stream_id: str) -> None:
@@ -238,7 +249,8 @@ class Vlm(Stage):
         return VlmRequest(images, text, schema, o.max_tokens, o.temperature,
                           stream_id=ask.frames[-1].stream_id), version
 
-    async def _ask(self, w: Work, ask: Ask) -> None:
+    async def _ask(self, w: Work, ask: Ask, sv: live.Serving) -> None:
+        """Ask with `sv`, the serving state when the question was decided (a switch since does not change it)."""
         f = ask.frames[-1]
         async with self._slots:
             if self._stale(f):
@@ -247,9 +259,9 @@ class Vlm(Stage):
             req, version = await asyncio.to_thread(self._request, w, ask)
             if not f.job:  # a job's frame is never stale: it is analysed, not watched
                 req.not_after = f.capture_ts + self.opts.staleness_s  # checked again where the backend queues it
-            rec = self._record(f, ask, version)
+            rec = self._record(f, ask, version, sv)
             try:
-                await self._answer(req, rec)
+                await self._answer(req, rec, sv.backend)
             except VlmStale:  # its turn at the backend came too late
                 self.asked -= 1
                 self._skip(f, f"stale: {time.time() - f.capture_ts:.1f} s old")
@@ -266,11 +278,13 @@ class Vlm(Stage):
         self._skip(f, f"stale: {age:.1f} s old")
         return True
 
-    def _record(self, f: Frame, ask: Ask, version: Any) -> dict[str, Any]:
+    def _record(self, f: Frame, ask: Ask, version: Any, sv: live.Serving) -> dict[str, Any]:
         rec: dict[str, Any] = {"schema_version": keys.SCHEMA_VERSION, "stream_id": f.stream_id, "seq": f.seq,
                                "pts_s": round(f.pts_s, 6), "capture_ts": round(f.capture_ts, 6),
                                "stage": self.name, "kind": "answer", "mode": self.opts.mode, "trigger": ask.trigger,
-                               "prompt": version, "model": self.opts.model}
+                               "prompt": version, "model": sv.opts.model}
+        if sv.model_version is not None:
+            rec["model_version"] = sv.model_version
         if len(ask.frames) > 1:
             rec["frames"] = [x.seq for x in ask.frames]
         if ask.track is not None:
@@ -278,11 +292,12 @@ class Vlm(Stage):
                        box=ask.track.get("box"))
         return rec
 
-    async def _answer(self, req: VlmRequest, rec: dict[str, Any]) -> None:
-        """Asks; fills the record with the answer or the error (a failed question is recorded, never fatal)."""
+    async def _answer(self, req: VlmRequest, rec: dict[str, Any], backend: Any = None) -> None:
+        """Asks (`backend`, default the current one); fills the record with the answer or the error (a failed
+        question is recorded, never fatal)."""
         t0 = time.perf_counter()
         try:
-            ans = await self.backend.answer(req)
+            ans = await (backend or self.backend).answer(req)
         except VlmStale:
             raise  # not asked: the caller skips it
         except Exception as e:  # noqa: BLE001
