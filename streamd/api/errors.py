@@ -72,8 +72,6 @@ CODES: dict[str, tuple[int, str]] = {
                            "truncated or corrupt), or a multipart body without a file part: details.reason"),
     "pipeline_failed": (422, "predict: the pipeline cannot start (a model that cannot load, a stage whose setup "
                              "fails): details.reason"),
-    "predict_unsupported": (422, "predict: the pipeline has a stage whose output is not part of the frame's "
-                                 "outputs (vlm: its answers are records of their own)"),
     "invalid_scope": (422, "the prompt scope is not global, pipeline:<name> or stream:<id>"),
     "invalid_query": (422, "a query parameter out of its range (offset/limit of a history, admission of a new "
                            "stream, ...): details.path names it"),
