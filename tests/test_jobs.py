@@ -327,3 +327,33 @@ def test_scene_sampler_floor_and_ceiling():
     s = SceneSampler(threshold=0.1, min_fps=0, max_fps=2)
     flips = [t / 10 for t in range(0, 20) if s.offer(t / 10, a if t % 2 else b).keep]
     assert flips == [0.0, 0.5, 1.0, 1.5]  # a change every frame: at most max_fps
+
+
+def test_streamd_analyze_prints_the_summary(clip, tmp_path):
+    """`streamd analyze VIDEO -p PIPELINE` runs the job in its own process with an embedded redis-server: exit 0
+    and the summary (JSON or pretty); a file that is not there: exit 1 with the reason."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "STREAMD_HOME": str(tmp_path / "home")}
+
+    def analyze(*args):
+        return subprocess.run([sys.executable, "-m", "streamd", "analyze", *args], capture_output=True, text=True,
+                              timeout=300, cwd=root, env=env)
+
+    p = analyze(str(clip), "-p", "default", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["state"] == "done" and doc["source"] == {"kind": "file", "name": clip.name}
+    assert doc["summary"]["frames"] == len(sampled_pts(clip, 2)) == doc["progress"]["frames_done"]
+    assert doc["summary"]["tracks"] and {t["label"] for t in doc["summary"]["tracks"]} == {"person"}
+    p = analyze(str(clip), "-p", "frame_info", "--every-frame")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("job ") and ": done" in p.stdout.splitlines()[0] and "180 frames" in p.stdout
+    p = analyze(str(tmp_path / "nope.mp4"), "-p", "frame_info")
+    assert p.returncode == 1 and "failed (not_found" in p.stdout
+    assert clip.exists()  # a local file is read, never removed
