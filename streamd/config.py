@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from streamd.errors import ConfigError
+from streamd.jobs.options import JobsConfig
 from streamd.models.spec import ModelsConfig, check_pipeline_models
 
 
@@ -315,6 +316,8 @@ class Config(Strict):
     streams: list[StreamConfig] = Field(default_factory=list)
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="declared models, memory budgets "
                                  "per device, idle unload (streamd/models/)")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="one-shot jobs over recorded videos or stored "
+                             "frames (streamd/jobs/)")
 
     @field_validator("streams")
     @classmethod
@@ -327,7 +330,7 @@ class Config(Strict):
         return streams
 
 
-ENV_SECTIONS = ("redis", "log", "api", "shutdown", "events", "egress", "fleet")
+ENV_SECTIONS = ("redis", "log", "api", "shutdown", "events", "egress", "fleet", "jobs")
 
 
 def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:

@@ -79,6 +79,7 @@ class Vlm(Stage):
         self._tags: dict[str, TagTimeline] = {}
         self._windows: dict[str, SummaryWindow] = {}
         self._inflight: set[asyncio.Task[None]] = set()
+        self._by_stream: dict[str, set[asyncio.Task[None]]] = {}  # tasks in flight per stream (jobs wait on them)
         self._slots = asyncio.Semaphore(opts.max_in_flight)
         self.asked = 0
         self.answered = 0
@@ -154,7 +155,7 @@ class Vlm(Stage):
     def _flush_summary(self, stream_id: str) -> None:
         win = self._windows.pop(stream_id, None)
         if win is not None and win.captions:
-            self._spawn(self._summarise(stream_id, win.take()), f"vlm-summary:{stream_id}:last")
+            self._spawn(self._summarise(stream_id, win.take()), f"vlm-summary:{stream_id}:last", stream_id)
 
     # -- deciding
 
@@ -171,11 +172,19 @@ class Vlm(Stage):
             w.outputs[self.name] = {"asked": bool(asks), **({"trigger": asks[0].trigger} if asks else {})}
             for ask in asks:
                 f = ask.frames[-1]
-                task = asyncio.create_task(self._ask(w, ask, self.serving),
-                                           name=f"vlm:{f.stream_id}:{f.seq}:{ask.trigger}")
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                self._spawn(self._ask(w, ask, self.serving), f"vlm:{f.stream_id}:{f.seq}:{ask.trigger}", f.stream_id)
         return batch
+
+    async def settle(self, stream_id: str) -> None:
+        """Every question about the stream answered (or failed), its last summary included."""
+        while tasks := self._by_stream.get(stream_id):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def room(self, stream_id: str, limit: int) -> None:
+        """Until the stream has fewer than `limit` questions in flight (a job's feeder waits here: its frames are
+        never skipped, so it must not outrun the model)."""
+        while len(tasks := self._by_stream.get(stream_id, ())) >= limit:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
 
     def _prompt(self, w: Work) -> tuple[str, dict[str, Any] | None, Any]:
         rec = w.prompts.get("vlm")
@@ -201,6 +210,8 @@ class Vlm(Stage):
         return asks
 
     def _room(self, w: Work, asks: list[Ask]) -> bool:
+        if w.frame.job:  # a job's questions wait for a slot instead (its feeder waits in room())
+            return True
         if len(self._inflight) + len(asks) < self.opts.max_in_flight:
             return True
         self._skip(w.frame, "too many requests in flight")
@@ -246,7 +257,8 @@ class Vlm(Stage):
                 return
             self.asked += 1
             req, version = await asyncio.to_thread(self._request, w, ask)
-            req.not_after = f.capture_ts + self.opts.staleness_s  # checked again where the backend queues it
+            if not f.job:  # a job's frame is never stale: it is analysed, not watched
+                req.not_after = f.capture_ts + self.opts.staleness_s  # checked again where the backend queues it
             rec = self._record(f, ask, version, sv)
             try:
                 await self._answer(req, rec, sv.backend)
@@ -259,9 +271,9 @@ class Vlm(Stage):
         self._publish(f.stream_id, rec)
 
     def _stale(self, f: Frame) -> bool:
-        """Skips the question about `f` (True) when the frame is older than `staleness_s`."""
+        """Skips the question about `f` (True) when the frame is older than `staleness_s` (never a job's)."""
         age = time.time() - f.capture_ts
-        if age <= self.opts.staleness_s:
+        if age <= self.opts.staleness_s or f.job:
             return False
         self._skip(f, f"stale: {age:.1f} s old")
         return True
@@ -329,17 +341,27 @@ class Vlm(Stage):
                 win = self._windows[f.stream_id] = SummaryWindow(o.summary_every_s)
             due = win.add(Caption(f.seq, f.pts_s, f.capture_ts, rec["text"]))
             if due:
-                self._spawn(self._summarise(f.stream_id, due), f"vlm-summary:{f.stream_id}:{f.seq}")
+                self._spawn(self._summarise(f.stream_id, due), f"vlm-summary:{f.stream_id}:{f.seq}", f.stream_id)
         elif schema is not None:
             try:
                 rec["parsed"] = json.loads(rec["text"])
             except ValueError as e:
                 rec["parse_error"] = str(e)
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str, stream_id: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
+        mine = self._by_stream.setdefault(stream_id, set())
+        mine.add(task)
+        task.add_done_callback(lambda t: self._task_done(stream_id, t))
+
+    def _task_done(self, stream_id: str, task: asyncio.Task[None]) -> None:
+        mine = self._by_stream.get(stream_id)
+        if mine is not None:
+            mine.discard(task)
+            if not mine:
+                del self._by_stream[stream_id]
 
     async def _summarise(self, stream_id: str, captions: list[Caption] | None) -> None:
         if not captions:
