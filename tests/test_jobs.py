@@ -402,3 +402,30 @@ async def test_rescore_a_streams_stored_frames_with_a_new_prompt(redis_server, r
     for c in both:
         assert c["new"] == {"prompt": mine, "text": "NEW"}
         assert c["old"] and all(o == {"prompt": {"scope": "config", "version": 0}, "text": "OLD"} for o in c["old"])
+
+
+async def test_delete_through_another_daemon_cancels_the_job(redis_server, r, clip):
+    """Two daemons on one Redis: a job runs on the one it was posted to; DELETE through the other asks for its
+    cancellation in Redis, and the running one cancels it (its writer looks every half second)."""
+    vlm = await ScriptedOpenAI(lambda req: "slow").start()
+    vlm.delay_s = 0.3
+    cfg = api_cfg(redis_server.url, {"slow": _slow(vlm.url)})
+    srv = HttpDir(clip.parent).start()
+    try:
+        async with running(cfg) as a, running(cfg) as b, aiohttp.ClientSession() as s:
+            _, doc, _ = await post_job(s, a, {"source": {"url": srv.url(clip.name)}, "pipeline": "slow",
+                                              "sampling": {"mode": "every_frame"}})
+            jid = doc["id"]
+            await until(lambda: _done_at_least(s, a, jid, 2), 30, what="2 frames")
+            async with s.delete(f"{b.api_url}{P}/{jid}", headers=h(OPER)) as resp:
+                assert resp.status == 200 and (await resp.json())["id"] == jid
+            doc = await until(lambda: _ended(s, b, jid), 10, what="cancelled as seen from the other daemon")
+    finally:
+        srv.stop()
+        await vlm.stop()
+    assert doc["state"] == "cancelled" and doc["progress"]["frames_done"] < 180
+
+
+async def _ended(s, d, jid):
+    doc = await get_job(s, d, jid)
+    return doc if doc["state"] in ("done", "failed", "cancelled") else None

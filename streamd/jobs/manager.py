@@ -249,8 +249,11 @@ class JobManager:
         """Cancel a queued or running job (within a second: its source closes, queued frames are discarded);
         an ended job's document as it is. None: no such job."""
         job = self.jobs.get(jid)
-        if job is None:
-            return await self.store.get(jid)
+        if job is None:  # ended, or (fleet) another daemon's: that one cancels it within a second
+            doc = await self.store.get(jid)
+            if doc is not None and doc["state"] not in TERMINAL:
+                await self.store.request_cancel(jid)
+            return doc
         if job in self._queue:
             self._queue.remove(job)
             job.cancel()
