@@ -187,11 +187,14 @@ async def test_bad_urls_fail_with_the_sources_reason(redis_server, clip):
                 assert status == 422 and body["error"]["code"] == "scheme_not_allowed", (url, body)
             status, body, _ = await post_job(s, d, {"source": {"url": srv.url(clip.name)}, "pipeline": "nope"})
             assert status == 422 and body["error"]["code"] == "invalid_pipeline"
+            _, doc, _ = await post_job(s, d, {"source": {"stream": "nosuch", "from": -60}, "pipeline": "frame_info"})
+            nothing = await wait_job(s, d, doc["id"], timeout_s=30)
     finally:
         srv.stop()
     assert missing["state"] == "failed" and missing["reason_code"] == "http_status", missing
     assert refused["state"] == "failed" and refused["reason_code"] == "egress_refused", refused
     assert "summary" not in missing
+    assert nothing["state"] == "failed" and nothing["reason_code"] == "not_found"  # no kept frames to re-score
 
 
 async def test_cancel_stops_a_job(redis_server, clip):
