@@ -310,7 +310,7 @@ async def test_scene_sampling_keeps_the_cuts_and_drops_duplicates(redis_server, 
     finally:
         srv.stop()
     assert doc["state"] == "done", doc
-    assert [x["pts_s"] for x in recs] == [0.0, 2.0, 4.0]
+    assert [x["pts_s"] for x in recs] == [0.0, 2.0, 4.0], (doc["progress"], doc["summary"].get("scene_cuts"))
     assert doc["progress"]["frames_looked_at"] == 60  # 10 frames/s looked at, 57 near-duplicates skipped
     cuts = doc["summary"]["scene_cuts"]
     assert [c["pts_s"] for c in cuts] == [2.0, 4.0] and all(c["change"] >= 0.08 for c in cuts)
@@ -432,3 +432,35 @@ async def test_delete_through_another_daemon_cancels_the_job(redis_server, r, cl
 async def _ended(s, d, jid):
     doc = await get_job(s, d, jid)
     return doc if doc["state"] in ("done", "failed", "cancelled") else None
+
+
+async def test_summary_mode_gives_captions_and_rolling_summaries(redis_server, clip):
+    """A pipeline with a VLM in summary mode: the job's summary has every asked frame's caption and the rolling
+    summaries, the last partial window included (summarised when the job's frames are through)."""
+    def answer(req):
+        text = prompt_text(req)
+        if text.startswith("t="):
+            return "caption " + text
+        return "SUMMARY " + " | ".join(x for x in text.splitlines() if x.startswith("["))
+
+    vlm = await ScriptedOpenAI(answer).start()
+    pipe = {"stages": [{"type": "frame_info"}, {"type": "vlm", "model": "scripted", "endpoints": [{"url": vlm.url}],
+                                                "mode": "summary", "every_s": 0, "summary_every_s": 2,
+                                                "prompt": "t={pts_s}"}]}
+    cfg = api_cfg(redis_server.url, {"sum": pipe}, max_vlm_in_flight=1)  # answers in order: windows as in a stream
+    srv = HttpDir(clip.parent).start()
+    try:
+        async with running(cfg) as d, aiohttp.ClientSession() as s:
+            _, doc, _ = await post_job(s, d, {"source": {"url": srv.url(clip.name)}, "pipeline": "sum"})
+            doc = await wait_job(s, d, doc["id"])
+    finally:
+        srv.stop()
+        await vlm.stop()
+    assert doc["state"] == "done", doc
+    v = doc["summary"]["vlm"]["vlm"]
+    pts = sampled_pts(clip, 2)
+    assert [c["pts_s"] for c in v["captions"]] == pts and all(c["text"].startswith("caption t=") for c in v["captions"])
+    wins = [x["window"] for x in v["summaries"]]
+    assert len(wins) >= 2 and wins[0]["start_seq"] == 0 and wins[-1]["end_seq"] == len(pts) - 1
+    assert all(a["end_seq"] + 1 == b["start_seq"] for a, b in zip(wins, wins[1:]))  # contiguous, the last flushed
+    assert all(x["text"].startswith("SUMMARY [") for x in v["summaries"]), v["summaries"]

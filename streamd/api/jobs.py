@@ -16,8 +16,9 @@ from pydantic import BaseModel, Field, ValidationError
 from streamd import jsonsafe
 from streamd import pipelines as pipeline_files
 from streamd.api.body import json_body
-from streamd.api.context import JOBS, streams
+from streamd.api.context import CFG, JOBS, streams
 from streamd.api.errors import ApiError, json_response, validation_details
+from streamd.api.results import entry_id
 from streamd.api.security import check_authority
 from streamd.errors import ConfigError, SourceError
 from streamd.jobs.manager import JobInvalid, JobsFull, JobsUnavailable
@@ -30,7 +31,7 @@ LIST_QUERY = ({"name": "offset", "in": "query", "required": False, "schema": {"t
               {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1,
                                                                             "maximum": 500, "default": 50}})
 RESULTS_QUERY = ({"name": "after", "in": "query", "required": False, "description": "the `next` cursor of the page "
-                  "before", "schema": {"type": "string", "pattern": r"^[0-9]{1,20}-[0-9]{1,20}$"}},
+                  "before", "schema": {"type": "string", "pattern": r"^[0-9]{1,20}(-[0-9]{1,20})?$"}},
                  {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1,
                                                                                "maximum": 1000, "default": 100}})
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -107,17 +108,18 @@ def _job_id(request: web.Request) -> str:
     return jid
 
 
-def _check_url(url: str) -> None:
-    """An http(s) URL only (never a file or another FFmpeg protocol); its address is checked by the egress policy
-    when the job runs (a refused one fails the job with reason_code egress_refused)."""
+def _check_url(url: str, allowed: list[str]) -> None:
+    """An http(s) URL only (never a file or another FFmpeg protocol), and only where api.allowed_schemes has its
+    scheme; its address is checked by the egress policy when the job runs (a refused one fails the job with
+    reason_code egress_refused)."""
     try:
         ref = parse_reference(url)
     except SourceError as e:
         raise ApiError(422, "scheme_not_allowed", str(e), {"path": "source.url"}) from None
     scheme = urlsplit(url).scheme.lower() if "://" in url else "file"
-    if scheme not in ("http", "https") or ref.kind not in ("url", "hls"):
-        raise ApiError(422, "scheme_not_allowed", f"a job's URL is http or https (not {scheme!r})",
-                       {"path": "source.url"})
+    if scheme not in ("http", "https") or scheme not in allowed or ref.kind not in ("url", "hls"):
+        raise ApiError(422, "scheme_not_allowed", f"a job's URL is http or https, where api.allowed_schemes has it "
+                       f"(not {scheme!r})", {"path": "source.url"})
     check_authority(ref.url)
 
 
@@ -207,7 +209,7 @@ async def job_create(request: web.Request) -> web.Response:
             raise ApiError(422, "invalid_body", "a job needs a source (url or stream) unless a file is uploaded",
                            {"errors": [{"path": "source", "message": "missing", "type": "missing"}]})
         if spec.source.url is not None:
-            _check_url(spec.source.url)
+            _check_url(spec.source.url, request.app[CFG].allowed_schemes)
     else:
         raise ApiError(415, "unsupported_media_type", f"Content-Type {request.content_type!r}: send "
                        "application/json, or multipart/form-data with a file part (and a job part)",
@@ -269,17 +271,12 @@ async def job_results(request: web.Request) -> web.Response:
     jobs = _jobs(request)
     limit = _int(request, "limit", 100, 1, 1000)
     after = request.query.get("after")
-    if after is not None and not _entry_id(after):
-        raise ApiError(422, "invalid_query", "after is a cursor a page answered (next)", {"path": "after"})
+    if after is not None:
+        after = entry_id(after)  # 400 invalid_cursor unless a Redis stream entry id
     if await jobs.get(jid) is None:
         raise ApiError(404, "job_not_found", f"no job {jid!r} (or it expired)")
     records, nxt = await jobs.store.records(jid, after, limit)
     return json_response({"records": records, "next": nxt})
-
-
-def _entry_id(s: str) -> bool:
-    ms, _, n = s.partition("-")
-    return ms.isdigit() and n.isdigit() and len(ms) <= 20 and len(n) <= 20
 
 
 async def job_delete(request: web.Request) -> web.Response:

@@ -209,6 +209,12 @@ class JobManager:
     async def _run(self, job: Job) -> None:
         t0 = time.monotonic()
         try:
+            if getattr(job.source, "total", None) == 0:  # a re-score with nothing kept: no pipeline to start
+                job._fail(f"no kept frames of stream {job.stream_id!r} captured in the window (its keep_frames "
+                          "bounds them)", "not_found")
+                job.finished.set()
+                await self.store.save(job.document())
+                return
             try:
                 p = self.pipelines.get_or_start(job.spec.pipeline, f"jobs.{job.id}.pipeline", self._tg)
             except StreamdError as e:
