@@ -124,6 +124,7 @@ async def bench_streamd(paths: list[str], imgsz: int, conf: float, max_batch: in
         "redis": {"url": redis_url, "results_maxlen": 100_000},
         "pipelines": {"dt": {"stages": [
             {"type": "detect", "model": "person", "imgsz": imgsz, "conf": conf, "max_batch": max_batch,
+             "forward_batch": max_batch,
              "max_wait_ms": 5, "runtime": runtime.split(":")[0], "lanes": lanes,
              "half": runtime.endswith(":half")},
             {"type": "track", "tracker": "bytetrack"}]}},

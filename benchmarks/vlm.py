@@ -41,7 +41,7 @@ TOKENS = 16
 
 async def daemon_answers(model: str, clip: Path, redis_url: str, max_batch: int, seconds: float) -> dict:
     stage = {"type": "vlm", "backend": "transformers", "model": model, "device": "cpu", "every_s": 0,
-             "max_batch": max_batch, "max_wait_ms": 10, "max_in_flight": 8, "max_tokens": TOKENS,
+             "generate_batch": max_batch, "max_wait_ms": 10, "max_in_flight": 8, "max_tokens": TOKENS,
              "max_pixels": PIXELS, "staleness_s": 30}
     cfg = parse_config({
         "redis": {"url": redis_url},

@@ -1,4 +1,4 @@
-"""`streamd run | validate | tail | demo`. Exit codes: 0 ok, 1 fatal error, 2 invalid config or usage."""
+"""`streamd run | validate | tail | demo | bench`. Exit codes: 0 ok, 1 fatal error, 2 invalid config or usage."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from streamd import __version__
-from streamd.config import Config, check_tokens, load_config, parse_config
+from streamd.config import Config, DecodeMode, check_tokens, load_config, parse_config
 from streamd.errors import ConfigError, StreamdError
 from streamd.log import get_logger, setup_logging
 
@@ -49,6 +49,22 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--streams", type=int, default=1, help="how many copies of the sample stream")
     d.add_argument("--port", type=int, default=8080, help="the page's and API's port on 127.0.0.1 (default 8080; "
                    "a free one when it is taken; 0: any free port)")
+
+    b = sub.add_parser("bench", help="how many copies of a stream this machine carries with a pipeline")
+    b.add_argument("-c", "--config", help="a YAML config: its stream (--stream, default the first) is replicated")
+    b.add_argument("--stream", help="the config's stream to replicate")
+    b.add_argument("--url", help="a stream URL or file to replicate (instead of a config's stream)")
+    b.add_argument("--pipeline", default=None, help="with --url: the pipeline (default: default)")
+    b.add_argument("--fps", type=float, default=None, help="with --url: the sampling rate (default 2)")
+    b.add_argument("--decode", choices=["auto", "all", "keyframes"], default=None, help="override decode:")
+    b.add_argument("--steps", default="1,2,4,8,16,32,48,64,96,128,192,256",
+                   help="numbers of copies, tried in order until one does not keep up")
+    b.add_argument("--seconds", type=float, default=20, help="measured seconds per step (default 20)")
+    b.add_argument("--warmup", type=float, default=5, help="seconds per step before measuring (default 5)")
+    b.add_argument("--p99-ms", type=float, default=1000, help="capture -> publish p99 bound (default 1000)")
+    b.add_argument("--record-s", type=float, default=10, help="seconds of the source recorded (default 10)")
+    b.add_argument("--direct", action="store_true", help="open the source itself N times (no recording)")
+    b.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
@@ -175,6 +191,31 @@ def _free_or_any(port: int) -> int:
     return port
 
 
+async def _bench(a: argparse.Namespace) -> int:
+    import json
+
+    from streamd.bench import bench, table, template
+
+    if bool(a.config) == bool(a.url):
+        raise ConfigError("bench", "give a config (-c) or a stream URL (--url)")
+    cfg = load_config(a.config) if a.config else parse_config({}, environ={})
+    tpl = template(cfg, a.stream) if a.config else parse_config(
+        {"streams": [{"id": "bench", "url": a.url, "pipeline": a.pipeline or "default",
+                      **({"fps": a.fps} if a.fps else {})}]}, environ={}).streams[0]
+    if a.decode:
+        tpl = tpl.model_copy(update={"decode": DecodeMode(a.decode)})
+    try:
+        steps = [int(x) for x in a.steps.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError("--steps", "a comma-separated list of positive integers") from None
+    if not steps or min(steps) < 1:
+        raise ConfigError("--steps", "a comma-separated list of positive integers")
+    report = await bench(cfg, tpl, steps, seconds=a.seconds, warmup_s=a.warmup, p99_ms=a.p99_ms, direct=a.direct,
+                         record_s=a.record_s, progress=sys.stderr.isatty() or not a.json)
+    print(json.dumps(report) if a.json else table(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     level = os.environ.get("STREAMD_LOG_LEVEL", "info")
@@ -188,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_tail(a))
         if a.cmd == "demo":
             return asyncio.run(_demo(a))
+        if a.cmd == "bench":
+            setup_logging("warning", fmt if fmt in ("json", "console") else "console")
+            return asyncio.run(_bench(a))
         cfg = load_config(a.config)
         plain = check_tokens(cfg, dict(os.environ))
         setup_logging(cfg.log.level, cfg.log.format)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from streamd.errors import ConfigError
+from streamd.jobs.options import JobsConfig
 from streamd.models.spec import ModelsConfig, check_pipeline_models
 
 
@@ -32,6 +33,14 @@ class DropPolicy(str, enum.Enum):
 class Playback(str, enum.Enum):
     REALTIME = "realtime"  # a file is played at its own pace, like a live camera
     FAST = "fast"  # as fast as the pipeline takes it
+
+
+class DecodeMode(str, enum.Enum):
+    """What a PyAV source decodes (streamd/sources/plan.py)."""
+
+    AUTO = "auto"  # from the measured GOP and fps: keyframes, the GOP up to its last due frame, or everything
+    ALL = "all"  # every frame
+    KEYFRAMES = "keyframes"  # keyframes only: the one nearest each due time
 
 
 class RedisConfig(Strict):
@@ -204,7 +213,13 @@ class StreamConfig(Strict):
     loop: bool = Field(False, description="files: start again at the end")
     stall_timeout_s: float = Field(10.0, gt=0, description="no frame for this long: the stream is stalled")
     open_timeout_s: float = Field(10.0, gt=0, le=3600, description="timeout to open the source and read from it")
-    decode_threads: int = Field(0, ge=0, le=64, description="decoder threads (0 = FFmpeg decides)")
+    decode: DecodeMode = Field(DecodeMode.AUTO, description="PyAV sources: what is decoded. auto: keyframes only "
+                               "when 1/fps is at least the measured keyframe interval, else each GOP up to its "
+                               "last due frame (non-reference frames skipped), everything while the GOP is unknown; "
+                               "all: every frame; keyframes: the keyframe nearest each due time (off by at most "
+                               "one GOP)")
+    decode_threads: int = Field(0, ge=0, le=64, description="decoder threads (0 = FFmpeg decides; 1 when only "
+                                "keyframes are decoded)")
     ffmpeg_options: dict[str, str] = Field(default_factory=dict, description="extra FFmpeg demuxer options")
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     redis_input: RedisInputConfig = Field(default_factory=RedisInputConfig, description="for redis:// sources")
@@ -304,6 +319,8 @@ class Config(Strict):
     streams: list[StreamConfig] = Field(default_factory=list)
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="declared models, memory budgets "
                                  "per device, idle unload (streamd/models/)")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="one-shot jobs over recorded videos or stored "
+                             "frames (streamd/jobs/)")
 
     @field_validator("streams")
     @classmethod
@@ -316,7 +333,7 @@ class Config(Strict):
         return streams
 
 
-ENV_SECTIONS = ("redis", "log", "api", "shutdown", "events", "egress", "fleet")
+ENV_SECTIONS = ("redis", "log", "api", "shutdown", "events", "egress", "fleet", "jobs")
 
 
 def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:

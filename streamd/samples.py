@@ -66,7 +66,8 @@ def make_pan_clip(
         st = out.add_stream("libx264", rate=fps)
         st.width, st.height = size
         st.pix_fmt = "yuv420p"
-        st.options = {"preset": "veryfast", "g": str(gop), "bf": "0"}
+        # a keyframe every `gop` frames exactly (no scene-cut keyframes in between)
+        st.options = {"preset": "veryfast", "g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "0"}
         for arr in pan_frames(img, int(seconds * fps), fps, size):
             for pkt in st.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 out.mux(pkt)

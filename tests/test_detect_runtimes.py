@@ -68,7 +68,7 @@ async def test_lanes_option_sets_the_forward_passes_at_once_and_their_batches(ph
         outs = await det.detect([photos[1]] * 3, P)
     finally:
         await det.aclose()
-    assert det.describe() == {"runtime": "onnxruntime", "lanes": lanes, "precision": "fp32"}
+    assert det.describe() == {"runtime": "onnxruntime", "lanes": lanes, "precision": "fp32", "forward_batch": 8}
     assert det.forward_passes == (3 if cpu_cores() // lanes <= 1 else 1)
     for data, _ in outs:
         np.testing.assert_allclose(data[:, :4], reference[1][:, :4], atol=0.05)
@@ -145,7 +145,7 @@ async def test_a_users_onnx_model_detects_people(r, redis_server, tmp_path, phot
     people = [x for x in rec["outputs"]["detect"]["detections"] if x["label"] == "person"]
     assert len(people) >= 3, rec["outputs"]
     assert loaded == [{"model": onnx, "device": "cpu", "kind": "yolo", "runtime": "ultralytics", "lanes": 1,
-                       "precision": "fp32"}]
+                       "precision": "fp32", "forward_batch": 8}]
 
 
 async def _one(r, sid):

@@ -407,7 +407,7 @@ async def test_a_vlm_loads_through_the_manager_and_an_unload_fails_its_waiting_q
     from streamd.stages.vlm.transformers import ManagedVlm
 
     m = ModelManager(ModelsConfig.model_validate({"catalog": {"vlm": {
-        "source": str(tiny_vlm), "kind": "vlm", "device": "cpu", "options": {"max_batch": 2, "max_wait_ms": 200}}}}))
+        "source": str(tiny_vlm), "kind": "vlm", "device": "cpu", "options": {"generate_batch": 2, "max_wait_ms": 200}}}}))
     ref = refs(m, "vlm")["vlm"]
     backend = ManagedVlm(ref)
     try:
@@ -484,5 +484,71 @@ async def test_on_cuda_memory_is_the_allocators_and_an_unload_gives_it_back():
         print(f"\nCUDA: held {info['memory_bytes'] / 1e6:.1f} MB; allocated {before / 1e6:.1f} -> "
               f"{after / 1e6:.1f} MB after the unload")
         assert after - before < 0.05 * info["memory_bytes"]
+    finally:
+        await m.aclose()
+
+
+# -- one batcher per model: each batch size has its own name, and a conflicting setting is an error ---------------
+def _conflict_cfg(a: dict, b: dict):
+    from streamd.config import parse_config
+
+    return parse_config({"pipelines": {"a": {"stages": [a]}, "b": {"stages": [b]}}}, environ={})
+
+
+def test_two_stages_that_set_a_shared_models_batch_differently_are_a_config_error_naming_both_keys():
+    from streamd.errors import ConfigError
+
+    same = {"type": "detect", "model": "person", "forward_batch": 4}
+    _conflict_cfg(same, dict(same))  # the same value: one batcher, fine
+    _conflict_cfg({"type": "detect", "model": "person", "max_batch": 2},
+                  {"type": "detect", "model": "person", "max_batch": 16})  # stage batches are each stage's own
+    with pytest.raises(ConfigError) as e:
+        _conflict_cfg(same, {"type": "detect", "model": "person", "forward_batch": 8})
+    assert e.value.key == "pipelines.b.stages.0.forward_batch"
+    assert "one batcher" in str(e.value) and "pipelines.a.stages.0.forward_batch" in str(e.value)
+    vlm = {"type": "vlm", "backend": "transformers", "model": "./tiny-vlm", "generate_batch": 2}
+    with pytest.raises(ConfigError) as e:
+        _conflict_cfg(vlm, {**vlm, "generate_batch": 4})
+    assert e.value.key == "pipelines.b.stages.0.generate_batch"
+
+
+def test_the_old_ambiguous_max_batch_names_are_refused_with_the_new_name():
+    from streamd.errors import ConfigError
+
+    with pytest.raises(Exception) as e:
+        ModelsConfig.model_validate({"catalog": {"d": {"source": SMALL, "options": {"max_batch": 4}}}})
+    assert "options.forward_batch" in str(e.value)
+    with pytest.raises(Exception) as e:
+        ModelsConfig.model_validate({"catalog": {"v": {"source": "./v", "kind": "vlm", "options": {"max_batch": 4}}}})
+    assert "options.generate_batch" in str(e.value)
+    from streamd.streams.pipelines import check_config  # what `streamd validate` and the daemon's start run
+
+    with pytest.raises(ConfigError) as e:
+        check_config(_conflict_cfg({"type": "vlm", "backend": "transformers", "model": "./v", "max_batch": 4},
+                                   {"type": "frame_info"}))
+    assert e.value.key.startswith("pipelines.a.stages.0") and "generate_batch" in str(e.value)
+    with pytest.raises(ConfigError) as e:  # a declared model's batch is set on the model, not on a stage
+        from streamd.config import parse_config
+
+        parse_config({"models": {"catalog": {"d": {"source": SMALL}}},
+                      "pipelines": {"a": {"stages": [{"type": "detect", "model": "d", "forward_batch": 4}]}}},
+                     environ={})
+    assert e.value.key == "pipelines.a.stages.0.forward_batch"
+
+
+async def test_a_user_that_sets_another_batch_for_a_loaded_shared_model_is_refused_not_given_the_first_ones():
+    from streamd.models.errors import ModelConflict
+
+    m = ModelManager(ModelsConfig())
+    first = m.ref(SMALL, ModelSpec(source=SMALL, device="cpu", options={"forward_batch": 4}), "a.detect")
+    try:
+        async with first.use() as det:
+            assert det.forward_batch == 4 and det.batcher is not None
+        same = m.ref(SMALL, ModelSpec(source=SMALL, device="cpu", options={"forward_batch": 4}), "b.detect")
+        unset = m.ref(SMALL, ModelSpec(source=SMALL, device="cpu"), "c.detect")  # no wish: the model's own
+        assert same.entry is first.entry is unset.entry
+        with pytest.raises(ModelConflict) as e:
+            m.ref(SMALL, ModelSpec(source=SMALL, device="cpu", options={"forward_batch": 8}), "d.detect")
+        assert "forward_batch is 4" in str(e.value) and "a.detect" in str(e.value)
     finally:
         await m.aclose()

@@ -15,7 +15,8 @@ import aiohttp
 import numpy as np
 import pytest
 
-from conftest import OPER, PERSON, READ, api_cfg, at_least, h, results, running, until, vlm_pipeline
+from conftest import (OPER, PERSON, READ, api_cfg, at_least, h, results, running, until, vlm_at_least, vlm_pipeline,
+                      vlm_records)
 from streamd.samples import load_photo, pan_frames
 from streamd.streams.predict import QUEUE_KEY
 from streamd.testing.media import encode_jpeg, push_frames
@@ -88,8 +89,7 @@ async def test_predict_returns_the_detections_of_a_stream_frame_of_the_same_imag
 async def test_bad_images_and_pipelines_get_typed_json_errors(r, redis_server, tmp_path):
     from test_redis_source import _bomb_png
 
-    pipelines = {"vlm": vlm_pipeline("http://127.0.0.1:9/v1"),
-                 "broken": {"stages": [{"type": "detect", "model": str(tmp_path / "missing.pt")}]}}
+    pipelines = {"broken": {"stages": [{"type": "detect", "model": str(tmp_path / "missing.pt")}]}}
     cfg = api_cfg(redis_server.url, pipelines=pipelines, predict={"max_image_bytes": 200_000, "max_pixels": 10**6})
     ok = png(np.full((48, 64, 3), 200, np.uint8))
     async with running(cfg) as d, aiohttp.ClientSession() as s:
@@ -106,7 +106,6 @@ async def test_bad_images_and_pipelines_get_typed_json_errors(r, redis_server, t
             "bytes": (("frame_info", b"\xff" * 300_000, "image/jpeg"), 413, "image_too_large"),
             "pipeline": (("no-such", ok, "image/png"), 404, "pipeline_not_found"),
             "path": (("..%2Fconfig", ok, "image/png"), 404, None),
-            "vlm": (("vlm", ok, "image/png"), 422, "predict_unsupported"),
             "setup": (("broken", ok, "image/png"), 422, "pipeline_failed"),
         }
         for name, ((pipeline, data, ctype), want, code) in cases.items():
@@ -259,3 +258,39 @@ async def test_bodies_sent_slowly_hold_at_most_max_requests_places_and_time_out(
         assert d.streams.predict.requests == 0
         status, _, body = await post(s, d, "fi", image)  # the places are free again
         assert status == 200, body
+
+
+async def test_predict_through_a_vlm_pipeline_answers_in_the_outputs_while_its_live_stream_goes_on(r, redis_server):
+    """A VLM stage answers a predict image in its outputs (tags parsed as its mode says, the prompt version, the
+    model), publishes nothing for it, and the live stream on the same pipeline keeps its own answers."""
+    from test_vlm_modes import flat, frame_number, push
+
+    from streamd.testing.openai import ScriptedOpenAI
+
+    script = {n: {"tags": [{"tag": "fire" if n % 2 else "smoke", "confidence": 0.9}]} for n in range(12)}
+    srv = await ScriptedOpenAI(lambda req: script[frame_number(req)]).start()
+    pipe = vlm_pipeline(srv.url, mode="tags", tags=["fire", "smoke"], every_s=0)
+    cfg = api_cfg(redis_server.url, [{"id": "cam", "url": "redis:frames:cam", "pipeline": "v"}],
+                  pipelines={"v": pipe})
+    try:
+        async with running(cfg) as d, aiohttp.ClientSession() as s:
+            live = asyncio.create_task(push(r, "frames:cam", [(n, flat(n)) for n in range(6)]))
+            answers = await asyncio.gather(*(post(s, d, "v", png(flat(n))) for n in (3, 4, 7)))
+            await live
+            await until(lambda: vlm_at_least(r, "cam", 6), 20, what="the live stream's 6 answers")
+    finally:
+        await srv.stop()
+    for n, (status, _, body) in zip((3, 4, 7), answers):
+        assert status == 200, body
+        out = body["outputs"]["vlm"]
+        assert out["asked"] is True and out["trigger"] == "predict" and out["mode"] == "tags", out
+        assert out["tags"] == [{"tag": "fire" if n % 2 else "smoke", "confidence": 0.9}], (n, out)
+        assert out["prompt"] == {"scope": "config", "version": 0} and out["model"] == "scripted"
+        assert body["prompt_versions"]["vlm"] == {"scope": "config", "version": 0}
+        assert "frame_info" in body["outputs"] and out["latency_ms"] >= 0
+    live_answers = await vlm_records(r, "cam")
+    assert sorted(a["seq"] for a in live_answers) == list(range(6))  # the stream's own, every one
+    assert {a["trigger"] for a in live_answers} != {"predict"}
+    keys = [k.decode() async for k in r.scan_iter("streamd:{_predict*")]
+    assert keys == [], keys  # nothing published for the predict images
+    assert len(srv.requests) == 6 + 3

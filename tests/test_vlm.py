@@ -135,7 +135,7 @@ async def test_sglang_backend_without_sglang_fails_the_stream_clearly(r, redis_s
 
 async def test_transformers_backend_batches_streams_into_one_generate(r, redis_server, clip, tiny_vlm):
     stage = {"type": "vlm", "backend": "transformers", "model": str(tiny_vlm), "device": "cpu", "every_s": 0,
-             "max_batch": 4, "max_wait_ms": 100, "max_in_flight": 12, "max_tokens": 6, "max_pixels": 112 * 112}
+             "generate_batch": 4, "max_wait_ms": 100, "max_in_flight": 12, "max_tokens": 6, "max_pixels": 112 * 112}
     # three cameras (files played in real time); frames arriving together are answered in one generate call
     cfg = make_config(redis_server.url, [{"id": f"t{i}", "url": str(clip), "fps": 1.0, "pipeline": "p",
                                           "playback": "realtime"} for i in range(3)],

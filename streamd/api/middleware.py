@@ -176,11 +176,16 @@ async def same_site_mw(request: web.Request, handler: Any) -> web.StreamResponse
                        "origin's pages (api.cors_origins lists the allowed ones)", {"origin": origin[:200]})
     if request.headers.get("Sec-Fetch-Site") == "cross-site" and origin is None:
         raise ApiError(403, "cross_origin_refused", "without tokens the API refuses cross-site requests")
-    if request.method in MUTATING and request.can_read_body and not request.path.startswith("/api/v1/predict/") \
+    if request.method in MUTATING and request.can_read_body and not _upload(request) \
             and request.content_type not in JSON_TYPES:
         raise ApiError(415, "unsupported_media_type", "a request body must be JSON (Content-Type: "
                        "application/json)", {"content_type": request.content_type})
     return await handler(request)
+
+
+def _upload(request: web.Request) -> bool:
+    """Routes that take images or videos (predict, job uploads): their own media types, checked by them."""
+    return request.path.startswith("/api/v1/predict/") or request.method == "POST" and request.path == "/api/v1/jobs"
 
 
 def _local_port(request: web.Request) -> int | None:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from streamd.api.context import models as _models
 from streamd.api.errors import ApiError, json_response
-from streamd.models.errors import InsufficientMemory, ModelError, ModelInUse, UnknownModel
+from streamd.models.errors import InsufficientMemory, ModelConflict, ModelError, ModelInUse, UnknownModel
 
 
 class ModelUsers(BaseModel):
@@ -84,6 +84,8 @@ def _error(e: ModelError) -> ApiError:
         return ApiError(409, "insufficient_memory", str(e), e.details())
     if isinstance(e, ModelInUse):
         return ApiError(409, "model_in_use", str(e), {"users": e.users})
+    if isinstance(e, ModelConflict):
+        return ApiError(409, "model_conflict", str(e), {"reason": str(e)})
     return ApiError(422, "model_load_failed", str(e), {"reason": str(e)})
 
 

@@ -36,6 +36,12 @@ class ModelInUse(ModelError):
         self.users = users
 
 
+class ModelConflict(ModelError):
+    """A stage sets a batching option of a shared model to another value than the one its batcher runs with."""
+
+    code = "model_conflict"
+
+
 class ModelRevoked(ModelError):
     """The model was unloaded by force while a stream used it: that stream fails with this reason."""
 

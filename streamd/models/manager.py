@@ -30,8 +30,8 @@ from streamd.errors import StageError
 from streamd.log import get_logger, redact_text
 from streamd.models import memory
 from streamd.models.entry import Entry, ModelRef, State
-from streamd.models.errors import (InsufficientMemory, ModelError, ModelInUse, ModelLoadFailed, ModelRevoked,
-                                   UnknownModel)
+from streamd.models.errors import (InsufficientMemory, ModelConflict, ModelError, ModelInUse, ModelLoadFailed,
+                                   ModelRevoked, UnknownModel)
 from streamd.models.sources import ALIAS_KINDS, ALIASES, resolve_device, source_bytes
 from streamd.models.spec import BATCHING_OPTIONS, MODEL_NAME_PATTERN, ModelsConfig, ModelSpec, check_stage_model
 from streamd.models.version import Versions
@@ -173,7 +173,9 @@ class ModelManager:
         for e in self._entries.values():
             if e.origin != "declared" and self._identity(e.spec) == ident:
                 if not e.refs and e.state in (State.UNLOADED, State.FAILED):
-                    e.spec = spec  # the same model; its first user's batching options (max_batch) apply
+                    e.spec = spec  # nobody holds its batcher: the new user's batching options apply
+                else:
+                    check_batching(e, spec)
                 return e
         base = spec.source if re.fullmatch(MODEL_NAME_PATTERN, spec.source) else \
             (re.sub(r"[^A-Za-z0-9_.:-]", "_", spec.source).lstrip("_.:-")[-100:] or "model")
@@ -438,3 +440,14 @@ async def _close(obj: Any, reason: str) -> None:
 
 
 ModelRegistry = ModelManager
+
+
+def check_batching(e: Entry, spec: ModelSpec) -> None:
+    """A model has one batcher: a new user that sets one of its batching options to another value than the one
+    in use is refused (ModelConflict), not silently given the first user's."""
+    have = e.spec.typed_options().model_dump()
+    for key, value in spec.options.items():
+        if key in BATCHING_OPTIONS and have.get(key) != value:
+            raise ModelConflict(f"model {e.name!r} has one batcher, shared by every stage that uses it: its {key} is "
+                                f"{have.get(key)!r} (used by {', '.join(sorted(r.label for r in e.refs)) or 'a loaded stage'}), this stage "
+                                f"sets {value!r}; set the same value, or declare the model in models.catalog")

@@ -67,14 +67,16 @@ class DetectorOptions(_Strict):
     runtime: Literal["auto", "torch", "onnx"] = Field("auto", description="plain detection models on the CPU: "
                                                       "onnx (ONNX Runtime), torch, or auto")
     lanes: int | None = Field(None, ge=1, le=64, description="CPU forward passes at once; null: from the cores")
-    max_batch: int = Field(8, ge=1, description="most frames in one forward pass (shared by every stage)")
+    forward_batch: int = Field(8, ge=1, description="most frames in one forward pass (the model's batcher, shared "
+                               "by every stage and predict request that uses it)")
 
 
 class VlmModelOptions(_Strict):
     """`options` of a vlm (transformers, in process)."""
 
-    max_batch: int = Field(8, ge=1, description="questions in one generate call (shared by every stage)")
-    max_wait_ms: float = Field(20.0, ge=0, description="wait this long for a fuller batch")
+    generate_batch: int = Field(8, ge=1, description="questions in one generate call (the model's batcher, shared "
+                                "by every stage that uses it)")
+    max_wait_ms: float = Field(20.0, ge=0, description="wait this long for a fuller generate batch")
 
 
 class Sam2ModelOptions(_Strict):
@@ -83,6 +85,8 @@ class Sam2ModelOptions(_Strict):
     checkpoint: str = Field("hub", min_length=1, description="a local SAM 2 checkpoint file (.pt); hub: the "
                             "source's weights from the Hugging Face hub (needs internet once, then cached); "
                             "random: untrained weights (tests and benchmarks: the masks mean nothing)")
+    forward_batch: int = Field(8, ge=1, description="most frames (of any streams, of every pipeline that uses the "
+                               "model) in one pass of the image encoder (the model's batcher)")
     image_size: int | None = Field(None, ge=128, le=2048, multiple_of=32, description="the square input size; "
                                    "null: the model config's (1024)")
 
@@ -90,7 +94,10 @@ class Sam2ModelOptions(_Strict):
 OPTIONS: dict[str, type[_Strict]] = {"detector": DetectorOptions, "segmenter": DetectorOptions,
                                      "vlm": VlmModelOptions, "sam2": Sam2ModelOptions}
 # the options that set the shared batcher, not the loaded weights: not part of a model's identity
-BATCHING_OPTIONS = frozenset({"max_batch", "max_wait_ms"})
+BATCHING_OPTIONS = frozenset({"forward_batch", "generate_batch", "max_wait_ms"})
+# `max_batch` is a stage's own (frames a stage takes from its queue at once); a model's batch has its own name
+RENAMED_OPTIONS = {"detector": {"max_batch": "forward_batch"}, "segmenter": {"max_batch": "forward_batch"},
+                   "vlm": {"max_batch": "generate_batch"}}
 
 
 class ModelSpec(_Strict):
@@ -106,7 +113,8 @@ class ModelSpec(_Strict):
     precision: Precision = Field("auto", description="auto (the model's own; fp32 for detectors), fp32, fp16, bf16; "
                                  "8bit / 4bit: vlm on CUDA (bitsandbytes)")
     options: dict[str, Any] = Field(default_factory=dict, description="per kind: detector/segmenter: runtime, "
-                                    "lanes, max_batch; vlm: max_batch, max_wait_ms; sam2: checkpoint, image_size")
+                                    "lanes, forward_batch; vlm: generate_batch, max_wait_ms; sam2: checkpoint, image_size, "
+                                    "forward_batch")
     keep_alive_s: float | None = Field(None, description="seconds without a user before the model is unloaded; "
                                        "-1: pinned (never unloaded for being idle, never evicted); null: "
                                        "models.keep_alive_s")
@@ -124,6 +132,10 @@ class ModelSpec(_Strict):
         if self.kind != "vlm" and self.precision in ("8bit", "4bit"):
             raise ValueError(f"precision {self.precision} is for vlm models (bitsandbytes); a {self.kind} takes "
                              "auto, fp32, fp16 or bf16")
+        for old, new in RENAMED_OPTIONS.get(self.kind, {}).items():
+            if old in self.options:
+                raise ValueError(f"options.{old}: a {self.kind}'s batch is options.{new} ({old} is a stage's own "
+                                 "option: the frames the stage takes from its queue at once)")
         try:
             OPTIONS[self.kind].model_validate(self.options)
         except ValidationError as e:
@@ -176,7 +188,8 @@ class ModelsConfig(_Strict):
 
 
 # stage keys that belong to a declared model: set on `models.catalog.<name>`, not on the stage
-OWNED_BY_MODEL = {"detect": ("device", "half", "runtime", "lanes"), "vlm": ("device", "dtype", "quantization"),
+OWNED_BY_MODEL = {"detect": ("device", "half", "runtime", "lanes", "forward_batch"),
+                  "vlm": ("device", "dtype", "quantization", "generate_batch", "max_wait_ms"),
                   "segment": ("device", "precision", "checkpoint", "image_size")}
 STAGE_KINDS = {"detect": ("detector", "segmenter"), "vlm": ("vlm",), "segment": ("sam2",)}
 
@@ -229,9 +242,12 @@ def check_pipeline_models(cfg: Any) -> None:
     from streamd import pipelines as pipeline_files  # it imports streamd.config, which imports this module
 
     models: ModelsConfig = cfg.models
+    batching = BatchingSettings()
     for name, pcfg in cfg.pipelines.items():
         for j, st in enumerate(pcfg.stages):
-            check_stage_model(models, st.model_dump(exclude_unset=True), f"pipelines.{name}.stages.{j}")
+            stage = st.model_dump(exclude_unset=True)
+            check_stage_model(models, stage, f"pipelines.{name}.stages.{j}")
+            batching.check(stage, f"pipelines.{name}.stages.{j}")
     for i, s in enumerate(cfg.streams):
         if s.pipeline in cfg.pipelines:
             continue
@@ -240,5 +256,34 @@ def check_pipeline_models(cfg: Any) -> None:
         except ConfigError:
             continue
         for j, st in enumerate(pcfg.stages):
-            check_stage_model(models, st.model_dump(exclude_unset=True),
-                              f"streams.{i}.pipeline[{s.pipeline}].stages.{j}")
+            stage = st.model_dump(exclude_unset=True)
+            where = f"streams.{i}.pipeline[{s.pipeline}].stages.{j}"
+            check_stage_model(models, stage, where)
+            batching.check(stage, where)
+
+
+# a stage's options that set its model's batcher (a model named by alias or source), by stage type
+STAGE_BATCHING = {"detect": ("forward_batch",), "vlm": ("generate_batch", "max_wait_ms")}
+
+
+class BatchingSettings:
+    """The batching options stages set on the models they name: a model has one batcher, so two stages that set
+    one of its options to different values are a configuration error (not "the first pipeline to load it wins")."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str, str, str], tuple[Any, str]] = {}  # (type, model, device, key) -> value, where
+
+    def check(self, stage: dict[str, Any], where: str) -> None:
+        model = stage_model(stage)
+        if model is None:
+            return
+        t = stage["type"]
+        for key in STAGE_BATCHING.get(t, ()):
+            if key not in stage:
+                continue
+            ident = (t, model, str(stage.get("device", "auto")), key)
+            first = self._seen.setdefault(ident, (stage[key], where))
+            if first[0] != stage[key]:
+                raise ConfigError(f"{where}.{key}", f"model {model!r} has one batcher, shared by every stage that "
+                                  f"names it: {key} {stage[key]!r} here, {first[0]!r} at {first[1]}.{key} (set "
+                                  "the same value, or declare the model once in models.catalog with its options)")

@@ -31,6 +31,7 @@ from streamd.log import get_logger, redact_text
 from streamd.sampling import FpsSampler
 from streamd.sources import SourceRef
 from streamd.sources.base import Abandoned
+from streamd.sources.plan import decode_threads, make_plan, mode_reporter
 
 log = get_logger("streamd.source.av")
 
@@ -89,6 +90,15 @@ def check_local_file(path: str) -> None:
         raise SourceError(f"{path} is empty", permanent=True, code="not_media")
 
 
+def _duration(container: Any, stream: Any) -> float | None:
+    """A recording's length in seconds, from the video stream or else the container (None: unknown)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000
+    return None
+
+
 class AvSource:
     """`url` is what FFmpeg opens (the reference with its host pinned to the address the egress policy checked);
     `reader` (plain HTTP(S) media) a file object to open instead. `state` outlives the connection: a recording's
@@ -124,6 +134,7 @@ class AvSource:
         self._pts_offset = 0.0  # a looping file keeps its timeline increasing
         self._progress_t = time.monotonic()  # the last decoded frame (or the start)
         self._waiting = False  # blocked on a full `wait` queue: the consumer's doing, not a stall
+        self.plan = make_plan(cfg, sampler, mode_reporter(cfg.id, out, self._on_event))  # None: every frame is decoded
         self._thread = threading.Thread(target=self._run, name=f"decode-{cfg.id}", daemon=True)
         self._thread.start()
 
@@ -212,9 +223,12 @@ class AvSource:
                 raise SourceError("no video stream in the input", permanent=True, code="no_video")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            if self.cfg.decode_threads:
-                stream.codec_context.thread_count = self.cfg.decode_threads
+            threads = decode_threads(self.cfg, self.sampler.period_s and 1 / self.sampler.period_s)
+            if threads:
+                stream.codec_context.thread_count = threads
             recording = self._recording(container)
+            if recording:  # a job's progress: media time done / this
+                self._state.setdefault("duration_s", _duration(container, stream))
             if recording and self.ref.kind != "file":
                 self._keep_every_frame()
             resume = self._state.get("resume_pts") if recording and not self.cfg.loop else None
@@ -246,17 +260,22 @@ class AvSource:
 
     def _decode(self, container: Any, stream: Any, recording: bool, resume: float | None) -> float:
         tb_s = float(stream.time_base or Fraction(1, 90_000))  # a float: Fraction arithmetic per frame is slow
-        realtime = self.ref.kind == "file" and self.cfg.playback is Playback.REALTIME
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         frame_dur = 1.0 / rate if rate > 0 else 0.04
-        wall0: float | None = None
-        pts0 = 0.0
+        pace = _Pacer(self._stop) if self.ref.kind == "file" and self.cfg.playback is Playback.REALTIME else None
         last_pts = self._pts_offset
         errors = 0
         synthetic = 0
         offset = self._pts_offset
         track = recording and not self.cfg.loop
         rgb = VideoReformatter()  # set up on the first frame, reused for the others (and redone if their size changes)
+        ctx = stream.codec_context
+        plan = self.plan
+        if plan is not None:  # frames the sampler does not need are not decoded (sources/plan.py)
+            plan.attach(ctx, tb_s, offset)
+            decode, offer = plan.decode, plan.offer
+        else:
+            decode, offer = ctx.decode, self.sampler.offer
         packets = container.demux(stream)
         while True:
             try:
@@ -274,8 +293,16 @@ class AvSource:
                 raise SourceError(f"corrupt input: {_describe(e)}", code="corrupt_input") from None
             if self._stop.is_set():
                 break
+            if plan is not None:
+                self._progress_t = time.monotonic()  # packets arrive: no stall, whatever is decoded
+                if packet.pts is not None:  # where a looping file's next round starts, frames decoded or not
+                    last_pts = max(last_pts, packet.pts * tb_s + offset)
+                if pace is not None and packet.dts is not None and not pace.wait(packet.dts * tb_s + offset):
+                    return last_pts + frame_dur
+                if plan.skip(packet):
+                    continue
             try:
-                frames = packet.decode()
+                frames = decode(packet)
             except av.error.InvalidDataError as e:
                 errors += 1
                 self.skipped_packets += 1
@@ -297,17 +324,9 @@ class AvSource:
                 last_pts = pts
                 if track:
                     self._state["resume_pts"] = pts
-                if realtime:
-                    now = time.monotonic()
-                    if wall0 is None:
-                        wall0, pts0 = now, pts
-                    ahead = (pts - pts0) - (now - wall0)
-                    if ahead > 0:
-                        if self._stop.wait(min(ahead, 1.0)):
-                            return last_pts + frame_dur
-                    elif ahead < -1.0:  # pts jumped or we fell behind: re-anchor the clock
-                        wall0, pts0 = now, pts
-                decision = self.sampler.offer(pts)
+                if pace is not None and plan is None and not pace.wait(pts):
+                    return last_pts + frame_dur
+                decision = offer(pts)
                 if not decision.keep:
                     continue
                 image = rgb.reformat(vf, format="rgb24").to_ndarray()
@@ -325,3 +344,26 @@ class AvSource:
                 if not queued:
                     return last_pts + frame_dur
         return last_pts + frame_dur
+
+
+class _Pacer:
+    """Plays a file in real time (`playback: realtime`): `wait(pts)` returns once the wall clock has reached `pts`
+    since the first one (False when stopped); a timestamp jump or falling more than 1 s behind re-anchors the
+    clock."""
+
+    def __init__(self, stop: threading.Event):
+        self._stop = stop
+        self._wall0: float | None = None
+        self._pts0 = 0.0
+
+    def wait(self, pts: float) -> bool:
+        now = time.monotonic()
+        if self._wall0 is None:
+            self._wall0, self._pts0 = now, pts
+            return True
+        ahead = (pts - self._pts0) - (now - self._wall0)
+        if ahead > 0:
+            return not self._stop.wait(min(ahead, 1.0))
+        if ahead < -1.0:
+            self._wall0, self._pts0 = now, pts
+        return True

@@ -40,7 +40,8 @@ from streamd.log import get_logger, redact_url
 from streamd.sampling import FpsSampler
 from streamd.sources import SourceRef
 from streamd.sources.base import EventFn
-from streamd.sources.hls_feed import END, Feed, Segment
+from streamd.sources.hls_feed import END, Feed, Segment, aes128_decrypt
+from streamd.sources.plan import decode_threads, make_plan, mode_reporter
 
 log = get_logger("streamd.source.hls")
 
@@ -78,6 +79,7 @@ class HlsSource:
         self._keys: dict[str, bytes] = {}
         self._maps: dict[str, bytes] = {}
         self._feed = Feed(self._handoff, self._stop)
+        self.plan = make_plan(cfg, sampler, mode_reporter(cfg.id, out, on_event))  # None: every frame decoded
         self._thread = threading.Thread(target=self._decode_loop, name=f"hls-{cfg.id}", daemon=True)
         self._thread.start()
         self._task = loop.create_task(self._follow_guarded(), name=f"hls-follow:{cfg.id}")
@@ -239,9 +241,6 @@ class HlsSource:
         return data
 
     async def _decrypt(self, data: bytes, key: Any, msn: int) -> bytes:
-        from cryptography.hazmat.primitives import padding
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
         uri = key.absolute_uri
         secret = self._keys.get(uri)
         if secret is None:
@@ -249,19 +248,7 @@ class HlsSource:
             if len(secret) != 16:
                 raise SourceError(f"the AES-128 key is {len(secret)} bytes, not 16", code="invalid_playlist")
             self._keys[uri] = secret
-        if key.iv:
-            iv = bytes.fromhex(key.iv[2:] if key.iv.lower().startswith("0x") else key.iv).rjust(16, b"\0")
-        else:
-            iv = msn.to_bytes(16, "big")
-        if len(data) % 16:
-            raise SourceError("an AES-128 segment is not a multiple of 16 bytes", code="corrupt_input")
-        dec = Cipher(algorithms.AES(secret), modes.CBC(iv)).decryptor()
-        plain = dec.update(data) + dec.finalize()
-        unpad = padding.PKCS7(128).unpadder()
-        try:
-            return unpad.update(plain) + unpad.finalize()
-        except ValueError:
-            raise SourceError("an AES-128 segment does not decrypt (wrong key?)", code="corrupt_input") from None
+        return aes128_decrypt(data, secret, key.iv, msn)
 
     # -- decoding (thread) --------------------------------------------------------------------------------
     # MPEG-TS segments that arrive back to back are read as one stream by one long-lived demuxer and decoder (as
@@ -314,9 +301,13 @@ class HlsSource:
             stream = container.streams.video[0]
             ctx = stream.codec_context
             ctx.thread_type = "AUTO"
-            if self.cfg.decode_threads:
-                ctx.thread_count = self.cfg.decode_threads
+            threads = decode_threads(self.cfg, self.sampler.period_s and 1 / self.sampler.period_s)
+            if threads:
+                ctx.thread_count = threads
             self._tb = float(stream.time_base or 1 / 90_000)
+            plan = self.plan
+            if plan is not None:  # frames the sampler does not need are not decoded (sources/plan.py)
+                plan.attach(ctx, self._tb)
             try:
                 for packet in container.demux(stream):
                     if self._stop.is_set():
@@ -331,8 +322,12 @@ class HlsSource:
                         if first and packet.pts is not None:
                             self._marks.append((packet.pts * self._tb, seg.pdt))
                             del self._marks[:-8]
+                    if plan is not None:
+                        self._progress_t = time.monotonic()  # packets arrive: no stall, whatever is decoded
+                        if plan.skip(packet):
+                            continue
                     try:
-                        frames = ctx.decode(packet)
+                        frames = ctx.decode(packet) if plan is None else plan.decode(packet)
                     except av.error.InvalidDataError:
                         continue  # a damaged packet: skipped, the decoder goes on
                     if not self._emit(frames):
@@ -375,7 +370,7 @@ class HlsSource:
             self._state["decoded"] = True
             self._progress_t = time.monotonic()
             pts = (vf.pts or 0) * self._tb
-            decision = self.sampler.offer(pts)
+            decision = (self.plan or self.sampler).offer(pts)
             if not decision.keep:
                 continue
             seg_pts, pdt = next(((p, d) for p, d in reversed(self._marks) if p <= pts + 1e-6),

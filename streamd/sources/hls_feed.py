@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from streamd.errors import SourceError
+
 END = object()  # the hand-off queue's last item at a clean end of the playlist
 FLUSH_IDLE_S = 0.2  # no new segment for this long: the decoder's held-back frames are flushed out
 
@@ -127,3 +129,23 @@ class Feed(io.RawIOBase):
     def settle_all(self) -> list[Segment]:
         done, self._segs = self._segs, []
         return done
+
+
+def aes128_decrypt(data: bytes, secret: bytes, iv_hex: str | None, msn: int) -> bytes:
+    """An AES-128 (CBC, PKCS#7) segment's plain bytes; the IV from the key tag, or the media sequence number."""
+    from cryptography.hazmat.primitives import padding
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    if iv_hex:
+        iv = bytes.fromhex(iv_hex[2:] if iv_hex.lower().startswith("0x") else iv_hex).rjust(16, b"\0")
+    else:
+        iv = msn.to_bytes(16, "big")
+    if len(data) % 16:
+        raise SourceError("an AES-128 segment is not a multiple of 16 bytes", code="corrupt_input")
+    dec = Cipher(algorithms.AES(secret), modes.CBC(iv)).decryptor()
+    plain = dec.update(data) + dec.finalize()
+    unpad = padding.PKCS7(128).unpadder()
+    try:
+        return unpad.update(plain) + unpad.finalize()
+    except ValueError:
+        raise SourceError("an AES-128 segment does not decrypt (wrong key?)", code="corrupt_input") from None

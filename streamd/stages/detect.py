@@ -59,8 +59,14 @@ class DetectOptions(BaseModel):
     lanes: int | None = Field(None, ge=1, le=64, description="plain detection models on the CPU: forward passes "
                               "at once (the cores are shared out between them); null: chosen from the cores")
     max_det: int = Field(300, ge=1, description="most detections per frame")
-    max_batch: int = Field(8, ge=1, description="most frames in one forward pass")
-    max_wait_ms: float = Field(5.0, ge=0, description="wait this long for a fuller batch")
+    max_batch: int = Field(8, ge=1, description="most frames the stage takes from its queue at once (frames of "
+                           "several streams); the model's batcher runs them in forward passes of forward_batch")
+    max_wait_ms: float = Field(5.0, ge=0, description="wait this long for a fuller stage batch")
+    forward_batch: int | None = Field(None, ge=1, description="the model's forward batch (most frames in one "
+                                      "forward pass), for a model named by alias or source; null: the model's "
+                                      "default (8). One model has one batcher: stages that name the same model "
+                                      "with different values are a configuration error. A declared model sets it "
+                                      "in models.catalog.<name>.options")
     masks: bool = Field(True, description="segmentation models: publish masks (RLE)")
     vocabulary: list[str] | None = Field(None, description="open-vocabulary models: the class phrases")
     text_embeddings: str | None = Field(
@@ -132,7 +138,8 @@ class Detect(Stage):
         device = resolve_device(o.device)
         precision = ("fp16" if device.startswith("cuda") else "bf16") if o.half else "auto"
         implicit = ModelSpec(source=o.model, kind="detector", device=device, precision=precision,
-                             options={"runtime": o.runtime, "lanes": o.lanes, "max_batch": o.max_batch})
+                             options={"runtime": o.runtime, "lanes": o.lanes,
+                                      **({} if o.forward_batch is None else {"forward_batch": o.forward_batch})})
         ref = models.ref(o.model, implicit, self.label(), self.ctx.fail_stream)
         try:
             async with ref.use() as det:

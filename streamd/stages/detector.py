@@ -10,7 +10,7 @@ forward pass runs go together into the next one. Forward passes run in lanes:
   default up to 4 cores) passes one frame at a time: there a batch costs as much per frame as single frames or
   more (its activations outgrow the caches; with 4 streams on 2 cores, lanes of one frame gave 5-7 % more
   frames/s than batches of up to 8), and the lanes, not the batch, keep the cores busy. A lane with several
-  intra-op threads (more than 4 cores) takes batches of up to `max_batch`, which give its threads more work to
+  intra-op threads (more than 4 cores) takes batches of up to `forward_batch`, which give its threads more work to
   share (one 2-thread ONNX Runtime session here: 9.3-9.6 frames/s at batch 1, 9.5-10.7 at batch 4). The
   forward pass itself runs in ONNX Runtime (`streamd.stages.onnx_runtime`: the same weights, exported once and
   cached, about 12-15 % less CPU per frame than PyTorch here) or in PyTorch (one replica of the fused model per
@@ -22,21 +22,25 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from streamd.errors import StageError
 from streamd.log import get_logger, redact_text
+from streamd.models.batcher import ModelBatcher
 from streamd.models.executors import device_executor
 from streamd.models.memory import clear_task_frames
 from streamd.stages.lanes import Lane, OnnxLane, TorchLane
-from streamd.stages.masks import frame_masks, mask_rle
-from streamd.stages.open_vocab import OpenVocabulary, VocabularyError, open_vocabulary_kind
+from streamd.stages.masks import frame_masks
+from streamd.stages.open_vocab import (
+    OpenVocabulary,
+    VocabularyError,
+    open_vocabulary_kind,
+)
 
 __all__ = ["Params", "Runtime", "SharedDetector"]
 
@@ -57,19 +61,6 @@ class Params:
     masks: bool
 
 
-@dataclass
-class _Request:
-    images: list[np.ndarray]
-    params: Params
-    future: asyncio.Future[list[tuple[np.ndarray, list[Any] | None]]]
-    outs: list[Any] = field(init=False)  # per image, filled in as its forward pass ends
-    left: int = field(init=False)  # images not yet through a forward pass
-
-    def __post_init__(self) -> None:
-        self.outs = [None] * len(self.images)
-        self.left = len(self.images)
-
-
 Forward = Callable[[list[np.ndarray], Params], list[tuple[np.ndarray, list[Any] | None]]]
 
 
@@ -88,43 +79,45 @@ def cpu_cores() -> int:
 
 
 class SharedDetector:
-    """A loaded model plus its cross-pipeline batcher.
+    """A loaded model plus its one batcher (`streamd.models.batcher.ModelBatcher`), shared by every stage of
+    every pipeline that uses the model and by predict requests.
 
-    Lanes each serve the next waiting frames (the same parameters, up to `max_batch`, shared out evenly between
-    idle lanes; a single-threaded CPU lane one frame at a time). `runtime` picks what runs a plain detection
-    model's forward passes on the CPU: `onnx` (ONNX Runtime; the model is exported once and cached), `torch`, or
-    `auto` (ONNX Runtime where it is installed and the export works, else PyTorch). `self.runtime` says, once the
-    lanes are set up, what runs them: `onnxruntime`, `torch` (CPU lanes) or `ultralytics` (`model.predict`, one
-    lane)."""
+    Lanes each serve the next waiting frames (the same parameters, up to `forward_batch`, shared out evenly
+    between idle lanes; a single-threaded CPU lane one frame at a time). `runtime` picks what runs a plain
+    detection model's forward passes on the CPU: `onnx` (ONNX Runtime; the model is exported once and cached),
+    `torch`, or `auto` (ONNX Runtime where it is installed and the export works, else PyTorch). `self.runtime`
+    says, once the lanes are set up, what runs them: `onnxruntime`, `torch` (CPU lanes) or `ultralytics`
+    (`model.predict`, one lane)."""
 
-    def __init__(self, model: Any, name: str, device: str, max_batch: int, runtime: Runtime = "auto",
+    def __init__(self, model: Any, name: str, device: str, forward_batch: int, runtime: Runtime = "auto",
                  lanes: int | None = None):
         self.model = model
         self.name = name
         self.device = device
-        self.max_batch = max_batch
+        self.forward_batch = forward_batch
         self.wanted_runtime = runtime
         self.wanted_lanes = lanes  # CPU lanes; None: chosen from the cores
         self.runtime: str | None = None  # set by the first request
         self.precision: str | None = None  # fp32, fp16 (CUDA) or bf16 (CPU lanes); set by the first request
         self.names: dict[int, str] = dict(getattr(model, "names", {}) or {})
-        self._pending: deque[tuple[_Request, int]] = deque()  # (request, image index), in arrival order
-        self._wake = asyncio.Event()
-        self._idle = 0  # lanes waiting for frames
+        self.batcher: ModelBatcher[np.ndarray, tuple[np.ndarray, list[Any] | None]] = ModelBatcher(
+            lambda: StageError(f"model {self.name!r} was unloaded"))
         self._task: asyncio.Task[None] | None = None
-        self._error: BaseException | None = None  # the lanes could not be set up as asked: every request fails
         inner = getattr(model, "model", None)
         # YOLO-World / YOLOE: the vocabulary state (embedding caches, text encoder, counters); None otherwise
         self.open_vocab = OpenVocabulary(model, name, device) if open_vocabulary_kind(inner) else None
-        self.forward_passes = 0
         self.lanes = 1
         self.half = False  # what requests ask for (Params.half): set by the model manager's loader
+
+    @property
+    def forward_passes(self) -> int:
+        return self.batcher.batches
 
     async def detect(self, images: list[np.ndarray], params: Params) -> list[tuple[np.ndarray, list[Any] | None]]:
         """Per image: an (N, 6) array [x1, y1, x2, y2, conf, cls] in pixels, and N masks (RLE) or None.
         Raises VocabularyError when `params.vocabulary` cannot be set (at once for a vocabulary that failed)."""
-        if self._error is not None:
-            raise self._error
+        if self.batcher.error is not None:
+            raise self.batcher.error
         if params.vocabulary is not None:
             if self.open_vocab is None:
                 raise VocabularyError(f"model {self.name!r} is not an open-vocabulary model (YOLO-World / YOLOE)")
@@ -135,51 +128,39 @@ class SharedDetector:
             return []
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._worker(), name=f"detector:{self.name}")
-        req = _Request(images, params, asyncio.get_running_loop().create_future())
-        self._pending.extend((req, i) for i in range(len(images)))
-        self._wake.set()
-        return await req.future
+        return await self.batcher.submit(images, params)
 
     async def aclose(self, error: BaseException | None = None) -> None:
         """Stop the batcher; requests still waiting fail with `error` (the model was unloaded), and later ones too.
         A forward pass under way in a lane finishes on its own; its result is dropped."""
-        err = self._error = error or StageError(f"model {self.name!r} was unloaded")
+        self.batcher.fail_all(error or StageError(f"model {self.name!r} was unloaded"))
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             clear_task_frames(task)  # then nothing but the manager holds this object: freed when it lets go
-        while self._pending:
-            req, _ = self._pending.popleft()
-            if not req.future.done():
-                req.future.set_exception(err)
+        self.batcher.fail_all(self.batcher.error)  # anything queued while the lanes stopped
 
     def describe(self) -> dict[str, Any]:
-        return {"runtime": self.runtime, "lanes": self.lanes, "precision": self.precision}
+        return {"runtime": self.runtime, "lanes": self.lanes, "precision": self.precision,
+                "forward_batch": self.forward_batch}
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
-        while not self._pending:  # the first request's parameters set Ultralytics' predictor up
-            self._wake.clear()
-            await self._wake.wait()
+        await self.batcher.wait_for_items()  # the first request's parameters set Ultralytics' predictor up
+        p0: Params = self.batcher.first_key()  # type: ignore[assignment]
         try:
-            direct = await loop.run_in_executor(device_executor(self.device), self._cpu_lanes,
-                                                self._pending[0][0].params)
+            direct = await loop.run_in_executor(device_executor(self.device), self._cpu_lanes, p0)
         except StageError as e:  # the runtime asked for cannot run this model here
-            self._error = e
-            while self._pending:
-                req, _ = self._pending.popleft()
-                if not req.future.done():
-                    req.future.set_exception(e)
+            self.batcher.fail_all(e)
             return
         except Exception as e:  # noqa: BLE001 - model.predict reports it again, to the requests
             log.warning("direct forward passes unavailable", model=self.name, error=redact_text(str(e)))
             direct = []
-        p0 = self._pending[0][0].params if self._pending else None
         if not direct:
             self.runtime = "ultralytics"
-            self.precision = "fp16" if p0 is not None and p0.half and self.device != "cpu" else "fp32"
-            await self._lane(self._predict, device_executor(self.device), self.max_batch)
+            self.precision = "fp16" if p0.half and self.device != "cpu" else "fp32"
+            await self.batcher.lane(self._predict, device_executor(self.device), self.forward_batch)
             return
         self.lanes = len(direct)
         log.info("detection lanes", model=self.name, runtime=self.runtime, lanes=self.lanes)
@@ -187,62 +168,10 @@ class SharedDetector:
         try:
             async with asyncio.TaskGroup() as tg:
                 for lane in direct:
-                    batch = 1 if lane.threads == 1 else self.max_batch  # see the module's docstring
-                    tg.create_task(self._lane(lane, pool, batch), name=f"detector:{self.name}:lane")
+                    batch = 1 if lane.threads == 1 else self.forward_batch  # see the module's docstring
+                    tg.create_task(self.batcher.lane(lane, pool, batch), name=f"detector:{self.name}:lane")
         finally:
             pool.shutdown(wait=False, cancel_futures=True)  # a forward pass under way ends on its own
-
-    async def _lane(self, forward: Forward, executor: Executor, batch: int) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._pending:
-                self._idle += 1
-                try:
-                    self._wake.clear()
-                    await self._wake.wait()
-                finally:
-                    self._idle -= 1
-                continue
-            items = self._take(batch)
-            if not items:
-                continue
-            try:
-                outs = await loop.run_in_executor(executor, forward, [r.images[i] for r, i in items],
-                                                  items[0][0].params)
-            except asyncio.CancelledError:  # closed (unloaded): the callers of these frames get the reason
-                err = self._error or StageError(f"model {self.name!r} was unloaded")
-                for req in {id(r): r for r, _ in items}.values():
-                    if not req.future.done():
-                        req.future.set_exception(err)
-                raise
-            except Exception as e:  # noqa: BLE001 - handed to every waiting caller
-                for req in {id(r): r for r, _ in items}.values():
-                    if not req.future.done():
-                        req.future.set_exception(e)
-                continue
-            self.forward_passes += 1
-            for (req, i), out in zip(items, outs):
-                req.outs[i] = out
-                req.left -= 1
-                if req.left == 0 and not req.future.done():
-                    req.future.set_result(req.outs)
-
-    def _take(self, batch: int) -> list[tuple[_Request, int]]:
-        """The next waiting frames with the first one's parameters: this lane's even share of them between
-        the idle lanes (itself included), at most `batch`."""
-        params = self._pending[0][0].params
-        run = 0
-        for req, _ in self._pending:
-            if req.params != params or run == batch * (self._idle + 1):
-                break
-            run += 1
-        share = min(batch, -(-run // (self._idle + 1)))
-        items = []
-        while self._pending and len(items) < share:
-            req, i = self._pending.popleft()
-            if not req.future.done():  # a failed or cancelled request's other frames are skipped
-                items.append((req, i))
-        return items
 
     # -- executor threads ---------------------------------------------------------------------------------
     def _predict(self, images: list[np.ndarray], p: Params) -> list[tuple[np.ndarray, list[Any] | None]]:
@@ -338,7 +267,7 @@ def model_loader(spec: Any, device: str) -> tuple[Callable[[], Any], Callable[[A
         half = False
 
     def wrap(model: Any) -> SharedDetector:
-        det = SharedDetector(model, spec.source, device, opts.max_batch, opts.runtime, opts.lanes)
+        det = SharedDetector(model, spec.source, device, opts.forward_batch, opts.runtime, opts.lanes)
         det.half = half
         return det
 

@@ -13,8 +13,9 @@ at once (`Overloaded`) with a retry time from the measured service rate (images 
 busy time, at least 1 s). A request that stops waiting (timeout, client gone) cancels its future; its frame goes
 on through the stages and still counts until it is out, so the bound holds for the work really queued.
 
-Pipelines with a `vlm` stage are refused (`PredictUnsupported`): its answers are asynchronous records of their own
-(`streamd:{<stream>}:vlm`), not part of a frame's outputs.
+Pipelines with a `vlm` stage answer too: for a predict image the stage always asks (trigger `predict`) and leaves the
+question's task in `Work.carry[AWAITING]` (streamd/stages/vlm/single.py); the answer goes into the image's outputs
+and the request is answered once it is in, while live frames of the same batch go on at once.
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ from streamd import pipelines as pipeline_files
 from streamd.batching import FrameQueue
 from streamd.config import DropPolicy, PredictConfig
 from streamd.errors import StreamdError
-from streamd.frames import PREDICT_PREFIX, Frame, InputRef, Work
+from streamd.frames import AWAITING, PREDICT_PREFIX, Frame, InputRef, Work
 from streamd.metrics import Metrics
 from streamd.pipeline import Pipeline
 
 QUEUE_KEY = "_predict"  # the predict queue's key in a pipeline's ingress (never a stream id)
-UNSUPPORTED_STAGES = ("vlm",)
 MAX_RETRY_AFTER_S = 300
 
 
@@ -51,10 +51,6 @@ class Overloaded(PredictError):
         super().__init__(f"pipeline {pipeline!r} holds {in_flight} predict images, its bound "
                          f"(api.predict.queue_size {bound}); try again in {retry_after_s} s")
         self.in_flight, self.bound, self.retry_after_s = in_flight, bound, retry_after_s
-
-
-class PredictUnsupported(PredictError):
-    pass
 
 
 class PipelineFailed(PredictError):
@@ -135,6 +131,7 @@ class PredictQueue:
         self.rate = ServiceRate()
         self._waiting: dict[str, tuple[asyncio.Future[Work], float]] = {}  # stream id -> (future, perf_counter)
         self._ids = itertools.count()
+        self._finishing: set[asyncio.Future[None]] = set()  # answers waiting for a stage's later part (VLM)
         self._depth = metrics.predict_queue_depth.labels(pipeline.name)
         self._latency = metrics.predict_latency.labels(pipeline.name)
         self._rejected = metrics.predict_rejections.labels(pipeline.name)
@@ -166,7 +163,23 @@ class PredictQueue:
         return sid, fut
 
     def answer(self, w: Work) -> None:
-        """From the pipeline's deliver step: the image left the last stage (failed or not)."""
+        """From the pipeline's deliver step: the image left the last stage (failed or not). A stage that answers
+        later (a VLM question) left its task in `w.carry[AWAITING]`: the request is answered once those end."""
+        awaiting = w.carry.pop(AWAITING, None)
+        if awaiting:
+            task = asyncio.ensure_future(self._answer_after(w, awaiting))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+            return
+        self._answer(w)
+
+    async def _answer_after(self, w: Work, awaiting: list[asyncio.Future[Any]]) -> None:
+        for res in await asyncio.gather(*awaiting, return_exceptions=True):
+            if isinstance(res, BaseException) and w.error is None:
+                w.error = f"{type(res).__name__}: {res}"[:500]
+        self._answer(w)
+
+    def _answer(self, w: Work) -> None:
         sid = w.frame.stream_id
         fut, t0 = self._waiting.pop(sid, (None, 0.0))
         self.rate.answered(time.monotonic(), idle=not self._waiting)
@@ -218,14 +231,8 @@ class Predictor:
             q.refuse_if_full()
 
     def check(self, name: str) -> None:
-        """ConfigError for an unknown pipeline or one whose file is invalid; PredictUnsupported for one with a stage
-        whose output is not in the frame's outputs."""
-        pcfg = pipeline_files.resolve(self._manager.cfg, name, "predict")
-        bad = [st.type for st in pcfg.stages if st.type in UNSUPPORTED_STAGES]
-        if bad:
-            raise PredictUnsupported(f"pipeline {name!r} has a {bad[0]} stage: its answers are records of their own "
-                                     "(streamd:{<stream>}:vlm), published later, not outputs of the frame; predict "
-                                     "takes pipelines of detect, track and frame_info stages")
+        """ConfigError for an unknown pipeline or one whose file is invalid."""
+        pipeline_files.resolve(self._manager.cfg, name, "predict")
 
     def _alive(self, q: PredictQueue) -> bool:
         task = self._manager.pipelines.task(q.pipeline)
@@ -244,7 +251,7 @@ class Predictor:
 
     async def predict(self, name: str, image: np.ndarray) -> Work:
         """The image's Work once it has passed every stage of pipeline `name` (started if it is not running).
-        Raises ConfigError, PredictUnsupported, Overloaded, PipelineFailed (its setup failed), PredictUnavailable
+        Raises ConfigError, Overloaded, PipelineFailed (its setup failed), PredictUnavailable
         (it stopped), PredictTimeout. A stage's failure is the Work's `error`."""
         q = self._queue(name)
         task = self._manager.pipelines.task(q.pipeline)

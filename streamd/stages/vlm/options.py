@@ -30,8 +30,11 @@ class VlmOptions(BaseModel):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="transformers: device")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="transformers: dtype")
     quantization: Literal["4bit", "8bit"] | None = Field(None, description="transformers: bitsandbytes (CUDA)")
-    max_batch: int = Field(8, ge=1, description="transformers: questions in one generate call")
-    max_wait_ms: float = Field(20.0, ge=0, description="transformers: wait this long for a fuller batch")
+    generate_batch: int | None = Field(None, ge=1, description="transformers: questions in one generate call "
+                                       "(the model's batcher, shared by every stage that names the model: stages "
+                                       "with different values are a configuration error); null: the model's (8)")
+    max_wait_ms: float | None = Field(None, ge=0, description="transformers: wait this long for a fuller generate "
+                                      "batch (the model's, like generate_batch); null: the model's (20)")
     retry: RetryConfig = Field(default_factory=RetryConfig)
     # -- what to ask
     mode: Literal["text", "tags", "safety", "summary"] = Field(
@@ -72,6 +75,14 @@ class VlmOptions(BaseModel):
     timeout_s: float = Field(30.0, gt=0)
     max_text_chars: int = Field(4000, ge=1, description="answers are cut to this length")
     maxlen: int = Field(10_000, ge=1, description="approximate MAXLEN of the vlm stream")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_batch" in data:
+            raise ValueError("max_batch: a VLM stage's batch is generate_batch (questions in one generate call, "
+                             "the model's batcher)")
+        return data
 
     @model_validator(mode="after")
     def _modes(self) -> "VlmOptions":

@@ -1,7 +1,7 @@
 """The `transformers` backend: a vision-language model in process (`AutoModelForImageTextToText` +
 `AutoProcessor`), loaded by the model manager (`model_loader`) once per (model, device, dtype, quantization) and
 shared; questions from many streams
-are batched into one `generate` call (up to `max_batch`, waiting at most `max_wait_ms` for a fuller batch); a
+are batched into one `generate` call (up to `generate_batch`, waiting at most `max_wait_ms` for a fuller batch); a
 question past its `not_after` when its batch is formed is dropped (VlmStale).
 `generate` runs in the device's single executor thread, never on the event loop.
 """
@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from streamd.errors import StageError
-from streamd.models.memory import clear_task_frames
+from streamd.models.batcher import ModelBatcher
 from streamd.models.executors import device_executor
-from streamd.stages.vlm.base import VlmAnswer, VlmRequest, VlmStale, check_fresh
+from streamd.models.memory import clear_task_frames
+from streamd.stages.vlm.base import VlmAnswer, VlmRequest, check_fresh
 
 
 def load_transformers_vlm(model: str, device: str, dtype: str, quantization: str | None) -> tuple[Any, Any]:
@@ -30,8 +28,8 @@ def load_transformers_vlm(model: str, device: str, dtype: str, quantization: str
         if not device.startswith("cuda"):
             raise StageError(f"{quantization} loading needs CUDA (bitsandbytes); this stage runs on {device}")
         try:
-            from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
         except ImportError:
             raise StageError("4-bit/8-bit loading needs bitsandbytes: pip install 'streamd[gpu]'") from None
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=quantization == "4bit",
@@ -62,7 +60,7 @@ def model_loader(spec: Any, device: str) -> tuple[Any, Any]:
     quantization = spec.precision if spec.precision in ("8bit", "4bit") else None
     opts = spec.typed_options()
     return (lambda: load_transformers_vlm(spec.source, device, dtype, quantization),
-            lambda loaded: SharedVlm(loaded, spec.source, device, opts.max_batch, opts.max_wait_ms))
+            lambda loaded: SharedVlm(loaded, spec.source, device, opts.generate_batch, opts.max_wait_ms))
 
 
 class ManagedVlm:
@@ -91,103 +89,49 @@ def _batch_key(req: VlmRequest) -> tuple[Any, ...]:
     return req.max_tokens, req.temperature, bool(req.images)
 
 
-@dataclass
-class _Pending:
-    req: VlmRequest
-    future: asyncio.Future[VlmAnswer]
-
-
 class SharedVlm:
-    """A loaded model plus its cross-stream batcher."""
+    """A loaded model plus its one batcher (`streamd.models.batcher.ModelBatcher`): questions of every stream and
+    every pipeline that uses the model, up to `generate_batch` in one `generate` call."""
 
-    def __init__(self, loaded: tuple[Any, Any], name: str, device: str, max_batch: int, max_wait_ms: float):
+    def __init__(self, loaded: tuple[Any, Any], name: str, device: str, generate_batch: int, max_wait_ms: float):
         self.processor, self.model = loaded
         self.name = name
         self.device = device
-        self.max_batch = max_batch
+        self.generate_batch = generate_batch
         self.max_wait_s = max_wait_ms / 1000.0
-        self._queue: deque[_Pending] = deque()
-        self._wake = asyncio.Event()
+        self.batcher: ModelBatcher[VlmRequest, VlmAnswer] = ModelBatcher(
+            lambda: StageError(f"VLM {self.name!r} was unloaded"), admit=check_fresh)
         self._task: asyncio.Task[None] | None = None
-        self.calls = 0
-        self.batch_sizes: list[int] = []
-        self._error: BaseException | None = None  # closed: every question fails with this
+
+    @property
+    def calls(self) -> int:
+        return self.batcher.batches
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return list(self.batcher.batch_sizes)
 
     async def answer(self, req: VlmRequest) -> VlmAnswer:
-        if self._error is not None:
-            raise self._error
+        if self.batcher.error is not None:
+            raise self.batcher.error
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._worker(), name=f"vlm:{self.name}")
-        fut: asyncio.Future[VlmAnswer] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(req, fut))
-        self._wake.set()
-        return await fut
+            self._task = asyncio.create_task(
+                self.batcher.lane(self._generate, device_executor(self.device), self.generate_batch,
+                                  self.max_wait_s), name=f"vlm:{self.name}")
+        (answer,) = await self.batcher.submit([req], _batch_key(req))
+        return answer
 
     async def aclose(self, error: BaseException | None = None) -> None:
         """Stop the batcher; questions waiting (or in the generate call under way) fail with `error`."""
-        self._error = error or StageError(f"VLM {self.name!r} was unloaded")
+        self.batcher.fail_all(error or StageError(f"VLM {self.name!r} was unloaded"))
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             clear_task_frames(task)  # then nothing but the manager holds this object: freed when it lets go
-        for p in self._queue:
-            if not p.future.done():
-                p.future.set_exception(self._error)
-        self._queue.clear()
+        self.batcher.fail_all(self.batcher.error)
 
-    async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            deadline = time.monotonic() + self.max_wait_s
-            while len(self._queue) < self.max_batch and time.monotonic() < deadline:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), deadline - time.monotonic())
-                except TimeoutError:
-                    break
-            key = _batch_key(self._queue[0].req)
-            group: list[_Pending] = []
-            rest: deque[_Pending] = deque()
-            while self._queue:
-                p = self._queue.popleft()
-                try:
-                    check_fresh(p.req)
-                except VlmStale as e:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-                    continue
-                if len(group) < self.max_batch and _batch_key(p.req) == key:
-                    group.append(p)
-                else:
-                    rest.append(p)
-            self._queue = rest
-            if not group:
-                continue
-            try:
-                outs = await loop.run_in_executor(device_executor(self.device), self._generate,
-                                                  [p.req for p in group])
-            except asyncio.CancelledError:  # closed (unloaded): the batch's callers get the reason
-                for p in group:
-                    if not p.future.done():
-                        p.future.set_exception(self._error or StageError(f"VLM {self.name!r} was unloaded"))
-                raise
-            except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
-                for p in group:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-                continue
-            self.calls += 1
-            self.batch_sizes.append(len(group))
-            for p, ans in zip(group, outs):
-                if not p.future.done():
-                    p.future.set_result(ans)
-
-    def _generate(self, reqs: list[VlmRequest]) -> list[VlmAnswer]:
+    def _generate(self, reqs: list[VlmRequest], _key: Any = None) -> list[VlmAnswer]:
         import torch
 
         texts = []

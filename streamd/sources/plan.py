@@ -1,0 +1,186 @@
+"""Sampler-aware decoding: which packets a PyAV source decodes, so that it decodes only what the sampler needs.
+
+Every packet is still demuxed (timestamps, stall detection and discontinuities see all of them); what this plans
+is which ones reach the decoder. The mode in effect is one of:
+
+- `all`: every packet is decoded (the configured `all`, or `auto` while the GOP is not known: the first GOP after
+  each connect, an input without timestamps, one without keyframes).
+- `keyframes`: only key packets are decoded (FFmpeg's `skip_frame = NONKEY` besides), and only those the sampler
+  wants: a keyframe is taken for a due time when it lies at most half a GOP before it (or anywhere after it), so
+  each due time gets the keyframe nearest to it. A record says the PTS of the keyframe used: it differs from the
+  due time by at most half the GOP when the GOP is regular, by at most one GOP when it changed. The decoder is
+  drained after each keyframe, so the frame is published at once rather than behind the decoder's reorder delay.
+- `gop` (mixed): each GOP is decoded from its keyframe up to its last due frame (the next due time falls at or
+  after the next keyframe, predicted from the measured GOP), then nothing until the next keyframe; non-reference
+  frames are skipped (`skip_frame = NONREF`). The frame used is the first decoded frame at or after the due time,
+  as in `all` (the next reference frame where the due frame is a non-reference one).
+
+`auto` chooses at each keyframe from the GOP measured between the last two keyframes (so it follows an encoder
+restart that changes the GOP): `keyframes` when the sampling period is at least the GOP (fps <= keyframe rate),
+else `gop`. `fps: null` (every frame) decodes everything.
+
+Forward timestamp jumps are watched here, on every packet's DTS (the sampler sees only decoded frames, whose gaps
+are no jump any more); backward ones are seen by the sampler on the decoded frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamd.config import DecodeMode, StreamConfig
+from streamd.log import get_logger
+from streamd.sampling import Decision, FpsSampler
+
+log = get_logger("streamd.source.plan")
+
+KEY_THREADS = 1  # FFmpeg threads per stream when only keyframes are decoded (benchmarks/density.py measures it)
+GOP_SLACK = 0.99  # auto: keyframes only when the period is at least this share of the measured GOP
+_SKIP = {"all": "DEFAULT", "gop": "NONREF", "keyframes": "NONKEY"}
+_NO = Decision(False)
+
+
+def decode_threads(cfg: StreamConfig, fps: float | None) -> int:
+    """Decoder threads for a connection (set before the codec opens; 0 = FFmpeg decides): `decode_threads` when set,
+    else one where only keyframes are likely to be decoded (`keyframes`, or `auto` at 1 fps or less)."""
+    if cfg.decode_threads:
+        return cfg.decode_threads
+    if cfg.decode is DecodeMode.KEYFRAMES or (cfg.decode is DecodeMode.AUTO and fps is not None and fps <= 1.0):
+        return KEY_THREADS
+    return 0
+
+
+def mode_reporter(stream_id: str, out: Any, on_event: Any) -> Any:
+    """`on_mode` for a plan: logs the change and publishes a `decode_mode` event (from the loop: `out` is the
+    stream's FrameQueue)."""
+
+    def report(fields: dict[str, Any]) -> None:
+        log.info("decode mode", stream=stream_id, **fields)
+        out.call_threadsafe(lambda f: on_event("decode_mode", f), fields)
+
+    return report
+
+
+def make_plan(cfg: StreamConfig, sampler: FpsSampler, on_mode: Any = None) -> "DecodePlan | None":
+    """The plan for a source's decoder, or None where every frame is decoded (`decode: all`, `fps: null`)."""
+    if cfg.decode is DecodeMode.ALL or sampler.period_s is None:
+        sampler.watch_forward = True
+        return None
+    return DecodePlan(cfg.decode, sampler, on_mode)
+
+
+class DecodePlan:
+    """For one source; `attach` gives it each new codec context (a connection, a looped file, a run of HLS
+    segments): the measured GOP and the last keyframe carry over. `on_mode(fields)` is called (in the decoder
+    thread) when the mode in effect changes. The decoder thread calls `skip(packet)` for every packet, then
+    `decode(packet)` for those not skipped, then `offer(pts_s)` for each decoded frame."""
+
+    def __init__(self, mode: DecodeMode, sampler: FpsSampler, on_mode: Any = None):
+        self.mode = mode
+        self.sampler = sampler
+        sampler.watch_forward = False  # forward jumps: watched here, on the packets
+        self._on_mode = on_mode or (lambda fields: None)
+        self._ctx: Any = None
+        self._tb = 1 / 90_000
+        self._offset_s = 0.0
+        self._jump_ticks = 0.0
+        self.active = "keyframes" if mode is DecodeMode.KEYFRAMES else "all"  # all | gop | keyframes
+        self.gop_s: float | None = None  # the last keyframe interval measured
+        self.keys_decoded = 0
+        self._key_s: float | None = None  # the last keyframe's PTS
+        self._decoding = self.active != "keyframes"  # non-key packets reach the decoder
+        self._taken: tuple[float, Decision] | None = None  # keyframes: the keyframe taken and its decision
+        self._last_dts: int | None = None
+
+    def attach(self, ctx: Any, tb_s: float, offset_s: float = 0.0) -> None:
+        """A new codec context (not opened yet) with time base `tb_s`; `offset_s` is added to its timestamps (a
+        looping file's timeline keeps increasing)."""
+        self._ctx, self._tb, self._offset_s = ctx, tb_s, offset_s
+        self._jump_ticks = self.sampler.jump_s / tb_s
+        self._last_dts = None
+        self._taken = None
+        if self.active != "all":
+            ctx.skip_frame = _SKIP[self.active]
+
+    # -- per packet ---------------------------------------------------------------------------------------
+    def skip(self, packet: Any) -> bool:
+        """True when `packet` is not decoded. Watches forward DTS jumps; plans at each keyframe."""
+        dts = packet.dts
+        if dts is not None:
+            last = self._last_dts
+            self._last_dts = dts
+            if last is not None and (dts - last > self._jump_ticks or dts < last):
+                self._restart(forward=dts > last)
+        if packet.is_keyframe:
+            return not self._keyframe(packet)
+        return not self._decoding
+
+    def decode(self, packet: Any) -> list[Any]:
+        """Decode `packet`; a keyframe in `keyframes` mode comes out at once (the decoder drained and reset)."""
+        if self.active != "keyframes":
+            return self._ctx.decode(packet)
+        frames = self._ctx.decode(packet)
+        frames += self._ctx.decode(None)
+        self._ctx.flush_buffers()
+        return frames
+
+    # -- per decoded frame -----------------------------------------------------------------------------------
+    def offer(self, pts_s: float) -> Decision:
+        """The sampler's decision for a decoded frame (in `gop` mode, the rest of the GOP is skipped after its
+        last due frame)."""
+        if self.active == "keyframes":
+            taken = self._taken
+            if taken is not None and abs(pts_s - taken[0]) < 1e-6:
+                self._taken = None
+                return taken[1]
+            return _NO  # a frame left in the decoder from before keyframes mode began
+        decision = self.sampler.offer(pts_s)
+        if decision.keep and self.active == "gop" and self._key_s is not None and self.gop_s is not None:
+            due = self.sampler.next_due_s
+            if due is not None and due + 0.002 >= self._key_s + self.gop_s:
+                self._decoding = False  # nothing more is due before the next keyframe
+                self._ctx.flush_buffers()
+        return decision
+
+    # -- planning ---------------------------------------------------------------------------------------------
+    def _restart(self, forward: bool) -> None:
+        """A timestamp jump: the GOP is measured again; a forward jump is a discontinuity (backward ones are seen
+        by the sampler on the next decoded frame)."""
+        self._key_s = None
+        if forward:
+            self.sampler.mark_discontinuity()
+
+    def _keyframe(self, packet: Any) -> bool:
+        ticks = packet.pts if packet.pts is not None else packet.dts
+        if ticks is None:  # nothing to plan with: everything is decoded
+            self._set("all")
+            self._decoding = True
+            return True
+        key_s = ticks * self._tb + self._offset_s
+        if self._key_s is not None and key_s > self._key_s:
+            self.gop_s = key_s - self._key_s
+        self._key_s = key_s
+        period = self.sampler.period_s
+        if self.mode is DecodeMode.KEYFRAMES:
+            self._set("keyframes")
+        elif period is None or self.gop_s is None:
+            self._set("all")
+        else:
+            self._set("keyframes" if period >= self.gop_s * GOP_SLACK else "gop")
+        if self.active != "keyframes":
+            self._decoding = True
+            return True
+        self._decoding = False
+        decision = self.sampler.offer(key_s, self.gop_s / 2 if self.gop_s else 0.0)
+        if not decision.keep:
+            return False
+        self._taken = (key_s, decision)
+        self.keys_decoded += 1
+        return True
+
+    def _set(self, active: str) -> None:
+        if active == self.active:
+            return
+        self.active = active
+        if self._ctx is not None:
+            self._ctx.skip_frame = _SKIP[active]
+        self._on_mode({"mode": active, "gop_s": None if self.gop_s is None else round(self.gop_s, 3)})

@@ -1,0 +1,38 @@
+"""`streamd bench` at a tiny scale: a real daemon per step, an embedded redis-server, a small file replicated."""
+
+import json
+
+import pytest
+
+from streamd.cli import main
+from streamd.samples import make_pan_clip
+
+
+def test_bench_reports_the_largest_number_of_copies_that_keeps_up(tmp_path, capsys):
+    clip = make_pan_clip(tmp_path / "cam.mp4", seconds=3, fps=15, size=(160, 96), gop=15)
+    rc = main(["bench", "--url", str(clip), "--pipeline", "frame_info", "--fps", "2", "--decode", "keyframes",
+               "--steps", "1,2", "--seconds", "3", "--warmup", "1", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["decode"] == "keyframes" and report["fps"] == 2.0 and report["replicated"] == "source"
+    assert [s["streams"] for s in report["steps"]] == [1, 2]
+    assert report["max_streams"] == 2  # two tiny streams at 2 fps keep up on any machine
+    for s in report["steps"]:
+        assert s["keeps_up"] and s["why"] == "" and s["dropped"] == 0
+        # keyframes every second at 2 fps: one record a second per copy (the keyframe rate)
+        assert s["streams"] * 2 <= s["records"] <= s["streams"] * 5
+        assert 0 <= s["p50_ms"] <= s["p99_ms"] < 1000
+        assert s["cpu_cores"] > 0 and s["cpu_per_stream"] == pytest.approx(s["cpu_cores"] / s["streams"], abs=1e-3)
+        assert s["cpu_ms_per_frame"] > 0 and s["gpu_util_pct"] is None  # no GPU here
+
+
+def test_bench_table_and_bad_usage(tmp_path, capsys):
+    clip = make_pan_clip(tmp_path / "cam.mp4", seconds=2, fps=10, size=(160, 96), gop=10)
+    assert main(["bench", "--url", str(clip), "--pipeline", "frame_info", "--steps", "1", "--seconds", "2",
+                 "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "largest number of copies that keeps up: 1" in out and out.splitlines()[0].split()[:2] == ["streams",
+                                                                                                    "keeps"]
+    assert main(["bench", "--url", str(clip), "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    assert main(["bench"]) == 2  # neither a config nor a URL

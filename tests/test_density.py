@@ -1,0 +1,164 @@
+"""Sampler-aware decoding (issue 18, streamd/sources/plan.py): what PyAV sources decode for the sampler, through
+a real daemon and a real Redis, on clips with a known GOP (a keyframe every `gop` frames exactly)."""
+
+from pathlib import Path
+
+import av
+import pytest
+
+from streamd.errors import ConfigError
+from streamd.sampling import FpsSampler
+from streamd.samples import make_pan_clip
+from conftest import PERSON, at_least, events, make_config, results, running, states, until
+
+SIZE = (320, 180)
+
+
+@pytest.fixture(scope="module")
+def gop1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 s at 30 fps, a keyframe every second (at 0, 1, 2 ... 9 s)."""
+    return make_pan_clip(tmp_path_factory.mktemp("gop") / "gop1.mp4", seconds=10, fps=30, size=SIZE, gop=30)
+
+
+def keyframe_times(path: Path) -> list[float]:
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        return [round(float(p.pts * s.time_base), 3) for p in c.demux(s) if p.is_keyframe and p.pts is not None]
+
+
+def shifted_ts(src: Path, dst: Path, offset_s: float) -> Path:
+    """`src` (MPEG-TS) remuxed with every timestamp moved by `offset_s` (a jump where it is appended to another)."""
+    shift = int(offset_s * 90_000)
+    with av.open(str(src)) as i, av.open(str(dst), "w", format="mpegts") as o:
+        ins = i.streams.video[0]
+        outs = o.add_stream_from_template(ins)
+        for p in i.demux(ins):
+            if p.dts is None:
+                continue
+            p.pts, p.dts, p.stream = p.pts + shift, p.dts + shift, outs
+            o.mux(p)
+    return dst
+
+
+async def run_to_end(cfg, *ids):
+    async with running(cfg) as d:
+        await until(lambda: all(d.streams.runners[i].state.value == "stopped" for i in ids), 60, what="end of files")
+        await until(lambda: len(d.sink) == 0, 10)
+        return {i: d.streams.runners[i].decoded for i in ids}
+
+
+def test_sampler_reach_takes_a_frame_before_its_due_time_and_keeps_the_grid():
+    s = FpsSampler(1 / 3)  # due at 0, 3, 6 ...
+    assert s.offer(0.0).keep
+    assert not s.offer(2.0, reach_s=0.5).keep  # 1 s early: the next keyframe (3.0) is nearer
+    assert s.offer(2.6, reach_s=0.5).keep  # 0.4 s early: nearest
+    assert s.next_due_s == 6.0  # the grid keeps its phase
+    s.watch_forward = False  # the decode plan watches forward jumps on the packets
+    assert not s.offer(5.0).discontinuity and s.offer(60.0).keep
+    assert s.offer(1.0).discontinuity  # backward: still the sampler's to see
+
+
+def test_decode_mode_is_checked_at_start():
+    with pytest.raises(ConfigError) as e:
+        make_config("redis://127.0.0.1:1/0", [{"id": "x", "url": "a.mp4", "decode": "some"}])
+    assert e.value.key == "streams.0.decode"
+
+
+async def test_keyframes_mode_publishes_the_keyframe_nearest_each_due_time(r, redis_server, gop1):
+    assert keyframe_times(gop1) == [float(k) for k in range(10)]
+    cfg = make_config(redis_server.url, [
+        {"id": "k", "url": str(gop1), "fps": 0.3, "decode": "keyframes"},
+        {"id": "a", "url": str(gop1), "fps": 0.3, "decode": "all"}])
+    decoded = await run_to_end(cfg, "k", "a")
+    k = [x["pts_s"] for x in await results(r, "k")]
+    a = [x["pts_s"] for x in await results(r, "a")]
+    # due at 0, 3.33, 6.67 (10.0 is past the end): the nearest keyframes are 0, 3 and 7 s
+    assert a == pytest.approx([0.0, 10 / 3, 20 / 3], abs=0.02)
+    assert k == [0.0, 3.0, 7.0]
+    assert all(abs(x - due) <= 0.5 for x, due in zip(k, a))  # within half the (regular) GOP
+    assert decoded == {"k": 3, "a": 300}  # only the keyframes used were decoded
+
+
+async def test_auto_takes_keyframes_at_the_keyframe_rate_and_decodes_gops_above_it(r, redis_server, gop1):
+    cfg = make_config(redis_server.url, [
+        {"id": "slow", "url": str(gop1), "fps": 1.0},  # decode: auto is the default
+        {"id": "fast", "url": str(gop1), "fps": 4.0},
+        {"id": "full", "url": str(gop1), "fps": 4.0, "decode": "all"}])
+    decoded = await run_to_end(cfg, "slow", "fast", "full")
+    slow = [x["pts_s"] for x in await results(r, "slow")]
+    fast = [x["pts_s"] for x in await results(r, "fast")]
+    full = [x["pts_s"] for x in await results(r, "full")]
+    assert slow == [float(k) for k in range(10)]  # one frame a second: the keyframes
+    assert fast == full and len(fast) == 40  # four a second: the very frames full decoding picks
+    assert [e["mode"] for e in await events(r, "slow", "decode_mode")] == ["keyframes"]
+    assert [(e["mode"], e["gop_s"]) for e in await events(r, "fast", "decode_mode")] == [("gop", 1.0)]
+    assert await events(r, "full", "decode_mode") == []
+    # slow: the first GOP in full (the GOP is not known yet), then a keyframe a second
+    assert decoded["slow"] == 30 + 9
+    # fast: due at .0 .25 .5 .75 in each GOP: decoded up to .75 (and the frames FFmpeg's frame threads had
+    # started on), the rest skipped
+    assert decoded["full"] == 300 and 30 + 9 * 23 <= decoded["fast"] <= 30 + 9 * 26
+
+
+async def test_auto_follows_a_gop_that_changes_mid_way(r, redis_server, tmp_path):
+    """An encoder restart with another GOP: 0.5 s, then 2 s (two MPEG-TS clips back to back)."""
+    a = make_pan_clip(tmp_path / "a.ts", seconds=4, fps=30, size=SIZE, gop=15, container="mpegts")
+    b = make_pan_clip(tmp_path / "b.ts", "bus.jpg", seconds=8, fps=30, size=SIZE, gop=60, container="mpegts")
+    both = tmp_path / "both.ts"
+    both.write_bytes(a.read_bytes() + shifted_ts(b, tmp_path / "b2.ts", 4.0).read_bytes())
+    cfg = make_config(redis_server.url, [{"id": "g", "url": str(both), "fps": 1.0}])
+    await run_to_end(cfg, "g")
+    modes = [(e["mode"], e["gop_s"]) for e in await events(r, "g", "decode_mode")]
+    assert modes == [("keyframes", 0.5), ("gop", 2.0)]
+    pts = [x["pts_s"] for x in await results(r, "g")]
+    rel = [round(p - pts[0], 2) for p in pts]
+    # keyframes (every 0.5 s) while the GOP is 0.5 s; the due time 5 s falls in the first 2 s GOP, still decoded
+    # as keyframes: it gets the next keyframe, 6 s (one GOP late at most); then the GOP is known again and each
+    # due time gets its own frame (7, 9, 11 s are no keyframes: keyframes are at 4, 6, 8, 10 s)
+    assert rel == [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
+
+
+async def test_detections_on_keyframes_equal_those_of_full_decoding(r, redis_server, tmp_path):
+    clip = make_pan_clip(tmp_path / "people.mp4", seconds=6, fps=30, size=(640, 360), gop=60)
+    pipelines = {"people": {"stages": [*PERSON, {"type": "frame_info", "stride": 1}]}}
+    cfg = make_config(redis_server.url, [
+        {"id": "k", "url": str(clip), "fps": 0.5, "decode": "keyframes", "pipeline": "people"},
+        {"id": "a", "url": str(clip), "fps": 0.5, "decode": "all", "pipeline": "people"}], pipelines=pipelines)
+    decoded = await run_to_end(cfg, "k", "a")
+    k, a = await results(r, "k"), await results(r, "a")
+    assert [x["pts_s"] for x in k] == [x["pts_s"] for x in a] == [0.0, 2.0, 4.0]
+    assert decoded == {"k": 3, "a": 180}
+    for x, y in zip(k, a):
+        assert x["outputs"]["frame_info"] == y["outputs"]["frame_info"]  # the same pixels
+        assert x["outputs"]["detect"]["detections"] == y["outputs"]["detect"]["detections"]
+    assert any(x["outputs"]["detect"]["detections"] for x in k)  # people were found
+
+
+@pytest.mark.parametrize("offset_s", [20.0, -30.0])
+async def test_keyframes_mode_sees_timestamp_jumps(r, redis_server, tmp_path, offset_s):
+    a = make_pan_clip(tmp_path / "a.ts", seconds=4, fps=30, size=SIZE, gop=30, container="mpegts")
+    b = shifted_ts(make_pan_clip(tmp_path / "b.ts", seconds=4, fps=30, size=SIZE, gop=30, container="mpegts"),
+                   tmp_path / "b2.ts", 40.0 + offset_s)
+    both = tmp_path / "both.ts"
+    both.write_bytes(a.read_bytes() + b.read_bytes())
+    cfg = make_config(redis_server.url, [{"id": "j", "url": str(both), "fps": 0.5, "decode": "keyframes"}])
+    await run_to_end(cfg, "j")
+    recs = await results(r, "j")
+    flagged = [x["pts_s"] for x in recs if x["discontinuity"]]
+    assert len(flagged) == 1 and flagged[0] == pytest.approx(recs[2]["pts_s"])  # the first frame after the jump
+    assert len(await events(r, "j", "discontinuity")) == 1
+    assert len(recs) == 4  # two before the jump (0, 2 s), two after
+
+
+async def test_keyframes_mode_no_false_stall_between_keyframes(r, redis_server, tmp_path):
+    """A frame every 4 s (keyframes every 2 s, one in two used) and stall_timeout_s 1.5: the packets keep the
+    stream live (a watchdog that looked only at decoded frames would call it stalled)."""
+    clip = make_pan_clip(tmp_path / "g2.mp4", seconds=4, fps=30, size=SIZE, gop=60)
+    cfg = make_config(redis_server.url, [{"id": "s", "url": str(clip), "fps": 0.25, "decode": "keyframes",
+                                         "playback": "realtime", "loop": True, "stall_timeout_s": 1.5}])
+    async with running(cfg) as d:
+        await until(lambda: at_least(r, "s", 3), 20, what="3 results")
+        assert d.streams.runners["s"].state.value == "live"
+    assert "stalled" not in states(await events(r, "s"))
+    pts = [x["pts_s"] for x in await results(r, "s")]
+    assert [round(b - a, 3) for a, b in zip(pts, pts[1:])][:2] == [4.0, 4.0]
