@@ -6,7 +6,7 @@ from __future__ import annotations
 import aiohttp
 
 from streamd.keys import API_STREAMS_KEY
-from conftest import READ, api_cfg, h, make_config, running
+from conftest import ADMIN, READ, api_cfg, h, make_config, running
 
 STREAM = '{"id": "csrf", "url": "redis:frames:csrf", "pipeline": "frame_info"}'
 
@@ -80,6 +80,14 @@ async def test_errors_carry_cors_headers(r, redis_server):
             assert resp.status == 404 and resp.headers["Access-Control-Allow-Origin"] == origin["Origin"]
         async with s.get(d.api_url + "/api/v1/streams", headers={"Origin": "http://other.example"}) as resp:
             assert resp.status == 401 and "Access-Control-Allow-Origin" not in resp.headers
+        # the live results too (their headers go out before the first event)
+        body = {"id": "yard", "url": "redis:frames:yard", "pipeline": "frame_info"}
+        async with s.post(d.api_url + "/api/v1/streams", json=body, headers=h(ADMIN)) as resp:
+            assert resp.status == 201
+        async with s.get(d.api_url + "/api/v1/streams/yard/results/live", params={"timeout_s": "1"},
+                         headers={**origin, **h(READ)}) as resp:
+            assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == origin["Origin"]
+            await resp.read()
         # with tokens the Host is not checked (the token is what protects the API)
         async with s.get(d.api_url + "/api/v1/streams", headers={**h(READ), "Host": "streamd.example"}) as resp:
             assert resp.status == 200

@@ -92,7 +92,7 @@ async def errors_mw(request: web.Request, handler: Any) -> web.StreamResponse:
     its request was refused, a 401 included)."""
     resp = await _errors(request, handler)
     if resp.status >= 400 and not resp.prepared:
-        resp.headers.update(_cors_headers(request, request.app[CFG]))
+        resp.headers.update(cors_headers(request, request.app[CFG]))
     return resp
 
 
@@ -126,7 +126,7 @@ def _pool_exhausted(e: BaseException) -> bool:
         isinstance(e, RedisConnectionError) and str(e).startswith("No connection available")
 
 
-def _cors_headers(request: web.Request, cfg: ApiConfig) -> dict[str, str]:
+def cors_headers(request: web.Request, cfg: ApiConfig) -> dict[str, str]:
     origin = request.headers.get("Origin")
     if not origin or origin not in cfg.cors_origins:
         return {}
@@ -140,7 +140,7 @@ def _cors_headers(request: web.Request, cfg: ApiConfig) -> dict[str, str]:
 @web.middleware
 async def cors_mw(request: web.Request, handler: Any) -> web.StreamResponse:
     cfg = request.app[CFG]
-    headers = _cors_headers(request, cfg)
+    headers = cors_headers(request, cfg)
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         if not headers:
             return error_response(403, "cors_denied", "origin not allowed")

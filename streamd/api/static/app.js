@@ -131,7 +131,11 @@ async function listView(signal) {
           cards.set(s.id, makeCard(s));
           $("streams").append(cards.get(s.id));
         }
-        refreshCard(cards.get(s.id), s, signal).catch((e) => refused(e));
+        const card = cards.get(s.id);
+        if (!card.busy) {  // one refresh of a card at a time, however slow the daemon answers
+          card.busy = true;
+          refreshCard(card, s, signal).catch((e) => refused(e)).finally(() => { card.busy = false; });
+        }
       }
       for (const [id, card] of cards) if (!seen.has(id)) { card.remove(); cards.delete(id); }
       $("status").textContent = `${data.streams.length} stream(s)`;
