@@ -216,6 +216,9 @@ class StreamConfig(Strict):
                                "one GOP)")
     decode_threads: int = Field(0, ge=0, le=64, description="decoder threads (0 = FFmpeg decides; 1 when only "
                                 "keyframes are decoded)")
+    hwaccel: Literal["cuda", "vaapi", "qsv", "videotoolbox", "d3d11va", "drm"] | None = Field(
+        None, description="PyAV sources (not HLS): decode on this FFmpeg hardware device (cuda = NVDEC); frames are "
+        "copied to host memory; a device that cannot be used fails the stream")
     ffmpeg_options: dict[str, str] = Field(default_factory=dict, description="extra FFmpeg demuxer options")
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     redis_input: RedisInputConfig = Field(default_factory=RedisInputConfig, description="for redis:// sources")
