@@ -4,7 +4,10 @@ FrameQueue is fed either from a decoder thread (`put_threadsafe`) or from the ev
 the loop. `drop_oldest` never blocks the producer and counts every drop; `wait` blocks the producer instead.
 Threads hand items to the loop through a Doorbell, shared by the queues of one daemon, so a steady flow of frames
 wakes the loop once per burst (per tick) rather than once per frame.
-Ingress reads many FrameQueues round-robin, so one busy or stalled stream never holds back another.
+Ingress reads many FrameQueues round-robin, so one busy or stalled stream never holds back another. Queues attached
+as `low` (jobs: streamd/jobs/) are a lower priority class: their items fill what live streams leave of a batch, at
+most `low_share` of it while live streams are attached, and at least `low_share` of the items taken over time when
+both have items (so jobs still progress under load).
 """
 
 from __future__ import annotations
@@ -239,51 +242,97 @@ class FrameQueue(Generic[T]):
 
 class Ingress(Generic[T]):
     """Fan-in of many per-stream queues, read fairly (round-robin) in batches. A queue that is closed and drained
-    leaves the fan-in with an `EndOfStream(key)` in the batch, after its last item."""
+    leaves the fan-in with an `EndOfStream(key)` in the batch, after its last item.
 
-    def __init__(self) -> None:
+    Queues attached with `low=True` (jobs) are a lower priority class. While live queues are attached, low items
+    take at most `low_share` of a batch's slots (at least one): a batch of job frames never holds a live frame back
+    for long. They take a slot when no live item is ready, or ahead of live items while the low class has had less
+    than `low_share` of the items taken lately (measured over about LOW_WINDOW items): under load, jobs still
+    progress at that share. With no live queue attached, low items fill whole batches."""
+
+    LOW_WINDOW = 256
+
+    def __init__(self, low_share: float = 0.25) -> None:
         self._queues: dict[FrameQueue[T], str] = {}  # queue -> its stream (a stream id may have an old and a new one)
+        self._low: dict[FrameQueue[T], str] = {}  # the lower priority class (jobs)
+        self.low_share = low_share
+        self._taken = [0.0, 0.0]  # items taken lately (halved past LOW_WINDOW): live, low
         self._ready = asyncio.Event()
         self._closed = False
 
-    def attach(self, key: str, q: FrameQueue[T]) -> None:
-        self._queues[q] = key
+    def attach(self, key: str, q: FrameQueue[T], low: bool = False) -> None:
+        (self._low if low else self._queues)[q] = key
         q.add_listener(self._ready)
         self._ready.set()
 
     def detach(self, q: FrameQueue[T]) -> None:
-        if self._queues.pop(q, None) is not None:
+        if self._queues.pop(q, None) is not None or self._low.pop(q, None) is not None:
             q.remove_listener(self._ready)
 
     def depth(self) -> int:
-        return sum(len(q) for q in self._queues)
+        return sum(len(q) for q in self._queues) + sum(len(q) for q in self._low)
 
     def close(self) -> None:
         self._closed = True
         self._ready.set()
 
-    def _take_round(self, out: list[Any], max_batch: int) -> bool:
-        took = False
-        for q, key in list(self._queues.items()):
-            if len(out) >= max_batch:
+    def _count(self, low: bool, n: int) -> None:
+        self._taken[low] += n
+        if self._taken[0] + self._taken[1] > self.LOW_WINDOW:
+            self._taken = [self._taken[0] / 2, self._taken[1] / 2]
+
+    def _low_cap(self, max_batch: int) -> int:
+        """Low items one batch may hold."""
+        if not self._queues:
+            return max_batch
+        return max(1, min(max_batch, int(self.low_share * max_batch + 0.999)))
+
+    def _take_from(self, queues: dict[FrameQueue[T], str], out: list[Any], limit: int) -> int:
+        """One round over `queues`: at most one item of each, up to `limit` items. Returns how many were taken."""
+        n = 0
+        for q, key in list(queues.items()):
+            if n >= limit:
                 break
             item = q.get_nowait()
             if item is not None:
                 out.append(item)
-                took = True
+                n += 1
             elif q.closed:  # its last item was taken before: the stream ends here
                 self.detach(q)
                 out.append(EndOfStream(key, q))
-                took = True
-        return took
+                n += 1
+        return n
+
+    def _take_round(self, out: list[Any], max_batch: int, low_taken: list[int]) -> bool:
+        cap = self._low_cap(max_batch)
+        took = 0
+        if self._low and low_taken[0] < cap and self._low_owed():  # its minimum share, ahead of live items
+            n = self._take_from(self._low, out, min(1, max_batch - len(out)))
+            low_taken[0] += n
+            self._count(True, n)
+            took += n
+        n = self._take_from(self._queues, out, max_batch - len(out))
+        self._count(False, n)
+        took += n
+        if not n and self._low and low_taken[0] < cap:  # no live item ready: spare capacity
+            n = self._take_from(self._low, out, min(cap - low_taken[0], max_batch - len(out)))
+            low_taken[0] += n
+            self._count(True, n)
+            took += n
+        return took > 0
+
+    def _low_owed(self) -> bool:
+        live, low = self._taken
+        return low < self.low_share * (live + low)
 
     async def get_batch(self, max_batch: int, max_wait_s: float = 0.0) -> list[T | EndOfStream]:
         """Wait for at least one item, then take up to `max_batch` round-robin; wait up to `max_wait_s` more for
         a fuller batch. Raises QueueClosed once closed and drained."""
         out: list[Any] = []
+        low_taken = [0]
         while not out:
             self._ready.clear()
-            while len(out) < max_batch and self._take_round(out, max_batch):
+            while len(out) < max_batch and self._take_round(out, max_batch, low_taken):
                 pass
             if out:
                 break
@@ -297,7 +346,7 @@ class Ingress(Generic[T]):
                 if remaining <= 0 or self._closed:
                     break
                 self._ready.clear()
-                if not self._take_round(out, max_batch):
+                if not self._take_round(out, max_batch, low_taken):
                     try:
                         await asyncio.wait_for(self._ready.wait(), remaining)
                     except TimeoutError:

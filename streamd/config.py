@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from streamd.errors import ConfigError
+from streamd.jobs.options import JobsConfig, KeepFrames
 from streamd.models.spec import ModelsConfig, check_pipeline_models
 
 
@@ -223,6 +224,9 @@ class StreamConfig(Strict):
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     redis_input: RedisInputConfig = Field(default_factory=RedisInputConfig, description="for redis:// sources")
     hls: HlsConfig = Field(default_factory=HlsConfig, description="for HLS playlists")
+    keep_frames: KeepFrames | None = Field(None, description="re-scoring: keep this stream's sampled frames (JPEG) "
+                                           "within these bounds, for jobs over {stream, from, to}; null = only the "
+                                           "few snapshot frames (frames.per_stream)")
 
     @field_validator("ffmpeg_options")
     @classmethod
@@ -318,6 +322,8 @@ class Config(Strict):
     streams: list[StreamConfig] = Field(default_factory=list)
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="declared models, memory budgets "
                                  "per device, idle unload (streamd/models/)")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="one-shot jobs over recorded videos or stored "
+                             "frames (streamd/jobs/)")
 
     @field_validator("streams")
     @classmethod
@@ -330,7 +336,7 @@ class Config(Strict):
         return streams
 
 
-ENV_SECTIONS = ("redis", "log", "api", "shutdown", "events", "egress", "fleet")
+ENV_SECTIONS = ("redis", "log", "api", "shutdown", "events", "egress", "fleet", "jobs")
 
 
 def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from streamd.batching import FRAME_BUSY_RATE, FRAME_TICK_S, Doorbell
 from streamd.config import Config
 from streamd.frame_store import FrameLimits, FrameStore
+from streamd.jobs.manager import JobManager
 from streamd.log import get_logger
 from streamd.memory import tune_malloc
 from streamd.metrics import Metrics
@@ -54,6 +55,7 @@ class Daemon:
         self.prompt_cache: PromptCache | None = None
         self.streams: StreamManager = None  # type: ignore[assignment] - made by startup()
         self.pipelines: PipelineSet = None  # type: ignore[assignment] - made by startup()
+        self.jobs: JobManager = None  # type: ignore[assignment] - made by startup()
         self.loop_lag_s: deque[float] = deque(maxlen=10_000)
         self.started = asyncio.Event()
         self.consumer = cfg.redis.consumer or default_consumer_name()
@@ -91,11 +93,15 @@ class Daemon:
         self.streams = StreamManager(self.cfg, self.metrics, self.redis, self.sink, doorbell, self._client,
                                      self.consumer, self.started)
         self.streams.frames = self.frames
-        ctx = StageContext(models=self.models, events=self.sink.event, prompts=self.prompt_cache,
-                           publish=self.sink.record, fail_stream=self.streams.fail_stream, metrics=self.metrics)
+        # jobs (streamd/jobs/): what the stages say about a job's frames goes to the job, not to a stream's keys
+        self.jobs = JobManager(self.cfg, self.metrics, None, self.redis, self.prompts, self.sink, doorbell,
+                               self.frames)
+        ctx = StageContext(models=self.models, events=self.jobs.events, prompts=self.prompt_cache,
+                           publish=self.jobs.publish, fail_stream=self.streams.fail_stream, metrics=self.metrics)
         await self.models.start()  # preloads, the idle-unload task
         self.pipelines = self.streams.pipelines = PipelineSet(self.cfg, self.metrics, ctx, self.sink,
                                                               self.prompt_cache, self.streams.pipeline_failed)
+        self.jobs.pipelines = self.pipelines
         # live model switches, versioned in Redis (its reads and pub/sub on the cache's kind of pool)
         self.pipelines.switches = ModelSwitches(self.cfg, self.pipelines, ctx, PipelineStore(self.redis),
                                                 PipelineStore(self._role(CACHE_POOL)), self._pipeline_streams)
@@ -124,6 +130,7 @@ class Daemon:
         streams = self.streams
         async with asyncio.TaskGroup() as tg:
             streams.bind(tg)
+            self.jobs.bind(tg)
             background = [tg.create_task(self.sink.run(), name="sink"),
                           tg.create_task(self._watch_loop_lag(), name="loop-lag"),
                           tg.create_task(self.prompt_cache.run(), name="prompts")]
@@ -137,7 +144,7 @@ class Daemon:
             if self.cfg.api.enabled:
                 from streamd.api import ApiServer
 
-                api = ApiServer(streams, self.prompts, self.models, self.metrics, self.cfg)
+                api = ApiServer(streams, self.prompts, self.models, self.metrics, self.cfg, self.jobs)
                 await api.start()
                 self.api = api
                 self.api_url = streams.api_url = api.url
@@ -163,7 +170,7 @@ class Daemon:
                     await asyncio.wait_for(streams.fleet.leave(), self.cfg.shutdown.grace_s)
             log.info("stopping: draining in-flight frames", grace_s=self.cfg.shutdown.grace_s)
             try:
-                await asyncio.wait_for(streams.drain(), self.cfg.shutdown.grace_s)
+                await asyncio.wait_for(self._drain(), self.cfg.shutdown.grace_s)
             except TimeoutError:
                 log.warning("grace period over: cancelling", unpublished=len(self.sink))
             self.prompt_cache.stop()
@@ -172,6 +179,11 @@ class Daemon:
             for t in background:
                 t.cancel()
         streams.bind(None)
+        self.jobs.bind(None)
+
+    async def _drain(self) -> None:
+        await self.jobs.drain()  # jobs are cancelled (said in their documents), streams drain
+        await self.streams.drain()
 
     async def shutdown(self) -> None:
         await self.models.aclose()

@@ -11,6 +11,8 @@ import numpy as np
 # the stream ids of single images sent to POST /api/v1/predict (`_predict:<n>`): never a valid stream id (those start
 # with a letter or digit)
 PREDICT_PREFIX = "_predict:"
+# the stream ids of jobs' frames (`_job:<job id>`, streamd/jobs/): never a valid stream id either
+JOB_PREFIX = "_job:"
 # Work.carry key: tasks that must end before a predict image is answered (a VLM question about it)
 AWAITING = "_awaiting"
 
@@ -60,6 +62,12 @@ class Frame:
         """A single image of a predict request: answered to its request through `ref.handle`, never published;
         stateful stages treat it as a stream of its own that ends with it."""
         return self.stream_id.startswith(PREDICT_PREFIX)
+
+    @property
+    def job(self) -> bool:
+        """A frame of a job (a recorded file, or a stream's stored frames, analysed once): its result goes to the
+        job (`ref.handle.answer`), never to a stream's results; it is never skipped as stale."""
+        return self.stream_id.startswith(JOB_PREFIX)
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,12 @@ PIPELINES_INDEX_KEY = "streamd:pipelines:index"
 PIPELINES_CHANNEL = "streamd:pipelines:changed"
 PIPELINE_KEY = "streamd:pipeline:{{{name}}}:{part}"  # part: seq, versions, current (one slot per pipeline)
 
+# jobs (streamd.jobs): a job's document (JSON) and its records (a stream), one slot per job, both with a TTL; the
+# index of job ids by creation time (a sorted set, pruned of expired jobs as it is listed)
+JOB_KEY = "streamd:{{job:{job}}}:job"
+JOB_RECORDS_KEY = "streamd:{{job:{job}}}:records"
+JOBS_INDEX_KEY = "streamd:jobs:index"
+
 
 def results_key(stream_id: str) -> str:
     return RESULTS_KEY.format(stream=stream_id)
@@ -78,6 +84,14 @@ def pipeline_keys(name: str) -> tuple[str, str, str]:
     """A pipeline's (seq, versions, current) keys."""
     seq, versions, current = (PIPELINE_KEY.format(name=name, part=p) for p in ("seq", "versions", "current"))
     return seq, versions, current
+
+
+def job_key(job_id: str) -> str:
+    return JOB_KEY.format(job=job_id)
+
+
+def job_records_key(job_id: str) -> str:
+    return JOB_RECORDS_KEY.format(job=job_id)
 
 
 def slot(key: str | bytes) -> int:

@@ -79,8 +79,7 @@ class Metrics:
                                             registry=r)
         # single-image predict requests (streamd/streams/predict.py): labelled by pipeline
         self.predict_requests = Counter("streamd_predict_requests", "predict requests by outcome: ok, overloaded, "
-                                        "invalid_image, failed (a stage or the pipeline), timeout, unavailable, "
-                                        "unsupported",
+                                        "invalid_image, failed (a stage or the pipeline), timeout, unavailable",
                                         ["pipeline", "outcome"], registry=r)
         self.predict_latency = Histogram("streamd_predict_latency_seconds", "a predict image from accepted to "
                                          "answered (its queue and stages; decoding not included)", ["pipeline"],

@@ -45,14 +45,25 @@ class Pipeline:
         self.busy_s: dict[str, float] = {st.name: 0.0 for st in stages}  # seconds each stage spent processing
         self.busy_since: dict[str, float | None] = {st.name: None for st in stages}  # the batch in progress's start
 
-    def attach(self, stream_id: str, queue: Any) -> asyncio.Future[None]:
-        """Read the stream's frames from `queue`. The future resolves once the queue was closed and every frame of
-        it has left the last stage (the stages forgot the stream by then, unless a new queue of the same stream id
-        was attached meanwhile), or when the pipeline stops."""
+    def attach(self, stream_id: str, queue: Any, low: bool = False) -> asyncio.Future[None]:
+        """Read the stream's frames from `queue` (`low`: a job's, the ingress's lower priority class). The future
+        resolves once the queue was closed and every frame of it has left the last stage (the stages forgot the
+        stream by then, unless a new queue of the same stream id was attached meanwhile), or when the pipeline
+        stops."""
         fut = asyncio.get_running_loop().create_future()
         self._ends[queue] = (stream_id, fut)
-        self.ingress.attach(stream_id, queue)
+        self.ingress.attach(stream_id, queue, low)
         return fut
+
+    async def settle(self, stream_id: str) -> None:
+        """Wait for work the stages still do for a stream whose frames are through (a VLM's answers in flight)."""
+        for st in self.stages:
+            await st.settle(stream_id)
+
+    async def room(self, stream_id: str, limit: int) -> None:
+        """Wait until no stage holds `limit` or more pieces of the stream's work beyond its frames."""
+        for st in self.stages:
+            await st.room(stream_id, limit)
 
     def detach(self, queue: Any) -> None:
         """A stream queue whose frames never entered (the pipeline was not set up yet): forget it now."""
@@ -116,8 +127,12 @@ class Pipeline:
         """Each frame carries the prompts current when it entered the pipeline: a switch happens between two
         frames, never inside one, and every stage of a frame uses the same version."""
         for w in works:
+            ref = w.frame.ref
+            own = getattr(ref.handle, "prompt", None) if ref is not None else None  # a job's own prompt versions
             for kind in self.prompt_kinds:
-                rec = self.prompts.resolve(kind, w.frame.stream_id, self.name)
+                rec = own(kind) if own is not None else None
+                if rec is None:
+                    rec = self.prompts.resolve(kind, w.frame.stream_id, self.name)
                 if rec is not None:
                     w.prompts[kind] = rec
                     w.prompt_versions[kind] = {"scope": rec["scope"], "version": rec["version"]}

@@ -15,12 +15,13 @@ from conftest import ADMIN, OPER, READ, TOKENS, api_cfg, at_least, h, results, r
 def read_status(path):
     """What the read token gets from a read route of a daemon without streams or prompts: 404 where the path names
     a stream or a prompt (`nosuch`, the global vlm prompt: neither exists), 200 elsewhere."""
-    return 404 if "{id}" in path or "{scope}" in path else 200
+    return 404 if "{id}" in path or "{scope}" in path or "{job}" in path else 200
 
 
 def concrete(path):
     return (path.replace("{id}", "nosuch").replace("{kind}", "vlm").replace("{scope}", "global")
-            .replace("{pipeline}", "detect").replace("{object_id}", "1").replace("{name}", "nosuch"))
+            .replace("{pipeline}", "detect").replace("{object_id}", "1").replace("{name}", "nosuch")
+            .replace("{job}", "0123456789abcdef"))
 
 
 async def test_every_route_needs_a_token_and_the_right_scope(r, redis_server):

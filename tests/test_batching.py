@@ -242,3 +242,31 @@ async def until_delivered(delivered, item, timeout_s=5.0):
     while item not in delivered:
         assert time.monotonic() < deadline, f"{item} never delivered"
         await asyncio.sleep(0.01)
+
+
+async def test_ingress_low_class_takes_spare_capacity_and_its_minimum_share():
+    """Jobs' queues (low) fill what live queues leave of a batch, at most `low_share` of it while a live queue is
+    attached, and get at least `low_share` of the items under load; alone they take whole batches."""
+    loop = asyncio.get_running_loop()
+    live = FrameQueue(1000, DropPolicy.WAIT, loop)
+    job = FrameQueue(1000, DropPolicy.WAIT, loop)
+    ing = Ingress(low_share=0.25)
+    ing.attach("job", job, low=True)
+    for i in range(100):
+        await job.put(("job", i))
+    assert len(await ing.get_batch(8)) == 8  # no live stream: a whole batch of job frames
+    ing.attach("cam", live)
+    batch = await ing.get_batch(8)
+    assert len(batch) == 2 and all(k == "job" for k, _ in batch)  # live attached but idle: at most 2 of 8 slots
+    for i in range(400):
+        await live.put(("cam", i))
+    taken = []
+    for _ in range(40):  # under load: both wait
+        taken += await ing.get_batch(8)
+    share = sum(1 for k, _ in taken if k == "job") / len(taken)
+    assert 0.2 <= share <= 0.3, share
+    for b in [await ing.get_batch(8) for _ in range(5)]:
+        assert sum(1 for k, _ in b if k == "job") <= 2
+    # in order within each class
+    jobs = [i for k, i in taken if k == "job"]
+    assert jobs == sorted(jobs)

@@ -362,3 +362,53 @@ async def test_a_stored_version_naming_a_model_not_declared_here_is_not_applied(
     recs = await results(r, "a")
     assert [x["seq"] for x in recs] == list(range(len(recs)))
     assert {x["outputs"]["detect"]["model"] for x in recs} == {OLD}
+
+
+async def test_a_vlm_stage_switches_its_model_live_and_every_answer_names_the_model_that_gave_it(
+        r, redis_server, tiny_vlm):
+    """The transformers backend's model switched live: questions decided before the switch are answered by the old
+    model, after it by the new; every pushed frame is answered once; the old model unloads after keep_alive_s."""
+    from streamd.testing.media import push_frames
+    from streamd.samples import load_photo, pan_frames
+
+    catalog = {m: {"source": str(tiny_vlm), "kind": "vlm", "device": "cpu", "options": {"generate_batch": 4}}
+               for m in ("va", "vb")}
+    vlm = {"type": "vlm", "backend": "transformers", "model": "va", "every_s": 0, "max_tokens": 2,
+           "max_pixels": 112 * 112, "staleness_s": 600, "max_in_flight": 64}
+    api = api_cfg(redis_server.url).api.model_dump()
+    cfg = make_config(redis_server.url, [{"id": "q", "url": "redis:frames:q", "pipeline": "v"}], api=api,
+                      egress=LOOPBACK_ALLOWED, pipelines={"v": {"stages": [{"type": "frame_info"}, vlm]}},
+                      models={"catalog": catalog, "keep_alive_s": 1.0})
+    frames = list(pan_frames(load_photo("bus.jpg"), 24, 10.0, (96, 64)))
+    from conftest import vlm_at_least, vlm_records
+
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        await push_frames(r, "frames:q", frames[:8])
+        await until(lambda: vlm_at_least(r, "q", 4), 120, what="answers from the first model")
+        status, body = await patch(s, d, {"stages": [{"stage": "vlm", "model": "vb"}]}, name="v")
+        assert status == 200, body
+        sw = body["switched"][0]
+        assert sw["stage"] == "vlm" and sw["model"] == "vb" and sw["from_model"] == "va", sw
+        assert sw["model_version"] == d.models.get_entry("vb").version and sw["model_version"].startswith("sha256:")
+        await push_frames(r, "frames:q", frames[8:])
+        answers = await until(lambda: vlm_at_least(r, "q", 24), 180, what="every frame answered")
+        await until(lambda: d.models.get_entry("va").state.value == "unloaded", 15, 0.05,
+                    what="the old model unloaded")
+        info = await pipeline_info(s, d, "v")
+        assert info["stages"][1]["serving"] == {"model": "vb", "model_version": sw["model_version"]}
+        status, body = await patch(s, d, {"stages": [{"stage": "vlm", "mode": "summary"}]}, name="v")
+        assert status == 422 and body["error"]["details"]["errors"][0]["path"] == "stages.0.mode", body
+        status, body = await patch(s, d, {"stages": [{"stage": "frame_info", "max_tokens": 3}]}, name="v")
+        assert status == 422 and "cannot change while" in body["error"]["message"], body
+        status, body = await patch(s, d, {"stages": [{"stage": "vlm", "max_tokens": 3}]}, name="v")
+        assert status == 200 and body["record"]["stages"]["vlm"] == {"model": "vb", "max_tokens": 3}, body
+    by_seq = sorted(answers, key=lambda a: a["seq"])
+    assert [a["seq"] for a in by_seq] == list(range(24))  # each frame answered once, none lost
+    models = [a["model"] for a in by_seq]
+    first_new = models.index("vb")
+    assert models == ["va"] * first_new + ["vb"] * (24 - first_new), models  # never a mix, old before new
+    assert first_new >= 4 and all("text" in a for a in by_seq), by_seq
+    versions = {a["model_version"] for a in by_seq}  # one weights file behind both names: one version
+    assert len(versions) == 1 and versions.pop().startswith("sha256:")
+    switched = [e for e in await events(r, "q") if e["type"] == "model_switched"]
+    assert [(e["stage"], e["model"], e["version"]) for e in switched] == [("vlm", "vb", 1), ("vlm", "vb", 2)]

@@ -5,6 +5,7 @@ video predictor."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import warnings
 from pathlib import Path
@@ -286,6 +287,58 @@ async def test_occluded_then_lost_end_to_end(models, frames):
     assert states == [["occluded"], ["occluded"], ["occluded"], ["lost"], [], [], []]
     assert ev.kinds("cam") == ["mask_occluded", "mask_lost"]
     assert st.memory("cam")["objects"] == 0
+
+
+async def test_an_occluded_object_that_scores_again_reappears_end_to_end(models, frames):
+    """Through the stage: occluded (the scores of this random-weight model are below visible_score 0.99), then the
+    threshold is lowered under its scores (random weights cannot be made to see an object come back, so the
+    threshold moves instead of the object): visible again, `mask_reappeared` once, followed on."""
+    ev = Events()
+    st = await make_stage(models, ev, visible_score=0.99, lost_after_s=60, track_source=None)
+    st.add_prompt("cam", {"box": BOX_A})
+    states = []
+    for i in range(6):
+        if i == 3:
+            for obj in st._streams["cam"].objects.values():
+                obj.visibility.visible_from = 0.0  # every score is at or above it now
+        w = work("cam", i, frames[i])
+        await st.process([w])
+        states.append([o["state"] for o in objs(w)])
+    assert states == [["occluded"]] * 3 + [["visible"]] * 3
+    assert ev.kinds("cam") == ["mask_occluded", "mask_reappeared"]
+    assert ev[1][2]["object_id"] == 1
+
+
+async def test_segment_stages_of_two_pipelines_share_the_models_passes(models, frames):
+    """Two segment stages (two pipelines) on one SAM 2 model: their rounds go through the model's one batcher, so
+    frames of both meet in one pass of the image encoder, and each stream's masks are what it gets alone."""
+    alone, p1, p2 = await make_stage(models), await make_stage(models), await make_stage(models)
+    a_alone = []
+    for i in range(6):
+        w = work("a", i, frames[i], [(1, BOX_A)] if i == 0 else [])
+        await alone.process([w])
+        a_alone.append(objs(w))
+    async with p1.model.use() as engine:
+        assert engine is models.get_entry(p2.model.name).obj and engine.forward_batch == 8
+    seen = len(engine.batcher.batch_sizes)
+
+    async def run(stage: Segment, sid: str, first: int, tracks: list[tuple[int, list[float]]]) -> list[Any]:
+        out = []
+        for i in range(6):
+            w = work(sid, i, frames[first + i], tracks if i == 0 else [])
+            await stage.process([w])
+            out.append(objs(w))
+        return out
+
+    a_shared, b_shared = await asyncio.gather(run(p1, "a", 0, [(1, BOX_A)]), run(p2, "b", 100, [(5, BOX_B)]))
+    sizes = list(engine.batcher.batch_sizes)[seen:]
+    assert sum(sizes) == 12 and max(sizes) == 2, sizes  # frames of both pipelines in one pass
+    for x, y in zip(a_alone, a_shared):
+        (ox,), (oy,) = x, y
+        mx, my = decode(ox["mask"]), decode(oy["mask"])
+        assert (mx & my).sum() / max(1, (mx | my).sum()) > 0.999
+        assert abs(ox["score"] - oy["score"]) < 1e-3
+    assert [[o["track_id"] for o in x] for x in b_shared] == [[5]] * 6
 
 
 async def test_a_missing_checkpoint_fails_the_stage_with_a_clear_reason(models):

@@ -22,8 +22,9 @@ log = get_logger("streamd.api")
 class ApiServer:
     """The API embedded in the daemon's event loop (AppRunner + TCPSite)."""
 
-    def __init__(self, streams: StreamManager, prompts: PromptStore, models: Any, metrics: Metrics, cfg: Config):
-        self.app = build_app(streams, prompts, models, metrics, cfg.api, dict(os.environ))
+    def __init__(self, streams: StreamManager, prompts: PromptStore, models: Any, metrics: Metrics, cfg: Config,
+                 jobs: Any = None):
+        self.app = build_app(streams, prompts, models, metrics, cfg.api, dict(os.environ), jobs)
         self.cfg = cfg.api
         self._runner: ApiRunner | None = None
         self.port = self.cfg.port

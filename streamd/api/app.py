@@ -8,10 +8,13 @@ from aiohttp import web
 
 import streamd.api.responses as R
 from streamd.api.cluster import cluster
-from streamd.api.context import AUTH, AUTH_FAILURES, CFG, LIMITER, METRICS, MODELS, PROMPTS, STREAM_LOCKS, STREAMS
+from streamd.api.context import AUTH, AUTH_FAILURES, CFG, JOBS, LIMITER, METRICS, MODELS, PROMPTS, STREAM_LOCKS, \
+    STREAMS
 from streamd.api.errors import json_response
 from streamd.api.etag import KeyedLocks
 from streamd.api.health import PING, health, health_live, health_ready, metrics
+from streamd.api.jobs import (LIST_QUERY, RESULTS_QUERY, JobInfo, JobList, JobResults, job_create, job_delete, job_get,
+                              job_results, jobs_list)
 from streamd.api.middleware import Route, auth_mw, cors_mw, errors_mw
 from streamd.api.models import ModelCatalog, ModelInfo, model_delete, model_load, models_list
 from streamd.api.pipelines import (PipelineHistory, PipelinePatch, PipelineRollback, SwitchOutcome,
@@ -26,6 +29,7 @@ from streamd.api.segment import SegmentCreated, SegmentObjects, SegmentPrompt, s
 from streamd.api.security import Authenticator, AuthFailures, RateLimiter
 from streamd.api.streams import pipelines_list, stream_create, stream_delete, stream_get, stream_update, streams_list
 from streamd.config import ApiConfig, StreamConfig
+from streamd.jobs.options import JobSpec
 from streamd.metrics import Metrics
 from streamd.prompts import PromptStore
 from streamd.streams.manager import StreamManager
@@ -129,11 +133,24 @@ ROUTES: list[Route] = [
           "with Retry-After past api.predict.queue_size)", tag="pipelines", response=PredictAnswer),
     Route("GET", f"{P}/cluster", cluster, "read", "the daemons sharing this Redis (fleet mode) and their load",
           tag="health", response=R.Cluster),
+    Route("POST", f"{P}/jobs", job_create, "operate", "a job: a recorded video (source.url, http(s), fetched through "
+          "the egress policy; or multipart/form-data with a file part and a `job` part) or a stream's stored frames "
+          "(source.stream, from, to) through a pipeline, once, at a lower priority than live streams: 202 and its "
+          "document (413 upload_too_large past jobs.max_upload_bytes, 503 jobs_full with Retry-After)", JobSpec,
+          tag="jobs", ok=202, response=JobInfo),
+    Route("GET", f"{P}/jobs", jobs_list, "read", "jobs, newest first (?offset, ?limit), until they expire",
+          tag="jobs", response=JobList, query=LIST_QUERY),
+    Route("GET", f"{P}/jobs/{{job}}", job_get, "read", "a job's state, progress and (done) summary", tag="jobs",
+          response=JobInfo),
+    Route("GET", f"{P}/jobs/{{job}}/results", job_results, "read", "a job's records, in order, paged (?after=next "
+          "cursor, ?limit)", tag="jobs", response=JobResults, query=RESULTS_QUERY),
+    Route("DELETE", f"{P}/jobs/{{job}}", job_delete, "operate", "cancel a queued or running job (within a second); "
+          "an ended job's document as it is", tag="jobs", response=JobInfo),
 ]
 
 
 def build_app(streams: StreamManager, prompts: PromptStore, models: Any, metrics: Metrics, cfg: ApiConfig,
-              environ: dict[str, str]) -> web.Application:
+              environ: dict[str, str], jobs: Any = None) -> web.Application:
     """The application: it reaches the daemon's parts through typed keys (STREAMS, PROMPTS, MODELS, METRICS)."""
     table = {(r.method, r.path): r for r in ROUTES}
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[errors_mw, cors_mw, auth_mw(table)])
@@ -147,6 +164,8 @@ def build_app(streams: StreamManager, prompts: PromptStore, models: Any, metrics
     app[LIMITER] = RateLimiter(cfg.rate_limit_per_s, cfg.rate_limit_burst)
     app[AUTH_FAILURES] = AuthFailures(cfg.auth_failure_limit, cfg.auth_failure_window_s)
     app[STREAM_LOCKS] = KeyedLocks()
+    if jobs is not None:
+        app[JOBS] = jobs
     app[LIVE] = LiveFeeds(lambda: streams.client(""))  # blocking reads on the inputs' pool, never the API's
     app.on_shutdown.append(app[LIVE].close)
     for r in ROUTES:

@@ -23,6 +23,7 @@ AUTH = web.AppKey("auth", Authenticator)
 LIMITER = web.AppKey("limiter", RateLimiter)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
 STREAM_LOCKS = web.AppKey("stream_locks", KeyedLocks)  # one API change of a stream at a time (If-Match holds)
+JOBS = web.AppKey("jobs", object)  # streamd.jobs.manager.JobManager (absent: the daemon takes no jobs)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 

@@ -28,6 +28,7 @@ CODES: dict[str, tuple[int, str]] = {
     "unknown_prompt_kind": (404, "the prompt kind is not vlm or vocabulary"),
     "segment_object_not_found": (404, "the stream's segment stage follows no object with that id (lost objects "
                                       "are gone)"),
+    "job_not_found": (404, "no job with that id, or it expired (jobs.ttl_s)"),
     "model_not_found": (404, "no model with that name in the catalog (GET /api/v1/models lists them)"),
     "pipeline_not_found": (404, "no pipeline with that name (GET /api/v1/pipelines lists them; predict: "
                                 "details.available too), or a rollback to a version it never had (details.version)"),
@@ -52,7 +53,9 @@ CODES: dict[str, tuple[int, str]] = {
     "body_too_large": (413, "the body is over api.max_body_bytes"),
     "image_too_large": (413, "predict: the image is over api.predict.max_image_bytes, or its width x height (read "
                              "from its header, before decoding) over api.predict.max_pixels"),
-    "unsupported_media_type": (415, "predict: the body is not image/* or multipart/form-data (details.content_type)"),
+    "upload_too_large": (413, "jobs: the uploaded video is over jobs.max_upload_bytes (nothing is kept)"),
+    "unsupported_media_type": (415, "predict: the body is not image/* or multipart/form-data; jobs: not "
+                                    "application/json or multipart/form-data (details.content_type)"),
     "invalid_body": (422, "the body does not match the schema (details.errors name each path), or is not an object"),
     "invalid_url": (422, "the stream URL cannot be used (e.g. a host name label over 63 characters)"),
     "scheme_not_allowed": (422, "a URL scheme not in api.allowed_schemes (files and FFmpeg pseudo-protocols never)"),
@@ -69,8 +72,6 @@ CODES: dict[str, tuple[int, str]] = {
                            "truncated or corrupt), or a multipart body without a file part: details.reason"),
     "pipeline_failed": (422, "predict: the pipeline cannot start (a model that cannot load, a stage whose setup "
                              "fails): details.reason"),
-    "predict_unsupported": (422, "predict: the pipeline has a stage whose output is not part of the frame's "
-                                 "outputs (vlm: its answers are records of their own)"),
     "invalid_scope": (422, "the prompt scope is not global, pipeline:<name> or stream:<id>"),
     "invalid_query": (422, "a query parameter out of its range (offset/limit of a history, admission of a new "
                            "stream, ...): details.path names it"),
@@ -90,6 +91,8 @@ CODES: dict[str, tuple[int, str]] = {
     "predict_timeout": (503, "predict: no answer within api.predict.timeout_s (see Retry-After)"),
     "pipeline_unavailable": (503, "predict: the pipeline stopped before answering (the daemon is stopping); try "
                                   "again (see Retry-After)"),
+    "jobs_full": (503, "jobs: jobs.max_queued jobs wait already (see Retry-After: about when one ends)"),
+    "jobs_unavailable": (503, "jobs: this daemon takes no jobs (jobs.enabled false), or it is stopping"),
     "capacity_exhausted": (503, "fleet mode: every daemon runs its fleet.max_streams or is over its load limit "
                                 "(fleet.max_busy, fleet.max_drop_fraction); try again later (see Retry-After; "
                                 "details.streams, details.capacity, details.overloaded), or add the stream with "

@@ -42,7 +42,8 @@ EXAMPLES = {
                       "conf": {"value": {"stages": [{"stage": 0, "conf": 0.5, "max_det": 20}]}}},
     "PipelineRollback": {"configured": {"value": {"version": 0}}},
 }
-PATH_EXAMPLES = {"id": "yard", "kind": "vlm", "scope": "global", "pipeline": "detect", "object_id": "1"}
+PATH_EXAMPLES = {"id": "yard", "kind": "vlm", "scope": "global", "pipeline": "detect", "object_id": "1",
+                 "job": "0123456789abcdef"}
 # bodies that are not JSON: POST /api/v1/predict/{pipeline} takes an image, raw or as a multipart file part
 _BINARY = {"type": "string", "format": "binary"}
 IMAGE_BODY = {"required": True, "description": "the image: JPEG or PNG (WEBP, BMP, TIFF decode too), at most "
@@ -104,6 +105,10 @@ def document(routes: list[Any]) -> dict[str, Any]:
             if r.body.__name__ in EXAMPLES:
                 media["examples"] = EXAMPLES[r.body.__name__]
             op["requestBody"] = {"required": True, "content": {"application/json": media}}
+            if r.body.__name__ == "JobSpec":  # or an uploaded video
+                op["requestBody"]["content"]["multipart/form-data"] = {"schema": {
+                    "type": "object", "properties": {"job": {"type": "string", "description": "JobSpec as JSON, "
+                                                             "without source"}, "file": _BINARY}}}
         responses: dict[str, Any] = {}
         ok: dict[str, Any] = {"description": STATUS_TEXT[r.ok]}
         if r.ok != 204:
@@ -135,6 +140,8 @@ def document(routes: list[Any]) -> dict[str, Any]:
             codes.append(409)  # pipeline_changed, insufficient_memory
         if r.path.startswith("/api/v1/predict/"):
             codes += [413, 415, 422, 500, 503]  # image_too_large, unsupported_media_type, invalid_image ...
+        if r.path.startswith("/api/v1/jobs"):
+            codes += [422, 503] + ([404, 413, 415] if r.method == "POST" else [])  # jobs_full, upload_too_large ...
         if r.query:
             codes += [400, 422] if any(q["name"] in ("after", "entry") for q in r.query) else [422]
         if r.method == "DELETE" and r.tag == "prompts":
@@ -182,6 +189,8 @@ def _path_schema(name: str) -> dict[str, Any]:
         return {"type": "string", "enum": ["vlm", "vocabulary"]}
     if name == "scope":
         return {"type": "string", "pattern": SCOPE_RE.pattern}
+    if name == "job":
+        return {"type": "string", "pattern": r"^[0-9a-f]{16}$"}
     if name == "object_id":
         return {"type": "string", "pattern": r"^[0-9]{1,18}$"}
     return {"type": "string", "pattern": STREAM_ID_PATTERN}

@@ -32,7 +32,8 @@ DEFAULT_TIMEOUT_S = 60.0
 # -- bodies -------------------------------------------------------------------------------------------------------
 class StageChange(_PatchBase):
     """One stage and the options it gets; left out = unchanged. Only what a stage can change while it runs: a
-    detect stage's model, conf, iou, classes, labels, imgsz, max_det (anything else: 422)."""
+    detect stage's model, conf, iou, classes, labels, imgsz, max_det; a vlm stage's model (transformers backend),
+    max_tokens, temperature, every_s (anything else: 422)."""
 
     stage: str | int = Field(..., description="the stage: its name (its key in `outputs`) or its index, from 0")
     model: str = Field(None, min_length=1, max_length=1000, description="a model declared in models.catalog, or "
@@ -45,6 +46,10 @@ class StageChange(_PatchBase):
     imgsz: int = Field(None, ge=32, le=2048, description="inference image size (through the API at most 2048: "
                        "each change runs a forward pass at this size)")
     max_det: int = Field(None, ge=1, le=100_000, description="most detections per frame")
+    max_tokens: int = Field(None, ge=1, le=32_768, description="vlm: most tokens in an answer")
+    temperature: float = Field(None, ge=0, le=2, description="vlm: sampling temperature (0: greedy)")
+    every_s: float | None = Field(None, ge=0, description="vlm: ask at most this often per stream (0: every "
+                                  "frame; null: never on a timer)")
 
 
 class PipelinePatch(Body):

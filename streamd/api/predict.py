@@ -21,8 +21,7 @@ from streamd.api.errors import ApiError, json_response
 from streamd.errors import ConfigError, FrameDecodeError, ImageTooLarge
 from streamd.frames import Work
 from streamd.sources.redis import decode_image
-from streamd.streams.predict import (Overloaded, PipelineFailed, PredictError, PredictTimeout, PredictUnavailable,
-                                     PredictUnsupported)
+from streamd.streams.predict import Overloaded, PipelineFailed, PredictError, PredictTimeout, PredictUnavailable
 
 MULTIPART = "multipart/form-data"
 RAW_TYPES = ("application/octet-stream",)  # besides image/*: the decoder tells what it is
@@ -105,16 +104,13 @@ def _error(name: str, e: PredictError) -> ApiError:
                         headers={"Retry-After": str(e.retry_after_s)})
     if isinstance(e, PipelineFailed):
         return ApiError(422, "pipeline_failed", f"pipeline {name!r} cannot start: {e.reason}", {"reason": e.reason})
-    if isinstance(e, PredictUnsupported):
-        return ApiError(422, "predict_unsupported", str(e))
     assert isinstance(e, PredictUnavailable), e
     return ApiError(503, "pipeline_unavailable", str(e), headers={"Retry-After": "1"})
 
 
 OUTCOMES = {"overloaded": "overloaded", "predict_timeout": "timeout", "pipeline_failed": "failed",
             "predict_failed": "failed", "pipeline_unavailable": "unavailable", "image_too_large": "invalid_image",
-            "invalid_image": "invalid_image", "unsupported_media_type": "invalid_image",
-            "predict_unsupported": "unsupported"}
+            "invalid_image": "invalid_image", "unsupported_media_type": "invalid_image"}
 
 
 def answer(name: str, w: Work, decode_ms: float, total_ms: float) -> dict[str, Any]:

@@ -85,6 +85,8 @@ class Sam2ModelOptions(_Strict):
     checkpoint: str = Field("hub", min_length=1, description="a local SAM 2 checkpoint file (.pt); hub: the "
                             "source's weights from the Hugging Face hub (needs internet once, then cached); "
                             "random: untrained weights (tests and benchmarks: the masks mean nothing)")
+    forward_batch: int = Field(8, ge=1, description="most frames (of any streams, of every pipeline that uses the "
+                               "model) in one pass of the image encoder (the model's batcher)")
     image_size: int | None = Field(None, ge=128, le=2048, multiple_of=32, description="the square input size; "
                                    "null: the model config's (1024)")
 
@@ -111,7 +113,8 @@ class ModelSpec(_Strict):
     precision: Precision = Field("auto", description="auto (the model's own; fp32 for detectors), fp32, fp16, bf16; "
                                  "8bit / 4bit: vlm on CUDA (bitsandbytes)")
     options: dict[str, Any] = Field(default_factory=dict, description="per kind: detector/segmenter: runtime, "
-                                    "lanes, forward_batch; vlm: generate_batch, max_wait_ms; sam2: checkpoint, image_size")
+                                    "lanes, forward_batch; vlm: generate_batch, max_wait_ms; sam2: checkpoint, image_size, "
+                                    "forward_batch")
     keep_alive_s: float | None = Field(None, description="seconds without a user before the model is unloaded; "
                                        "-1: pinned (never unloaded for being idle, never evicted); null: "
                                        "models.keep_alive_s")

@@ -91,6 +91,15 @@ def check_local_file(path: str) -> None:
         raise SourceError(f"{path} is empty", permanent=True, code="not_media")
 
 
+def _duration(container: Any, stream: Any) -> float | None:
+    """A recording's length in seconds, from the video stream or else the container (None: unknown)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000
+    return None
+
+
 class AvSource:
     """`url` is what FFmpeg opens (the reference with its host pinned to the address the egress policy checked);
     `reader` (plain HTTP(S) media) a file object to open instead. `state` outlives the connection: a recording's
@@ -218,6 +227,8 @@ class AvSource:
             if threads:
                 stream.codec_context.thread_count = threads
             recording = self._recording(container)
+            if recording:  # a job's progress: media time done / this
+                self._state.setdefault("duration_s", _duration(container, stream))
             if recording and self.ref.kind != "file":
                 self._keep_every_frame()
             resume = self._state.get("resume_pts") if recording and not self.cfg.loop else None

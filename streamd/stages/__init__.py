@@ -86,6 +86,13 @@ class Stage:
         """Drop per-stream state (the stream was removed)."""
         self.reset_stream(stream_id)
 
+    async def settle(self, stream_id: str) -> None:
+        """Wait for work still in flight for a stream whose frames have all passed (a VLM's answers)."""
+
+    async def room(self, stream_id: str, limit: int) -> None:
+        """Wait until the stream has fewer than `limit` pieces of work in flight beyond its frames (a VLM's
+        questions); most stages have none."""
+
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(device_executor(self.device), fn, *args)
 

@@ -82,6 +82,7 @@ class PipelineSet(Mapping[str, Pipeline]):
         for st in stages:
             st.bind(self._ctx)
         p = self._pipelines[name] = Pipeline(name, pcfg, stages, self._deliver, self._metrics)
+        p.ingress.low_share = self.cfg.jobs.share
         self.errors.pop(name, None)
         p.prompts = self._prompt_cache
         self._tasks[name] = tg.create_task(self._run(p), name=f"pipeline:{name}")
@@ -118,8 +119,8 @@ class PipelineSet(Mapping[str, Pipeline]):
         ok: list[Work] = []
         for w in works:
             f = w.frame
-            if f.predict:  # a predict request's image: answered to the request (streams/predict.py), not published
-                f.ref.handle.answer(w)
+            if f.predict or f.job:  # a predict request's image (streams/predict.py), a job's frame (jobs/): answered
+                f.ref.handle.answer(w)  # to its request or job, not published
                 continue
             if w.error is not None:
                 self._metrics.frames_failed.labels(f.stream_id).inc()

@@ -39,7 +39,6 @@ from streamd.metrics import Metrics
 from streamd.pipeline import Pipeline
 
 QUEUE_KEY = "_predict"  # the predict queue's key in a pipeline's ingress (never a stream id)
-UNSUPPORTED_STAGES: tuple[str, ...] = ()  # stage types whose output a predict request cannot be given
 MAX_RETRY_AFTER_S = 300
 
 
@@ -52,10 +51,6 @@ class Overloaded(PredictError):
         super().__init__(f"pipeline {pipeline!r} holds {in_flight} predict images, its bound "
                          f"(api.predict.queue_size {bound}); try again in {retry_after_s} s")
         self.in_flight, self.bound, self.retry_after_s = in_flight, bound, retry_after_s
-
-
-class PredictUnsupported(PredictError):
-    pass
 
 
 class PipelineFailed(PredictError):
@@ -236,14 +231,8 @@ class Predictor:
             q.refuse_if_full()
 
     def check(self, name: str) -> None:
-        """ConfigError for an unknown pipeline or one whose file is invalid; PredictUnsupported for one with a stage
-        whose output is not in the frame's outputs."""
-        pcfg = pipeline_files.resolve(self._manager.cfg, name, "predict")
-        bad = [st.type for st in pcfg.stages if st.type in UNSUPPORTED_STAGES]
-        if bad:
-            raise PredictUnsupported(f"pipeline {name!r} has a {bad[0]} stage: its answers are records of their own "
-                                     "(streamd:{<stream>}:vlm), published later, not outputs of the frame; predict "
-                                     "takes pipelines of detect, track and frame_info stages")
+        """ConfigError for an unknown pipeline or one whose file is invalid."""
+        pipeline_files.resolve(self._manager.cfg, name, "predict")
 
     def _alive(self, q: PredictQueue) -> bool:
         task = self._manager.pipelines.task(q.pipeline)
@@ -262,7 +251,7 @@ class Predictor:
 
     async def predict(self, name: str, image: np.ndarray) -> Work:
         """The image's Work once it has passed every stage of pipeline `name` (started if it is not running).
-        Raises ConfigError, PredictUnsupported, Overloaded, PipelineFailed (its setup failed), PredictUnavailable
+        Raises ConfigError, Overloaded, PipelineFailed (its setup failed), PredictUnavailable
         (it stopped), PredictTimeout. A stage's failure is the Work's `error`."""
         q = self._queue(name)
         task = self._manager.pipelines.task(q.pipeline)

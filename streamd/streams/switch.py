@@ -299,7 +299,7 @@ class ModelSwitches:
         for stage, cfg, s in prepared:
             before = (getattr(stage, "opts", None), stage.model.entry.version if stage.model is not None else None)
             stage.switch(cfg, s)
-            switched.append({"stage": stage.name, "model": _model(cfg), "model_version": s.model.entry.version,
+            switched.append({"stage": stage.name, "model": _model(cfg), "model_version": _version(s.model),
                              "from_model": getattr(before[0], "model", None), "from_version": before[1]})
         streams = self._streams_of(name)
         for sw in switched:
@@ -403,10 +403,15 @@ class ModelSwitches:
                 info["model"] = _model(st)
             s = getattr(p.stages[i], "serving", None) if p is not None and i < len(p.stages) else None
             if s is not None:
-                info["serving"] = {"model": s.opts.model, "model_version": s.model.entry.version}
+                info["serving"] = {"model": s.opts.model, "model_version": _version(s.model)}
             stages.append(info)
         return {"stages": stages, "version": rec["version"], "changes": rec["stages"], "changed_by": rec["author"],
                 "changed_ts": rec["created_ts"], "last_switch": self.last.get(name)}
+
+
+def _version(ref: Any) -> str | None:
+    """A model handle's weights version (None: a stage without a model of the manager, e.g. a remote VLM)."""
+    return None if ref is None else ref.entry.version
 
 
 def _model(st: StageConfig) -> Any:

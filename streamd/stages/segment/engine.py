@@ -65,12 +65,21 @@ class FrameOut:
 
 
 class Sam2Engine:
-    def __init__(self, model: Any, name: str, device: str, precision: str = "auto"):
+    def __init__(self, model: Any, name: str, device: str, precision: str = "auto", forward_batch: int = 8):
         import torch
+
+        from streamd.errors import StageError
+        from streamd.models.batcher import ModelBatcher
 
         self.model = model
         self.name = name
         self.device = device
+        # the model's one batcher: rounds of every segment stage (every pipeline) that uses it, one frame per stream
+        # each, go into shared passes of the image encoder (`step`), at most `forward_batch` frames
+        self.forward_batch = forward_batch
+        self.batcher: ModelBatcher[FrameJob, FrameOut] = ModelBatcher(
+            lambda: StageError(f"SAM 2 model {name!r} was unloaded"))
+        self._lane: Any = None
         self.torch = torch
         self.image_size = int(model.image_size)
         self.num_maskmem = int(model.num_maskmem)
@@ -91,7 +100,37 @@ class Sam2Engine:
         self._maskmem_pos: Any = None  # the memory encoder's positional encoding (the same for every frame)
 
     def describe(self) -> dict[str, Any]:
-        return {"runtime": "sam2", "image_size": self.image_size, "precision": self.precision}
+        return {"runtime": "sam2", "image_size": self.image_size, "precision": self.precision,
+                "forward_batch": self.forward_batch}
+
+    async def run(self, jobs: list[FrameJob], memory_frames: int) -> list[FrameOut]:
+        """`step` through the model's batcher: with the rounds other stages submit meanwhile (a stream is in one
+        pipeline, and a stage submits its next round only once this one is done, so a pass never holds two frames
+        of one stream). On the device's executor thread, never on the event loop."""
+        import asyncio
+
+        from streamd.models.executors import device_executor
+
+        if self.batcher.error is not None:
+            raise self.batcher.error
+        if self._lane is None or self._lane.done():
+            self._lane = asyncio.create_task(
+                self.batcher.lane(self.step, device_executor(self.device), self.forward_batch),
+                name=f"sam2:{self.name}")
+        return await self.batcher.submit(jobs, memory_frames)
+
+    async def aclose(self, error: BaseException | None = None) -> None:
+        """Unloaded: rounds waiting (and later ones) fail with `error`; a pass under way ends on its own."""
+        import asyncio
+
+        from streamd.models.memory import clear_task_frames
+
+        await self.batcher.aclose(error)
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            lane.cancel()
+            await asyncio.gather(lane, return_exceptions=True)
+            clear_task_frames(lane)
 
     # -- windows of the memory bank ---------------------------------------------------------------------------------
     def max_memory_frames(self) -> int:

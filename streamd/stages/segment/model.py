@@ -93,6 +93,6 @@ def model_loader(spec: Any, device: str) -> tuple[Callable[[], Any], Callable[[A
         raise StageError(f"precision {precision} is not for a sam2 model")
 
     def wrap(model: Any) -> Any:
-        return Sam2Engine(model, name, device, precision)
+        return Sam2Engine(model, name, device, precision, opts.forward_batch)
 
     return lambda: build(name, opts.checkpoint, device, opts.image_size), wrap

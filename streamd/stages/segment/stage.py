@@ -13,9 +13,11 @@ once as lost, then no longer followed.
 
 State is per stream (`StreamMemory`, bounded: `max_objects`, `memory_frames`, `max_cond_frames`), reset on a
 discontinuity, freed when the stream goes. Streams share the loaded model through the model manager; one stage
-batch holds frames of several streams, run as rounds (the k-th frame of each stream), each round one pass of the
-image encoder over its frames and batched passes over the objects of all of them (`Sam2Engine.step`); the masks
-of a round are sized and encoded on another thread while the next round runs.
+batch holds frames of several streams, run as rounds (the k-th frame of each stream), each round submitted to the
+model's one batcher (`Sam2Engine.run`), which puts rounds of every segment stage using the model (every pipeline)
+into shared passes of the image encoder and batched passes over the objects of all of them (`Sam2Engine.step`,
+at most the model's `forward_batch` frames); the masks of a round are sized and encoded on another thread while
+the next round runs.
 """
 
 from __future__ import annotations
@@ -218,7 +220,7 @@ class Segment(Stage):
         the loop; the masks go to the masks thread (they overlap the next round's pass)."""
         jobs = [(w, self._job(engine, w)) for w in rnd]
         active = [(w, j) for w, j in jobs if j.steps]
-        outs = await self.run_blocking(engine.step, [j for _, j in active], self.opts.memory_frames) if active else []
+        outs = await engine.run([j for _, j in active], self.opts.memory_frames) if active else []
         by_work = {id(w): fo for (w, _), fo in zip(active, outs)}
         loop = asyncio.get_running_loop()
         for w, _ in jobs:

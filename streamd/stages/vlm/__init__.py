@@ -34,6 +34,7 @@ from streamd.stages.vlm.base import VlmRequest, VlmStale
 from streamd.stages.vlm.modes import Caption, SummaryWindow, TagTimeline, captions_text
 from streamd.stages.vlm.options import VlmOptions
 from streamd.stages.vlm.prompting import frame_values, parse_tags, render, tags_instruction, tags_schema
+from streamd.stages.vlm import live
 from streamd.stages.vlm.single import ask_for_predict
 from streamd.stages.vlm.triggers import Ask, StreamTriggers, crop
 
@@ -65,6 +66,7 @@ class Vlm(Stage):
     kind = "vlm"
     max_batch = 64
     prompt_kinds = ("vlm",)
+    live_options = live.LIVE_OPTIONS  # what PATCH /api/v1/pipelines/{name} may change while it runs
 
     def __init__(self, cfg: StageConfig, opts: VlmOptions):
         super().__init__(cfg)
@@ -72,10 +74,12 @@ class Vlm(Stage):
         self.backend: Any = None
         self._owns_backend = False
         self._model: Any = None  # transformers: a streamd.models.ModelRef on the shared model
+        self.serving: live.Serving | None = None  # set by setup(), replaced by a switch
         self._triggers: dict[str, StreamTriggers] = {}
         self._tags: dict[str, TagTimeline] = {}
         self._windows: dict[str, SummaryWindow] = {}
         self._inflight: set[asyncio.Task[None]] = set()
+        self._by_stream: dict[str, set[asyncio.Task[None]]] = {}  # tasks in flight per stream (jobs wait on them)
         self._slots = asyncio.Semaphore(opts.max_in_flight)
         self.asked = 0
         self.answered = 0
@@ -96,28 +100,36 @@ class Vlm(Stage):
             self.backend = OpenAIBackend(o.model, o.endpoints, o.retry, o.timeout_s, o.jpeg_quality)
             self._owns_backend = True
         elif o.backend == "transformers":
-            from streamd.models.sources import resolve_device
-            from streamd.models.spec import ModelSpec
-            from streamd.stages.vlm.transformers import ManagedVlm
-
-            models = self.ctx.models
-            models.check_stage(self.cfg.model_dump(exclude_unset=True), self.where or f"stage {self.name}")
-            device = resolve_device(o.device)
-            precision = o.quantization or {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(o.dtype,
-                                                                                                        "auto")
-            implicit = ModelSpec(source=o.model, kind="vlm", device=device, precision=precision,
-                                 options={k: v for k, v in (("generate_batch", o.generate_batch),
-                                                            ("max_wait_ms", o.max_wait_ms)) if v is not None})
-            self._model = models.ref(o.model, implicit, self.label(), self.ctx.fail_stream)
-            self.backend = ManagedVlm(self._model)
-            self._owns_backend = True  # closing it lets go of the model, which the manager unloads when idle
-            async with self._model.use() as vlm:  # loaded now: the pipeline's first stream is its first use
-                self.device = vlm.device
+            # closing the backend lets go of the model, which the manager unloads when idle
+            self._model, self.backend = await live.managed_model(self, self.cfg, o)
+            self._owns_backend = True
         else:
             from streamd.stages.vlm.sglang import SglangBackend
 
             self.backend = await asyncio.to_thread(SglangBackend, o.model)
             self._owns_backend = True
+        self.serving = live.Serving(o, self._model, self.backend)
+
+    # -- a live switch (streamd.streams.switch; streamd.stages.vlm.live) ----------------------------------------------
+    @property
+    def model(self) -> Any:
+        """The handle on the model answering now (transformers: a streamd.models.ModelRef), else None."""
+        return self._model
+
+    async def prepare_switch(self, cfg: StageConfig) -> live.Serving:
+        return await live.prepare(self, cfg)
+
+    def switch(self, cfg: StageConfig, s: live.Serving) -> None:
+        live.switch(self, cfg, s)
+
+    def discard(self, s: live.Serving) -> None:
+        live.discard(self, s)
+
+    def install(self, s: live.Serving) -> None:
+        self.serving, self.opts, self._model, self.backend = s, s.opts, s.model, s.backend
+
+    def reset_triggers(self) -> None:
+        self._triggers.clear()
 
     async def teardown(self) -> None:
         # let answers in flight finish (the daemon's grace period bounds this); partial windows are summarised
@@ -143,7 +155,7 @@ class Vlm(Stage):
     def _flush_summary(self, stream_id: str) -> None:
         win = self._windows.pop(stream_id, None)
         if win is not None and win.captions:
-            self._spawn(self._summarise(stream_id, win.take()), f"vlm-summary:{stream_id}:last")
+            self._spawn(self._summarise(stream_id, win.take()), f"vlm-summary:{stream_id}:last", stream_id)
 
     # -- deciding
 
@@ -160,10 +172,19 @@ class Vlm(Stage):
             w.outputs[self.name] = {"asked": bool(asks), **({"trigger": asks[0].trigger} if asks else {})}
             for ask in asks:
                 f = ask.frames[-1]
-                task = asyncio.create_task(self._ask(w, ask), name=f"vlm:{f.stream_id}:{f.seq}:{ask.trigger}")
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                self._spawn(self._ask(w, ask, self.serving), f"vlm:{f.stream_id}:{f.seq}:{ask.trigger}", f.stream_id)
         return batch
+
+    async def settle(self, stream_id: str) -> None:
+        """Every question about the stream answered (or failed), its last summary included."""
+        while tasks := self._by_stream.get(stream_id):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def room(self, stream_id: str, limit: int) -> None:
+        """Until the stream has fewer than `limit` questions in flight (a job's feeder waits here: its frames are
+        never skipped, so it must not outrun the model)."""
+        while len(tasks := self._by_stream.get(stream_id, ())) >= limit:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
 
     def _prompt(self, w: Work) -> tuple[str, dict[str, Any] | None, Any]:
         rec = w.prompts.get("vlm")
@@ -189,6 +210,8 @@ class Vlm(Stage):
         return asks
 
     def _room(self, w: Work, asks: list[Ask]) -> bool:
+        if w.frame.job:  # a job's questions wait for a slot instead (its feeder waits in room())
+            return True
         if len(self._inflight) + len(asks) < self.opts.max_in_flight:
             return True
         self._skip(w.frame, "too many requests in flight")
@@ -226,17 +249,19 @@ class Vlm(Stage):
         return VlmRequest(images, text, schema, o.max_tokens, o.temperature,
                           stream_id=ask.frames[-1].stream_id), version
 
-    async def _ask(self, w: Work, ask: Ask) -> None:
+    async def _ask(self, w: Work, ask: Ask, sv: live.Serving) -> None:
+        """Ask with `sv`, the serving state when the question was decided (a switch since does not change it)."""
         f = ask.frames[-1]
         async with self._slots:
             if self._stale(f):
                 return
             self.asked += 1
             req, version = await asyncio.to_thread(self._request, w, ask)
-            req.not_after = f.capture_ts + self.opts.staleness_s  # checked again where the backend queues it
-            rec = self._record(f, ask, version)
+            if not f.job:  # a job's frame is never stale: it is analysed, not watched
+                req.not_after = f.capture_ts + self.opts.staleness_s  # checked again where the backend queues it
+            rec = self._record(f, ask, version, sv)
             try:
-                await self._answer(req, rec)
+                await self._answer(req, rec, sv.backend)
             except VlmStale:  # its turn at the backend came too late
                 self.asked -= 1
                 self._skip(f, f"stale: {time.time() - f.capture_ts:.1f} s old")
@@ -246,18 +271,20 @@ class Vlm(Stage):
         self._publish(f.stream_id, rec)
 
     def _stale(self, f: Frame) -> bool:
-        """Skips the question about `f` (True) when the frame is older than `staleness_s`."""
+        """Skips the question about `f` (True) when the frame is older than `staleness_s` (never a job's)."""
         age = time.time() - f.capture_ts
-        if age <= self.opts.staleness_s:
+        if age <= self.opts.staleness_s or f.job:
             return False
         self._skip(f, f"stale: {age:.1f} s old")
         return True
 
-    def _record(self, f: Frame, ask: Ask, version: Any) -> dict[str, Any]:
+    def _record(self, f: Frame, ask: Ask, version: Any, sv: live.Serving) -> dict[str, Any]:
         rec: dict[str, Any] = {"schema_version": keys.SCHEMA_VERSION, "stream_id": f.stream_id, "seq": f.seq,
                                "pts_s": round(f.pts_s, 6), "capture_ts": round(f.capture_ts, 6),
                                "stage": self.name, "kind": "answer", "mode": self.opts.mode, "trigger": ask.trigger,
-                               "prompt": version, "model": self.opts.model}
+                               "prompt": version, "model": sv.opts.model}
+        if sv.model_version is not None:
+            rec["model_version"] = sv.model_version
         if len(ask.frames) > 1:
             rec["frames"] = [x.seq for x in ask.frames]
         if ask.track is not None:
@@ -265,11 +292,12 @@ class Vlm(Stage):
                        box=ask.track.get("box"))
         return rec
 
-    async def _answer(self, req: VlmRequest, rec: dict[str, Any]) -> None:
-        """Asks; fills the record with the answer or the error (a failed question is recorded, never fatal)."""
+    async def _answer(self, req: VlmRequest, rec: dict[str, Any], backend: Any = None) -> None:
+        """Asks (`backend`, default the current one); fills the record with the answer or the error (a failed
+        question is recorded, never fatal)."""
         t0 = time.perf_counter()
         try:
-            ans = await self.backend.answer(req)
+            ans = await (backend or self.backend).answer(req)
         except VlmStale:
             raise  # not asked: the caller skips it
         except Exception as e:  # noqa: BLE001
@@ -313,17 +341,27 @@ class Vlm(Stage):
                 win = self._windows[f.stream_id] = SummaryWindow(o.summary_every_s)
             due = win.add(Caption(f.seq, f.pts_s, f.capture_ts, rec["text"]))
             if due:
-                self._spawn(self._summarise(f.stream_id, due), f"vlm-summary:{f.stream_id}:{f.seq}")
+                self._spawn(self._summarise(f.stream_id, due), f"vlm-summary:{f.stream_id}:{f.seq}", f.stream_id)
         elif schema is not None:
             try:
                 rec["parsed"] = json.loads(rec["text"])
             except ValueError as e:
                 rec["parse_error"] = str(e)
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str, stream_id: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
+        mine = self._by_stream.setdefault(stream_id, set())
+        mine.add(task)
+        task.add_done_callback(lambda t: self._task_done(stream_id, t))
+
+    def _task_done(self, stream_id: str, task: asyncio.Task[None]) -> None:
+        mine = self._by_stream.get(stream_id)
+        if mine is not None:
+            mine.discard(task)
+            if not mine:
+                del self._by_stream[stream_id]
 
     async def _summarise(self, stream_id: str, captions: list[Caption] | None) -> None:
         if not captions:

@@ -22,27 +22,28 @@ from streamd.stages.vlm.triggers import Ask
 
 __all__ = ["ask_for_predict"]
 
-_KEEP = ("trigger", "mode", "prompt", "model", "endpoint", "text", "latency_ms", "tokens", "error")
+_KEEP = ("trigger", "mode", "prompt", "model", "model_version", "endpoint", "text", "latency_ms", "tokens", "error")
 
 
 def ask_for_predict(stage: Any, w: Work) -> None:
     """Start the question about predict image `w` (stage: streamd.stages.vlm.Vlm); its task joins
     `w.carry[AWAITING]`."""
     w.outputs[stage.name] = {"asked": True, "trigger": "predict"}
-    task = asyncio.create_task(_answer(stage, w), name=f"vlm:{w.frame.stream_id}:predict")
+    task = asyncio.create_task(_answer(stage, w, stage.serving), name=f"vlm:{w.frame.stream_id}:predict")
     stage._inflight.add(task)
     task.add_done_callback(stage._inflight.discard)
     w.carry.setdefault(AWAITING, []).append(task)
 
 
-async def _answer(stage: Any, w: Work) -> None:
+async def _answer(stage: Any, w: Work, sv: Any) -> None:
+    """Ask with `sv` (streamd.stages.vlm.live.Serving): the model serving when the image reached the stage."""
     f = w.frame
     ask = Ask("predict", [f])
     async with stage._slots:  # the stage's bound on questions in flight holds for predict images too
         stage.asked += 1
         req, version = await asyncio.to_thread(stage._request, w, ask)
-        rec = stage._record(f, ask, version)
-        await stage._answer(req, rec)  # a failed question is recorded (rec["error"]), never raised
+        rec = stage._record(f, ask, version, sv)
+        await stage._answer(req, rec, sv.backend)  # a failed question is recorded (rec["error"]), never raised
     out = {k: rec[k] for k in _KEEP if k in rec}
     if "text" in rec:
         o = stage.opts

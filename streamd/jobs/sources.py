@@ -1,0 +1,123 @@
+"""Where a job's frames come from: a recorded video (an HTTP(S) URL through the egress policy, an uploaded or local
+file), read once from start to end as a replay source (nothing dropped; the decoder waits for the job), through the
+same supervised source a stream uses (streamd.streams.supervisor: typed failure reasons, a reconnect that resumes a
+recording where it stopped)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from streamd.batching import Doorbell, QueueClosed
+from streamd.config import StreamConfig
+from streamd.egress import EgressRules
+from streamd.errors import StreamdError
+from streamd.frames import Frame
+from streamd.jobs.options import JobsConfig
+from streamd.metrics import Metrics
+from streamd.streams.supervisor import State, StreamRunner
+
+
+class JobSourceFailed(StreamdError):
+    """The job's source failed for good: `code` is the source's typed reason (streamd.errors.REASON_CODES)."""
+
+    def __init__(self, reason: str, code: str | None):
+        super().__init__(reason)
+        self.reason, self.code = reason, code or "source_error"
+
+
+def _no_redis(url: str) -> Any:
+    raise StreamdError("a job reads no Redis input")
+
+
+class RecordedSource:
+    """Frames of a recording, sampled at `fps` (None: every frame), once. `origin` is "api" (the whole egress
+    policy) or "config" (the operator's: `streamd analyze`, uploads)."""
+
+    def __init__(self, sid: str, url: str, fps: float | None, cfg: JobsConfig, egress: EgressRules,
+                 metrics: Metrics, doorbell: Doorbell | None, origin: str):
+        scfg = StreamConfig.model_validate({
+            "id": "job", "url": url, "fps": fps, "queue_size": cfg.queue_size, "drop_policy": "wait",
+            "playback": "fast", "loop": False, "open_timeout_s": cfg.open_timeout_s,
+            "stall_timeout_s": max(10.0, cfg.open_timeout_s),
+            "reconnect": {"max_attempts": cfg.attempts - 1, "initial_s": 0.2, "max_s": 1.0}})
+        scfg = scfg.model_copy(update={"id": sid})  # a job's id is never a valid stream id (no collision)
+        self.events: dict[str, int] = {}
+        self.runner = StreamRunner(scfg, metrics, self._event, _no_redis, "job", 1.0, doorbell, egress, origin)
+        self._task: asyncio.Task[None] | None = None
+
+    def _event(self, stream_id: str, kind: str, fields: dict[str, Any]) -> None:
+        self.events[kind] = self.events.get(kind, 0) + 1
+
+    @property
+    def duration_s(self) -> float | None:
+        """The recording's length, once it is open."""
+        return self.runner.hls_state.get("duration_s")
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        """The frames in order. Raises JobSourceFailed when the source fails for good."""
+        self._task = asyncio.ensure_future(self.runner.run())
+        q = self.runner.queue
+        while True:
+            try:
+                yield await q.get()
+            except QueueClosed:
+                break
+        await self._task
+        r = self.runner
+        if r.state is State.FAILED:
+            raise JobSourceFailed(r.reason or "the source failed", r.reason_code)
+
+    async def aclose(self) -> None:
+        self.runner.stop()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class StoredSource:
+    """Re-scoring: the frames a stream already saw, kept by the frame store (streamd/frame_store.py, the stream's
+    `keep_frames`), captured within [t0, t1]; taken when the job starts (what is evicted meanwhile is skipped).
+    Each keeps its seq, pts and capture time, so the job's answers line up with the stream's own."""
+
+    def __init__(self, store: Any, stream_id: str, t0: float, t1: float, fps: float | None):
+        from streamd.sampling import FpsSampler
+
+        self.store = store
+        self.stream_id = stream_id
+        self.t0, self.t1 = t0, t1
+        sampler = FpsSampler(fps)
+        self._frames = [sf for sf in store.between(stream_id, t0, t1) if sampler.offer(sf.pts_s).keep]
+        self.total = len(self._frames)
+        self.start_pts_s = self._frames[0].pts_s if self._frames else 0.0
+        self.duration_s = (self._frames[-1].pts_s - self.start_pts_s) if self._frames else None
+        self.seqs = [sf.seq for sf in self._frames]
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        import numpy as np
+
+        if not self._frames:
+            raise JobSourceFailed(f"no kept frames of stream {self.stream_id!r} captured in the window (its "
+                                  "keep_frames bounds them)", "not_found")
+        for sf in self._frames:
+            image = sf.image
+            if image is None:
+                try:
+                    data = await self.store.jpeg(sf)
+                except LookupError:
+                    continue  # evicted since the job started
+                image = await asyncio.to_thread(_decode_jpeg, data)
+            yield Frame(self.stream_id, sf.seq, sf.pts_s, sf.capture_ts, np.asarray(image))
+
+    async def aclose(self) -> None:
+        self._frames = []
+
+
+def _decode_jpeg(data: bytes) -> Any:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
