@@ -1,4 +1,4 @@
-"""`streamd run | validate | tail | demo | bench`. Exit codes: 0 ok, 1 fatal error, 2 invalid config or usage."""
+"""`streamd run | validate | tail | demo | analyze | bench`. Exit codes: 0 ok, 1 fatal error, 2 invalid config or usage."""
 
 from __future__ import annotations
 
@@ -49,6 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--streams", type=int, default=1, help="how many copies of the sample stream")
     d.add_argument("--port", type=int, default=8080, help="the page's and API's port on 127.0.0.1 (default 8080; "
                    "a free one when it is taken; 0: any free port)")
+
+    an = sub.add_parser("analyze", help="analyse a recorded video once (a job) and print its summary")
+    an.add_argument("video", help="a video file, or an http(s) URL")
+    an.add_argument("-p", "--pipeline", default="default", help="pipeline to run (default: default)")
+    an.add_argument("--prompt", help="the VLM prompt for this job (instead of the pipeline's)")
+    an.add_argument("--json", action="store_true", help="print the job's document as JSON")
+    an.add_argument("-c", "--config", help="a YAML config: its Redis, pipelines and jobs section (else embedded)")
+    g = an.add_mutually_exclusive_group()
+    g.add_argument("--fps", type=float, default=2.0, help="frames per second of media time (default 2)")
+    g.add_argument("--every-frame", action="store_true", help="every frame")
+    g.add_argument("--scene", type=float, metavar="THRESHOLD", help="scene sampling at this threshold (0-1)")
 
     b = sub.add_parser("bench", help="how many copies of a stream this machine carries with a pipeline")
     b.add_argument("-c", "--config", help="a YAML config: its stream (--stream, default the first) is replicated")
@@ -229,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_tail(a))
         if a.cmd == "demo":
             return asyncio.run(_demo(a))
+        if a.cmd == "analyze":
+            from streamd.analyze import run
+
+            setup_logging("warning", fmt if fmt in ("json", "console") else "console")
+            sampling = {"mode": "every_frame"} if a.every_frame else \
+                {"mode": "scene", "scene_threshold": a.scene} if a.scene is not None else {"mode": "fps", "fps": a.fps}
+            return run(a.video, a.pipeline, a.prompt, a.json, a.config, sampling)
         if a.cmd == "bench":
             setup_logging("warning", fmt if fmt in ("json", "console") else "console")
             return asyncio.run(_bench(a))

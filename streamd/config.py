@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from streamd.errors import ConfigError
-from streamd.jobs.options import JobsConfig
+from streamd.jobs.options import JobsConfig, KeepFrames
 from streamd.models.spec import ModelsConfig, check_pipeline_models
 
 
@@ -220,10 +220,16 @@ class StreamConfig(Strict):
                                "one GOP)")
     decode_threads: int = Field(0, ge=0, le=64, description="decoder threads (0 = FFmpeg decides; 1 when only "
                                 "keyframes are decoded)")
+    hwaccel: Literal["cuda", "vaapi", "qsv", "videotoolbox", "d3d11va", "drm"] | None = Field(
+        None, description="PyAV sources (not HLS): decode on this FFmpeg hardware device (cuda = NVDEC); frames are "
+        "copied to host memory; a device that cannot be used fails the stream")
     ffmpeg_options: dict[str, str] = Field(default_factory=dict, description="extra FFmpeg demuxer options")
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     redis_input: RedisInputConfig = Field(default_factory=RedisInputConfig, description="for redis:// sources")
     hls: HlsConfig = Field(default_factory=HlsConfig, description="for HLS playlists")
+    keep_frames: KeepFrames | None = Field(None, description="re-scoring: keep this stream's sampled frames (JPEG) "
+                                           "within these bounds, for jobs over {stream, from, to}; null = only the "
+                                           "few snapshot frames (frames.per_stream)")
 
     @field_validator("ffmpeg_options")
     @classmethod

@@ -94,7 +94,8 @@ class Daemon:
                                      self.consumer, self.started)
         self.streams.frames = self.frames
         # jobs (streamd/jobs/): what the stages say about a job's frames goes to the job, not to a stream's keys
-        self.jobs = JobManager(self.cfg, self.metrics, None, self.redis, self.prompts, self.sink, doorbell)
+        self.jobs = JobManager(self.cfg, self.metrics, None, self.redis, self.prompts, self.sink, doorbell,
+                               self.frames)
         ctx = StageContext(models=self.models, events=self.jobs.events, prompts=self.prompt_cache,
                            publish=self.jobs.publish, fail_stream=self.streams.fail_stream, metrics=self.metrics)
         await self.models.start()  # preloads, the idle-unload task

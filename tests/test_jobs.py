@@ -327,3 +327,78 @@ def test_scene_sampler_floor_and_ceiling():
     s = SceneSampler(threshold=0.1, min_fps=0, max_fps=2)
     flips = [t / 10 for t in range(0, 20) if s.offer(t / 10, a if t % 2 else b).keep]
     assert flips == [0.0, 0.5, 1.0, 1.5]  # a change every frame: at most max_fps
+
+
+def test_streamd_analyze_prints_the_summary(clip, tmp_path):
+    """`streamd analyze VIDEO -p PIPELINE` runs the job in its own process with an embedded redis-server: exit 0
+    and the summary (JSON or pretty); a file that is not there: exit 1 with the reason."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "STREAMD_HOME": str(tmp_path / "home")}
+
+    def analyze(*args):
+        return subprocess.run([sys.executable, "-m", "streamd", "analyze", *args], capture_output=True, text=True,
+                              timeout=300, cwd=root, env=env)
+
+    p = analyze(str(clip), "-p", "default", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["state"] == "done" and doc["source"] == {"kind": "file", "name": clip.name}
+    assert doc["summary"]["frames"] == len(sampled_pts(clip, 2)) == doc["progress"]["frames_done"]
+    assert doc["summary"]["tracks"] and {t["label"] for t in doc["summary"]["tracks"]} == {"person"}
+    p = analyze(str(clip), "-p", "frame_info", "--every-frame")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("job ") and ": done" in p.stdout.splitlines()[0] and "180 frames" in p.stdout
+    p = analyze(str(tmp_path / "nope.mp4"), "-p", "frame_info")
+    assert p.returncode == 1 and "failed (not_found" in p.stdout
+    assert clip.exists()  # a local file is read, never removed
+
+
+async def test_rescore_a_streams_stored_frames_with_a_new_prompt(redis_server, r, clip):
+    """A job over {stream, from, to} runs its own prompt on the frames the stream already saw (kept by the frame
+    store: keep_frames), stamps its prompt version on its records while the live stream's keep theirs, and puts
+    the stream's old answers beside the new ones for the same frames."""
+    from conftest import results, vlm_at_least
+
+    vlm = await ScriptedOpenAI(lambda req: "NEW" if prompt_text(req).startswith("new") else "OLD").start()
+    pipe = {"stages": [{"type": "frame_info"},
+                       {"type": "vlm", "model": "scripted", "endpoints": [{"url": vlm.url}], "every_s": 0,
+                        "prompt": "old t={pts_s}"}]}
+    cam = {"id": "cam", "url": str(clip), "playback": "realtime", "loop": True, "fps": 2.0, "pipeline": "p",
+           "keep_frames": {"max_frames": 100}}
+    cfg = make_config(redis_server.url, [cam], api={"enabled": True, "port": 0, "tokens": TOKENS},
+                      egress=LOOPBACK_ALLOWED, pipelines={"p": pipe})
+    try:
+        async with running(cfg) as d, aiohttp.ClientSession() as s:
+            await until(lambda: vlm_at_least(r, "cam", 6), 30, what="6 answers of the live stream")
+            kept = [sf.seq for sf in d.frames.frames("cam")]
+            assert len(kept) >= 6  # more than the 2 snapshot frames: keep_frames applies
+            status, doc, _ = await post_job(s, d, {"source": {"stream": "cam", "from": -60}, "pipeline": "p",
+                                                   "sampling": {"mode": "every_frame"},
+                                                   "prompts": {"vlm": {"text": "new t={pts_s}"}}})
+            assert status == 202, doc
+            doc = await wait_job(s, d, doc["id"], timeout_s=60)
+            recs, _ = await all_records(s, d, doc["id"], 100)
+            live = await results(r, "cam")
+    finally:
+        await vlm.stop()
+    assert doc["state"] == "done", doc
+    frames = [x for x in recs if x["type"] == "frame"]
+    assert [x["seq"] for x in frames][:len(kept)] == kept  # the stored frames, in order, with the stream's seqs
+    assert all(x["stream_id"] == "cam" for x in frames)
+    mine = {"scope": f"job:{doc['id']}", "version": 0}
+    assert all(x["prompt_versions"]["vlm"] == mine for x in frames)
+    assert doc["prompts"] == {"vlm": mine}
+    assert live and all(x["prompt_versions"]["vlm"] == {"scope": "config", "version": 0} for x in live)
+    v = doc["summary"]["vlm"]["vlm"]
+    assert {c["text"] for c in v["captions"]} == {"NEW"} and len(v["captions"]) == len(frames)
+    both = v["compare"]
+    assert len(both) >= 5
+    for c in both:
+        assert c["new"] == {"prompt": mine, "text": "NEW"}
+        assert c["old"] and all(o == {"prompt": {"scope": "config", "version": 0}, "text": "OLD"} for o in c["old"])

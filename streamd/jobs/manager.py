@@ -23,7 +23,7 @@ from streamd.errors import StreamdError
 from streamd.frames import JOB_PREFIX
 from streamd.jobs.options import JobSpec
 from streamd.jobs.runner import TERMINAL, Job
-from streamd.jobs.sources import RecordedSource
+from streamd.jobs.sources import RecordedSource, StoredSource
 from streamd.jobs.store import JobStore
 from streamd.log import get_logger, redact_url
 from streamd.metrics import Metrics
@@ -174,7 +174,31 @@ class JobManager:
         if spec.source.url is not None:
             return RecordedSource(job.sid, spec.source.url, fps, self.jcfg, EgressRules.from_config(self.cfg.egress),
                                   self.metrics, self.doorbell, origin)
-        return self.frames.window(spec.source.stream, spec.source.from_, spec.source.to, fps)
+        now = time.time()
+        f, t = spec.source.from_, spec.source.to
+        t0 = 0.0 if f is None else now + f if f < 0 else f
+        t1 = now if t is None else now + t if t < 0 else t
+        return StoredSource(self.frames, spec.source.stream or "", t0, t1, fps)
+
+    async def _earlier(self, src: StoredSource) -> dict[int, list[dict[str, Any]]]:
+        """Re-score: the stream's own VLM answers about the window's frames (newest first from its VLM stream, back
+        to the window's start), by seq."""
+        import json
+
+        from streamd import keys
+
+        seqs, out = set(src.seqs), {}
+        key, end = keys.vlm_key(src.stream_id), "+"
+        for _ in range(50):  # at most 50 pages of 1000
+            page = await self.store.r.xrevrange(key, end, "-", count=1000)
+            for eid, fields in page:
+                rec = json.loads(fields[b"record"])
+                if rec.get("kind") == "answer" and rec.get("seq") in seqs:
+                    out.setdefault(rec["seq"], []).append(rec)
+            if len(page) < 1000 or json.loads(page[-1][1][b"record"]).get("capture_ts", 0) < src.t0:
+                break
+            end = f"({page[-1][0].decode()}"
+        return out
 
     # -- running ----------------------------------------------------------------------------------------------------
     def _start_next(self) -> None:
@@ -193,6 +217,11 @@ class JobManager:
                 await self.store.save(job.document())
                 return
             task = self.pipelines.task(p)
+            if isinstance(job.source, StoredSource):
+                try:
+                    job.summary.earlier = await self._earlier(job.source)
+                except Exception as e:  # noqa: BLE001 - Redis down: the new answers alone
+                    log.warning("could not read a stream's earlier answers", job=job.id, error=str(e))
             await job.run(p, task)
             if job.state == "failed" and job.reason_code == "pipeline_stopped":
                 err = self.pipelines.errors.get(job.spec.pipeline)

@@ -34,6 +34,15 @@ class JobsConfig(_Strict):
     records_maxlen: int = Field(1_000_000, ge=1, description="records a job keeps (its Redis stream's MAXLEN)")
 
 
+class KeepFrames(_Strict):
+    """A stream's sampled frames kept (JPEG, in streamd/frame_store.py) for re-scoring: jobs over {stream, from, to}.
+    The stream config's `keep_frames`."""
+
+    max_frames: int = Field(1200, ge=1, le=1_000_000, description="frames kept (the oldest go first)")
+    max_bytes: int = Field(256 << 20, ge=1 << 20, description="memory the stream's kept frames may hold")
+    max_age_s: float = Field(600.0, gt=0, le=86_400, description="a frame older than this is dropped")
+
+
 class Sampling(_Strict):
     """Which frames of the video are analysed."""
 

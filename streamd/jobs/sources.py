@@ -73,3 +73,51 @@ class RecordedSource:
         self.runner.stop()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+class StoredSource:
+    """Re-scoring: the frames a stream already saw, kept by the frame store (streamd/frame_store.py, the stream's
+    `keep_frames`), captured within [t0, t1]; taken when the job starts (what is evicted meanwhile is skipped).
+    Each keeps its seq, pts and capture time, so the job's answers line up with the stream's own."""
+
+    def __init__(self, store: Any, stream_id: str, t0: float, t1: float, fps: float | None):
+        from streamd.sampling import FpsSampler
+
+        self.store = store
+        self.stream_id = stream_id
+        self.t0, self.t1 = t0, t1
+        sampler = FpsSampler(fps)
+        self._frames = [sf for sf in store.between(stream_id, t0, t1) if sampler.offer(sf.pts_s).keep]
+        self.total = len(self._frames)
+        self.start_pts_s = self._frames[0].pts_s if self._frames else 0.0
+        self.duration_s = (self._frames[-1].pts_s - self.start_pts_s) if self._frames else None
+        self.seqs = [sf.seq for sf in self._frames]
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        import numpy as np
+
+        if not self._frames:
+            raise JobSourceFailed(f"no kept frames of stream {self.stream_id!r} captured in the window (its "
+                                  "keep_frames bounds them)", "not_found")
+        for sf in self._frames:
+            image = sf.image
+            if image is None:
+                try:
+                    data = await self.store.jpeg(sf)
+                except LookupError:
+                    continue  # evicted since the job started
+                image = await asyncio.to_thread(_decode_jpeg, data)
+            yield Frame(self.stream_id, sf.seq, sf.pts_s, sf.capture_ts, np.asarray(image))
+
+    async def aclose(self) -> None:
+        self._frames = []
+
+
+def _decode_jpeg(data: bytes) -> Any:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))

@@ -92,10 +92,21 @@ class StreamManager(StreamInfo):
                               EgressRules.from_config(self.cfg.egress), origin)
         self.runners[s.id] = runner
         self._stream_pipeline[s.id] = s.pipeline
+        if self.frames is not None:  # re-scoring keeps more of its frames (keep_frames); else the snapshot few
+            self.frames.set_limits(s.id, self._keep_limits(s))
         ended = pipeline.attach(s.id, runner.queue)
         self._tasks[runner] = self._tg.create_task(self._run_stream(runner, pipeline, ended), name=f"stream:{s.id}")
         log.info("stream added", stream=s.id, url=runner.url_redacted, pipeline=s.pipeline)
         return runner
+
+    def _keep_limits(self, s: StreamConfig) -> Any:
+        from streamd.frame_store import FrameLimits
+
+        k = s.keep_frames
+        if k is None:
+            return None
+        raw = min(self.cfg.frames.per_stream, k.max_frames)
+        return FrameLimits(k.max_frames, k.max_bytes, k.max_age_s, raw)
 
     def start_pipeline(self, name: str, where: str) -> Pipeline:
         """The running pipeline `name`, started if none runs (a predict request's: streams/predict.py). Raises
