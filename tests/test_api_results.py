@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from streamd import keys
-from tests.conftest import OPER, PERSON, READ, api_cfg, at_least, h, running, until
+from conftest import OPER, PERSON, READ, api_cfg, at_least, h, running, until
 
 
 def live_clip(clip, sid="cam", pipeline="frame_info", fps=5.0):
@@ -157,3 +157,30 @@ async def test_snapshot_with_and_without_overlay(r, redis_server, clip):
             assert resp.status == 201
         async with s.get(d.api_url + "/api/v1/streams/idle/snapshot.jpg", headers=h(READ)) as resp:
             assert resp.status == 404 and (await resp.json())["error"]["code"] == "frame_not_found"
+
+
+async def test_pause_and_resume_a_stream(r, redis_server):
+    """PATCH {"paused": true}: kept, listed stopped with reason_code paused, nothing read; false: it runs again."""
+    import numpy as np
+
+    from streamd.testing.media import push_frames
+
+    imgs = [np.full((32, 32, 3), i * 30, np.uint8) for i in range(3)]
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        url = d.api_url + "/api/v1/streams"
+        body = {"id": "yard", "url": "redis:frames:yard", "pipeline": "frame_info"}
+        async with s.post(url, json=body, headers=h(OPER)) as resp:
+            assert resp.status == 201
+        await push_frames(r, "frames:yard", imgs[:1])
+        await until(lambda: at_least(r, "yard", 1), what="a result")
+        async with s.patch(url + "/yard", json={"paused": True}, headers=h(OPER)) as resp:
+            info = await resp.json()
+        assert resp.status == 200 and info["state"] == "stopped" and info["reason_code"] == "paused"
+        await push_frames(r, "frames:yard", imgs[1:])
+        async with s.get(url + "/yard", headers=h(READ)) as resp:
+            assert (await resp.json())["reason"] == "paused"
+        assert len(await r.xrange(keys.results_key("yard"))) == 1  # nothing read while paused
+        assert json.loads((await r.hget("streamd:api:streams", "yard")))["paused"] is True  # kept paused
+        async with s.patch(url + "/yard", json={"paused": False}, headers=h(OPER)) as resp:
+            assert resp.status == 200 and (await resp.json())["reason_code"] != "paused"
+        await until(lambda: at_least(r, "yard", 3), what="the frames pushed while paused")

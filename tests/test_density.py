@@ -162,3 +162,81 @@ async def test_keyframes_mode_no_false_stall_between_keyframes(r, redis_server, 
     assert "stalled" not in states(await events(r, "s"))
     pts = [x["pts_s"] for x in await results(r, "s")]
     assert [round(b - a, 3) for a, b in zip(pts, pts[1:])][:2] == [4.0, 4.0]
+
+
+def _nvidia_gpu() -> bool:
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    return exe is not None and subprocess.run([exe, "-L"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(_nvidia_gpu(), reason="this machine has a GPU: the device is usable")
+async def test_hwaccel_without_a_usable_device_fails_the_stream_naming_it(r, redis_server, gop1):
+    cfg = make_config(redis_server.url, [{"id": "hw", "url": str(gop1), "fps": 1.0, "hwaccel": "cuda"},
+                                         {"id": "sw", "url": str(gop1), "fps": 1.0}])
+    async with running(cfg) as d:
+        await until(lambda: d.streams.runners["hw"].state.value == "failed", 20, what="hw failed")
+        await until(lambda: d.streams.runners["sw"].state.value == "stopped", 20, what="sw played")
+        assert d.streams.runners["hw"].reason.startswith("hwaccel cuda: the device cannot be used")
+    assert await results(r, "hw") == [] and len(await results(r, "sw")) == 10
+
+
+@pytest.mark.skipif(not _nvidia_gpu(), reason="no NVIDIA GPU on this machine: NVDEC decoding needs one")
+async def test_hwaccel_cuda_decodes_the_frames_software_decoding_gives(r, redis_server, gop1):
+    cfg = make_config(redis_server.url, [
+        {"id": "hw", "url": str(gop1), "fps": 1.0, "hwaccel": "cuda", "decode": "keyframes"},
+        {"id": "sw", "url": str(gop1), "fps": 1.0, "decode": "keyframes"}])
+    await run_to_end(cfg, "hw", "sw")
+    hw, sw = await results(r, "hw"), await results(r, "sw")
+    assert [x["pts_s"] for x in hw] == [x["pts_s"] for x in sw] and len(hw) == 10
+    for x, y in zip(hw, sw):  # NVDEC output, converted on the host: the same picture within rounding
+        assert abs(x["outputs"]["frame_info"]["mean_brightness"] - y["outputs"]["frame_info"]["mean_brightness"]) < 2
+
+
+async def test_hls_segments_decode_only_the_keyframes_used(r, redis_server, gop1, tmp_path):
+    """HLS hands its segments to PyAV too: the same plan, across the segments of a run."""
+    import shutil
+    import subprocess
+
+    from streamd.testing.egress import Canary
+
+    out = tmp_path / "hls"
+    out.mkdir()
+    subprocess.run([shutil.which("ffmpeg") or "ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(gop1),
+                    "-c", "copy", "-f", "hls", "-hls_time", "2", "-hls_list_size", "0", "-hls_playlist_type", "vod",
+                    "-hls_segment_filename", str(out / "s%d.ts"), str(out / "index.m3u8")], check=True)
+    with Canary("127.0.0.2", files=out) as origin:
+        cfg = make_config(redis_server.url, [{"id": "h", "url": origin.url("/index.m3u8"), "fps": 0.3,
+                                             "decode": "keyframes"}], egress={"allow": ["127.0.0.2/32"]})
+        decoded = await run_to_end(cfg, "h")
+    pts = [x["pts_s"] for x in await results(r, "h")]
+    assert [round(p - pts[0], 2) for p in pts] == [0.0, 3.0, 7.0]  # keyframes nearest 0, 3.33, 6.67 s
+    assert decoded == {"h": 3}
+
+
+async def test_rtsp_camera_in_keyframes_mode(r, redis_server):
+    """A real RTSP camera stand-in (GStreamer, a keyframe at most every 30 frames, SPS/PPS in band): auto at
+    fps 1 decodes keyframes only, and the records come at about one a second."""
+    from streamd.testing.servers import RtspServer
+
+    if not RtspServer.available():
+        pytest.skip("Debian's GStreamer RTSP server (python3-gi) is not installed on this machine")
+    srv = RtspServer(size=(320, 180)).start()
+    try:
+        cfg = make_config(redis_server.url, [{"id": "cam", "url": srv.url, "fps": 1.0}])
+        async with running(cfg) as d:
+            await until(lambda: at_least(r, "cam", 3), 40, what="3 RTSP results")
+            before = d.streams.runners["cam"].decoded
+            n = len(await results(r, "cam"))
+            recs = await until(lambda: at_least(r, "cam", n + 5), 20, what="5 more RTSP results")
+            decoded = d.streams.runners["cam"].decoded - before
+            assert d.streams.runners["cam"].state.value == "live"
+    finally:
+        srv.stop()
+    assert [e["mode"] for e in await events(r, "cam", "decode_mode")][0] == "keyframes"
+    pts = [x["pts_s"] for x in recs]
+    rate = (len(pts) - 1) / (pts[-1] - pts[0])
+    assert 0.7 <= rate <= 1.3, rate
+    assert decoded <= 5 + 2  # a keyframe per record (decoding everything: 150 frames)

@@ -18,7 +18,7 @@ from streamd.frame_store import FrameLimits, FrameStore
 from streamd.frames import Frame
 from streamd.metrics import Metrics
 
-from tests.conftest import make_config, running, until
+from conftest import make_config, running, until
 
 
 def frame(sid: str, seq: int, ts: float | None = None, h: int = 48, w: int = 64) -> Frame:

@@ -279,7 +279,8 @@ async def job_results(request: web.Request) -> web.Response:
 
 def _entry_id(s: str) -> bool:
     ms, _, n = s.partition("-")
-    return ms.isdigit() and n.isdigit() and len(ms) <= 20 and len(n) <= 20
+    # each part a 64-bit number, as Redis takes it (a 20-digit number past 2**64 - 1 is refused by Redis: a 503)
+    return ms.isdigit() and n.isdigit() and len(ms) <= 20 and len(n) <= 20 and max(int(ms), int(n)) < 1 << 64
 
 
 async def job_delete(request: web.Request) -> web.Response:

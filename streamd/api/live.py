@@ -19,7 +19,9 @@ from streamd import keys
 from streamd.api.errors import ApiError
 from streamd.api.results import entry_id, id_key
 from streamd.api.streams import _stream
+from streamd.api.context import CFG
 from streamd.api.context import streams as _streams
+from streamd.api.middleware import cors_headers
 from streamd.log import get_logger
 
 log = get_logger("streamd.api")
@@ -143,7 +145,8 @@ async def results_live(request: web.Request) -> web.StreamResponse:
     client = _streams(request).redis
     async with request.app[LIVE].subscribe(key) as (feed, q):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                           "X-Accel-Buffering": "no"})
+                                           "X-Accel-Buffering": "no",  # CORS set before the headers go out
+                                           **cors_headers(request, request.app[CFG])})
         await resp.prepare(request)
         last = id_key(after) if after is not None else (0, 0)
         with contextlib.suppress(TimeoutError, ConnectionResetError):

@@ -121,7 +121,8 @@ async def snapshot(request: web.Request) -> web.Response:
             entries = await d.redis.xrange(keys.results_key(sid), sf.entry_id, sf.entry_id, count=1)
             record = decode(entries[0][1], b"record") if entries else None
         jpeg = await asyncio.to_thread(overlay.draw, jpeg, record, store.quality)
-    headers = {"Cache-Control": "no-store", "X-Streamd-Seq": str(sf.seq), "X-Streamd-Capture-Ts": f"{sf.capture_ts:.6f}"}
+    headers = {"Cache-Control": "no-store", "X-Streamd-Seq": str(sf.seq),
+               "X-Streamd-Capture-Ts": f"{sf.capture_ts:.6f}"}
     if sf.entry_id is not None:
         headers["X-Streamd-Entry-Id"] = sf.entry_id
     return web.Response(body=jpeg, content_type="image/jpeg", headers=headers)
