@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from streamd import keys
+from streamd.api.results import id_key
 from conftest import OPER, PERSON, READ, api_cfg, at_least, h, running, until
 
 
@@ -97,6 +98,28 @@ async def test_sse_resumes_after_a_dropped_connection(r, redis_server, clip):
                 assert body.count(b"event: result") >= 1
             async with s.get(url, headers={**h(READ), "Last-Event-ID": "nope"}) as resp:
                 assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_cursor"
+
+
+async def test_sse_new_and_resuming_clients_while_another_keeps_the_feed_alive(r, redis_server, clip):
+    """Client A stays connected the whole time (the feed never restarts): B, new, gets the newest entry first (not
+    the one the feed started at); C, resuming 10 entries back, gets those 10 from Redis, then the live ones."""
+    async with running(api_cfg(redis_server.url, [live_clip(clip)])) as d, aiohttp.ClientSession() as s:
+        url = d.api_url + "/api/v1/streams/cam/results/live"
+        await until(lambda: at_least(r, "cam", 2), 30, what="results")
+        async with s.get(url, headers=h(READ)) as a:
+            a_first = await read_events(a, 1)
+            n = len(await r.xrange(keys.results_key("cam")))
+            await until(lambda: at_least(r, "cam", n + 12), 30, what="results while A stays")
+            assert len(d_live(d).feeds) == 1  # A's feed, started when A connected
+            newest = (await r.xrevrange(keys.results_key("cam"), count=1))[0][0].decode()
+            async with s.get(url, headers=h(READ)) as b:
+                b_first = await read_events(b, 1)
+            assert id_key(b_first[0][0]) >= id_key(newest) > id_key(a_first[0][0])
+            back = [e.decode() for e, _ in await r.xrevrange(keys.results_key("cam"), count=11)][::-1]
+            async with s.get(url, headers={**h(READ), "Last-Event-ID": back[0]}) as c:
+                resumed = await read_events(c, 12)
+            in_redis = [e.decode() for e, _ in await r.xrange(keys.results_key("cam"), f"({back[0]}", "+", count=12)]
+            assert [eid for eid, _ in resumed] == in_redis and in_redis[:10] == back[1:]
 
 
 def d_live(d):

@@ -44,6 +44,7 @@ class Feed:
         self.key = key
         self.subs: set[asyncio.Queue[Any]] = set()
         self.start_id: str | None = None  # the newest entry when the feed started: it delivers what follows
+        self.last_id: str | None = None  # the last entry handed to the subscribers (start_id before any)
         self.ready = asyncio.Event()
         self.task = asyncio.ensure_future(self._run())
 
@@ -53,7 +54,7 @@ class Feed:
             try:
                 if self.start_id is None:
                     newest = await self.client.xrevrange(self.key, "+", "-", count=1)
-                    self.start_id = last = newest[0][0].decode() if newest else "0-0"
+                    self.start_id = self.last_id = last = newest[0][0].decode() if newest else "0-0"
                     self.ready.set()
                 reply = await self.client.xread({self.key: last}, count=READ_COUNT, block=BLOCK_MS)
                 delay = 0.2
@@ -64,7 +65,7 @@ class Feed:
                 continue
             for _key, entries in reply or ():
                 for eid, fields in entries:
-                    last = eid.decode()
+                    self.last_id = last = eid.decode()  # before the fan-out: a new subscriber reads up to it
                     item = (last, fields.get(b"record", b"null"))
                     for q in list(self.subs):
                         try:
@@ -86,7 +87,9 @@ class LiveFeeds:
         self._closed = False
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, key: str) -> AsyncIterator[tuple[Feed, asyncio.Queue[Any]]]:
+    async def subscribe(self, key: str) -> AsyncIterator[tuple[Feed, asyncio.Queue[Any], str]]:
+        """The feed, a queue that gets every entry after the boundary (the third item, an entry id): the caller
+        reads up to the boundary from Redis itself (catch-up, the newest entry)."""
         if self._closed:
             raise ApiError(503, "not_ready", "the daemon is stopping", headers={"Retry-After": "1"})
         if self.clients >= self.max_clients:
@@ -97,6 +100,7 @@ class LiveFeeds:
             feed = self.feeds[key] = Feed(self._client(), key)
         q: asyncio.Queue[Any] = asyncio.Queue(QUEUE)
         feed.subs.add(q)
+        boundary = feed.last_id  # read with the add, no await between: every entry after it reaches q
         self.clients += 1
         try:
             try:
@@ -104,7 +108,7 @@ class LiveFeeds:
             except TimeoutError:
                 raise ApiError(503, "redis_unavailable", "Redis is unreachable; try again",
                                headers={"Retry-After": "1"}) from None
-            yield feed, q
+            yield feed, q, boundary or feed.start_id or "0-0"  # not ready when added: q gets all after start_id
         finally:
             self.clients -= 1
             feed.subs.discard(q)
@@ -143,7 +147,7 @@ async def results_live(request: web.Request) -> web.StreamResponse:
     timeout_s = int(timeout_raw) or None
     key = keys.results_key(sid)
     client = _streams(request).redis
-    async with request.app[LIVE].subscribe(key) as (feed, q):
+    async with request.app[LIVE].subscribe(key) as (feed, q, boundary):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no",  # CORS set before the headers go out
                                            **cors_headers(request, request.app[CFG])})
@@ -151,14 +155,14 @@ async def results_live(request: web.Request) -> web.StreamResponse:
         last = id_key(after) if after is not None else (0, 0)
         with contextlib.suppress(TimeoutError, ConnectionResetError):
             async with asyncio.timeout(timeout_s):
-                # what the client missed (or the newest one), up to where the feed started
+                # what the client missed (or the newest one), up to the boundary: the queue has what follows
                 if after is None:
-                    entries = await client.xrevrange(key, feed.start_id or "+", "-", count=1)
+                    entries = await client.xrevrange(key, boundary, "-", count=1)
                 else:
                     entries = []
                     cursor = after
-                    while id_key(cursor) < id_key(feed.start_id or "0-0"):
-                        chunk = await client.xrange(key, f"({cursor}", feed.start_id, count=CATCH_UP_PAGE)
+                    while id_key(cursor) < id_key(boundary):
+                        chunk = await client.xrange(key, f"({cursor}", boundary, count=CATCH_UP_PAGE)
                         if not chunk:
                             break
                         for e in chunk:
