@@ -149,3 +149,21 @@ async def test_hostile_cursors_and_an_oversized_job_part_get_typed_errors(redis_
         async with s.post(d.api_url + P, data=form, headers=h(OPER)) as resp:
             assert resp.status == 413, await resp.text()
             assert (await resp.json())["error"]["code"] == "body_too_large"
+
+
+async def test_a_jobs_page_reads_only_its_documents_and_skips_expired_ones(r):
+    """Listing reads the page's documents, not every job's; expired ones leave the index as a page meets them and
+    the page is filled from the ids after them; the index itself expires."""
+    from streamd import keys
+    from streamd.jobs.store import JobStore
+
+    store = JobStore(r, ttl_s=60, records_maxlen=100)
+    for n in range(1, 8):
+        await store.save({"id": f"j{n}", "created_ts": float(n), "state": "done"}, new=True)
+    await r.delete(keys.job_key("j6"), keys.job_key("j5"))  # expired
+    total, page = await store.page(0, 3)
+    assert [d["id"] for d in page] == ["j7", "j4", "j3"]
+    assert total == 5 and not await r.zscore(keys.JOBS_INDEX_KEY, "j6")
+    total, page = await store.page(3, 3)
+    assert [d["id"] for d in page] == ["j2", "j1"] and total == 5
+    assert 0 < await r.pttl(keys.JOBS_INDEX_KEY) <= 120_000

@@ -80,7 +80,8 @@ class RecordedSource:
 
 class StoredSource:
     """Re-scoring: the frames a stream already saw, kept by the frame store (streamd/frame_store.py, the stream's
-    `keep_frames`), captured within [t0, t1]; taken when the job starts (what is evicted meanwhile is skipped).
+    `keep_frames`), captured within [t0, t1]; chosen when the job is accepted, read as it runs (what the store
+    evicted meanwhile is skipped: its bytes are not held here).
     Each keeps its seq, pts and capture time, so the job's answers line up with the stream's own."""
 
     def __init__(self, store: Any, stream_id: str, t0: float, t1: float, fps: float | None):
