@@ -3,6 +3,7 @@ connection with Last-Event-ID, snapshots with and without the overlay, against a
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
@@ -207,3 +208,31 @@ async def test_pause_and_resume_a_stream(r, redis_server):
         async with s.patch(url + "/yard", json={"paused": False}, headers=h(OPER)) as resp:
             assert resp.status == 200 and (await resp.json())["reason_code"] != "paused"
         await until(lambda: at_least(r, "yard", 3), what="the frames pushed while paused")
+
+
+async def test_a_client_that_falls_behind_is_ended_not_buffered(r, redis_server):
+    """The feed never holds more than QUEUE records for one client: past that the client gets the end (and may
+    resume with Last-Event-ID); the other clients go on."""
+    from streamd.api.live import _END, QUEUE, LiveFeeds
+
+    feeds = LiveFeeds(lambda: r)
+    key = keys.results_key("slow")
+    await r.xadd(key, {"record": b"{}"})
+    async with feeds.subscribe(key) as (feed, slow), feeds.subscribe(key) as (_, fast):
+        async def read_all() -> list:
+            got = []
+            while len(got) < QUEUE + 10:  # the fast one reads everything as it comes
+                got.append(await asyncio.wait_for(fast.get(), 10))
+            return got
+
+        reader = asyncio.create_task(read_all())
+        for i in range(QUEUE + 10):
+            await r.xadd(key, {"record": json.dumps({"seq": i}).encode()})
+        got = await reader
+        assert all(item is not _END for item in got)
+        assert [json.loads(item[1].split(b"data: ")[1]) for item in got] == [{"seq": i} for i in range(QUEUE + 10)]
+        assert slow.qsize() <= QUEUE and slow not in feed.subs
+        items = [slow.get_nowait() for _ in range(slow.qsize())]
+        assert items[-1] is _END and len(items) == QUEUE
+        assert fast in feed.subs
+    assert feeds.feeds == {} and feeds.clients == 0  # the feed stopped with its last client

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ KEEPALIVE_S = 15.0
 READY_TIMEOUT_S = 5.0
 MAX_CLIENTS = 500  # SSE connections per daemon (past it: 503 busy)
 _END = object()
+KEEPALIVE = ((-1, -1), b": keep-alive\n\n")  # an SSE comment: written whatever the client's last id
 
 
 class Feed:
@@ -50,6 +52,7 @@ class Feed:
 
     async def _run(self) -> None:
         delay = 0.2
+        quiet_since = time.monotonic()
         while True:
             try:
                 if self.start_id is None:
@@ -58,22 +61,28 @@ class Feed:
                     self.ready.set()
                 reply = await self.client.xread({self.key: last}, count=READ_COUNT, block=BLOCK_MS)
                 delay = 0.2
+                if not reply and time.monotonic() - quiet_since >= KEEPALIVE_S:  # idle connections stay open
+                    quiet_since = time.monotonic()
+                    self._send(KEEPALIVE)
             except (RedisError, OSError) as e:
                 log.warning("live results: Redis read failed, retrying", key=self.key, error=str(e) or type(e).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             for _key, entries in reply or ():
+                quiet_since = time.monotonic()
                 for eid, fields in entries:
                     self.last_id = last = eid.decode()  # before the fan-out: a new subscriber reads up to it
-                    item = (last, fields.get(b"record", b"null"))
-                    for q in list(self.subs):
-                        try:
-                            q.put_nowait(item)
-                        except asyncio.QueueFull:  # too slow: it ends, and may resume with Last-Event-ID
-                            self.subs.discard(q)
-                            q.get_nowait()
-                            q.put_nowait(_END)
+                    self._send((id_key(last), _event(last, fields.get(b"record", b"null"))))  # encoded once for all
+
+    def _send(self, item: Any) -> None:
+        for q in list(self.subs):
+            try:
+                q.put_nowait(item)
+            except asyncio.QueueFull:  # too slow: it ends, and may resume with Last-Event-ID
+                self.subs.discard(q)
+                q.get_nowait()
+                q.put_nowait(_END)
 
 
 class LiveFeeds:
@@ -165,23 +174,28 @@ async def results_live(request: web.Request) -> web.StreamResponse:
                         chunk = await client.xrange(key, f"({cursor}", boundary, count=CATCH_UP_PAGE)
                         if not chunk:
                             break
-                        for e in chunk:
-                            await resp.write(_event(e[0].decode(), e[1].get(b"record", b"null")))
+                        await resp.write(b"".join(_event(e[0].decode(), e[1].get(b"record", b"null"))
+                                                  for e in chunk))
                         cursor = chunk[-1][0].decode()
                         last = id_key(cursor)
                 for eid_b, fields in entries:
                     await resp.write(_event(eid_b.decode(), fields.get(b"record", b"null")))
                     last = id_key(eid_b.decode())
                 while True:
-                    try:
-                        item = await asyncio.wait_for(q.get(), KEEPALIVE_S)
-                    except TimeoutError:
-                        await resp.write(b": keep-alive\n\n")
-                        continue
-                    if item is _END:
+                    items = [await q.get()]  # the feed sends a keep-alive comment when nothing came for a while
+                    while not q.empty():  # whatever else is there goes in the same write
+                        items.append(q.get_nowait())
+                    out = []
+                    for item in items:
+                        if item is _END:
+                            break
+                        if item is KEEPALIVE:
+                            out.append(item[1])
+                        elif item[0] > last:
+                            out.append(item[1])
+                            last = item[0]
+                    if out:
+                        await resp.write(b"".join(out))
+                    if any(item is _END for item in items):
                         break
-                    eid, data = item
-                    if id_key(eid) > last:
-                        await resp.write(_event(eid, data))
-                        last = id_key(eid)
         return resp

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 from streamd.batching import FrameQueue
 from streamd.config import DropPolicy
 from streamd.frames import JOB_PREFIX, Frame, InputRef, Work
-from streamd.jobs.options import JobSpec, JobsConfig
+from streamd.jobs.options import JobsConfig, JobSpec
 from streamd.jobs.sources import JobSourceFailed
 from streamd.jobs.store import JobStore
 from streamd.jobs.summary import Summary
@@ -182,9 +184,19 @@ class Job:
     async def run(self, pipeline: Any, pipeline_task: asyncio.Task[None]) -> None:
         """Feed the job's frames into `pipeline` (running as `pipeline_task`), wait for every result, write the
         summary. Never raises: the job ends done, failed or cancelled."""
+        if self.state in TERMINAL:  # cancelled while it waited for its start (a re-score's earlier answers)
+            try:
+                await self.store.save(self.document())
+            except Exception as e:  # noqa: BLE001 - Redis down: the in-memory document still answers
+                log.warning("could not save a job", job=self.id, error=str(e))
+            self.finished.set()
+            return
         self.state, self.started_ts = "running", round(time.time(), 6)
         self.summary.tag_rules = tag_rules(pipeline)
-        await self.store.save(self.document())
+        try:
+            await self.store.save(self.document())
+        except Exception as e:  # noqa: BLE001 - Redis down at the start: the writer saves it again later
+            log.warning("could not save a job", job=self.id, error=str(e))
         q: FrameQueue[Frame] = FrameQueue(self.cfg.queue_size, DropPolicy.WAIT, asyncio.get_running_loop())
         ended = pipeline.attach(self.sid, q, low=True)
         writer = asyncio.create_task(self._write(), name=f"job:{self.id}:write")
@@ -216,13 +228,20 @@ class Job:
             stop.cancel()
             self.cancelled.set()  # the writer's last round
             await asyncio.gather(writer, return_exceptions=True)
-            await self._flush()
             try:
+                await self._flush()
                 await self.store.save(self.document())
             except Exception as e:  # noqa: BLE001 - Redis down at the end: the in-memory document still answers
                 log.warning("could not save a job", job=self.id, error=str(e))
             self.finished.set()
             log.info("job ended", job=self.id, state=self.state, frames=self.done_frames, reason=self.reason)
+
+    def discard(self) -> None:
+        """The job is over (or will never run): its uploaded file goes."""
+        path, self.upload_path = self.upload_path, None
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def _fail(self, reason: str, code: str) -> None:
         if self.state not in TERMINAL:
