@@ -218,7 +218,7 @@ async def test_a_client_that_falls_behind_is_ended_not_buffered(r, redis_server)
     feeds = LiveFeeds(lambda: r)
     key = keys.results_key("slow")
     await r.xadd(key, {"record": b"{}"})
-    async with feeds.subscribe(key) as (feed, slow), feeds.subscribe(key) as (_, fast):
+    async with feeds.subscribe(key) as (feed, slow, _), feeds.subscribe(key) as (_, fast, _):
         async def read_all() -> list:
             got = []
             while len(got) < QUEUE + 10:  # the fast one reads everything as it comes
