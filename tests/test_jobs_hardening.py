@@ -167,3 +167,62 @@ async def test_a_jobs_page_reads_only_its_documents_and_skips_expired_ones(r):
     total, page = await store.page(3, 3)
     assert [d["id"] for d in page] == ["j2", "j1"] and total == 5
     assert 0 < await r.pttl(keys.JOBS_INDEX_KEY) <= 120_000
+
+
+async def test_a_job_whose_records_redis_does_not_take_fails_with_bounded_memory(tmp_path, clip, monkeypatch):
+    """Redis gone under a running job: its records wait in memory up to a bound, then the job fails with
+    redis_unavailable and stops (it does not hold a whole video's records)."""
+    import streamd.jobs.runner as runner
+
+    monkeypatch.setattr(runner, "MAX_PENDING", 20)
+    srv = ManagedRedis(tmp_path / "redis").start()
+    vlm = await ScriptedOpenAI(lambda req: "ok").start()
+    vlm.delay_s = 0.05
+    http = HttpDir(clip.parent).start()
+    cfg = api_cfg(srv.url, {"slow": slow_pipeline(vlm.url)})
+    try:
+        async with running(cfg) as d:
+            job = await d.jobs.submit(spec(http.url(clip.name)), origin="config")
+            await until(lambda: job.state == "running" and job.done_frames >= 1, 30, what="the job running")
+            srv.stop(kill=True)
+            await until(lambda: job.finished.is_set(), 60, what="the job ends")
+            assert job.state == "failed" and job.reason_code == "redis_unavailable", (job.state, job.reason)
+            assert len(job._pending) <= 2 * 20 + 10 and job.done_frames < 180
+    finally:
+        http.stop()
+        await vlm.stop()
+        srv.stop()
+
+
+async def test_a_redis_blip_during_a_job_loses_none_of_its_records(tmp_path, clip):
+    """Redis killed and restarted while a job runs: the records it could not write are written after, every
+    sampled frame once."""
+    import redis.asyncio as aioredis
+
+    from streamd import keys
+
+    srv = ManagedRedis(tmp_path / "redis", durable=True).start()
+    vlm = await ScriptedOpenAI(lambda req: "ok").start()
+    vlm.delay_s = 0.05
+    http = HttpDir(clip.parent).start()
+    cfg = api_cfg(srv.url, {"slow": slow_pipeline(vlm.url)})
+    try:
+        async with running(cfg) as d:
+            job = await d.jobs.submit(spec(http.url(clip.name)), origin="config")
+            await until(lambda: job.done_frames >= 20, 60, what="20 frames done")
+            srv.stop(kill=True)
+            done_then = job.done_frames
+            await until(lambda: job.done_frames >= done_then + 60, 60, what="60 frames more while Redis is down")
+            srv.start()
+            await until(lambda: job.finished.is_set(), 120, what="the job ends")
+        r = aioredis.Redis.from_url(srv.url)
+        entries = await r.xrange(keys.job_records_key(job.id))
+        await r.aclose()
+    finally:
+        http.stop()
+        await vlm.stop()
+        srv.stop()
+    import json
+
+    frames = [json.loads(f[b"record"])["seq"] for _, f in entries if json.loads(f[b"record"])["type"] == "frame"]
+    assert job.state == "done" and sorted(frames) == list(range(180)), (job.state, len(frames))

@@ -31,6 +31,7 @@ from streamd.sinks.redis import result_record
 
 log = get_logger("streamd.jobs")
 TERMINAL = ("done", "failed", "cancelled")
+MAX_PENDING = 20_000  # records a job holds while Redis does not take them; past it the job fails (memory stays bounded)
 SAVE_EVERY_S = 0.5  # a running job's document (its progress) is written this often
 
 
@@ -115,6 +116,10 @@ class Job:
     def _push(self, rec: dict[str, Any]) -> None:
         self._pending.append(rec)
         self._wake.set()
+        if len(self._pending) > MAX_PENDING and self.state == "running":
+            self._fail(f"Redis has not taken the job's records: {len(self._pending)} wait, more than "
+                       f"{MAX_PENDING}", "redis_unavailable")
+            self.cancelled.set()  # stop feeding it: what it holds is bounded
 
     def _progress_pts(self, pts_s: float) -> None:
         if self._t0_pts is None:  # a recording's media time starts at 0; a stream's stored frames at their first
@@ -264,7 +269,11 @@ class Job:
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         if batch:
-            await self.store.add_records(self.id, batch)
+            try:
+                await self.store.add_records(self.id, batch)
+            except BaseException:
+                self._pending[:0] = batch  # not written: tried again (a Redis blip loses no record)
+                raise
 
     async def _write(self) -> None:
         """Records to Redis as they come; the document (progress) every SAVE_EVERY_S."""
