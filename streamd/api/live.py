@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from streamd import keys
 from streamd.api.errors import ApiError
-from streamd.api.results import entry_id, id_key
+from streamd.api.results import DIGITS, entry_id, id_key
 from streamd.api.streams import _stream
 from streamd.api.context import CFG
 from streamd.api.context import streams as _streams
@@ -150,7 +150,7 @@ async def results_live(request: web.Request) -> web.StreamResponse:
     raw = request.headers.get("Last-Event-ID") or request.query.get("after")
     after = entry_id(raw, "Last-Event-ID" if "Last-Event-ID" in request.headers else "after") if raw else None
     timeout_raw = request.query.get("timeout_s", "0")
-    if not timeout_raw.isdigit() or int(timeout_raw) > 86_400:
+    if not DIGITS.fullmatch(timeout_raw) or int(timeout_raw) > 86_400:
         raise ApiError(422, "invalid_query", "timeout_s is an integer from 0 (no limit) to 86400",
                        {"path": "timeout_s"})
     timeout_s = int(timeout_raw) or None
