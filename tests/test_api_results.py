@@ -66,9 +66,12 @@ async def test_results_and_events_paged(r, redis_server, clip):
             async with s.get(url, params={"after": bad}, headers=h(READ)) as resp:
                 body = await resp.json()
                 assert resp.status == 400 and body["error"]["code"] == "invalid_cursor", (bad, body)
-        for bad in ("0", "1001", "x"):
+        for bad in ("0", "1001", "x", "²", "١٢"):  # Unicode digits: str.isdigit() says yes, int() refused '²'
             async with s.get(url, params={"limit": bad}, headers=h(READ)) as resp:
-                assert resp.status == 422 and (await resp.json())["error"]["details"]["path"] == "limit"
+                assert resp.status == 422 and (await resp.json())["error"]["details"]["path"] == "limit", bad
+        for bad in ("²", "-1", "86401"):
+            async with s.get(url + "/live", params={"timeout_s": bad}, headers=h(READ)) as resp:
+                assert resp.status == 422 and (await resp.json())["error"]["details"]["path"] == "timeout_s", bad
         async with s.get(d.api_url + "/api/v1/streams/nosuch/results", headers=h(READ)) as resp:
             assert resp.status == 404
 
@@ -236,3 +239,28 @@ async def test_a_client_that_falls_behind_is_ended_not_buffered(r, redis_server)
         assert items[-1] is _END and len(items) == QUEUE
         assert fast in feed.subs
     assert feeds.feeds == {} and feeds.clients == 0  # the feed stopped with its last client
+
+
+def test_overlay_skips_hostile_boxes_and_draws_reversed_ones_sorted():
+    """A record is data from Redis: boxes reversed, out of the frame, not numbers, not finite, labels of any
+    script. Reversed boxes are drawn as their sorted form, the rest skipped; never an error (it was a 500)."""
+    from streamd.api.overlay import draw
+    from streamd.testing.media import encode_jpeg
+
+    jpeg = encode_jpeg(np.full((120, 160, 3), 90, np.uint8))
+
+    def rec(*boxes, label="person"):
+        return {"outputs": {"detect": {"detections": [{"box": b, "label": label, "class_id": 0} for b in boxes]}}}
+
+    def pixels(data):
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+    sorted_box = pixels(draw(jpeg, rec([20, 30, 100, 90])))
+    assert np.abs(pixels(draw(jpeg, rec([100, 90, 20, 30]))) - sorted_box).max() <= 2  # the same drawing
+    hostile = rec(["a", "b", "c", "d"], [1, 2, 3], [float("nan"), 0, 5, 5], [0, 0, float("inf"), 5],
+                  [True, 0, 5, 5], None, "box", [-500, -500, 5000, 5000], label="人 ¹²")
+    hostile["outputs"]["other"] = {"detections": "not a list"}
+    drawn = pixels(draw(jpeg, hostile))
+    assert drawn.shape == (120, 160, 3)
+    assert np.abs(drawn - pixels(jpeg)).max() > 50  # the out-of-frame box, clamped, is drawn along the edges
+    assert np.abs(pixels(draw(jpeg, rec(["a", 1, 2, 3]))) - pixels(draw(jpeg, None))).max() <= 2  # skipped
