@@ -27,6 +27,7 @@ from typing import Any, Callable
 from streamd import keys
 from streamd.config import Config, StreamConfig, parse_config
 from streamd.errors import ConfigError
+from streamd.memory import trim_heap
 from streamd.sources import parse_reference
 
 MIN_RATE = 0.9  # a copy whose source time advances slower than this share of the wall clock does not keep up
@@ -111,7 +112,7 @@ def _cpu_s(pid: int | None = None) -> float:
         return 0.0
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -144,7 +145,8 @@ def _pct(values: list[float], q: float) -> float | None:
 
 async def run_step(cfg: Config, redis_pid: int | None, seconds: float, warmup_s: float, p99_ms: float,
                    tick: Callable[[], None] | None = None) -> Step:
-    """Run the daemon of one step (a config from `copies`) and measure it."""
+    """Run the daemon of one step (a config from `copies`) and measure it. Memory: the process's RSS at the end of
+    the window over its RSS before the step, the heap's free memory given back first (what earlier steps left)."""
     import redis.asyncio as aioredis
 
     from streamd.daemon import Daemon
@@ -152,7 +154,8 @@ async def run_step(cfg: Config, redis_pid: int | None, seconds: float, warmup_s:
     n = len(cfg.streams)
     client = aioredis.Redis.from_url(cfg.redis.url or "")
     await client.flushall()
-    rss0 = _rss_mb()
+    trim_heap()
+    rss0 = rss_mb()
     d = Daemon(cfg)
     await d.startup()
     stop = asyncio.Event()
@@ -169,7 +172,7 @@ async def run_step(cfg: Config, redis_pid: int | None, seconds: float, warmup_s:
             tick and tick()
         t1, c1, r1 = time.time(), _cpu_s(), _cpu_s(redis_pid)
         dropped = sum(r.drops.total for r in d.streams.runners.values()) - drops0
-        rss = _rss_mb() - rss0
+        rss = rss_mb() - rss0
         gpu_util, gpu_mem = _gpu()
     finally:
         stop.set()

@@ -216,7 +216,9 @@ async def test_cancel_stops_a_job(redis_server, clip):
                 assert (await resp.json())["state"] == "cancelled"
             job = d.jobs.jobs.get(jid)
             if job is not None:
-                await asyncio.wait_for(job.finished.wait(), 1.0)  # within a second
+                # it ends promptly (a generous bound: no timed assertion on a shared machine); what counts is that no
+                # record is added after the cancel (below)
+                await asyncio.wait_for(job.finished.wait(), 15.0)
             n1 = len((await all_records(s, d, jid, 1000))[0])
             await asyncio.sleep(1.5)
             after = await get_job(s, d, jid)

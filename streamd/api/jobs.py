@@ -5,8 +5,10 @@ expire (jobs.ttl_s)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -18,7 +20,6 @@ from streamd import pipelines as pipeline_files
 from streamd.api.body import json_body
 from streamd.api.context import CFG, JOBS, streams
 from streamd.api.errors import ApiError, json_response, validation_details
-from streamd.api.results import entry_id
 from streamd.api.security import check_authority
 from streamd.errors import ConfigError, SourceError
 from streamd.jobs.manager import JobInvalid, JobsFull, JobsUnavailable
@@ -31,7 +32,7 @@ LIST_QUERY = ({"name": "offset", "in": "query", "required": False, "schema": {"t
               {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1,
                                                                             "maximum": 500, "default": 50}})
 RESULTS_QUERY = ({"name": "after", "in": "query", "required": False, "description": "the `next` cursor of the page "
-                  "before", "schema": {"type": "string", "pattern": r"^[0-9]{1,20}(-[0-9]{1,20})?$"}},
+                  "before", "schema": {"type": "string", "pattern": r"^[0-9]{1,20}-[0-9]{1,20}$"}},
                  {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1,
                                                                                "maximum": 1000, "default": 100}})
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -88,6 +89,9 @@ def _jobs(request: web.Request) -> Any:
         raise ApiError(503, "jobs_unavailable", "this daemon takes no jobs (jobs.enabled)",
                        headers={"Retry-After": "60"})
     return jobs
+
+
+_DIGITS = re.compile(r"[0-9]{1,20}")
 
 
 def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -159,6 +163,9 @@ async def _upload(request: web.Request, jobs: Any, jid: str) -> tuple[JobSpec, s
     except Exception as e:  # noqa: BLE001 - a malformed multipart body must not reach the 500 handler
         if path is not None:
             _unlink(path)
+        if isinstance(e, web.HTTPRequestEntityTooLarge):  # a part over api.max_body_bytes (the job part's read)
+            raise ApiError(413, "body_too_large", "a multipart part other than the file is over api.max_body_bytes") \
+                from None
         raise ApiError(422, "invalid_body", f"the multipart body cannot be read: {type(e).__name__}",
                        {"errors": [{"path": "<body>", "message": "malformed multipart body", "type": "multipart"}]}) \
             from None
@@ -171,6 +178,26 @@ async def _upload(request: web.Request, jobs: Any, jid: str) -> tuple[JobSpec, s
         raise ApiError(422, "invalid_body", "an uploaded file is the job's source: the job part names none",
                        {"errors": [{"path": "source", "message": "must be null with a file", "type": "upload"}]})
     return spec, path, name
+
+
+async def _bounded_upload(request: web.Request, jobs: Any, jid: str) -> tuple[JobSpec, str, str | None]:
+    """`_upload` within jobs.max_uploads at once (503 jobs_full past it, before a byte is read) and within
+    jobs.upload_timeout_s (408 upload_timeout, nothing kept): a slow or stalled client holds neither disk nor a
+    place for long."""
+    if jobs.uploading >= jobs.jcfg.max_uploads:
+        raise ApiError(503, "jobs_full", f"{jobs.uploading} uploads are being received (jobs.max_uploads); try "
+                       "again", {"retry_after_s": 1}, headers={"Retry-After": "1"})
+    jobs.uploading += 1
+    path = str(jobs.upload_path(jid))
+    try:
+        async with asyncio.timeout(jobs.jcfg.upload_timeout_s):
+            return await _upload(request, jobs, jid)
+    except TimeoutError:
+        _unlink(path)
+        raise ApiError(408, "upload_timeout", f"the upload did not arrive within jobs.upload_timeout_s "
+                       f"({jobs.jcfg.upload_timeout_s:g} s); nothing was kept") from None
+    finally:
+        jobs.uploading -= 1
 
 
 async def _save(part: BodyPartReader, path: str, limit: int) -> None:
@@ -202,7 +229,7 @@ async def job_create(request: web.Request) -> web.Response:
         if cl is not None and cl > jobs.jcfg.max_upload_bytes + 65_536 * 2:
             raise ApiError(413, "upload_too_large", f"the upload is over jobs.max_upload_bytes "
                            f"({jobs.jcfg.max_upload_bytes})", {"max_upload_bytes": jobs.jcfg.max_upload_bytes})
-        spec, upload, name = await _upload(request, jobs, jid)
+        spec, upload, name = await _bounded_upload(request, jobs, jid)
     elif request.content_type == "application/json":
         spec = await json_body(request, JobSpec)
         if spec.source is None:
@@ -271,12 +298,19 @@ async def job_results(request: web.Request) -> web.Response:
     jobs = _jobs(request)
     limit = _int(request, "limit", 100, 1, 1000)
     after = request.query.get("after")
-    if after is not None:
-        after = entry_id(after)  # 400 invalid_cursor unless a Redis stream entry id
+    if after is not None and not _entry_id(after):
+        raise ApiError(422, "invalid_query", "after is a cursor a page answered (next)", {"path": "after"})
     if await jobs.get(jid) is None:
         raise ApiError(404, "job_not_found", f"no job {jid!r} (or it expired)")
     records, nxt = await jobs.store.records(jid, after, limit)
     return json_response({"records": records, "next": nxt})
+
+
+def _entry_id(s: str) -> bool:
+    # each part a 64-bit number in ASCII digits, as Redis takes it (a 20-digit number past 2**64 - 1 is refused by
+    # Redis: a 503; '²' is a digit to str.isdigit, not to int())
+    ms, _, n = s.partition("-")
+    return bool(_DIGITS.fullmatch(ms) and _DIGITS.fullmatch(n)) and max(int(ms), int(n)) < 1 << 64
 
 
 async def job_delete(request: web.Request) -> web.Response:

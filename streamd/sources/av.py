@@ -21,6 +21,7 @@ from fractions import Fraction
 from typing import Any
 
 import av
+from av.codec.hwaccel import HWAccel
 from av.video.reformatter import VideoReformatter
 
 from streamd.batching import FrameQueue
@@ -212,8 +213,7 @@ class AvSource:
         if self._reader is not None and self._reader.seekable():
             self._reader.seek(0)
         try:
-            container = av.open(self._reader if self._reader is not None else self._url, options=self._options(),
-                                timeout=(t, self._read_timeout_s))
+            container = self._open(t)
         except Exception as e:  # noqa: BLE001 - every open failure gets a typed reason
             if self._stop.is_set():
                 return False
@@ -249,6 +249,23 @@ class AvSource:
                 return True
             return False
         raise SourceError("the stream ended", code="disconnected")
+
+    def _open(self, t: float) -> Any:
+        src = self._reader if self._reader is not None else self._url
+        kw: dict[str, Any] = {"options": self._options(), "timeout": (t, self._read_timeout_s)}
+        if self.cfg.hwaccel is None:
+            return av.open(src, **kw)
+        try:  # decoded on the device, frames copied to host memory (software decoding where the codec is not)
+            return av.open(src, hwaccel=HWAccel(self.cfg.hwaccel, allow_software_fallback=True), **kw)
+        except Exception as e:  # noqa: BLE001 - the device, or the input? The input opened without it tells
+            if self._reader is not None and self._reader.seekable():
+                self._reader.seek(0)
+            try:
+                av.open(src, **kw).close()
+            except Exception:  # noqa: BLE001
+                raise e from None
+            raise SourceError(f"hwaccel {self.cfg.hwaccel}: the device cannot be used ({_describe(e)})",
+                              permanent=True, code="source_error") from None
 
     def _seek(self, container: Any, stream: Any, pts_s: float) -> None:
         """A reconnect to a recording: go back to the last frame decoded (frames up to it are skipped)."""
@@ -294,7 +311,8 @@ class AvSource:
             if self._stop.is_set():
                 break
             if plan is not None:
-                self._progress_t = time.monotonic()  # packets arrive: no stall, whatever is decoded
+                if plan.packets_are_progress:  # frames are skipped: packets are the progress (the plan watches them)
+                    self._progress_t = time.monotonic()
                 if packet.pts is not None:  # where a looping file's next round starts, frames decoded or not
                     last_pts = max(last_pts, packet.pts * tb_s + offset)
                 if pace is not None and packet.dts is not None and not pace.wait(packet.dts * tb_s + offset):
