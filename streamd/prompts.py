@@ -15,7 +15,6 @@ PUBLISH to every node).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -23,10 +22,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
+from streamd.follow import ChangeFollower
 from streamd.keys import PROMPTS_CHANNEL, PROMPTS_INDEX_KEY, prompt_keys
-from streamd.log import RepeatedLog, get_logger
+from streamd.log import get_logger
 
 log = get_logger("streamd.prompts")
 
@@ -195,21 +194,17 @@ class PromptStore:
         return out
 
 
-class PromptCache:
-    """Current prompts of every scope, in memory; refreshed from pub/sub and every `refresh_s`. A deleted prompt's
-    tombstone is kept (so an older version never comes back) and means no prompt at its scope."""
+class PromptCache(ChangeFollower):
+    """Current prompts of every scope, in memory; refreshed from pub/sub and every `refresh_s` (streamd.follow). A
+    deleted prompt's tombstone is kept (so an older version never comes back) and means no prompt at its scope."""
+
+    channel = PROMPTS_CHANNEL
+    what = "prompt cache"
 
     def __init__(self, store: PromptStore, refresh_s: float = 5.0, log_every_s: float = 30.0):
+        super().__init__(store.r, log, refresh_s, log_every_s)
         self.store = store
-        self.refresh_s = refresh_s
-        self._outage = RepeatedLog(log, log_every_s)  # an outage is retried every second, logged far less often
         self._current: dict[str, dict[str, Any]] = {}
-        self.loaded = asyncio.Event()
-        self._stop = asyncio.Event()
-
-    def stop(self) -> None:
-        """End `run()` within a second (redis-py's get_message can swallow a cancellation)."""
-        self._stop.set()
 
     def resolve(self, kind: str, stream_id: str, pipeline: str) -> dict[str, Any] | None:
         """The most specific current prompt of `kind` for a stream: stream, then pipeline, then global (a deleted
@@ -226,41 +221,13 @@ class PromptCache:
         if old is None or old["version"] < rec["version"]:
             self._current[pid] = rec
 
-    async def refresh(self) -> None:
+    async def read_all(self) -> None:
         for rec in await self.store.all_current(include_deleted=True):
             self.set(rec)
-        self.loaded.set()
 
-    async def run(self) -> None:
-        """Follow changes until stopped; survives Redis outages (retries)."""
-        loop = asyncio.get_running_loop()
-        while not self._stop.is_set():
-            pubsub = self.store.r.pubsub()
-            try:
-                await pubsub.subscribe(CHANNEL)
-                await self.refresh()
-                self._outage.over("prompt cache has Redis back")
-                last = loop.time()
-                while not self._stop.is_set():
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if msg is None:
-                        if loop.time() - last >= self.refresh_s:
-                            await self.refresh()
-                            last = loop.time()
-                        continue
-                    kind, _, scope = msg["data"].decode().partition("|")
-                    try:
-                        self.set(await self.store.current(kind, scope, include_deleted=True))
-                    except PromptNotFound:
-                        pass
-            except (RedisError, OSError) as e:
-                self._outage.warning("prompt cache lost Redis, retrying", error=str(e) or type(e).__name__)
-                try:
-                    await asyncio.wait_for(self._stop.wait(), 1.0)
-                except TimeoutError:
-                    pass
-            finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:  # noqa: BLE001 - closing a dead connection
-                    pass
+    async def on_message(self, data: str) -> None:
+        kind, _, scope = data.partition("|")
+        try:
+            self.set(await self.store.current(kind, scope, include_deleted=True))
+        except PromptNotFound:
+            pass

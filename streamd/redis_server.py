@@ -91,6 +91,7 @@ class ManagedRedis:
                 "--save", "", "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
                 "--logfile", str((self.data_dir / "redis.log").resolve())]
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
+        args += self.extra_args()
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         self._start_watchdog(self.proc.pid)
@@ -104,6 +105,10 @@ class ManagedRedis:
             time.sleep(0.02)
         self.stop()
         raise RedisServerError(f"redis-server did not answer on port {self.port}")
+
+    def extra_args(self) -> list[str]:
+        """More redis-server arguments (a subclass's: a cluster node's)."""
+        return []
 
     def _start_watchdog(self, pid: int) -> None:
         try:

@@ -3,6 +3,7 @@ connection with Last-Event-ID, snapshots with and without the overlay, against a
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
@@ -11,7 +12,8 @@ import numpy as np
 from PIL import Image
 
 from streamd import keys
-from tests.conftest import OPER, PERSON, READ, api_cfg, at_least, h, running, until
+from streamd.api.results import id_key
+from conftest import OPER, PERSON, READ, api_cfg, at_least, h, running, until
 
 
 def live_clip(clip, sid="cam", pipeline="frame_info", fps=5.0):
@@ -64,9 +66,12 @@ async def test_results_and_events_paged(r, redis_server, clip):
             async with s.get(url, params={"after": bad}, headers=h(READ)) as resp:
                 body = await resp.json()
                 assert resp.status == 400 and body["error"]["code"] == "invalid_cursor", (bad, body)
-        for bad in ("0", "1001", "x"):
+        for bad in ("0", "1001", "x", "²", "١٢"):  # Unicode digits: str.isdigit() says yes, int() refused '²'
             async with s.get(url, params={"limit": bad}, headers=h(READ)) as resp:
-                assert resp.status == 422 and (await resp.json())["error"]["details"]["path"] == "limit"
+                assert resp.status == 422 and (await resp.json())["error"]["details"]["path"] == "limit", bad
+        for bad in ("²", "-1", "86401"):
+            async with s.get(url + "/live", params={"timeout_s": bad}, headers=h(READ)) as resp:
+                assert resp.status == 422 and (await resp.json())["error"]["details"]["path"] == "timeout_s", bad
         async with s.get(d.api_url + "/api/v1/streams/nosuch/results", headers=h(READ)) as resp:
             assert resp.status == 404
 
@@ -97,6 +102,28 @@ async def test_sse_resumes_after_a_dropped_connection(r, redis_server, clip):
                 assert body.count(b"event: result") >= 1
             async with s.get(url, headers={**h(READ), "Last-Event-ID": "nope"}) as resp:
                 assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_cursor"
+
+
+async def test_sse_new_and_resuming_clients_while_another_keeps_the_feed_alive(r, redis_server, clip):
+    """Client A stays connected the whole time (the feed never restarts): B, new, gets the newest entry first (not
+    the one the feed started at); C, resuming 10 entries back, gets those 10 from Redis, then the live ones."""
+    async with running(api_cfg(redis_server.url, [live_clip(clip)])) as d, aiohttp.ClientSession() as s:
+        url = d.api_url + "/api/v1/streams/cam/results/live"
+        await until(lambda: at_least(r, "cam", 2), 30, what="results")
+        async with s.get(url, headers=h(READ)) as a:
+            a_first = await read_events(a, 1)
+            n = len(await r.xrange(keys.results_key("cam")))
+            await until(lambda: at_least(r, "cam", n + 12), 30, what="results while A stays")
+            assert len(d_live(d).feeds) == 1  # A's feed, started when A connected
+            newest = (await r.xrevrange(keys.results_key("cam"), count=1))[0][0].decode()
+            async with s.get(url, headers=h(READ)) as b:
+                b_first = await read_events(b, 1)
+            assert id_key(b_first[0][0]) >= id_key(newest) > id_key(a_first[0][0])
+            back = [e.decode() for e, _ in await r.xrevrange(keys.results_key("cam"), count=11)][::-1]
+            async with s.get(url, headers={**h(READ), "Last-Event-ID": back[0]}) as c:
+                resumed = await read_events(c, 12)
+            in_redis = [e.decode() for e, _ in await r.xrange(keys.results_key("cam"), f"({back[0]}", "+", count=12)]
+            assert [eid for eid, _ in resumed] == in_redis and in_redis[:10] == back[1:]
 
 
 def d_live(d):
@@ -157,3 +184,83 @@ async def test_snapshot_with_and_without_overlay(r, redis_server, clip):
             assert resp.status == 201
         async with s.get(d.api_url + "/api/v1/streams/idle/snapshot.jpg", headers=h(READ)) as resp:
             assert resp.status == 404 and (await resp.json())["error"]["code"] == "frame_not_found"
+
+
+async def test_pause_and_resume_a_stream(r, redis_server):
+    """PATCH {"paused": true}: kept, listed stopped with reason_code paused, nothing read; false: it runs again."""
+    import numpy as np
+
+    from streamd.testing.media import push_frames
+
+    imgs = [np.full((32, 32, 3), i * 30, np.uint8) for i in range(3)]
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        url = d.api_url + "/api/v1/streams"
+        body = {"id": "yard", "url": "redis:frames:yard", "pipeline": "frame_info"}
+        async with s.post(url, json=body, headers=h(OPER)) as resp:
+            assert resp.status == 201
+        await push_frames(r, "frames:yard", imgs[:1])
+        await until(lambda: at_least(r, "yard", 1), what="a result")
+        async with s.patch(url + "/yard", json={"paused": True}, headers=h(OPER)) as resp:
+            info = await resp.json()
+        assert resp.status == 200 and info["state"] == "stopped" and info["reason_code"] == "paused"
+        await push_frames(r, "frames:yard", imgs[1:])
+        async with s.get(url + "/yard", headers=h(READ)) as resp:
+            assert (await resp.json())["reason"] == "paused"
+        assert len(await r.xrange(keys.results_key("yard"))) == 1  # nothing read while paused
+        assert json.loads((await r.hget("streamd:api:streams", "yard")))["paused"] is True  # kept paused
+        async with s.patch(url + "/yard", json={"paused": False}, headers=h(OPER)) as resp:
+            assert resp.status == 200 and (await resp.json())["reason_code"] != "paused"
+        await until(lambda: at_least(r, "yard", 3), what="the frames pushed while paused")
+
+
+async def test_a_client_that_falls_behind_is_ended_not_buffered(r, redis_server):
+    """The feed never holds more than QUEUE records for one client: past that the client gets the end (and may
+    resume with Last-Event-ID); the other clients go on."""
+    from streamd.api.live import _END, QUEUE, LiveFeeds
+
+    feeds = LiveFeeds(lambda: r)
+    key = keys.results_key("slow")
+    await r.xadd(key, {"record": b"{}"})
+    async with feeds.subscribe(key) as (feed, slow, _), feeds.subscribe(key) as (_, fast, _):
+        async def read_all() -> list:
+            got = []
+            while len(got) < QUEUE + 10:  # the fast one reads everything as it comes
+                got.append(await asyncio.wait_for(fast.get(), 10))
+            return got
+
+        reader = asyncio.create_task(read_all())
+        for i in range(QUEUE + 10):
+            await r.xadd(key, {"record": json.dumps({"seq": i}).encode()})
+        got = await reader
+        assert all(item is not _END for item in got)
+        assert [json.loads(item[1].split(b"data: ")[1]) for item in got] == [{"seq": i} for i in range(QUEUE + 10)]
+        assert slow.qsize() <= QUEUE and slow not in feed.subs
+        items = [slow.get_nowait() for _ in range(slow.qsize())]
+        assert items[-1] is _END and len(items) == QUEUE
+        assert fast in feed.subs
+    assert feeds.feeds == {} and feeds.clients == 0  # the feed stopped with its last client
+
+
+def test_overlay_skips_hostile_boxes_and_draws_reversed_ones_sorted():
+    """A record is data from Redis: boxes reversed, out of the frame, not numbers, not finite, labels of any
+    script. Reversed boxes are drawn as their sorted form, the rest skipped; never an error (it was a 500)."""
+    from streamd.api.overlay import draw
+    from streamd.testing.media import encode_jpeg
+
+    jpeg = encode_jpeg(np.full((120, 160, 3), 90, np.uint8))
+
+    def rec(*boxes, label="person"):
+        return {"outputs": {"detect": {"detections": [{"box": b, "label": label, "class_id": 0} for b in boxes]}}}
+
+    def pixels(data):
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+    sorted_box = pixels(draw(jpeg, rec([20, 30, 100, 90])))
+    assert np.abs(pixels(draw(jpeg, rec([100, 90, 20, 30]))) - sorted_box).max() <= 2  # the same drawing
+    hostile = rec(["a", "b", "c", "d"], [1, 2, 3], [float("nan"), 0, 5, 5], [0, 0, float("inf"), 5],
+                  [True, 0, 5, 5], None, "box", [-500, -500, 5000, 5000], label="人 ¹²")
+    hostile["outputs"]["other"] = {"detections": "not a list"}
+    drawn = pixels(draw(jpeg, hostile))
+    assert drawn.shape == (120, 160, 3)
+    assert np.abs(drawn - pixels(jpeg)).max() > 50  # the out-of-frame box, clamped, is drawn along the edges
+    assert np.abs(pixels(draw(jpeg, rec(["a", 1, 2, 3]))) - pixels(draw(jpeg, None))).max() <= 2  # skipped

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def test_demo_runs_offline_with_embedded_redis(tmp_path):
     env.pop("STREAMD_REDIS_URL")
     t0 = time.monotonic()
     try:
-        p = subprocess.run(STREAMD + ["demo", "--duration", "25", "--json"], capture_output=True, text=True,
+        p = subprocess.run(STREAMD + ["demo", "--duration", "25", "--json", "--port", "0"], capture_output=True,
+                           text=True,
                            timeout=200, env=env)
     except subprocess.TimeoutExpired as e:
         err = e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr
@@ -100,6 +102,7 @@ def test_demo_runs_offline_with_embedded_redis(tmp_path):
     assert any(x["kind"] == "events" and x["type"] == "track_started" for x in recs)
     assert time.monotonic() - t0 < 280
     assert "embedded redis-server" in p.stderr
+    assert re.search(r"the page: http://127\.0\.0\.1:\d+/", p.stderr), p.stderr[-2000:]  # the page is served
     assert (tmp_path / "home" / "samples").is_dir()
 
 

@@ -15,11 +15,12 @@ from streamd.api.etag import KeyedLocks
 from streamd.api.health import PING, health, health_live, health_ready, metrics
 from streamd.api.jobs import (LIST_QUERY, RESULTS_QUERY, JobInfo, JobList, JobResults, job_create, job_delete, job_get,
                               job_results, jobs_list)
-from streamd.api.middleware import Route, auth_mw, cors_mw, errors_mw
+from streamd.api.middleware import Route, auth_mw, cors_mw, errors_mw, same_site_mw
 from streamd.api.models import ModelCatalog, ModelInfo, model_delete, model_load, models_list
 from streamd.api.pipelines import (PipelineHistory, PipelinePatch, PipelineRollback, SwitchOutcome,
                                    pipeline_history, pipeline_patch, pipeline_rollback)
 from streamd.api.live import LIVE, LiveFeeds, results_live
+from streamd.api.page import add_page
 from streamd.api.predict import PredictAnswer, predict
 from streamd.api.results import MAX_LIMIT, snapshot, stream_events, stream_results, stream_vlm
 from streamd.api.prompts import prompt_delete, prompt_get, prompt_history, prompt_put, prompt_rollback, prompts_list
@@ -153,7 +154,8 @@ def build_app(streams: StreamManager, prompts: PromptStore, models: Any, metrics
               environ: dict[str, str], jobs: Any = None) -> web.Application:
     """The application: it reaches the daemon's parts through typed keys (STREAMS, PROMPTS, MODELS, METRICS)."""
     table = {(r.method, r.path): r for r in ROUTES}
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[errors_mw, cors_mw, auth_mw(table)])
+    app = web.Application(client_max_size=cfg.max_body_bytes,
+                          middlewares=[errors_mw, cors_mw, same_site_mw, auth_mw(table)])
     app[STREAMS] = streams
     app[PROMPTS] = prompts
     app[MODELS] = models
@@ -168,6 +170,8 @@ def build_app(streams: StreamManager, prompts: PromptStore, models: Any, metrics
         app[JOBS] = jobs
     app[LIVE] = LiveFeeds(lambda: streams.client(""))  # blocking reads on the inputs' pool, never the API's
     app.on_shutdown.append(app[LIVE].close)
+    if cfg.ui:
+        add_page(app)  # the web page at / (no token needed to load it; every call it makes needs one)
     for r in ROUTES:
         if r.method == "GET":
             app.router.add_get(r.path, r.handler, allow_head=True)  # HEAD too

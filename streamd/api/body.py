@@ -78,3 +78,15 @@ async def json_body(request: web.Request, model: Any) -> Any:
     except ValidationError as e:
         raise ApiError(422, "invalid_body", "the body does not match the schema", validation_details(e)) from None
 
+
+
+def offset_limit(request: web.Request, default_limit: int = 50, most: int = 500) -> tuple[int, int]:
+    """A history page's `?offset=&limit=` (422 invalid_query outside offset >= 0, 1 <= limit <= most)."""
+    try:
+        offset = int(request.query.get("offset", "0"))
+        limit = int(request.query.get("limit", str(default_limit)))
+    except ValueError:
+        raise ApiError(422, "invalid_query", "offset and limit are integers") from None
+    if offset < 0 or not 1 <= limit <= most:
+        raise ApiError(422, "invalid_query", f"offset >= 0 and 1 <= limit <= {most}")
+    return offset, limit

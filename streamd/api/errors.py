@@ -20,6 +20,10 @@ CODES: dict[str, tuple[int, str]] = {
     "unauthorized": (401, "no bearer token, or an unknown one (with WWW-Authenticate)"),
     "forbidden": (403, "the token lacks the scope the route needs (details.needed)"),
     "cors_denied": (403, "a CORS preflight from an origin not in api.cors_origins"),
+    "host_not_allowed": (403, "no tokens (loopback only): the Host header is not a loopback name or address with "
+                              "the API's port (a DNS-rebinding page names its own host)"),
+    "cross_origin_refused": (403, "no tokens (loopback only): an Origin other than the API's own or one in "
+                                  "api.cors_origins, or Sec-Fetch-Site: cross-site"),
     "not_found": (404, "no such route"),
     "stream_not_found": (404, "no stream with that id"),
     "prompt_not_found": (404, "no prompt (or no such version) for that kind and scope"),
@@ -53,9 +57,12 @@ CODES: dict[str, tuple[int, str]] = {
     "body_too_large": (413, "the body is over api.max_body_bytes"),
     "image_too_large": (413, "predict: the image is over api.predict.max_image_bytes, or its width x height (read "
                              "from its header, before decoding) over api.predict.max_pixels"),
+    "upload_timeout": (408, "jobs: the upload did not arrive whole within jobs.upload_timeout_s (nothing is kept)"),
     "upload_too_large": (413, "jobs: the uploaded video is over jobs.max_upload_bytes (nothing is kept)"),
     "unsupported_media_type": (415, "predict: the body is not image/* or multipart/form-data; jobs: not "
-                                    "application/json or multipart/form-data (details.content_type)"),
+                                    "application/json or multipart/form-data; no tokens (loopback only): a POST, "
+                                    "PUT, PATCH or DELETE body of another route that is not application/json "
+                                    "(details.content_type)"),
     "invalid_body": (422, "the body does not match the schema (details.errors name each path), or is not an object"),
     "invalid_url": (422, "the stream URL cannot be used (e.g. a host name label over 63 characters)"),
     "scheme_not_allowed": (422, "a URL scheme not in api.allowed_schemes (files and FFmpeg pseudo-protocols never)"),

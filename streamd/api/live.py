@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,9 +18,11 @@ from redis.exceptions import RedisError
 
 from streamd import keys
 from streamd.api.errors import ApiError
-from streamd.api.results import entry_id, id_key
+from streamd.api.results import DIGITS, entry_id, id_key
 from streamd.api.streams import _stream
+from streamd.api.context import CFG
 from streamd.api.context import streams as _streams
+from streamd.api.middleware import cors_headers
 from streamd.log import get_logger
 
 log = get_logger("streamd.api")
@@ -32,6 +35,7 @@ KEEPALIVE_S = 15.0
 READY_TIMEOUT_S = 5.0
 MAX_CLIENTS = 500  # SSE connections per daemon (past it: 503 busy)
 _END = object()
+KEEPALIVE = ((-1, -1), b": keep-alive\n\n")  # an SSE comment: written whatever the client's last id
 
 
 class Feed:
@@ -42,35 +46,43 @@ class Feed:
         self.key = key
         self.subs: set[asyncio.Queue[Any]] = set()
         self.start_id: str | None = None  # the newest entry when the feed started: it delivers what follows
+        self.last_id: str | None = None  # the last entry handed to the subscribers (start_id before any)
         self.ready = asyncio.Event()
         self.task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
         delay = 0.2
+        quiet_since = time.monotonic()
         while True:
             try:
                 if self.start_id is None:
                     newest = await self.client.xrevrange(self.key, "+", "-", count=1)
-                    self.start_id = last = newest[0][0].decode() if newest else "0-0"
+                    self.start_id = self.last_id = last = newest[0][0].decode() if newest else "0-0"
                     self.ready.set()
                 reply = await self.client.xread({self.key: last}, count=READ_COUNT, block=BLOCK_MS)
                 delay = 0.2
+                if not reply and time.monotonic() - quiet_since >= KEEPALIVE_S:  # idle connections stay open
+                    quiet_since = time.monotonic()
+                    self._send(KEEPALIVE)
             except (RedisError, OSError) as e:
                 log.warning("live results: Redis read failed, retrying", key=self.key, error=str(e) or type(e).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             for _key, entries in reply or ():
+                quiet_since = time.monotonic()
                 for eid, fields in entries:
-                    last = eid.decode()
-                    item = (last, fields.get(b"record", b"null"))
-                    for q in list(self.subs):
-                        try:
-                            q.put_nowait(item)
-                        except asyncio.QueueFull:  # too slow: it ends, and may resume with Last-Event-ID
-                            self.subs.discard(q)
-                            q.get_nowait()
-                            q.put_nowait(_END)
+                    self.last_id = last = eid.decode()  # before the fan-out: a new subscriber reads up to it
+                    self._send((id_key(last), _event(last, fields.get(b"record", b"null"))))  # encoded once for all
+
+    def _send(self, item: Any) -> None:
+        for q in list(self.subs):
+            try:
+                q.put_nowait(item)
+            except asyncio.QueueFull:  # too slow: it ends, and may resume with Last-Event-ID
+                self.subs.discard(q)
+                q.get_nowait()
+                q.put_nowait(_END)
 
 
 class LiveFeeds:
@@ -84,7 +96,9 @@ class LiveFeeds:
         self._closed = False
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, key: str) -> AsyncIterator[tuple[Feed, asyncio.Queue[Any]]]:
+    async def subscribe(self, key: str) -> AsyncIterator[tuple[Feed, asyncio.Queue[Any], str]]:
+        """The feed, a queue that gets every entry after the boundary (the third item, an entry id): the caller
+        reads up to the boundary from Redis itself (catch-up, the newest entry)."""
         if self._closed:
             raise ApiError(503, "not_ready", "the daemon is stopping", headers={"Retry-After": "1"})
         if self.clients >= self.max_clients:
@@ -95,6 +109,7 @@ class LiveFeeds:
             feed = self.feeds[key] = Feed(self._client(), key)
         q: asyncio.Queue[Any] = asyncio.Queue(QUEUE)
         feed.subs.add(q)
+        boundary = feed.last_id  # read with the add, no await between: every entry after it reaches q
         self.clients += 1
         try:
             try:
@@ -102,7 +117,7 @@ class LiveFeeds:
             except TimeoutError:
                 raise ApiError(503, "redis_unavailable", "Redis is unreachable; try again",
                                headers={"Retry-After": "1"}) from None
-            yield feed, q
+            yield feed, q, boundary or feed.start_id or "0-0"  # not ready when added: q gets all after start_id
         finally:
             self.clients -= 1
             feed.subs.discard(q)
@@ -135,46 +150,52 @@ async def results_live(request: web.Request) -> web.StreamResponse:
     raw = request.headers.get("Last-Event-ID") or request.query.get("after")
     after = entry_id(raw, "Last-Event-ID" if "Last-Event-ID" in request.headers else "after") if raw else None
     timeout_raw = request.query.get("timeout_s", "0")
-    if not timeout_raw.isdigit() or int(timeout_raw) > 86_400:
+    if not DIGITS.fullmatch(timeout_raw) or int(timeout_raw) > 86_400:
         raise ApiError(422, "invalid_query", "timeout_s is an integer from 0 (no limit) to 86400",
                        {"path": "timeout_s"})
     timeout_s = int(timeout_raw) or None
     key = keys.results_key(sid)
     client = _streams(request).redis
-    async with request.app[LIVE].subscribe(key) as (feed, q):
+    async with request.app[LIVE].subscribe(key) as (feed, q, boundary):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                           "X-Accel-Buffering": "no"})
+                                           "X-Accel-Buffering": "no",  # CORS set before the headers go out
+                                           **cors_headers(request, request.app[CFG])})
         await resp.prepare(request)
         last = id_key(after) if after is not None else (0, 0)
         with contextlib.suppress(TimeoutError, ConnectionResetError):
             async with asyncio.timeout(timeout_s):
-                # what the client missed (or the newest one), up to where the feed started
+                # what the client missed (or the newest one), up to the boundary: the queue has what follows
                 if after is None:
-                    entries = await client.xrevrange(key, feed.start_id or "+", "-", count=1)
+                    entries = await client.xrevrange(key, boundary, "-", count=1)
                 else:
                     entries = []
                     cursor = after
-                    while id_key(cursor) < id_key(feed.start_id or "0-0"):
-                        chunk = await client.xrange(key, f"({cursor}", feed.start_id, count=CATCH_UP_PAGE)
+                    while id_key(cursor) < id_key(boundary):
+                        chunk = await client.xrange(key, f"({cursor}", boundary, count=CATCH_UP_PAGE)
                         if not chunk:
                             break
-                        for e in chunk:
-                            await resp.write(_event(e[0].decode(), e[1].get(b"record", b"null")))
+                        await resp.write(b"".join(_event(e[0].decode(), e[1].get(b"record", b"null"))
+                                                  for e in chunk))
                         cursor = chunk[-1][0].decode()
                         last = id_key(cursor)
                 for eid_b, fields in entries:
                     await resp.write(_event(eid_b.decode(), fields.get(b"record", b"null")))
                     last = id_key(eid_b.decode())
                 while True:
-                    try:
-                        item = await asyncio.wait_for(q.get(), KEEPALIVE_S)
-                    except TimeoutError:
-                        await resp.write(b": keep-alive\n\n")
-                        continue
-                    if item is _END:
+                    items = [await q.get()]  # the feed sends a keep-alive comment when nothing came for a while
+                    while not q.empty():  # whatever else is there goes in the same write
+                        items.append(q.get_nowait())
+                    out = []
+                    for item in items:
+                        if item is _END:
+                            break
+                        if item is KEEPALIVE:
+                            out.append(item[1])
+                        elif item[0] > last:
+                            out.append(item[1])
+                            last = item[0]
+                    if out:
+                        await resp.write(b"".join(out))
+                    if any(item is _END for item in items):
                         break
-                    eid, data = item
-                    if id_key(eid) > last:
-                        await resp.write(_event(eid, data))
-                        last = id_key(eid)
         return resp

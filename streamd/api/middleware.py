@@ -3,6 +3,7 @@ authentication, scopes and rate limits."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,15 @@ class ApiRunner(web.AppRunner):
 # -- middlewares ----------------------------------------------------------------------------------------------
 @web.middleware
 async def errors_mw(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error as JSON, with the CORS headers a browser needs to read it (an allowed origin's page sees why
+    its request was refused, a 401 included)."""
+    resp = await _errors(request, handler)
+    if resp.status >= 400 and not resp.prepared:
+        resp.headers.update(cors_headers(request, request.app[CFG]))
+    return resp
+
+
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as e:
@@ -116,7 +126,7 @@ def _pool_exhausted(e: BaseException) -> bool:
         isinstance(e, RedisConnectionError) and str(e).startswith("No connection available")
 
 
-def _cors_headers(request: web.Request, cfg: ApiConfig) -> dict[str, str]:
+def cors_headers(request: web.Request, cfg: ApiConfig) -> dict[str, str]:
     origin = request.headers.get("Origin")
     if not origin or origin not in cfg.cors_origins:
         return {}
@@ -130,7 +140,7 @@ def _cors_headers(request: web.Request, cfg: ApiConfig) -> dict[str, str]:
 @web.middleware
 async def cors_mw(request: web.Request, handler: Any) -> web.StreamResponse:
     cfg = request.app[CFG]
-    headers = _cors_headers(request, cfg)
+    headers = cors_headers(request, cfg)
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         if not headers:
             return error_response(403, "cors_denied", "origin not allowed")
@@ -138,6 +148,74 @@ async def cors_mw(request: web.Request, handler: Any) -> web.StreamResponse:
     resp = await handler(request)
     resp.headers.update(headers)
     return resp
+
+
+JSON_TYPES = ("application/json",)
+MUTATING = ("POST", "PUT", "PATCH", "DELETE")
+
+
+@web.middleware
+async def same_site_mw(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Without tokens (loopback only) anything that can reach the port may act, so the API makes sure the request
+    comes from this machine's own clients, not from a web page on another site the user happens to open: `Host`
+    must be a loopback name or address with the API's port (a DNS-rebinding page sends its own host name),
+    `Origin` must be absent, the API's own, or in api.cors_origins, `Sec-Fetch-Site: cross-site` is refused, and
+    a mutating request's body must be JSON (`text/plain` and form bodies are what a page may send without a
+    preflight). With tokens none of this is needed: a page cannot send the Authorization header cross-site."""
+    if request.app[AUTH].enabled:
+        return await handler(request)
+    host = request.headers.get("Host", "")
+    if not _loopback_host(host, _local_port(request)):
+        raise ApiError(403, "host_not_allowed", "without tokens the API answers only requests addressed to a "
+                       "loopback host and its own port (Host: 127.0.0.1:<port> or localhost:<port>)",
+                       {"host": host[:200]})
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.lower() != f"{request.scheme}://{host}".lower() \
+            and origin not in request.app[CFG].cors_origins:
+        raise ApiError(403, "cross_origin_refused", "without tokens the API refuses requests from another "
+                       "origin's pages (api.cors_origins lists the allowed ones)", {"origin": origin[:200]})
+    if request.headers.get("Sec-Fetch-Site") == "cross-site" and origin is None:
+        raise ApiError(403, "cross_origin_refused", "without tokens the API refuses cross-site requests")
+    if request.method in MUTATING and request.can_read_body and not _upload(request) \
+            and request.content_type not in JSON_TYPES:
+        raise ApiError(415, "unsupported_media_type", "a request body must be JSON (Content-Type: "
+                       "application/json)", {"content_type": request.content_type})
+    return await handler(request)
+
+
+def _upload(request: web.Request) -> bool:
+    """Routes that take images or videos (predict, job uploads): their own media types, checked by them."""
+    return request.path.startswith("/api/v1/predict/") or request.method == "POST" and request.path == "/api/v1/jobs"
+
+
+def _local_port(request: web.Request) -> int | None:
+    sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    return sock[1] if isinstance(sock, tuple) and len(sock) >= 2 else None
+
+
+def _loopback_host(host: str, port: int | None) -> bool:
+    """`host` (a Host header) names a loopback address or localhost, with `port` (80 when it names none)."""
+    if host.startswith("["):  # [::1]:8080
+        end = host.find("]")
+        name, rest = host[1:end], host[end + 1 :]
+        if end < 0 or rest and not rest.startswith(":"):
+            return False
+        port_s = rest[1:]
+    else:
+        name, _, port_s = host.partition(":")
+    try:
+        given = int(port_s) if port_s else 80
+    except ValueError:
+        return False
+    if port is not None and given != port:
+        return False
+    name = name.lower().rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def auth_mw(routes: dict[tuple[str, str], Route]) -> Any:

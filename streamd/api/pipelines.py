@@ -15,7 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 
 from streamd import pipelines as pipeline_files
-from streamd.api.body import json_body
+from streamd.api.body import json_body, offset_limit
 from streamd.api.context import AUTH, PRINCIPAL
 from streamd.api.context import streams as _streams
 from streamd.api.errors import ApiError, json_response
@@ -170,12 +170,6 @@ async def _change(request: web.Request, name: str, edits: list[Edit], author: st
 
 async def pipeline_history(request: web.Request) -> web.Response:
     name = _pipeline(request)
-    try:
-        offset = int(request.query.get("offset", "0"))
-        limit = int(request.query.get("limit", "50"))
-    except ValueError:
-        raise ApiError(422, "invalid_query", "offset and limit are integers") from None
-    if offset < 0 or not 1 <= limit <= 500:
-        raise ApiError(422, "invalid_query", "offset >= 0 and 1 <= limit <= 500")
+    offset, limit = offset_limit(request)
     total, items = await _switches(request).store.history(name, offset, limit)
     return json_response({"total": total, "offset": offset, "limit": limit, "versions": items})

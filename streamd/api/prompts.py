@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from streamd.api.body import json_body as _json_body
+from streamd.api.body import offset_limit
 from streamd.api.context import AUTH, PRINCIPAL
 from streamd.api.context import prompts as _prompts
 from streamd.api.errors import ApiError, json_response
@@ -108,13 +109,7 @@ async def prompt_delete(request: web.Request) -> web.Response:
 
 async def prompt_history(request: web.Request) -> web.Response:
     kind, scope = _prompt_key(request)
-    try:
-        offset = int(request.query.get("offset", "0"))
-        limit = int(request.query.get("limit", "50"))
-    except ValueError:
-        raise ApiError(422, "invalid_query", "offset and limit are integers") from None
-    if offset < 0 or not 1 <= limit <= 500:
-        raise ApiError(422, "invalid_query", "offset >= 0 and 1 <= limit <= 500")
+    offset, limit = offset_limit(request)
     try:
         total, items = await _prompts(request).history(kind, scope, offset, limit)
     except PromptNotFound:

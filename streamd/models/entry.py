@@ -136,6 +136,18 @@ class ModelRef:
             e.touch()
             self._manager.wake()
 
+    def serviceable(self, works: Iterable[Any]) -> list[Any]:
+        """The works (frames) of `works` this model may serve: a frame of a stream the model was unloaded under by
+        force gets that reason as its error and is left out (its frames still in the queues fail the same way)."""
+        todo = []
+        for w in works:
+            why = self.revoked.get(w.frame.stream_id)
+            if why is not None:
+                w.error = why
+            else:
+                todo.append(w)
+        return todo
+
     def hold(self, streams: Iterable[str]) -> None:
         """These streams use the model (until `drop_stream`): it stays loaded for them."""
         self.streams.update(s for s in streams if s not in self.revoked)

@@ -210,7 +210,7 @@ class Detect(Stage):
         by_name.update({o.labels.get(n, n): i for i, n in names.items()})
         ids = []
         for c in o.classes:
-            if isinstance(c, int) or (isinstance(c, str) and c.isdigit()):
+            if isinstance(c, int) or (isinstance(c, str) and c.isascii() and c.isdigit()):
                 ids.append(int(c))
             elif c in by_name:
                 ids.append(by_name[c])
@@ -240,13 +240,7 @@ class Detect(Stage):
     async def process(self, batch: list[Work]) -> list[Work]:
         s = self.serving  # the whole batch runs with this: a switch takes effect between two batches
         assert s is not None
-        todo = []
-        for w in batch:  # a stream whose model was unloaded by force fails (its frames still in the queues too)
-            why = s.model.revoked.get(w.frame.stream_id)
-            if why is not None:
-                w.error = why
-            else:
-                todo.append(w)
+        todo = s.model.serviceable(batch)
         if not todo:
             return batch
         async with s.model.use({w.frame.stream_id for w in todo}) as det:

@@ -79,6 +79,13 @@ class StreamManager(StreamInfo):
         assert self._tg is not None, "the daemon is not running"
         if s.id in self.runners and self.runners[s.id].state not in (State.STOPPED, State.FAILED):
             raise StreamdError(f"stream {s.id!r} exists")
+        if s.paused:  # kept, shown stopped: nothing connects (PATCH paused: false replaces it with a running one)
+            runner = StreamRunner(s, self.metrics, self.sink.event, self.client, self.consumer,
+                                  self.cfg.events.drop_event_interval_s)
+            self.runners[s.id] = runner
+            runner._set_state(State.STOPPED, "paused", "paused")
+            runner.stop()
+            return runner
         pipeline = self.pipelines.get_or_start(s.pipeline, f"streams.{s.id}.pipeline", self._tg)
         runner = StreamRunner(s, self.metrics, self.sink.event, self.client, self.consumer,
                               self.cfg.events.drop_event_interval_s, self.doorbell,

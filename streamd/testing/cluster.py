@@ -49,30 +49,10 @@ class ClusterNodeServer(ManagedRedis):
         super().__init__(data_dir, port=free_node_port(), durable=durable)
         self.node_timeout_ms = node_timeout_ms
 
-    def start(self, timeout_s: float = 10.0) -> "ClusterNodeServer":
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RedisServerError("redis-server is not installed (apt-get install redis-server)")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+    def extra_args(self) -> list[str]:
         d = self.data_dir.resolve()
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "",
-                "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
-                "--logfile", str(d / "redis.log"), "--cluster-enabled", "yes",
-                "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", str(self.node_timeout_ms)]
-        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
-        self._start_watchdog(self.proc.pid)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._stop_watchdog()
-                raise RedisServerError(f"redis-server exited with {self.proc.returncode}; see {d}/redis.log")
-            if self.ping():
-                return self
-            time.sleep(0.02)
-        self.stop()
-        raise RedisServerError(f"redis-server did not answer on port {self.port}")
+        return ["--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
+                "--cluster-node-timeout", str(self.node_timeout_ms)]
 
 
 class ManagedRedisCluster:

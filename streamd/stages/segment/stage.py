@@ -194,13 +194,7 @@ class Segment(Stage):
     # -- frames --------------------------------------------------------------------------------------------------
     async def process(self, batch: list[Work]) -> list[Work]:
         assert self.model is not None
-        todo = []
-        for w in batch:
-            why = self.model.revoked.get(w.frame.stream_id)
-            if why is not None:
-                w.error = why
-            else:
-                todo.append(w)
+        todo = self.model.serviceable(batch)
         if not todo:
             return batch
         async with self.model.use({w.frame.stream_id for w in todo}) as engine:

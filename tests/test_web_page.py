@@ -1,0 +1,187 @@
+"""The web page in a real browser (Debian's chromium driven by Playwright; scripts/bootstrap.sh --tests installs
+both) against a real daemon: the person detector and a tracker on a clip, a VLM stage asking a scripted
+OpenAI-compatible server. Screenshots go to the test's tmp_path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from streamd import keys
+from streamd.testing.openai import ScriptedOpenAI
+from conftest import ADMIN, PERSON, READ, api_cfg, h, running, until
+
+pw = pytest.importorskip("playwright.async_api")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip("no chromium (scripts/bootstrap.sh --tests installs it)", allow_module_level=True)
+
+PALETTE = [(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 178, 29), (207, 210, 49), (146, 204, 23),
+           (61, 219, 134), (26, 147, 52), (0, 212, 187), (44, 153, 168), (52, 69, 147), (100, 115, 255),
+           (0, 24, 236), (132, 56, 255), (82, 0, 133), (203, 56, 255), (255, 149, 200), (255, 55, 199)]
+
+
+def people_cfg(redis_url: str, vlm_url: str):
+    stages = [*PERSON, {"type": "track"},
+              {"type": "vlm", "model": "scripted", "endpoints": [{"url": vlm_url}], "every_s": 1}]
+    return stages
+
+
+@pytest.fixture
+async def browser():
+    async with pw.async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def open_page(browser, url: str, errors: list[str]):
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    # script errors and CSP violations ("Refused to ..."); an answered 4xx (401 before the token, the 422 shown)
+    # is logged by the browser as "Failed to load resource" and is what the page expects
+    page.on("console", lambda m: m.type == "error" and not m.text.startswith("Failed to load resource")
+            and errors.append(m.text))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    await page.goto(url)
+    return page
+
+
+async def enter_token(page, token: str) -> None:
+    await page.wait_for_selector("#token-gate:not([hidden])")
+    await page.fill("#token-input", token)
+    await page.click("#token-form button")
+    await page.wait_for_selector("#app:not([hidden])")
+
+
+async def test_page_live_view_prompts_and_errors(r, redis_server, clip, browser, tmp_path):
+    vlm = await ScriptedOpenAI(lambda req: "a person in view").start()
+    cam = {"id": "cam", "url": str(clip), "fps": 2.0, "playback": "realtime", "loop": True, "pipeline": "people"}
+    cfg = api_cfg(redis_server.url, [cam], pipelines={"people": {"stages": people_cfg(redis_server.url, vlm.url)}})
+    errors: list[str] = []
+    try:
+        async with running(cfg) as d, aiohttp.ClientSession() as s:
+            page = await open_page(browser, d.api_url + "/", errors)
+            # without a token: the gate and nothing else
+            await page.wait_for_selector("#token-gate:not([hidden])")
+            assert await page.is_hidden("#app") and await page.locator(".card").count() == 0
+            await page.screenshot(path=str(tmp_path / "token-gate.png"))
+            await enter_token(page, ADMIN)
+
+            # the list: the stream live, its latest frame with boxes drawn
+            card = page.locator('.card[data-stream="cam"]')
+            await card.locator(".state.live").wait_for(timeout=60_000)
+            await page.wait_for_function(
+                "() => Number(document.querySelector('.card[data-stream=cam] canvas').dataset.boxes) > 0",
+                timeout=60_000)
+            assert "latency" in await card.locator(".meta").inner_text()
+            await page.screenshot(path=str(tmp_path / "list.png"))
+
+            # the live view: boxes drawn on the canvas where the result record puts them
+            await card.locator("h3 a").click()
+            await page.wait_for_function("() => Number(document.getElementById('live').dataset.boxes) > 0",
+                                         timeout=60_000)
+            eid = await page.eval_on_selector("#live", "c => c.dataset.entry")
+            entry = await r.xrange(keys.results_key("cam"), eid, eid)
+            rec = json.loads(entry[0][1][b"record"])
+            det = rec["outputs"]["detect"]["detections"][0]
+            x1, y1, x2, y2 = det["box"]
+            pixel = await page.evaluate(
+                """([x, y]) => { const c = document.getElementById('live');
+                   return Array.from(c.getContext('2d').getImageData(x, y, 1, 1).data); }""",
+                [round(x1), round((y1 + y2) / 2)])
+            want = PALETTE[det["track_id"] % len(PALETTE)]
+            assert max(abs(a - b) for a, b in zip(pixel[:3], want)) <= 40, (pixel, want, eid)
+            await page.wait_for_function(
+                "() => document.querySelector('#sv-events').textContent.includes('→ live')")
+            await page.screenshot(path=str(tmp_path / "live.png"))
+
+            # a prompt edited in the page: a new version, and the next result shown carries it
+            await page.wait_for_selector("#p-current:has-text('none at this scope')")
+            await page.fill("#p-text", "Who is in view?\nCount them.")
+            await page.fill("#p-note", "from the page")
+            await page.click("#p-save")
+            await page.wait_for_selector("#p-current:has-text('version 1 by alice: from the page')")
+            await page.wait_for_function(
+                "() => document.getElementById('sv-prompt-versions').textContent.includes('stream:cam v1')",
+                timeout=30_000)
+            await page.fill("#p-text", "Who is in view?\nCount the people.")
+            await page.click("#p-save")
+            await page.wait_for_selector("#p-current:has-text('version 2')")
+            await page.click("#p-history tr[data-version='1'] button:has-text('diff')")
+            diff = await page.inner_text("#p-diff")
+            assert "- Count them." in diff and "+ Count the people." in diff and "  Who is in view?" in diff
+            await page.screenshot(path=str(tmp_path / "prompt-diff.png"))
+            await page.click("#p-history tr[data-version='1'] button:has-text('roll back')")
+            await page.wait_for_selector("#p-current:has-text('version 3')")
+            async with s.get(d.api_url + "/api/v1/prompts/vlm/stream:cam", headers=h(READ)) as resp:
+                cur = await resp.json()
+            assert cur["version"] == 3 and cur["text"] == "Who is in view?\nCount them." and \
+                cur["rolled_back_from"] == 1
+            await page.wait_for_function(
+                "() => document.getElementById('sv-prompt-versions').textContent.includes('stream:cam v3')",
+                timeout=30_000)
+
+            # pause and resume from the page
+            await page.click("#sv-pause:has-text('Pause')")
+            await page.wait_for_selector("#sv-state:has-text('stopped: paused')")
+            assert d.streams.runners["cam"].cfg.paused
+            await page.click("#sv-pause:has-text('Resume')")
+            await page.wait_for_selector("#sv-state.live", timeout=60_000)
+
+            # a bad stream URL entered in the page shows the API's error
+            await page.goto(d.api_url + "/#/")
+            await page.wait_for_selector("#list-view:not([hidden])")
+            await page.click("#add-stream summary")
+            await page.fill("#add-form input[name=id]", "bad")
+            await page.fill("#add-form input[name=url]", "file:///etc/passwd")
+            await page.click("#add-form button")
+            await page.wait_for_selector("#add-error:has-text('scheme_not_allowed')")
+            async with s.post(d.api_url + "/api/v1/streams", headers=h(ADMIN),
+                              json={"id": "bad", "url": "file:///etc/passwd", "pipeline": "people"}) as resp:
+                api_error = (await resp.json())["error"]
+            assert api_error["message"] in await page.inner_text("#add-error")
+            assert "bad" not in d.streams.runners
+            await page.screenshot(path=str(tmp_path / "add-error.png"))
+
+            # remove from the page
+            await page.goto(d.api_url + "/#/stream/cam")
+            page.once("dialog", lambda dlg: dlg.accept())
+            await page.click("#sv-remove")
+            await page.wait_for_selector("#list-view:not([hidden])")
+            await until(lambda: "cam" not in d.streams.runners, what="the stream removed")
+    finally:
+        await vlm.stop()
+    assert errors == [], errors  # no script error, no CSP violation
+
+
+async def test_page_without_a_token_shows_only_the_gate(r, redis_server, browser, tmp_path):
+    errors: list[str] = []
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        async with s.get(d.api_url + "/") as resp:  # the page itself needs no token, and allows only itself
+            assert resp.status == 200
+            csp = resp.headers["Content-Security-Policy"]
+            assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
+            assert "<script>" not in await resp.text()  # no inline script
+        async with s.get(d.api_url + "/ui/../../config.py") as resp:
+            assert resp.status == 404
+        page = await open_page(browser, d.api_url + "/", errors)
+        seen: list[str] = []
+        page.on("request", lambda req: seen.append(req.url))
+        await page.wait_for_selector("#token-gate:not([hidden])")
+        assert await page.is_hidden("#app")
+        await page.fill("#token-input", "not-a-token-0123456789")
+        await page.click("#token-form button")
+        await page.wait_for_selector("#token-error:has-text('refused')")
+        assert await page.is_hidden("#app") and await page.locator(".card").count() == 0
+        assert not any("token" in u for u in seen)  # never in a URL
+        await page.screenshot(path=str(tmp_path / "refused.png"))
+        await enter_token(page, READ)
+        assert await page.is_visible("#list-view")
+        assert await page.evaluate("sessionStorage.getItem('streamd.token')") == READ
+    assert errors == [], errors
