@@ -264,3 +264,36 @@ def test_overlay_skips_hostile_boxes_and_draws_reversed_ones_sorted():
     assert drawn.shape == (120, 160, 3)
     assert np.abs(drawn - pixels(jpeg)).max() > 50  # the out-of-frame box, clamped, is drawn along the edges
     assert np.abs(pixels(draw(jpeg, rec(["a", 1, 2, 3]))) - pixels(draw(jpeg, None))).max() <= 2  # skipped
+
+
+async def test_a_client_that_reads_nothing_loses_its_slot(r, redis_server, monkeypatch):
+    """A client that stops reading (its TCP window shut, our buffers full) cannot hold its MAX_CLIENTS slot: a
+    write that does not finish within WRITE_TIMEOUT_S aborts the connection; a reading client goes on."""
+    import socket
+
+    from streamd.api import live
+
+    monkeypatch.setattr(live, "WRITE_TIMEOUT_S", 0.5)
+    stream = {"id": "big", "url": "redis:frames:big", "pipeline": "frame_info"}
+    async with running(api_cfg(redis_server.url, [stream])) as d, aiohttp.ClientSession() as s:
+        port = int(d.api_url.rsplit(":", 1)[1])
+        key = keys.results_key("big")
+        await r.xadd(key, {"record": b'{"seq": 0}'})
+        sock = socket.socket()
+        try:  # closed before the daemon stops, whatever happens (a stuck write would hold its shutdown)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, never read
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            sock.send(f"GET /api/v1/streams/big/results/live HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Bearer {READ}\r\n\r\n".encode())
+            await until(lambda: d_live(d).clients == 1, 10, what="the silent client connected")
+            async with s.get(d.api_url + "/api/v1/streams/big/results/live", headers=h(READ)) as reader:
+                assert len(await read_events(reader, 1)) == 1 and d_live(d).clients == 2
+                big = b'{"pad": "' + b"x" * 300_000 + b'"}'
+                for _ in range(100):  # 30 MB: more than the kernel's and the transport's buffers hold
+                    await r.xadd(key, {"record": big})
+                got = await read_events(reader, 100)  # the reading client gets every one
+                assert len(got) == 100
+                await until(lambda: d_live(d).clients == 1, 30, what="the silent client dropped")
+        finally:
+            sock.close()
