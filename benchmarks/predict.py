@@ -166,8 +166,8 @@ async def main_async(args: argparse.Namespace) -> None:
               f"fps), capture-to-publish p50 {p50:.0f} ms, p99 {p99:.0f} ms, seq gapless: {gapless}")
     ratio = statistics.median([g[0] for g in samples["live"]]) / statistics.median([g[0] for g in samples["alone"]])
     print(f"client p50 with live streams / alone: {ratio:.2f}")
-    print(f"live results/s counts the results published while the phase's requests ran (its wall time); "
-          f"capture-to-publish counts the frames published from the phase's start until its backlog was through")
+    print("live results/s counts the results published while the phase's requests ran (its wall time); "
+          "capture-to-publish counts the frames published from the phase's start until its backlog was through")
 
 
 def main() -> int:

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from streamd.config import Config, load_config, parse_config
+from streamd.errors import StreamdError
 from streamd.jobs.options import JobSpec
 
 
@@ -54,21 +55,25 @@ async def analyze(cfg: Config, spec: JobSpec, local: str | None, progress: bool)
                 await runner  # its error
             job = await daemon.jobs.submit(spec, upload=local, origin="config",
                                            filename=os.path.basename(local) if local else None)
-            await _follow(job, progress)
+            await _follow(job, progress, runner)
+            if runner.done() and not job.finished.is_set():
+                await runner  # the daemon ended under the job: its error
+                raise StreamdError("the daemon stopped before the job ended")
             return job.document()
         finally:
             stop.set()
             await asyncio.gather(runner, return_exceptions=True)
 
 
-async def _follow(job: Any, progress: bool) -> None:
+async def _follow(job: Any, progress: bool, runner: asyncio.Task[Any]) -> None:
+    """Until the job ends, or the daemon running it does."""
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=100, unit="%", file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}% {postfix}")
     try:
-        while not job.finished.is_set():
+        while not job.finished.is_set() and not runner.done():
             try:
                 await asyncio.wait_for(job.finished.wait(), 0.25)
             except TimeoutError:

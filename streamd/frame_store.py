@@ -213,7 +213,7 @@ class FrameStore:
         sf = ring[i]
         del ring[i]
         self._account(sf.stream_id, -sf.nbytes)
-        sf.image = None
+        sf.image = sf.jpeg = sf._encoding = None  # nothing outlives the accounting (a queued re-score job may list it)
         self.evicted[reason] = self.evicted.get(reason, 0) + 1
         if self._metrics is not None:
             self._metrics.frame_store_evicted.labels(reason).inc()

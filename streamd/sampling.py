@@ -71,6 +71,12 @@ class FpsSampler:
         self._last_pts = None
         self._pending_discontinuity = True
 
+    def retract(self, due_s: float | None, discontinuity: bool = False) -> None:
+        """A frame kept by `offer` never came out of the decoder: `due_s` (the due time before it) is due again,
+        and its discontinuity flag goes to the next kept frame."""
+        self._next_due = due_s
+        self._pending_discontinuity = self._pending_discontinuity or discontinuity
+
     def offer(self, pts_s: float, reach_s: float = 0.0) -> Decision:
         """Decide whether the frame at `pts_s` is sampled; it counts as due from `reach_s` (or the rounding
         tolerance) before its due time."""

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from streamd import keys
+from streamd.api.results import id_key
 from conftest import OPER, PERSON, READ, api_cfg, at_least, h, running, until
 
 
@@ -65,9 +66,12 @@ async def test_results_and_events_paged(r, redis_server, clip):
             async with s.get(url, params={"after": bad}, headers=h(READ)) as resp:
                 body = await resp.json()
                 assert resp.status == 400 and body["error"]["code"] == "invalid_cursor", (bad, body)
-        for bad in ("0", "1001", "x"):
+        for bad in ("0", "1001", "x", "²", "١٢"):  # Unicode digits: str.isdigit() says yes, int() refused '²'
             async with s.get(url, params={"limit": bad}, headers=h(READ)) as resp:
-                assert resp.status == 422 and (await resp.json())["error"]["details"]["path"] == "limit"
+                assert resp.status == 422 and (await resp.json())["error"]["details"]["path"] == "limit", bad
+        for bad in ("²", "-1", "86401", "nan", "inf", "x"):
+            async with s.get(url + "/live", params={"timeout_s": bad}, headers=h(READ)) as resp:
+                assert resp.status == 422 and (await resp.json())["error"]["details"]["path"] == "timeout_s", bad
         async with s.get(d.api_url + "/api/v1/streams/nosuch/results", headers=h(READ)) as resp:
             assert resp.status == 404
 
@@ -98,6 +102,28 @@ async def test_sse_resumes_after_a_dropped_connection(r, redis_server, clip):
                 assert body.count(b"event: result") >= 1
             async with s.get(url, headers={**h(READ), "Last-Event-ID": "nope"}) as resp:
                 assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_cursor"
+
+
+async def test_sse_new_and_resuming_clients_while_another_keeps_the_feed_alive(r, redis_server, clip):
+    """Client A stays connected the whole time (the feed never restarts): B, new, gets the newest entry first (not
+    the one the feed started at); C, resuming 10 entries back, gets those 10 from Redis, then the live ones."""
+    async with running(api_cfg(redis_server.url, [live_clip(clip)])) as d, aiohttp.ClientSession() as s:
+        url = d.api_url + "/api/v1/streams/cam/results/live"
+        await until(lambda: at_least(r, "cam", 2), 30, what="results")
+        async with s.get(url, headers=h(READ)) as a:
+            a_first = await read_events(a, 1)
+            n = len(await r.xrange(keys.results_key("cam")))
+            await until(lambda: at_least(r, "cam", n + 12), 30, what="results while A stays")
+            assert len(d_live(d).feeds) == 1  # A's feed, started when A connected
+            newest = (await r.xrevrange(keys.results_key("cam"), count=1))[0][0].decode()
+            async with s.get(url, headers=h(READ)) as b:
+                b_first = await read_events(b, 1)
+            assert id_key(b_first[0][0]) >= id_key(newest) > id_key(a_first[0][0])
+            back = [e.decode() for e, _ in await r.xrevrange(keys.results_key("cam"), count=11)][::-1]
+            async with s.get(url, headers={**h(READ), "Last-Event-ID": back[0]}) as c:
+                resumed = await read_events(c, 12)
+            in_redis = [e.decode() for e, _ in await r.xrange(keys.results_key("cam"), f"({back[0]}", "+", count=12)]
+            assert [eid for eid, _ in resumed] == in_redis and in_redis[:10] == back[1:]
 
 
 def d_live(d):
@@ -195,7 +221,7 @@ async def test_a_client_that_falls_behind_is_ended_not_buffered(r, redis_server)
     feeds = LiveFeeds(lambda: r)
     key = keys.results_key("slow")
     await r.xadd(key, {"record": b"{}"})
-    async with feeds.subscribe(key) as (feed, slow), feeds.subscribe(key) as (_, fast):
+    async with feeds.subscribe(key) as (feed, slow, _), feeds.subscribe(key) as (_, fast, _):
         async def read_all() -> list:
             got = []
             while len(got) < QUEUE + 10:  # the fast one reads everything as it comes
@@ -239,3 +265,28 @@ def test_overlay_draws_boxes_and_masks_where_the_record_puts_them() -> None:
     assert np.abs(inside - (np.asarray(PALETTE[3]) + 128) // 2).max() < 20, inside
     assert np.abs(out[10, 80] - 128).max() < 8  # untouched
     assert draw(buf.getvalue(), None) == buf.getvalue()
+
+
+def test_overlay_skips_hostile_boxes_and_draws_reversed_ones_sorted():
+    """A record is data from Redis: boxes reversed, out of the frame, not numbers, not finite, labels of any
+    script. Reversed boxes are drawn as their sorted form, the rest skipped; never an error (it was a 500)."""
+    from streamd.api.overlay import draw
+    from streamd.testing.media import encode_jpeg
+
+    jpeg = encode_jpeg(np.full((120, 160, 3), 90, np.uint8))
+
+    def rec(*boxes, label="person"):
+        return {"outputs": {"detect": {"detections": [{"box": b, "label": label, "class_id": 0} for b in boxes]}}}
+
+    def pixels(data):
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+    sorted_box = pixels(draw(jpeg, rec([20, 30, 100, 90])))
+    assert np.abs(pixels(draw(jpeg, rec([100, 90, 20, 30]))) - sorted_box).max() <= 2  # the same drawing
+    hostile = rec(["a", "b", "c", "d"], [1, 2, 3], [float("nan"), 0, 5, 5], [0, 0, float("inf"), 5],
+                  [True, 0, 5, 5], None, "box", [-500, -500, 5000, 5000], label="人 ¹²")
+    hostile["outputs"]["other"] = {"detections": "not a list"}
+    drawn = pixels(draw(jpeg, hostile))
+    assert drawn.shape == (120, 160, 3)
+    assert np.abs(drawn - pixels(jpeg)).max() > 50  # the out-of-frame box, clamped, is drawn along the edges
+    assert np.abs(pixels(draw(jpeg, rec(["a", 1, 2, 3]))) - pixels(draw(jpeg, None))).max() <= 2  # skipped

@@ -93,11 +93,11 @@ async def test_auto_takes_keyframes_at_the_keyframe_rate_and_decodes_gops_above_
     assert [e["mode"] for e in await events(r, "slow", "decode_mode")] == ["keyframes"]
     assert [(e["mode"], e["gop_s"]) for e in await events(r, "fast", "decode_mode")] == [("gop", 1.0)]
     assert await events(r, "full", "decode_mode") == []
-    # slow: the first GOP in full (the GOP is not known yet), then a keyframe a second
-    assert decoded["slow"] == 30 + 9
+    # slow: the first three GOPs in full (until three intervals agree: the GOP is stable), then a keyframe a second
+    assert decoded["slow"] == 90 + 7
     # fast: due at .0 .25 .5 .75 in each GOP: decoded up to .75 (and the frames FFmpeg's frame threads had
     # started on), the rest skipped
-    assert decoded["full"] == 300 and 30 + 9 * 23 <= decoded["fast"] <= 30 + 9 * 26
+    assert decoded["full"] == 300 and 90 + 7 * 23 <= decoded["fast"] <= 90 + 7 * 26
 
 
 async def test_auto_follows_a_gop_that_changes_mid_way(r, redis_server, tmp_path):
@@ -109,12 +109,14 @@ async def test_auto_follows_a_gop_that_changes_mid_way(r, redis_server, tmp_path
     cfg = make_config(redis_server.url, [{"id": "g", "url": str(both), "fps": 1.0}])
     await run_to_end(cfg, "g")
     modes = [(e["mode"], e["gop_s"]) for e in await events(r, "g", "decode_mode")]
-    assert modes == [("keyframes", 0.5), ("gop", 2.0)]
+    # keyframes once three 0.5 s intervals agree; everything while the intervals disagree (0.5, 0.5, 2 s), the GOP
+    # mode once three 2 s intervals agree
+    assert modes == [("keyframes", 0.5), ("all", 2.0), ("gop", 2.0)]
     pts = [x["pts_s"] for x in await results(r, "g")]
     rel = [round(p - pts[0], 2) for p in pts]
     # keyframes (every 0.5 s) while the GOP is 0.5 s; the due time 5 s falls in the first 2 s GOP, still decoded
-    # as keyframes: it gets the next keyframe, 6 s (one GOP late at most); then the GOP is known again and each
-    # due time gets its own frame (7, 9, 11 s are no keyframes: keyframes are at 4, 6, 8, 10 s)
+    # as keyframes: it gets the next keyframe, 6 s (one GOP late at most); from there each due time gets its own
+    # frame (7, 9, 11 s are no keyframes: keyframes are at 4, 6, 8, 10 s)
     assert rel == [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
 
 
@@ -227,7 +229,8 @@ async def test_rtsp_camera_in_keyframes_mode(r, redis_server):
     try:
         cfg = make_config(redis_server.url, [{"id": "cam", "url": srv.url, "fps": 1.0}])
         async with running(cfg) as d:
-            await until(lambda: at_least(r, "cam", 3), 40, what="3 RTSP results")
+            # decoded in full until three keyframe intervals agree (the fourth keyframe), keyframes from there
+            await until(lambda: events(r, "cam", "decode_mode"), 40, what="keyframes mode")
             before = d.streams.runners["cam"].decoded
             n = len(await results(r, "cam"))
             recs = await until(lambda: at_least(r, "cam", n + 5), 20, what="5 more RTSP results")
@@ -240,3 +243,74 @@ async def test_rtsp_camera_in_keyframes_mode(r, redis_server):
     rate = (len(pts) - 1) / (pts[-1] - pts[0])
     assert 0.7 <= rate <= 1.3, rate
     assert decoded <= 5 + 2  # a keyframe per record (decoding everything: 150 frames)
+
+
+def encode_clip(path: Path, seconds: int, options: dict[str, str], cut_at_s: float | None = None, fps: int = 30):
+    """An H.264 pan (`options`: libx264's); from `cut_at_s` the picture is inverted (a scene cut)."""
+    from streamd.samples import load_photo, pan_frames
+
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("libx264", rate=fps)
+        st.width, st.height = SIZE
+        st.pix_fmt = "yuv420p"
+        st.options = {"preset": "veryfast", **options}
+        for i, arr in enumerate(pan_frames(load_photo(), seconds * fps, fps, SIZE)):
+            if cut_at_s is not None and i >= cut_at_s * fps:
+                arr = 255 - arr
+            for pkt in st.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(pkt)
+        for pkt in st.encode():
+            out.mux(pkt)
+    return path
+
+
+def three_ways(url: str, fps: float, **extra) -> list[dict]:
+    return [{"id": m, "url": url, "fps": fps, "decode": m, **extra} for m in ("all", "auto", "keyframes")]
+
+
+async def test_intra_refresh_keys_make_every_mode_decode_everything(r, redis_server, tmp_path):
+    """Intra refresh (x264 intra-refresh=1): the packets flagged as keys after the first are recovery points, whose
+    frame does not decode alone. auto sees it on the decoded frames before it skips anything; keyframes mode
+    when such a key gives no frame; both then decode everything and say why."""
+    clip = encode_clip(tmp_path / "ir.mp4", 8, {"g": "30", "x264-params": "intra-refresh=1", "bf": "0"})
+    assert len(keyframe_times(clip)) == 8
+    await run_to_end(make_config(redis_server.url, three_ways(str(clip), 1.0)), "all", "auto", "keyframes")
+    full = [x["pts_s"] for x in await results(r, "all")]
+    auto = [x["pts_s"] for x in await results(r, "auto")]
+    keys = [x["pts_s"] for x in await results(r, "keyframes")]
+    assert full == [float(k) for k in range(8)]
+    assert auto == full  # nothing ever skipped
+    for sid in ("auto", "keyframes"):
+        modes = await events(r, sid, "decode_mode")
+        assert [e["mode"] for e in modes][-1] == "all" and "intra refresh" in modes[-1]["reason"]
+    # keyframes: the key at 1 s gave no frame; its due time stayed due and got the first frame the decoder gave
+    # after it recovered (the refresh takes a GOP or two), then one a second again
+    assert keys[0] == 0.0 and 1.0 < keys[1] < 3.0 and len(keys) >= 6
+    assert all(0.99 <= b - a <= 1.01 for a, b in zip(keys[1:], keys[2:]))
+
+
+async def test_auto_on_a_varying_gop_loses_no_due_time(r, redis_server, tmp_path):
+    """x264 defaults-like GOP (keyint 150, scene cuts): keyframes at irregular intervals. auto decodes everything
+    while the last three intervals disagree, so it publishes the frames `all` does."""
+    clip = encode_clip(tmp_path / "var.mp4", 20, {"g": "150", "keyint_min": "25", "sc_threshold": "40", "bf": "0"},
+                       cut_at_s=11.0)
+    gaps = [round(b - a, 2) for a, b in zip(keyframe_times(clip), keyframe_times(clip)[1:])]
+    assert len(gaps) >= 2 and max(gaps) - min(gaps) > 0.1, gaps  # the clip's GOP does vary
+    await run_to_end(make_config(redis_server.url, three_ways(str(clip), 1.0)), "all", "auto")
+    full = [x["pts_s"] for x in await results(r, "all")]
+    assert len(full) == 20
+    assert [x["pts_s"] for x in await results(r, "auto")] == full
+
+
+async def test_auto_with_b_frames_uses_the_frames_full_decoding_uses(r, redis_server, tmp_path):
+    """B-frames (bf=3, 1 s GOP) at 2 fps: auto's GOP mode decodes every frame up to the last due one, so due
+    times on B-frames get those B-frames, as in `all`. Explicit keyframes at 2 fps: a keyframe serves one due
+    time, so one record a second (the README says so)."""
+    clip = encode_clip(tmp_path / "b3.mp4", 8, {"g": "30", "keyint_min": "30", "sc_threshold": "0", "bf": "3"})
+    decoded = await run_to_end(make_config(redis_server.url, three_ways(str(clip), 2.0)), "all", "auto", "keyframes")
+    full = [x["pts_s"] for x in await results(r, "all")]
+    assert full == pytest.approx([k / 2 for k in range(16)], abs=0.002)
+    assert [x["pts_s"] for x in await results(r, "auto")] == full
+    assert [e["mode"] for e in await events(r, "auto", "decode_mode")] == ["gop"]
+    assert decoded["auto"] < decoded["all"]  # the tail of each GOP was skipped
+    assert [x["pts_s"] for x in await results(r, "keyframes")] == [float(k) for k in range(8)]

@@ -161,3 +161,17 @@ async def test_daemon_keeps_frames_with_their_result_entry_ids(redis_server, r, 
         assert kept[-1].seq == max(by_id.values())
         jpg = await d.frames.jpeg(kept[-1])
         assert Image.open(io.BytesIO(jpg)).size == (640, 360)
+
+
+async def test_an_evicted_frame_holds_no_bytes_even_when_a_queued_job_still_lists_it() -> None:
+    """A re-score job chooses its frames when accepted and reads them when it runs: an evicted frame is skipped
+    then (LookupError), and its JPEG is not kept alive outside the store's accounting meanwhile."""
+    store = FrameStore(FrameLimits(max_frames=2, raw_frames=1))
+    fs = [store.add(frame("a", i, ts=1000.0 + i)) for i in range(2)]
+    listed = list(store.between("a", 999.0, 1002.0))  # what a queued job holds
+    assert [await store.jpeg(sf) for sf in listed]  # encoded
+    for i in range(2, 4):
+        store.add(frame("a", i, ts=1000.0 + i))
+    assert fs[0].jpeg is None and fs[0].image is None and fs[1].jpeg is None
+    with pytest.raises(LookupError):
+        await store.jpeg(listed[0])

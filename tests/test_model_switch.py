@@ -380,7 +380,7 @@ async def test_a_vlm_stage_switches_its_model_live_and_every_answer_names_the_mo
                       egress=LOOPBACK_ALLOWED, pipelines={"v": {"stages": [{"type": "frame_info"}, vlm]}},
                       models={"catalog": catalog, "keep_alive_s": 1.0})
     frames = list(pan_frames(load_photo("bus.jpg"), 24, 10.0, (96, 64)))
-    from conftest import vlm_at_least, vlm_records
+    from conftest import vlm_at_least
 
     async with running(cfg) as d, aiohttp.ClientSession() as s:
         await push_frames(r, "frames:q", frames[:8])

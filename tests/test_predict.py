@@ -13,7 +13,6 @@ import time
 
 import aiohttp
 import numpy as np
-import pytest
 
 from conftest import (OPER, PERSON, READ, api_cfg, at_least, h, results, running, until, vlm_at_least, vlm_pipeline,
                       vlm_records)

@@ -468,7 +468,8 @@ async def test_api_prompts_add_and_remove_objects(r, redis_server, frames):
             assert resp.status == 204
         assert [o["object_id"] for o in (await frame(2))["objects"]] == [2]
         for path, code, status in [(base + "/1", "segment_object_not_found", 404),
-                                   (base + "/abc", "segment_object_not_found", 404)]:
+                                   (base + "/abc", "segment_object_not_found", 404),
+                                   (base + "/²", "segment_object_not_found", 404)]:  # not int("²"): a 500
             async with s.delete(path, headers=h(OPER)) as resp:
                 assert resp.status == status and (await resp.json())["error"]["code"] == code
         async with s.delete(base + "/2", headers=h(READ)) as resp:

@@ -168,7 +168,7 @@ async def test_source_silent_mid_stream_is_stalled_on_time(r, redis_server, ts_c
     try:
         cfg = make_config(redis_server.url, [{"id": "quiet", "url": srv.url, "fps": 5.0, "stall_timeout_s": 2,
                                               "open_timeout_s": 30, "reconnect": {"initial_s": 30}}])
-        async with running(cfg) as d:
+        async with running(cfg):
             evs = await until(lambda: _state_event(r, "quiet", "stalled"), 15, what="stalled")
             recs = await results(r, "quiet")
             t_close = time.monotonic()

@@ -57,6 +57,7 @@ CODES: dict[str, tuple[int, str]] = {
     "body_too_large": (413, "the body is over api.max_body_bytes"),
     "image_too_large": (413, "predict: the image is over api.predict.max_image_bytes, or its width x height (read "
                              "from its header, before decoding) over api.predict.max_pixels"),
+    "upload_timeout": (408, "jobs: the upload did not arrive whole within jobs.upload_timeout_s (nothing is kept)"),
     "upload_too_large": (413, "jobs: the uploaded video is over jobs.max_upload_bytes (nothing is kept)"),
     "unsupported_media_type": (415, "predict: the body is not image/* or multipart/form-data; jobs: not "
                                     "application/json or multipart/form-data; no tokens (loopback only): a POST, "

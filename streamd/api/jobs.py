@@ -5,8 +5,10 @@ expire (jobs.ttl_s)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -16,7 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from streamd import jsonsafe
 from streamd import pipelines as pipeline_files
 from streamd.api.body import json_body
-from streamd.api.context import JOBS, streams
+from streamd.api.context import CFG, JOBS, streams
 from streamd.api.errors import ApiError, json_response, validation_details
 from streamd.api.security import check_authority
 from streamd.errors import ConfigError, SourceError
@@ -89,6 +91,9 @@ def _jobs(request: web.Request) -> Any:
     return jobs
 
 
+_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
 def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
     try:
@@ -107,17 +112,18 @@ def _job_id(request: web.Request) -> str:
     return jid
 
 
-def _check_url(url: str) -> None:
-    """An http(s) URL only (never a file or another FFmpeg protocol); its address is checked by the egress policy
-    when the job runs (a refused one fails the job with reason_code egress_refused)."""
+def _check_url(url: str, allowed: list[str]) -> None:
+    """An http(s) URL only (never a file or another FFmpeg protocol), and only where api.allowed_schemes has its
+    scheme; its address is checked by the egress policy when the job runs (a refused one fails the job with
+    reason_code egress_refused)."""
     try:
         ref = parse_reference(url)
     except SourceError as e:
         raise ApiError(422, "scheme_not_allowed", str(e), {"path": "source.url"}) from None
     scheme = urlsplit(url).scheme.lower() if "://" in url else "file"
-    if scheme not in ("http", "https") or ref.kind not in ("url", "hls"):
-        raise ApiError(422, "scheme_not_allowed", f"a job's URL is http or https (not {scheme!r})",
-                       {"path": "source.url"})
+    if scheme not in ("http", "https") or scheme not in allowed or ref.kind not in ("url", "hls"):
+        raise ApiError(422, "scheme_not_allowed", f"a job's URL is http or https, where api.allowed_schemes has it "
+                       f"(not {scheme!r})", {"path": "source.url"})
     check_authority(ref.url)
 
 
@@ -157,6 +163,9 @@ async def _upload(request: web.Request, jobs: Any, jid: str) -> tuple[JobSpec, s
     except Exception as e:  # noqa: BLE001 - a malformed multipart body must not reach the 500 handler
         if path is not None:
             _unlink(path)
+        if isinstance(e, web.HTTPRequestEntityTooLarge):  # a part over api.max_body_bytes (the job part's read)
+            raise ApiError(413, "body_too_large", "a multipart part other than the file is over api.max_body_bytes") \
+                from None
         raise ApiError(422, "invalid_body", f"the multipart body cannot be read: {type(e).__name__}",
                        {"errors": [{"path": "<body>", "message": "malformed multipart body", "type": "multipart"}]}) \
             from None
@@ -169,6 +178,26 @@ async def _upload(request: web.Request, jobs: Any, jid: str) -> tuple[JobSpec, s
         raise ApiError(422, "invalid_body", "an uploaded file is the job's source: the job part names none",
                        {"errors": [{"path": "source", "message": "must be null with a file", "type": "upload"}]})
     return spec, path, name
+
+
+async def _bounded_upload(request: web.Request, jobs: Any, jid: str) -> tuple[JobSpec, str, str | None]:
+    """`_upload` within jobs.max_uploads at once (503 jobs_full past it, before a byte is read) and within
+    jobs.upload_timeout_s (408 upload_timeout, nothing kept): a slow or stalled client holds neither disk nor a
+    place for long."""
+    if jobs.uploading >= jobs.jcfg.max_uploads:
+        raise ApiError(503, "jobs_full", f"{jobs.uploading} uploads are being received (jobs.max_uploads); try "
+                       "again", {"retry_after_s": 1}, headers={"Retry-After": "1"})
+    jobs.uploading += 1
+    path = str(jobs.upload_path(jid))
+    try:
+        async with asyncio.timeout(jobs.jcfg.upload_timeout_s):
+            return await _upload(request, jobs, jid)
+    except TimeoutError:
+        _unlink(path)
+        raise ApiError(408, "upload_timeout", f"the upload did not arrive within jobs.upload_timeout_s "
+                       f"({jobs.jcfg.upload_timeout_s:g} s); nothing was kept") from None
+    finally:
+        jobs.uploading -= 1
 
 
 async def _save(part: BodyPartReader, path: str, limit: int) -> None:
@@ -200,14 +229,14 @@ async def job_create(request: web.Request) -> web.Response:
         if cl is not None and cl > jobs.jcfg.max_upload_bytes + 65_536 * 2:
             raise ApiError(413, "upload_too_large", f"the upload is over jobs.max_upload_bytes "
                            f"({jobs.jcfg.max_upload_bytes})", {"max_upload_bytes": jobs.jcfg.max_upload_bytes})
-        spec, upload, name = await _upload(request, jobs, jid)
+        spec, upload, name = await _bounded_upload(request, jobs, jid)
     elif request.content_type == "application/json":
         spec = await json_body(request, JobSpec)
         if spec.source is None:
             raise ApiError(422, "invalid_body", "a job needs a source (url or stream) unless a file is uploaded",
                            {"errors": [{"path": "source", "message": "missing", "type": "missing"}]})
         if spec.source.url is not None:
-            _check_url(spec.source.url)
+            _check_url(spec.source.url, request.app[CFG].allowed_schemes)
     else:
         raise ApiError(415, "unsupported_media_type", f"Content-Type {request.content_type!r}: send "
                        "application/json, or multipart/form-data with a file part (and a job part)",
@@ -278,9 +307,10 @@ async def job_results(request: web.Request) -> web.Response:
 
 
 def _entry_id(s: str) -> bool:
+    # each part a 64-bit number in ASCII digits, as Redis takes it (a 20-digit number past 2**64 - 1 is refused by
+    # Redis: a 503; '²' is a digit to str.isdigit, not to int())
     ms, _, n = s.partition("-")
-    # each part a 64-bit number, as Redis takes it (a 20-digit number past 2**64 - 1 is refused by Redis: a 503)
-    return ms.isdigit() and n.isdigit() and len(ms) <= 20 and len(n) <= 20 and max(int(ms), int(n)) < 1 << 64
+    return bool(_DIGITS.fullmatch(ms) and _DIGITS.fullmatch(n)) and max(int(ms), int(n)) < 1 << 64
 
 
 async def job_delete(request: web.Request) -> web.Response:

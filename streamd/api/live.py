@@ -46,6 +46,7 @@ class Feed:
         self.key = key
         self.subs: set[asyncio.Queue[Any]] = set()
         self.start_id: str | None = None  # the newest entry when the feed started: it delivers what follows
+        self.last_id: str | None = None  # the last entry handed to the subscribers (start_id before any)
         self.ready = asyncio.Event()
         self.task = asyncio.ensure_future(self._run())
 
@@ -56,7 +57,7 @@ class Feed:
             try:
                 if self.start_id is None:
                     newest = await self.client.xrevrange(self.key, "+", "-", count=1)
-                    self.start_id = last = newest[0][0].decode() if newest else "0-0"
+                    self.start_id = self.last_id = last = newest[0][0].decode() if newest else "0-0"
                     self.ready.set()
                 reply = await self.client.xread({self.key: last}, count=READ_COUNT, block=BLOCK_MS)
                 delay = 0.2
@@ -71,7 +72,7 @@ class Feed:
             for _key, entries in reply or ():
                 quiet_since = time.monotonic()
                 for eid, fields in entries:
-                    last = eid.decode()
+                    self.last_id = last = eid.decode()  # before the fan-out: a new subscriber reads up to it
                     self._send((id_key(last), _event(last, fields.get(b"record", b"null"))))  # encoded once for all
 
     def _send(self, item: Any) -> None:
@@ -95,7 +96,9 @@ class LiveFeeds:
         self._closed = False
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, key: str) -> AsyncIterator[tuple[Feed, asyncio.Queue[Any]]]:
+    async def subscribe(self, key: str) -> AsyncIterator[tuple[Feed, asyncio.Queue[Any], str]]:
+        """The feed, a queue that gets every entry after the boundary (the third item, an entry id): the caller
+        reads up to the boundary from Redis itself (catch-up, the newest entry)."""
         if self._closed:
             raise ApiError(503, "not_ready", "the daemon is stopping", headers={"Retry-After": "1"})
         if self.clients >= self.max_clients:
@@ -106,6 +109,7 @@ class LiveFeeds:
             feed = self.feeds[key] = Feed(self._client(), key)
         q: asyncio.Queue[Any] = asyncio.Queue(QUEUE)
         feed.subs.add(q)
+        boundary = feed.last_id  # read with the add, no await between: every entry after it reaches q
         self.clients += 1
         try:
             try:
@@ -113,7 +117,7 @@ class LiveFeeds:
             except TimeoutError:
                 raise ApiError(503, "redis_unavailable", "Redis is unreachable; try again",
                                headers={"Retry-After": "1"}) from None
-            yield feed, q
+            yield feed, q, boundary or feed.start_id or "0-0"  # not ready when added: q gets all after start_id
         finally:
             self.clients -= 1
             feed.subs.discard(q)
@@ -154,7 +158,7 @@ async def results_live(request: web.Request) -> web.StreamResponse:
                        {"path": "timeout_s"})
     key = keys.results_key(sid)
     client = _streams(request).redis
-    async with request.app[LIVE].subscribe(key) as (feed, q):
+    async with request.app[LIVE].subscribe(key) as (feed, q, boundary):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no",  # CORS set before the headers go out
                                            **cors_headers(request, request.app[CFG])})
@@ -162,14 +166,14 @@ async def results_live(request: web.Request) -> web.StreamResponse:
         last = id_key(after) if after is not None else (0, 0)
         with contextlib.suppress(TimeoutError, ConnectionResetError):
             async with asyncio.timeout(timeout_s or None):
-                # what the client missed (or the newest one), up to where the feed started
+                # what the client missed (or the newest one), up to the boundary: the queue has what follows
                 if after is None:
-                    entries = await client.xrevrange(key, feed.start_id or "+", "-", count=1)
+                    entries = await client.xrevrange(key, boundary, "-", count=1)
                 else:
                     entries = []
                     cursor = after
-                    while id_key(cursor) < id_key(feed.start_id or "0-0"):
-                        chunk = await client.xrange(key, f"({cursor}", feed.start_id, count=CATCH_UP_PAGE)
+                    while id_key(cursor) < id_key(boundary):
+                        chunk = await client.xrange(key, f"({cursor}", boundary, count=CATCH_UP_PAGE)
                         if not chunk:
                             break
                         await resp.write(b"".join(_event(e[0].decode(), e[1].get(b"record", b"null"))

@@ -4,6 +4,7 @@ id and confidence, masks tinted, from the record exactly as consumers get it. Bl
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import numpy as np
@@ -14,13 +15,26 @@ PALETTE = [(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 178, 29), (207, 21
            (0, 24, 236), (132, 56, 255), (82, 0, 133), (203, 56, 255), (255, 149, 200), (255, 55, 199)]
 
 
+def box_of(d: Any) -> tuple[float, float, float, float] | None:
+    """A detection's box as (x1, y1, x2, y2) with x1 <= x2 and y1 <= y2; None unless it is 4 finite numbers (a
+    record is data from Redis: anything may be in it)."""
+    box = d.get("box") if isinstance(d, dict) else None
+    if not isinstance(box, list) or len(box) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        return None
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
+
+
 def detections(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every stage output's detections that carry a pixel box (detect, open-vocabulary, segment stages)."""
+    """Every stage output's detections that carry a pixel box (detect, open-vocabulary, segment stages); those
+    whose box is not 4 finite numbers are skipped."""
     out = []
-    for value in (record.get("outputs") or {}).values():
-        if isinstance(value, dict):
-            out.extend(d for d in value.get("detections") or () if isinstance(d, dict)
-                       and isinstance(d.get("box"), list) and len(d["box"]) == 4)
+    outputs = record.get("outputs") if isinstance(record, dict) else None
+    for value in (outputs.values() if isinstance(outputs, dict) else ()):
+        if isinstance(value, dict) and isinstance(value.get("detections"), list):
+            out.extend(d for d in value["detections"] if box_of(d) is not None)
     return out
 
 
@@ -65,8 +79,11 @@ def draw(jpeg: bytes, record: dict[str, Any] | None, quality: int = 80) -> bytes
         img = Image.fromarray(arr)
     pen = ImageDraw.Draw(img)
     width = max(2, round(min(img.size) / 240))
+    w, h = img.width - 1, img.height - 1
     for d in dets:
-        x1, y1, x2, y2 = (float(v) for v in d["box"])
+        x1, y1, x2, y2 = box_of(d) or (0.0, 0.0, 0.0, 0.0)
+        x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)  # clamped to the frame (sorted already)
+        y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
         c = colour(d)
         pen.rectangle([x1, y1, x2, y2], outline=c, width=width)
         text = label_text(d)

@@ -20,6 +20,7 @@ from streamd.api.streams import _stream
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 _ENTRY_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+DIGITS = re.compile(r"[0-9]+")  # a query integer: ASCII digits only (str.isdigit() is true for "²", int() fails)
 _U64 = (1 << 64) - 1
 # what each kind of record is kept under: its Redis key and the entry field holding its JSON
 KINDS: dict[str, tuple[Any, bytes]] = {"results": (keys.results_key, b"record"),
@@ -43,7 +44,7 @@ def id_key(eid: str) -> tuple[int, int]:
 
 def limit_of(request: web.Request) -> int:
     raw = request.query.get("limit", str(DEFAULT_LIMIT))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not DIGITS.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:  # ASCII: '²'.isdigit() is true
         raise ApiError(422, "invalid_query", f"limit is an integer from 1 to {MAX_LIMIT}", {"path": "limit"})
     return int(raw)
 

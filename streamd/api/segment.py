@@ -113,7 +113,7 @@ async def segment_delete(request: web.Request) -> web.Response:
     sid, stage = _stage(request)
     raw = request.match_info["object_id"]
     try:
-        stage.remove_object(sid, int(raw) if raw.isdigit() and len(raw) < 19 else -1)
+        stage.remove_object(sid, int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else -1)
     except StageError as e:
         if getattr(e, "code", None) != "segment_object_not_found":
             raise

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import secrets
 import time
 from collections import deque
@@ -68,6 +67,7 @@ class JobManager:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._durations: deque[float] = deque(maxlen=20)
+        self.uploading = 0  # uploads being received (POST /api/v1/jobs with a file): at most jobs.max_uploads
 
     def bind(self, tg: asyncio.TaskGroup | None) -> None:
         self._tg = tg
@@ -207,36 +207,50 @@ class JobManager:
             self._tasks[job.id] = self._tg.create_task(self._run(job), name=f"job:{job.id}")
 
     async def _run(self, job: Job) -> None:
+        """A job from start to end; never raises into the daemon's task group (a bug or a Redis error fails the
+        job, logged, and the daemon goes on)."""
         t0 = time.monotonic()
         try:
-            try:
-                p = self.pipelines.get_or_start(job.spec.pipeline, f"jobs.{job.id}.pipeline", self._tg)
-            except StreamdError as e:
-                job._fail(str(e), "invalid_pipeline")
-                job.finished.set()
+            await self._run_job(job)
+        except Exception as e:  # noqa: BLE001 - a job's end, never the daemon's
+            log.exception("job failed unexpectedly", job=job.id)
+            job._fail(f"internal error: {type(e).__name__}: {e}"[:500], "internal")
+            with contextlib.suppress(Exception):
                 await self.store.save(job.document())
-                return
-            task = self.pipelines.task(p)
-            if isinstance(job.source, StoredSource):
-                try:
-                    job.summary.earlier = await self._earlier(job.source)
-                except Exception as e:  # noqa: BLE001 - Redis down: the new answers alone
-                    log.warning("could not read a stream's earlier answers", job=job.id, error=str(e))
-            await job.run(p, task)
-            if job.state == "failed" and job.reason_code == "pipeline_stopped":
-                err = self.pipelines.errors.get(job.spec.pipeline)
-                if err:
-                    job.reason, job.reason_code = err, "pipeline_failed"
-                    await self.store.save(job.document())
         finally:
+            job.finished.set()
             self._durations.append(time.monotonic() - t0)
             self._tasks.pop(job.id, None)
             self.jobs.pop(job.id, None)
             self.metrics.forget_stream(job.sid)
-            if job.upload_path:
-                with contextlib.suppress(OSError):
-                    os.unlink(job.upload_path)
+            job.discard()
             self._start_next()
+
+    async def _run_job(self, job: Job) -> None:
+        if getattr(job.source, "total", None) == 0:  # a re-score with nothing kept: no pipeline to start
+            job._fail(f"no kept frames of stream {job.stream_id!r} captured in the window (its keep_frames "
+                      "bounds them)", "not_found")
+            await self.store.save(job.document())
+            return
+        try:
+            p = self.pipelines.get_or_start(job.spec.pipeline, f"jobs.{job.id}.pipeline", self._tg)
+        except StreamdError as e:
+            job._fail(str(e), "invalid_pipeline")
+            job.finished.set()
+            await self.store.save(job.document())
+            return
+        task = self.pipelines.task(p)
+        if isinstance(job.source, StoredSource):
+            try:
+                job.summary.earlier = await self._earlier(job.source)
+            except Exception as e:  # noqa: BLE001 - Redis down: the new answers alone
+                log.warning("could not read a stream's earlier answers", job=job.id, error=str(e))
+        await job.run(p, task)
+        if job.state == "failed" and job.reason_code == "pipeline_stopped":
+            err = self.pipelines.errors.get(job.spec.pipeline)
+            if err:
+                job.reason, job.reason_code = err, "pipeline_failed"
+                await self.store.save(job.document())
 
     # -- reading and cancelling ------------------------------------------------------------------------------------
     async def get(self, jid: str) -> dict[str, Any] | None:
@@ -249,13 +263,17 @@ class JobManager:
         """Cancel a queued or running job (within a second: its source closes, queued frames are discarded);
         an ended job's document as it is. None: no such job."""
         job = self.jobs.get(jid)
-        if job is None:
-            return await self.store.get(jid)
+        if job is None:  # ended, or (fleet) another daemon's: that one cancels it within a second
+            doc = await self.store.get(jid)
+            if doc is not None and doc["state"] not in TERMINAL:
+                await self.store.request_cancel(jid)
+            return doc
         if job in self._queue:
             self._queue.remove(job)
             job.cancel()
             self.jobs.pop(jid, None)
             job.finished.set()
+            job.discard()  # its upload goes now: a queued job never reaches _run's cleanup
             await self.store.save(job.document())
             return job.document()
         job.cancel()
@@ -265,6 +283,8 @@ class JobManager:
         """The daemon stops: queued jobs are cancelled, running ones too (their documents say so)."""
         for job in list(self._queue):
             job.cancel()
+            job.finished.set()
+            job.discard()
             with contextlib.suppress(Exception):
                 await self.store.save(job.document())
         self._queue.clear()

@@ -26,6 +26,10 @@ class JobsConfig(_Strict):
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="largest uploaded video; larger: 413 "
                                   "upload_too_large")
     upload_dir: str = Field(".streamd/jobs", description="folder for uploaded videos while their job runs")
+    max_uploads: int = Field(2, ge=1, le=256, description="uploads received at once; past it POST /api/v1/jobs with a "
+                             "file answers 503 jobs_full (Retry-After) before reading a byte")
+    upload_timeout_s: float = Field(600.0, gt=0, le=86_400, description="an upload must arrive whole within this "
+                                    "long; else 408 upload_timeout and nothing is kept")
     queue_size: int = Field(8, ge=1, le=1000, description="frames a job holds between its decoder and the pipeline")
     max_vlm_in_flight: int = Field(4, ge=1, le=256, description="a job's VLM questions in flight: its decoder waits "
                                    "beyond (a job's questions are never skipped)")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 from streamd.batching import FrameQueue
 from streamd.config import DropPolicy
 from streamd.frames import JOB_PREFIX, Frame, InputRef, Work
-from streamd.jobs.options import JobSpec, JobsConfig
+from streamd.jobs.options import JobsConfig, JobSpec
 from streamd.jobs.sources import JobSourceFailed
 from streamd.jobs.store import JobStore
 from streamd.jobs.summary import Summary
@@ -29,6 +31,7 @@ from streamd.sinks.redis import result_record
 
 log = get_logger("streamd.jobs")
 TERMINAL = ("done", "failed", "cancelled")
+MAX_PENDING = 20_000  # records a job holds while Redis does not take them; past it the job fails (memory stays bounded)
 SAVE_EVERY_S = 0.5  # a running job's document (its progress) is written this often
 
 
@@ -113,6 +116,10 @@ class Job:
     def _push(self, rec: dict[str, Any]) -> None:
         self._pending.append(rec)
         self._wake.set()
+        if len(self._pending) > MAX_PENDING and self.state == "running":
+            self._fail(f"Redis has not taken the job's records: {len(self._pending)} wait, more than "
+                       f"{MAX_PENDING}", "redis_unavailable")
+            self.cancelled.set()  # stop feeding it: what it holds is bounded
 
     def _progress_pts(self, pts_s: float) -> None:
         if self._t0_pts is None:  # a recording's media time starts at 0; a stream's stored frames at their first
@@ -182,9 +189,19 @@ class Job:
     async def run(self, pipeline: Any, pipeline_task: asyncio.Task[None]) -> None:
         """Feed the job's frames into `pipeline` (running as `pipeline_task`), wait for every result, write the
         summary. Never raises: the job ends done, failed or cancelled."""
+        if self.state in TERMINAL:  # cancelled while it waited for its start (a re-score's earlier answers)
+            try:
+                await self.store.save(self.document())
+            except Exception as e:  # noqa: BLE001 - Redis down: the in-memory document still answers
+                log.warning("could not save a job", job=self.id, error=str(e))
+            self.finished.set()
+            return
         self.state, self.started_ts = "running", round(time.time(), 6)
         self.summary.tag_rules = tag_rules(pipeline)
-        await self.store.save(self.document())
+        try:
+            await self.store.save(self.document())
+        except Exception as e:  # noqa: BLE001 - Redis down at the start: the writer saves it again later
+            log.warning("could not save a job", job=self.id, error=str(e))
         q: FrameQueue[Frame] = FrameQueue(self.cfg.queue_size, DropPolicy.WAIT, asyncio.get_running_loop())
         ended = pipeline.attach(self.sid, q, low=True)
         writer = asyncio.create_task(self._write(), name=f"job:{self.id}:write")
@@ -216,13 +233,20 @@ class Job:
             stop.cancel()
             self.cancelled.set()  # the writer's last round
             await asyncio.gather(writer, return_exceptions=True)
-            await self._flush()
             try:
+                await self._flush()
                 await self.store.save(self.document())
             except Exception as e:  # noqa: BLE001 - Redis down at the end: the in-memory document still answers
                 log.warning("could not save a job", job=self.id, error=str(e))
             self.finished.set()
             log.info("job ended", job=self.id, state=self.state, frames=self.done_frames, reason=self.reason)
+
+    def discard(self) -> None:
+        """The job is over (or will never run): its uploaded file goes."""
+        path, self.upload_path = self.upload_path, None
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def _fail(self, reason: str, code: str) -> None:
         if self.state not in TERMINAL:
@@ -245,7 +269,11 @@ class Job:
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         if batch:
-            await self.store.add_records(self.id, batch)
+            try:
+                await self.store.add_records(self.id, batch)
+            except BaseException:
+                self._pending[:0] = batch  # not written: tried again (a Redis blip loses no record)
+                raise
 
     async def _write(self) -> None:
         """Records to Redis as they come; the document (progress) every SAVE_EVERY_S."""
@@ -259,6 +287,9 @@ class Job:
             try:
                 await self._flush()
                 if time.monotonic() - last >= SAVE_EVERY_S and self.state == "running":
+                    if await self.store.cancel_requested(self.id):  # DELETE answered by another daemon
+                        self.cancel()
+                        continue
                     await self.store.save(self.document(summary=False))
                     last = time.monotonic()
             except Exception as e:  # noqa: BLE001 - Redis down: records stay pending, tried again

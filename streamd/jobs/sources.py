@@ -40,6 +40,9 @@ class RecordedSource:
         scfg = StreamConfig.model_validate({
             "id": "job", "url": url, "fps": fps, "queue_size": cfg.queue_size, "drop_policy": "wait",
             "playback": "fast", "loop": False, "open_timeout_s": cfg.open_timeout_s,
+            # every frame decoded: a job's records are exactly the sampled frames (decode: auto may pick a
+            # keyframe or a later frame for a due time, which a live stream may trade for density, a job not)
+            "decode": "all",
             "stall_timeout_s": max(10.0, cfg.open_timeout_s),
             "reconnect": {"max_attempts": cfg.attempts - 1, "initial_s": 0.2, "max_s": 1.0}})
         scfg = scfg.model_copy(update={"id": sid})  # a job's id is never a valid stream id (no collision)
@@ -77,7 +80,8 @@ class RecordedSource:
 
 class StoredSource:
     """Re-scoring: the frames a stream already saw, kept by the frame store (streamd/frame_store.py, the stream's
-    `keep_frames`), captured within [t0, t1]; taken when the job starts (what is evicted meanwhile is skipped).
+    `keep_frames`), captured within [t0, t1]; chosen when the job is accepted, read as it runs (what the store
+    evicted meanwhile is skipped: its bytes are not held here).
     Each keeps its seq, pts and capture time, so the job's answers line up with the stream's own."""
 
     def __init__(self, store: Any, stream_id: str, t0: float, t1: float, fps: float | None):

@@ -1,6 +1,7 @@
 """Jobs in Redis: a job's document (`streamd:{job:<id>}:job`, JSON) and its records (`streamd:{job:<id>}:records`,
 a stream consumers can read like a stream's results), both expiring `jobs.ttl_s` after the job's last change; the
-index `streamd:jobs:index` (job id by creation time) is pruned of expired jobs as it is listed."""
+index `streamd:jobs:index` (job id by creation time) is pruned of expired jobs as pages meet them, and expires
+itself when no job was made for twice the TTL."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class JobStore:
             p.pexpire(keys.job_records_key(jid), self.ttl_ms)
             if new:
                 p.zadd(keys.JOBS_INDEX_KEY, {jid: doc["created_ts"]})
+                p.pexpire(keys.JOBS_INDEX_KEY, 2 * self.ttl_ms)  # no job for twice the TTL: the index goes too
             await p.execute()
 
     async def add_records(self, job_id: str, records: list[dict[str, Any]]) -> None:
@@ -37,6 +39,13 @@ class JobStore:
                 p.xadd(key, {"record": _json(rec)}, maxlen=self.maxlen, approximate=True)
             p.pexpire(key, self.ttl_ms)
             await p.execute()
+
+    async def request_cancel(self, job_id: str) -> None:
+        """Ask whichever daemon runs the job to cancel it (it looks every SAVE_EVERY_S)."""
+        await self.r.set(keys.job_cancel_key(job_id), "1", px=self.ttl_ms)
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return bool(await self.r.exists(keys.job_cancel_key(job_id)))
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
         raw = await self.r.get(keys.job_key(job_id))
@@ -54,16 +63,23 @@ class JobStore:
         return out, nxt
 
     async def page(self, offset: int, limit: int) -> tuple[int, list[dict[str, Any]]]:
-        """Jobs newest first: (how many there are, the page). Ids whose document expired leave the index."""
-        ids = [i.decode() for i in await self.r.zrevrange(keys.JOBS_INDEX_KEY, 0, -1)]
-        docs: list[Any] = []
-        if ids:  # one GET each (a job's keys have their own hash slot)
-            async with self.r.pipeline(transaction=False) as p:
+        """Jobs newest first: (how many the index holds, the page). Only the page's documents are read; ids whose
+        document expired leave the index as a page meets them (and the page is filled from the ids after them)."""
+        out: list[dict[str, Any]] = []
+        start = offset
+        for _ in range(8):  # a page that meets expired ids reads on; bounded
+            ids = [i.decode() for i in await self.r.zrevrange(keys.JOBS_INDEX_KEY, start, start + limit - 1)]
+            if not ids:
+                break
+            async with self.r.pipeline(transaction=False) as p:  # one GET each (a job has its own hash slot)
                 for i in ids:
                     p.get(keys.job_key(i))
                 docs = await p.execute()
-        gone = [i for i, d in zip(ids, docs) if d is None]
-        if gone:
-            await self.r.zrem(keys.JOBS_INDEX_KEY, *gone)
-        live = [json.loads(d) for d in docs if d is not None]
-        return len(live), live[offset:offset + limit]
+            gone = [i for i, d in zip(ids, docs) if d is None]
+            if gone:
+                await self.r.zrem(keys.JOBS_INDEX_KEY, *gone)
+            out += [json.loads(d) for d in docs if d is not None]
+            if len(out) >= limit or len(ids) < limit:
+                break
+            start += len(ids) - len(gone)
+        return int(await self.r.zcard(keys.JOBS_INDEX_KEY)), out[:limit]

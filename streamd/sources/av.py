@@ -311,7 +311,8 @@ class AvSource:
             if self._stop.is_set():
                 break
             if plan is not None:
-                self._progress_t = time.monotonic()  # packets arrive: no stall, whatever is decoded
+                if plan.packets_are_progress:  # frames are skipped: packets are the progress (the plan watches them)
+                    self._progress_t = time.monotonic()
                 if packet.pts is not None:  # where a looping file's next round starts, frames decoded or not
                     last_pts = max(last_pts, packet.pts * tb_s + offset)
                 if pace is not None and packet.dts is not None and not pace.wait(packet.dts * tb_s + offset):

@@ -323,7 +323,8 @@ class HlsSource:
                             self._marks.append((packet.pts * self._tb, seg.pdt))
                             del self._marks[:-8]
                     if plan is not None:
-                        self._progress_t = time.monotonic()  # packets arrive: no stall, whatever is decoded
+                        if plan.packets_are_progress:  # frames are skipped: packets are the progress
+                            self._progress_t = time.monotonic()
                         if plan.skip(packet):
                             continue
                     try:

@@ -3,21 +3,29 @@
 Every packet is still demuxed (timestamps, stall detection and discontinuities see all of them); what this plans
 is which ones reach the decoder. The mode in effect is one of:
 
-- `all`: every packet is decoded (the configured `all`, or `auto` while the GOP is not known: the first GOP after
-  each connect, an input without timestamps, one without keyframes).
+- `all`: every packet is decoded (the configured `all`, or `auto` while the GOP is not stable: the first GOPs after
+  each connect, an input without timestamps, one without keyframes, keys not decodable alone).
 - `keyframes`: only key packets are decoded (FFmpeg's `skip_frame = NONKEY` besides), and only those the sampler
   wants: a keyframe is taken for a due time when it lies at most half a GOP before it (or anywhere after it), so
   each due time gets the keyframe nearest to it. A record says the PTS of the keyframe used: it differs from the
   due time by at most half the GOP when the GOP is regular, by at most one GOP when it changed. The decoder is
   drained after each keyframe, so the frame is published at once rather than behind the decoder's reorder delay.
+  At an fps above the keyframe rate a keyframe serves at most one due time: fewer records than due times.
 - `gop` (mixed): each GOP is decoded from its keyframe up to its last due frame (the next due time falls at or
-  after the next keyframe, predicted from the measured GOP), then nothing until the next keyframe; non-reference
-  frames are skipped (`skip_frame = NONREF`). The frame used is the first decoded frame at or after the due time,
-  as in `all` (the next reference frame where the due frame is a non-reference one).
+  after the next keyframe, predicted as the last one plus the longest of the last GOPS intervals), then nothing
+  until the next keyframe. Every frame up to there is decoded, so the frame used is the one `all` uses.
 
-`auto` chooses at each keyframe from the GOP measured between the last two keyframes (so it follows an encoder
-restart that changes the GOP): `keyframes` when the sampling period is at least the GOP (fps <= keyframe rate),
-else `gop`. `fps: null` (every frame) decodes everything.
+`auto` chooses at each keyframe from the last GOPS keyframe intervals (so it follows an encoder restart that
+changes the GOP), and only when they agree within one frame (a stable GOP; scene-cut keyframes and dynamic-GOP
+encoders make it unstable): `keyframes` when the sampling period is at least the GOP (fps <= keyframe rate), else
+`gop`; `all` while the GOP is not stable. `fps: null` (every frame) decodes everything.
+
+Keys that are not independently decodable (intra refresh: the packets flagged as keys are recovery points, whose
+frame is no keyframe and which the decoder does not output after a reset): seen on the decoded frame at a key's
+PTS while decoding everything, on a key in `keyframes` mode that gives no frame, or as a stretch of packets
+longer than the period plus two GOPs in which nothing was published (the watchdog). Any of them switches the plan
+to `all` for good (a `decode_mode` event with a `reason`); the due time of a key that gave no frame stays due.
+While the plan decodes everything, packets alone are no progress for stall detection (`packets_are_progress`).
 
 Forward timestamp jumps are watched here, on every packet's DTS (the sampler sees only decoded frames, whose gaps
 are no jump any more); backward ones are seen by the sampler on the decoded frames.
@@ -25,6 +33,7 @@ are no jump any more); backward ones are seen by the sampler on the decoded fram
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from streamd.config import DecodeMode, StreamConfig
@@ -33,18 +42,23 @@ from streamd.sampling import Decision, FpsSampler
 
 log = get_logger("streamd.source.plan")
 
-KEY_THREADS = 1  # FFmpeg threads per stream when only keyframes are decoded (benchmarks/density.py measures it)
+KEY_THREADS = 1  # FFmpeg threads per stream where little is decoded (benchmarks/density.py measures it)
+ONE_THREAD_MAX_FPS = 2.0  # auto: one thread up to this sampling rate (more threads: more CPU and memory per stream)
 GOP_SLACK = 0.99  # auto: keyframes only when the period is at least this share of the measured GOP
-_SKIP = {"all": "DEFAULT", "gop": "NONREF", "keyframes": "NONKEY"}
+GOPS = 3  # auto: the keyframe intervals that must agree (within one frame) before any skipping
+_SKIP = {"all": "DEFAULT", "gop": "DEFAULT", "keyframes": "NONKEY"}
 _NO = Decision(False)
 
 
 def decode_threads(cfg: StreamConfig, fps: float | None) -> int:
     """Decoder threads for a connection (set before the codec opens; 0 = FFmpeg decides): `decode_threads` when set,
-    else one where only keyframes are likely to be decoded (`keyframes`, or `auto` at 1 fps or less)."""
+    else one for `keyframes`, and for `auto` at up to ONE_THREAD_MAX_FPS: with many streams, FFmpeg's frame
+    threads cost each stream more CPU (flushing a GOP's tail waits for them, they decode ahead of the due frame)
+    and memory (frames per thread) for no gain, the streams being decoded side by side anyway."""
     if cfg.decode_threads:
         return cfg.decode_threads
-    if cfg.decode is DecodeMode.KEYFRAMES or (cfg.decode is DecodeMode.AUTO and fps is not None and fps <= 1.0):
+    if cfg.decode is DecodeMode.KEYFRAMES or (cfg.decode is DecodeMode.AUTO and fps is not None
+                                              and fps <= ONE_THREAD_MAX_FPS):
         return KEY_THREADS
     return 0
 
@@ -84,11 +98,18 @@ class DecodePlan:
         self._offset_s = 0.0
         self._jump_ticks = 0.0
         self.active = "keyframes" if mode is DecodeMode.KEYFRAMES else "all"  # all | gop | keyframes
-        self.gop_s: float | None = None  # the last keyframe interval measured
+        self.gop_s: float | None = None  # the longest of the last GOPS keyframe intervals (None: fewer measured)
+        self.stable = False  # the last GOPS intervals agree within one frame
+        self.keys_independent = True  # False once a key's frame was seen not to decode alone (for good)
+        self._intervals: deque[float] = deque(maxlen=GOPS)
+        self._frame_s = 0.04  # one frame's duration (from the packets')
+        self._key_ticks: deque[int] = deque(maxlen=2)  # the last keys' PTS ticks (their frames are checked)
+        self._since_s: float | None = None  # the last published frame's PTS (or where watching began)
         self.keys_decoded = 0
         self._key_s: float | None = None  # the last keyframe's PTS
         self._decoding = self.active != "keyframes"  # non-key packets reach the decoder
-        self._taken: tuple[float, Decision] | None = None  # keyframes: the keyframe taken and its decision
+        # keyframes: the key taken, its decision and the due time before it (restored if it gives no frame)
+        self._taken: tuple[float, Decision, float | None] | None = None
         self._last_dts: int | None = None
 
     def attach(self, ctx: Any, tb_s: float, offset_s: float = 0.0) -> None:
@@ -98,6 +119,8 @@ class DecodePlan:
         self._jump_ticks = self.sampler.jump_s / tb_s
         self._last_dts = None
         self._taken = None
+        self._since_s = None
+        self._key_ticks.clear()
         if self.active != "all":
             ctx.skip_frame = _SKIP[self.active]
 
@@ -110,17 +133,37 @@ class DecodePlan:
             self._last_dts = dts
             if last is not None and (dts - last > self._jump_ticks or dts < last):
                 self._restart(forward=dts > last)
+        if packet.duration:
+            self._frame_s = packet.duration * self._tb
+        if self.active != "all":
+            self._watch(packet)
         if packet.is_keyframe:
             return not self._keyframe(packet)
         return not self._decoding
 
+    @property
+    def packets_are_progress(self) -> bool:
+        """Whether a packet read counts as progress for stall detection: while frames are skipped (decoding
+        everything, the decoded frames are the progress; the watchdog covers what skipping hides)."""
+        return self.active != "all"
+
     def decode(self, packet: Any) -> list[Any]:
         """Decode `packet`; a keyframe in `keyframes` mode comes out at once (the decoder drained and reset)."""
         if self.active != "keyframes":
-            return self._ctx.decode(packet)
+            frames = self._ctx.decode(packet)
+            if self.keys_independent and self._key_ticks:
+                for vf in frames:
+                    if vf.pts in self._key_ticks and not vf.key_frame:
+                        self._not_independent("a key's frame is no keyframe (intra refresh: a recovery point)")
+            return frames
         frames = self._ctx.decode(packet)
         frames += self._ctx.decode(None)
         self._ctx.flush_buffers()
+        taken = self._taken
+        if not frames and taken is not None and packet.is_keyframe:
+            self._taken = None
+            self.sampler.retract(taken[2], taken[1].discontinuity)  # its due time is due again
+            self._not_independent("a key decoded alone gave no frame (intra refresh: a recovery point)")
         return frames
 
     # -- per decoded frame -----------------------------------------------------------------------------------
@@ -131,10 +174,14 @@ class DecodePlan:
             taken = self._taken
             if taken is not None and abs(pts_s - taken[0]) < 1e-6:
                 self._taken = None
+                self._since_s = pts_s
                 return taken[1]
             return _NO  # a frame left in the decoder from before keyframes mode began
         decision = self.sampler.offer(pts_s)
-        if decision.keep and self.active == "gop" and self._key_s is not None and self.gop_s is not None:
+        if not decision.keep:
+            return decision
+        self._since_s = pts_s
+        if self.active == "gop" and self._key_s is not None and self.gop_s is not None:
             due = self.sampler.next_due_s
             if due is not None and due + 0.002 >= self._key_s + self.gop_s:
                 self._decoding = False  # nothing more is due before the next keyframe
@@ -146,8 +193,31 @@ class DecodePlan:
         """A timestamp jump: the GOP is measured again; a forward jump is a discontinuity (backward ones are seen
         by the sampler on the next decoded frame)."""
         self._key_s = None
+        self._since_s = None
         if forward:
             self.sampler.mark_discontinuity()
+
+    def _watch(self, packet: Any) -> None:
+        """The watchdog: packets flow while frames are skipped, yet nothing was published for longer than a due
+        time can wait for its frame (the period plus the GOP, with a GOP of margin): decode everything."""
+        ticks = packet.pts if packet.pts is not None else packet.dts
+        if ticks is None or self.gop_s is None or self.sampler.period_s is None:
+            return
+        t = ticks * self._tb + self._offset_s
+        if self._since_s is None or t < self._since_s:
+            self._since_s = t
+        elif t - self._since_s > self.sampler.period_s + 2 * self.gop_s + self._frame_s:
+            self._not_independent(f"no frame published for {t - self._since_s:.1f} s while packets arrived")
+
+    def _not_independent(self, reason: str) -> None:
+        """Keys are not decodable on their own here: everything is decoded from now on (for good)."""
+        if not self.keys_independent:
+            return
+        self.keys_independent = False
+        self._decoding = True
+        if self.active == "all":  # seen while decoding everything: said once all the same
+            self.active = ""
+        self._set("all", reason)
 
     def _keyframe(self, packet: Any) -> bool:
         ticks = packet.pts if packet.pts is not None else packet.dts
@@ -155,14 +225,19 @@ class DecodePlan:
             self._set("all")
             self._decoding = True
             return True
+        self._key_ticks.append(ticks)
         key_s = ticks * self._tb + self._offset_s
         if self._key_s is not None and key_s > self._key_s:
-            self.gop_s = key_s - self._key_s
+            self._intervals.append(key_s - self._key_s)
+            self.gop_s = max(self._intervals) if len(self._intervals) == GOPS else None
+            self.stable = self.gop_s is not None and self.gop_s - min(self._intervals) <= self._frame_s * 1.01
         self._key_s = key_s
         period = self.sampler.period_s
-        if self.mode is DecodeMode.KEYFRAMES:
+        if not self.keys_independent:
+            self._set("all")
+        elif self.mode is DecodeMode.KEYFRAMES:
             self._set("keyframes")
-        elif period is None or self.gop_s is None:
+        elif period is None or self.gop_s is None or not self.stable:
             self._set("all")
         else:
             self._set("keyframes" if period >= self.gop_s * GOP_SLACK else "gop")
@@ -170,17 +245,23 @@ class DecodePlan:
             self._decoding = True
             return True
         self._decoding = False
+        due = self.sampler.next_due_s
         decision = self.sampler.offer(key_s, self.gop_s / 2 if self.gop_s else 0.0)
         if not decision.keep:
             return False
-        self._taken = (key_s, decision)
+        self._taken = (key_s, decision, due)
         self.keys_decoded += 1
         return True
 
-    def _set(self, active: str) -> None:
+    def _set(self, active: str, reason: str | None = None) -> None:
         if active == self.active:
             return
         self.active = active
+        self._since_s = None
         if self._ctx is not None:
             self._ctx.skip_frame = _SKIP[active]
-        self._on_mode({"mode": active, "gop_s": None if self.gop_s is None else round(self.gop_s, 3)})
+        fields: dict[str, Any] = {"mode": active, "gop_s": None if self.gop_s is None else round(self.gop_s, 3)}
+        if reason is not None:
+            fields["reason"] = reason
+            log.warning("keys not independently decodable: decoding everything", reason=reason)
+        self._on_mode(fields)

@@ -210,7 +210,7 @@ class Detect(Stage):
         by_name.update({o.labels.get(n, n): i for i, n in names.items()})
         ids = []
         for c in o.classes:
-            if isinstance(c, int) or (isinstance(c, str) and c.isdigit()):
+            if isinstance(c, int) or (isinstance(c, str) and c.isascii() and c.isdigit()):
                 ids.append(int(c))
             elif c in by_name:
                 ids.append(by_name[c])

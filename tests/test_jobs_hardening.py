@@ -1,0 +1,228 @@
+"""Jobs under failure and abuse (issue 17, the review of its first landing): a Redis outage when a job starts ends
+that job's writes, never the daemon; a queued upload cancelled leaves no file; a job cancelled before it starts stays
+cancelled; uploads are bounded in number and time; a hostile cursor or an oversized job part gets a typed 4xx.
+Real redis-server (killed and restarted), real HTTP servers, the scripted VLM server to keep a job busy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from conftest import LOOPBACK_ALLOWED, OPER, READ, at_least, h, make_config, results, running, until
+from streamd.jobs.options import JobSpec
+from streamd.testing.openai import ScriptedOpenAI
+from streamd.testing.servers import HttpDir, ManagedRedis
+from test_jobs import api_cfg
+
+P = "/api/v1/jobs"
+
+
+def slow_pipeline(url: str) -> dict:
+    """Every frame asked about, one question in flight per job: a job that takes a while."""
+    return {"stages": [{"type": "frame_info"}, {"type": "vlm", "model": "scripted", "endpoints": [{"url": url}],
+                                                "every_s": 0}]}
+
+
+def spec(url: str, pipeline: str = "slow") -> JobSpec:
+    return JobSpec.model_validate({"source": {"url": url}, "pipeline": pipeline, "sampling": {"mode": "every_frame"}})
+
+
+async def test_a_redis_outage_when_a_queued_job_starts_ends_no_more_than_that_job(tmp_path, clip):
+    """Job B starts while Redis is down (job A, running, is cancelled then): B runs without its first save, the
+    daemon and its live stream go on, and once Redis is back the stream publishes again."""
+    import redis.asyncio as aioredis
+
+    srv = ManagedRedis(tmp_path / "redis", durable=True).start()
+    vlm = await ScriptedOpenAI(lambda req: "ok").start()
+    vlm.delay_s = 0.2
+    http = HttpDir(clip.parent).start()
+    r = aioredis.Redis.from_url(srv.url)
+    cfg = make_config(srv.url, [{"id": "cam", "url": str(clip), "playback": "realtime", "loop": True, "fps": 4.0}],
+                      api=api_cfg(srv.url).api.model_dump(), egress=LOOPBACK_ALLOWED,
+                      pipelines={"slow": slow_pipeline(vlm.url)}, jobs={"max_running": 1})
+    try:
+        async with running(cfg) as d:
+            await until(lambda: at_least(r, "cam", 2), 30, what="the live stream's results")
+            a = await d.jobs.submit(spec(http.url(clip.name)), origin="config")
+            b = await d.jobs.submit(spec(http.url(clip.name), "frame_info"), origin="config")
+            await until(lambda: a.state == "running" and a.done_frames >= 1, 30, what="job A running")
+            assert b.state == "queued"
+            srv.stop(kill=True)
+            await until(lambda: not d.sink.healthy, 10, what="the sink to notice the outage")
+            await d.jobs.cancel(a.id)  # A ends; B starts with Redis down: its first save fails
+            await until(lambda: b.finished.is_set(), 60, what="job B ends")
+            assert b.state == "done" and b.done_frames == 180, (b.state, b.reason, b.done_frames)
+            assert d.streams.runners["cam"].state.value == "live"
+            srv.start()
+            await r.aclose()
+            r = aioredis.Redis.from_url(srv.url)
+            have = len(await results(r, "cam"))
+            await until(lambda: at_least(r, "cam", have + 4), 30, what="the live stream publishing again")
+    finally:
+        await r.aclose()
+        http.stop()
+        await vlm.stop()
+        srv.stop()
+
+
+async def test_a_queued_job_cancelled_keeps_no_upload_and_one_cancelled_before_its_start_stays_cancelled(
+        redis_server, clip, tmp_path):
+    vlm = await ScriptedOpenAI(lambda req: "ok").start()
+    vlm.delay_s = 0.2
+    http = HttpDir(clip.parent).start()
+    updir = tmp_path / "up"
+    cfg = api_cfg(redis_server.url, {"slow": slow_pipeline(vlm.url)}, max_running=1, upload_dir=str(updir))
+    try:
+        async with running(cfg) as d, aiohttp.ClientSession() as s:
+            a = await d.jobs.submit(spec(http.url(clip.name)), origin="config")
+            await until(lambda: a.state == "running", 30, what="job A running")
+            form = aiohttp.FormData()
+            form.add_field("job", '{"pipeline": "frame_info"}', content_type="application/json")
+            form.add_field("file", clip.read_bytes(), filename="pan.mp4", content_type="video/mp4")
+            async with s.post(d.api_url + P, data=form, headers=h(OPER)) as resp:
+                assert resp.status == 202, await resp.text()
+                queued = (await resp.json())["id"]
+            assert [p.name for p in updir.iterdir()] == [f"{queued}.upload"]
+            async with s.delete(f"{d.api_url}{P}/{queued}", headers=h(OPER)) as resp:
+                assert resp.status == 200 and (await resp.json())["state"] == "cancelled"
+            assert list(updir.iterdir()) == []  # the queued job's upload went with it
+            # a job cancelled after it left the queue, before it ran (a re-score reads the stream's answers then)
+            c = await d.jobs.submit(spec(http.url(clip.name), "frame_info"), origin="config")
+            c.cancel()
+            await d.jobs.cancel(a.id)
+            await until(lambda: c.finished.is_set(), 30, what="job C ends")
+            doc = await d.jobs.get(c.id) or c.document()
+    finally:
+        http.stop()
+        await vlm.stop()
+    assert c.state == "cancelled" and c.done_frames == 0 and doc["state"] == "cancelled", doc
+
+
+async def test_uploads_are_bounded_in_number_and_time(redis_server, tmp_path):
+    """jobs.max_uploads at once (one more: 503 before a byte is read); one that stalls past jobs.upload_timeout_s:
+    408 and nothing kept."""
+    updir = tmp_path / "up"
+    cfg = api_cfg(redis_server.url, max_uploads=1, upload_timeout_s=1.0, upload_dir=str(updir))
+    stalled = asyncio.Event()
+
+    async def body():
+        yield (b"--b\r\nContent-Disposition: form-data; name=file; filename=x.mp4\r\n"
+               b"Content-Type: video/mp4\r\n\r\n" + b"\0" * 50_000)
+        stalled.set()
+        await asyncio.sleep(30)  # the client stalls (cancelled when the server answers and closes)
+        yield b"\r\n--b--\r\n"
+
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        slow = asyncio.create_task(s.post(d.api_url + P, data=body(), headers={
+            **h(OPER), "Content-Type": "multipart/form-data; boundary=b"}))
+        await stalled.wait()
+        await until(lambda: d.jobs.uploading == 1, 10, 0.02, what="the first upload being received")
+        form = aiohttp.FormData()
+        form.add_field("file", b"\0" * 10, filename="y.mp4", content_type="video/mp4")
+        async with s.post(d.api_url + P, data=form, headers=h(OPER)) as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"] == "1", await resp.text()
+            assert (await resp.json())["error"]["code"] == "jobs_full"
+        resp = await asyncio.wait_for(slow, 30)
+        assert resp.status == 408 and (await resp.json())["error"]["code"] == "upload_timeout"
+        resp.release()
+        assert d.jobs.uploading == 0 and list(updir.iterdir()) == []
+
+
+async def test_hostile_cursors_and_an_oversized_job_part_get_typed_errors(redis_server, clip, tmp_path):
+    cfg = api_cfg(redis_server.url, upload_dir=str(tmp_path / "up"))
+    cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update={"max_body_bytes": 100_000})})
+    async with running(cfg) as d, aiohttp.ClientSession() as s:
+        form = aiohttp.FormData()
+        form.add_field("file", clip.read_bytes(), filename="pan.mp4", content_type="video/mp4")
+        async with s.post(d.api_url + P, data=form, headers=h(OPER)) as resp:
+            jid = (await resp.json())["id"]
+        for after in ("\u00b2-0", "1-\u00b3", "99999999999999999999999-0", "1-2-3", "-"):
+            async with s.get(f"{d.api_url}{P}/{jid}/results", params={"after": after}, headers=h(READ)) as resp:
+                assert resp.status == 422, (after, await resp.text())
+                assert (await resp.json())["error"]["details"]["path"] == "after"
+        form = aiohttp.FormData()
+        form.add_field("job", json.dumps({"pipeline": "frame_info", "note": "x" * 200_000}),
+                       content_type="application/json")
+        form.add_field("file", b"\0" * 10, filename="y.mp4", content_type="video/mp4")
+        async with s.post(d.api_url + P, data=form, headers=h(OPER)) as resp:
+            assert resp.status == 413, await resp.text()
+            assert (await resp.json())["error"]["code"] == "body_too_large"
+
+
+async def test_a_jobs_page_reads_only_its_documents_and_skips_expired_ones(r):
+    """Listing reads the page's documents, not every job's; expired ones leave the index as a page meets them and
+    the page is filled from the ids after them; the index itself expires."""
+    from streamd import keys
+    from streamd.jobs.store import JobStore
+
+    store = JobStore(r, ttl_s=60, records_maxlen=100)
+    for n in range(1, 8):
+        await store.save({"id": f"j{n}", "created_ts": float(n), "state": "done"}, new=True)
+    await r.delete(keys.job_key("j6"), keys.job_key("j5"))  # expired
+    total, page = await store.page(0, 3)
+    assert [d["id"] for d in page] == ["j7", "j4", "j3"]
+    assert total == 5 and not await r.zscore(keys.JOBS_INDEX_KEY, "j6")
+    total, page = await store.page(3, 3)
+    assert [d["id"] for d in page] == ["j2", "j1"] and total == 5
+    assert 0 < await r.pttl(keys.JOBS_INDEX_KEY) <= 120_000
+
+
+async def test_a_job_whose_records_redis_does_not_take_fails_with_bounded_memory(tmp_path, clip, monkeypatch):
+    """Redis gone under a running job: its records wait in memory up to a bound, then the job fails with
+    redis_unavailable and stops (it does not hold a whole video's records)."""
+    import streamd.jobs.runner as runner
+
+    monkeypatch.setattr(runner, "MAX_PENDING", 20)
+    srv = ManagedRedis(tmp_path / "redis").start()
+    vlm = await ScriptedOpenAI(lambda req: "ok").start()
+    vlm.delay_s = 0.05
+    http = HttpDir(clip.parent).start()
+    cfg = api_cfg(srv.url, {"slow": slow_pipeline(vlm.url)})
+    try:
+        async with running(cfg) as d:
+            job = await d.jobs.submit(spec(http.url(clip.name)), origin="config")
+            await until(lambda: job.state == "running" and job.done_frames >= 1, 30, what="the job running")
+            srv.stop(kill=True)
+            await until(lambda: job.finished.is_set(), 60, what="the job ends")
+            assert job.state == "failed" and job.reason_code == "redis_unavailable", (job.state, job.reason)
+            assert len(job._pending) <= 2 * 20 + 10 and job.done_frames < 180
+    finally:
+        http.stop()
+        await vlm.stop()
+        srv.stop()
+
+
+async def test_a_redis_blip_during_a_job_loses_none_of_its_records(tmp_path, clip):
+    """Redis killed and restarted while a job runs: the records it could not write are written after, every
+    sampled frame once."""
+    import redis.asyncio as aioredis
+
+    from streamd import keys
+
+    srv = ManagedRedis(tmp_path / "redis", durable=True).start()
+    vlm = await ScriptedOpenAI(lambda req: "ok").start()
+    vlm.delay_s = 0.05
+    http = HttpDir(clip.parent).start()
+    cfg = api_cfg(srv.url, {"slow": slow_pipeline(vlm.url)})
+    try:
+        async with running(cfg) as d:
+            job = await d.jobs.submit(spec(http.url(clip.name)), origin="config")
+            await until(lambda: job.done_frames >= 20, 60, what="20 frames done")
+            srv.stop(kill=True)
+            done_then = job.done_frames
+            await until(lambda: job.done_frames >= done_then + 60, 60, what="60 frames more while Redis is down")
+            srv.start()
+            await until(lambda: job.finished.is_set(), 120, what="the job ends")
+        r = aioredis.Redis.from_url(srv.url)
+        entries = await r.xrange(keys.job_records_key(job.id))
+        await r.aclose()
+    finally:
+        http.stop()
+        await vlm.stop()
+        srv.stop()
+    import json
+
+    frames = [json.loads(f[b"record"])["seq"] for _, f in entries if json.loads(f[b"record"])["type"] == "frame"]
+    assert job.state == "done" and sorted(frames) == list(range(180)), (job.state, len(frames))
