@@ -218,8 +218,8 @@ class StreamConfig(Strict):
                                "last due frame (non-reference frames skipped), everything while the GOP is unknown; "
                                "all: every frame; keyframes: the keyframe nearest each due time (off by at most "
                                "one GOP)")
-    decode_threads: int = Field(0, ge=0, le=64, description="decoder threads (0 = FFmpeg decides; 1 when only "
-                                "keyframes are decoded)")
+    decode_threads: int = Field(0, ge=0, le=64, description="decoder threads (0 = one for decode: keyframes and "
+                                "for auto at fps <= 2, else FFmpeg decides)")
     hwaccel: Literal["cuda", "vaapi", "qsv", "videotoolbox", "d3d11va", "drm"] | None = Field(
         None, description="PyAV sources (not HLS): decode on this FFmpeg hardware device (cuda = NVDEC); frames are "
         "copied to host memory; a device that cannot be used fails the stream")

@@ -43,6 +43,7 @@ PIPELINE_KEY = "streamd:pipeline:{{{name}}}:{part}"  # part: seq, versions, curr
 # index of job ids by creation time (a sorted set, pruned of expired jobs as it is listed)
 JOB_KEY = "streamd:{{job:{job}}}:job"
 JOB_RECORDS_KEY = "streamd:{{job:{job}}}:records"
+JOB_CANCEL_KEY = "streamd:{{job:{job}}}:cancel"  # set by a daemon asked to cancel a job another daemon runs
 JOBS_INDEX_KEY = "streamd:jobs:index"
 
 
@@ -92,6 +93,10 @@ def job_key(job_id: str) -> str:
 
 def job_records_key(job_id: str) -> str:
     return JOB_RECORDS_KEY.format(job=job_id)
+
+
+def job_cancel_key(job_id: str) -> str:
+    return JOB_CANCEL_KEY.format(job=job_id)
 
 
 def slot(key: str | bytes) -> int:

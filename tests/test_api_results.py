@@ -69,7 +69,7 @@ async def test_results_and_events_paged(r, redis_server, clip):
         for bad in ("0", "1001", "x", "²", "١٢"):  # Unicode digits: str.isdigit() says yes, int() refused '²'
             async with s.get(url, params={"limit": bad}, headers=h(READ)) as resp:
                 assert resp.status == 422 and (await resp.json())["error"]["details"]["path"] == "limit", bad
-        for bad in ("²", "-1", "86401"):
+        for bad in ("²", "-1", "86401", "nan", "inf", "x"):
             async with s.get(url + "/live", params={"timeout_s": bad}, headers=h(READ)) as resp:
                 assert resp.status == 422 and (await resp.json())["error"]["details"]["path"] == "timeout_s", bad
         async with s.get(d.api_url + "/api/v1/streams/nosuch/results", headers=h(READ)) as resp:
@@ -239,6 +239,32 @@ async def test_a_client_that_falls_behind_is_ended_not_buffered(r, redis_server)
         assert items[-1] is _END and len(items) == QUEUE
         assert fast in feed.subs
     assert feeds.feeds == {} and feeds.clients == 0  # the feed stopped with its last client
+
+
+def test_overlay_draws_boxes_and_masks_where_the_record_puts_them() -> None:
+    """streamd/api/overlay.py: a record's masks (COCO RLE, as streamd.stages.masks writes them) and boxes on the frame."""
+    from streamd.api.overlay import PALETTE, decode_rle, draw
+    from streamd.stages.masks import mask_rle
+
+    h, w = 120, 160
+    mask = np.zeros((h, w), bool)
+    mask[40:80, 20:60] = True
+    rle = mask_rle(mask)
+    assert (decode_rle(rle, w, h) == mask).all()
+    assert decode_rle(rle, w + 1, h) is None and decode_rle({"size": [h, w], "counts": [5]}, w, h) is None
+    grey = np.full((h, w, 3), 128, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, "JPEG", quality=95)
+    rec = {"outputs": {"detect": {"detections": [
+        {"label": "person", "track_id": 2, "confidence": 0.9, "box": [100.0, 30.0, 150.0, 110.0]},
+        {"label": "person", "track_id": 3, "confidence": 0.8, "box": [20.0, 40.0, 60.0, 80.0], "mask": rle}]}}}
+    out = np.asarray(Image.open(io.BytesIO(draw(buf.getvalue(), rec, 95))).convert("RGB")).astype(int)
+    edge = out[70, 100]  # the first box's left edge
+    assert np.abs(edge - PALETTE[2]).max() < 40, edge
+    inside = out[65, 40]  # inside the mask, away from its box's outline and label
+    assert np.abs(inside - (np.asarray(PALETTE[3]) + 128) // 2).max() < 20, inside
+    assert np.abs(out[10, 80] - 128).max() < 8  # untouched
+    assert draw(buf.getvalue(), None) == buf.getvalue()
 
 
 def test_overlay_skips_hostile_boxes_and_draws_reversed_ones_sorted():

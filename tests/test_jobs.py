@@ -187,11 +187,14 @@ async def test_bad_urls_fail_with_the_sources_reason(redis_server, clip):
                 assert status == 422 and body["error"]["code"] == "scheme_not_allowed", (url, body)
             status, body, _ = await post_job(s, d, {"source": {"url": srv.url(clip.name)}, "pipeline": "nope"})
             assert status == 422 and body["error"]["code"] == "invalid_pipeline"
+            _, doc, _ = await post_job(s, d, {"source": {"stream": "nosuch", "from": -60}, "pipeline": "frame_info"})
+            nothing = await wait_job(s, d, doc["id"], timeout_s=30)
     finally:
         srv.stop()
     assert missing["state"] == "failed" and missing["reason_code"] == "http_status", missing
     assert refused["state"] == "failed" and refused["reason_code"] == "egress_refused", refused
     assert "summary" not in missing
+    assert nothing["state"] == "failed" and nothing["reason_code"] == "not_found"  # no kept frames to re-score
 
 
 async def test_cancel_stops_a_job(redis_server, clip):
@@ -309,7 +312,7 @@ async def test_scene_sampling_keeps_the_cuts_and_drops_duplicates(redis_server, 
     finally:
         srv.stop()
     assert doc["state"] == "done", doc
-    assert [x["pts_s"] for x in recs] == [0.0, 2.0, 4.0]
+    assert [x["pts_s"] for x in recs] == [0.0, 2.0, 4.0], (doc["progress"], doc["summary"].get("scene_cuts"))
     assert doc["progress"]["frames_looked_at"] == 60  # 10 frames/s looked at, 57 near-duplicates skipped
     cuts = doc["summary"]["scene_cuts"]
     assert [c["pts_s"] for c in cuts] == [2.0, 4.0] and all(c["change"] >= 0.08 for c in cuts)
@@ -404,3 +407,62 @@ async def test_rescore_a_streams_stored_frames_with_a_new_prompt(redis_server, r
     for c in both:
         assert c["new"] == {"prompt": mine, "text": "NEW"}
         assert c["old"] and all(o == {"prompt": {"scope": "config", "version": 0}, "text": "OLD"} for o in c["old"])
+
+
+async def test_delete_through_another_daemon_cancels_the_job(redis_server, r, clip):
+    """Two daemons on one Redis: a job runs on the one it was posted to; DELETE through the other asks for its
+    cancellation in Redis, and the running one cancels it (its writer looks every half second)."""
+    vlm = await ScriptedOpenAI(lambda req: "slow").start()
+    vlm.delay_s = 0.3
+    cfg = api_cfg(redis_server.url, {"slow": _slow(vlm.url)})
+    srv = HttpDir(clip.parent).start()
+    try:
+        async with running(cfg) as a, running(cfg) as b, aiohttp.ClientSession() as s:
+            _, doc, _ = await post_job(s, a, {"source": {"url": srv.url(clip.name)}, "pipeline": "slow",
+                                              "sampling": {"mode": "every_frame"}})
+            jid = doc["id"]
+            await until(lambda: _done_at_least(s, a, jid, 2), 30, what="2 frames")
+            async with s.delete(f"{b.api_url}{P}/{jid}", headers=h(OPER)) as resp:
+                assert resp.status == 200 and (await resp.json())["id"] == jid
+            doc = await until(lambda: _ended(s, b, jid), 10, what="cancelled as seen from the other daemon")
+    finally:
+        srv.stop()
+        await vlm.stop()
+    assert doc["state"] == "cancelled" and doc["progress"]["frames_done"] < 180
+
+
+async def _ended(s, d, jid):
+    doc = await get_job(s, d, jid)
+    return doc if doc["state"] in ("done", "failed", "cancelled") else None
+
+
+async def test_summary_mode_gives_captions_and_rolling_summaries(redis_server, clip):
+    """A pipeline with a VLM in summary mode: the job's summary has every asked frame's caption and the rolling
+    summaries, the last partial window included (summarised when the job's frames are through)."""
+    def answer(req):
+        text = prompt_text(req)
+        if text.startswith("t="):
+            return "caption " + text
+        return "SUMMARY " + " | ".join(x for x in text.splitlines() if x.startswith("["))
+
+    vlm = await ScriptedOpenAI(answer).start()
+    pipe = {"stages": [{"type": "frame_info"}, {"type": "vlm", "model": "scripted", "endpoints": [{"url": vlm.url}],
+                                                "mode": "summary", "every_s": 0, "summary_every_s": 2,
+                                                "prompt": "t={pts_s}"}]}
+    cfg = api_cfg(redis_server.url, {"sum": pipe}, max_vlm_in_flight=1)  # answers in order: windows as in a stream
+    srv = HttpDir(clip.parent).start()
+    try:
+        async with running(cfg) as d, aiohttp.ClientSession() as s:
+            _, doc, _ = await post_job(s, d, {"source": {"url": srv.url(clip.name)}, "pipeline": "sum"})
+            doc = await wait_job(s, d, doc["id"])
+    finally:
+        srv.stop()
+        await vlm.stop()
+    assert doc["state"] == "done", doc
+    v = doc["summary"]["vlm"]["vlm"]
+    pts = sampled_pts(clip, 2)
+    assert [c["pts_s"] for c in v["captions"]] == pts and all(c["text"].startswith("caption t=") for c in v["captions"])
+    wins = [x["window"] for x in v["summaries"]]
+    assert len(wins) >= 2 and wins[0]["start_seq"] == 0 and wins[-1]["end_seq"] == len(pts) - 1
+    assert all(a["end_seq"] + 1 == b["start_seq"] for a, b in zip(wins, wins[1:]))  # contiguous, the last flushed
+    assert all(x["text"].startswith("SUMMARY [") for x in v["summaries"]), v["summaries"]

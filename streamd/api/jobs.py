@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from streamd import jsonsafe
 from streamd import pipelines as pipeline_files
 from streamd.api.body import json_body
-from streamd.api.context import JOBS, streams
+from streamd.api.context import CFG, JOBS, streams
 from streamd.api.errors import ApiError, json_response, validation_details
 from streamd.api.security import check_authority
 from streamd.errors import ConfigError, SourceError
@@ -112,17 +112,18 @@ def _job_id(request: web.Request) -> str:
     return jid
 
 
-def _check_url(url: str) -> None:
-    """An http(s) URL only (never a file or another FFmpeg protocol); its address is checked by the egress policy
-    when the job runs (a refused one fails the job with reason_code egress_refused)."""
+def _check_url(url: str, allowed: list[str]) -> None:
+    """An http(s) URL only (never a file or another FFmpeg protocol), and only where api.allowed_schemes has its
+    scheme; its address is checked by the egress policy when the job runs (a refused one fails the job with
+    reason_code egress_refused)."""
     try:
         ref = parse_reference(url)
     except SourceError as e:
         raise ApiError(422, "scheme_not_allowed", str(e), {"path": "source.url"}) from None
     scheme = urlsplit(url).scheme.lower() if "://" in url else "file"
-    if scheme not in ("http", "https") or ref.kind not in ("url", "hls"):
-        raise ApiError(422, "scheme_not_allowed", f"a job's URL is http or https (not {scheme!r})",
-                       {"path": "source.url"})
+    if scheme not in ("http", "https") or scheme not in allowed or ref.kind not in ("url", "hls"):
+        raise ApiError(422, "scheme_not_allowed", f"a job's URL is http or https, where api.allowed_schemes has it "
+                       f"(not {scheme!r})", {"path": "source.url"})
     check_authority(ref.url)
 
 
@@ -235,7 +236,7 @@ async def job_create(request: web.Request) -> web.Response:
             raise ApiError(422, "invalid_body", "a job needs a source (url or stream) unless a file is uploaded",
                            {"errors": [{"path": "source", "message": "missing", "type": "missing"}]})
         if spec.source.url is not None:
-            _check_url(spec.source.url)
+            _check_url(spec.source.url, request.app[CFG].allowed_schemes)
     else:
         raise ApiError(415, "unsupported_media_type", f"Content-Type {request.content_type!r}: send "
                        "application/json, or multipart/form-data with a file part (and a job part)",

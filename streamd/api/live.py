@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from streamd import keys
 from streamd.api.errors import ApiError
-from streamd.api.results import DIGITS, entry_id, id_key
+from streamd.api.results import entry_id, id_key
 from streamd.api.streams import _stream
 from streamd.api.context import CFG
 from streamd.api.context import streams as _streams
@@ -173,11 +173,13 @@ async def results_live(request: web.Request) -> web.StreamResponse:
     sid = _stream(request)
     raw = request.headers.get("Last-Event-ID") or request.query.get("after")
     after = entry_id(raw, "Last-Event-ID" if "Last-Event-ID" in request.headers else "after") if raw else None
-    timeout_raw = request.query.get("timeout_s", "0")
-    if not DIGITS.fullmatch(timeout_raw) or int(timeout_raw) > 86_400:
-        raise ApiError(422, "invalid_query", "timeout_s is an integer from 0 (no limit) to 86400",
+    try:
+        timeout_s = float(request.query.get("timeout_s", "0"))
+    except ValueError:
+        timeout_s = -1.0
+    if not 0 <= timeout_s <= 86_400:  # NaN too
+        raise ApiError(422, "invalid_query", "timeout_s is a number of seconds from 0 (no limit) to 86400",
                        {"path": "timeout_s"})
-    timeout_s = int(timeout_raw) or None
     key = keys.results_key(sid)
     client = _streams(request).redis
     async with request.app[LIVE].subscribe(key) as (feed, q, boundary):
@@ -188,7 +190,7 @@ async def results_live(request: web.Request) -> web.StreamResponse:
         last = id_key(after) if after is not None else (0, 0)
         write = _writer(request, resp)
         with contextlib.suppress(TimeoutError, ConnectionResetError, _Stalled):
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(timeout_s or None):
                 # what the client missed (or the newest one), up to the boundary: the queue has what follows
                 if after is None:
                     entries = await client.xrevrange(key, boundary, "-", count=1)

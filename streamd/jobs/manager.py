@@ -227,6 +227,11 @@ class JobManager:
             self._start_next()
 
     async def _run_job(self, job: Job) -> None:
+        if getattr(job.source, "total", None) == 0:  # a re-score with nothing kept: no pipeline to start
+            job._fail(f"no kept frames of stream {job.stream_id!r} captured in the window (its keep_frames "
+                      "bounds them)", "not_found")
+            await self.store.save(job.document())
+            return
         try:
             p = self.pipelines.get_or_start(job.spec.pipeline, f"jobs.{job.id}.pipeline", self._tg)
         except StreamdError as e:
@@ -258,8 +263,11 @@ class JobManager:
         """Cancel a queued or running job (within a second: its source closes, queued frames are discarded);
         an ended job's document as it is. None: no such job."""
         job = self.jobs.get(jid)
-        if job is None:
-            return await self.store.get(jid)
+        if job is None:  # ended, or (fleet) another daemon's: that one cancels it within a second
+            doc = await self.store.get(jid)
+            if doc is not None and doc["state"] not in TERMINAL:
+                await self.store.request_cancel(jid)
+            return doc
         if job in self._queue:
             self._queue.remove(job)
             job.cancel()

@@ -287,6 +287,9 @@ class Job:
             try:
                 await self._flush()
                 if time.monotonic() - last >= SAVE_EVERY_S and self.state == "running":
+                    if await self.store.cancel_requested(self.id):  # DELETE answered by another daemon
+                        self.cancel()
+                        continue
                     await self.store.save(self.document(summary=False))
                     last = time.monotonic()
             except Exception as e:  # noqa: BLE001 - Redis down: records stay pending, tried again

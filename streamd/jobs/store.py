@@ -40,6 +40,13 @@ class JobStore:
             p.pexpire(key, self.ttl_ms)
             await p.execute()
 
+    async def request_cancel(self, job_id: str) -> None:
+        """Ask whichever daemon runs the job to cancel it (it looks every SAVE_EVERY_S)."""
+        await self.r.set(keys.job_cancel_key(job_id), "1", px=self.ttl_ms)
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return bool(await self.r.exists(keys.job_cancel_key(job_id)))
+
     async def get(self, job_id: str) -> dict[str, Any] | None:
         raw = await self.r.get(keys.job_key(job_id))
         return json.loads(raw) if raw is not None else None

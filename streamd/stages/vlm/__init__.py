@@ -27,7 +27,7 @@ import numpy as np
 from streamd import keys
 from streamd.config import StageConfig
 from streamd.errors import StageError
-from streamd.frames import PREDICT_PREFIX, Frame, Work
+from streamd.frames import JOB_PREFIX, PREDICT_PREFIX, Frame, Work
 from streamd.log import get_logger
 from streamd.stages import Stage, parse_options
 from streamd.stages.vlm.base import VlmRequest, VlmStale
@@ -147,6 +147,19 @@ class Vlm(Stage):
 
     def forget_stream(self, stream_id: str) -> None:
         self.reset_stream(stream_id)
+        if stream_id.startswith(JOB_PREFIX) and self._by_stream.get(stream_id):
+            # a job's last answers are still on their way: their captions join its last summary window first
+            self._spawn(self._forget_later(stream_id), f"vlm-forget:{stream_id}", stream_id)
+            return
+        self._forget_now(stream_id)
+
+    async def _forget_later(self, stream_id: str) -> None:
+        me = asyncio.current_task()
+        while others := [t for t in self._by_stream.get(stream_id, ()) if t is not me]:
+            await asyncio.gather(*others, return_exceptions=True)
+        self._forget_now(stream_id)
+
+    def _forget_now(self, stream_id: str) -> None:
         self._close_tags(stream_id, "stream removed")
         self._flush_summary(stream_id)
         if self._model is not None:
