@@ -150,8 +150,9 @@ def _writer(request: web.Request, resp: web.StreamResponse) -> Callable[[bytes],
     slot until TCP gives up."""
 
     async def write(data: bytes) -> None:
-        try:
-            await asyncio.wait_for(resp.write(data), WRITE_TIMEOUT_S)
+        try:  # a timeout scope, not wait_for: no task per write (one write per record per client adds up)
+            async with asyncio.timeout(WRITE_TIMEOUT_S):
+                await resp.write(data)
         except TimeoutError:
             log.info("live results: a client read nothing for WRITE_TIMEOUT_S, dropped", path=request.path,
                      timeout_s=WRITE_TIMEOUT_S)
