@@ -5,7 +5,16 @@ import json
 import pytest
 
 from streamd.cli import main
+from streamd.log import setup_logging
 from streamd.samples import make_pan_clip
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found():
+    """`streamd bench` in process sets the log level to warning for the process: the later tests (which read info
+    lines) get the suite's logging back."""
+    yield
+    setup_logging("info", "console")
 
 
 def test_bench_reports_the_largest_number_of_copies_that_keeps_up(tmp_path, capsys):
