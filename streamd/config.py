@@ -214,12 +214,13 @@ class StreamConfig(Strict):
     stall_timeout_s: float = Field(10.0, gt=0, description="no frame for this long: the stream is stalled")
     open_timeout_s: float = Field(10.0, gt=0, le=3600, description="timeout to open the source and read from it")
     decode: DecodeMode = Field(DecodeMode.AUTO, description="PyAV sources: what is decoded. auto: keyframes only "
-                               "when 1/fps is at least the measured keyframe interval, else each GOP up to its "
-                               "last due frame (non-reference frames skipped), everything while the GOP is unknown; "
-                               "all: every frame; keyframes: the keyframe nearest each due time (off by at most "
-                               "one GOP)")
-    decode_threads: int = Field(0, ge=0, le=64, description="decoder threads (0 = FFmpeg decides; 1 when only "
-                                "keyframes are decoded)")
+                               "when 1/fps is at least the keyframe interval, else each GOP up to its last due "
+                               "frame (the frames `all` uses), everything while the last three intervals disagree "
+                               "and for good where keys do not decode alone (intra refresh); all: every frame; "
+                               "keyframes: the keyframe nearest each due time (off by at most one GOP; one record "
+                               "per keyframe at most)")
+    decode_threads: int = Field(0, ge=0, le=64, description="decoder threads (0 = one for decode: keyframes and "
+                                "for auto at fps <= 2, else FFmpeg decides)")
     hwaccel: Literal["cuda", "vaapi", "qsv", "videotoolbox", "d3d11va", "drm"] | None = Field(
         None, description="PyAV sources (not HLS): decode on this FFmpeg hardware device (cuda = NVDEC); frames are "
         "copied to host memory; a device that cannot be used fails the stream")

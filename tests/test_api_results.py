@@ -69,7 +69,7 @@ async def test_results_and_events_paged(r, redis_server, clip):
         for bad in ("0", "1001", "x", "²", "١٢"):  # Unicode digits: str.isdigit() says yes, int() refused '²'
             async with s.get(url, params={"limit": bad}, headers=h(READ)) as resp:
                 assert resp.status == 422 and (await resp.json())["error"]["details"]["path"] == "limit", bad
-        for bad in ("²", "-1", "86401"):
+        for bad in ("²", "-1", "86401", "nan", "inf", "x"):
             async with s.get(url + "/live", params={"timeout_s": bad}, headers=h(READ)) as resp:
                 assert resp.status == 422 and (await resp.json())["error"]["details"]["path"] == "timeout_s", bad
         async with s.get(d.api_url + "/api/v1/streams/nosuch/results", headers=h(READ)) as resp:
@@ -241,6 +241,32 @@ async def test_a_client_that_falls_behind_is_ended_not_buffered(r, redis_server)
     assert feeds.feeds == {} and feeds.clients == 0  # the feed stopped with its last client
 
 
+def test_overlay_draws_boxes_and_masks_where_the_record_puts_them() -> None:
+    """streamd/api/overlay.py: a record's masks (COCO RLE, as streamd.stages.masks writes them) and boxes on the frame."""
+    from streamd.api.overlay import PALETTE, decode_rle, draw
+    from streamd.stages.masks import mask_rle
+
+    h, w = 120, 160
+    mask = np.zeros((h, w), bool)
+    mask[40:80, 20:60] = True
+    rle = mask_rle(mask)
+    assert (decode_rle(rle, w, h) == mask).all()
+    assert decode_rle(rle, w + 1, h) is None and decode_rle({"size": [h, w], "counts": [5]}, w, h) is None
+    grey = np.full((h, w, 3), 128, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, "JPEG", quality=95)
+    rec = {"outputs": {"detect": {"detections": [
+        {"label": "person", "track_id": 2, "confidence": 0.9, "box": [100.0, 30.0, 150.0, 110.0]},
+        {"label": "person", "track_id": 3, "confidence": 0.8, "box": [20.0, 40.0, 60.0, 80.0], "mask": rle}]}}}
+    out = np.asarray(Image.open(io.BytesIO(draw(buf.getvalue(), rec, 95))).convert("RGB")).astype(int)
+    edge = out[70, 100]  # the first box's left edge
+    assert np.abs(edge - PALETTE[2]).max() < 40, edge
+    inside = out[65, 40]  # inside the mask, away from its box's outline and label
+    assert np.abs(inside - (np.asarray(PALETTE[3]) + 128) // 2).max() < 20, inside
+    assert np.abs(out[10, 80] - 128).max() < 8  # untouched
+    assert draw(buf.getvalue(), None) == buf.getvalue()
+
+
 def test_overlay_skips_hostile_boxes_and_draws_reversed_ones_sorted():
     """A record is data from Redis: boxes reversed, out of the frame, not numbers, not finite, labels of any
     script. Reversed boxes are drawn as their sorted form, the rest skipped; never an error (it was a 500)."""
@@ -264,3 +290,36 @@ def test_overlay_skips_hostile_boxes_and_draws_reversed_ones_sorted():
     assert drawn.shape == (120, 160, 3)
     assert np.abs(drawn - pixels(jpeg)).max() > 50  # the out-of-frame box, clamped, is drawn along the edges
     assert np.abs(pixels(draw(jpeg, rec(["a", 1, 2, 3]))) - pixels(draw(jpeg, None))).max() <= 2  # skipped
+
+
+async def test_a_client_that_reads_nothing_loses_its_slot(r, redis_server, monkeypatch):
+    """A client that stops reading (its TCP window shut, our buffers full) cannot hold its MAX_CLIENTS slot: a
+    write that does not finish within WRITE_TIMEOUT_S aborts the connection; a reading client goes on."""
+    import socket
+
+    from streamd.api import live
+
+    monkeypatch.setattr(live, "WRITE_TIMEOUT_S", 0.5)
+    stream = {"id": "big", "url": "redis:frames:big", "pipeline": "frame_info"}
+    async with running(api_cfg(redis_server.url, [stream])) as d, aiohttp.ClientSession() as s:
+        port = int(d.api_url.rsplit(":", 1)[1])
+        key = keys.results_key("big")
+        await r.xadd(key, {"record": b'{"seq": 0}'})
+        sock = socket.socket()
+        try:  # closed before the daemon stops, whatever happens (a stuck write would hold its shutdown)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, never read
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            sock.send(f"GET /api/v1/streams/big/results/live HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Bearer {READ}\r\n\r\n".encode())
+            await until(lambda: d_live(d).clients == 1, 10, what="the silent client connected")
+            async with s.get(d.api_url + "/api/v1/streams/big/results/live", headers=h(READ)) as reader:
+                assert len(await read_events(reader, 1)) == 1 and d_live(d).clients == 2
+                big = b'{"pad": "' + b"x" * 300_000 + b'"}'
+                for _ in range(100):  # 30 MB: more than the kernel's and the transport's buffers hold
+                    await r.xadd(key, {"record": big})
+                got = await read_events(reader, 100)  # the reading client gets every one
+                assert len(got) == 100
+                await until(lambda: d_live(d).clients == 1, 30, what="the silent client dropped")
+        finally:
+            sock.close()

@@ -5,7 +5,16 @@ import json
 import pytest
 
 from streamd.cli import main
+from streamd.log import setup_logging
 from streamd.samples import make_pan_clip
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found():
+    """`streamd bench` in process sets the log level to warning for the process: the later tests (which read info
+    lines) get the suite's logging back."""
+    yield
+    setup_logging("info", "console")
 
 
 def test_bench_reports_the_largest_number_of_copies_that_keeps_up(tmp_path, capsys):
@@ -36,3 +45,25 @@ def test_bench_table_and_bad_usage(tmp_path, capsys):
     assert main(["bench", "--url", str(clip), "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
     assert main(["bench"]) == 2  # neither a config nor a URL
+
+
+def test_bench_records_a_live_source_and_replays_the_recording(tmp_path, capsys):
+    """A live RTSP camera stand-in: a short recording is made (packets copied) and its copies play in real time."""
+    from streamd.testing.servers import RtspServer
+
+    if not RtspServer.available():
+        pytest.skip("Debian's GStreamer RTSP server (python3-gi) is not installed on this machine")
+    cfg = tmp_path / "cams.yaml"
+    srv = RtspServer(size=(320, 180)).start()
+    try:
+        cfg.write_text(f"streams:\n  - id: door\n    url: {srv.url}\n    pipeline: frame_info\n    fps: 1\n")
+        rc = main(["bench", "-c", str(cfg), "--stream", "door", "--steps", "2", "--seconds", "3", "--warmup", "1",
+                   "--record-s", "3", "--json"])
+    finally:
+        srv.stop()
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stream"] == "door" and report["url_kind"] == "rtsp" and report["replicated"] == "recording"
+    (step,) = report["steps"]
+    assert step["streams"] == 2 and step["keeps_up"] and step["records"] >= 2 * 2  # ~1 record/s per copy
+    assert report["max_streams"] == 2

@@ -314,3 +314,22 @@ async def test_auto_with_b_frames_uses_the_frames_full_decoding_uses(r, redis_se
     assert [e["mode"] for e in await events(r, "auto", "decode_mode")] == ["gop"]
     assert decoded["auto"] < decoded["all"]  # the tail of each GOP was skipped
     assert [x["pts_s"] for x in await results(r, "keyframes")] == [float(k) for k in range(8)]
+
+
+async def test_watchdog_decodes_everything_when_skipping_publishes_nothing(r, redis_server, tmp_path):
+    """A GOP that grows past what the plan measured (0.5 s, then 5 s): in keyframes mode at 1 fps nothing would be
+    published for 5 s at a time. Once packets run past the period plus two GOPs with nothing published, the plan
+    decodes everything (for good, saying why): from the next keyframe on, one record a second again."""
+    a = make_pan_clip(tmp_path / "a.ts", seconds=4, fps=30, size=SIZE, gop=15, container="mpegts")
+    b = make_pan_clip(tmp_path / "b.ts", "bus.jpg", seconds=10, fps=30, size=SIZE, gop=150, container="mpegts")
+    both = tmp_path / "both.ts"
+    both.write_bytes(a.read_bytes() + shifted_ts(b, tmp_path / "b2.ts", 4.0).read_bytes())
+    cfg = make_config(redis_server.url, [{"id": "w", "url": str(both), "fps": 1.0, "decode": "keyframes"}])
+    await run_to_end(cfg, "w")
+    modes = await events(r, "w", "decode_mode")
+    assert modes[-1]["mode"] == "all" and modes[-1]["reason"].startswith("no frame published for")
+    pts = [x["pts_s"] for x in await results(r, "w")]
+    rel = [round(p - pts[0], 2) for p in pts]
+    # keyframes every 0.5 s up to 4 s; the due time 5 s waits for the next frame the decoder can give (the
+    # keyframe at 9 s: the frames before it were skipped), then every due time has its frame
+    assert rel == [0.0, 1.0, 2.0, 3.0, 4.0, 9.0, 10.0, 11.0, 12.0, 13.0]

@@ -185,3 +185,27 @@ async def test_page_without_a_token_shows_only_the_gate(r, redis_server, browser
         assert await page.is_visible("#list-view")
         assert await page.evaluate("sessionStorage.getItem('streamd.token')") == READ
     assert errors == [], errors
+
+
+async def test_page_without_tokens_on_loopback(r, redis_server, browser, tmp_path):
+    """No tokens (loopback only): no gate; the page's own requests pass the Host/Origin/JSON checks (a stream added
+    and paused from the page), which refuse the same requests from another origin."""
+    from conftest import make_config
+
+    errors: list[str] = []
+    cfg = make_config(redis_server.url, [], api={"enabled": True, "port": 0})
+    async with running(cfg) as d:
+        page = await open_page(browser, d.api_url + "/", errors)
+        await page.wait_for_selector("#list-view:not([hidden])")
+        assert await page.is_hidden("#token-gate") and await page.is_hidden("#forget-token")
+        await page.click("#add-stream summary")
+        await page.fill("#add-form input[name=id]", "yard")
+        await page.fill("#add-form input[name=url]", "redis:frames:yard")
+        await page.select_option("#add-form select[name=pipeline]", "frame_info")
+        await page.click("#add-form button")
+        await page.wait_for_selector("#stream-view:not([hidden])")
+        await until(lambda: "yard" in d.streams.runners, what="the stream added from the page")
+        await page.click("#sv-pause:has-text('Pause')")
+        await page.wait_for_selector("#sv-state:has-text('paused')")
+        await page.screenshot(path=str(tmp_path / "no-token.png"))
+    assert errors == [], errors

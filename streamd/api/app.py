@@ -57,7 +57,7 @@ PAGING = ({"name": "after", "in": "query", "required": False, "schema": _ENTRY,
 LIVE_QUERY = ({"name": "after", "in": "query", "required": False, "schema": _ENTRY,
                "description": "as Last-Event-ID: resume after this entry"},
               {"name": "timeout_s", "in": "query", "required": False,
-               "schema": {"type": "integer", "minimum": 0, "maximum": 86400, "default": 0},
+               "schema": {"type": "number", "minimum": 0, "maximum": 86400, "default": 0},
                "description": "end the response after this long (0: when the client goes)"})
 SNAPSHOT_QUERY = ({"name": "overlay", "in": "query", "required": False, "schema": {"enum": ["true", "false"]}},
                   {"name": "entry", "in": "query", "required": False, "schema": _ENTRY,

@@ -3,7 +3,8 @@ result entries out to every connected client, so 50 viewers cost one blocking XR
 Redis pool). Each event's `id` is the Redis entry id: a client that reconnects with `Last-Event-ID` (or `?after=`)
 first gets what it missed (paged from Redis, at most the stream's MAXLEN), then the live ones, each once, in order.
 A client that falls `QUEUE` entries behind is disconnected (it resumes with Last-Event-ID), so a slow client
-never makes the daemon buffer without bound."""
+never makes the daemon buffer without bound; one whose write does not finish within WRITE_TIMEOUT_S (it reads
+nothing: its TCP window is shut) is aborted, so it cannot hold a MAX_CLIENTS slot until TCP gives up."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from redis.exceptions import RedisError
 
 from streamd import keys
 from streamd.api.errors import ApiError
-from streamd.api.results import DIGITS, entry_id, id_key
+from streamd.api.results import entry_id, id_key
 from streamd.api.streams import _stream
 from streamd.api.context import CFG
 from streamd.api.context import streams as _streams
@@ -32,6 +33,7 @@ BLOCK_MS = 2000  # one XREAD's block (below the client's socket timeout)
 READ_COUNT = 100
 CATCH_UP_PAGE = 100
 KEEPALIVE_S = 15.0
+WRITE_TIMEOUT_S = 15.0  # a client that takes longer to accept one write (a stalled reader) is dropped
 READY_TIMEOUT_S = 5.0
 MAX_CLIENTS = 500  # SSE connections per daemon (past it: 503 busy)
 _END = object()
@@ -138,6 +140,29 @@ class LiveFeeds:
 LIVE = web.AppKey("live_feeds", LiveFeeds)
 
 
+class _Stalled(Exception):
+    """A client that accepted no data for WRITE_TIMEOUT_S: its connection is aborted, its slot freed."""
+
+
+def _writer(request: web.Request, resp: web.StreamResponse) -> Callable[[bytes], Any]:
+    """resp.write with a deadline: a write that cannot finish within WRITE_TIMEOUT_S (the client's TCP window and
+    our buffers are full: it reads nothing) aborts the connection, so a slow reader cannot hold its MAX_CLIENTS
+    slot until TCP gives up."""
+
+    async def write(data: bytes) -> None:
+        try:  # a timeout scope, not wait_for: no task per write (one write per record per client adds up)
+            async with asyncio.timeout(WRITE_TIMEOUT_S):
+                await resp.write(data)
+        except TimeoutError:
+            log.info("live results: a client read nothing for WRITE_TIMEOUT_S, dropped", path=request.path,
+                     timeout_s=WRITE_TIMEOUT_S)
+            if request.transport is not None:
+                request.transport.abort()
+            raise _Stalled from None
+
+    return write
+
+
 def _event(eid: str, data: bytes) -> bytes:
     return b"id: " + eid.encode() + b"\nevent: result\ndata: " + data.replace(b"\n", b"") + b"\n\n"
 
@@ -149,11 +174,13 @@ async def results_live(request: web.Request) -> web.StreamResponse:
     sid = _stream(request)
     raw = request.headers.get("Last-Event-ID") or request.query.get("after")
     after = entry_id(raw, "Last-Event-ID" if "Last-Event-ID" in request.headers else "after") if raw else None
-    timeout_raw = request.query.get("timeout_s", "0")
-    if not DIGITS.fullmatch(timeout_raw) or int(timeout_raw) > 86_400:
-        raise ApiError(422, "invalid_query", "timeout_s is an integer from 0 (no limit) to 86400",
+    try:
+        timeout_s = float(request.query.get("timeout_s", "0"))
+    except ValueError:
+        timeout_s = -1.0
+    if not 0 <= timeout_s <= 86_400:  # NaN too
+        raise ApiError(422, "invalid_query", "timeout_s is a number of seconds from 0 (no limit) to 86400",
                        {"path": "timeout_s"})
-    timeout_s = int(timeout_raw) or None
     key = keys.results_key(sid)
     client = _streams(request).redis
     async with request.app[LIVE].subscribe(key) as (feed, q, boundary):
@@ -162,8 +189,9 @@ async def results_live(request: web.Request) -> web.StreamResponse:
                                            **cors_headers(request, request.app[CFG])})
         await resp.prepare(request)
         last = id_key(after) if after is not None else (0, 0)
-        with contextlib.suppress(TimeoutError, ConnectionResetError):
-            async with asyncio.timeout(timeout_s):
+        write = _writer(request, resp)
+        with contextlib.suppress(TimeoutError, ConnectionResetError, _Stalled):
+            async with asyncio.timeout(timeout_s or None):
                 # what the client missed (or the newest one), up to the boundary: the queue has what follows
                 if after is None:
                     entries = await client.xrevrange(key, boundary, "-", count=1)
@@ -174,12 +202,12 @@ async def results_live(request: web.Request) -> web.StreamResponse:
                         chunk = await client.xrange(key, f"({cursor}", boundary, count=CATCH_UP_PAGE)
                         if not chunk:
                             break
-                        await resp.write(b"".join(_event(e[0].decode(), e[1].get(b"record", b"null"))
+                        await write(b"".join(_event(e[0].decode(), e[1].get(b"record", b"null"))
                                                   for e in chunk))
                         cursor = chunk[-1][0].decode()
                         last = id_key(cursor)
                 for eid_b, fields in entries:
-                    await resp.write(_event(eid_b.decode(), fields.get(b"record", b"null")))
+                    await write(_event(eid_b.decode(), fields.get(b"record", b"null")))
                     last = id_key(eid_b.decode())
                 while True:
                     items = [await q.get()]  # the feed sends a keep-alive comment when nothing came for a while
@@ -195,7 +223,7 @@ async def results_live(request: web.Request) -> web.StreamResponse:
                             out.append(item[1])
                             last = item[0]
                     if out:
-                        await resp.write(b"".join(out))
+                        await write(b"".join(out))
                     if any(item is _END for item in items):
                         break
         return resp

@@ -42,7 +42,8 @@ from streamd.sampling import Decision, FpsSampler
 
 log = get_logger("streamd.source.plan")
 
-KEY_THREADS = 1  # FFmpeg threads per stream when only keyframes are decoded (benchmarks/density.py measures it)
+KEY_THREADS = 1  # FFmpeg threads per stream where little is decoded (benchmarks/density.py measures it)
+ONE_THREAD_MAX_FPS = 2.0  # auto: one thread up to this sampling rate (more threads: more CPU and memory per stream)
 GOP_SLACK = 0.99  # auto: keyframes only when the period is at least this share of the measured GOP
 GOPS = 3  # auto: the keyframe intervals that must agree (within one frame) before any skipping
 _SKIP = {"all": "DEFAULT", "gop": "DEFAULT", "keyframes": "NONKEY"}
@@ -51,10 +52,13 @@ _NO = Decision(False)
 
 def decode_threads(cfg: StreamConfig, fps: float | None) -> int:
     """Decoder threads for a connection (set before the codec opens; 0 = FFmpeg decides): `decode_threads` when set,
-    else one where only keyframes are likely to be decoded (`keyframes`, or `auto` at 1 fps or less)."""
+    else one for `keyframes`, and for `auto` at up to ONE_THREAD_MAX_FPS: with many streams, FFmpeg's frame
+    threads cost each stream more CPU (flushing a GOP's tail waits for them, they decode ahead of the due frame)
+    and memory (frames per thread) for no gain, the streams being decoded side by side anyway."""
     if cfg.decode_threads:
         return cfg.decode_threads
-    if cfg.decode is DecodeMode.KEYFRAMES or (cfg.decode is DecodeMode.AUTO and fps is not None and fps <= 1.0):
+    if cfg.decode is DecodeMode.KEYFRAMES or (cfg.decode is DecodeMode.AUTO and fps is not None
+                                              and fps <= ONE_THREAD_MAX_FPS):
         return KEY_THREADS
     return 0
 
