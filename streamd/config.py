@@ -228,6 +228,9 @@ class StreamConfig(Strict):
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     redis_input: RedisInputConfig = Field(default_factory=RedisInputConfig, description="for redis:// sources")
     hls: HlsConfig = Field(default_factory=HlsConfig, description="for HLS playlists")
+    keep_frames: KeepFrames | None = Field(None, description="re-scoring: keep this stream's sampled frames (JPEG) "
+                                           "within these bounds, for jobs over {stream, from, to}; null = only the "
+                                           "few snapshot frames (frames.per_stream)")
 
     @field_validator("ffmpeg_options")
     @classmethod
@@ -307,9 +310,6 @@ class FramesConfig(Strict):
                                       "newest is kept whatever its size)")
     max_total_bytes: int = Field(512 << 20, ge=1 << 20, description="memory every stream's frames may hold")
     jpeg_quality: int = Field(80, ge=10, le=95, description="JPEG quality of snapshots")
-    keep: dict[str, KeepFrames] = Field(default_factory=dict, description="re-scoring (jobs over {stream, from, "
-                                        "to}): stream id -> how many of its sampled frames are kept (JPEG); a "
-                                        "stream not named keeps only the snapshot frames (per_stream)")
 
 
 class Config(Strict):

@@ -366,7 +366,7 @@ def test_streamd_analyze_prints_the_summary(clip, tmp_path):
 
 async def test_rescore_a_streams_stored_frames_with_a_new_prompt(redis_server, r, clip):
     """A job over {stream, from, to} runs its own prompt on the frames the stream already saw (kept by the frame
-    store: frames.keep), stamps its prompt version on its records while the live stream's keep theirs, and puts
+    store: keep_frames), stamps its prompt version on its records while the live stream's keep theirs, and puts
     the stream's old answers beside the new ones for the same frames."""
     from conftest import results, vlm_at_least
 
@@ -374,14 +374,15 @@ async def test_rescore_a_streams_stored_frames_with_a_new_prompt(redis_server, r
     pipe = {"stages": [{"type": "frame_info"},
                        {"type": "vlm", "model": "scripted", "endpoints": [{"url": vlm.url}], "every_s": 0,
                         "prompt": "old t={pts_s}"}]}
-    cam = {"id": "cam", "url": str(clip), "playback": "realtime", "loop": True, "fps": 2.0, "pipeline": "p"}
+    cam = {"id": "cam", "url": str(clip), "playback": "realtime", "loop": True, "fps": 2.0, "pipeline": "p",
+           "keep_frames": {"max_frames": 100}}
     cfg = make_config(redis_server.url, [cam], api={"enabled": True, "port": 0, "tokens": TOKENS},
-                      egress=LOOPBACK_ALLOWED, pipelines={"p": pipe}, frames={"keep": {"cam": {"max_frames": 100}}})
+                      egress=LOOPBACK_ALLOWED, pipelines={"p": pipe})
     try:
         async with running(cfg) as d, aiohttp.ClientSession() as s:
             await until(lambda: vlm_at_least(r, "cam", 6), 30, what="6 answers of the live stream")
             kept = [sf.seq for sf in d.frames.frames("cam")]
-            assert len(kept) >= 6  # more than the 2 snapshot frames: frames.keep applies
+            assert len(kept) >= 6  # more than the 2 snapshot frames: keep_frames applies
             status, doc, _ = await post_job(s, d, {"source": {"stream": "cam", "from": -60}, "pipeline": "p",
                                                    "sampling": {"mode": "every_frame"},
                                                    "prompts": {"vlm": {"text": "new t={pts_s}"}}})

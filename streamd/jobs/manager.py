@@ -228,7 +228,7 @@ class JobManager:
 
     async def _run_job(self, job: Job) -> None:
         if getattr(job.source, "total", None) == 0:  # a re-score with nothing kept: no pipeline to start
-            job._fail(f"no kept frames of stream {job.stream_id!r} captured in the window (frames.keep "
+            job._fail(f"no kept frames of stream {job.stream_id!r} captured in the window (its keep_frames "
                       "bounds them)", "not_found")
             await self.store.save(job.document())
             return

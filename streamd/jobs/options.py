@@ -40,7 +40,7 @@ class JobsConfig(_Strict):
 
 class KeepFrames(_Strict):
     """A stream's sampled frames kept (JPEG, in streamd/frame_store.py) for re-scoring: jobs over {stream, from, to}.
-    The config's `frames.keep.<stream id>`."""
+    The stream config's `keep_frames`."""
 
     max_frames: int = Field(1200, ge=1, le=1_000_000, description="frames kept (the oldest go first)")
     max_bytes: int = Field(256 << 20, ge=1 << 20, description="memory the stream's kept frames may hold")

@@ -80,7 +80,7 @@ class RecordedSource:
 
 class StoredSource:
     """Re-scoring: the frames a stream already saw, kept by the frame store (streamd/frame_store.py, the stream's
-    `frames.keep`), captured within [t0, t1]; chosen when the job is accepted, read as it runs (what the store
+    `keep_frames`), captured within [t0, t1]; chosen when the job is accepted, read as it runs (what the store
     evicted meanwhile is skipped: its bytes are not held here).
     Each keeps its seq, pts and capture time, so the job's answers line up with the stream's own."""
 
@@ -102,7 +102,7 @@ class StoredSource:
 
         if not self._frames:
             raise JobSourceFailed(f"no kept frames of stream {self.stream_id!r} captured in the window (its "
-                                  "frames.keep bounds them)", "not_found")
+                                  "keep_frames bounds them)", "not_found")
         for sf in self._frames:
             image = sf.image
             if image is None:

@@ -92,7 +92,7 @@ class StreamManager(StreamInfo):
                               EgressRules.from_config(self.cfg.egress), origin)
         self.runners[s.id] = runner
         self._stream_pipeline[s.id] = s.pipeline
-        if self.frames is not None:  # re-scoring keeps more of its frames (frames.keep); else the snapshot few
+        if self.frames is not None:  # re-scoring keeps more of its frames (keep_frames); else the snapshot few
             self.frames.set_limits(s.id, self._keep_limits(s))
         ended = pipeline.attach(s.id, runner.queue)
         self._tasks[runner] = self._tg.create_task(self._run_stream(runner, pipeline, ended), name=f"stream:{s.id}")
@@ -102,7 +102,7 @@ class StreamManager(StreamInfo):
     def _keep_limits(self, s: StreamConfig) -> Any:
         from streamd.frame_store import FrameLimits
 
-        k = self.cfg.frames.keep.get(s.id)
+        k = s.keep_frames
         if k is None:
             return None
         raw = min(self.cfg.frames.per_stream, k.max_frames)
