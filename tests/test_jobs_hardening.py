@@ -6,6 +6,7 @@ Real redis-server (killed and restarted), real HTTP servers, the scripted VLM se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import aiohttp
@@ -27,6 +28,22 @@ def slow_pipeline(url: str) -> dict:
 
 def spec(url: str, pipeline: str = "slow") -> JobSpec:
     return JobSpec.model_validate({"source": {"url": url}, "pipeline": pipeline, "sampling": {"mode": "every_frame"}})
+
+
+@contextlib.asynccontextmanager
+async def own_redis_and_slow_job_servers(tmp_path, clip, durable: bool = False, delay_s: float = 0.05):
+    """A redis-server of the test's own (to kill and restart), the scripted VLM answering after `delay_s`, the clip
+    over HTTP: (redis server, a config with the `slow` pipeline, the clip's URL)."""
+    srv = ManagedRedis(tmp_path / "redis", durable=durable).start()
+    vlm = await ScriptedOpenAI(lambda req: "ok").start()
+    vlm.delay_s = delay_s
+    http = HttpDir(clip.parent).start()
+    try:
+        yield srv, api_cfg(srv.url, {"slow": slow_pipeline(vlm.url)}), http.url(clip.name)
+    finally:
+        http.stop()
+        await vlm.stop()
+        srv.stop()
 
 
 async def test_a_redis_outage_when_a_queued_job_starts_ends_no_more_than_that_job(tmp_path, clip):
@@ -175,23 +192,13 @@ async def test_a_job_whose_records_redis_does_not_take_fails_with_bounded_memory
     import streamd.jobs.runner as runner
 
     monkeypatch.setattr(runner, "MAX_PENDING", 20)
-    srv = ManagedRedis(tmp_path / "redis").start()
-    vlm = await ScriptedOpenAI(lambda req: "ok").start()
-    vlm.delay_s = 0.05
-    http = HttpDir(clip.parent).start()
-    cfg = api_cfg(srv.url, {"slow": slow_pipeline(vlm.url)})
-    try:
-        async with running(cfg) as d:
-            job = await d.jobs.submit(spec(http.url(clip.name)), origin="config")
-            await until(lambda: job.state == "running" and job.done_frames >= 1, 30, what="the job running")
-            srv.stop(kill=True)
-            await until(lambda: job.finished.is_set(), 60, what="the job ends")
-            assert job.state == "failed" and job.reason_code == "redis_unavailable", (job.state, job.reason)
-            assert len(job._pending) <= 2 * 20 + 10 and job.done_frames < 180
-    finally:
-        http.stop()
-        await vlm.stop()
-        srv.stop()
+    async with own_redis_and_slow_job_servers(tmp_path, clip) as (srv, cfg, url), running(cfg) as d:
+        job = await d.jobs.submit(spec(url), origin="config")
+        await until(lambda: job.state == "running" and job.done_frames >= 1, 30, what="the job running")
+        srv.stop(kill=True)
+        await until(lambda: job.finished.is_set(), 60, what="the job ends")
+        assert job.state == "failed" and job.reason_code == "redis_unavailable", (job.state, job.reason)
+        assert len(job._pending) <= 2 * 20 + 10 and job.done_frames < 180
 
 
 async def test_a_redis_blip_during_a_job_loses_none_of_its_records(tmp_path, clip):
@@ -201,14 +208,9 @@ async def test_a_redis_blip_during_a_job_loses_none_of_its_records(tmp_path, cli
 
     from streamd import keys
 
-    srv = ManagedRedis(tmp_path / "redis", durable=True).start()
-    vlm = await ScriptedOpenAI(lambda req: "ok").start()
-    vlm.delay_s = 0.05
-    http = HttpDir(clip.parent).start()
-    cfg = api_cfg(srv.url, {"slow": slow_pipeline(vlm.url)})
-    try:
+    async with own_redis_and_slow_job_servers(tmp_path, clip, durable=True) as (srv, cfg, url):
         async with running(cfg) as d:
-            job = await d.jobs.submit(spec(http.url(clip.name)), origin="config")
+            job = await d.jobs.submit(spec(url), origin="config")
             await until(lambda: job.done_frames >= 20, 60, what="20 frames done")
             srv.stop(kill=True)
             done_then = job.done_frames
@@ -218,10 +220,6 @@ async def test_a_redis_blip_during_a_job_loses_none_of_its_records(tmp_path, cli
         r = aioredis.Redis.from_url(srv.url)
         entries = await r.xrange(keys.job_records_key(job.id))
         await r.aclose()
-    finally:
-        http.stop()
-        await vlm.stop()
-        srv.stop()
     import json
 
     frames = [json.loads(f[b"record"])["seq"] for _, f in entries if json.loads(f[b"record"])["type"] == "frame"]
