@@ -11,6 +11,7 @@ is lost: the periodic read is what catches up). It survives Redis outages and ba
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -20,7 +21,7 @@ from streamd.log import RepeatedLog
 __all__ = ["ChangeFollower"]
 
 
-class ChangeFollower:
+class ChangeFollower(ABC):
     channel: str = ""  # the change channel
     what: str = ""  # what follows it, in log lines ("prompt cache")
 
@@ -43,12 +44,13 @@ class ChangeFollower:
         self.loaded.set()
         self.tried.set()
 
+    @abstractmethod
     async def read_all(self) -> None:
-        raise NotImplementedError
+        """Read every current record into memory."""
 
+    @abstractmethod
     async def on_message(self, data: str) -> None:
         """A change message: read the record it names."""
-        raise NotImplementedError
 
     async def run(self) -> None:
         """Follow changes until stopped."""

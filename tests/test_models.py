@@ -543,7 +543,7 @@ async def test_a_user_that_sets_another_batch_for_a_loaded_shared_model_is_refus
     first = m.ref(SMALL, ModelSpec(source=SMALL, device="cpu", options={"forward_batch": 4}), "a.detect")
     try:
         async with first.use() as det:
-            assert det.forward_batch == 4 and det.batcher is not None
+            assert det.forward_batch == 4
         same = m.ref(SMALL, ModelSpec(source=SMALL, device="cpu", options={"forward_batch": 4}), "b.detect")
         unset = m.ref(SMALL, ModelSpec(source=SMALL, device="cpu"), "c.detect")  # no wish: the model's own
         assert same.entry is first.entry is unset.entry
