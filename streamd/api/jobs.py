@@ -54,7 +54,8 @@ class JobInfo(BaseModel):
     state: JobState
     reason: str | None = Field(..., description="why it failed or was cancelled")
     reason_code: str | None = Field(..., description="failed: the source's typed reason (http_status, "
-                                    "egress_refused, not_media, ...), pipeline_failed, internal; cancelled")
+                                    "egress_refused, not_media, ...), pipeline_failed, internal, daemon_lost (its "
+                                    "daemon was lost and it is not run again); cancelled")
     pipeline: str
     source: dict[str, Any] = Field(..., description="kind (url, upload, file, stream) and what it names "
                                    "(credentials redacted)")
@@ -65,6 +66,11 @@ class JobInfo(BaseModel):
     started_ts: float | None
     ended_ts: float | None
     progress: JobProgress
+    daemon: str | None = Field(None, description="the daemon (fleet member id) running it, or that ended it")
+    attempt: int = Field(1, ge=1, description="1, or 2... when it runs again after its daemon was lost (every "
+                         "record carries it; the records of a lost attempt are removed)")
+    lost: list[dict[str, Any]] = Field(default_factory=list, description="each attempt whose daemon was lost: "
+                                       "attempt, daemon, state, progress, noticed_by, noticed_ts")
     summary: dict[str, Any] | None = Field(None, description="when done: frames, labels, tracks (label, first/last "
                                            "seen, frames), vlm (per stage: captions, summaries, tags with time "
                                            "ranges, compare for a re-score), scene_cuts, timings_ms per stage")
