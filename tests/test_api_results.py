@@ -214,9 +214,9 @@ async def test_pause_and_resume_a_stream(r, redis_server):
 
 
 async def test_a_client_that_falls_behind_is_ended_not_buffered(r, redis_server):
-    """The feed never holds more than QUEUE records for one client: past that the client gets the end (and may
-    resume with Last-Event-ID); the other clients go on."""
-    from streamd.api.live import _END, QUEUE, LiveFeeds
+    """The feed never holds more than QUEUE records for one client: past that the client is ended (and may resume
+    with Last-Event-ID); the other clients go on."""
+    from streamd.api.live import QUEUE, LiveFeeds
 
     feeds = LiveFeeds(lambda: r)
     key = keys.results_key("slow")
@@ -224,20 +224,21 @@ async def test_a_client_that_falls_behind_is_ended_not_buffered(r, redis_server)
     async with feeds.subscribe(key) as (feed, slow, _), feeds.subscribe(key) as (_, fast, _):
         async def read_all() -> list:
             got = []
-            while len(got) < QUEUE + 10:  # the fast one reads everything as it comes
-                got.append(await asyncio.wait_for(fast.get(), 10))
+            while len(got) < QUEUE + 10:  # the fast one takes everything as it comes
+                await asyncio.wait_for(fast.wake.wait(), 10)
+                fast.wake.clear()
+                got += fast.queue
+                fast.queue.clear()
             return got
 
         reader = asyncio.create_task(read_all())
         for i in range(QUEUE + 10):
             await r.xadd(key, {"record": json.dumps({"seq": i}).encode()})
         got = await reader
-        assert all(item is not _END for item in got)
+        assert not fast.ended and fast in feed.subs
         assert [json.loads(item[1].split(b"data: ")[1]) for item in got] == [{"seq": i} for i in range(QUEUE + 10)]
-        assert slow.qsize() <= QUEUE and slow not in feed.subs
-        items = [slow.get_nowait() for _ in range(slow.qsize())]
-        assert items[-1] is _END and len(items) == QUEUE
-        assert fast in feed.subs
+        assert slow.ended and slow not in feed.subs and len(slow.queue) == QUEUE  # what it is sent before its end
+        assert [json.loads(item[1].split(b"data: ")[1]) for item in slow.queue] == [{"seq": i} for i in range(QUEUE)]
     assert feeds.feeds == {} and feeds.clients == 0  # the feed stopped with its last client
 
 
