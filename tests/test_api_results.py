@@ -242,6 +242,36 @@ async def test_a_client_that_falls_behind_is_ended_not_buffered(r, redis_server)
     assert feeds.feeds == {} and feeds.clients == 0  # the feed stopped with its last client
 
 
+async def test_caught_up_clients_get_events_framed_for_their_http_version(r, redis_server):
+    """Caught up, a client's events are written to its connection by the feed itself: as HTTP/1.1 chunks to an
+    HTTP/1.1 client, as they are to an HTTP/1.0 one (no chunked encoding there), each event in order, once."""
+    stream = {"id": "old", "url": "redis:frames:old", "pipeline": "frame_info"}
+    async with running(api_cfg(redis_server.url, [stream])) as d, aiohttp.ClientSession() as s:
+        port = int(d.api_url.rsplit(":", 1)[1])
+        key = keys.results_key("old")
+        await r.xadd(key, {"record": b'{"seq": 0}'})
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(f"GET /api/v1/streams/old/results/live HTTP/1.0\r\nHost: x\r\n"
+                         f"Authorization: Bearer {READ}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+            async with s.get(d.api_url + "/api/v1/streams/old/results/live", headers=h(READ)) as new:
+                assert new.headers["Transfer-Encoding"] == "chunked"
+                assert [x[1] for x in await read_events(new, 1)] == [{"seq": 0}]
+                assert (await reader.readuntil(b"\n\n")).endswith(b'data: {"seq": 0}\n\n')
+                subs = d_live(d).feeds[key].subs
+                await until(lambda: len(subs) == 2 and all(c.direct is not None for c in subs), 10,
+                            what="both clients caught up")
+                ids = [(await r.xadd(key, {"record": json.dumps({"seq": i}).encode()})).decode() for i in (1, 2, 3)]
+                assert await read_events(new, 3) == [(eid, {"seq": i}) for eid, i in zip(ids, (1, 2, 3))]
+                raw = b"".join([await reader.readuntil(b"\n\n") for _ in range(3)])
+                assert raw == b"".join(b"id: %s\nevent: result\ndata: {\"seq\": %d}\n\n" % (eid.encode(), i)
+                                       for eid, i in zip(ids, (1, 2, 3)))
+        finally:
+            writer.close()
+
+
 def test_overlay_draws_boxes_and_masks_where_the_record_puts_them() -> None:
     """streamd/api/overlay.py: a record's masks (COCO RLE, as streamd.stages.masks writes them) and boxes on the frame."""
     from streamd.api.overlay import PALETTE, decode_rle, draw
