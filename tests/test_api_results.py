@@ -298,6 +298,29 @@ def test_overlay_draws_boxes_and_masks_where_the_record_puts_them() -> None:
     assert draw(buf.getvalue(), None) == buf.getvalue()
 
 
+def test_overlay_tints_segment_masks_in_their_track_or_object_colour() -> None:
+    """A segment stage's (SAM 2) objects carry masks too: tinted in their track's colour, or without a track in
+    their object's; no box of their own is drawn (their track's detection has it)."""
+    from streamd.api.overlay import PALETTE, draw
+    from streamd.stages.masks import mask_rle
+    from streamd.testing.media import encode_jpeg
+
+    h, w = 120, 160
+    a, b = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    a[20:60, 20:60] = True
+    b[60:100, 100:140] = True
+    rec = {"outputs": {"segment": {"model": "sam2.1-hiera-tiny", "memory": {}, "objects": [
+        {"object_id": 1, "track_id": 5, "label": "person", "box": [20, 20, 59, 59], "mask": mask_rle(a)},
+        {"object_id": 4, "track_id": None, "label": None, "box": [100, 60, 139, 99], "mask": mask_rle(b)},
+        {"object_id": 6, "track_id": None, "box": None, "mask": "not a mask"}]}}}
+    out = np.asarray(Image.open(io.BytesIO(draw(encode_jpeg(np.full((h, w, 3), 128, np.uint8)), rec, 95))))
+    out = out.astype(int)
+    assert np.abs(out[40, 40] - (np.asarray(PALETTE[5]) + 128) // 2).max() < 20, out[40, 40]
+    assert np.abs(out[80, 120] - (np.asarray(PALETTE[4]) + 128) // 2).max() < 20, out[80, 120]
+    assert np.abs(out[20, 40] - (np.asarray(PALETTE[5]) + 128) // 2).max() < 20  # the mask's edge: no outline
+    assert np.abs(out[10, 80] - 128).max() < 8 and np.abs(out[110, 20] - 128).max() < 8  # untouched
+
+
 def test_overlay_skips_hostile_boxes_and_draws_reversed_ones_sorted():
     """A record is data from Redis: boxes reversed, out of the frame, not numbers, not finite, labels of any
     script. Reversed boxes are drawn as their sorted form, the rest skipped; never an error (it was a 500)."""
