@@ -107,7 +107,8 @@ async def run(a: argparse.Namespace, tmp: Path) -> list[dict]:
     port = free_port()
     out: list[dict] = []
     with ManagedRedis(tmp / "redis") as redis:
-        cfg = {"redis": {"url": redis.url}, "api": {"enabled": True, "port": port},
+        cfg = {"redis": {"url": redis.url},  # the clients connect at once: past the default burst of 100, 429s
+               "api": {"enabled": True, "port": port, "rate_limit_burst": max(100, 2 * a.clients)},
                "log": {"level": "warning"},
                "streams": [{"id": "cam", "url": str(clip), "fps": a.fps, "playback": "realtime", "loop": True,
                             "pipeline": a.pipeline}]}

@@ -216,10 +216,12 @@ async def test_page_without_tokens_on_loopback(r, redis_server, browser, tmp_pat
 
 
 
-async def test_page_draws_segment_masks_where_the_record_puts_them(r, redis_server, browser, tmp_path):
+async def test_page_draws_masks_where_the_record_puts_them(r, redis_server, browser, tmp_path):
     """A SAM 2 segment stage's record (an object prompted with a box through the API; its mask as COCO RLE, as
     consumers get it) tinted on the list's canvas: inside the mask the canvas is the frame half-blended with the
-    object's colour, outside it the frame as it is."""
+    object's colour, outside it the frame as it is. The same mask on a detection (a segmentation model's record:
+    random seg weights here give masks that fill the frame, so it is handed to the page's drawing code as such a
+    record) is tinted in the detection's colour."""
     import base64
     import io
 
@@ -253,14 +255,17 @@ async def test_page_draws_segment_masks_where_the_record_puts_them(r, redis_serv
             timeout=30_000)
         await page.screenshot(path=str(tmp_path / "segment-mask.png"))
         # the canvas as drawn, and the frame alone (the same snapshot, decoded by the same browser)
-        drawn, plain = await page.evaluate("""async (eid) => {
+        det = {"label": "person", "class_id": 3, "confidence": 0.9, "box": [0, 0, 320, 180], "mask": obj["mask"]}
+        drawn, plain, as_det = await page.evaluate("""async ([eid, det]) => {
+            const { drawFrame } = await import('/ui/draw.js');
             const c = document.querySelector('.card[data-stream=seg] canvas');
             const resp = await fetch(`/api/v1/streams/seg/snapshot.jpg?entry=${eid}`);
             const bitmap = await createImageBitmap(await resp.blob());
-            const f = document.createElement('canvas');
+            const f = document.createElement('canvas'), g = document.createElement('canvas');
             [f.width, f.height] = [bitmap.width, bitmap.height];
             f.getContext('2d').drawImage(bitmap, 0, 0);
-            return [c.toDataURL('image/png'), f.toDataURL('image/png')]; }""", eid)
+            drawFrame(g, bitmap, { outputs: { detect: { detections: [det] } } });
+            return [c.toDataURL('image/png'), f.toDataURL('image/png'), g.toDataURL('image/png')]; }""", [eid, det])
     assert errors == [], errors
 
     def pixels(url: str) -> np.ndarray:
@@ -276,3 +281,13 @@ async def test_page_draws_segment_masks_where_the_record_puts_them(r, redis_serv
     near = lambda a, b: np.abs(a - b).max(axis=1) <= 3  # noqa: E731
     assert near(canvas[inside], tint[inside]).mean() > 0.99, "the mask is not drawn where the record puts it"
     assert near(canvas[~mask], frame[~mask]).mean() > 0.99, "the canvas is tinted outside the mask"
+    # the detection: its box is the frame's edge, its label at the top left (drawn over the mask: not compared)
+    canvas = pixels(as_det)
+    tint = (frame + PALETTE[det["class_id"]]) >> 1
+    clear = np.zeros_like(mask)
+    clear[5:-5, 5:-5] = True
+    clear[:25, :160] = False
+    inside, outside = mask & clear & (np.abs(tint - frame).max(axis=2) >= 16), ~mask & clear
+    assert inside.sum() > 500, inside.sum()
+    assert near(canvas[inside], tint[inside]).mean() > 0.99, "a detection's mask is not drawn"
+    assert near(canvas[outside], frame[outside]).mean() > 0.99, "the canvas is tinted outside a detection's mask"
