@@ -182,11 +182,11 @@ class JobManager:
         fps = None if s.mode == "every_frame" else s.max_fps if s.mode == "scene" else s.fps
         if upload is not None:
             return RecordedSource(job.sid, upload, fps, self.jcfg, EgressRules.from_config(self.cfg.egress),
-                                  self.metrics, self.doorbell, "config")
+                                  self.metrics, self.doorbell, "config", spec.max_duration_s)
         assert spec.source is not None
         if spec.source.url is not None:
             return RecordedSource(job.sid, spec.source.url, fps, self.jcfg, EgressRules.from_config(self.cfg.egress),
-                                  self.metrics, self.doorbell, origin)
+                                  self.metrics, self.doorbell, origin, spec.max_duration_s)
         now = time.time()
         f, t = spec.source.from_, spec.source.to
         t0 = 0.0 if f is None else now + f if f < 0 else f

@@ -115,3 +115,8 @@ class JobSpec(_Strict):
     prompts: dict[Literal["vlm", "vocabulary"], PromptChoice] = Field(default_factory=dict, description="prompt "
                                                                       "versions or inline prompts by kind")
     sampling: Sampling = Field(default_factory=Sampling)
+    max_duration_s: float | None = Field(None, gt=0, le=7 * 86_400, description="analyse at most this much media "
+                                         "time from the first frame (the job ends `done` with reason_code "
+                                         "max_duration when it stops there). A live source (a live HLS playlist, "
+                                         "RTSP/RTMP/SRT, HTTP media of unknown length) needs it: without it the "
+                                         "job is refused (422 live_source) or fails with reason_code live_source")

@@ -160,7 +160,8 @@ class Job:
         doc: dict[str, Any] = {
             "id": self.id, "state": self.state, "reason": self.reason, "reason_code": self.reason_code,
             "pipeline": self.spec.pipeline, "source": self.source_doc,
-            "sampling": self.spec.sampling.model_dump(),
+            "sampling": self.spec.sampling.model_dump(), "max_duration_s": self.spec.max_duration_s,
+            "live": getattr(self.source, "live", False),
             "prompts": {k: {"scope": v["scope"], "version": v["version"]} for k, v in self.prompts.items()},
             "created_ts": round(self.created_ts, 6), "started_ts": self.started_ts, "ended_ts": self.ended_ts,
             "progress": self.progress(), "daemon": self.daemon, "attempt": self.attempt, "lost": self.lost,
@@ -251,6 +252,9 @@ class Job:
                 settle.cancel()
             if self.state == "running":
                 self.state, self.ended_ts = "done", round(time.time(), 6)
+                if getattr(self.source, "bounded", False):  # it says where it stopped
+                    self.reason, self.reason_code = (f"stopped at max_duration_s ({self.spec.max_duration_s:g} s "
+                                                     "of media)", "max_duration")
         except Exception as e:  # noqa: BLE001 - a job's bug ends the job, never the daemon
             log.exception("job crashed", job=self.id)
             self._fail(f"internal error: {type(e).__name__}: {e}", "internal")
