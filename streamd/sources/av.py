@@ -227,6 +227,7 @@ class AvSource:
             if threads:
                 stream.codec_context.thread_count = threads
             recording = self._recording(container)
+            self._state.setdefault("live", not recording)  # a job refuses a source with no end (or bounds it)
             if recording:  # a job's progress: media time done / this
                 self._state.setdefault("duration_s", _duration(container, stream))
             if recording and self.ref.kind != "file":

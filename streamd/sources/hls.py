@@ -187,6 +187,7 @@ class HlsSource:
             pl, final = await self._media_playlist()
             if not pl.segments and pl.is_endlist:
                 raise SourceError("the playlist has no segments", permanent=True, code="invalid_playlist")
+            self._state.setdefault("live", not pl.is_endlist)  # a job refuses a live playlist (or bounds it)
             if pl.is_endlist and self.cfg.drop_policy is None:
                 self._out.set_policy(DropPolicy.WAIT)  # a recording: every frame, like a file
             msn0 = int(pl.media_sequence or 0)
