@@ -5,6 +5,7 @@ ends `done` saying where it stopped (reason_code max_duration). A real live HLS 
 over HTTP on loopback, a real redis-server."""
 
 import aiohttp
+import pytest
 
 from conftest import OPER, h, running
 from streamd.testing.servers import HttpDir, LiveHls
@@ -64,3 +65,52 @@ async def test_max_duration_s_bounds_a_live_playlist_and_slices_a_recording(redi
     assert sliced["state"] == "done" and sliced["reason_code"] == "max_duration" and not sliced["live"], sliced
     assert [x["pts_s"] for x in sliced_recs if x["type"] == "frame"] == [p for p in sampled_pts(clip, 2) if p < 1.5]
     assert sliced["progress"]["media_s_total"] == 1.5
+
+
+async def test_http_media_of_unknown_length_is_live_unless_bounded(redis_server, clip, tmp_path):
+    """An MPEG-TS sent chunked (no Content-Length, like a live HTTP feed): no bound, the job fails live_source at its
+    first frame; with max_duration_s 1 it analyses the first second and ends done, max_duration."""
+    import asyncio
+    import shutil
+    import subprocess
+
+    from aiohttp import web
+
+    from streamd.redis_server import free_port
+
+    ts = tmp_path / "feed.ts"
+    subprocess.run([shutil.which("ffmpeg") or "ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(clip),
+                    "-c", "copy", "-f", "mpegts", str(ts)], check=True)
+    data = ts.read_bytes()
+
+    async def feed(request):
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(0, len(data), 32_768):
+            await resp.write(data[i:i + 32_768])
+            await asyncio.sleep(0.01)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/feed.ts", feed)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}/feed.ts"
+    try:
+        async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+            _, doc, _ = await post_job(s, d, {"source": {"url": url}, "pipeline": "frame_info"})
+            refused = await wait_job(s, d, doc["id"], timeout_s=60)
+            _, doc, _ = await post_job(s, d, {"source": {"url": url}, "pipeline": "frame_info",
+                                              "sampling": {"mode": "fps", "fps": 2}, "max_duration_s": 1})
+            bounded = await wait_job(s, d, doc["id"], timeout_s=60)
+            recs, _ = await all_records(s, d, doc["id"], limit=100)
+    finally:
+        await runner.cleanup()
+    assert refused["state"] == "failed" and refused["reason_code"] == "live_source", refused
+    assert bounded["state"] == "done" and bounded["reason_code"] == "max_duration" and bounded["live"], bounded
+    pts = [x["pts_s"] for x in recs if x["type"] == "frame"]
+    assert len(pts) == 2 and pts[1] - pts[0] == pytest.approx(0.5, abs=0.02), pts
