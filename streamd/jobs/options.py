@@ -54,6 +54,23 @@ class KeepFrames(_Strict):
     max_age_s: float = Field(600.0, gt=0, le=86_400, description="a frame older than this is dropped")
 
 
+class SceneOptions(_Strict):
+    """A stream's `sampling: scene` (its config's `scene`): decoded frames looked at up to `max_fps`; one is kept
+    when the mean absolute difference of its 64x36 grey thumbnail against the last kept frame's (0-1) is at least
+    `threshold`, or when none was kept for 1/`min_fps` s; near-duplicates are skipped (streamd.sampling)."""
+
+    threshold: float = Field(0.08, gt=0, le=1, description="the change that keeps a frame (a hard cut: about "
+                             "0.1-0.4; noise and compression: 0.002-0.01)")
+    min_fps: float = Field(0.2, ge=0, le=240, description="the floor: a frame at least this often (0: none)")
+    max_fps: float = Field(5.0, gt=0, le=240, description="the ceiling: frames looked at per second")
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> "SceneOptions":
+        if self.min_fps > self.max_fps:
+            raise ValueError(f"min_fps ({self.min_fps:g}) is above max_fps ({self.max_fps:g})")
+        return self
+
+
 class Sampling(_Strict):
     """Which frames of the video are analysed."""
 

@@ -349,6 +349,10 @@ class AvSource:
                 if not decision.keep:
                     continue
                 image = rgb.reformat(vf, format="rgb24").to_ndarray()
+                if self.sampler.scene is not None:  # sampling: scene
+                    decision = self.sampler.scene.gate(pts, image, decision.discontinuity)
+                    if not decision.keep:
+                        continue
                 frame = Frame(
                     stream_id=self.cfg.id,
                     seq=next(self._seq),

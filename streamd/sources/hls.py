@@ -381,8 +381,12 @@ class HlsSource:
                 capture, source = pdt + (pts - seg_pts), "source"
             else:
                 capture, source = time.time(), "receive"
-            frame = Frame(stream_id=self.cfg.id, seq=next(self._seq), pts_s=pts, capture_ts=capture,
-                          image=self._rgb.reformat(vf, format="rgb24").to_ndarray(),
+            image = self._rgb.reformat(vf, format="rgb24").to_ndarray()
+            if self.sampler.scene is not None:  # sampling: scene
+                decision = self.sampler.scene.gate(pts, image, decision.discontinuity)
+                if not decision.keep:
+                    continue
+            frame = Frame(stream_id=self.cfg.id, seq=next(self._seq), pts_s=pts, capture_ts=capture, image=image,
                           discontinuity=decision.discontinuity, capture_source=source)
             self._waiting = True
             queued = self._out.put_threadsafe(frame, self._stop)
