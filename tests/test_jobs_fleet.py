@@ -171,3 +171,31 @@ async def test_a_killed_daemons_job_past_its_retries_fails_daemon_lost_when_it_r
     assert doc["state"] == "failed" and doc["reason_code"] == "daemon_lost", doc
     assert "jobs.retries" in doc["reason"] and doc["attempt"] == 1 and doc["lost"][0]["daemon"] == "a"
     assert again == doc and not spec_left
+
+
+async def test_a_paused_daemon_writes_nothing_for_its_job_once_another_took_it_over(tmp_path, clip):
+    """SIGSTOP past the lease: b takes the job over and runs it again; a, resumed while b runs it, finds its lease
+    taken (its writes are fenced) and stops the job without writing a record or its document; a itself goes on."""
+    async with servers(tmp_path, clip) as (d, r, s, url):
+        d.start("a")
+        d.start("b")
+        await d.ready(s, "a")
+        await d.ready(s, "b")
+        jid = await start_job(d, s, r, "a", url)
+        d.procs["a"].send_signal(signal.SIGSTOP)
+        try:
+            async def taken():
+                doc = await redis_doc(r, jid)
+                return doc.get("daemon") == "b" and doc["state"] == "running" and doc
+            await until(taken, 30, 0.1, what="b running the job")
+        finally:
+            d.procs["a"].send_signal(signal.SIGCONT)
+        await ended_in_redis(r, jid, 120)
+        await asyncio.sleep(1.0)  # a's writer had time to try
+        doc = await redis_doc(r, jid)
+        recs = await records(r, jid)
+        await d.ready(s, "a")  # a answers: the lost job ended a's part, not a
+    assert doc["state"] == "done" and doc["daemon"] == "b" and doc["attempt"] == 2, doc
+    frames = [x for x in recs if x["type"] == "frame"]
+    assert [x["seq"] for x in frames] == list(range(FRAMES)) and {x["attempt"] for x in recs} == {2}
+    assert "job lease lost" in (tmp_path / "a.log").read_text()
