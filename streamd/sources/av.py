@@ -27,8 +27,9 @@ from av.video.reformatter import VideoReformatter
 from streamd.batching import FrameQueue
 from streamd.config import DropPolicy, Playback, StreamConfig
 from streamd.errors import SourceError
-from streamd.frames import Frame
+from streamd.frames import JOB_PREFIX, Frame
 from streamd.log import get_logger, redact_text
+from streamd.models.executors import job_priority
 from streamd.sampling import FpsSampler
 from streamd.sources import SourceRef
 from streamd.sources.base import Abandoned
@@ -173,6 +174,8 @@ class AvSource:
 
     def _run(self) -> None:
         error = None
+        if self.cfg.id.startswith(JOB_PREFIX):
+            job_priority()  # a job's decoder: the live streams' decoders and forward passes get the cores first
         try:
             while not self._stop.is_set():
                 if not self._play_once():
