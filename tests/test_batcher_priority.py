@@ -146,3 +146,33 @@ async def test_jobs_get_their_share_under_load_and_every_lane_when_no_live_frame
     finally:
         await stop(tasks, pool, run)
     assert run.most_low_at_once == 2 and sorted(len(x) for x in run.order) == [4, 4]
+
+
+async def test_a_job_batch_starts_only_when_it_fits_before_the_next_live_frame(model):
+    """A live stream's period is learnt from its frames' arrivals; a job's batch that would still run when the
+    stream's next frame is due does not start, a short one does, and once the stream stops it no longer binds."""
+    b, run = batcher(), Forwards(model)
+    tasks, pool = await lanes(b, run, 1)
+    loop = asyncio.get_running_loop()
+    try:
+        for i in range(3):  # a camera at about 2 fps
+            if i:
+                await asyncio.sleep(0.5)
+            await b.submit([f"live{i}"], KEY, streams=("cam",))
+    finally:
+        await stop(tasks, pool, run)  # the lanes stop: the gate is asked below, nothing runs the job's item
+    job = asyncio.create_task(b.submit(["job0"], KEY, low=True))
+    await asyncio.sleep(0)
+    try:
+        now = loop.time()
+        due = b.next_due(now)
+        assert now < due < now + 0.6, due - now
+        b._low_s[1] = 2.0  # a job's forward pass takes 2 s here: it would still run when the next frame comes
+        assert not b._low_may_start(1)
+        b._low_s[1] = 0.001
+        assert b._low_may_start(1)
+        b._streams["cam"][0] -= 10  # the stream's last frame is long ago: it no longer binds
+        assert b.next_due(loop.time()) == float("inf")
+    finally:
+        job.cancel()
+    assert run.order == [["live0"], ["live1"], ["live2"]]

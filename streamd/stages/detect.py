@@ -262,7 +262,8 @@ class Detect(Stage):
             elif p.vocabulary is not None:
                 w.prompt_versions["vocabulary"] = {"scope": "config", "version": 0}
             groups.setdefault((p, w.frame.job), []).append(w)  # a job's frames: the batcher's lower class
-        outs = await asyncio.gather(*(det.detect([w.frame.image for w in ws], p, low)
+        outs = await asyncio.gather(*(det.detect([w.frame.image for w in ws], p, low,
+                                                 () if low else {w.frame.stream_id for w in ws if not w.frame.predict})
                                       for (p, low), ws in groups.items()), return_exceptions=True)
         for ((p, _), ws), res in zip(groups.items(), outs):
             if isinstance(res, BaseException):

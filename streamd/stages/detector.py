@@ -14,9 +14,7 @@ forward pass runs go together into the next one. Forward passes run in lanes:
   share (one 2-thread ONNX Runtime session here: 9.3-9.6 frames/s at batch 1, 9.5-10.7 at batch 4). The
   forward pass itself runs in ONNX Runtime (`streamd.stages.onnx_runtime`: the same weights, exported once and
   cached, about 12-15 % less CPU per frame than PyTorch here) or in PyTorch (one replica of the fused model per
-  lane). Beside them, a job lane: one more lane in a thread of lower OS priority (`job_priority`) that serves
-  jobs' frames alone (the batcher's lower class), so the other lanes stay free for live frames and the kernel gives
-  the cores to the live streams first.
+  lane).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,7 +32,7 @@ import numpy as np
 from streamd.errors import StageError
 from streamd.log import get_logger, redact_text
 from streamd.models.batcher import ModelBatcher
-from streamd.models.executors import device_executor, job_priority
+from streamd.models.executors import device_executor
 from streamd.models.memory import clear_task_frames
 from streamd.stages.lanes import Lane, OnnxLane, TorchLane
 from streamd.stages.masks import frame_masks
@@ -115,11 +113,12 @@ class SharedDetector:
     def forward_passes(self) -> int:
         return self.batcher.batches
 
-    async def detect(self, images: list[np.ndarray], params: Params,
-                     low: bool = False) -> list[tuple[np.ndarray, list[Any] | None]]:
+    async def detect(self, images: list[np.ndarray], params: Params, low: bool = False,
+                     streams: Iterable[str] = ()) -> list[tuple[np.ndarray, list[Any] | None]]:
         """Per image: an (N, 6) array [x1, y1, x2, y2, conf, cls] in pixels, and N masks (RLE) or None. `low`: a
-        job's images, the batcher's lower priority class. Raises VocabularyError when `params.vocabulary` cannot be
-        set (at once for a vocabulary that failed)."""
+        job's images, the batcher's lower priority class; `streams`: the live streams they came from (the batcher
+        learns when each one's next frame is due). Raises VocabularyError when `params.vocabulary` cannot be set
+        (at once for a vocabulary that failed)."""
         if self.batcher.error is not None:
             raise self.batcher.error
         if params.vocabulary is not None:
@@ -132,7 +131,7 @@ class SharedDetector:
             return []
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._worker(), name=f"detector:{self.name}")
-        return await self.batcher.submit(images, params, low)
+        return await self.batcher.submit(images, params, low, streams)
 
     async def aclose(self, error: BaseException | None = None) -> None:
         """Stop the batcher; requests still waiting fail with `error` (the model was unloaded), and later ones too.
@@ -166,23 +165,16 @@ class SharedDetector:
             self.precision = "fp16" if p0.half and self.device != "cpu" else "fp32"
             await self.batcher.lane(self._predict, device_executor(self.device), self.forward_batch)
             return
-        *direct, job = direct  # the last lane: the job lane
         self.lanes = len(direct)
         log.info("detection lanes", model=self.name, runtime=self.runtime, lanes=self.lanes)
         pool = ThreadPoolExecutor(len(direct), thread_name_prefix=f"detect-{self.device}")
-        # jobs' frames (the batcher's lower class) in a thread of their own at a lower OS priority: the cores go to
-        # the live streams' forward passes and decoders first, to the job's in what they leave
-        job_pool = ThreadPoolExecutor(1, thread_name_prefix=f"detect-job-{self.device}", initializer=job_priority)
         try:
             async with asyncio.TaskGroup() as tg:
                 for lane in direct:
                     batch = 1 if lane.threads == 1 else self.forward_batch  # see the module's docstring
                     tg.create_task(self.batcher.lane(lane, pool, batch), name=f"detector:{self.name}:lane")
-                tg.create_task(self.batcher.lane(job, job_pool, 1 if job.threads == 1 else self.forward_batch,
-                                                 low_only=True), name=f"detector:{self.name}:job-lane")
         finally:
             pool.shutdown(wait=False, cancel_futures=True)  # a forward pass under way ends on its own
-            job_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- executor threads ---------------------------------------------------------------------------------
     def _predict(self, images: list[np.ndarray], p: Params) -> list[tuple[np.ndarray, list[Any] | None]]:
@@ -208,8 +200,7 @@ class SharedDetector:
                     **_precision(p.half and self.device != "cpu"))
 
     def _cpu_lanes(self, p: Params) -> list[Lane]:
-        """The CPU lanes for a plain detection model and, last, its job lane; or none (one lane through
-        `model.predict`, which serves jobs too, after live items). Raises
+        """The CPU lanes for a plain detection model, or none (one lane through `model.predict`). Raises
         StageError when `runtime: onnx` was asked for and cannot be had. With `half` on the CPU, the lanes run
         PyTorch under bfloat16 autocast (ONNX Runtime lanes are float32)."""
         want = self.wanted_runtime
@@ -241,7 +232,7 @@ class SharedDetector:
             from streamd.stages import onnx_runtime
 
             try:
-                lanes = onnx_runtime.lanes(self.model, p.imgsz, cores, self.wanted_lanes, extra=1)
+                lanes = onnx_runtime.lanes(self.model, p.imgsz, cores, self.wanted_lanes)
                 self.runtime, self.precision = "onnxruntime", "fp32"
                 return [OnnxLane(s, backend.stride, s.get_session_options().intra_op_num_threads) for s in lanes]
             except StageError:
@@ -262,7 +253,7 @@ class SharedDetector:
             return []
         self.runtime, self.precision = "torch", "bf16" if bf16 else "fp32"
         threads = torch.get_num_threads()  # one intra-op pool, shared by the lanes
-        return [TorchLane(backend if i == 0 else copy.deepcopy(backend), bf16, threads) for i in range(n + 1)]
+        return [TorchLane(backend if i == 0 else copy.deepcopy(backend), bf16, threads) for i in range(n)]
 
 
 def model_loader(spec: Any, device: str) -> tuple[Callable[[], Any], Callable[[Any], SharedDetector]]:

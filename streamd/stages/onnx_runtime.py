@@ -69,10 +69,9 @@ def exported(weights: Path, imgsz: int) -> Path:
     return out
 
 
-def lanes(model: Any, imgsz: int, cores: int, n: int | None = None, extra: int = 0) -> list[Any]:
+def lanes(model: Any, imgsz: int, cores: int, n: int | None = None) -> list[Any]:
     """ONNX Runtime sessions for `n` lanes of `model` (an Ultralytics YOLO loaded from a .pt file; None: as many
-    as the cores allow, at most MAX_LANES), the cores shared out between them as intra-op threads; then `extra`
-    more with as many threads each (a job lane)."""
+    as the cores allow, at most MAX_LANES), the cores shared out between them as intra-op threads."""
     missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
     if missing:
         raise ModuleNotFoundError(f"{' and '.join(missing)} not installed (pip install 'streamd[onnx]')")
@@ -85,7 +84,7 @@ def lanes(model: Any, imgsz: int, cores: int, n: int | None = None, extra: int =
     n = n or max(1, min(MAX_LANES, cores))
     threads = max(1, cores // n)
     sessions = []
-    for _ in range(n + extra):
+    for _ in range(n):
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
