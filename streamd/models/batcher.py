@@ -25,8 +25,8 @@ Two priority classes: live items (streams, predict requests) and `low` ones (job
   a live one slows the live one down (they share the cores, their caches and memory bandwidth), and a live frame
   that arrives while every lane holds a job's pass waits for it: both are what this avoids.
 - With no live item for `LIVE_IDLE_S`, low items take every lane and whole batches.
-- So that jobs still progress under load, when both classes have items waiting, low items are taken ahead of
-  live ones while they have had less than `low_share` of the items taken lately (about `LOW_WINDOW` items).
+- So that jobs still progress under load, low items are taken ahead of live ones while they have had less than
+  `low_share` of the items taken lately (about `LOW_WINDOW` items taken while low items waited).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class ModelBatcher(Generic[I, O]):
     LIVE_IDLE_S = 5.0  # no live item for this long: low items take every lane and whole batches
     LOW_WINDOW = 256  # items over which the low class's share is measured
     DUE_MARGIN_S = 0.01  # a low batch must end this long before the next live item is due
-    LATE_S = 0.05  # a stream's frame this much later than due (at least half its period): it no longer binds
+    LATE_S = 0.05  # a stream's frame this much later than due (or a quarter of its period): it no longer binds
 
     def __init__(self, closed_error: Callable[[], BaseException],
                  admit: Callable[[I], None] | None = None, low_share: float = 0.25):
@@ -75,7 +75,7 @@ class ModelBatcher(Generic[I, O]):
         self._pending: deque[tuple[_Request[I, O], int]] = deque()  # live (request, item index), in arrival order
         self._low: deque[tuple[_Request[I, O], int]] = deque()  # the low class's (jobs)
         self.low_share = low_share
-        self._taken = [0.0, 0.0]  # items taken lately while both classes had items waiting: live, low
+        self._taken = [0.0, 0.0]  # items taken lately while low items waited: live, low
         self._live_t = float("-inf")  # loop time the latest live item was submitted
         self._streams: dict[Hashable, list[float]] = {}  # live stream -> [its latest arrival, its period (EMA)]
         self._low_s: dict[int, float] = {}  # batch size -> a low batch's duration (EMA), seconds
@@ -143,9 +143,9 @@ class ModelBatcher(Generic[I, O]):
             if period <= 0 or now - t > self.LIVE_IDLE_S:
                 continue
             nxt = t + period
-            if now > nxt + max(self.LATE_S, period / 2):  # late: paused, slower, or gone
+            if now > nxt + max(self.LATE_S, period / 4):  # late: paused, slower, or gone
                 continue
-            due = min(due, nxt if nxt >= now else nxt + period)
+            due = min(due, max(now, nxt))  # a frame a little late is due now
         return due
 
     def fail_all(self, err: BaseException) -> None:
@@ -244,7 +244,7 @@ class ModelBatcher(Generic[I, O]):
         arrival): until the next live item is due or late, at most 50 ms."""
         now = loop_time()
         due = self.next_due(now)
-        return max(0.002, min(0.05, due - now + self.LATE_S if due != float("inf") else 0.05))
+        return max(0.002, min(0.05, due - now + 0.002 if due > now else self.LATE_S))
 
     def _low_owed(self) -> bool:
         """Whether one more low item keeps the low class within its share of the items taken lately."""
@@ -252,7 +252,7 @@ class ModelBatcher(Generic[I, O]):
         return low + 1 <= self.low_share * (live + low + 1) + 1e-9
 
     def _count(self, live: int, low: int) -> None:
-        """Items taken while both classes had items waiting (what the low class's share is measured on)."""
+        """Items taken while low items waited (what the low class's share is measured on)."""
         self._taken = [self._taken[0] + live, self._taken[1] + low]
         if sum(self._taken) > self.LOW_WINDOW:
             self._taken = [self._taken[0] / 2, self._taken[1] / 2]
@@ -263,17 +263,16 @@ class ModelBatcher(Generic[I, O]):
 
     def _take_next(self, batch: int) -> tuple[list[tuple[_Request[I, O], int]], bool]:
         """The next batch, and whether it is a batch of low items alone."""
-        both = bool(self._pending) and bool(self._low)
-        if self._pending and not (both and self._low_owed()):
+        jobs = bool(self._low)  # the share is measured over the items taken while jobs have items waiting
+        if self._pending and not (jobs and self._low_owed()):
             taken = self._take(self._pending, batch)
             spare = min(batch - len(taken), self._low_cap(batch))
-            low = self._take(self._low, spare, taken[0][0].key) if taken and spare > 0 and self._low else []
-            if both:
+            low = self._take(self._low, spare, taken[0][0].key) if taken and spare > 0 and jobs else []
+            if jobs:
                 self._count(len(taken), len(low))
             return taken + low, False
         taken = self._take(self._low, self._low_cap(batch) if self._live_active() else batch)
-        if both:
-            self._count(0, len(taken))
+        self._count(0, len(taken))
         return taken, True
 
     async def aclose(self, error: BaseException | None = None) -> None:

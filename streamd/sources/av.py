@@ -27,9 +27,8 @@ from av.video.reformatter import VideoReformatter
 from streamd.batching import FrameQueue
 from streamd.config import DropPolicy, Playback, StreamConfig
 from streamd.errors import SourceError
-from streamd.frames import JOB_PREFIX, Frame
+from streamd.frames import Frame
 from streamd.log import get_logger, redact_text
-from streamd.models.executors import job_priority
 from streamd.sampling import FpsSampler
 from streamd.sources import SourceRef
 from streamd.sources.base import Abandoned
@@ -174,8 +173,6 @@ class AvSource:
 
     def _run(self) -> None:
         error = None
-        if self.cfg.id.startswith(JOB_PREFIX):
-            job_priority()  # a job's decoder: the live streams' decoders and forward passes get the cores first
         try:
             while not self._stop.is_set():
                 if not self._play_once():
@@ -230,6 +227,7 @@ class AvSource:
             if threads:
                 stream.codec_context.thread_count = threads
             recording = self._recording(container)
+            self._state.setdefault("live", not recording)  # a job refuses a source with no end (or bounds it)
             if recording:  # a job's progress: media time done / this
                 self._state.setdefault("duration_s", _duration(container, stream))
             if recording and self.ref.kind != "file":
@@ -351,6 +349,10 @@ class AvSource:
                 if not decision.keep:
                     continue
                 image = rgb.reformat(vf, format="rgb24").to_ndarray()
+                if self.sampler.scene is not None:  # sampling: scene
+                    decision = self.sampler.scene.gate(pts, image, decision.discontinuity)
+                    if not decision.keep:
+                        continue
                 frame = Frame(
                     stream_id=self.cfg.id,
                     seq=next(self._seq),
