@@ -41,16 +41,20 @@ class OtherLoad:
 
     def __init__(self, redis_pid: int | None = None):
         self.redis_pid = redis_pid
-        self.t0, self.m0, self.c0, self.r0 = time.monotonic(), machine_busy_s(), cpu_s(), cpu_s(redis_pid)
+        self.t0, self.m0, self.c0, self.r0 = time.monotonic(), machine_busy_s(), cpu_s(), self._redis_s()
+
+    def _redis_s(self) -> float:
+        # no redis-server: nothing (cpu_s(None) is this process, which must not be counted twice)
+        return cpu_s(self.redis_pid) if self.redis_pid is not None else 0.0
 
     def cores(self) -> float:
         wall = time.monotonic() - self.t0
-        other = (machine_busy_s() - self.m0) - (cpu_s() - self.c0) - (cpu_s(self.redis_pid) - self.r0)
+        other = (machine_busy_s() - self.m0) - (cpu_s() - self.c0) - (self._redis_s() - self.r0)
         return max(0.0, other) / wall if wall > 0 else 0.0
 
     def cpu(self) -> float:
         """CPU seconds this process (and the redis-server) used since the start."""
-        return (cpu_s() - self.c0) + (cpu_s(self.redis_pid) - self.r0)
+        return (cpu_s() - self.c0) + (self._redis_s() - self.r0)
 
 
 def cpu_model() -> str:

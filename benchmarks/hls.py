@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import OtherLoad, cpu_model, revision  # noqa: E402
 
-from streamd.batching import FrameQueue  # noqa: E402
+from streamd.batching import FRAME_BUSY_RATE, FRAME_TICK_S, Doorbell, FrameQueue  # noqa: E402
 from streamd.config import DropPolicy, StreamConfig  # noqa: E402
 from streamd.egress import EgressRules, StreamEgress  # noqa: E402
+from streamd.memory import tune_malloc  # noqa: E402
 from streamd.sampling import FpsSampler  # noqa: E402
 from streamd.samples import make_pan_clip  # noqa: E402
 from streamd.sources import parse_reference  # noqa: E402
@@ -75,10 +76,11 @@ async def streamd_side(url: str, n: int) -> tuple[int, float]:
     loop = asyncio.get_running_loop()
     rules = EgressRules(deny_non_global=False, requests_per_s=1000, request_burst=1000)
     counts = [0] * n
+    doorbell = Doorbell(loop, FRAME_TICK_S, FRAME_BUSY_RATE)  # one for all streams, as the daemon has
 
     async def one(i: int) -> None:
         cfg = StreamConfig(id=f"b{i}", url=url, fps=None, drop_policy=DropPolicy.WAIT)
-        q: FrameQueue = FrameQueue(QUEUE, DropPolicy.WAIT, loop)
+        q: FrameQueue = FrameQueue(QUEUE, DropPolicy.WAIT, loop, doorbell=doorbell)
         eg = StreamEgress(rules, cfg.id)
         src = HlsSource(cfg, parse_reference(url), FpsSampler(None), itertools.count(), q, loop, eg, {},
                         lambda *a: None)
@@ -106,12 +108,16 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=20, help="length of the served recording")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    # what every Daemon does at startup (streamd.memory); process-wide, so the FFmpeg side runs with it too
+    tuned = tune_malloc()
     root = Path(tempfile.mkdtemp(prefix="streamd-hls-bench-"))
     frames = make_playlist(root, args.seconds)
     http = HttpDir(root).start()
     url = http.url("index.m3u8")
     print(f"# HLS follower vs FFmpeg's HLS demuxer ({revision()}, {cpu_model()})")
     print(f"# recording: {args.seconds} s 1280x720 30 fps H.264, 1 s segments, {frames} frames, served on loopback")
+    print(f"# glibc malloc thresholds {'set as the daemon sets them' if tuned else 'not tuned'}; one Doorbell "
+          f"(tick {FRAME_TICK_S * 1000:g} ms above {FRAME_BUSY_RATE:g} frames/s) for all streams, as in the daemon")
     print("| streams | FFmpeg HLS fps | streamd HLS fps | ratio | FFmpeg CPU ms/frame | streamd CPU ms/frame "
           "| other load (cores) |")
     print("|--:|--:|--:|--:|--:|--:|--:|")
