@@ -227,6 +227,7 @@ class AvSource:
             if threads:
                 stream.codec_context.thread_count = threads
             recording = self._recording(container)
+            self._state.setdefault("live", not recording)  # a job refuses a source with no end (or bounds it)
             if recording:  # a job's progress: media time done / this
                 self._state.setdefault("duration_s", _duration(container, stream))
             if recording and self.ref.kind != "file":
@@ -348,6 +349,10 @@ class AvSource:
                 if not decision.keep:
                     continue
                 image = rgb.reformat(vf, format="rgb24").to_ndarray()
+                if self.sampler.scene is not None:  # sampling: scene
+                    decision = self.sampler.scene.gate(pts, image, decision.discontinuity)
+                    if not decision.keep:
+                        continue
                 frame = Frame(
                     stream_id=self.cfg.id,
                     seq=next(self._seq),
