@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from streamd.errors import ConfigError
-from streamd.jobs.options import JobsConfig, KeepFrames
+from streamd.jobs.options import JobsConfig, KeepFrames, SceneOptions
 from streamd.models.spec import ModelsConfig, check_pipeline_models
 
 
@@ -228,6 +228,10 @@ class StreamConfig(Strict):
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
     redis_input: RedisInputConfig = Field(default_factory=RedisInputConfig, description="for redis:// sources")
     hls: HlsConfig = Field(default_factory=HlsConfig, description="for HLS playlists")
+    sampling: Literal["fps", "scene"] = Field("fps", description="fps: a frame every 1/`fps` s of presentation "
+                                              "time; scene: a frame when the scene changes (`scene`), `fps` unused")
+    scene: SceneOptions = Field(default_factory=SceneOptions, description="sampling: scene: threshold, floor "
+                                "(min_fps) and ceiling (max_fps)")
     keep_frames: KeepFrames | None = Field(None, description="re-scoring: keep this stream's sampled frames (JPEG) "
                                            "within these bounds, for jobs over {stream, from, to}; null = only the "
                                            "few snapshot frames (frames.per_stream)")

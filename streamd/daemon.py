@@ -135,6 +135,8 @@ class Daemon:
             background = [tg.create_task(self.sink.run(), name="sink"),
                           tg.create_task(self._watch_loop_lag(), name="loop-lag"),
                           tg.create_task(self.prompt_cache.run(), name="prompts")]
+            if self.cfg.jobs.enabled:  # job leases: renewed, and a lost daemon's jobs taken over
+                background.append(tg.create_task(self.jobs.watch(), name="jobs-watch"))
             switches = self.pipelines.switches
             background.append(tg.create_task(switches.run(), name="pipeline-versions"))
             try:  # pipelines start with their switched models (Redis unreachable: as configured, switched later)

@@ -44,7 +44,10 @@ PIPELINE_KEY = "streamd:pipeline:{{{name}}}:{part}"  # part: seq, versions, curr
 JOB_KEY = "streamd:{{job:{job}}}:job"
 JOB_RECORDS_KEY = "streamd:{{job:{job}}}:records"
 JOB_CANCEL_KEY = "streamd:{{job:{job}}}:cancel"  # set by a daemon asked to cancel a job another daemon runs
+JOB_LEASE_KEY = "streamd:{{job:{job}}}:lease"  # `<member>|<token>` of the daemon that runs (or queues) the job
+JOB_SPEC_KEY = "streamd:{{job:{job}}}:spec"  # what a daemon needs to run the job again (its owner lost)
 JOBS_INDEX_KEY = "streamd:jobs:index"
+JOBS_ACTIVE_KEY = "streamd:jobs:active"  # ids of jobs not ended (queued, running): watched for a lost owner
 
 
 def results_key(stream_id: str) -> str:
@@ -97,6 +100,14 @@ def job_records_key(job_id: str) -> str:
 
 def job_cancel_key(job_id: str) -> str:
     return JOB_CANCEL_KEY.format(job=job_id)
+
+
+def job_lease_key(job_id: str) -> str:
+    return JOB_LEASE_KEY.format(job=job_id)
+
+
+def job_spec_key(job_id: str) -> str:
+    return JOB_SPEC_KEY.format(job=job_id)
 
 
 def slot(key: str | bytes) -> int:

@@ -37,6 +37,9 @@ class FpsSampler:
         self._last_pts: float | None = None
         self._pending_discontinuity = False
         self.watch_forward = True  # a forward gap over jump_s between offered frames is a discontinuity
+        # a stream's `sampling: scene`: a decoded frame this grid kept (at scene.max_fps) is kept only when the scene
+        # changed, or at the floor (SceneSampler.gate); None: every frame the grid keeps
+        self.scene: SceneSampler | None = None
 
     @property
     def next_due_s(self) -> float | None:
@@ -156,6 +159,7 @@ class SceneSampler:
         self.ceiling_s = 1.0 / max_fps
         self._last: object = None  # the last kept frame's thumbnail
         self._last_pts: float | None = None
+        self._pending_discontinuity = False
 
     def offer(self, pts_s: float, image: object) -> SceneDecision:
         import numpy as np
@@ -173,3 +177,11 @@ class SceneSampler:
             self._last, self._last_pts = thumb, pts_s
             return SceneDecision(True, change, cut)
         return SceneDecision(False, change)
+
+    def gate(self, pts_s: float, image: object, discontinuity: bool) -> Decision:
+        """A stream's frame the FPS grid kept (decoded, RGB): kept when `offer` keeps it; the discontinuity flag
+        of a frame skipped here goes to the next kept frame (its trackers still reset)."""
+        keep = self.offer(pts_s, image).keep
+        disc = discontinuity or self._pending_discontinuity
+        self._pending_discontinuity = not keep and disc
+        return Decision(keep, keep and disc)

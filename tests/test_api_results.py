@@ -214,9 +214,9 @@ async def test_pause_and_resume_a_stream(r, redis_server):
 
 
 async def test_a_client_that_falls_behind_is_ended_not_buffered(r, redis_server):
-    """The feed never holds more than QUEUE records for one client: past that the client gets the end (and may
-    resume with Last-Event-ID); the other clients go on."""
-    from streamd.api.live import _END, QUEUE, LiveFeeds
+    """The feed never holds more than QUEUE records for one client: past that the client is ended (and may resume
+    with Last-Event-ID); the other clients go on."""
+    from streamd.api.live import QUEUE, LiveFeeds
 
     feeds = LiveFeeds(lambda: r)
     key = keys.results_key("slow")
@@ -224,21 +224,52 @@ async def test_a_client_that_falls_behind_is_ended_not_buffered(r, redis_server)
     async with feeds.subscribe(key) as (feed, slow, _), feeds.subscribe(key) as (_, fast, _):
         async def read_all() -> list:
             got = []
-            while len(got) < QUEUE + 10:  # the fast one reads everything as it comes
-                got.append(await asyncio.wait_for(fast.get(), 10))
+            while len(got) < QUEUE + 10:  # the fast one takes everything as it comes
+                await asyncio.wait_for(fast.wake.wait(), 10)
+                fast.wake.clear()
+                got += fast.queue
+                fast.queue.clear()
             return got
 
         reader = asyncio.create_task(read_all())
         for i in range(QUEUE + 10):
             await r.xadd(key, {"record": json.dumps({"seq": i}).encode()})
         got = await reader
-        assert all(item is not _END for item in got)
+        assert not fast.ended and fast in feed.subs
         assert [json.loads(item[1].split(b"data: ")[1]) for item in got] == [{"seq": i} for i in range(QUEUE + 10)]
-        assert slow.qsize() <= QUEUE and slow not in feed.subs
-        items = [slow.get_nowait() for _ in range(slow.qsize())]
-        assert items[-1] is _END and len(items) == QUEUE
-        assert fast in feed.subs
+        assert slow.ended and slow not in feed.subs and len(slow.queue) == QUEUE  # what it is sent before its end
+        assert [json.loads(item[1].split(b"data: ")[1]) for item in slow.queue] == [{"seq": i} for i in range(QUEUE)]
     assert feeds.feeds == {} and feeds.clients == 0  # the feed stopped with its last client
+
+
+async def test_caught_up_clients_get_events_framed_for_their_http_version(r, redis_server):
+    """Caught up, a client's events are written to its connection by the feed itself: as HTTP/1.1 chunks to an
+    HTTP/1.1 client, as they are to an HTTP/1.0 one (no chunked encoding there), each event in order, once."""
+    stream = {"id": "old", "url": "redis:frames:old", "pipeline": "frame_info"}
+    async with running(api_cfg(redis_server.url, [stream])) as d, aiohttp.ClientSession() as s:
+        port = int(d.api_url.rsplit(":", 1)[1])
+        key = keys.results_key("old")
+        await r.xadd(key, {"record": b'{"seq": 0}'})
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(f"GET /api/v1/streams/old/results/live HTTP/1.0\r\nHost: x\r\n"
+                         f"Authorization: Bearer {READ}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+            async with s.get(d.api_url + "/api/v1/streams/old/results/live", headers=h(READ)) as new:
+                assert new.headers["Transfer-Encoding"] == "chunked"
+                assert [x[1] for x in await read_events(new, 1)] == [{"seq": 0}]
+                assert (await reader.readuntil(b"\n\n")).endswith(b'data: {"seq": 0}\n\n')
+                subs = d_live(d).feeds[key].subs
+                await until(lambda: len(subs) == 2 and all(c.direct is not None for c in subs), 10,
+                            what="both clients caught up")
+                ids = [(await r.xadd(key, {"record": json.dumps({"seq": i}).encode()})).decode() for i in (1, 2, 3)]
+                assert await read_events(new, 3) == [(eid, {"seq": i}) for eid, i in zip(ids, (1, 2, 3))]
+                raw = b"".join([await reader.readuntil(b"\n\n") for _ in range(3)])
+                assert raw == b"".join(b"id: %s\nevent: result\ndata: {\"seq\": %d}\n\n" % (eid.encode(), i)
+                                       for eid, i in zip(ids, (1, 2, 3)))
+        finally:
+            writer.close()
 
 
 def test_overlay_draws_boxes_and_masks_where_the_record_puts_them() -> None:
@@ -265,6 +296,29 @@ def test_overlay_draws_boxes_and_masks_where_the_record_puts_them() -> None:
     assert np.abs(inside - (np.asarray(PALETTE[3]) + 128) // 2).max() < 20, inside
     assert np.abs(out[10, 80] - 128).max() < 8  # untouched
     assert draw(buf.getvalue(), None) == buf.getvalue()
+
+
+def test_overlay_tints_segment_masks_in_their_track_or_object_colour() -> None:
+    """A segment stage's (SAM 2) objects carry masks too: tinted in their track's colour, or without a track in
+    their object's; no box of their own is drawn (their track's detection has it)."""
+    from streamd.api.overlay import PALETTE, draw
+    from streamd.stages.masks import mask_rle
+    from streamd.testing.media import encode_jpeg
+
+    h, w = 120, 160
+    a, b = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    a[20:60, 20:60] = True
+    b[60:100, 100:140] = True
+    rec = {"outputs": {"segment": {"model": "sam2.1-hiera-tiny", "memory": {}, "objects": [
+        {"object_id": 1, "track_id": 5, "label": "person", "box": [20, 20, 59, 59], "mask": mask_rle(a)},
+        {"object_id": 4, "track_id": None, "label": None, "box": [100, 60, 139, 99], "mask": mask_rle(b)},
+        {"object_id": 6, "track_id": None, "box": None, "mask": "not a mask"}]}}}
+    out = np.asarray(Image.open(io.BytesIO(draw(encode_jpeg(np.full((h, w, 3), 128, np.uint8)), rec, 95))))
+    out = out.astype(int)
+    assert np.abs(out[40, 40] - (np.asarray(PALETTE[5]) + 128) // 2).max() < 20, out[40, 40]
+    assert np.abs(out[80, 120] - (np.asarray(PALETTE[4]) + 128) // 2).max() < 20, out[80, 120]
+    assert np.abs(out[20, 40] - (np.asarray(PALETTE[5]) + 128) // 2).max() < 20  # the mask's edge: no outline
+    assert np.abs(out[10, 80] - 128).max() < 8 and np.abs(out[110, 20] - 128).max() < 8  # untouched
 
 
 def test_overlay_skips_hostile_boxes_and_draws_reversed_ones_sorted():

@@ -176,7 +176,7 @@ async def test_a_jobs_page_reads_only_its_documents_and_skips_expired_ones(r):
 
     store = JobStore(r, ttl_s=60, records_maxlen=100)
     for n in range(1, 8):
-        await store.save({"id": f"j{n}", "created_ts": float(n), "state": "done"}, new=True)
+        await store.save({"id": f"j{n}", "created_ts": float(n), "state": "done"}, "m|t", new=True)
     await r.delete(keys.job_key("j6"), keys.job_key("j5"))  # expired
     total, page = await store.page(0, 3)
     assert [d["id"] for d in page] == ["j7", "j4", "j3"]

@@ -65,6 +65,7 @@ CODES: dict[str, tuple[int, str]] = {
                                     "(details.content_type)"),
     "invalid_body": (422, "the body does not match the schema (details.errors name each path), or is not an object"),
     "invalid_url": (422, "the stream URL cannot be used (e.g. a host name label over 63 characters)"),
+    "live_source": (422, "a job over a live feed (RTSP, RTMP, SRT) without max_duration_s: it would never end"),
     "scheme_not_allowed": (422, "a URL scheme not in api.allowed_schemes (files and FFmpeg pseudo-protocols never)"),
     "server_mode_not_allowed": (422, "the URL asks FFmpeg to listen (listen, mode=listener ...)"),
     "option_not_allowed": (422, "an FFmpeg option the API does not take (details.allowed)"),

@@ -20,7 +20,7 @@ from streamd import pipelines as pipeline_files
 from streamd.api.body import json_body
 from streamd.api.context import CFG, JOBS, streams
 from streamd.api.errors import ApiError, json_response, validation_details
-from streamd.api.security import check_authority
+from streamd.api.security import SERVER_QUERY, check_authority
 from streamd.errors import ConfigError, SourceError
 from streamd.jobs.manager import JobInvalid, JobsFull, JobsUnavailable
 from streamd.jobs.options import JobSpec
@@ -52,19 +52,31 @@ class JobProgress(BaseModel):
 class JobInfo(BaseModel):
     id: str
     state: JobState
-    reason: str | None = Field(..., description="why it failed or was cancelled")
+    reason: str | None = Field(..., description="why it failed or was cancelled (done: where a bounded job "
+                               "stopped)")
     reason_code: str | None = Field(..., description="failed: the source's typed reason (http_status, "
-                                    "egress_refused, not_media, ...), pipeline_failed, internal; cancelled")
+                                    "egress_refused, not_media, ...), pipeline_failed, internal, daemon_lost (its "
+                                    "daemon was lost and it is not run again), live_source (a source with no end "
+                                    "and no max_duration_s); cancelled; done: max_duration (stopped there)")
     pipeline: str
     source: dict[str, Any] = Field(..., description="kind (url, upload, file, stream) and what it names "
                                    "(credentials redacted)")
     sampling: dict[str, Any]
+    max_duration_s: float | None = Field(None, description="the bound on media time asked for (null: the whole "
+                                         "video)")
+    live: bool = Field(False, description="the source has no end (a live playlist, a camera, media of unknown "
+                       "length): read up to max_duration_s")
     prompts: dict[str, Any] = Field(..., description="the prompt versions the job's frames use, by kind (an "
                                     "inline prompt: scope job:<id>, version 0)")
     created_ts: float
     started_ts: float | None
     ended_ts: float | None
     progress: JobProgress
+    daemon: str | None = Field(None, description="the daemon (fleet member id) running it, or that ended it")
+    attempt: int = Field(1, ge=1, description="1, or 2... when it runs again after its daemon was lost (every "
+                         "record carries it; the records of a lost attempt are removed)")
+    lost: list[dict[str, Any]] = Field(default_factory=list, description="each attempt whose daemon was lost: "
+                                       "attempt, daemon, state, progress, noticed_by, noticed_ts")
     summary: dict[str, Any] | None = Field(None, description="when done: frames, labels, tracks (label, first/last "
                                            "seen, frames), vlm (per stage: captions, summaries, tags with time "
                                            "ranges, compare for a re-score), scene_cuts, timings_ms per stage")
@@ -112,15 +124,28 @@ def _job_id(request: web.Request) -> str:
     return jid
 
 
-def _check_url(url: str, allowed: list[str]) -> None:
-    """An http(s) URL only (never a file or another FFmpeg protocol), and only where api.allowed_schemes has its
-    scheme; its address is checked by the egress policy when the job runs (a refused one fails the job with
-    reason_code egress_refused)."""
+LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "srt")  # feeds with no end: a job reads them up to max_duration_s
+
+
+def _check_url(url: str, allowed: list[str], max_duration_s: float | None) -> None:
+    """An http(s) URL (never a file or another FFmpeg protocol), or with max_duration_s a live feed (RTSP, RTMP,
+    SRT; without it 422 live_source: it would never end), and only where api.allowed_schemes has its scheme; its
+    address is checked by the egress policy when the job runs (a refused one fails the job with reason_code
+    egress_refused)."""
     try:
         ref = parse_reference(url)
     except SourceError as e:
         raise ApiError(422, "scheme_not_allowed", str(e), {"path": "source.url"}) from None
     scheme = urlsplit(url).scheme.lower() if "://" in url else "file"
+    if scheme in LIVE_SCHEMES and scheme in allowed:
+        if max_duration_s is None:
+            raise ApiError(422, "live_source", f"a {scheme} feed is live: a job over it never ends; set "
+                           "max_duration_s to analyse a slice of it", {"path": "max_duration_s"})
+        if SERVER_QUERY.search(urlsplit(url).query):
+            raise ApiError(422, "server_mode_not_allowed", "the URL asks FFmpeg to listen (a server mode): not from "
+                           "the API", {"path": "source.url"})
+        check_authority(ref.url)
+        return
     if scheme not in ("http", "https") or scheme not in allowed or ref.kind not in ("url", "hls"):
         raise ApiError(422, "scheme_not_allowed", f"a job's URL is http or https, where api.allowed_schemes has it "
                        f"(not {scheme!r})", {"path": "source.url"})
@@ -236,7 +261,7 @@ async def job_create(request: web.Request) -> web.Response:
             raise ApiError(422, "invalid_body", "a job needs a source (url or stream) unless a file is uploaded",
                            {"errors": [{"path": "source", "message": "missing", "type": "missing"}]})
         if spec.source.url is not None:
-            _check_url(spec.source.url, request.app[CFG].allowed_schemes)
+            _check_url(spec.source.url, request.app[CFG].allowed_schemes, spec.max_duration_s)
     else:
         raise ApiError(415, "unsupported_media_type", f"Content-Type {request.content_type!r}: send "
                        "application/json, or multipart/form-data with a file part (and a job part)",

@@ -28,14 +28,23 @@ def box_of(d: Any) -> tuple[float, float, float, float] | None:
 
 
 def detections(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every stage output's detections that carry a pixel box (detect, open-vocabulary, segment stages); those
-    whose box is not 4 finite numbers are skipped."""
+    """Every stage output's detections that carry a pixel box (detect, open-vocabulary stages); those whose box
+    is not 4 finite numbers are skipped."""
     out = []
     outputs = record.get("outputs") if isinstance(record, dict) else None
     for value in (outputs.values() if isinstance(outputs, dict) else ()):
         if isinstance(value, dict) and isinstance(value.get("detections"), list):
             out.extend(d for d in value["detections"] if box_of(d) is not None)
     return out
+
+
+def segments(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """A segment stage's (SAM 2) objects that carry a mask: tinted like a detection's mask (their box is their
+    track's, drawn with its detection)."""
+    outputs = record.get("outputs") if isinstance(record, dict) else None
+    return [o for value in (outputs.values() if isinstance(outputs, dict) else ())
+            if isinstance(value, dict) and isinstance(value.get("objects"), list)
+            for o in value["objects"] if isinstance(o, dict) and isinstance(o.get("mask"), dict)]
 
 
 def label_text(d: dict[str, Any]) -> str:
@@ -48,7 +57,7 @@ def label_text(d: dict[str, Any]) -> str:
 
 
 def colour(d: dict[str, Any]) -> tuple[int, int, int]:
-    key = d.get("track_id") if d.get("track_id") is not None else d.get("class_id", 0)
+    key = next((d[k] for k in ("track_id", "object_id", "class_id") if d.get(k) is not None), 0)
     return PALETTE[hash(str(key)) % len(PALETTE)] if not isinstance(key, int) else PALETTE[key % len(PALETTE)]
 
 
@@ -70,10 +79,11 @@ def draw(jpeg: bytes, record: dict[str, Any] | None, quality: int = 80) -> bytes
     if record is None:
         return jpeg
     dets = detections(record)
-    if any(isinstance(d.get("mask"), dict) for d in dets):
+    masked = [d for d in dets if isinstance(d.get("mask"), dict)] + segments(record)
+    if masked:
         arr = np.asarray(img).copy()
-        for d in dets:
-            m = decode_rle(d["mask"], img.width, img.height) if isinstance(d.get("mask"), dict) else None
+        for d in masked:
+            m = decode_rle(d["mask"], img.width, img.height)
             if m is not None:
                 arr[m] = (arr[m] * 0.5 + np.asarray(colour(d)) * 0.5).astype(np.uint8)
         img = Image.fromarray(arr)

@@ -33,7 +33,7 @@ API_FFMPEG_OPTIONS: dict[str, tuple[re.Pattern[str], int | None, str]] = {
     "fflags": (re.compile(rf"(?:[+-]?(?:{_FFLAGS}))+"), None, f"+/- flags among {_FFLAGS.replace('|', ', ')}"),
 }
 # query parameters that turn a client into a server (tcp/rtmp `listen`, SRT listener and rendezvous modes)
-_SERVER_QUERY = re.compile(r"(?:^|[?&;])(?:listen(?:=|&|;|$)|listen_timeout=|mode=(?:listener|server|rendezvous))",
+SERVER_QUERY = re.compile(r"(?:^|[?&;])(?:listen(?:=|&|;|$)|listen_timeout=|mode=(?:listener|server|rendezvous))",
                            re.IGNORECASE)
 
 
@@ -193,7 +193,7 @@ async def check_stream_url(url: str, cfg: ApiConfig, egress: EgressConfig | None
         check_ffmpeg_options(ffmpeg_options)
     if ref.kind == "redis":
         check_redis_key(ref.key or "", cfg)
-    if _SERVER_QUERY.search(urlsplit(url).query):
+    if SERVER_QUERY.search(urlsplit(url).query):
         raise ApiError(422, "server_mode_not_allowed", "the URL asks FFmpeg to listen (a server mode): not from "
                        "the API", {"path": "url"})
     if ref.url:

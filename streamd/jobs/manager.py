@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import secrets
 import time
 from collections import deque
@@ -23,7 +24,7 @@ from streamd.frames import JOB_PREFIX
 from streamd.jobs.options import JobSpec
 from streamd.jobs.runner import TERMINAL, Job
 from streamd.jobs.sources import RecordedSource, StoredSource
-from streamd.jobs.store import JobStore
+from streamd.jobs.store import JobStore, LeaseLost
 from streamd.log import get_logger, redact_url
 from streamd.metrics import Metrics
 
@@ -57,7 +58,10 @@ class JobManager:
         self.jcfg = cfg.jobs
         self.metrics = metrics
         self.pipelines = pipelines  # streamd.streams.pipelines.PipelineSet
-        self.store = JobStore(redis, cfg.jobs.ttl_s, cfg.jobs.records_maxlen)
+        self.store = JobStore(redis, cfg.jobs.ttl_s, cfg.jobs.records_maxlen, cfg.jobs.lease_ttl_s)
+        from streamd.fleet import default_member_id
+
+        self.member_id = cfg.fleet.member_id or default_member_id()  # in job leases and documents
         self.prompt_store = prompts
         self.sink = sink
         self.doorbell = doorbell
@@ -157,23 +161,32 @@ class JobManager:
         job = Job(jid, spec, doc, self.jcfg, self.store, prompts)
         job.upload_path = upload if origin == "api" else None
         job.source = self._source(job, spec, upload, origin)
-        self.jobs[jid] = job
-        await self.store.save(job.document(), new=True)
-        self._queue.append(job)
-        self._start_next()
+        self._own(job)
+        await self.store.save_spec(jid, {"spec": spec.model_dump(by_alias=True, exclude_none=True),
+                                         "prompts": prompts, "upload": upload, "origin": origin})
+        await job.save(new=True)
+        self._enqueue(job)
         log.info("job accepted", job=jid, pipeline=spec.pipeline, source=doc["kind"])
         return job
+
+    def _own(self, job: Job) -> None:
+        job.token, job.daemon = f"{self.member_id}|{secrets.token_hex(8)}", self.member_id
+        self.jobs[job.id] = job
+
+    def _enqueue(self, job: Job) -> None:
+        self._queue.append(job)
+        self._start_next()
 
     def _source(self, job: Job, spec: JobSpec, upload: str | None, origin: str) -> Any:
         s = spec.sampling
         fps = None if s.mode == "every_frame" else s.max_fps if s.mode == "scene" else s.fps
         if upload is not None:
             return RecordedSource(job.sid, upload, fps, self.jcfg, EgressRules.from_config(self.cfg.egress),
-                                  self.metrics, self.doorbell, "config")
+                                  self.metrics, self.doorbell, "config", spec.max_duration_s)
         assert spec.source is not None
         if spec.source.url is not None:
             return RecordedSource(job.sid, spec.source.url, fps, self.jcfg, EgressRules.from_config(self.cfg.egress),
-                                  self.metrics, self.doorbell, origin)
+                                  self.metrics, self.doorbell, origin, spec.max_duration_s)
         now = time.time()
         f, t = spec.source.from_, spec.source.to
         t0 = 0.0 if f is None else now + f if f < 0 else f
@@ -216,7 +229,7 @@ class JobManager:
             log.exception("job failed unexpectedly", job=job.id)
             job._fail(f"internal error: {type(e).__name__}: {e}"[:500], "internal")
             with contextlib.suppress(Exception):
-                await self.store.save(job.document())
+                await job.save()
         finally:
             job.finished.set()
             self._durations.append(time.monotonic() - t0)
@@ -230,14 +243,14 @@ class JobManager:
         if getattr(job.source, "total", None) == 0:  # a re-score with nothing kept: no pipeline to start
             job._fail(f"no kept frames of stream {job.stream_id!r} captured in the window (its keep_frames "
                       "bounds them)", "not_found")
-            await self.store.save(job.document())
+            await job.save()
             return
         try:  # the job's own pipeline: its frames never hold a live stream's frames back in a stage
             p, task = self.pipelines.start_for_job(job.spec.pipeline, f"jobs.{job.id}.pipeline", self._tg)
         except StreamdError as e:
             job._fail(str(e), "invalid_pipeline")
             job.finished.set()
-            await self.store.save(job.document())
+            await job.save()
             return
         try:
             if isinstance(job.source, StoredSource):
@@ -253,7 +266,103 @@ class JobManager:
             err = p.failed
             if err:
                 job.reason, job.reason_code = err, "pipeline_failed"
-                await self.store.save(job.document())
+                await job.save()
+
+    # -- leases: a job whose daemon is lost ---------------------------------------------------------------------
+    async def watch(self) -> None:
+        """Renew the leases of this daemon's jobs and take over the jobs whose daemon was lost, every third of
+        jobs.lease_ttl_s (a Redis error: tried again next round)."""
+        every = max(0.2, self.jcfg.lease_ttl_s / 3)
+        while True:
+            try:
+                await self._renew()
+                await self._recover()
+            except Exception as e:  # noqa: BLE001 - Redis away: the next round
+                log.warning("job leases: a round failed", error=str(e) or type(e).__name__)
+            await asyncio.sleep(every)
+
+    async def _renew(self) -> None:
+        for job in list(self.jobs.values()):
+            if job.token and not job.lease_lost and not await self.store.renew(job.id, job.token):
+                job.lose()
+                if job in self._queue:  # never started here: nothing else ends it
+                    self._queue.remove(job)
+                    self.jobs.pop(job.id, None)
+                    job.finished.set()
+
+    async def _recover(self) -> None:
+        for jid in await self.store.unowned(set(self.jobs)):
+            token = f"{self.member_id}|{secrets.token_hex(8)}"
+            if not await self.store.claim(jid, token):
+                continue  # another daemon was first
+            try:
+                await self._take_over(jid, token)
+            except LeaseLost:
+                pass
+            except Exception:  # noqa: BLE001 - this job only
+                log.exception("a lost daemon's job could not be taken over", job=jid)
+
+    async def _take_over(self, jid: str, token: str) -> None:
+        doc = await self.store.get(jid)
+        if doc is None:
+            await self.store.forget(jid)  # expired
+            return
+        if doc["state"] in TERMINAL:
+            await self.store.save(doc, token)  # ended meanwhile: leaves the active set
+            return
+        lost_from, started = doc.get("daemon"), doc.get("started_ts") is not None
+        attempt = int(doc.get("attempt") or 1)
+        lost = list(doc.get("lost") or [])
+        if started:
+            lost.append({"attempt": attempt, "daemon": lost_from, "state": doc["state"],
+                         "progress": doc.get("progress"), "noticed_by": self.member_id,
+                         "noticed_ts": round(time.time(), 6)})
+        log.warning("job's daemon lost: its lease expired", job=jid, daemon=lost_from, state=doc["state"])
+        why = None
+        saved = await self.store.spec(jid)
+        if await self.store.cancel_requested(jid):
+            doc.update(state="cancelled", reason="cancelled through the API (while its daemon was lost)",
+                       reason_code="cancelled")
+        elif started and attempt > self.jcfg.retries:
+            why = f"jobs.retries ({self.jcfg.retries}) used"
+        elif saved is None:
+            why = "what it needs to run again is gone"
+        else:
+            why = self._not_again(doc, saved)
+        if doc["state"] not in TERMINAL and why is None:
+            assert saved is not None
+            spec = JobSpec.model_validate(saved["spec"])
+            job = Job(jid, spec, doc["source"], self.jcfg, self.store, saved.get("prompts") or {})
+            job.created_ts = float(doc["created_ts"])
+            job.attempt, job.lost = attempt + 1 if started else attempt, lost
+            upload, origin = saved.get("upload"), saved.get("origin") or "api"
+            job.upload_path = upload if origin == "api" else None
+            job.source = self._source(job, spec, upload, origin)
+            job.token, job.daemon = token, self.member_id
+            await self.store.restart_records(jid, token)
+            self.jobs[jid] = job
+            await job.save()
+            self._enqueue(job)
+            log.info("job taken over: runs again from the start", job=jid, attempt=job.attempt)
+            return
+        if doc["state"] not in TERMINAL:
+            doc.update(state="failed", reason=f"the daemon running the job ({lost_from}) was lost (its lease "
+                       f"expired) and it is not run again: {why}", reason_code="daemon_lost")
+        doc.update(ended_ts=round(time.time(), 6), lost=lost, daemon=self.member_id)
+        await self.store.save(doc, token)
+        if saved and saved.get("origin") == "api" and saved.get("upload"):
+            with contextlib.suppress(OSError):
+                os.unlink(saved["upload"])  # on this host when the lost daemon was (the upload is not used again)
+
+    @staticmethod
+    def _not_again(doc: dict[str, Any], saved: dict[str, Any]) -> str | None:
+        """Why a lost job cannot run again here (None: it can)."""
+        kind = (doc.get("source") or {}).get("kind")
+        if kind == "stream":
+            return "a re-score reads the frames the lost daemon kept in its memory"
+        if kind in ("upload", "file") and not (saved.get("upload") and os.path.exists(saved["upload"])):
+            return "its uploaded file was on the lost daemon's host"
+        return None
 
     # -- reading and cancelling ------------------------------------------------------------------------------------
     async def get(self, jid: str) -> dict[str, Any] | None:
@@ -277,7 +386,7 @@ class JobManager:
             self.jobs.pop(jid, None)
             job.finished.set()
             job.discard()  # its upload goes now: a queued job never reaches _run's cleanup
-            await self.store.save(job.document())
+            await job.save()
             return job.document()
         job.cancel()
         return job.document()
@@ -289,7 +398,7 @@ class JobManager:
             job.finished.set()
             job.discard()
             with contextlib.suppress(Exception):
-                await self.store.save(job.document())
+                await job.save()
         self._queue.clear()
         for job in list(self.jobs.values()):
             if job.state not in TERMINAL:

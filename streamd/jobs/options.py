@@ -36,6 +36,13 @@ class JobsConfig(_Strict):
     open_timeout_s: float = Field(10.0, gt=0, le=600, description="time to open a job's source and read from it")
     attempts: int = Field(2, ge=1, le=10, description="connections tried before a job's source fails the job")
     records_maxlen: int = Field(1_000_000, ge=1, description="records a job keeps (its Redis stream's MAXLEN)")
+    lease_ttl_s: float = Field(15.0, ge=1, le=600, description="a queued or running job is held under a lease its "
+                               "daemon renews; a job whose daemon stops renewing it (killed, cut off) this long is "
+                               "taken by another daemon on the same Redis (or the same one restarted)")
+    retries: int = Field(1, ge=0, le=10, description="a job whose daemon was lost runs again from the start at most "
+                         "this many times (its records of the lost attempt removed); then, or when its source "
+                         "cannot be read again (a stream's kept frames, an upload on another host), it fails with "
+                         "reason_code daemon_lost")
 
 
 class KeepFrames(_Strict):
@@ -45,6 +52,23 @@ class KeepFrames(_Strict):
     max_frames: int = Field(1200, ge=1, le=1_000_000, description="frames kept (the oldest go first)")
     max_bytes: int = Field(256 << 20, ge=1 << 20, description="memory the stream's kept frames may hold")
     max_age_s: float = Field(600.0, gt=0, le=86_400, description="a frame older than this is dropped")
+
+
+class SceneOptions(_Strict):
+    """A stream's `sampling: scene` (its config's `scene`): decoded frames looked at up to `max_fps`; one is kept
+    when the mean absolute difference of its 64x36 grey thumbnail against the last kept frame's (0-1) is at least
+    `threshold`, or when none was kept for 1/`min_fps` s; near-duplicates are skipped (streamd.sampling)."""
+
+    threshold: float = Field(0.08, gt=0, le=1, description="the change that keeps a frame (a hard cut: about "
+                             "0.1-0.4; noise and compression: 0.002-0.01)")
+    min_fps: float = Field(0.2, ge=0, le=240, description="the floor: a frame at least this often (0: none)")
+    max_fps: float = Field(5.0, gt=0, le=240, description="the ceiling: frames looked at per second")
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> "SceneOptions":
+        if self.min_fps > self.max_fps:
+            raise ValueError(f"min_fps ({self.min_fps:g}) is above max_fps ({self.max_fps:g})")
+        return self
 
 
 class Sampling(_Strict):
@@ -108,3 +132,8 @@ class JobSpec(_Strict):
     prompts: dict[Literal["vlm", "vocabulary"], PromptChoice] = Field(default_factory=dict, description="prompt "
                                                                       "versions or inline prompts by kind")
     sampling: Sampling = Field(default_factory=Sampling)
+    max_duration_s: float | None = Field(None, gt=0, le=7 * 86_400, description="analyse at most this much media "
+                                         "time from the first frame (the job ends `done` with reason_code "
+                                         "max_duration when it stops there). A live source (a live HLS playlist, "
+                                         "RTSP/RTMP/SRT, HTTP media of unknown length) needs it: without it the "
+                                         "job is refused (422 live_source) or fails with reason_code live_source")

@@ -23,7 +23,7 @@ from streamd.config import DropPolicy
 from streamd.frames import JOB_PREFIX, Frame, InputRef, Work
 from streamd.jobs.options import JobsConfig, JobSpec
 from streamd.jobs.sources import JobSourceFailed
-from streamd.jobs.store import JobStore
+from streamd.jobs.store import JobStore, LeaseLost
 from streamd.jobs.summary import Summary
 from streamd.log import get_logger
 from streamd.sampling import SceneSampler
@@ -87,6 +87,11 @@ class Job:
         self._pending: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
         self._t0_pts: float | None = None
+        self.token = ""  # its lease's value (`<member>|<random>`), set by the manager
+        self.daemon: str | None = None  # the member running it
+        self.attempt = 1
+        self.lost: list[dict[str, Any]] = []  # earlier attempts whose daemon was lost
+        self.lease_lost = False  # another daemon holds its lease: nothing more is written from here
 
     # -- the handle frames carry --------------------------------------------------------------------------------
     def prompt(self, kind: str) -> dict[str, Any] | None:
@@ -99,7 +104,7 @@ class Job:
             return  # cancelled: what was still on its way is ignored
         rec = result_record(w)
         rec.pop("input", None)
-        rec.update(type="frame", job_id=self.id, stream_id=self.stream_id)
+        rec.update(type="frame", job_id=self.id, stream_id=self.stream_id, attempt=self.attempt)
         self.summary.frame(rec)
         self.done_frames += 1
         self._progress_pts(w.frame.pts_s)
@@ -109,7 +114,7 @@ class Job:
         """A VLM record of the job's stream id (routed by the manager)."""
         if self.state != "running":
             return
-        rec = {**rec, "type": "vlm", "job_id": self.id, "stream_id": self.stream_id}
+        rec = {**rec, "type": "vlm", "job_id": self.id, "stream_id": self.stream_id, "attempt": self.attempt}
         self.summary.vlm(rec)
         self._push(rec)
 
@@ -155,14 +160,35 @@ class Job:
         doc: dict[str, Any] = {
             "id": self.id, "state": self.state, "reason": self.reason, "reason_code": self.reason_code,
             "pipeline": self.spec.pipeline, "source": self.source_doc,
-            "sampling": self.spec.sampling.model_dump(),
+            "sampling": self.spec.sampling.model_dump(), "max_duration_s": self.spec.max_duration_s,
+            "live": getattr(self.source, "live", False),
             "prompts": {k: {"scope": v["scope"], "version": v["version"]} for k, v in self.prompts.items()},
             "created_ts": round(self.created_ts, 6), "started_ts": self.started_ts, "ended_ts": self.ended_ts,
-            "progress": self.progress(),
+            "progress": self.progress(), "daemon": self.daemon, "attempt": self.attempt, "lost": self.lost,
         }
         if summary and self.state == "done":
             doc["summary"] = self.summary.document()
         return doc
+
+    async def save(self, new: bool = False) -> None:
+        """The document to Redis under the job's lease (nothing when another daemon holds it now)."""
+        if self.lease_lost:
+            return
+        try:
+            await self.store.save(self.document(summary=self.state == "done"), self.token, new=new)
+        except LeaseLost:
+            self.lose()
+
+    def lose(self) -> None:
+        """Another daemon took the job's lease (this one was paused or cut off past jobs.lease_ttl_s): it stops
+        here at once and writes nothing more (the other runs it again or ends it)."""
+        if not self.lease_lost:
+            log.warning("job lease lost: another daemon has the job", job=self.id)
+        self.lease_lost = True
+        if self.state not in TERMINAL:
+            self.state, self.reason, self.reason_code = "cancelled", "another daemon took the job over", "lease_lost"
+            self.ended_ts = round(time.time(), 6)
+        self.cancelled.set()
 
     # -- running --------------------------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -191,7 +217,7 @@ class Job:
         summary. Never raises: the job ends done, failed or cancelled."""
         if self.state in TERMINAL:  # cancelled while it waited for its start (a re-score's earlier answers)
             try:
-                await self.store.save(self.document())
+                await self.save()
             except Exception as e:  # noqa: BLE001 - Redis down: the in-memory document still answers
                 log.warning("could not save a job", job=self.id, error=str(e))
             self.finished.set()
@@ -199,7 +225,7 @@ class Job:
         self.state, self.started_ts = "running", round(time.time(), 6)
         self.summary.tag_rules = tag_rules(pipeline)
         try:
-            await self.store.save(self.document())
+            await self.save()
         except Exception as e:  # noqa: BLE001 - Redis down at the start: the writer saves it again later
             log.warning("could not save a job", job=self.id, error=str(e))
         q: FrameQueue[Frame] = FrameQueue(self.cfg.queue_size, DropPolicy.WAIT, asyncio.get_running_loop())
@@ -226,6 +252,9 @@ class Job:
                 settle.cancel()
             if self.state == "running":
                 self.state, self.ended_ts = "done", round(time.time(), 6)
+                if getattr(self.source, "bounded", False):  # it says where it stopped
+                    self.reason, self.reason_code = (f"stopped at max_duration_s ({self.spec.max_duration_s:g} s "
+                                                     "of media)", "max_duration")
         except Exception as e:  # noqa: BLE001 - a job's bug ends the job, never the daemon
             log.exception("job crashed", job=self.id)
             self._fail(f"internal error: {type(e).__name__}: {e}", "internal")
@@ -235,7 +264,7 @@ class Job:
             await asyncio.gather(writer, return_exceptions=True)
             try:
                 await self._flush()
-                await self.store.save(self.document())
+                await self.save()
             except Exception as e:  # noqa: BLE001 - Redis down at the end: the in-memory document still answers
                 log.warning("could not save a job", job=self.id, error=str(e))
             self.finished.set()
@@ -268,9 +297,11 @@ class Job:
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
-        if batch:
+        if batch and not self.lease_lost:
             try:
-                await self.store.add_records(self.id, batch)
+                await self.store.add_records(self.id, batch, self.token)
+            except LeaseLost:
+                self.lose()
             except BaseException:
                 self._pending[:0] = batch  # not written: tried again (a Redis blip loses no record)
                 raise
@@ -290,7 +321,7 @@ class Job:
                     if await self.store.cancel_requested(self.id):  # DELETE answered by another daemon
                         self.cancel()
                         continue
-                    await self.store.save(self.document(summary=False))
+                    await self.save()
                     last = time.monotonic()
             except Exception as e:  # noqa: BLE001 - Redis down: records stay pending, tried again
                 log.warning("could not write a job's records", job=self.id, error=str(e))

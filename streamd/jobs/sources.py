@@ -36,7 +36,7 @@ class RecordedSource:
     policy) or "config" (the operator's: `streamd analyze`, uploads)."""
 
     def __init__(self, sid: str, url: str, fps: float | None, cfg: JobsConfig, egress: EgressRules,
-                 metrics: Metrics, doorbell: Doorbell | None, origin: str):
+                 metrics: Metrics, doorbell: Doorbell | None, origin: str, max_duration_s: float | None = None):
         scfg = StreamConfig.model_validate({
             "id": "job", "url": url, "fps": fps, "queue_size": cfg.queue_size, "drop_policy": "wait",
             "playback": "fast", "loop": False, "open_timeout_s": cfg.open_timeout_s,
@@ -49,24 +49,45 @@ class RecordedSource:
         self.events: dict[str, int] = {}
         self.runner = StreamRunner(scfg, metrics, self._event, _no_redis, "job", 1.0, doorbell, egress, origin)
         self._task: asyncio.Task[None] | None = None
+        self.max_duration_s = max_duration_s
+        self.live = False  # the source has no end (known once it is open)
+        self.start_pts_s = 0.0  # media time 0: a recording's start, a live source's first frame
+        self.bounded = False  # stopped at max_duration_s
 
     def _event(self, stream_id: str, kind: str, fields: dict[str, Any]) -> None:
         self.events[kind] = self.events.get(kind, 0) + 1
 
     @property
     def duration_s(self) -> float | None:
-        """The recording's length, once it is open."""
-        return self.runner.hls_state.get("duration_s")
+        """The recording's length once it is open, within max_duration_s (a live source: that bound)."""
+        d, bound = self.runner.hls_state.get("duration_s"), self.max_duration_s
+        if d is None:
+            return bound if self.live else None
+        return d if bound is None else min(d, bound)
 
     async def frames(self) -> AsyncIterator[Frame]:
         """The frames in order. Raises JobSourceFailed when the source fails for good."""
         self._task = asyncio.ensure_future(self.runner.run())
-        q = self.runner.queue
+        q, first = self.runner.queue, True
         while True:
             try:
-                yield await q.get()
+                f = await q.get()
             except QueueClosed:
                 break
+            if first:
+                first, self.live = False, bool(self.runner.hls_state.get("live"))
+                if self.live and self.max_duration_s is None:
+                    await self.aclose()
+                    raise JobSourceFailed("the source is live (a playlist without #EXT-X-ENDLIST, a camera feed, "
+                                          "or media of unknown length): it never ends; set max_duration_s to "
+                                          "analyse a slice of it", "live_source")
+                if self.live:
+                    self.start_pts_s = f.pts_s
+            if self.max_duration_s is not None and f.pts_s - self.start_pts_s >= self.max_duration_s - 1e-9:
+                self.bounded = True
+                self.runner.stop()
+                break
+            yield f
         await self._task
         r = self.runner
         if r.state is State.FAILED:

@@ -15,30 +15,103 @@ from streamd import jsonsafe, keys
 _json = jsonsafe.encoder(separators=(",", ":"))
 
 
+# Every write of a job's keys is fenced by its lease (`<member>|<token>`, streamd:{job:<id>}:lease, the job's slot):
+# a daemon whose lease another daemon took (it was paused or cut off past jobs.lease_ttl_s) writes nothing more. A
+# missing lease (expired while Redis was away, or a restarted redis-server) is taken again by its holder's write.
+_FENCE = "local v = redis.call('GET', KEYS[1]) if v and v ~= ARGV[1] then return 0 end "
+_RENEW = _FENCE + "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1"
+# KEYS: lease, job, records, spec; ARGV: token, document, ttl_ms, lease_px, drop_spec
+_SAVE = _FENCE + """redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
+if ARGV[5] == '1' then redis.call('DEL', KEYS[4]) end
+return 1"""
+# KEYS: lease, records; ARGV: token, maxlen, ttl_ms, record...
+_RECORDS = _FENCE + """for i = 4, #ARGV do redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'record', ARGV[i]) end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1"""
+RECORDS_PER_CALL = 500
+
+
+class LeaseLost(Exception):
+    """Another daemon holds the job's lease now: this one writes nothing more for it."""
+
+
 class JobStore:
-    def __init__(self, client: aioredis.Redis, ttl_s: float, records_maxlen: int):
+    def __init__(self, client: aioredis.Redis, ttl_s: float, records_maxlen: int, lease_ttl_s: float = 15.0):
         self.r = client
         self.ttl_ms = int(ttl_s * 1000)
+        self.lease_ms = int(lease_ttl_s * 1000)
         self.maxlen = records_maxlen
 
-    async def save(self, doc: dict[str, Any], new: bool = False) -> None:
-        """Write the job's document (its TTL starts again); `new`: also index it."""
-        jid = doc["id"]
+    async def save(self, doc: dict[str, Any], token: str, new: bool = False) -> None:
+        """Write the job's document (its TTL starts again) under its lease `token` (LeaseLost: another daemon's
+        now); `new`: also index it. A job not ended is in the active set (watched for a lost daemon); an ended
+        one leaves it, its lease is kept as long as its document (no stale writer after it) and its spec goes."""
+        jid, ended = doc["id"], doc["state"] in ("done", "failed", "cancelled")
+        ok = await self.r.eval(_SAVE, 4, keys.job_lease_key(jid), keys.job_key(jid), keys.job_records_key(jid),
+                               keys.job_spec_key(jid), token, _json(doc), self.ttl_ms,
+                               self.ttl_ms if ended else self.lease_ms, "1" if ended else "0")
+        if not ok:
+            raise LeaseLost(jid)
         async with self.r.pipeline(transaction=False) as p:
-            p.set(keys.job_key(jid), _json(doc), px=self.ttl_ms)
-            p.pexpire(keys.job_records_key(jid), self.ttl_ms)
             if new:
                 p.zadd(keys.JOBS_INDEX_KEY, {jid: doc["created_ts"]})
                 p.pexpire(keys.JOBS_INDEX_KEY, 2 * self.ttl_ms)  # no job for twice the TTL: the index goes too
+            if ended:
+                p.zrem(keys.JOBS_ACTIVE_KEY, jid)
+            else:
+                p.zadd(keys.JOBS_ACTIVE_KEY, {jid: doc["created_ts"]})
+                p.pexpire(keys.JOBS_ACTIVE_KEY, 2 * self.ttl_ms)
             await p.execute()
 
-    async def add_records(self, job_id: str, records: list[dict[str, Any]]) -> None:
-        key = keys.job_records_key(job_id)
+    async def save_spec(self, job_id: str, spec: dict[str, Any]) -> None:
+        """What another daemon needs to run the job again (the source as given: a URL's credentials too, as a
+        stream added through the API keeps them in Redis); removed when the job ends."""
+        await self.r.set(keys.job_spec_key(job_id), _json(spec), px=self.ttl_ms)
+
+    async def spec(self, job_id: str) -> dict[str, Any] | None:
+        raw = await self.r.get(keys.job_spec_key(job_id))
+        return json.loads(raw) if raw is not None else None
+
+    async def add_records(self, job_id: str, records: list[dict[str, Any]], token: str) -> None:
+        """Append records under the job's lease (LeaseLost: another daemon's now; none of them written)."""
+        for i in range(0, len(records), RECORDS_PER_CALL):
+            chunk = [_json(rec) for rec in records[i:i + RECORDS_PER_CALL]]
+            ok = await self.r.eval(_RECORDS, 2, keys.job_lease_key(job_id), keys.job_records_key(job_id), token,
+                                   self.maxlen, self.ttl_ms, *chunk)
+            if not ok:
+                raise LeaseLost(job_id)
+
+    async def renew(self, job_id: str, token: str) -> bool:
+        """Extend the job's lease (taken again if it is missing); False: another daemon holds it."""
+        return bool(await self.r.eval(_RENEW, 1, keys.job_lease_key(job_id), token, self.lease_ms))
+
+    async def claim(self, job_id: str, token: str) -> bool:
+        """Take a job whose lease is gone (its daemon lost); False: another daemon was first."""
+        return bool(await self.r.set(keys.job_lease_key(job_id), token, nx=True, px=self.lease_ms))
+
+    async def unowned(self, skip: set[str], limit: int = 1000) -> list[str]:
+        """Jobs not ended whose lease is gone (their daemon stopped renewing it), oldest first; `skip`: ours."""
+        ids = [i.decode() for i in await self.r.zrange(keys.JOBS_ACTIVE_KEY, 0, limit - 1)]
+        ids = [i for i in ids if i not in skip]
+        if not ids:
+            return []
         async with self.r.pipeline(transaction=False) as p:
-            for rec in records:
-                p.xadd(key, {"record": _json(rec)}, maxlen=self.maxlen, approximate=True)
-            p.pexpire(key, self.ttl_ms)
-            await p.execute()
+            for i in ids:
+                p.exists(keys.job_lease_key(i))
+            held = await p.execute()
+        return [i for i, h in zip(ids, held) if not h]
+
+    async def forget(self, job_id: str) -> None:
+        """A job in the active set whose document expired."""
+        await self.r.zrem(keys.JOBS_ACTIVE_KEY, job_id)
+
+    async def restart_records(self, job_id: str, token: str) -> None:
+        """A retry starts with no records (those of the attempt before go; see streamd/jobs/__init__.py)."""
+        if not await self.r.eval(_FENCE + "redis.call('DEL', KEYS[2]) return 1", 2, keys.job_lease_key(job_id),
+                                 keys.job_records_key(job_id), token):
+            raise LeaseLost(job_id)
 
     async def request_cancel(self, job_id: str) -> None:
         """Ask whichever daemon runs the job to cancel it (it looks every SAVE_EVERY_S)."""

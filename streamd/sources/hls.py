@@ -187,6 +187,7 @@ class HlsSource:
             pl, final = await self._media_playlist()
             if not pl.segments and pl.is_endlist:
                 raise SourceError("the playlist has no segments", permanent=True, code="invalid_playlist")
+            self._state.setdefault("live", not pl.is_endlist)  # a job refuses a live playlist (or bounds it)
             if pl.is_endlist and self.cfg.drop_policy is None:
                 self._out.set_policy(DropPolicy.WAIT)  # a recording: every frame, like a file
             msn0 = int(pl.media_sequence or 0)
@@ -380,8 +381,12 @@ class HlsSource:
                 capture, source = pdt + (pts - seg_pts), "source"
             else:
                 capture, source = time.time(), "receive"
-            frame = Frame(stream_id=self.cfg.id, seq=next(self._seq), pts_s=pts, capture_ts=capture,
-                          image=self._rgb.reformat(vf, format="rgb24").to_ndarray(),
+            image = self._rgb.reformat(vf, format="rgb24").to_ndarray()
+            if self.sampler.scene is not None:  # sampling: scene
+                decision = self.sampler.scene.gate(pts, image, decision.discontinuity)
+                if not decision.keep:
+                    continue
+            frame = Frame(stream_id=self.cfg.id, seq=next(self._seq), pts_s=pts, capture_ts=capture, image=image,
                           discontinuity=decision.discontinuity, capture_source=source)
             self._waiting = True
             queued = self._out.put_threadsafe(frame, self._stop)

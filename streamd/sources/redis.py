@@ -306,6 +306,11 @@ class RedisFrameSource:
             await self.fail(InputRef(self.key, self.icfg.group, eid, deliveries), str(e), fields)
             return None
         self.frames_decoded += 1
+        if self.sampler.scene is not None:  # sampling: scene (each daemon of a consumer group judges its share)
+            decision = self.sampler.scene.gate(pts, image, decision.discontinuity)
+            if not decision.keep:
+                await self.r.xack(self.key, self.icfg.group, eid)
+                return None
         self._inflight.add(eid)
         meta = {
             k.decode(errors="replace"): v.decode(errors="replace")

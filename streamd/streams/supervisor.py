@@ -30,7 +30,7 @@ from streamd.errors import SourceError
 from streamd.frames import Frame
 from streamd.log import get_logger, redact_text, redact_url
 from streamd.metrics import Metrics
-from streamd.sampling import FpsSampler
+from streamd.sampling import FpsSampler, SceneSampler
 from streamd.sources import SourceRef, parse_reference
 from streamd.sources.base import Abandoned, EventFn, PushSource, Settlement, Source
 from streamd.streams.drops import DropReporter
@@ -100,6 +100,9 @@ class StreamRunner:
         self.hls_state: dict[str, Any] = {}  # kept across reconnects: the HLS follower never decodes a segment twice
         self.fps = self.effective_fps(cfg)  # the sampling rate in effect (None: every frame)
         self.sampler = FpsSampler(self.fps)
+        if cfg.sampling == "scene":  # the grid at the ceiling; a frame kept when the scene changes (or the floor)
+            sc = cfg.scene
+            self.sampler.scene = SceneSampler(sc.threshold, sc.min_fps, sc.max_fps)
         policy = cfg.drop_policy
         if policy is None:
             live = self.ref is not None and (self.ref.live or cfg.playback.value == "realtime")
@@ -114,6 +117,8 @@ class StreamRunner:
     def effective_fps(self, cfg: StreamConfig) -> float | None:
         """The sampling rate `cfg` means for this stream's source: a Redis input without an `fps` of its own gives
         every entry a result."""
+        if cfg.sampling == "scene":
+            return cfg.scene.max_fps
         if self.ref is not None and self.ref.kind == "redis" and "fps" not in cfg.model_fields_set:
             return None
         return cfg.fps

@@ -1,5 +1,5 @@
 // A frame and its result record on a canvas: boxes with label, track id and confidence, masks tinted. Drawn from the
-// record exactly as consumers get it (outputs.<stage>.detections).
+// record exactly as consumers get it (outputs.<stage>.detections, and the masks of a segment stage's objects).
 
 export const PALETTE = [[255, 56, 56], [72, 249, 10], [0, 194, 255], [255, 178, 29], [207, 210, 49],
   [146, 204, 23], [61, 219, 134], [26, 147, 52], [0, 212, 187], [44, 153, 168], [52, 69, 147], [100, 115, 255],
@@ -15,8 +15,19 @@ export function detections(record) {
   return out;
 }
 
-export function colour(d) {
-  const key = d.track_id ?? d.class_id ?? 0;
+// a segment stage's (SAM 2) objects that carry a mask: tinted like a detection's mask; their box is their track's
+export function segments(record) {
+  const out = [];
+  for (const value of Object.values((record && record.outputs) || {})) {
+    if (value && Array.isArray(value.objects)) {
+      for (const o of value.objects) if (o && o.mask && typeof o.mask === "object") out.push(o);
+    }
+  }
+  return out;
+}
+
+export function colour(d) {  // a track's colour (its box, its detection's mask, its segment mask alike)
+  const key = d.track_id ?? d.object_id ?? d.class_id ?? 0;
   const i = Number.isInteger(key) ? key : [...String(key)].reduce((a, c) => a + c.charCodeAt(0), 0);
   return PALETTE[Math.abs(i) % PALETTE.length];
 }
@@ -57,7 +68,7 @@ export function drawFrame(canvas, bitmap, record) {
     ctx.drawImage(bitmap, 0, 0);
   }
   const dets = detections(record);
-  const masked = dets.filter((d) => d.mask && typeof d.mask === "object");
+  const masked = [...dets.filter((d) => d.mask && typeof d.mask === "object"), ...segments(record)];
   if (bitmap && masked.length) {
     const img = ctx.getImageData(0, 0, canvas.width, canvas.height);
     for (const d of masked) tintMask(img, d.mask, colour(d));
