@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -41,16 +43,20 @@ class OtherLoad:
 
     def __init__(self, redis_pid: int | None = None):
         self.redis_pid = redis_pid
-        self.t0, self.m0, self.c0, self.r0 = time.monotonic(), machine_busy_s(), cpu_s(), cpu_s(redis_pid)
+        self.t0, self.m0, self.c0, self.r0 = time.monotonic(), machine_busy_s(), cpu_s(), self._redis_s()
+
+    def _redis_s(self) -> float:
+        # no redis-server: nothing (cpu_s(None) is this process, which must not be counted twice)
+        return cpu_s(self.redis_pid) if self.redis_pid is not None else 0.0
 
     def cores(self) -> float:
         wall = time.monotonic() - self.t0
-        other = (machine_busy_s() - self.m0) - (cpu_s() - self.c0) - (cpu_s(self.redis_pid) - self.r0)
+        other = (machine_busy_s() - self.m0) - (cpu_s() - self.c0) - (self._redis_s() - self.r0)
         return max(0.0, other) / wall if wall > 0 else 0.0
 
     def cpu(self) -> float:
         """CPU seconds this process (and the redis-server) used since the start."""
-        return (cpu_s() - self.c0) + (cpu_s(self.redis_pid) - self.r0)
+        return (cpu_s() - self.c0) + (self._redis_s() - self.r0)
 
 
 def cpu_model() -> str:
@@ -74,3 +80,62 @@ def revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown revision"
     return f"commit {head}" + (" + uncommitted changes in streamd/" if dirty else "")
+
+
+class ThreadCpu:
+    """CPU time of this process's threads while a measurement runs, summed by group (`group(name)` maps a thread's
+    name, its Python name where it has one, else the OS's, to a group). Linux only (/proc/self/task/*/schedstat;
+    nothing elsewhere). Threads come and go during a run, so a background thread reads them every `interval_s`:
+    a thread's last interval before it ends is missed, and the reading costs a little CPU itself (it is left out
+    of the groups). Opt-in: `--threads` in the benchmarks that take it."""
+
+    def __init__(self, group: Any, interval_s: float = 0.05):
+        self._group = group
+        self._interval_s = interval_s
+        self._names: dict[int, str] = {}
+        self._first: dict[str, float] = {}
+        self._last: dict[str, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="thread-cpu", daemon=True)
+
+    def _read(self) -> dict[str, tuple[str, float]]:
+        for t in threading.enumerate():
+            if t.native_id:
+                self._names[t.native_id] = t.name
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                name = self._names.get(int(tid))
+                if name is None:
+                    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+                    name = stat[stat.index("(") + 1:stat.rindex(")")]
+                out[tid] = (name, int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0]) / 1e9)
+            except (OSError, ValueError, IndexError):
+                pass  # the thread ended meanwhile
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._last.update(self._read())
+
+    def __enter__(self) -> "ThreadCpu":
+        if Path("/proc/self/task").is_dir():
+            self._first = {tid: cpu for tid, (_, cpu) in self._read().items()}
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self._last.update(self._read())
+
+    def groups(self) -> dict[str, float]:
+        """CPU seconds by group over the measurement."""
+        out: dict[str, float] = {}
+        for tid, (name, cpu) in self._last.items():
+            if name == "thread-cpu":
+                continue
+            g = self._group(name)
+            out[g] = out.get(g, 0.0) + cpu - self._first.get(tid, 0.0)
+        return out

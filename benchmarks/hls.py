@@ -2,14 +2,17 @@
 egress policy, segment bytes handed to PyAV) against FFmpeg's HLS demuxer (PyAV `av.open(url)`) on the same
 playlist served over HTTP on loopback. Both decode every frame to RGB (one converter per stream on both sides),
 N streams at once; the ratio is streamd's frames/s over FFmpeg's (target >= 0.95), CPU per frame side by side.
+streamd's side runs as in the daemon: glibc's malloc thresholds set (streamd.memory, process-wide, so the FFmpeg
+side has them too) and one ticking Doorbell shared by the streams' queues. `--threads` adds CPU per frame by thread.
 
-    .venv/bin/python benchmarks/hls.py --streams 1,8 --repeats 3
+    .venv/bin/python benchmarks/hls.py --streams 1,8 --repeats 3 [--threads]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import shutil
 import subprocess
@@ -25,11 +28,12 @@ from av.video.reformatter import VideoReformatter
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import OtherLoad, cpu_model, revision  # noqa: E402
+from common import OtherLoad, ThreadCpu, cpu_model, revision  # noqa: E402
 
-from streamd.batching import FrameQueue  # noqa: E402
+from streamd.batching import FRAME_BUSY_RATE, FRAME_TICK_S, Doorbell, FrameQueue  # noqa: E402
 from streamd.config import DropPolicy, StreamConfig  # noqa: E402
 from streamd.egress import EgressRules, StreamEgress  # noqa: E402
+from streamd.memory import tune_malloc  # noqa: E402
 from streamd.sampling import FpsSampler  # noqa: E402
 from streamd.samples import make_pan_clip  # noqa: E402
 from streamd.sources import parse_reference  # noqa: E402
@@ -48,6 +52,19 @@ def make_playlist(root: Path, seconds: int) -> int:
                     "-hls_playlist_type", "vod", str(root / "index.m3u8")], check=True)
     with av.open(str(clip)) as c:
         return sum(1 for _ in c.demux(c.streams.video[0]) if _.size)
+
+
+def thread_group(name: str) -> str:
+    """`--threads`: which part of the work a thread of this process does."""
+    if name.startswith("hls-") or name.endswith("(one)"):
+        return "decoder threads (Python: demux, decode, convert, hand-off)"
+    if name == "MainThread":
+        return "event loop (streamd: fetching, hand-off, taking frames)"
+    if name.startswith("av:"):
+        return "FFmpeg's frame threads"
+    if "serve_forever" in name or "process_request" in name or name.startswith("Thread-"):
+        return "the test HTTP server (both sides)"
+    return "other native threads (swscale's, ...)"
 
 
 def ffmpeg_side(url: str, n: int) -> tuple[int, float]:
@@ -75,10 +92,11 @@ async def streamd_side(url: str, n: int) -> tuple[int, float]:
     loop = asyncio.get_running_loop()
     rules = EgressRules(deny_non_global=False, requests_per_s=1000, request_burst=1000)
     counts = [0] * n
+    doorbell = Doorbell(loop, FRAME_TICK_S, FRAME_BUSY_RATE)  # one for all streams, as the daemon has
 
     async def one(i: int) -> None:
         cfg = StreamConfig(id=f"b{i}", url=url, fps=None, drop_policy=DropPolicy.WAIT)
-        q: FrameQueue = FrameQueue(QUEUE, DropPolicy.WAIT, loop)
+        q: FrameQueue = FrameQueue(QUEUE, DropPolicy.WAIT, loop, doorbell=doorbell)
         eg = StreamEgress(rules, cfg.id)
         src = HlsSource(cfg, parse_reference(url), FpsSampler(None), itertools.count(), q, loop, eg, {},
                         lambda *a: None)
@@ -105,13 +123,19 @@ def main() -> int:
     ap.add_argument("--streams", default="1,8")
     ap.add_argument("--seconds", type=int, default=20, help="length of the served recording")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", action="store_true", help="also print CPU per frame by thread group (each side; "
+                    "reading the threads costs a little CPU of its own)")
     args = ap.parse_args()
+    # what every Daemon does at startup (streamd.memory); process-wide, so the FFmpeg side runs with it too
+    tuned = tune_malloc()
     root = Path(tempfile.mkdtemp(prefix="streamd-hls-bench-"))
     frames = make_playlist(root, args.seconds)
     http = HttpDir(root).start()
     url = http.url("index.m3u8")
     print(f"# HLS follower vs FFmpeg's HLS demuxer ({revision()}, {cpu_model()})")
     print(f"# recording: {args.seconds} s 1280x720 30 fps H.264, 1 s segments, {frames} frames, served on loopback")
+    print(f"# glibc malloc thresholds {'set as the daemon sets them' if tuned else 'not tuned'}; one Doorbell "
+          f"(tick {FRAME_TICK_S * 1000:g} ms above {FRAME_BUSY_RATE:g} frames/s) for all streams, as in the daemon")
     print("| streams | FFmpeg HLS fps | streamd HLS fps | ratio | FFmpeg CPU ms/frame | streamd CPU ms/frame "
           "| other load (cores) |")
     print("|--:|--:|--:|--:|--:|--:|--:|")
@@ -120,11 +144,15 @@ def main() -> int:
         for n in [int(x) for x in args.streams.split(",")]:
             best: dict[str, tuple[float, float]] = {}
             ratios = []
+            by_thread: dict[str, dict[str, float]] = {"ffmpeg": {}, "streamd": {}}
             for _ in range(args.repeats):
                 pair = {}
                 for side in ("ffmpeg", "streamd"):
                     load = OtherLoad()
-                    got, secs = ffmpeg_side(url, n) if side == "ffmpeg" else asyncio.run(streamd_side(url, n))
+                    with ThreadCpu(thread_group) if args.threads else contextlib.nullcontext() as tc:
+                        got, secs = ffmpeg_side(url, n) if side == "ffmpeg" else asyncio.run(streamd_side(url, n))
+                    for g, cpu in (tc.groups() if tc is not None else {}).items():
+                        by_thread[side][g] = by_thread[side].get(g, 0.0) + cpu / got / args.repeats
                     if got != frames * n:
                         raise SystemExit(f"{side}: {got} frames, expected {frames * n}")
                     pair[side] = (got / secs, load.cpu() / got * 1000, load.cores())
@@ -137,6 +165,11 @@ def main() -> int:
             print(f"| {n} | {best['ffmpeg'][0]:.0f} | {best['streamd'][0]:.0f} | **{ratio:.2f}** (paired median "
                   f"{ratios[len(ratios) // 2]:.2f}) | {best['ffmpeg'][1]:.2f} | {best['streamd'][1]:.2f} | "
                   f"{max(best['ffmpeg'][2], best['streamd'][2]):.2f} |", flush=True)
+            if args.threads:
+                groups = sorted(set(by_thread["ffmpeg"]) | set(by_thread["streamd"]))
+                print(f"#   {n} streams, CPU us/frame by thread (mean of the repeats), FFmpeg / streamd: " + "; ".join(
+                    f"{g} {by_thread['ffmpeg'].get(g, 0) * 1e6:.0f} / {by_thread['streamd'].get(g, 0) * 1e6:.0f}"
+                    for g in groups), flush=True)
     finally:
         http.stop()
         shutil.rmtree(root, ignore_errors=True)
