@@ -256,3 +256,87 @@ async def test_a_daemon_that_lost_a_jobs_lease_leaves_its_upload_to_the_new_owne
         await vlm.stop()
     assert job.lease_lost and job.reason_code == "lease_lost"
     assert left == [f"{jid}.upload"]
+
+
+def other_daemon(cfg, redis_client, name="b"):
+    """Another daemon's job manager on the same Redis (its lease rounds driven by the test, one at a time)."""
+    from streamd.jobs.manager import JobManager
+    from streamd.metrics import Metrics
+
+    m = JobManager(cfg, Metrics(), None, redis_client, None, None)
+    m.member_id = name
+    return m
+
+
+async def test_a_lease_that_expired_in_a_redis_outage_stays_with_its_holder(redis_server, clip, tmp_path):
+    """Every lease expired while Redis was away (done here by dropping the running job's lease): another daemon's
+    first round after Redis is back sees it missing but does not take the job (the old code did, at once, and the
+    healthy holder lost it); the holder re-takes its lease and ends the job itself."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from streamd import keys
+
+    vlm = await ScriptedOpenAI(lambda req: "ok").start()
+    vlm.delay_s = 0.02
+    http = HttpDir(clip.parent).start()
+    cfg = api_cfg(redis_server.url, {"slow": slow_pipeline(vlm.url)}, lease_ttl_s=1)
+    r = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with running(cfg) as d:
+            job = await d.jobs.submit(spec(http.url(clip.name)), origin="config")
+            await until(lambda: job.done_frames >= 5, 60, what="the job running")
+            b = other_daemon(cfg, r)
+            lease = keys.job_lease_key(job.id)
+            await r.delete(lease)
+            assert await b.lease_round()
+            assert not (await r.get(lease) or b"").startswith(b"b|")  # b did not take it
+            await until(lambda: r.get(lease), 10, 0.05, what="the holder re-takes its lease")
+            await asyncio.sleep(1.2)  # past b's wait of a lease TTL: the lease is there, b takes nothing
+            assert await b.lease_round()
+            taken_by_b = b.jobs
+            await until(lambda: job.finished.is_set(), 120, what="the job ends")
+    finally:
+        await r.aclose()
+        http.stop()
+        await vlm.stop()
+    assert taken_by_b == {}
+    assert job.state == "done" and not job.lease_lost and job.attempt == 1, (job.state, job.reason)
+
+
+async def test_a_missing_lease_is_claimed_only_after_a_ttl_of_healthy_link(tmp_path):
+    """A daemon takes a job whose lease is missing only once it has seen it missing for a whole jobs.lease_ttl_s
+    with its own Redis link healthy: a round that failed (Redis down) in between starts the wait again."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from streamd import keys
+
+    srv = ManagedRedis(tmp_path / "redis", durable=True).start()
+    cfg = api_cfg(srv.url, lease_ttl_s=1)
+    r = aioredis.Redis.from_url(srv.url)
+    try:
+        b = other_daemon(cfg, r)
+        jid = "0123456789abcdef"
+        await b.store.save({"id": jid, "state": "running", "created_ts": 1.0, "daemon": "a", "started_ts": 1.0},
+                           "a|gone", new=True)
+        lease = keys.job_lease_key(jid)
+        await r.delete(lease)  # a's lease expired (a is gone, or Redis was away)
+        assert await b.lease_round() and await r.get(lease) is None  # first seen missing: not taken
+        srv.stop(kill=True)
+        assert not await b.lease_round()  # b's own link is down
+        srv.start()
+        await until(lambda: r.ping(), 30, 0.1, what="Redis back")
+        await asyncio.sleep(1.2)  # a lease TTL since the first sighting, but b's link failed in between
+        assert await b.lease_round() and await r.get(lease) is None
+        await asyncio.sleep(1.2)  # a whole TTL seen missing with a healthy link
+        assert await b.lease_round()
+        taken = await r.get(lease)
+        doc = json.loads(await r.get(keys.job_key(jid)))
+    finally:
+        await r.aclose()
+        srv.stop()
+    assert taken.startswith(b"b|")
+    assert doc["state"] == "failed" and doc["reason_code"] == "daemon_lost", doc

@@ -71,6 +71,7 @@ class JobManager:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._durations: deque[float] = deque(maxlen=20)
+        self._missing: dict[str, float] = {}  # job id -> when its lease was first seen missing (watch())
         self.uploading = 0  # uploads being received (POST /api/v1/jobs with a file): at most jobs.max_uploads
 
     def bind(self, tg: asyncio.TaskGroup | None) -> None:
@@ -275,12 +276,20 @@ class JobManager:
         jobs.lease_ttl_s (a Redis error: tried again next round)."""
         every = max(0.2, self.jcfg.lease_ttl_s / 3)
         while True:
-            try:
-                await self._renew()
-                await self._recover()
-            except Exception as e:  # noqa: BLE001 - Redis away: the next round
-                log.warning("job leases: a round failed", error=str(e) or type(e).__name__)
-            await asyncio.sleep(every)
+            ok = await self.lease_round()
+            await asyncio.sleep(every if ok else min(every, 0.5))  # Redis back: our leases re-taken at once
+
+    async def lease_round(self) -> bool:
+        """One round of watch(); False: Redis failed it (what this daemon saw missing is forgotten: after an outage
+        every lease may have expired, its holder's too, and the holder re-takes its own on its next round)."""
+        try:
+            await self._renew()
+            await self._recover()
+            return True
+        except Exception as e:  # noqa: BLE001 - Redis away: the next round
+            self._missing.clear()
+            log.warning("job leases: a round failed", error=str(e) or type(e).__name__)
+            return False
 
     async def _renew(self) -> None:
         for job in list(self.jobs.values()):
@@ -292,7 +301,16 @@ class JobManager:
                     job.finished.set()
 
     async def _recover(self) -> None:
+        """Take over the jobs whose lease this daemon has seen missing for a whole jobs.lease_ttl_s, from a round
+        whose Redis link was healthy and with none failing since (a lease that expired in a Redis outage is its
+        holder's to re-take: it renews every third of the TTL)."""
+        now = time.monotonic()
+        seen, self._missing = self._missing, {}
         for jid in await self.store.unowned(set(self.jobs)):
+            first = seen.get(jid, now)
+            if now - first < self.jcfg.lease_ttl_s:
+                self._missing[jid] = first
+                continue
             token = f"{self.member_id}|{secrets.token_hex(8)}"
             if not await self.store.claim(jid, token):
                 continue  # another daemon was first
