@@ -340,3 +340,22 @@ async def test_a_missing_lease_is_claimed_only_after_a_ttl_of_healthy_link(tmp_p
         srv.stop()
     assert taken.startswith(b"b|")
     assert doc["state"] == "failed" and doc["reason_code"] == "daemon_lost", doc
+
+
+async def test_every_active_job_is_watched_and_a_running_jobs_spec_outlives_the_job_ttl(r):
+    """unowned() pages through the whole active set (the old code looked at its 1000 oldest only), and a renewed
+    lease keeps the job's spec (what another daemon needs to run it again) for another jobs.ttl_s (the old code set
+    its TTL once: a job running past jobs.ttl_s could not be run again)."""
+    from streamd import keys
+    from streamd.jobs.store import JobStore
+
+    store = JobStore(r, ttl_s=600, records_maxlen=100, lease_ttl_s=5)
+    await r.zadd(keys.JOBS_ACTIVE_KEY, {f"j{n:05d}": float(n) for n in range(1005)})
+    await r.set(keys.job_lease_key("j01002"), "m|t")
+    got = await store.unowned({"j00003"})
+    assert len(got) == 1003 and got[:3] == ["j00000", "j00001", "j00002"] and got[-1] == "j01004"
+    assert "j01002" not in got and "j00003" not in got
+    await store.save_spec("j00001", {"spec": {}})
+    await r.pexpire(keys.job_spec_key("j00001"), 500)  # jobs.ttl_s nearly over, the job still running
+    assert await store.renew("j00001", "m|t")
+    assert await r.pttl(keys.job_spec_key("j00001")) > 500_000

@@ -19,7 +19,8 @@ _json = jsonsafe.encoder(separators=(",", ":"))
 # a daemon whose lease another daemon took (it was paused or cut off past jobs.lease_ttl_s) writes nothing more. A
 # missing lease (expired while Redis was away, or a restarted redis-server) is taken again by its holder's write.
 _FENCE = "local v = redis.call('GET', KEYS[1]) if v and v ~= ARGV[1] then return 0 end "
-_RENEW = _FENCE + "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1"
+# KEYS: lease, spec; ARGV: token, lease_px, ttl_ms (the spec lives as long as the job runs, past jobs.ttl_s too)
+_RENEW = _FENCE + "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) redis.call('PEXPIRE', KEYS[2], ARGV[3]) return 1"
 # KEYS: lease, job, records, spec; ARGV: token, document, ttl_ms, lease_px, drop_spec
 _SAVE = _FENCE + """redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
@@ -85,23 +86,30 @@ class JobStore:
 
     async def renew(self, job_id: str, token: str) -> bool:
         """Extend the job's lease (taken again if it is missing); False: another daemon holds it."""
-        return bool(await self.r.eval(_RENEW, 1, keys.job_lease_key(job_id), token, self.lease_ms))
+        return bool(await self.r.eval(_RENEW, 2, keys.job_lease_key(job_id), keys.job_spec_key(job_id), token,
+                                      self.lease_ms, self.ttl_ms))
 
     async def claim(self, job_id: str, token: str) -> bool:
         """Take a job whose lease is gone (its daemon lost); False: another daemon was first."""
         return bool(await self.r.set(keys.job_lease_key(job_id), token, nx=True, px=self.lease_ms))
 
-    async def unowned(self, skip: set[str], limit: int = 1000) -> list[str]:
-        """Jobs not ended whose lease is gone (their daemon stopped renewing it), oldest first; `skip`: ours."""
-        ids = [i.decode() for i in await self.r.zrange(keys.JOBS_ACTIVE_KEY, 0, limit - 1)]
-        ids = [i for i in ids if i not in skip]
-        if not ids:
-            return []
-        async with self.r.pipeline(transaction=False) as p:
-            for i in ids:
-                p.exists(keys.job_lease_key(i))
-            held = await p.execute()
-        return [i for i, h in zip(ids, held) if not h]
+    async def unowned(self, skip: set[str], page: int = 1000) -> list[str]:
+        """Jobs not ended whose lease is gone (their daemon stopped renewing it), oldest first; `skip`: ours. The
+        whole active set, `page` ids at a time."""
+        out: list[str] = []
+        start = 0
+        while True:
+            got = [i.decode() for i in await self.r.zrange(keys.JOBS_ACTIVE_KEY, start, start + page - 1)]
+            start += len(got)
+            ids = [i for i in got if i not in skip]
+            if ids:
+                async with self.r.pipeline(transaction=False) as p:
+                    for i in ids:
+                        p.exists(keys.job_lease_key(i))
+                    held = await p.execute()
+                out += [i for i, h in zip(ids, held) if not h]
+            if len(got) < page:
+                return out
 
     async def forget(self, job_id: str) -> None:
         """A job in the active set whose document expired."""
