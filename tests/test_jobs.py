@@ -40,6 +40,16 @@ async def post_job(s, d, body, token=OPER):
         return resp.status, await resp.json(), resp.headers
 
 
+async def post_upload(s, d, data, job='{"pipeline": "frame_info", "sampling": {"mode": "every_frame"}}',
+                      filename="pan.mp4"):
+    """POST a job with an uploaded file (multipart: the `job` JSON part, the file): (status, body)."""
+    form = aiohttp.FormData()
+    form.add_field("job", job, content_type="application/json")
+    form.add_field("file", data, filename=filename, content_type="video/mp4")
+    async with s.post(d.api_url + P, data=form, headers=h(OPER)) as resp:
+        return resp.status, await resp.json()
+
+
 async def get_job(s, d, jid):
     async with s.get(f"{d.api_url}{P}/{jid}", headers=h(READ)) as resp:
         assert resp.status == 200, await resp.text()
@@ -147,13 +157,8 @@ async def test_upload_job_and_upload_too_large(redis_server, clip, tmp_path):
     big = tmp_path / "big.mp4"
     big.write_bytes(clip.read_bytes() + b"\0" * 100)
     async with running(cfg) as d, aiohttp.ClientSession() as s:
-        form = aiohttp.FormData()
-        form.add_field("job", '{"pipeline": "frame_info", "sampling": {"mode": "every_frame"}}',
-                       content_type="application/json")
-        form.add_field("file", big.read_bytes(), filename="big.mp4", content_type="video/mp4")
-        async with s.post(d.api_url + P, data=form, headers=h(OPER)) as resp:
-            assert resp.status == 413, await resp.text()
-            assert (await resp.json())["error"]["code"] == "upload_too_large"
+        status, body = await post_upload(s, d, big.read_bytes(), filename="big.mp4")
+        assert status == 413 and body["error"]["code"] == "upload_too_large", body
         assert list(updir.iterdir()) == []
         form = aiohttp.FormData()
         form.add_field("job", '{"pipeline": "frame_info", "sampling": {"mode": "every_frame"}}',

@@ -15,7 +15,7 @@ from conftest import LOOPBACK_ALLOWED, OPER, READ, at_least, h, make_config, res
 from streamd.jobs.options import JobSpec
 from streamd.testing.openai import ScriptedOpenAI
 from streamd.testing.servers import HttpDir, ManagedRedis
-from test_jobs import api_cfg
+from test_jobs import api_cfg, post_upload
 
 P = "/api/v1/jobs"
 
@@ -239,13 +239,10 @@ async def test_a_daemon_that_lost_a_jobs_lease_leaves_its_upload_to_the_new_owne
     r = aioredis.Redis.from_url(redis_server.url)
     try:
         async with running(cfg) as d, aiohttp.ClientSession() as s:
-            form = aiohttp.FormData()
-            form.add_field("job", '{"pipeline": "slow", "sampling": {"mode": "every_frame"}}',
-                           content_type="application/json")
-            form.add_field("file", clip.read_bytes(), filename="pan.mp4", content_type="video/mp4")
-            async with s.post(d.api_url + P, data=form, headers=h(OPER)) as resp:
-                assert resp.status == 202, await resp.text()
-                jid = (await resp.json())["id"]
+            status, body = await post_upload(s, d, clip.read_bytes(),
+                                             '{"pipeline": "slow", "sampling": {"mode": "every_frame"}}')
+            assert status == 202, body
+            jid = body["id"]
             job = d.jobs.jobs[jid]
             await until(lambda: job.state == "running" and job.done_frames >= 3, 30, what="the job running")
             await r.set(f"streamd:{{job:{jid}}}:lease", "b|other", px=60_000)  # another daemon's claim
