@@ -60,6 +60,7 @@ class _KeepAliveHandler(_Handler):
     """HTTP/1.1: a client may send its next request on the same connection (files are sent with Content-Length)."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # the headers' small write must not wait for an ACK (nginx: tcp_nodelay on)
 
 
 class ServedHttp:
