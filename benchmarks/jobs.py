@@ -108,15 +108,22 @@ async def latency(redis_url: str, clip: str, n_live: int, seconds: float, with_j
                 await asyncio.sleep(stop - time.monotonic())
         dropped = sum(r.drops.total for r in d.streams.runners.values())
     lat = []
+    stages: dict[str, list[float]] = {}
     for i in range(n_live):
         for _, f in await client.xrange(keys.results_key(f"live{i}")):
             rec = json.loads(f[b"record"])
             if rec["capture_ts"] >= start:
                 lat.append((rec["publish_ts"] - rec["capture_ts"]) * 1000)
+                for k, v in (rec.get("timings_ms") or {}).items():
+                    stages.setdefault(k, []).append(v)
     await client.aclose()
     lat.sort()
-    return {"n": len(lat), "p50": statistics.median(lat), "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-            "dropped": dropped, "jobs": jobs}
+    return {"n": len(lat), "p50": statistics.median(lat), "p99": pct(lat, 0.99), "dropped": dropped, "jobs": jobs,
+            "stages": {k: (statistics.median(v), pct(sorted(v), 0.99)) for k, v in stages.items()}}
+
+
+def pct(xs: list[float], q: float) -> float:
+    return xs[min(len(xs) - 1, int(len(xs) * q))]
 
 
 def main() -> None:
@@ -126,7 +133,7 @@ def main() -> None:
     ap.add_argument("--every-frame-seconds", type=float, default=20)
     ap.add_argument("--live", type=int, default=2)
     ap.add_argument("--live-seconds", type=float, default=30)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="0: the latency part alone")
     a = ap.parse_args()
     setup_logging("warning", "console")
     home = Path(os.environ.get("STREAMD_HOME", ".streamd")) / "bench"
@@ -151,6 +158,8 @@ def main() -> None:
                 runs[i].append((*got[i], *ultralytics_track(path, weights, stride)))
                 print(f"  repeat {rep + 1}: {cases[i][0]}: streamd {got[i][1]:.1f} s, Ultralytics "
                       f"{runs[i][-1][3]:.1f} s", flush=True)
+        if not a.repeats:
+            cases = []
         print("| case | frames (streamd / Ultralytics) | streamd job wall, best (s) | Ultralytics model.track, best "
               "(s) | ratio best/best | median of paired ratios |")
         print("|---|--:|--:|--:|--:|--:|")
@@ -158,13 +167,23 @@ def main() -> None:
             t, ut = min(r[1] for r in rs), min(r[3] for r in rs)
             med = statistics.median(r[3] / r[1] for r in rs)
             print(f"| {name} | {rs[0][0]} / {rs[0][2]} | {t:.1f} | {ut:.1f} | **{ut / t:.2f}** | {med:.2f} |")
-        base = asyncio.run(latency(redis.url, str(long), a.live, a.live_seconds, False))
-        busy = asyncio.run(latency(redis.url, str(long), a.live, a.live_seconds, True))
+        rpid = redis.proc.pid if getattr(redis, "proc", None) else None
+        lat_runs = []
+        for with_job in (False, True):
+            window = OtherLoad(rpid)
+            r = asyncio.run(latency(redis.url, str(long), a.live, a.live_seconds, with_job))
+            r["cpu"], r["other"] = window.cpu() / (time.monotonic() - window.t0), window.cores()
+            lat_runs.append(r)
+        base, busy = lat_runs
         print(f"\nlive streams: {a.live} at 2 fps, {a.live_seconds:g} s each")
         print("| | results | p50 (ms) | p99 (ms) | dropped | jobs run |")
         print("|---|--:|--:|--:|--:|--:|")
         for name, r in (("no job", base), ("a job running", busy)):
             print(f"| {name} | {r['n']} | {r['p50']:.0f} | {r['p99']:.0f} | {r['dropped']} | {r['jobs']} |")
+        for name, r in (("no job", base), ("a job running", busy)):  # where a live frame's time goes
+            print(f"  {name}: per stage p50/p99 (ms): " + ", ".join(
+                f"{k} {a:.0f}/{b:.0f}" for k, (a, b) in r["stages"].items()) +
+                f"; streamd + redis used {r['cpu']:.2f} cores, other processes {r['other']:.2f}")
         print(f"p99 with a job / without: **{busy['p99'] / base['p99']:.2f}**")
         print(f"other load on the machine: {load.cores():.2f} cores on average")
     finally:

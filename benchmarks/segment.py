@@ -2,7 +2,7 @@
 same objects (boxes on the first frame), same model config and image size, same device, same run.
 
     .venv/bin/python benchmarks/segment.py [--streams 1,4] [--objects 2] [--frames 20] [--image-size 256]
-        [--repeats 2] [--rss-minutes 10] [--rss-streams 2] [--device cpu]
+        [--repeats 2] [--rss-minutes 10] [--rss-streams 2] [--device cpu] [--isolate]
 
 Frames: a pan over `zidane.jpg` (640x360, 10 fps), each stream starting elsewhere in the pan, written as JPEGs
 (the predictor reads a folder of JPEGs) and read back, so both sides get the same pixels. Weights: random (no hub
@@ -15,7 +15,11 @@ here), seed 0; speed does not depend on the values.
 - streamd: one `Segment` stage (checkpoint: random, track_source: null), the boxes given as API prompts, then per
   frame one stage batch holding that frame of every stream (as the pipeline's fan-in hands it over), records built
   whole: masks at the frame's size, COCO RLE, box, area, score, state.
-Both after a warm-up of 3 frames. `--repeats` runs, interleaved; frames/s is the best repeat, ratio best / best,
+- engine (with `--isolate`): streamd's SAM 2 engine alone (`Sam2Engine.step`, the model work of the stage, one frame
+  of every stream per pass, memories pruned as the stage prunes them, masks at the frame's size), called in a plain
+  loop: no stage, records, event loop or threads. It tells the model work from the stage's own cost.
+Both after a warm-up of 3 frames. `--isolate` runs every side of every repeat in a fresh process (the sides in turn):
+in one process the predictor's first repeat ran about 1.5x faster than its repeats after streamd's had run. `--repeats` runs, interleaved; frames/s is the best repeat, ratio best / best,
 in brackets the median of the paired ratios; CPU ms per frame is process CPU time (all threads), median.
 
 Memory: the stage's memory bank bytes and the predictor's inference state bytes after the timed frames, and with
@@ -27,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -172,6 +178,84 @@ async def rss_run(models: ModelManager, frames: list[list[np.ndarray]], objects:
             "bank_end": last[2], "samples": samples}
 
 
+def engine_run(model: Any, frames: list[list[np.ndarray]], objects: int, n: int, device: str) -> dict[str, float]:
+    """Sam2Engine.step in a plain loop, as the stage drives it (defaults of SegmentOptions), one frame per stream
+    per pass; each frame's masks at the frame's size (what the stage's masks thread does, without RLE)."""
+    from streamd.stages.segment.engine import FrameJob, ObjectStep, Sam2Engine
+    from streamd.stages.segment.memory import Prompt, TrackedObject
+    from streamd.stages.segment.stage import SegmentOptions
+    from streamd.stages.segment.visibility import Visibility
+
+    o = SegmentOptions()
+    eng = Sam2Engine(model, "bench", device)
+    objs = [[TrackedObject(k + 1, Visibility(0.0, o.lost_after_s)) for k in range(objects)] for _ in frames]
+    timed_from = None
+    for i in range(n):
+        if i == WARMUP:
+            timed_from = (time.perf_counter(), cpu_s())
+        jobs = [FrameJob(i + 1, fr[i], [ObjectStep(ob, Prompt.from_box(BOXES[k]) if i == 0 else None)
+                                        for k, ob in enumerate(obs)]) for fr, obs in zip(frames, objs)]
+        outs = eng.step(jobs, o.memory_frames)
+        spatial_from, pointers_from = eng.window(i + 2, o.memory_frames)
+        for obs, fo in zip(objs, outs):
+            for ob in obs:
+                ob.prune(spatial_from, pointers_from, o.max_cond_frames)
+            eng.frame_masks([x.low_res for x in fo.objects], H, W)
+    t1, c1 = time.perf_counter(), cpu_s()
+    assert timed_from is not None
+    done = (n - WARMUP) * len(frames)
+    return {"fps": done / (t1 - timed_from[0]), "cpu_ms": 1000 * (c1 - timed_from[1]) / done, "state_bytes": 0.0}
+
+
+async def one_side(a: argparse.Namespace) -> None:
+    """`--only SIDE`: one repeat of one side in this process; prints its result as JSON."""
+    import torch
+
+    from streamd.stages.segment.model import build
+
+    s = int(a.streams)
+    tmp = Path(tempfile.mkdtemp(prefix="segbench-"))
+    frames = [stream_frames(tmp / f"s{k}", k, a.frames) for k in range(s)]
+    torch.manual_seed(0)
+    if a.only == "streamd":
+        models = ModelManager()
+        out = await streamd_run(models, frames, a.objects, a.frames, a.image_size, a.device)
+        await models.aclose()
+    else:
+        model = build("sam2.1-hiera-tiny", "random", a.device, a.image_size)
+        out = (baseline(model, [tmp / f"s{k}" for k in range(s)], a.objects, a.frames) if a.only == "predictor"
+               else engine_run(model, frames, a.objects, a.frames, a.device))
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def isolated(a: argparse.Namespace, side: str, s: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--only", side, "--streams", str(s), "--objects", str(a.objects), "--frames",
+           str(a.frames), "--image-size", str(a.image_size), "--device", a.device]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def run_isolated(a: argparse.Namespace, counts: list[int]) -> None:
+    print("| streams | predictor (frames/s) | streamd (frames/s) | ratio (median) | engine alone (frames/s) | "
+          "engine / predictor | CPU ms/frame predictor | streamd | engine | other load (cores) |")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for s in counts:
+        res: dict[str, list[dict[str, float]]] = {"predictor": [], "streamd": [], "engine": []}
+        ol = OtherLoad(children=True)
+        for _ in range(a.repeats):
+            for side in res:
+                res[side].append(isolated(a, side, s))
+        best = {k: max(x["fps"] for x in v) for k, v in res.items()}
+        paired = statistics.median(m["fps"] / b["fps"] for b, m in zip(res["predictor"], res["streamd"]))
+        cpu = {k: statistics.median(x["cpu_ms"] for x in v) for k, v in res.items()}
+        print(f"| {s} | {best['predictor']:.2f} | {best['streamd']:.2f} | **{best['streamd'] / best['predictor']:.2f}**"
+              f" ({paired:.2f}) | {best['engine']:.2f} | {best['engine'] / best['predictor']:.2f} | "
+              f"{cpu['predictor']:.0f} | {cpu['streamd']:.0f} | {cpu['engine']:.0f} | {ol.cores():.2f} |", flush=True)
+        print(f"<!-- {s} streams, each repeat (predictor/streamd/engine frames/s): " + ", ".join(
+            "/".join(f"{res[k][i]['fps']:.2f}" for k in res) for i in range(a.repeats)) + " -->", flush=True)
+
+
 def mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
@@ -186,12 +270,18 @@ async def main() -> None:
     ap.add_argument("--rss-minutes", type=float, default=0.0)
     ap.add_argument("--rss-streams", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--isolate", action="store_true", help="each side of each repeat in a fresh process")
+    ap.add_argument("--only", choices=["predictor", "streamd", "engine"], help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.only:
+        return await one_side(a)
     import torch
 
     from streamd.stages.segment.model import build
 
     counts = [int(x) for x in a.streams.split(",")]
+    if a.isolate:
+        return run_isolated(a, counts)
     tmp = Path(tempfile.mkdtemp(prefix="segbench-"))
     frames = [stream_frames(tmp / f"s{k}", k, a.frames) for k in range(max(counts + [a.rss_streams]))]
     torch.manual_seed(0)

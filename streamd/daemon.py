@@ -97,7 +97,8 @@ class Daemon:
         self.jobs = JobManager(self.cfg, self.metrics, None, self.redis, self.prompts, self.sink, doorbell,
                                self.frames)
         ctx = StageContext(models=self.models, events=self.jobs.events, prompts=self.prompt_cache,
-                           publish=self.jobs.publish, fail_stream=self.streams.fail_stream, metrics=self.metrics)
+                           publish=self.jobs.publish, fail_stream=self.streams.fail_stream, metrics=self.metrics,
+                           jobs_share=self.cfg.jobs.share)
         await self.models.start()  # preloads, the idle-unload task
         self.pipelines = self.streams.pipelines = PipelineSet(self.cfg, self.metrics, ctx, self.sink,
                                                               self.prompt_cache, self.streams.pipeline_failed)

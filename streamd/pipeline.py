@@ -44,6 +44,7 @@ class Pipeline:
         self._ends: dict[Any, tuple[str, asyncio.Future[None]]] = {}  # stream queue -> (stream, its end future)
         self.busy_s: dict[str, float] = {st.name: 0.0 for st in stages}  # seconds each stage spent processing
         self.busy_since: dict[str, float | None] = {st.name: None for st in stages}  # the batch in progress's start
+        self.failed: str | None = None  # a job's own pipeline (PipelineSet.start_for_job): why it stopped early
 
     def attach(self, stream_id: str, queue: Any, low: bool = False) -> asyncio.Future[None]:
         """Read the stream's frames from `queue` (`low`: a job's, the ingress's lower priority class). The future

@@ -19,17 +19,22 @@ import schemathesis
 MODEL_PIPELINES = {p.stem for p in (Path(__file__).parent.parent / "pipelines").glob("*.yaml")} - {"frame_info"}
 
 
+def _named(pipeline):
+    """A generated pipeline value as a name to look up (a negative case may make it a list or an object)."""
+    return pipeline if isinstance(pipeline, str) else None
+
+
 @schemathesis.hook("map_body")
 def redis_streams(context, body):
     op = context.operation
     if op is not None and op.path == "/api/v1/jobs" and isinstance(body, dict):
-        if body.get("pipeline", "default") in MODEL_PIPELINES:  # jobs: model-free, as streams
+        if _named(body.get("pipeline", "default")) in MODEL_PIPELINES:  # jobs: model-free, as streams
             body = {**body, "pipeline": "frame_info"}
         return body
     if op is None or not op.path.startswith("/api/v1/streams") or not isinstance(body, dict):
         return body
     body = dict(body)
-    if body.get("pipeline", "default" if op.method.upper() == "POST" else None) in MODEL_PIPELINES:
+    if _named(body.get("pipeline", "default" if op.method.upper() == "POST" else None)) in MODEL_PIPELINES:
         body["pipeline"] = "frame_info"
     url = body.get("url")
     if isinstance(url, str) and zlib.crc32(url.encode()) % 4:

@@ -124,17 +124,22 @@ async def ended_in_redis(r, jid, timeout_s):
     return await until(ended, timeout_s, 0.2, what=f"job {jid} ends")
 
 
+async def two_daemons_a_running_a_job(d, s, r, url):
+    """Daemons a and b up, a job running on a with a few frames done: its id."""
+    for name in ("a", "b"):
+        d.start(name)
+    for name in ("a", "b"):
+        await d.ready(s, name)
+    return await start_job(d, s, r, "a", url)
+
+
 async def records(r, jid):
     return [json.loads(f[b"record"]) for _, f in await r.xrange(f"streamd:{{job:{jid}}}:records")]
 
 
 async def test_a_killed_daemons_job_runs_again_on_another_daemon_without_duplicate_records(tmp_path, clip):
     async with servers(tmp_path, clip) as (d, r, s, url):
-        d.start("a")
-        d.start("b")
-        await d.ready(s, "a")
-        await d.ready(s, "b")
-        jid = await start_job(d, s, r, "a", url)
+        jid = await two_daemons_a_running_a_job(d, s, r, url)
         before = await records(r, jid)
         assert before and {x["attempt"] for x in before} == {1}
         d.kill("a")
@@ -177,11 +182,7 @@ async def test_a_paused_daemon_writes_nothing_for_its_job_once_another_took_it_o
     """SIGSTOP past the lease: b takes the job over and runs it again; a, resumed while b runs it, finds its lease
     taken (its writes are fenced) and stops the job without writing a record or its document; a itself goes on."""
     async with servers(tmp_path, clip) as (d, r, s, url):
-        d.start("a")
-        d.start("b")
-        await d.ready(s, "a")
-        await d.ready(s, "b")
-        jid = await start_job(d, s, r, "a", url)
+        jid = await two_daemons_a_running_a_job(d, s, r, url)
         d.procs["a"].send_signal(signal.SIGSTOP)
         try:
             async def taken():

@@ -245,22 +245,25 @@ class JobManager:
                       "bounds them)", "not_found")
             await job.save()
             return
-        try:
-            p = self.pipelines.get_or_start(job.spec.pipeline, f"jobs.{job.id}.pipeline", self._tg)
+        try:  # the job's own pipeline: its frames never hold a live stream's frames back in a stage
+            p, task = self.pipelines.start_for_job(job.spec.pipeline, f"jobs.{job.id}.pipeline", self._tg)
         except StreamdError as e:
             job._fail(str(e), "invalid_pipeline")
             job.finished.set()
             await job.save()
             return
-        task = self.pipelines.task(p)
-        if isinstance(job.source, StoredSource):
-            try:
-                job.summary.earlier = await self._earlier(job.source)
-            except Exception as e:  # noqa: BLE001 - Redis down: the new answers alone
-                log.warning("could not read a stream's earlier answers", job=job.id, error=str(e))
-        await job.run(p, task)
+        try:
+            if isinstance(job.source, StoredSource):
+                try:
+                    job.summary.earlier = await self._earlier(job.source)
+                except Exception as e:  # noqa: BLE001 - Redis down: the new answers alone
+                    log.warning("could not read a stream's earlier answers", job=job.id, error=str(e))
+            await job.run(p, task)
+        finally:
+            task.cancel()  # the job is over: what its stages still hold is not wanted (they let their models go)
+            await asyncio.gather(task, return_exceptions=True)
         if job.state == "failed" and job.reason_code == "pipeline_stopped":
-            err = self.pipelines.errors.get(job.spec.pipeline)
+            err = p.failed
             if err:
                 job.reason, job.reason_code = err, "pipeline_failed"
                 await job.save()

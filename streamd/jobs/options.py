@@ -20,9 +20,10 @@ class JobsConfig(_Strict):
                             "503 jobs_full with Retry-After")
     ttl_s: float = Field(86_400.0, gt=0, le=30 * 86_400, description="a job, its records and its upload expire this "
                          "long after it ends (Redis keys with a TTL)")
-    share: float = Field(0.25, gt=0, le=1, description="jobs' share of a pipeline's batches while live streams run: "
-                         "at most this share of a batch's slots, and at least this share of the frames taken when "
-                         "both wait (live streams first; with no live stream, jobs take whole batches)")
+    share: float = Field(0.25, gt=0, le=1, description="jobs' share of a shared model's batches while live streams "
+                         "run: at most this share of a batch's slots, and at least this share of the frames taken "
+                         "while jobs' frames wait (live frames first, jobs in the gaps between them; with no live "
+                         "stream, jobs take whole batches and every lane)")
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="largest uploaded video; larger: 413 "
                                   "upload_too_large")
     upload_dir: str = Field(".streamd/jobs", description="folder for uploaded videos while their job runs")

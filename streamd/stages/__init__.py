@@ -46,6 +46,7 @@ class StageContext:
     publish: Any = None  # (key, maxlen, record) -> None: records beside the results (VLM answers)
     fail_stream: Any = field(default=_no_fail)  # (stream_id, reason) -> None: fail one stream for good
     metrics: Any = None  # streamd.metrics.Metrics
+    jobs_share: float = 0.25  # jobs.share: the least share of a model's batches jobs get under load
 
 
 class Stage:

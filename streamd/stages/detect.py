@@ -226,7 +226,9 @@ class Detect(Stage):
         if det.open_vocab is not None and o.text_embeddings:
             n = await self.run_blocking(det.open_vocab.add_file, o.text_embeddings)
             log.info("text embeddings loaded", model=o.model, path=o.text_embeddings, phrases=n)
-        await det.detect([np.zeros((o.imgsz, o.imgsz, 3), np.uint8)], params)
+        det.batcher.low_share = self.ctx.jobs_share
+        # the lower class: a warm-up is nobody's frame (live items would keep jobs' batches small for a while)
+        await det.detect([np.zeros((o.imgsz, o.imgsz, 3), np.uint8)], params, low=True)
         self._prepared.add(det)
 
     async def teardown(self) -> None:
@@ -259,10 +261,11 @@ class Detect(Stage):
                 w.prompt_versions["vocabulary"] = {"scope": rec["scope"], "version": rec["version"]}
             elif p.vocabulary is not None:
                 w.prompt_versions["vocabulary"] = {"scope": "config", "version": 0}
-            groups.setdefault(p, []).append(w)
-        outs = await asyncio.gather(*(det.detect([w.frame.image for w in ws], p) for p, ws in groups.items()),
-                                    return_exceptions=True)
-        for (p, ws), res in zip(groups.items(), outs):
+            groups.setdefault((p, w.frame.job), []).append(w)  # a job's frames: the batcher's lower class
+        outs = await asyncio.gather(*(det.detect([w.frame.image for w in ws], p, low,
+                                                 () if low else {w.frame.stream_id for w in ws if not w.frame.predict})
+                                      for (p, low), ws in groups.items()), return_exceptions=True)
+        for ((p, _), ws), res in zip(groups.items(), outs):
             if isinstance(res, BaseException):
                 self._failed(ws, res)
                 continue

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -113,9 +113,12 @@ class SharedDetector:
     def forward_passes(self) -> int:
         return self.batcher.batches
 
-    async def detect(self, images: list[np.ndarray], params: Params) -> list[tuple[np.ndarray, list[Any] | None]]:
-        """Per image: an (N, 6) array [x1, y1, x2, y2, conf, cls] in pixels, and N masks (RLE) or None.
-        Raises VocabularyError when `params.vocabulary` cannot be set (at once for a vocabulary that failed)."""
+    async def detect(self, images: list[np.ndarray], params: Params, low: bool = False,
+                     streams: Iterable[str] = ()) -> list[tuple[np.ndarray, list[Any] | None]]:
+        """Per image: an (N, 6) array [x1, y1, x2, y2, conf, cls] in pixels, and N masks (RLE) or None. `low`: a
+        job's images, the batcher's lower priority class; `streams`: the live streams they came from (the batcher
+        learns when each one's next frame is due). Raises VocabularyError when `params.vocabulary` cannot be set
+        (at once for a vocabulary that failed)."""
         if self.batcher.error is not None:
             raise self.batcher.error
         if params.vocabulary is not None:
@@ -128,7 +131,7 @@ class SharedDetector:
             return []
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._worker(), name=f"detector:{self.name}")
-        return await self.batcher.submit(images, params)
+        return await self.batcher.submit(images, params, low, streams)
 
     async def aclose(self, error: BaseException | None = None) -> None:
         """Stop the batcher; requests still waiting fail with `error` (the model was unloaded), and later ones too.

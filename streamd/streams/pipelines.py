@@ -88,6 +88,27 @@ class PipelineSet(Mapping[str, Pipeline]):
         self._tasks[name] = tg.create_task(self._run(p), name=f"pipeline:{name}")
         return p
 
+    def start_for_job(self, name: str, where: str, tg: asyncio.TaskGroup) -> tuple[Pipeline, asyncio.Task[None]]:
+        """A pipeline of its own for one job, built like `name` (its current version) and not among the running
+        pipelines: a live frame never waits in a stage for a batch that holds a job's frames. Its stages share the
+        loaded models with the live pipelines, whose batchers put live items first (a job's are their lower class).
+        The caller cancels the task when the job ends; `failed` says why the pipeline stopped early. Raises
+        ConfigError (naming `where`)."""
+        pcfg, stages = self.config(name, where)
+        for st in stages:
+            st.bind(self._ctx)
+        p = Pipeline(name, pcfg, stages, self._deliver, self._metrics)
+        p.prompts = self._prompt_cache
+        return p, tg.create_task(self._run_for_job(p), name=f"pipeline:{name}:{where}")
+
+    @staticmethod
+    async def _run_for_job(p: Pipeline) -> None:
+        try:
+            await p.run()
+        except Exception as e:  # noqa: BLE001 - the job fails with the reason, nothing else does
+            p.failed = f"pipeline {p.name!r} failed: {type(e).__name__}: {e}"
+            log.error("a job's pipeline failed", pipeline=p.name, error=p.failed)
+
     def running(self, p: Pipeline) -> bool:
         """Whether `p` is still the pipeline of its name (a failed one is dropped)."""
         return self._pipelines.get(p.name) is p
