@@ -377,3 +377,65 @@ async def test_a_client_that_reads_nothing_loses_its_slot(r, redis_server, monke
                 await until(lambda: d_live(d).clients == 1, 30, what="the silent client dropped")
         finally:
             sock.close()
+
+
+def hostile_masks(h: int, w: int) -> list:
+    """RLE masks a record from Redis may carry that must be skipped: counts whose int64 sum wraps round to h*w (it
+    crashed np.repeat: a segfault), a count past int64 (an OverflowError), negative, bool, float and string
+    counts, too many counts, and compressed (string) counts, which are not supported."""
+    n = h * w
+    return [{"size": [h, w], "counts": [n] + [2**62] * 4}, {"size": [h, w], "counts": [0, 2**63]},
+            {"size": [h, w], "counts": [n + 5, -5]}, {"size": [h, w], "counts": [True] * n},
+            {"size": [h, w], "counts": [float(n)]}, {"size": [h, w], "counts": ["1"] * n},
+            {"size": [h, w], "counts": [0] * (n + 2) + [n]}, {"size": [h, w], "counts": "PPYo0"},
+            {"size": [h, w], "counts": 3}, {"size": [float("inf"), w], "counts": [n]}]
+
+
+def test_overlay_skips_rle_masks_whose_counts_overflow_or_are_not_counts():
+    """decode_rle checks counts with Python ints before numpy: the hostile ones are None, never an error or a
+    crash; draw skips them and still tints the good mask and draws every box."""
+    from streamd.api.overlay import PALETTE, decode_rle, draw
+    from streamd.stages.masks import mask_rle
+    from streamd.testing.media import encode_jpeg
+
+    h, w = 36, 64
+    for m in hostile_masks(h, w):
+        assert decode_rle(m, w, h) is None, m
+    good = np.zeros((h, w), bool)
+    good[10:30, 30:60] = True
+    dets = [{"track_id": 1, "box": [2, 2, 20, 30], "mask": m} for m in hostile_masks(h, w)]
+    dets.append({"track_id": 3, "box": [30, 10, 59, 29], "mask": mask_rle(good)})
+    out = np.asarray(Image.open(io.BytesIO(draw(encode_jpeg(np.full((h, w, 3), 128, np.uint8)),
+                                                {"outputs": {"detect": {"detections": dets}}}, 95))))
+    assert np.abs(out[26, 55].astype(int) - (np.asarray(PALETTE[3]) + 128) // 2).max() < 20, out[26, 55]
+    assert np.abs(out[25, 10].astype(int) - 128).max() < 8  # inside the hostile masks' box: not tinted
+
+
+async def test_snapshot_overlay_skips_hostile_masks(r, redis_server):
+    """The snapshot endpoint draws a record from Redis: hostile RLE counts there (the int64 sum that wrapped
+    segfaulted the daemon) are skipped with a 200, the good mask beside them still tinted."""
+    from streamd.api.overlay import PALETTE
+    from streamd.stages.masks import mask_rle
+    from streamd.testing.media import push_frames
+
+    ht, wd = 36, 64
+    stream = {"id": "yard", "url": "redis:frames:yard", "pipeline": "frame_info"}
+    async with running(api_cfg(redis_server.url, [stream])) as d, aiohttp.ClientSession() as s:
+        await push_frames(r, "frames:yard", [np.full((ht, wd, 3), 128, np.uint8)])
+        await until(lambda: at_least(r, "yard", 1), what="a result")
+        key = keys.results_key("yard")
+        eid = (await r.xrange(key))[-1][0].decode()
+        good = np.zeros((ht, wd), bool)
+        good[10:30, 30:60] = True
+        dets = [{"track_id": 1, "box": [2, 2, 20, 30], "mask": m} for m in hostile_masks(ht, wd)]
+        dets.append({"track_id": 3, "box": [30, 10, 59, 29], "mask": mask_rle(good)})
+        await r.delete(key)  # the frame's result record replaced by a hostile one at the same entry id
+        await r.xadd(key, {"record": json.dumps({"outputs": {"detect": {"detections": dets}}}).encode()}, id=eid)
+        url = d.api_url + "/api/v1/streams/yard/snapshot.jpg"
+        async with s.get(url, params={"entry": eid, "overlay": "true"}, headers=h(READ)) as resp:
+            assert resp.status == 200 and resp.headers["X-Streamd-Entry-Id"] == eid
+            out = np.asarray(Image.open(io.BytesIO(await resp.read())).convert("RGB")).astype(int)
+        assert np.abs(out[26, 55] - (np.asarray(PALETTE[3]) + 128) // 2).max() < 30, out[26, 55]
+        assert np.abs(out[25, 10] - 128).max() < 10
+        async with s.get(d.api_url + "/api/v1/streams/yard", headers=h(READ)) as resp:
+            assert resp.status == 200  # the daemon lives on

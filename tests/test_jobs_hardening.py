@@ -224,3 +224,35 @@ async def test_a_redis_blip_during_a_job_loses_none_of_its_records(tmp_path, cli
 
     frames = [json.loads(f[b"record"])["seq"] for _, f in entries if json.loads(f[b"record"])["type"] == "frame"]
     assert job.state == "done" and sorted(frames) == list(range(180)), (job.state, len(frames))
+
+
+async def test_a_daemon_that_lost_a_jobs_lease_leaves_its_upload_to_the_new_owner(redis_server, clip, tmp_path):
+    """An uploaded job running here whose lease another daemon took (this one was paused past jobs.lease_ttl_s; the
+    other's claim is done here as it does it, a SET of the lease): this daemon stops the job and keeps the upload
+    (the new owner runs it again from that file); the old code deleted it in its cleanup."""
+    import redis.asyncio as aioredis
+
+    vlm = await ScriptedOpenAI(lambda req: "ok").start()
+    vlm.delay_s = 0.1
+    updir = tmp_path / "up"
+    cfg = api_cfg(redis_server.url, {"slow": slow_pipeline(vlm.url)}, upload_dir=str(updir), lease_ttl_s=1)
+    r = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with running(cfg) as d, aiohttp.ClientSession() as s:
+            form = aiohttp.FormData()
+            form.add_field("job", '{"pipeline": "slow", "sampling": {"mode": "every_frame"}}',
+                           content_type="application/json")
+            form.add_field("file", clip.read_bytes(), filename="pan.mp4", content_type="video/mp4")
+            async with s.post(d.api_url + P, data=form, headers=h(OPER)) as resp:
+                assert resp.status == 202, await resp.text()
+                jid = (await resp.json())["id"]
+            job = d.jobs.jobs[jid]
+            await until(lambda: job.state == "running" and job.done_frames >= 3, 30, what="the job running")
+            await r.set(f"streamd:{{job:{jid}}}:lease", "b|other", px=60_000)  # another daemon's claim
+            await until(lambda: jid not in d.jobs._tasks, 30, what="the job's run here over (its cleanup done)")
+            left = [p.name for p in updir.iterdir()]
+    finally:
+        await r.aclose()
+        await vlm.stop()
+    assert job.lease_lost and job.reason_code == "lease_lost"
+    assert left == [f"{jid}.upload"]

@@ -114,3 +114,43 @@ async def test_http_media_of_unknown_length_is_live_unless_bounded(redis_server,
     assert bounded["state"] == "done" and bounded["reason_code"] == "max_duration" and bounded["live"], bounded
     pts = [x["pts_s"] for x in recs if x["type"] == "frame"]
     assert len(pts) == 2 and pts[1] - pts[0] == pytest.approx(0.5, abs=0.02), pts
+
+
+async def test_max_duration_s_counts_from_a_recordings_first_frame(redis_server, clip, tmp_path):
+    """An MPEG-TS recording whose timestamps start at 100 s (ffmpeg -output_ts_offset), served with a
+    Content-Length (a recording, not live): max_duration_s 1.5 analyses exactly the sampled frames of its first 1.5 s
+    (counted from the first frame's PTS, not from PTS 0, which gave no records and still ended done)."""
+    import shutil
+    import subprocess
+
+    ts = tmp_path / "media" / "offset.ts"
+    ts.parent.mkdir()
+    subprocess.run([shutil.which("ffmpeg") or "ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(clip),
+                    "-c", "copy", "-output_ts_offset", "100", "-f", "mpegts", str(ts)], check=True)
+    want = sampled_pts(ts, 2)
+    assert want[0] >= 100
+    want = [p for p in want if p - want[0] < 1.5]
+    files = HttpDir(ts.parent).start()
+    try:
+        async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+            _, doc, _ = await post_job(s, d, {"source": {"url": files.url(ts.name)}, "pipeline": "frame_info",
+                                              "sampling": {"mode": "fps", "fps": 2}, "max_duration_s": 1.5})
+            doc = await wait_job(s, d, doc["id"], timeout_s=60)
+            recs, _ = await all_records(s, d, doc["id"], limit=100)
+    finally:
+        files.stop()
+    assert doc["state"] == "done" and doc["reason_code"] == "max_duration" and not doc["live"], doc
+    assert [x["pts_s"] for x in recs if x["type"] == "frame"] == want and len(want) == 3, (recs, want)
+    assert doc["progress"]["media_s_total"] == 1.5
+
+
+def test_media_time_survives_a_pts_reset_and_a_wrap():
+    """A live source's PTS resets (an HLS discontinuity, an encoder restart) or wraps (33 bits): media time still
+    grows by about a frame there, so a max_duration_s bound trips (PTS differences went negative and never did)."""
+    from streamd.jobs.sources import MediaClock
+
+    c = MediaClock(fps=None)
+    times = [c.advance(p) for p in (50.0, 50.5, 51.0, 0.2, 0.7, 1.2, 95443.0, 95443.5, 0.1, 0.6)]
+    assert times == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5])
+    c = MediaClock(fps=0.05)  # one frame each 20 s: that is a step, not a jump
+    assert [c.advance(p) for p in (7.0, 27.0, 47.0, 3.0)] == pytest.approx([0.0, 20.0, 40.0, 60.0])

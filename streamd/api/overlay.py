@@ -61,15 +61,30 @@ def colour(d: dict[str, Any]) -> tuple[int, int, int]:
     return PALETTE[hash(str(key)) % len(PALETTE)] if not isinstance(key, int) else PALETTE[key % len(PALETTE)]
 
 
-def decode_rle(mask: dict[str, Any], width: int, height: int) -> np.ndarray | None:
-    """COCO uncompressed RLE (column-major, zeros first) as an HxW bool array; None if it does not fit the frame."""
+def rle_counts(mask: Any, width: int, height: int) -> np.ndarray | None:
+    """A mask's uncompressed RLE counts as int64, or None unless it is a {size, counts} for this frame whose counts
+    are a list of at most h*w+1 ints (not bools), each 0..h*w, summing to h*w. Checked with Python ints before numpy:
+    counts that overflow int64 when summed would otherwise pass a numpy sum check and crash np.repeat. Compressed
+    (string) counts are not supported: None."""
     try:
         h, w = (int(x) for x in mask["size"])
-        counts = np.asarray(mask["counts"], dtype=np.int64)
-    except (KeyError, TypeError, ValueError):
+        counts = mask["counts"]
+    except (KeyError, TypeError, ValueError, OverflowError):
         return None
-    if (h, w) != (height, width) or counts.sum() != h * w or (counts < 0).any():
+    n = h * w
+    if (h, w) != (height, width) or not isinstance(counts, list) or len(counts) > n + 1:
         return None
+    if not all(type(c) is int and 0 <= c <= n for c in counts) or sum(counts) != n:
+        return None
+    return np.asarray(counts, dtype=np.int64)
+
+
+def decode_rle(mask: dict[str, Any], width: int, height: int) -> np.ndarray | None:
+    """COCO uncompressed RLE (column-major, zeros first) as an HxW bool array; None if it does not fit the frame."""
+    counts = rle_counts(mask, width, height)
+    if counts is None:
+        return None
+    h, w = height, width
     values = np.arange(len(counts)) % 2 == 1
     return np.repeat(values, counts).reshape(w, h).T
 

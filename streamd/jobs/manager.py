@@ -236,7 +236,8 @@ class JobManager:
             self._tasks.pop(job.id, None)
             self.jobs.pop(job.id, None)
             self.metrics.forget_stream(job.sid)
-            job.discard()
+            if not job.lease_lost:  # lost: the daemon that took the job over runs it again from that upload
+                job.discard()
             self._start_next()
 
     async def _run_job(self, job: Job) -> None:

@@ -31,6 +31,34 @@ def _no_redis(url: str) -> Any:
     raise StreamdError("a job reads no Redis input")
 
 
+MAX_STEP_S = 10.0  # a forward PTS jump longer than this (and than 4 sampling intervals) is a discontinuity
+
+
+class MediaClock:
+    """Media time read so far, from frame-to-frame PTS deltas (counted from the first frame, whatever its PTS: an
+    MPEG-TS often starts at 1.4 s or later). A backward jump (a PTS reset at an HLS discontinuity or an encoder
+    restart, a 33-bit wrap) or a forward jump longer than a plausible step counts as one frame's step (the last
+    good one), so a bound on media time still trips."""
+
+    def __init__(self, fps: float | None = None):
+        self.max_step_s = max(MAX_STEP_S, 4.0 / fps) if fps else MAX_STEP_S
+        self.media_s = 0.0
+        self._last: float | None = None
+        self._step = 0.0
+
+    def advance(self, pts_s: float) -> float:
+        """The media time at a frame of presentation time `pts_s` (0.0 at the first)."""
+        if self._last is not None:
+            d = pts_s - self._last
+            if 0.0 <= d <= self.max_step_s:
+                self._step = d
+            else:
+                d = self._step
+            self.media_s += d
+        self._last = pts_s
+        return self.media_s
+
+
 class RecordedSource:
     """Frames of a recording, sampled at `fps` (None: every frame), once. `origin` is "api" (the whole egress
     policy) or "config" (the operator's: `streamd analyze`, uploads)."""
@@ -51,7 +79,8 @@ class RecordedSource:
         self._task: asyncio.Task[None] | None = None
         self.max_duration_s = max_duration_s
         self.live = False  # the source has no end (known once it is open)
-        self.start_pts_s = 0.0  # media time 0: a recording's start, a live source's first frame
+        self.start_pts_s = 0.0  # media time 0: the first frame's PTS (set when it arrives)
+        self.clock = MediaClock(fps)  # media time read, robust to PTS resets (the max_duration_s bound)
         self.bounded = False  # stopped at max_duration_s
 
     def _event(self, stream_id: str, kind: str, fields: dict[str, Any]) -> None:
@@ -81,9 +110,9 @@ class RecordedSource:
                     raise JobSourceFailed("the source is live (a playlist without #EXT-X-ENDLIST, a camera feed, "
                                           "or media of unknown length): it never ends; set max_duration_s to "
                                           "analyse a slice of it", "live_source")
-                if self.live:
-                    self.start_pts_s = f.pts_s
-            if self.max_duration_s is not None and f.pts_s - self.start_pts_s >= self.max_duration_s - 1e-9:
+                self.start_pts_s = f.pts_s
+            media_s = self.clock.advance(f.pts_s)
+            if self.max_duration_s is not None and media_s >= self.max_duration_s - 1e-9:
                 self.bounded = True
                 self.runner.stop()
                 break
