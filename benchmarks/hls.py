@@ -4,8 +4,11 @@ playlist served over HTTP on loopback. Both decode every frame to RGB (one conve
 N streams at once; the ratio is streamd's frames/s over FFmpeg's (target >= 0.95), CPU per frame side by side.
 streamd's side runs as in the daemon: glibc's malloc thresholds set (streamd.memory, process-wide, so the FFmpeg
 side has them too) and one ticking Doorbell shared by the streams' queues. `--threads` adds CPU per frame by thread.
+The test server answers HTTP/1.1 with keep-alive, as HLS origins and CDNs do, so both sides may reuse connections
+(FFmpeg's demuxer: `http_persistent`; streamd: its egress session's pool); `--no-keep-alive` serves HTTP/1.0, one
+connection per request, on both sides.
 
-    .venv/bin/python benchmarks/hls.py --streams 1,8 --repeats 3 [--threads]
+    .venv/bin/python benchmarks/hls.py --streams 1,8 --repeats 3 [--threads] [--no-keep-alive]
 """
 
 from __future__ import annotations
@@ -123,6 +126,8 @@ def main() -> int:
     ap.add_argument("--streams", default="1,8")
     ap.add_argument("--seconds", type=int, default=20, help="length of the served recording")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-keep-alive", action="store_true", help="serve HTTP/1.0: a new connection per request, "
+                    "on both sides")
     ap.add_argument("--threads", action="store_true", help="also print CPU per frame by thread group (each side; "
                     "reading the threads costs a little CPU of its own)")
     args = ap.parse_args()
@@ -130,10 +135,11 @@ def main() -> int:
     tuned = tune_malloc()
     root = Path(tempfile.mkdtemp(prefix="streamd-hls-bench-"))
     frames = make_playlist(root, args.seconds)
-    http = HttpDir(root).start()
+    http = HttpDir(root, keep_alive=not args.no_keep_alive).start()
     url = http.url("index.m3u8")
     print(f"# HLS follower vs FFmpeg's HLS demuxer ({revision()}, {cpu_model()})")
-    print(f"# recording: {args.seconds} s 1280x720 30 fps H.264, 1 s segments, {frames} frames, served on loopback")
+    print(f"# recording: {args.seconds} s 1280x720 30 fps H.264, 1 s segments, {frames} frames, served on loopback "
+          f"({'HTTP/1.0, a connection per request' if args.no_keep_alive else 'HTTP/1.1 keep-alive'}, both sides)")
     print(f"# glibc malloc thresholds {'set as the daemon sets them' if tuned else 'not tuned'}; one Doorbell "
           f"(tick {FRAME_TICK_S * 1000:g} ms above {FRAME_BUSY_RATE:g} frames/s) for all streams, as in the daemon")
     print("| streams | FFmpeg HLS fps | streamd HLS fps | ratio | FFmpeg CPU ms/frame | streamd CPU ms/frame "

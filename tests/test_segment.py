@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -339,6 +340,33 @@ async def test_segment_stages_of_two_pipelines_share_the_models_passes(models, f
         assert (mx & my).sum() / max(1, (mx | my).sum()) > 0.999
         assert abs(ox["score"] - oy["score"]) < 1e-3
     assert [[o["track_id"] for o in x] for x in b_shared] == [[5]] * 6
+
+
+async def test_a_jobs_frames_wait_in_the_models_lower_class(models, frames):
+    """Issue 17's priority on SAM 2 too: a job's frame (stream id `_job:...`) goes into the shared model batcher's
+    lower class, behind live streams' frames; both are served once the device is free. The device's one thread is
+    held by the test, so what waits in the batcher can be looked at (no timing)."""
+    from streamd.models.executors import device_executor
+
+    st = await make_stage(models)
+    await st.process([work("live-a", 0, frames[0], [(1, BOX_A)])])  # a live stream, followed
+    async with st.model.use() as engine:
+        pass
+    gate = threading.Event()
+    device_executor("cpu").submit(gate.wait, 60)  # the device is busy: rounds wait in the batcher
+    try:
+        live = asyncio.create_task(st.process([work("live-a", 1, frames[1])]))
+        await until(lambda: engine.batcher.running == (1, 0), 30)  # the live round is taken, waits for the device
+        job = asyncio.create_task(st.process([work("_job:j1", 0, frames[50], [(1, BOX_B)])]))
+        await until(lambda: engine.batcher.waiting == 1, 30)
+        assert engine.batcher.waiting_low == 1  # the job's frame is in the lower class
+    finally:
+        gate.set()
+    (lw,), (jw,) = await asyncio.wait_for(asyncio.gather(live, job), 120)
+    assert [o["object_id"] for o in objs(lw)] == [1] and len(objs(jw)) == 1
+    st.forget_stream("live-a")
+    st.forget_stream("_job:j1")
+    await st.teardown()
 
 
 async def test_a_missing_checkpoint_fails_the_stage_with_a_clear_reason(models):

@@ -6,6 +6,7 @@ only to addresses the egress policy checked, and SIGTERM never waits out a stuck
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import shutil
@@ -19,11 +20,11 @@ import time
 import pytest
 
 from streamd.config import StreamConfig
-from streamd.egress import EgressRules, StreamEgress
+from streamd.egress import EgressError, EgressRules, StreamEgress
 from streamd.redis_server import free_port
 from streamd.sources.base import Abandoned
 from streamd.testing.egress import Canary, RebindingDns, connect_guard, redirect
-from streamd.testing.servers import RtspServer
+from streamd.testing.servers import HttpDir, RtspServer
 from conftest import at_least, events, make_config, results, running, settled, states, until
 
 ALLOWED = "127.0.0.2"
@@ -291,6 +292,50 @@ async def test_a_rebinding_name_never_leads_a_connection_to_its_second_address(r
     # it either played over the first (checked) connection or was refused on a later resolution: never the canary
     assert (http_state == "stopped" and http_results == CLIP_FRAMES) or http_code == "egress_refused", \
         (http_state, http_code, http_results)
+
+
+@pytest.mark.parametrize("keep_alive", [True, False])
+async def test_fetches_reuse_only_a_connection_to_a_checked_address(tmp_path, keep_alive):
+    """An origin that keeps connections alive (HLS origins and CDNs do: `HttpDir(keep_alive=True)`): a stream's
+    fetches share one connection, made to the address the policy checked; the name is not resolved again while it
+    lives, so a rebinding answer is never used, and another name for the same port is resolved and checked before a
+    connection of its own (here refused). An HTTP/1.0 origin closes each connection: the next fetch resolves again
+    and the policy refuses the rebinding answer. The canary (the rebinding address) never sees a connection."""
+    for i in range(3):
+        (tmp_path / f"s{i}.ts").write_bytes(bytes([0x47]) * 1000 * (i + 1))
+    http = HttpDir(tmp_path, keep_alive=keep_alive).start()
+    canary = Canary(CANARY, {"/s1.ts": (200, {}, b"canary")}, port=http.port).start()
+    eg = StreamEgress(EgressRules(deny_non_global=True, allow_networks=(ipaddress.ip_network("127.0.0.1/32"),)),
+                      "s")
+    refused: list[str] = []
+
+    async def fetch(url: str) -> int:
+        try:
+            return len((await eg.fetch(url, max_bytes=10_000, timeout_s=5))[0])
+        except EgressError as e:
+            refused.append(e.code)
+            return -1
+
+    try:
+        with connect_guard() as guard:
+            with RebindingDns("rebind.test", "127.0.0.1", CANARY) as dns:
+                got = [await fetch(f"http://rebind.test:{http.port}/s{i}.ts") for i in range(3)]
+                lookups = dns.lookups
+            with RebindingDns("other.test", CANARY, CANARY):  # another name, same port: not the pooled connection
+                other = await fetch(f"http://other.test:{http.port}/s0.ts")
+    finally:
+        await eg.aclose()
+        http.stop()
+        canary.stop()
+    assert guard.outside == [] and canary.connections == 0
+    assert all(addr[0] == "127.0.0.1" for addr in guard.connects), guard.connects
+    assert other == -1
+    if keep_alive:
+        assert got == [1000, 2000, 3000] and lookups == 1 and len(guard.connects) == 1, (got, lookups, guard.connects)
+        assert refused == ["egress_refused"]
+    else:
+        assert got == [1000, -1, -1] and lookups == 3 and len(guard.connects) == 1, (got, lookups, guard.connects)
+        assert refused == ["egress_refused"] * 3
 
 
 def _reason(d, sid):

@@ -93,6 +93,16 @@ class ModelBatcher(Generic[I, O]):
         """Items queued, not yet in a batch."""
         return len(self._pending) + len(self._low)
 
+    @property
+    def waiting_low(self) -> int:
+        """Items of the lower class (jobs') queued, not yet in a batch."""
+        return len(self._low)
+
+    @property
+    def running(self) -> tuple[int, int]:
+        """Batches under way: (of live items, of low items alone)."""
+        return self._live_running, self._low_running
+
     def first_key(self) -> Hashable | None:
         """The key of the oldest waiting item, live first (None when nothing waits)."""
         for q in (self._pending, self._low):

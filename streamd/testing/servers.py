@@ -2,7 +2,8 @@
 
 - `ManagedRedis`, `free_port` (re-exported from `streamd.redis_server`): a real redis-server on a free port;
   `stop(kill=True)` + `start()` restarts it on the same port for outage tests.
-- `HttpDir`: serves a folder over HTTP from a thread; stop/start on the same port; per-path faults.
+- `HttpDir`: serves a folder over HTTP from a thread; stop/start on the same port; per-path faults; HTTP/1.1
+  keep-alive on request (`keep_alive=True`), as HLS origins and CDNs answer.
 - `LiveHls`: ffmpeg writes a live HLS stream in real time (a looping clip) into a folder served by `HttpDir`.
 - `RtspServer`: Debian's GStreamer RTSP server (run with the system Python, which has `gi`).
 - `ServedHttp`: stop() and `with` for the thread-served HTTP servers here and in `streamd.testing.egress`.
@@ -55,6 +56,13 @@ class _Handler(SimpleHTTPRequestHandler):
         super().do_GET()
 
 
+class _KeepAliveHandler(_Handler):
+    """HTTP/1.1: a client may send its next request on the same connection (files are sent with Content-Length)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # the headers' small write must not wait for an ACK (nginx: tcp_nodelay on)
+
+
 class ServedHttp:
     """stop() and `with` for a test HTTP server held in `self._srv` and started by `start()`."""
 
@@ -74,11 +82,14 @@ class ServedHttp:
 
 
 class HttpDir(ServedHttp):
-    """A real HTTP server for a folder. `faults` maps a file name (or '*') to an HTTP status to answer with."""
+    """A real HTTP server for a folder. `faults` maps a file name (or '*') to an HTTP status to answer with.
+    `keep_alive`: answer as HTTP/1.1 and keep connections open between requests (the default, HTTP/1.0, closes each
+    one; outage tests rely on that: a connection kept open would still be served after stop())."""
 
-    def __init__(self, root: str | Path, port: int | None = None):
+    def __init__(self, root: str | Path, port: int | None = None, keep_alive: bool = False):
         self.root = Path(root)
         self.port = port or free_port()
+        self.keep_alive = keep_alive
         self.faults: dict[str, int] = {}
         self._srv: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -87,7 +98,7 @@ class HttpDir(ServedHttp):
         return f"http://127.0.0.1:{self.port}/{path}"
 
     def start(self) -> "HttpDir":
-        handler = partial(_Handler, directory=str(self.root))
+        handler = partial(_KeepAliveHandler if self.keep_alive else _Handler, directory=str(self.root))
         ThreadingHTTPServer.allow_reuse_address = True
         self._srv = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self._srv.faults = self.faults  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ Memory is kept as the predictor keeps it (bfloat16 spatial features, float point
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,10 +103,12 @@ class Sam2Engine:
         return {"runtime": "sam2", "image_size": self.image_size, "precision": self.precision,
                 "forward_batch": self.forward_batch}
 
-    async def run(self, jobs: list[FrameJob], memory_frames: int) -> list[FrameOut]:
+    async def run(self, jobs: list[FrameJob], memory_frames: int, low: bool = False,
+                  streams: Iterable[str] = ()) -> list[FrameOut]:
         """`step` through the model's batcher: with the rounds other stages submit meanwhile (a stream is in one
         pipeline, and a stage submits its next round only once this one is done, so a pass never holds two frames
-        of one stream). On the device's executor thread, never on the event loop."""
+        of one stream). On the device's executor thread, never on the event loop. `low`: jobs' frames, the
+        batcher's lower priority class (live streams' frames, `streams`, go first)."""
         import asyncio
 
         from streamd.models.executors import device_executor
@@ -117,7 +119,7 @@ class Sam2Engine:
             self._lane = asyncio.create_task(
                 self.batcher.lane(self.step, device_executor(self.device), self.forward_batch),
                 name=f"sam2:{self.name}")
-        return await self.batcher.submit(jobs, memory_frames)
+        return await self.batcher.submit(jobs, memory_frames, low=low, streams=streams)
 
     async def aclose(self, error: BaseException | None = None) -> None:
         """Unloaded: rounds waiting (and later ones) fail with `error`; a pass under way ends on its own."""

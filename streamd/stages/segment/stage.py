@@ -213,9 +213,15 @@ class Segment(Stage):
         """One frame of each stream in `rnd`: the forward pass on the device's thread, then scores and memory on
         the loop; the masks go to the masks thread (they overlap the next round's pass)."""
         jobs = [(w, self._job(engine, w)) for w in rnd]
-        active = [(w, j) for w, j in jobs if j.steps]
-        outs = await engine.run([j for _, j in active], self.opts.memory_frames) if active else []
-        by_work = {id(w): fo for (w, _), fo in zip(active, outs)}
+        by_work: dict[int, Any] = {}
+        # live streams' frames and jobs' (the batcher's lower priority class), submitted together
+        classes = [[(w, j) for w, j in jobs if j.steps and w.frame.job == low] for low in (False, True)]
+        outs = await asyncio.gather(*(
+            engine.run([j for _, j in active], self.opts.memory_frames, low,
+                       () if low else {w.frame.stream_id for w, _ in active})
+            for low, active in zip((False, True), classes) if active))
+        for active, fos in zip([c for c in classes if c], outs):
+            by_work.update({id(w): fo for (w, _), fo in zip(active, fos)})
         loop = asyncio.get_running_loop()
         for w, _ in jobs:
             fo = by_work.get(id(w))

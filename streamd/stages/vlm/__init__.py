@@ -260,7 +260,7 @@ class Vlm(Stage):
             text, schema = text + "\n" + tags_instruction(o.tags), tags_schema(o.tags)
         images = [fit_pixels(im, o.max_pixels) for im in images]
         return VlmRequest(images, text, schema, o.max_tokens, o.temperature,
-                          stream_id=ask.frames[-1].stream_id), version
+                          stream_id=ask.frames[-1].stream_id, low=ask.frames[-1].job), version
 
     async def _ask(self, w: Work, ask: Ask, sv: live.Serving) -> None:
         """Ask with `sv`, the serving state when the question was decided (a switch since does not change it)."""

@@ -20,6 +20,7 @@ class VlmRequest:
     # concurrency slot, a batch) checks this when its turn comes and raises VlmStale instead of asking
     not_after: float | None = None
     stream_id: str | None = None  # whose question it is (None: a text-only summary of several frames' captions)
+    low: bool = False  # a job's question: the lower priority class of a shared model's batcher (live ones first)
 
 
 class VlmStale(Exception):

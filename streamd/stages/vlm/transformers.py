@@ -118,7 +118,8 @@ class SharedVlm:
             self._task = asyncio.create_task(
                 self.batcher.lane(self._generate, device_executor(self.device), self.generate_batch,
                                   self.max_wait_s), name=f"vlm:{self.name}")
-        (answer,) = await self.batcher.submit([req], _batch_key(req))
+        (answer,) = await self.batcher.submit([req], _batch_key(req), low=req.low,
+                                              streams=() if req.low or req.stream_id is None else (req.stream_id,))
         return answer
 
     async def aclose(self, error: BaseException | None = None) -> None:
