@@ -439,3 +439,50 @@ async def test_snapshot_overlay_skips_hostile_masks(r, redis_server):
         assert np.abs(out[25, 10] - 128).max() < 10
         async with s.get(d.api_url + "/api/v1/streams/yard", headers=h(READ)) as resp:
             assert resp.status == 200  # the daemon lives on
+
+
+async def test_head_on_the_live_results_sends_headers_only(r, redis_server):
+    """HEAD on the SSE route (allow_head) answers headers and nothing else: a body after them (events, chunk
+    framing) would be read as the next response on a keep-alive connection (behind a proxy: every later
+    client's). On one connection: HEAD, a new entry, then a GET: what follows the HEAD's headers is the GET's."""
+    stream = {"id": "hd", "url": "redis:frames:hd", "pipeline": "frame_info"}
+    async with running(api_cfg(redis_server.url, [stream])) as d:
+        port = int(d.api_url.rsplit(":", 1)[1])
+        key = keys.results_key("hd")
+        await r.xadd(key, {"record": b'{"seq": 0}'})
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            auth = f"Host: x\r\nAuthorization: Bearer {READ}\r\n\r\n"
+            writer.write(f"HEAD /api/v1/streams/hd/results/live?timeout_s=1 HTTP/1.1\r\n{auth}".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
+            await r.xadd(key, {"record": b'{"seq": 1}'})
+            writer.write(f"GET /api/v1/streams/hd HTTP/1.1\r\n{auth}".encode())
+            nxt = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert nxt.startswith(b"HTTP/1.1 200 "), nxt
+            length = next(int(line.split(b":")[1]) for line in nxt.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            assert json.loads(await reader.readexactly(length))["id"] == "hd"
+        finally:
+            writer.close()
+
+
+async def test_a_client_ahead_of_the_feed_gets_no_older_entries(r, redis_server):
+    """A Last-Event-ID ahead of the stream's newest entry (a clock ahead, a stream recreated): entries up to it
+    are not sent, not even once the client is caught up (the feed's direct writes did not filter them); the first
+    entry past it is."""
+    stream = {"id": "ah", "url": "redis:frames:ah", "pipeline": "frame_info"}
+    async with running(api_cfg(redis_server.url, [stream])) as d, aiohttp.ClientSession() as s:
+        key = keys.results_key("ah")
+        first = (await r.xadd(key, {"record": b'{"seq": 0}'})).decode()
+        ahead = id_key(first)[0] + 60_000
+        hdrs = {**h(READ), "Last-Event-ID": f"{ahead}-0"}
+        async with s.get(d.api_url + "/api/v1/streams/ah/results/live", headers=hdrs) as resp:
+            assert resp.status == 200
+            subs = await until(lambda: key in d_live(d).feeds and d_live(d).feeds[key].subs, 10,
+                               what="the client subscribed")
+            older = (await r.xadd(key, {"record": b'{"seq": 1}'}, id=f"{ahead - 30_000}-0")).decode()
+            await until(lambda: d_live(d).feeds[key].last_id == older, 10, what="the feed read the older entry")
+            newer = (await r.xadd(key, {"record": b'{"seq": 2}'}, id=f"{ahead + 1}-0")).decode()
+            assert await read_events(resp, 1) == [(newer, {"seq": 2})]
+            assert subs

@@ -233,8 +233,11 @@ async def results_live(request: web.Request) -> web.StreamResponse:
                                            **cors_headers(request, request.app[CFG])})
         if request.version >= HttpVersion11:
             resp.enable_chunked_encoding()  # what aiohttp does anyway; said here: the feed frames its direct writes so
-        sub.chunked = resp.chunked
-        write = _writer(request, resp, await resp.prepare(request))  # the headers go out now
+        stream = await resp.prepare(request)  # the headers go out now
+        if request.method == "HEAD" or stream is None:  # headers only: a body would poison a keep-alive connection
+            return resp
+        sub.chunked = getattr(stream, "chunked", resp.chunked)  # the writer's framing (none for a bodiless reply)
+        write = _writer(request, resp, stream)
         last = id_key(after) if after is not None else (0, 0)
         with contextlib.suppress(TimeoutError, ConnectionResetError, _Stalled):
             async with asyncio.timeout(timeout_s or None):
@@ -272,6 +275,10 @@ async def results_live(request: web.Request) -> web.StreamResponse:
                     transport = request.transport
                     if sub.ended or transport is None or transport.is_closing():
                         break
+                    if id_key(feed.last_id or "0-0") < last:  # ahead of the feed (a Last-Event-ID to come): the
+                        sub.wake.clear()  # feed's direct writes do not filter, so this handler does until it is past
+                        await sub.wake.wait()
+                        continue
                     sub.high = transport.get_write_buffer_limits()[1]  # where asyncio pauses its writer
                     if transport.get_write_buffer_size() > sub.high:
                         await write(None)  # behind: wait until it drains (the feed queues meanwhile)
