@@ -291,3 +291,40 @@ async def test_page_draws_masks_where_the_record_puts_them(r, redis_server, brow
     assert inside.sum() > 500, inside.sum()
     assert near(canvas[inside], tint[inside]).mean() > 0.99, "a detection's mask is not drawn"
     assert near(canvas[outside], frame[outside]).mean() > 0.99, "the canvas is tinted outside a detection's mask"
+
+
+async def test_page_skips_masks_whose_counts_are_not_runs_of_the_frame(r, redis_server, browser):
+    """draw.js tints a mask only if its RLE counts are integers 0..h*w summing to h*w: a run of 3e9 (it looped for
+    seconds per frame, the page hung), negative or fractional runs, too many counts, strings are not drawn; the
+    good mask beside them is."""
+    import asyncio
+
+    from conftest import make_config
+
+    h, w = 36, 64
+    n = h * w
+    hostile = [[0, 3e9], [0, n + 100, -100], [0.5, n - 0.5], [0] * (n + 2) + [n], ["0", str(n)], [True, n - 1],
+               [0, n, 1]]
+    good = [h * 10, h * 20, n - h * 30]  # columns 10..29
+    cfg = make_config(redis_server.url, [], api={"enabled": True, "port": 0})  # no tokens: no gate
+    errors: list[str] = []
+    async with running(cfg) as d:
+        page = await open_page(browser, d.api_url + "/", errors)
+        tinted = await asyncio.wait_for(page.evaluate("""async ([h, w, masks]) => {
+            const { drawFrame } = await import('/ui/draw.js');
+            const f = document.createElement('canvas');
+            [f.width, f.height] = [w, h];
+            const fc = f.getContext('2d');
+            fc.fillStyle = 'rgb(128,128,128)';
+            fc.fillRect(0, 0, w, h);
+            const bitmap = await createImageBitmap(f);
+            return masks.map((counts) => {
+                const g = document.createElement('canvas');
+                drawFrame(g, bitmap, { outputs: { segment: { objects: [
+                    { object_id: 1, mask: { size: [h, w], counts } }] } } });
+                const px = g.getContext('2d').getImageData(0, 0, w, h).data;
+                let changed = 0;
+                for (let i = 0; i < px.length; i += 4) if (px[i] !== 128 || px[i + 1] !== 128) changed++;
+                return changed; }); }""", [h, w, [*hostile, good]]), 120)
+    assert errors == [], errors
+    assert tinted == [0] * len(hostile) + [h * 20], tinted

@@ -43,6 +43,11 @@ export function labelText(d) {
 function tintMask(img, mask, rgb) {
   const [h, w] = mask.size || [];
   if (h !== img.height || w !== img.width || !Array.isArray(mask.counts)) return;
+  // counts from a record are data: each an integer 0..h*w, at most h*w+1 of them, summing to h*w (a huge or
+  // negative run would loop for minutes or tint outside the mask): anything else is not drawn
+  const n = h * w, counts = mask.counts;
+  if (counts.length > n + 1 || !counts.every((c) => Number.isInteger(c) && c >= 0 && c <= n)) return;
+  if (counts.reduce((a, c) => a + c, 0) !== n) return;
   let pos = 0;
   mask.counts.forEach((run, k) => {
     if (k % 2 === 1) {
