@@ -213,15 +213,15 @@ class Segment(Stage):
         """One frame of each stream in `rnd`: the forward pass on the device's thread, then scores and memory on
         the loop; the masks go to the masks thread (they overlap the next round's pass)."""
         jobs = [(w, self._job(engine, w)) for w in rnd]
-        by_work: dict[int, Any] = {}
-        # live streams' frames and jobs' (the batcher's lower priority class), submitted together
-        classes = [[(w, j) for w, j in jobs if j.steps and w.frame.job == low] for low in (False, True)]
+        classes: dict[bool, list[tuple[Work, Any]]] = {}  # live streams' frames, jobs' (the batcher's lower class)
+        for w, j in jobs:
+            if j.steps:
+                classes.setdefault(w.frame.job, []).append((w, j))
         outs = await asyncio.gather(*(
-            engine.run([j for _, j in active], self.opts.memory_frames, low,
-                       () if low else {w.frame.stream_id for w, _ in active})
-            for low, active in zip((False, True), classes) if active))
-        for active, fos in zip([c for c in classes if c], outs):
-            by_work.update({id(w): fo for (w, _), fo in zip(active, fos)})
+            engine.run([j for _, j in c], self.opts.memory_frames, low,
+                       () if low else {w.frame.stream_id for w, _ in c})
+            for low, c in classes.items()))
+        by_work = {id(w): fo for c, fos in zip(classes.values(), outs) for (w, _), fo in zip(c, fos)}
         loop = asyncio.get_running_loop()
         for w, _ in jobs:
             fo = by_work.get(id(w))
