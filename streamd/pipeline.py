@@ -172,8 +172,7 @@ class Pipeline:
                 ms = round(dt * 1000.0, 3)
                 for w in todo:
                     w.timings_ms[st.name] = ms
-            for w in batch:
-                await out.put(w)
+            await out.put_many(batch)
 
     async def _deliver_loop(self) -> None:
         last = self._queues[-1]

@@ -270,3 +270,66 @@ async def test_ingress_low_class_takes_spare_capacity_and_its_minimum_share():
     # in order within each class
     jobs = [i for k, i in taken if k == "job"]
     assert jobs == sorted(jobs)
+
+
+async def test_a_producer_threads_items_reach_the_loop_as_one_batch_in_order_with_drops_counted():
+    """Items a decoder thread put while the loop was busy are handed over together: one `on_put` with all of them,
+    in order; with `drop_oldest`, what is over the bound is dropped oldest first and every drop is counted."""
+    loop = asyncio.get_running_loop()
+    bell = Doorbell(loop)
+    seen: list[list[int]] = []
+    dropped: list[int] = []
+    q = FrameQueue(8, DropPolicy.DROP_OLDEST, loop, dropped.append, seen.append, doorbell=bell)
+    stop = threading.Event()
+    t = threading.Thread(target=lambda: [q.put_threadsafe(i, stop) for i in range(20)])
+    t.start()
+    t.join()  # the loop did not run meanwhile: all 20 wait in the queue's inbox
+    await asyncio.sleep(0.05)
+    assert seen == [list(range(20))]  # one hand-over, every item seen once, in order
+    assert dropped == list(range(12)) and q.dropped == 12
+    assert [q.get_nowait() for _ in range(8)] == list(range(12, 20))
+
+
+async def test_a_call_after_items_runs_once_they_are_queued_and_stopped_items_give_their_room_back():
+    loop = asyncio.get_running_loop()
+    q = FrameQueue(4, DropPolicy.WAIT, loop)
+    stop, stopped = threading.Event(), threading.Event()
+    stopped.set()
+    lengths: list[int] = []
+
+    def produce():
+        assert q.put_threadsafe("a", stop)
+        assert q.put_threadsafe("b", stopped)  # its source was closed before the loop took it: discarded
+        q.call_threadsafe(lambda _: lengths.append(len(q)), None)
+        assert q.put_threadsafe("c", stop)
+
+    await asyncio.to_thread(produce)
+    await asyncio.sleep(0.05)
+    assert lengths == [1]  # the call saw "a" queued, not "c"
+    assert [q.get_nowait(), q.get_nowait(), q.get_nowait()] == ["a", "c", None]
+    done = threading.Event()
+    t = threading.Thread(target=lambda: ([q.put_threadsafe(i, stop) for i in range(4)], done.set()))
+    t.start()  # the discarded item's room was given back: 4 fit without waiting for the loop to take any
+    assert await asyncio.to_thread(done.wait, 5)
+    t.join()
+
+
+async def test_stage_queue_takes_a_batch_at_once_and_never_holds_more_than_its_bound():
+    q = StageQueue(4)
+    held: list[int] = []
+
+    async def producer():
+        await q.put_many(list(range(10)))
+        await q.close()
+
+    task = asyncio.create_task(producer())
+    got: list[int] = []
+    while True:
+        await asyncio.sleep(0)
+        held.append(q.qsize())
+        try:
+            got += await asyncio.wait_for(q.get_batch(3), 5)
+        except QueueClosed:
+            break
+    await task
+    assert got == list(range(10)) and max(held) <= 4
