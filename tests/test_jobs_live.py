@@ -220,6 +220,36 @@ async def test_a_chunked_body_cut_off_is_read_again_not_taken_for_its_end(redis_
     assert all(0 < b - a <= 0.5 + 1e-3 for a, b in zip(pts, pts[1:])), pts
 
 
+async def test_an_endless_body_whose_media_time_hardly_moves_still_ends(redis_server, clip, tmp_path):
+    """A hostile endless chunked body whose timestamps barely advance (the clip with its PTS divided by 1000: 30
+    frames a second of wall-clock decoding, 1/1000 of that in media time): media time would take ages to reach the
+    cap, so the decoded frames are bounded too (240 per second of jobs.unknown_length_cap_s): the job fails
+    too_large after at most 241 frames, and the connection is closed."""
+    import shutil
+    import subprocess
+
+    from conftest import until
+
+    ts = tmp_path / "media" / "slow.ts"
+    ts.parent.mkdir(parents=True)
+    subprocess.run([shutil.which("ffmpeg") or "ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(clip),
+                    "-c", "copy", "-bsf:v", "setts=pts=PTS/1000:dts=DTS/1000", "-f", "mpegts", str(ts)], check=True)
+    srv = await ChunkedServer(ts.read_bytes()).start()
+    try:
+        async with running(api_cfg(redis_server.url, unknown_length_cap_s=1)) as d, aiohttp.ClientSession() as s:
+            _, doc, _ = await post_job(s, d, {"source": {"url": f"{srv.url}/endless.ts"}, "pipeline": "frame_info",
+                                              "sampling": {"mode": "every_frame"}})
+            doc = await wait_job(s, d, doc["id"], timeout_s=90)
+            recs, _ = await all_records(s, d, doc["id"], limit=500)
+            await until(lambda: srv.endless_done, 20, what="the endless body's writer sees the client go")
+    finally:
+        await srv.stop()
+    assert doc["state"] == "failed" and doc["reason_code"] == "too_large", doc
+    assert "241 frames" in doc["reason"] and doc["unknown_length"], doc
+    frames = [x for x in recs if x["type"] == "frame"]
+    assert 100 < len(frames) <= 241 and doc["progress"]["media_s_done"] < 1, (len(frames), doc["progress"])
+
+
 async def test_unknown_length_cap_is_validated_naming_the_key(tmp_path):
     """jobs.unknown_length_cap_s must be a finite number of seconds above 0: else a config error naming the key."""
     from streamd.config import parse_config
