@@ -36,9 +36,6 @@ class QueueClosed(Exception):
     """The queue was closed and is empty."""
 
 
-_CALL = object()  # marks a call in a FrameQueue's inbox
-
-
 class Doorbell:
     """Hands calls from producer threads to the event loop, in order. While calls come faster than `busy_rate` a
     second, the loop collects them every `tick_s` instead of being woken for each: waking a sleeping loop (a
@@ -82,11 +79,6 @@ class Doorbell:
             self._hurried = True
         self._wake()
 
-    def arrived(self, n: int) -> None:
-        """On the loop, from a call collected just now: it brought `n` items (a queue's drain), not one; they count
-        towards the rate."""
-        self._window_n += n - 1
-
     def _wake(self) -> bool:
         try:
             self._loop.call_soon_threadsafe(self._collect)
@@ -118,52 +110,14 @@ class Doorbell:
                 self._loop.call_exception_handler({"message": "Doorbell call failed", "exception": e})
 
 
-class _Slots:
-    """The room of a `wait` queue: a counting semaphore whose uncontended take and give are one lock round each
-    (threading.Semaphore runs a Condition in Python for both), and that gives many slots back at once."""
-
-    __slots__ = ("_n", "_lock", "_freed", "_waiting")
-
-    def __init__(self, n: int):
-        self._n = n
-        self._lock = threading.Lock()
-        self._freed = threading.Event()
-        self._waiting = False  # a producer found no room: the next give wakes it
-
-    def take(self) -> bool:
-        """One slot, without waiting; False when there is none (then `wait` returns once one is given)."""
-        with self._lock:
-            if self._n > 0:
-                self._n -= 1
-                return True
-            self._waiting = True
-            self._freed.clear()
-            return False
-
-    def wait(self, timeout_s: float) -> None:
-        self._freed.wait(timeout_s)
-
-    def give(self, n: int = 1) -> None:
-        with self._lock:
-            self._n += n
-            waiting, self._waiting = self._waiting, False
-        if waiting:
-            self._freed.set()
-
-
 class FrameQueue(Generic[T]):
-    """A stream's bounded queue. A producer thread's items reach the loop in batches: `put_threadsafe` adds to the
-    queue's inbox, and the first item of a batch asks the Doorbell for one `_drain` that moves every item (and
-    call) the inbox holds by then, in order, at once: one loop callback, one `on_put`, one wake-up of the readers
-    per batch rather than per item."""
-
     def __init__(
         self,
         maxsize: int,
         policy: DropPolicy,
         loop: asyncio.AbstractEventLoop,
         on_drop: Callable[[T], None] | None = None,
-        on_put: Callable[[list[T]], None] | None = None,
+        on_put: Callable[[T], None] | None = None,
         doorbell: Doorbell | None = None,
     ):
         self.maxsize = maxsize
@@ -171,16 +125,13 @@ class FrameQueue(Generic[T]):
         self._loop = loop
         self._items: deque[T] = deque()
         self._on_drop = on_drop
-        self._on_put = on_put  # called on the loop with the items queued, for every batch of them
+        self._on_put = on_put  # called on the loop for every item queued
         self._doorbell = doorbell or Doorbell(loop)
-        self._slots = _Slots(maxsize) if policy is DropPolicy.WAIT else None
+        self._slots = threading.Semaphore(maxsize) if policy is DropPolicy.WAIT else None
         self._space = asyncio.Event()
         self._closed = False
         self._nonempty = asyncio.Event()
         self._listeners: list[asyncio.Event] = [self._nonempty]
-        self._inbox: list[tuple[Any, Any]] = []  # from producer threads: (item, its stop event) or (_CALL, (fn, arg))
-        self._inbox_lock = threading.Lock()
-        self._drain_posted = False  # a `_drain` is on its way to the loop
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -196,7 +147,8 @@ class FrameQueue(Generic[T]):
         if policy is self.policy:
             return
         self.policy = policy
-        self._slots = _Slots(max(0, self.maxsize - len(self._items))) if policy is DropPolicy.WAIT else None
+        self._slots = threading.Semaphore(max(0, self.maxsize - len(self._items))) \
+            if policy is DropPolicy.WAIT else None
 
     def add_listener(self, event: asyncio.Event) -> None:
         self._listeners.append(event)
@@ -209,78 +161,50 @@ class FrameQueue(Generic[T]):
     async def put(self, item: T) -> None:
         """Loop side. `wait`: waits for space; `drop_oldest`: never waits."""
         if self._slots is not None:
-            while not self._slots.take():
+            while not self._slots.acquire(blocking=False):
                 if self._closed:
                     raise QueueClosed
                 self._space.clear()
                 await self._space.wait()
-        self._append([item])
+        self._append(item)
 
     def put_threadsafe(self, item: T, stop: threading.Event) -> bool:
         """From a producer thread. `wait`: blocks this thread until there is space or `stop` is set.
         Returns False when the item was not queued (stopping or closed). An item whose `stop` is set before the
         loop takes it is discarded: a closed source's last frames never reach the stream."""
-        slots = self._slots
-        if slots is not None and not slots.take():
+        if self._slots is not None and not self._slots.acquire(blocking=False):
             self._doorbell.hurry()  # the items taking the room may be waiting for the next tick
-            while not slots.take():
+            while not self._slots.acquire(timeout=0.1):
                 if stop.is_set() or self._closed:
                     return False
-                slots.wait(0.1)
         if self._closed:
             return False
-        return self._post((item, stop))
+        return self._doorbell.post(self._arrive, (item, stop))
 
     def call_threadsafe(self, fn: Callable[[Any], None], arg: Any) -> None:
         """From a producer thread: call `fn(arg)` on the loop once the items it put before are queued, without
         waiting for the next tick (a source that ends says so at once)."""
-        if self._post((_CALL, (fn, arg))):
+        if self._doorbell.post(fn, arg):
             self._doorbell.hurry()
 
-    def _post(self, entry: tuple[Any, Any]) -> bool:
-        with self._inbox_lock:
-            self._inbox.append(entry)
-            if self._drain_posted:
-                return True
-            self._drain_posted = True
-        return self._doorbell.post(self._drain, None)
+    def _arrive(self, entry: tuple[T, threading.Event]) -> None:
+        item, stop = entry
+        if not stop.is_set():
+            self._append(item)
+        elif self._slots is not None:
+            self._slots.release()
 
-    def _drain(self, _: Any) -> None:
-        """On the loop: everything the producer put since the last drain, in order."""
-        with self._inbox_lock:
-            entries, self._inbox = self._inbox, []
-            self._drain_posted = False
-        self._doorbell.arrived(len(entries))
-        items: list[T] = []
-        freed = 0
-        for a, b in entries:
-            if a is _CALL:  # a call: after the items before it
-                if items:
-                    self._append(items)
-                    items = []
-                fn, arg = b
-                fn(arg)
-            elif not b.is_set():
-                items.append(a)
-            else:
-                freed += 1  # its stop is set: discarded
-        if items:
-            self._append(items)
-        if freed and self._slots is not None:
-            self._slots.give(freed)
-
-    def _append(self, items: list[T]) -> None:
+    def _append(self, item: T) -> None:
         if self._closed:
             return
-        self._items.extend(items)
+        if self._slots is None and len(self._items) >= self.maxsize:
+            old = self._items.popleft()
+            self.dropped += 1
+            if self._on_drop is not None:
+                self._on_drop(old)
+        self._items.append(item)
         if self._on_put is not None:
-            self._on_put(items)
-        if self._slots is None:  # drop_oldest: what is over the bound goes, oldest first (as if put one by one)
-            while len(self._items) > self.maxsize:
-                old = self._items.popleft()
-                self.dropped += 1
-                if self._on_drop is not None:
-                    self._on_drop(old)
+            self._on_put(item)
         for ev in self._listeners:
             ev.set()
 
@@ -290,23 +214,9 @@ class FrameQueue(Generic[T]):
             return None
         item = self._items.popleft()
         if self._slots is not None:
-            self._slots.give()
+            self._slots.release()
         self._space.set()
         return item
-
-    def take(self, n: int) -> list[T]:
-        """Up to `n` items at once (their room given back in one go)."""
-        items = self._items
-        if n >= len(items):
-            out = list(items)
-            items.clear()
-        else:
-            out = [items.popleft() for _ in range(n)]
-        if out:
-            if self._slots is not None:
-                self._slots.give(len(out))
-            self._space.set()
-        return out
 
     async def get(self) -> T:
         """Next item, waiting for one. Raises QueueClosed once closed and drained."""
@@ -444,71 +354,44 @@ class Ingress(Generic[T]):
         return out
 
 
+_SENTINEL = object()
+
+
 class StageQueue(Generic[T]):
-    """Bounded queue between two stages (always `wait`): items go in and come out as lists, so a batch costs one
-    wake-up of the reader, not one per item. Closed after its items: the reader gets them, then QueueClosed."""
+    """Bounded queue between two stages (always `wait`), closed with a sentinel."""
 
     def __init__(self, maxsize: int):
-        self.maxsize = maxsize
-        self._items: deque[T] = deque()
-        self._closed = False
-        self._nonempty = asyncio.Event()
-        self._space = asyncio.Event()
+        self._q: asyncio.Queue[object] = asyncio.Queue(maxsize)
 
     def qsize(self) -> int:
-        return len(self._items)
+        return self._q.qsize()
 
     async def put(self, item: T) -> None:
-        await self.put_many([item])
-
-    async def put_many(self, items: list[T]) -> None:
-        """Queue `items` in order, waiting for room as often as needed: never more than `maxsize` held."""
-        i, n = 0, len(items)
-        while i < n:
-            room = self.maxsize - len(self._items)
-            if room <= 0:
-                self._space.clear()
-                await self._space.wait()
-                continue
-            self._items.extend(items[i:i + room] if i or room < n else items)
-            i += room
-            self._nonempty.set()
+        await self._q.put(item)
 
     async def close(self) -> None:
-        self._closed = True
-        self._nonempty.set()
+        await self._q.put(_SENTINEL)
 
     async def get_batch(self, max_batch: int, max_wait_s: float = 0.0) -> list[T]:
         """Up to `max_batch` items, waiting up to `max_wait_s` after the first. Raises QueueClosed at the end."""
-        items = self._items
-        while not items:
-            if self._closed:
-                raise QueueClosed
-            self._nonempty.clear()
-            await self._nonempty.wait()
-        out = self._take(max_batch)
-        if len(out) < max_batch and max_wait_s > 0:
-            deadline = time.monotonic() + max_wait_s
-            while len(out) < max_batch and not self._closed:
-                if not items:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._nonempty.clear()
-                    try:
-                        await asyncio.wait_for(self._nonempty.wait(), remaining)
-                    except TimeoutError:
-                        break
-                out += self._take(max_batch - len(out))
-        return out
-
-    def _take(self, n: int) -> list[T]:
-        items = self._items
-        if n >= len(items):
-            out = list(items)
-            items.clear()
-        else:
-            out = [items.popleft() for _ in range(n)]
-        if out:
-            self._space.set()
+        first = await self._q.get()
+        if first is _SENTINEL:
+            raise QueueClosed
+        out: list[T] = [first]  # type: ignore[list-item]
+        deadline = time.monotonic() + max_wait_s
+        while len(out) < max_batch:
+            try:
+                item = self._q.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._q.get(), remaining)
+                except TimeoutError:
+                    break
+            if item is _SENTINEL:
+                self._q.put_nowait(_SENTINEL)  # re-arm: the next call raises QueueClosed
+                break
+            out.append(item)  # type: ignore[arg-type]
         return out

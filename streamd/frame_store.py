@@ -117,7 +117,6 @@ class FrameStore:
         self._pending = 0  # encodes queued or running
         self._pool: ThreadPoolExecutor | None = None
         self._metrics = metrics
-        self._evicted_metric: dict[str, Any] = {}  # reason -> its child of the evicted counter
         if metrics is not None:
             metrics.frame_store_bytes.set_function(lambda: self.total_bytes)
             metrics.frame_store_frames.set_function(lambda: sum(len(r) for r in self._rings.values()))
@@ -217,10 +216,7 @@ class FrameStore:
         sf.image = sf.jpeg = sf._encoding = None  # nothing outlives the accounting (a queued re-score job may list it)
         self.evicted[reason] = self.evicted.get(reason, 0) + 1
         if self._metrics is not None:
-            child = self._evicted_metric.get(reason)
-            if child is None:  # looked up once per reason: an eviction happens for every frame added
-                child = self._evicted_metric[reason] = self._metrics.frame_store_evicted.labels(reason)
-            child.inc()
+            self._metrics.frame_store_evicted.labels(reason).inc()
 
     def _trim(self, stream_id: str) -> None:
         ring = self._rings[stream_id]

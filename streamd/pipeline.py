@@ -172,7 +172,8 @@ class Pipeline:
                 ms = round(dt * 1000.0, 3)
                 for w in todo:
                     w.timings_ms[st.name] = ms
-            await out.put_many(batch)
+            for w in batch:
+                await out.put(w)
 
     async def _deliver_loop(self) -> None:
         last = self._queues[-1]

@@ -35,20 +35,11 @@ class FrameInfo(Stage):
 
     async def process(self, batch: list[Work]) -> list[Work]:
         s = self.opts.stride
-        by_shape: dict[tuple[int, ...], list[Work]] = {}
         for w in batch:
-            by_shape.setdefault(w.frame.image.shape, []).append(w)
-        for same in by_shape.values():
-            # the grids of frames of one size, summed in one call: numpy lets the GIL go around each large enough
-            # reduction, and every such hand-over to a decoder thread costs the loop a wait (one per batch here)
-            grids = np.stack([w.frame.image[::s, ::s] for w in same]) if len(same) > 1 else \
-                same[0].frame.image[::s, ::s][None]
-            sums = grids.reshape(len(same), -1).sum(axis=1, dtype=np.uint64).tolist()
-            size = grids[0].size
-            for w, total in zip(same, sums):
-                w.outputs[self.name] = {
-                    "width": w.frame.width,
-                    "height": w.frame.height,
-                    "mean_brightness": round(int(total) / size, 3),  # exact, faster than mean
-                }
+            grid = w.frame.image[::s, ::s]
+            w.outputs[self.name] = {
+                "width": w.frame.width,
+                "height": w.frame.height,
+                "mean_brightness": round(int(grid.sum(dtype=np.uint64)) / grid.size, 3),  # exact, faster than mean
+            }
         return batch

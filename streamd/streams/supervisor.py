@@ -345,14 +345,13 @@ class StreamRunner:
         src.ended.result()
         return not self._stop.is_set()
 
-    def _accepted(self, frames: list[Frame]) -> None:
-        """The queue took frames, in order (called on the loop, for frames of every source, a batch at a time)."""
+    def _accepted(self, frame: Frame) -> None:
+        """The queue took a frame (called on the loop, for frames of every source)."""
         if self.state is not State.LIVE:
             self._live_since = time.monotonic()  # attempts are forgiven after reconnect.reset_after_s of this
             self._set_state(State.LIVE)
-        self.frames += len(frames)
-        self.last_frame_ts = frames[-1].capture_ts
-        self._sampled.inc(len(frames))
-        for frame in frames:
-            if frame.discontinuity:
-                self.event("discontinuity", {"seq": frame.seq, "pts_s": frame.pts_s})
+        self.frames += 1
+        self.last_frame_ts = frame.capture_ts
+        self._sampled.inc()
+        if frame.discontinuity:
+            self.event("discontinuity", {"seq": frame.seq, "pts_s": frame.pts_s})
