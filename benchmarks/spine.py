@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/spine.py            # full run (about 3 minutes on a 2-core box)
     .venv/bin/python benchmarks/spine.py --quick    # shorter clip, one repeat
     .venv/bin/python benchmarks/spine.py --write    # also rewrite the "Spine" section of benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/spine.py --threads  # also CPU per frame by thread group (loop, decoders, FFmpeg)
 
 1. Throughput. N streams (1, 4, 8) of the same 720p H.264 clip (one copy of the file per stream):
    - baseline: N threads, each decoding its own copy with PyAV (thread_type AUTO, like the daemon) to RGB numpy
