@@ -5,7 +5,9 @@
   `ipaddress` does not call global) and a non-global one is refused unless the operator's allow-list (`egress.allow`:
   CIDRs, host names, `*.suffix`) names it. The connection is made to the checked address: aiohttp is given a
   resolver that returns only checked addresses, and FFmpeg is given the URL with the host replaced by the checked
-  address (`pin_url`), so a second, different answer from DNS (rebinding) never reaches a socket.
+  address (`pin_url`), and a thread that fetches by itself (`BlockingFetcher`, the HLS decoder thread's segments)
+  has the name resolved and checked here, on the loop, and connects to the checked address, so a second, different
+  answer from DNS (rebinding) never reaches a socket.
 - Redirects are followed here, never by aiohttp or FFmpeg: at most `egress.max_redirects`, each hop checked.
 - Per-fetch byte and time limits, and a request-rate cap per stream (a token bucket): a self-referencing playlist
   fails fast with a reason that says so instead of hammering its origin.
