@@ -305,8 +305,14 @@ class ModelBatcher(Generic[I, O]):
     def _take(self, q: deque[tuple[_Request[I, O], int]], batch: int,
               key: Hashable | None = None) -> list[tuple[_Request[I, O], int]]:
         """Waiting items of `q` with the first one's key (or `key`): this lane's even share of them between the idle
-        lanes (itself included), at most `batch`. Items of other keys keep their place; a request that failed (or
-        whose item `admit` refused) has its other items skipped."""
+        lanes (itself included), at most `batch`. Items of other keys keep their place; the items of a request that
+        is done (it failed, `admit` refused one of its items, or its caller was cancelled: a job cancelled, a
+        predict request gone) leave the queue here (else a queue of only such items would give an empty batch and
+        the lane would look again at once, forever, never letting the event loop run)."""
+        if any(req.future.done() for req, _ in q):
+            keep = [x for x in q if not x[0].future.done()]
+            q.clear()
+            q.extend(keep)
         matching = 0
         cap = batch * (self._idle + 1)
         for req, _ in q:
