@@ -134,7 +134,7 @@ async def latency_repeat(redis_url: str, rpid: int | None, clip: str, n_live: in
                 else:
                     await asyncio.sleep(stop - time.monotonic())
             end = time.time()
-            windows.append({"job": with_job, "start": start, "end": end, "jobs": jobs,
+            windows.append({"job": with_job, "start": start, "end": end, "jobs": jobs, "job_frames": job_frames,
                             "cpu": load.cpu() / (time.monotonic() - load.t0), "other": load.cores(),
                             "dropped": sum(r.drops.total for r in d.streams.runners.values()) - dropped0})
         await asyncio.sleep(1.5)  # the last window's frames published
@@ -182,7 +182,8 @@ def bootstrap_ratio(reps: list[list[dict]], q: float, n: int = 2000, seed: int =
     return out[int(0.025 * n)], out[min(n - 1, int(0.975 * n))]
 
 
-def latency(redis_url: str, rpid: int | None, clip: str, n_live: int, window_s: float, repeats: int, pairs: int, seed: int) -> None:
+def latency(redis_url: str, rpid: int | None, clip: str, n_live: int, window_s: float, repeats: int, pairs: int,
+            seed: int) -> None:
     """Part 2: `repeats` daemons, each with its own phase between the live streams (stratified over the period,
     in shuffled order), each measuring `pairs` pairs of windows without and with a job, interleaved ABBA (the
     order alternates between repeats too) so that drift over a daemon's life falls on both sides alike."""
@@ -211,7 +212,8 @@ def latency(redis_url: str, rpid: int | None, clip: str, n_live: int, window_s: 
               f"{max(w['other'] for w in ws):.2f} |", flush=True)
     allw = [w for ws in reps for w in ws]
     print("\npooled over every repeat:")
-    print("| | results | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | dropped | jobs run | job frames/s | streamd + redis CPU (cores) |")
+    print("| | results | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | dropped | jobs run | job frames/s | "
+          "streamd + redis CPU (cores) |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for name, job in (("no job", False), ("a job running", True)):
         ws = [w for w in allw if w["job"] == job]
