@@ -118,6 +118,7 @@ async def latency_repeat(redis_url: str, rpid: int | None, clip: str, n_live: in
         for with_job in order:
             await asyncio.sleep(1.5)  # the previous window's job (cancelled) gone from the batches
             dropped0 = sum(r.drops.total for r in d.streams.runners.values())
+            beside0, behind0 = counts(d)
             load = OtherLoad(rpid)
             start = time.time()
             stop = time.monotonic() + window_s
@@ -134,7 +135,9 @@ async def latency_repeat(redis_url: str, rpid: int | None, clip: str, n_live: in
                 else:
                     await asyncio.sleep(stop - time.monotonic())
             end = time.time()
+            beside, behind = counts(d)
             windows.append({"job": with_job, "start": start, "end": end, "jobs": jobs, "job_frames": job_frames,
+                            "beside": beside - beside0, "behind": behind - behind0,
                             "cpu": load.cpu() / (time.monotonic() - load.t0), "other": load.cores(),
                             "dropped": sum(r.drops.total for r in d.streams.runners.values()) - dropped0})
         await asyncio.sleep(1.5)  # the last window's frames published
@@ -159,6 +162,14 @@ async def latency_repeat(redis_url: str, rpid: int | None, clip: str, n_live: in
     for w in windows:
         w["phase"] = phase
     return windows
+
+
+def counts(d) -> tuple[int, int]:
+    """The detector's batcher: live items submitted while a job's pass was under way (beside it), and those that
+    found no lane waiting (behind it)."""
+    bs = [getattr(e.obj, "batcher", None) for e in d.models._entries.values()]
+    bs = [b for b in bs if b is not None]
+    return sum(b.live_beside_low for b in bs), sum(b.live_behind_low for b in bs)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -213,14 +224,15 @@ def latency(redis_url: str, rpid: int | None, clip: str, n_live: int, window_s: 
     allw = [w for ws in reps for w in ws]
     print("\npooled over every repeat:")
     print("| | results | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | dropped | jobs run | job frames/s | "
-          "streamd + redis CPU (cores) |")
-    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+          "live frames beside / behind a job's pass | streamd + redis CPU (cores) |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for name, job in (("no job", False), ("a job running", True)):
         ws = [w for w in allw if w["job"] == job]
         xs = sorted(x for w in ws for x in w["lat"])
         print(f"| {name} | {len(xs)} | {statistics.median(xs):.0f} | {pct(xs, 0.95):.0f} | {pct(xs, 0.99):.0f} | "
               f"{xs[-1]:.0f} | {sum(w['dropped'] for w in ws)} | {sum(w['jobs'] for w in ws)} | "
               f"{sum(w['job_frames'] for w in ws) / sum(w['end'] - w['start'] for w in ws):.1f} | "
+              f"{sum(w['beside'] for w in ws)} / {sum(w['behind'] for w in ws)} | "
               f"{statistics.mean(w['cpu'] for w in ws):.2f} |")
     for name, job in (("no job", False), ("a job running", True)):  # where a live frame's time goes
         st: dict[str, list[float]] = {}

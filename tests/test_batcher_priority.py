@@ -106,6 +106,7 @@ async def test_a_job_only_batch_leaves_a_lane_to_live_frames(model):
         live = await asyncio.wait_for(b.submit(["live1"], KEY), 60)  # the job's pass still waits on the gate
         assert len(live) == 1
         assert run.order[-1] == ["live1"] and not any(f.done() for f in job)
+        assert (b.live_beside_low, b.live_behind_low) == (1, 0)  # beside the job's pass, not behind it
         run.gate.set()
         await asyncio.gather(*job)
     finally:

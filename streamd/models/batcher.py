@@ -86,6 +86,10 @@ class ModelBatcher(Generic[I, O]):
         self._idle = 0  # lanes waiting for items
         self.error: BaseException | None = None  # closed (or could not be set up): every request fails with it
         self.batches = 0
+        # live items submitted while a batch of low items alone was under way (a job's pass beside theirs), and of
+        # those, the ones that found no lane waiting (they waited for a lane: a job's pass or another live batch)
+        self.live_beside_low = 0
+        self.live_behind_low = 0
         self.batch_sizes: deque[int] = deque(maxlen=1024)  # the latest batches' sizes
 
     @property
@@ -128,6 +132,9 @@ class ModelBatcher(Generic[I, O]):
         (self._low if low else self._pending).extend((req, i) for i in range(len(items)))
         if not low:
             self._arrived(loop.time(), streams)
+            if self._low_running:
+                self.live_beside_low += len(items)
+                self.live_behind_low += len(items) if not self._idle else 0
         self._wake.set()
         return await req.future
 
