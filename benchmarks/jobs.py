@@ -208,8 +208,8 @@ def latency(redis_url: str, rpid: int | None, clip: str, n_live: int, window_s: 
     print(f"\nlive streams: {n_live} at 2 fps; {repeats} repeats (a daemon each, its own phase), each {pairs} "
           f"pair(s) of {window_s:g} s windows without / with an every-frame job, interleaved")
     print("| repeat | phase (ms) | order | no job: n / p50 / p99 (ms) | a job: n / p50 / p99 (ms) | p99 ratio | "
-          "dropped | other load (cores) |")
-    print("|--:|--:|---|--:|--:|--:|--:|--:|")
+          "dropped | live frames beside a job's pass | other load (cores) |")
+    print("|--:|--:|---|--:|--:|--:|--:|--:|--:|")
     for r in range(repeats):
         # ABBA...: repeat 0 starts without a job, repeat 1 with one, and so on; within a repeat pairs alternate
         base = [False, True, True, False] if r % 2 == 0 else [True, False, False, True]
@@ -223,7 +223,7 @@ def latency(redis_url: str, rpid: int | None, clip: str, n_live: int, window_s: 
               f"{len(no)} / {statistics.median(no):.0f} / {pct(no, 0.99):.0f} | "
               f"{len(yes)} / {statistics.median(yes):.0f} / {pct(yes, 0.99):.0f} | "
               f"{pct(yes, 0.99) / pct(no, 0.99):.2f} | {sum(w['dropped'] for w in ws)} | "
-              f"{max(w['other'] for w in ws):.2f} |", flush=True)
+              f"{sum(w['beside'] for w in ws)} | {max(w['other'] for w in ws):.2f} |", flush=True)
     allw = [w for ws in reps for w in ws]
     print("\npooled over every repeat:")
     print("| | results | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | dropped | jobs run | job frames/s | "
