@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from streamd.config import Config, load_config, parse_config
-from streamd.errors import StreamdError
+from streamd.errors import ConfigError, StreamdError
 from streamd.jobs.options import JobSpec
 
 
@@ -29,15 +29,31 @@ def analyze_config(path: str | None) -> Config:
                                   "fleet": cfg.fleet.model_copy(update={"enabled": False})})
 
 
-def job_spec(video: str, pipeline: str, prompt: str | None, sampling: dict[str, Any]) -> tuple[JobSpec, str | None]:
-    """The job for VIDEO: an http(s) URL, or a local file (returned as the upload path)."""
+_OPTION = {"sampling": "--fps / --scene", "max_duration_s": "--max-duration", "prompts": "--prompt",
+           "pipeline": "-p/--pipeline", "source": "VIDEO"}
+
+
+def job_spec(video: str, pipeline: str, prompt: str | None, sampling: dict[str, Any],
+             max_duration_s: float | None = None) -> tuple[JobSpec, str | None]:
+    """The job for VIDEO: an http(s) URL, or a local file (returned as the upload path). A bad option: ConfigError
+    naming it (exit 2)."""
+    from pydantic import ValidationError
+
     body: dict[str, Any] = {"pipeline": pipeline, "sampling": sampling}
     if prompt:
         body["prompts"] = {"vlm": {"text": prompt}}
-    if video.startswith(("http://", "https://")):
+    if max_duration_s is not None:
+        body["max_duration_s"] = max_duration_s
+    url = video.startswith(("http://", "https://"))
+    if url:
         body["source"] = {"url": video}
-        return JobSpec.model_validate(body), None
-    return JobSpec.model_validate(body), os.path.abspath(video)
+    try:
+        spec = JobSpec.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = str(err["loc"][0]) if err["loc"] else ""
+        raise ConfigError(_OPTION.get(where, where or "analyze"), err["msg"]) from None
+    return spec, None if url else os.path.abspath(video)
 
 
 async def analyze(cfg: Config, spec: JobSpec, local: str | None, progress: bool) -> dict[str, Any]:
@@ -125,9 +141,9 @@ def pretty(doc: dict[str, Any]) -> str:
 
 
 def run(video: str, pipeline: str, prompt: str | None, as_json: bool, config: str | None,
-        sampling: dict[str, Any]) -> int:
+        sampling: dict[str, Any], max_duration_s: float | None = None) -> int:
+    spec, local = job_spec(video, pipeline, prompt, sampling, max_duration_s)
     cfg = analyze_config(config)
-    spec, local = job_spec(video, pipeline, prompt, sampling)
     doc = asyncio.run(analyze(cfg, spec, local, progress=sys.stderr.isatty()))
     print(json.dumps(doc) if as_json else pretty(doc))
     return 0 if doc["state"] == "done" else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import sys
@@ -57,9 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("--json", action="store_true", help="print the job's document as JSON")
     an.add_argument("-c", "--config", help="a YAML config: its Redis, pipelines and jobs section (else embedded)")
     g = an.add_mutually_exclusive_group()
-    g.add_argument("--fps", type=float, default=2.0, help="frames per second of media time (default 2)")
+    g.add_argument("--fps", type=_number(0, 240), default=2.0, help="frames per second of media time (default 2)")
     g.add_argument("--every-frame", action="store_true", help="every frame")
-    g.add_argument("--scene", type=float, metavar="THRESHOLD", help="scene sampling at this threshold (0-1)")
+    g.add_argument("--scene", type=_number(0, 1), metavar="THRESHOLD", help="scene sampling at this threshold (0-1)")
+    an.add_argument("--max-duration", type=_number(0, 7 * 86_400), metavar="SECONDS",
+                    help="analyse at most this much media time from the first frame (the job's max_duration_s; "
+                         "needed for a live source)")
 
     b = sub.add_parser("bench", help="how many copies of a stream this machine carries with a pipeline")
     b.add_argument("-c", "--config", help="a YAML config: its stream (--stream, default the first) is replicated")
@@ -77,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--direct", action="store_true", help="open the source itself N times (no recording)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
+
+
+def _number(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number in (low, high]; else a usage error naming the option (exit 2)."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(x) or not low < x <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a finite number above {low:g} and at most {high:g}")
+        return x
+    return parse
 
 
 async def serve(cfg: Config, extra: Callable[..., Awaitable[None]] | None = None,
@@ -246,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging("warning", fmt if fmt in ("json", "console") else "console")
             sampling = {"mode": "every_frame"} if a.every_frame else \
                 {"mode": "scene", "scene_threshold": a.scene} if a.scene is not None else {"mode": "fps", "fps": a.fps}
-            return run(a.video, a.pipeline, a.prompt, a.json, a.config, sampling)
+            return run(a.video, a.pipeline, a.prompt, a.json, a.config, sampling, a.max_duration)
         if a.cmd == "bench":
             setup_logging("warning", fmt if fmt in ("json", "console") else "console")
             return asyncio.run(_bench(a))

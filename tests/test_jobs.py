@@ -369,6 +369,35 @@ def test_streamd_analyze_prints_the_summary(clip, tmp_path):
     assert clip.exists()  # a local file is read, never removed
 
 
+def test_streamd_analyze_max_duration(clip, tmp_path):
+    """`streamd analyze --max-duration SECONDS` passes max_duration_s to the job: on the 6 s clip at fps 2, 1.5 s
+    analyses the frames at 0, 0.5 and 1 s and ends done, max_duration; a value that is not a finite number above 0
+    exits 2 naming the option (no traceback, no job)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "STREAMD_HOME": str(tmp_path / "home")}
+
+    def analyze(*args):
+        return subprocess.run([sys.executable, "-m", "streamd", "analyze", *args], capture_output=True, text=True,
+                              timeout=300, cwd=root, env=env)
+
+    p = analyze(str(clip), "-p", "frame_info", "--fps", "2", "--max-duration", "1.5", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["state"] == "done" and doc["reason_code"] == "max_duration" and doc["max_duration_s"] == 1.5, doc
+    assert doc["progress"]["frames_done"] == 3 == len([t for t in sampled_pts(clip, 2) if t < 1.5])
+    assert doc["progress"]["media_s_total"] == 1.5 and doc["progress"]["fraction"] == 1.0
+    for bad in ("0", "-2", "nan", "inf", "soon", "1e9"):
+        p = analyze(str(clip), "-p", "frame_info", "--max-duration", bad)
+        assert p.returncode == 2 and "--max-duration" in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr)
+        assert p.stdout == ""
+
+
 async def test_rescore_a_streams_stored_frames_with_a_new_prompt(redis_server, r, clip):
     """A job over {stream, from, to} runs its own prompt on the frames the stream already saw (kept by the frame
     store: keep_frames), stamps its prompt version on its records while the live stream's keep theirs, and puts

@@ -67,53 +67,245 @@ async def test_max_duration_s_bounds_a_live_playlist_and_slices_a_recording(redi
     assert sliced["progress"]["media_s_total"] == 1.5
 
 
-async def test_http_media_of_unknown_length_is_live_unless_bounded(redis_server, clip, tmp_path):
-    """An MPEG-TS sent chunked (no Content-Length, like a live HTTP feed): no bound, the job fails live_source at its
-    first frame; with max_duration_s 1 it analyses the first second and ends done, max_duration."""
-    import asyncio
+def make_ts(clip, path, offset_s=None):
+    """The clip as an MPEG-TS (its timestamps start near 1.4 s, or at `offset_s`), the stream copied by ffmpeg."""
     import shutil
     import subprocess
 
-    from aiohttp import web
-
-    from streamd.redis_server import free_port
-
-    ts = tmp_path / "feed.ts"
+    path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([shutil.which("ffmpeg") or "ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(clip),
-                    "-c", "copy", "-f", "mpegts", str(ts)], check=True)
-    data = ts.read_bytes()
+                    "-c", "copy", *(["-output_ts_offset", str(offset_s)] if offset_s is not None else []),
+                    "-f", "mpegts", str(path)], check=True)
+    return path
 
-    async def feed(request):
-        resp = web.StreamResponse()
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        for i in range(0, len(data), 32_768):
-            await resp.write(data[i:i + 32_768])
-            await asyncio.sleep(0.01)
-        await resp.write_eof()
-        return resp
 
-    app = web.Application()
-    app.router.add_get("/feed.ts", feed)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"http://127.0.0.1:{port}/feed.ts"
+class ChunkedServer:
+    """aiohttp on loopback sending bytes chunked (no Content-Length): /once.ts the file once, then the end of the
+    body; /endless.ts the file again and again (its PTS reset at each round) until the client goes away."""
+
+    def __init__(self, data):
+        self.data = data
+        self.sent = 0  # bytes of /endless.ts written
+        self.endless_done = False  # its handler saw the client go and returned
+        self.flaky_requests = 0  # /flaky.ts: the first body is cut off half-way (no last chunk), the next is whole
+
+    async def start(self):
+        import asyncio
+
+        from aiohttp import web
+
+        from streamd.redis_server import free_port
+
+        async def once(request):
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(0, len(self.data), 32_768):
+                await resp.write(self.data[i:i + 32_768])
+                await asyncio.sleep(0.005)
+            await resp.write_eof()
+            return resp
+
+        async def endless(request):
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            try:
+                while True:
+                    for i in range(0, len(self.data), 32_768):
+                        await resp.write(self.data[i:i + 32_768])
+                        self.sent += len(self.data[i:i + 32_768])
+                        await asyncio.sleep(0.002)
+            except (ConnectionError, RuntimeError):
+                pass  # the client closed it
+            finally:
+                self.endless_done = True
+            return resp
+
+        async def flaky(request):
+            self.flaky_requests += 1
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            cut = len(self.data) // 2 if self.flaky_requests == 1 else len(self.data)
+            for i in range(0, cut, 32_768):
+                await resp.write(self.data[i:min(i + 32_768, cut)])
+                await asyncio.sleep(0.005)
+            if cut < len(self.data):
+                request.transport.abort()  # the connection dropped mid-body
+                return resp
+            await resp.write_eof()
+            return resp
+
+        app = web.Application()
+        app.router.add_get("/once.ts", once)
+        app.router.add_get("/flaky.ts", flaky)
+        app.router.add_get("/endless.ts", endless)
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self):
+        await self.runner.cleanup()
+
+
+async def test_http_media_of_unknown_length_is_read_to_its_end_or_the_cap(redis_server, clip, tmp_path):
+    """An MPEG-TS sent chunked (no Content-Length) is a file that ends: a job reads it to its end and ends done
+    with exactly its sampled frames (it failed live_source); max_duration_s 1 still bounds it. The same bytes sent
+    again and again (an endless chunked body, its PTS reset at each round) stop at jobs.unknown_length_cap_s of
+    media: done, reason_code unknown_length_cap, the connection closed (the server's writes end)."""
+    from conftest import until
+
+    ts = make_ts(clip, tmp_path / "media" / "feed.ts")
+    want = sampled_pts(ts, 2)
+    srv = await ChunkedServer(ts.read_bytes()).start()
     try:
-        async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
-            _, doc, _ = await post_job(s, d, {"source": {"url": url}, "pipeline": "frame_info"})
-            refused = await wait_job(s, d, doc["id"], timeout_s=60)
-            _, doc, _ = await post_job(s, d, {"source": {"url": url}, "pipeline": "frame_info",
+        async with running(api_cfg(redis_server.url, unknown_length_cap_s=8)) as d, aiohttp.ClientSession() as s:
+            _, doc, _ = await post_job(s, d, {"source": {"url": f"{srv.url}/once.ts"}, "pipeline": "frame_info",
+                                              "sampling": {"mode": "fps", "fps": 2}})
+            whole = await wait_job(s, d, doc["id"], timeout_s=60)
+            whole_recs, _ = await all_records(s, d, doc["id"], limit=100)
+            _, doc, _ = await post_job(s, d, {"source": {"url": f"{srv.url}/once.ts"}, "pipeline": "frame_info",
                                               "sampling": {"mode": "fps", "fps": 2}, "max_duration_s": 1})
             bounded = await wait_job(s, d, doc["id"], timeout_s=60)
             recs, _ = await all_records(s, d, doc["id"], limit=100)
+            _, doc, _ = await post_job(s, d, {"source": {"url": f"{srv.url}/endless.ts"}, "pipeline": "frame_info",
+                                              "sampling": {"mode": "fps", "fps": 2}})
+            capped = await wait_job(s, d, doc["id"], timeout_s=90)
+            capped_recs, _ = await all_records(s, d, doc["id"], limit=100)
+            await until(lambda: srv.endless_done, 20, what="the endless body's writer sees the client go")
     finally:
-        await runner.cleanup()
-    assert refused["state"] == "failed" and refused["reason_code"] == "live_source", refused
-    assert bounded["state"] == "done" and bounded["reason_code"] == "max_duration" and bounded["live"], bounded
+        await srv.stop()
+    assert whole["state"] == "done" and whole["reason_code"] is None, whole
+    assert not whole["live"] and whole["unknown_length"], whole
+    assert [x["pts_s"] for x in whole_recs if x["type"] == "frame"] == want and len(want) == 12
+    assert whole["progress"]["fraction"] == 1.0
+    assert whole["progress"]["media_s_done"] == pytest.approx(want[-1] - want[0], abs=1e-3)
+    assert bounded["state"] == "done" and bounded["reason_code"] == "max_duration", bounded
+    assert not bounded["live"] and bounded["unknown_length"] and bounded["progress"]["media_s_total"] == 1.0
     pts = [x["pts_s"] for x in recs if x["type"] == "frame"]
     assert len(pts) == 2 and pts[1] - pts[0] == pytest.approx(0.5, abs=0.02), pts
+    assert capped["state"] == "done" and capped["reason_code"] == "unknown_length_cap", capped
+    assert "jobs.unknown_length_cap_s (8 s" in capped["reason"] and capped["unknown_length"]
+    frames = [x for x in capped_recs if x["type"] == "frame"]
+    # 12 frames of the first round (0-5.5 s), then the second round's from 6 s of media on, up to 8 s
+    assert 15 <= len(frames) <= 17 and frames[12]["pts_s"] < frames[11]["pts_s"], [x["pts_s"] for x in frames]
+    assert 7 <= capped["progress"]["media_s_done"] < 8, capped["progress"]
+    assert srv.sent < 2 * len(srv.data) + (16 << 20)  # read as the job went, never far ahead of it
+
+
+async def test_a_chunked_body_cut_off_is_read_again_not_taken_for_its_end(redis_server, clip, tmp_path):
+    """Media of unknown length whose connection drops half-way (the chunked body has no last chunk): that is no
+    end of the media; the job reads it again from the start, skips the frames it already decoded, and ends done
+    with the whole file's frames, none twice."""
+    ts = make_ts(clip, tmp_path / "media" / "feed.ts")
+    want = sampled_pts(ts, 2)
+    srv = await ChunkedServer(ts.read_bytes()).start()
+    try:
+        async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+            _, doc, _ = await post_job(s, d, {"source": {"url": f"{srv.url}/flaky.ts"}, "pipeline": "frame_info",
+                                              "sampling": {"mode": "fps", "fps": 2}})
+            doc = await wait_job(s, d, doc["id"], timeout_s=60)
+            recs, _ = await all_records(s, d, doc["id"], limit=100)
+    finally:
+        await srv.stop()
+    assert doc["state"] == "done" and doc["reason_code"] is None and doc["unknown_length"], doc
+    assert srv.flaky_requests == 2
+    pts = [x["pts_s"] for x in recs if x["type"] == "frame"]
+    # the sampling grid starts again after the reconnect: the frames around it may shift by less than a period
+    assert pts[0] == want[0] and abs(pts[-1] - want[-1]) < 0.5 and 12 <= len(pts) <= 13, (pts, want)
+    assert all(0 < b - a <= 0.5 + 1e-3 for a, b in zip(pts, pts[1:])), pts
+
+
+async def test_an_endless_body_whose_media_time_hardly_moves_still_ends(redis_server, clip, tmp_path):
+    """A hostile endless chunked body whose timestamps barely advance (the clip with its PTS divided by 1000: 30
+    frames a second of wall-clock decoding, 1/1000 of that in media time): media time would take ages to reach the
+    cap, so the decoded frames are bounded too (240 per second of jobs.unknown_length_cap_s): the job fails
+    too_large after at most 241 frames, and the connection is closed."""
+    import shutil
+    import subprocess
+
+    from conftest import until
+
+    ts = tmp_path / "media" / "slow.ts"
+    ts.parent.mkdir(parents=True)
+    subprocess.run([shutil.which("ffmpeg") or "ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(clip),
+                    "-c", "copy", "-bsf:v", "setts=pts=PTS/1000:dts=DTS/1000", "-f", "mpegts", str(ts)], check=True)
+    srv = await ChunkedServer(ts.read_bytes()).start()
+    try:
+        async with running(api_cfg(redis_server.url, unknown_length_cap_s=1)) as d, aiohttp.ClientSession() as s:
+            _, doc, _ = await post_job(s, d, {"source": {"url": f"{srv.url}/endless.ts"}, "pipeline": "frame_info",
+                                              "sampling": {"mode": "every_frame"}})
+            doc = await wait_job(s, d, doc["id"], timeout_s=90)
+            recs, _ = await all_records(s, d, doc["id"], limit=500)
+            await until(lambda: srv.endless_done, 20, what="the endless body's writer sees the client go")
+    finally:
+        await srv.stop()
+    assert doc["state"] == "failed" and doc["reason_code"] == "too_large", doc
+    assert "241 frames" in doc["reason"] and doc["unknown_length"], doc
+    frames = [x for x in recs if x["type"] == "frame"]
+    assert 100 < len(frames) <= 241 and doc["progress"]["media_s_done"] < 1, (len(frames), doc["progress"])
+
+
+async def test_unknown_length_cap_is_validated_naming_the_key(tmp_path):
+    """jobs.unknown_length_cap_s must be a finite number of seconds above 0: else a config error naming the key."""
+    from streamd.config import parse_config
+    from streamd.errors import ConfigError
+
+    assert parse_config({"jobs": {"unknown_length_cap_s": 30}}, environ={}).jobs.unknown_length_cap_s == 30
+    for bad in (0, -5, float("inf"), float("nan"), "soon", 30 * 86_400):
+        with pytest.raises(ConfigError) as e:
+            parse_config({"jobs": {"unknown_length_cap_s": bad}}, environ={})
+        assert "jobs.unknown_length_cap_s" in str(e.value), (bad, str(e.value))
+
+
+def _frames_done(s, d, jid, get_job):
+    async def cond():
+        p = (await get_job(s, d, jid))["progress"]
+        return p if p["frames_done"] > 0 else None
+    return cond
+
+
+async def test_progress_follows_media_time_across_a_pts_reset(redis_server, clip, tmp_path):
+    """A live HLS playlist (no #EXT-X-ENDLIST) of two 6 s MPEG-TS segments, the second after a discontinuity with
+    its PTS starting again at 1.4 s; max_duration_s 9 at fps 2. The bound counts media time across the reset (the
+    MediaClock) and so does progress: media_s_done reaches 8.5 s (the last frame's media time; it stayed at 5.5 s,
+    the first segment's, as PTS minus the first PTS), frames_done 18, fraction monotonic up to 1, an ETA while it
+    runs."""
+    from conftest import until
+    from test_jobs import get_job
+
+    hls = tmp_path / "hls"
+    make_ts(clip, hls / "a.ts")
+    (hls / "b.ts").write_bytes((hls / "a.ts").read_bytes())
+    head = "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:6.0,\na.ts\n"
+    (hls / "index.m3u8").write_text(head)  # a job starts at a live playlist's newest segment: a.ts, then b.ts
+    http = HttpDir(hls).start()
+    seen = []
+    try:
+        async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+            _, doc, _ = await post_job(s, d, {"source": {"url": http.url("index.m3u8")}, "pipeline": "frame_info",
+                                              "sampling": {"mode": "fps", "fps": 2}, "max_duration_s": 9})
+            first = await until(_frames_done(s, d, doc["id"], get_job), 30, what="the job's first frames")
+            seen.append(first)
+            (hls / "index.m3u8").write_text(head + "#EXT-X-DISCONTINUITY\n#EXTINF:6.0,\nb.ts\n")
+            doc = await wait_job(s, d, doc["id"], seen=seen, timeout_s=60)
+            recs, _ = await all_records(s, d, doc["id"], limit=100)
+    finally:
+        http.stop()
+    assert doc["state"] == "done" and doc["reason_code"] == "max_duration" and doc["live"], doc
+    pts = [x["pts_s"] for x in recs if x["type"] == "frame"]
+    assert len(pts) == 18 and pts[12] < pts[11], pts  # the reset is in the job's frames
+    p = doc["progress"]
+    assert p["frames_done"] == 18 and p["fraction"] == 1.0 and p["media_s_total"] == 9.0, p
+    assert p["media_s_done"] == pytest.approx(8.5, abs=0.05), p
+    seen.append(p)
+    for key in ("fraction", "media_s_done", "frames_done"):
+        assert all(a[key] <= b[key] for a, b in zip(seen, seen[1:])), (key, seen)
+    assert all(x["eta_s"] is not None for x in seen[:-1] if 0 < x["fraction"] < 1), seen
 
 
 async def test_max_duration_s_counts_from_a_recordings_first_frame(redis_server, clip, tmp_path):

@@ -57,15 +57,19 @@ class JobInfo(BaseModel):
     reason_code: str | None = Field(..., description="failed: the source's typed reason (http_status, "
                                     "egress_refused, not_media, ...), pipeline_failed, internal, daemon_lost (its "
                                     "daemon was lost and it is not run again), live_source (a source with no end "
-                                    "and no max_duration_s); cancelled; done: max_duration (stopped there)")
+                                    "and no max_duration_s); cancelled; done: max_duration (stopped there), "
+                                    "unknown_length_cap (media of unknown length stopped at "
+                                    "jobs.unknown_length_cap_s)")
     pipeline: str
     source: dict[str, Any] = Field(..., description="kind (url, upload, file, stream) and what it names "
                                    "(credentials redacted)")
     sampling: dict[str, Any]
     max_duration_s: float | None = Field(None, description="the bound on media time asked for (null: the whole "
                                          "video)")
-    live: bool = Field(False, description="the source has no end (a live playlist, a camera, media of unknown "
-                       "length): read up to max_duration_s")
+    live: bool = Field(False, description="the source has no end (a live playlist, a camera): read up to "
+                       "max_duration_s")
+    unknown_length: bool = Field(False, description="HTTP media of unknown length (chunked, no Content-Length): "
+                                 "read to its end, at most jobs.unknown_length_cap_s of media")
     prompts: dict[str, Any] = Field(..., description="the prompt versions the job's frames use, by kind (an "
                                     "inline prompt: scope job:<id>, version 0)")
     created_ts: float

@@ -35,6 +35,11 @@ class JobsConfig(_Strict):
     max_vlm_in_flight: int = Field(4, ge=1, le=256, description="a job's VLM questions in flight: its decoder waits "
                                    "beyond (a job's questions are never skipped)")
     open_timeout_s: float = Field(10.0, gt=0, le=600, description="time to open a job's source and read from it")
+    unknown_length_cap_s: float = Field(14_400.0, gt=0, le=7 * 86_400, description="HTTP media of unknown length "
+                                        "(chunked, no Content-Length) is read to its end, as a file, but at most "
+                                        "this much media time from its first frame: a source that had not ended "
+                                        "by then stops the job, `done` with reason_code unknown_length_cap (a "
+                                        "job's max_duration_s below it bounds it first)")
     attempts: int = Field(2, ge=1, le=10, description="connections tried before a job's source fails the job")
     records_maxlen: int = Field(1_000_000, ge=1, description="records a job keeps (its Redis stream's MAXLEN)")
     lease_ttl_s: float = Field(15.0, ge=1, le=600, description="a queued or running job is held under a lease its "
@@ -136,5 +141,6 @@ class JobSpec(_Strict):
     max_duration_s: float | None = Field(None, gt=0, le=7 * 86_400, description="analyse at most this much media "
                                          "time from the first frame (the job ends `done` with reason_code "
                                          "max_duration when it stops there). A live source (a live HLS playlist, "
-                                         "RTSP/RTMP/SRT, HTTP media of unknown length) needs it: without it the "
-                                         "job is refused (422 live_source) or fails with reason_code live_source")
+                                         "RTSP/RTMP/SRT) needs it: without it the job is refused (422 live_source) "
+                                         "or fails with reason_code live_source. HTTP media of unknown length is "
+                                         "read to its end, at most jobs.unknown_length_cap_s")

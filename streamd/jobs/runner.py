@@ -86,7 +86,7 @@ class Job:
         self.finished = asyncio.Event()
         self._pending: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
-        self._t0_pts: float | None = None
+        self._media_at: dict[int, float] = {}  # seq -> media time (the source's MediaClock) of frames on their way
         self.token = ""  # its lease's value (`<member>|<random>`), set by the manager
         self.daemon: str | None = None  # the member running it
         self.attempt = 1
@@ -107,7 +107,9 @@ class Job:
         rec.update(type="frame", job_id=self.id, stream_id=self.stream_id, attempt=self.attempt)
         self.summary.frame(rec)
         self.done_frames += 1
-        self._progress_pts(w.frame.pts_s)
+        media_s = self._media_at.pop(w.frame.seq, None)
+        if media_s is not None:
+            self.media_done_s = max(self.media_done_s, media_s)
         self._push(rec)
 
     def vlm(self, rec: dict[str, Any]) -> None:
@@ -125,11 +127,6 @@ class Job:
             self._fail(f"Redis has not taken the job's records: {len(self._pending)} wait, more than "
                        f"{MAX_PENDING}", "redis_unavailable")
             self.cancelled.set()  # stop feeding it: what it holds is bounded
-
-    def _progress_pts(self, pts_s: float) -> None:
-        if self._t0_pts is None:  # a recording's media time starts at 0; a stream's stored frames at their first
-            self._t0_pts = getattr(self.source, "start_pts_s", 0.0)
-        self.media_done_s = max(self.media_done_s, pts_s - self._t0_pts)
 
     # -- the document -------------------------------------------------------------------------------------------
     def progress(self) -> dict[str, Any]:
@@ -162,6 +159,7 @@ class Job:
             "pipeline": self.spec.pipeline, "source": self.source_doc,
             "sampling": self.spec.sampling.model_dump(), "max_duration_s": self.spec.max_duration_s,
             "live": getattr(self.source, "live", False),
+            "unknown_length": getattr(self.source, "unknown_length", False),
             "prompts": {k: {"scope": v["scope"], "version": v["version"]} for k, v in self.prompts.items()},
             "created_ts": round(self.created_ts, 6), "started_ts": self.started_ts, "ended_ts": self.ended_ts,
             "progress": self.progress(), "daemon": self.daemon, "attempt": self.attempt, "lost": self.lost,
@@ -210,6 +208,11 @@ class Job:
                     continue
                 if d.cut:
                     self.summary.cut(f.seq, f.pts_s, d.change, await asyncio.to_thread(keyframe_jpeg, f.image))
+            # progress counts media time as the source's bound does (its MediaClock: from the first frame, across a
+            # PTS reset or wrap), taken when the frame's result comes back
+            if len(self._media_at) >= MAX_PENDING:
+                self._media_at.pop(next(iter(self._media_at)))  # a frame never answered: bounded all the same
+            self._media_at[f.seq] = self.source.media_s
             yield dataclasses.replace(f, stream_id=self.sid, ref=InputRef("_job", self.id, str(f.seq), handle=self))
 
     async def run(self, pipeline: Any, pipeline_task: asyncio.Task[None]) -> None:
@@ -255,6 +258,11 @@ class Job:
                 if getattr(self.source, "bounded", False):  # it says where it stopped
                     self.reason, self.reason_code = (f"stopped at max_duration_s ({self.spec.max_duration_s:g} s "
                                                      "of media)", "max_duration")
+                elif getattr(self.source, "capped", False):
+                    self.reason, self.reason_code = (
+                        f"stopped at jobs.unknown_length_cap_s ({self.source.cap_s:g} s of media): the source's "
+                        "length is unknown (no Content-Length) and it had not ended; set max_duration_s (at most "
+                        "the cap) to analyse a slice of it", "unknown_length_cap")
         except Exception as e:  # noqa: BLE001 - a job's bug ends the job, never the daemon
             log.exception("job crashed", job=self.id)
             self._fail(f"internal error: {type(e).__name__}: {e}", "internal")

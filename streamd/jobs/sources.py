@@ -32,6 +32,7 @@ def _no_redis(url: str) -> Any:
 
 
 MAX_STEP_S = 10.0  # a forward PTS jump longer than this (and than 4 sampling intervals) is a discontinuity
+MAX_FPS = 240.0  # media of unknown length: at most this many decoded frames per second of the cap (then too_large)
 
 
 class MediaClock:
@@ -78,20 +79,34 @@ class RecordedSource:
         self.runner = StreamRunner(scfg, metrics, self._event, _no_redis, "job", 1.0, doorbell, egress, origin)
         self._task: asyncio.Task[None] | None = None
         self.max_duration_s = max_duration_s
+        self.cap_s = cfg.unknown_length_cap_s
+        # HTTP media of unknown length is a file that ends, read to its end (sources/av.py), never past the cap
+        self.runner.hls_state["unsized_max_frames"] = int(self.cap_s * MAX_FPS) + 1
         self.live = False  # the source has no end (known once it is open)
+        self.unknown_length = False  # HTTP media of unknown length (known once it is open): read to cap_s at most
+        self.capped = False  # stopped at cap_s
         self.start_pts_s = 0.0  # media time 0: the first frame's PTS (set when it arrives)
         self.clock = MediaClock(fps)  # media time read, robust to PTS resets (the max_duration_s bound)
+        self.media_s = 0.0  # the media time of the last frame given (the job's progress)
         self.bounded = False  # stopped at max_duration_s
 
     def _event(self, stream_id: str, kind: str, fields: dict[str, Any]) -> None:
         self.events[kind] = self.events.get(kind, 0) + 1
 
     @property
+    def limit_s(self) -> float | None:
+        """Media time read at most: max_duration_s, and for media of unknown length the cap."""
+        if self.unknown_length:
+            return self.cap_s if self.max_duration_s is None else min(self.cap_s, self.max_duration_s)
+        return self.max_duration_s
+
+    @property
     def duration_s(self) -> float | None:
-        """The recording's length once it is open, within max_duration_s (a live source: that bound)."""
+        """The recording's length once it is open, within max_duration_s (a live source: that bound; media of
+        unknown length: that bound, else unknown)."""
         d, bound = self.runner.hls_state.get("duration_s"), self.max_duration_s
         if d is None:
-            return bound if self.live else None
+            return self.limit_s if self.live or (self.unknown_length and bound is not None) else None
         return d if bound is None else min(d, bound)
 
     async def frames(self) -> AsyncIterator[Frame]:
@@ -105,17 +120,23 @@ class RecordedSource:
                 break
             if first:
                 first, self.live = False, bool(self.runner.hls_state.get("live"))
+                self.unknown_length = bool(self.runner.hls_state.get("unknown_length"))
                 if self.live and self.max_duration_s is None:
                     await self.aclose()
-                    raise JobSourceFailed("the source is live (a playlist without #EXT-X-ENDLIST, a camera feed, "
-                                          "or media of unknown length): it never ends; set max_duration_s to "
-                                          "analyse a slice of it", "live_source")
+                    raise JobSourceFailed("the source is live (a playlist without #EXT-X-ENDLIST, a camera feed): "
+                                          "it never ends; set max_duration_s to analyse a slice of it",
+                                          "live_source")
                 self.start_pts_s = f.pts_s
             media_s = self.clock.advance(f.pts_s)
-            if self.max_duration_s is not None and media_s >= self.max_duration_s - 1e-9:
-                self.bounded = True
+            limit = self.limit_s
+            if limit is not None and media_s >= limit - 1e-9:
+                if self.max_duration_s is not None and self.max_duration_s <= limit:
+                    self.bounded = True
+                else:
+                    self.capped = True
                 self.runner.stop()
                 break
+            self.media_s = media_s
             yield f
         await self._task
         r = self.runner
@@ -144,7 +165,10 @@ class StoredSource:
         self._frames = [sf for sf in store.between(stream_id, t0, t1) if sampler.offer(sf.pts_s).keep]
         self.total = len(self._frames)
         self.start_pts_s = self._frames[0].pts_s if self._frames else 0.0
-        self.duration_s = (self._frames[-1].pts_s - self.start_pts_s) if self._frames else None
+        clock = MediaClock(fps)  # media time from the first kept frame, across the stream's PTS resets
+        self._media = [clock.advance(sf.pts_s) for sf in self._frames]
+        self.duration_s = self._media[-1] if self._frames else None
+        self.media_s = 0.0  # the media time of the last frame given (the job's progress)
         self.seqs = [sf.seq for sf in self._frames]
 
     async def frames(self) -> AsyncIterator[Frame]:
@@ -153,7 +177,7 @@ class StoredSource:
         if not self._frames:
             raise JobSourceFailed(f"no kept frames of stream {self.stream_id!r} captured in the window (its "
                                   "keep_frames bounds them)", "not_found")
-        for sf in self._frames:
+        for sf, media_s in zip(self._frames, self._media):
             image = sf.image
             if image is None:
                 try:
@@ -161,10 +185,11 @@ class StoredSource:
                 except LookupError:
                     continue  # evicted since the job started
                 image = await asyncio.to_thread(_decode_jpeg, data)
+            self.media_s = media_s
             yield Frame(self.stream_id, sf.seq, sf.pts_s, sf.capture_ts, np.asarray(image))
 
     async def aclose(self) -> None:
-        self._frames = []
+        self._frames, self._media = [], []
 
 
 def _decode_jpeg(data: bytes) -> Any:

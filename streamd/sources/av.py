@@ -194,6 +194,11 @@ class AvSource:
             return os.path.isfile(self._url)
         return self._reader is not None and self._reader.size is not None
 
+    def _unsized_once(self, recording: bool) -> bool:
+        """HTTP media of unknown length (chunked, no Content-Length) read by a job (its state's `unsized_max_frames`
+        set): a file that ends, played once to its end; a stream's is a live feed (reconnected at its end)."""
+        return not recording and self._reader is not None and self._state.get("unsized_max_frames") is not None
+
     def _keep_every_frame(self) -> None:
         """A recording over HTTP: nothing is dropped (like a file), unless the stream sets a drop policy."""
         if self.cfg.drop_policy is not None or self._out.policy is DropPolicy.WAIT:
@@ -227,18 +232,27 @@ class AvSource:
             if threads:
                 stream.codec_context.thread_count = threads
             recording = self._recording(container)
-            self._state.setdefault("live", not recording)  # a job refuses a source with no end (or bounds it)
+            unsized = self._unsized_once(recording)
+            self._state.setdefault("live", not recording and not unsized)  # a job refuses it (or bounds it)
+            if unsized:
+                self._state.setdefault("unknown_length", True)
             if recording:  # a job's progress: media time done / this
                 self._state.setdefault("duration_s", _duration(container, stream))
-            if recording and self.ref.kind != "file":
+            if (recording or unsized) and self.ref.kind != "file":
                 self._keep_every_frame()
             resume = self._state.get("resume_pts") if recording and not self.cfg.loop else None
             if resume is not None:
                 self._seek(container, stream, resume)
-            end_pts = self._decode(container, stream, recording, resume)
+            end_pts = self._decode(container, stream, recording, resume, unsized)
         finally:
             container.close()
         if self._stop.is_set():
+            return False
+        if unsized:  # its end: the body ended (a read that failed is no end, however FFmpeg took it)
+            if self._reader.error is not None:
+                raise self._reader.error
+            if not self._state.get("unsized_frames"):
+                raise SourceError("no decodable video frame in the input", permanent=True, code="corrupt_input")
             return False
         if recording:
             if not self.frames_decoded and self._state.get("resume_pts") is None:
@@ -276,7 +290,8 @@ class AvSource:
         except av.error.FFmpegError as e:  # not seekable: decode from the start, skipping what was published
             log.info("resume by skipping (seek failed)", stream=self.cfg.id, error=_describe(e))
 
-    def _decode(self, container: Any, stream: Any, recording: bool, resume: float | None) -> float:
+    def _decode(self, container: Any, stream: Any, recording: bool, resume: float | None,
+                unsized: bool = False) -> float:
         tb_s = float(stream.time_base or Fraction(1, 90_000))  # a float: Fraction arithmetic per frame is slow
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         frame_dur = 1.0 / rate if rate > 0 else 0.04
@@ -286,6 +301,11 @@ class AvSource:
         synthetic = 0
         offset = self._pts_offset
         track = recording and not self.cfg.loop
+        # media of unknown length (a job's): a reconnect reads it again from the start (it has no byte ranges) and
+        # skips the frames already decoded, counted (its PTS may reset: a position by PTS would not do); past
+        # `max_frames` decoded frames it fails (a hostile endless feed whose PTS never advance ends all the same)
+        skip = self._state.get("unsized_frames", 0) if unsized else 0
+        max_frames = self._state.get("unsized_max_frames") if unsized else None
         rgb = VideoReformatter()  # set up on the first frame, reused for the others (and redone if their size changes)
         ctx = stream.codec_context
         plan = self.plan
@@ -338,6 +358,15 @@ class AvSource:
                 synthetic += 1
                 if resume is not None and pts <= resume + 1e-6:
                     continue  # published before the reconnect
+                if unsized:
+                    if skip > 0:
+                        skip -= 1
+                        self._progress_t = time.monotonic()
+                        continue  # decoded before the reconnect
+                    n = self._state["unsized_frames"] = self._state.get("unsized_frames", 0) + 1
+                    if n > max_frames:
+                        raise SourceError(f"media of unknown length: more than {max_frames} frames decoded and no "
+                                          "end", permanent=True, code="too_large")
                 self.frames_decoded += 1
                 self._progress_t = time.monotonic()
                 last_pts = pts

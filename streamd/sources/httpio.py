@@ -47,6 +47,7 @@ class EgressReader(io.RawIOBase):
         self._lock = threading.Lock()
         self._interrupted = False
         self.requests = 0
+        self.error: SourceError | None = None  # a read that failed (the body ended early): not the end of the media
 
     # -- loop side --------------------------------------------------------------------------------------------
     async def _open(self, pos: int) -> None:
@@ -93,10 +94,12 @@ class EgressReader(io.RawIOBase):
         try:
             data = await asyncio.wait_for(self._resp.content.read(n), self._timeout_s)
         except TimeoutError:
-            raise EgressError(f"no data from {redact_url(self._url)} for {self._timeout_s:g} s", "timeout") from None
+            self.error = EgressError(f"no data from {redact_url(self._url)} for {self._timeout_s:g} s", "timeout")
+            raise self.error from None
         except Exception as e:  # noqa: BLE001 - aiohttp's payload errors: a dropped connection
-            raise SourceError(f"reading {redact_url(self._url)} failed: {type(e).__name__}: {e}",
-                              code="unreachable") from None
+            self.error = SourceError(f"reading {redact_url(self._url)} failed: {type(e).__name__}: {e}",
+                                     code="unreachable")
+            raise self.error from None
         self._resp_pos += len(data)
         return data
 
