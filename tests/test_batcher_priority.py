@@ -106,6 +106,7 @@ async def test_a_job_only_batch_leaves_a_lane_to_live_frames(model):
         live = await asyncio.wait_for(b.submit(["live1"], KEY), 60)  # the job's pass still waits on the gate
         assert len(live) == 1
         assert run.order[-1] == ["live1"] and not any(f.done() for f in job)
+        assert (b.live_beside_low, b.live_behind_low) == (1, 0)  # beside the job's pass, not behind it
         run.gate.set()
         await asyncio.gather(*job)
     finally:
@@ -176,3 +177,33 @@ async def test_a_job_batch_starts_only_when_it_fits_before_the_next_live_frame(m
     finally:
         job.cancel()
     assert run.order == [["live0"], ["live1"], ["live2"]]
+
+
+@pytest.mark.timeout(60)  # the old code never returns here (its lane spun with the event loop held)
+async def test_items_of_cancelled_requests_leave_the_queue_and_the_lane_serves_on(model):
+    """A job cancelled while its frame waits in the lower class, and a predict request whose caller went away while
+    its image waited (both callers cancelled: their requests' futures are done, their items still queued). The lane
+    drops those items and serves the next requests; before, `_take` found nothing to take, left them queued, and
+    the lane looked again at once without awaiting: the event loop (the daemon's) was held for ever."""
+    b, run = batcher(), Forwards(model, gated=("job0",))
+    tasks, pool = await lanes(b, run, 1)
+    try:
+        first = asyncio.create_task(b.submit(["job0"], KEY, low=True))
+        await asyncio.to_thread(run.started.wait, 60)  # job0 is under way: what comes next waits
+        gone = [asyncio.create_task(b.submit(["job1"], KEY, low=True)),
+                asyncio.create_task(b.submit(["live0"], KEY))]
+        await asyncio.sleep(0)
+        assert b.waiting == 2
+        for t in gone:
+            t.cancel()
+        await asyncio.gather(*gone, return_exceptions=True)
+        run.gate.set()
+        await first
+        for _ in range(5):  # the lane looks at the queue of cancelled items alone
+            await asyncio.sleep(0.01)
+        assert b.waiting == 0
+        later = await asyncio.gather(b.submit(["live1"], KEY), b.submit(["job2"], KEY, low=True))
+    finally:
+        await stop(tasks, pool, run)
+    assert [len(x) for x in later] == [1, 1]
+    assert [t for batch in run.order for t in batch] == ["job0", "live1", "job2"]

@@ -211,6 +211,37 @@ async def test_objects_of_two_streams_are_independent(models, frames):
     assert both.memory("b")["bytes"] == 2 * both.memory("a")["bytes"]
 
 
+async def test_on_the_cpu_the_masks_are_sized_on_the_forward_passes_thread(models, frames):
+    """On the CPU every torch call of the stage runs on the device's executor thread: each thread that runs a
+    parallel torch operation gets an OpenMP pool of its own, and a second pool on the same cores made every forward
+    pass ~20 % slower (benchmarks/RESULTS.md, issue 15). The masks (torch's interpolation at the frame's size) are
+    sized there, after the pass; no masks thread of the stage's own."""
+    from streamd.models.executors import device_executor
+
+    st = await make_stage(models, track_source=None)
+    async with st.model.use() as engine:
+        pass
+    device_thread = device_executor("cpu").submit(lambda: threading.current_thread().name).result()
+    threads: list[str] = []
+
+    def sizing(low_res: list[Any], height: int, width: int) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        return type(engine).frame_masks(engine, low_res, height, width)  # the real sizing, only watched
+
+    engine.frame_masks = sizing
+    try:
+        st.add_prompt("a", {"box": BOX_A})
+        ws = [work("a", i, frames[i]) for i in range(3)]
+        for w in ws:
+            await st.process([w])
+    finally:
+        del engine.frame_masks
+        await st.teardown()
+    assert [len(objs(w)) for w in ws] == [1, 1, 1] and decode(objs(ws[-1])[0]["mask"]).shape == (H, W)
+    assert threads == [device_thread] * 3
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("segment-masks")]
+
+
 async def test_memory_bank_stays_bounded_over_hundreds_of_frames(models, frames):
     """200 frames, two objects, a re-prompt from drift every 10 frames (reprompt_iou 1: every mask 'drifts'): the
     stored memories never pass their bounds and the bytes held stay flat once the bank is full."""

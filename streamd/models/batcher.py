@@ -86,6 +86,10 @@ class ModelBatcher(Generic[I, O]):
         self._idle = 0  # lanes waiting for items
         self.error: BaseException | None = None  # closed (or could not be set up): every request fails with it
         self.batches = 0
+        # live items submitted while a batch of low items alone was under way (a job's pass beside theirs), and of
+        # those, the ones that found no lane waiting (they waited for a lane: a job's pass or another live batch)
+        self.live_beside_low = 0
+        self.live_behind_low = 0
         self.batch_sizes: deque[int] = deque(maxlen=1024)  # the latest batches' sizes
 
     @property
@@ -128,6 +132,9 @@ class ModelBatcher(Generic[I, O]):
         (self._low if low else self._pending).extend((req, i) for i in range(len(items)))
         if not low:
             self._arrived(loop.time(), streams)
+            if self._low_running:
+                self.live_beside_low += len(items)
+                self.live_behind_low += len(items) if not self._idle else 0
         self._wake.set()
         return await req.future
 
@@ -305,8 +312,14 @@ class ModelBatcher(Generic[I, O]):
     def _take(self, q: deque[tuple[_Request[I, O], int]], batch: int,
               key: Hashable | None = None) -> list[tuple[_Request[I, O], int]]:
         """Waiting items of `q` with the first one's key (or `key`): this lane's even share of them between the idle
-        lanes (itself included), at most `batch`. Items of other keys keep their place; a request that failed (or
-        whose item `admit` refused) has its other items skipped."""
+        lanes (itself included), at most `batch`. Items of other keys keep their place; the items of a request that
+        is done (it failed, `admit` refused one of its items, or its caller was cancelled: a job cancelled, a
+        predict request gone) leave the queue here (else a queue of only such items would give an empty batch and
+        the lane would look again at once, forever, never letting the event loop run)."""
+        if any(req.future.done() for req, _ in q):
+            keep = [x for x in q if not x[0].future.done()]
+            q.clear()
+            q.extend(keep)
         matching = 0
         cap = batch * (self._idle + 1)
         for req, _ in q:

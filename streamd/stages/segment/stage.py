@@ -16,14 +16,21 @@ discontinuity, freed when the stream goes. Streams share the loaded model throug
 batch holds frames of several streams, run as rounds (the k-th frame of each stream), each round submitted to the
 model's one batcher (`Sam2Engine.run`), which puts rounds of every segment stage using the model (every pipeline)
 into shared passes of the image encoder and batched passes over the objects of all of them (`Sam2Engine.step`,
-at most the model's `forward_batch` frames); the masks of a round are sized and encoded on another thread while
-the next round runs.
+at most the model's `forward_batch` frames); the masks of a round are sized and encoded after its pass.
+
+Where the masks are sized: on the CPU, on the device's executor thread, the thread of the forward passes, after the
+pass (so every torch call of the stage runs on that one thread). Each thread that runs a parallel torch operation
+gets its own OpenMP pool of worker threads, and once a process has more OpenMP threads than cores, libgomp's
+workers stop spinning between parallel regions and sleep: every region then waits for them to wake. A second
+thread sizing masks on the CPU made the whole forward pass ~20 % slower on 2 cores (benchmarks/RESULTS.md, issue
+15), far more than the overlap gained. On a GPU the masks (CPU work) go to a thread of their own, overlapping the
+next round's pass on the GPU.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -105,7 +112,8 @@ class Segment(Stage):
         self.model: Any = None  # streamd.models.ModelRef to the shared SAM 2 engine
         self.source = opts.model
         self._streams: dict[str, StreamMemory] = {}
-        self._masks: ThreadPoolExecutor | None = None  # sizes and encodes masks while the next pass runs
+        self._masks: Executor | None = None  # sizes and encodes masks (see the module's docstring)
+        self._own_masks: ThreadPoolExecutor | None = None  # a GPU model's masks thread (the stage's own)
 
     @classmethod
     def from_config(cls, cfg: StageConfig, where: str) -> "Segment":
@@ -115,6 +123,7 @@ class Segment(Stage):
     async def setup(self) -> None:
         """Take a handle on the SAM 2 model from the model manager and load it (a clear error where its weights
         cannot be had: offline, no such file)."""
+        from streamd.models.executors import device_executor
         from streamd.models.sources import resolve_device
         from streamd.models.spec import ModelSpec
 
@@ -123,9 +132,13 @@ class Segment(Stage):
         implicit = ModelSpec(source=o.model, kind="sam2", device=resolve_device(o.device), precision=o.precision,
                              options={"checkpoint": o.checkpoint, "image_size": o.image_size})
         self.model = self.ctx.models.ref(o.model, implicit, self.label(), self.ctx.fail_stream)
-        self._masks = ThreadPoolExecutor(1, thread_name_prefix=f"segment-masks-{self.name}")
         async with self.model.use() as engine:
             self.device, self.source = engine.device, engine.name
+            if engine.device == "cpu":  # the forward passes' thread: one OpenMP pool in the process
+                self._masks = device_executor(engine.device)
+            else:
+                self._own_masks = ThreadPoolExecutor(1, thread_name_prefix=f"segment-masks-{self.name}")
+                self._masks = self._own_masks
             if o.memory_frames > engine.max_memory_frames():
                 raise StageError(f"memory_frames {o.memory_frames} is more than model {engine.name} reads "
                                  f"({engine.max_memory_frames()}: its num_maskmem - 1)")
@@ -133,8 +146,8 @@ class Segment(Stage):
     async def teardown(self) -> None:
         if self.model is not None:
             self.model.close()
-        if self._masks is not None:
-            self._masks.shutdown(wait=False)
+        if self._own_masks is not None:
+            self._own_masks.shutdown(wait=False)
 
     def reset_stream(self, stream_id: str) -> None:
         st = self._streams.get(stream_id)
@@ -211,7 +224,8 @@ class Segment(Stage):
 
     async def _round(self, engine: Any, rnd: list[Work], masks: list[asyncio.Future[None]]) -> None:
         """One frame of each stream in `rnd`: the forward pass on the device's thread, then scores and memory on
-        the loop; the masks go to the masks thread (they overlap the next round's pass)."""
+        the loop; then the masks: on the device's thread on the CPU, on the masks thread on a GPU (there they overlap
+        the next round's pass)."""
         jobs = [(w, self._job(engine, w)) for w in rnd]
         classes: dict[bool, list[tuple[Work, Any]]] = {}  # live streams' frames, jobs' (the batcher's lower class)
         for w, j in jobs:
