@@ -172,6 +172,7 @@ class Pipeline:
                 ms = round(dt * 1000.0, 3)
                 for w in todo:
                     w.timings_ms[st.name] = ms
+            st.passed([w for w in batch if isinstance(w, Work)])  # failed ones too: they never come back
             for w in batch:
                 await out.put(w)
 

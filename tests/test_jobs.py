@@ -483,7 +483,8 @@ async def test_summary_mode_gives_captions_and_rolling_summaries(redis_server, c
     pipe = {"stages": [{"type": "frame_info"}, {"type": "vlm", "model": "scripted", "endpoints": [{"url": vlm.url}],
                                                 "mode": "summary", "every_s": 0, "summary_every_s": 2,
                                                 "prompt": "t={pts_s}"}]}
-    cfg = api_cfg(redis_server.url, {"sum": pipe}, max_vlm_in_flight=1)  # answers in order: windows as in a stream
+    # one question at a time (frames on their way to the stage count): answers in order, windows as in a stream
+    cfg = api_cfg(redis_server.url, {"sum": pipe}, max_vlm_in_flight=1)
     srv = HttpDir(clip.parent).start()
     try:
         async with running(cfg) as d, aiohttp.ClientSession() as s:
@@ -498,5 +499,5 @@ async def test_summary_mode_gives_captions_and_rolling_summaries(redis_server, c
     assert [c["pts_s"] for c in v["captions"]] == pts and all(c["text"].startswith("caption t=") for c in v["captions"])
     wins = [x["window"] for x in v["summaries"]]
     assert len(wins) >= 2 and wins[0]["start_seq"] == 0 and wins[-1]["end_seq"] == len(pts) - 1
-    assert all(a["end_seq"] + 1 == b["start_seq"] for a, b in zip(wins, wins[1:]))  # contiguous, the last flushed
+    assert all(a["end_seq"] + 1 == b["start_seq"] for a, b in zip(wins, wins[1:])), wins  # contiguous, last flushed
     assert all(x["text"].startswith("SUMMARY [") for x in v["summaries"]), v["summaries"]

@@ -92,7 +92,11 @@ class Stage:
 
     async def room(self, stream_id: str, limit: int) -> None:
         """Wait until the stream has fewer than `limit` pieces of work in flight beyond its frames (a VLM's
-        questions); most stages have none."""
+        questions), counting the frames let in by room() that have not reached this stage yet (each may become
+        one), then count the frame about to be fed among those; most stages have none."""
+
+    def passed(self, works: list[Work]) -> None:
+        """`works` went through this stage (processed, or skipped as failed earlier): see room()."""
 
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(device_executor(self.device), fn, *args)

@@ -80,6 +80,8 @@ class Vlm(Stage):
         self._windows: dict[str, SummaryWindow] = {}
         self._inflight: set[asyncio.Task[None]] = set()
         self._by_stream: dict[str, set[asyncio.Task[None]]] = {}  # tasks in flight per stream (jobs wait on them)
+        self._coming: dict[str, int] = {}  # per job stream: frames room() let in that have not passed this stage
+        self._room_changed = asyncio.Event()  # a task ended or a frame passed: room() looks again
         self._slots = asyncio.Semaphore(opts.max_in_flight)
         self.asked = 0
         self.answered = 0
@@ -147,6 +149,7 @@ class Vlm(Stage):
 
     def forget_stream(self, stream_id: str) -> None:
         self.reset_stream(stream_id)
+        self._coming.pop(stream_id, None)
         if stream_id.startswith(JOB_PREFIX) and self._by_stream.get(stream_id):
             # a job's last answers are still on their way: their captions join its last summary window first
             self._spawn(self._forget_later(stream_id), f"vlm-forget:{stream_id}", stream_id)
@@ -194,10 +197,29 @@ class Vlm(Stage):
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def room(self, stream_id: str, limit: int) -> None:
-        """Until the stream has fewer than `limit` questions in flight (a job's feeder waits here: its frames are
-        never skipped, so it must not outrun the model)."""
-        while len(tasks := self._by_stream.get(stream_id, ())) >= limit:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        """Until the stream has fewer than `limit` questions in flight, counting as one each frame let in here
+        that has not reached this stage yet (it may become a question), then lets one more frame in (a job's
+        feeder waits here: its frames are never skipped, so it must not outrun the model). Counting only the
+        questions already asked let the feeder put a queue's worth of frames through meanwhile: more than
+        `limit` questions at once, answered out of order."""
+        while len(self._by_stream.get(stream_id, ())) + self._coming.get(stream_id, 0) >= limit:
+            self._room_changed.clear()
+            await self._room_changed.wait()
+        self._coming[stream_id] = self._coming.get(stream_id, 0) + 1
+
+    def passed(self, works: list[Work]) -> None:
+        changed = False
+        for w in works:
+            sid = w.frame.stream_id
+            n = self._coming.get(sid, 0)
+            if n > 0:
+                changed = True
+                if n == 1:
+                    del self._coming[sid]
+                else:
+                    self._coming[sid] = n - 1
+        if changed:
+            self._room_changed.set()
 
     def _prompt(self, w: Work) -> tuple[str, dict[str, Any] | None, Any]:
         rec = w.prompts.get("vlm")
@@ -375,6 +397,7 @@ class Vlm(Stage):
             mine.discard(task)
             if not mine:
                 del self._by_stream[stream_id]
+        self._room_changed.set()
 
     async def _summarise(self, stream_id: str, captions: list[Caption] | None) -> None:
         if not captions:
