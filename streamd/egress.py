@@ -5,9 +5,7 @@
   `ipaddress` does not call global) and a non-global one is refused unless the operator's allow-list (`egress.allow`:
   CIDRs, host names, `*.suffix`) names it. The connection is made to the checked address: aiohttp is given a
   resolver that returns only checked addresses, and FFmpeg is given the URL with the host replaced by the checked
-  address (`pin_url`), and a thread that fetches by itself (`BlockingFetcher`, the HLS decoder thread's segments)
-  has the name resolved and checked here, on the loop, and connects to the checked address, so a second, different
-  answer from DNS (rebinding) never reaches a socket.
+  address (`pin_url`), so a second, different answer from DNS (rebinding) never reaches a socket.
 - Redirects are followed here, never by aiohttp or FFmpeg: at most `egress.max_redirects`, each hop checked.
 - Per-fetch byte and time limits, and a request-rate cap per stream (a token bucket): a self-referencing playlist
   fails fast with a reason that says so instead of hammering its origin.
@@ -21,16 +19,12 @@ Refusals raise `EgressError` (a `SourceError` with a `code`) before any connecti
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import http.client
 import ipaddress
 import socket
-import ssl
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -131,17 +125,14 @@ class _Bucket:
     def __post_init__(self) -> None:
         self.tokens = float(self.burst)
 
-    lock: threading.Lock = field(default_factory=threading.Lock)  # taken from the loop and decoder threads
-
     def take(self) -> bool:
-        with self.lock:
-            now = time.monotonic()
-            self.tokens = min(float(self.burst), self.tokens + (now - self.last) * self.rate)
-            self.last = now
-            if self.tokens >= 1:
-                self.tokens -= 1
-                return True
-            return False
+        now = time.monotonic()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
 
 
 class StreamEgress:
@@ -196,8 +187,7 @@ class StreamEgress:
         if not self._bucket.take():
             raise EgressError(f"more than {self.rules.requests_per_s:g} requests/s to fetch {redact_url(url)} "
                               "(a playlist that refers to itself?)", "request_rate")
-        with self._bucket.lock:
-            self.requests += 1
+        self.requests += 1
 
     async def pin_url(self, url: str) -> str:
         """The URL with its host replaced by its checked address, for FFmpeg (which would resolve it again)."""
@@ -301,226 +291,6 @@ class StreamEgress:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-_REDIRECT_STATUS = (301, 302, 303, 307, 308)
-_READ_BYTES = 1 << 20  # at most this much per socket read of a body
-
-
-class Interrupted(SourceError):
-    """A blocking fetch was interrupted: its source is closing."""
-
-
-def _pinned(addrs: list[IPAddress]) -> Any:
-    """`socket.create_connection` for http.client that goes to the checked addresses, never to a new resolution
-    of the name (the name stays in the Host header and in TLS's server name and certificate check)."""
-
-    def connect(address: tuple[str, int], timeout: Any = None, source_address: Any = None) -> socket.socket:
-        err: OSError | None = None
-        for ip in addrs:
-            try:
-                return socket.create_connection((str(ip), address[1]), timeout, source_address)
-            except OSError as e:
-                err = e
-        raise err or OSError("no address")
-
-    return connect
-
-
-class _PinnedHTTP(http.client.HTTPConnection):
-    def __init__(self, host: str, port: int, addrs: list[IPAddress], timeout: float):
-        super().__init__(host, port, timeout=timeout)
-        self._create_connection = _pinned(addrs)
-
-
-class _PinnedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, addrs: list[IPAddress], timeout: float, context: ssl.SSLContext):
-        super().__init__(host, port, timeout=timeout, context=context)
-        self._create_connection = _pinned(addrs)
-
-
-class BlockingFetcher:
-    """The policy for a thread that fetches by itself (the HLS decoder thread reads its segments, as FFmpeg's own
-    HLS demuxer does, so the event loop spends no time on them): the same checks as `StreamEgress.fetch`. A
-    host name is resolved and checked by the stream's `StreamEgress.resolve` on the event loop (the one
-    resolution; an address literal is checked here), and the connection is made to a checked address; redirects
-    are followed here, at most `max_redirects`, each hop checked before it connects; every request takes from
-    the stream's request budget; byte and time limits per fetch. One kept-alive connection per (scheme, host,
-    port), made to an address checked for that host (a reconnect goes to the same checked addresses, never to a
-    new resolution). One thread fetches at a time; `interrupt()` (any thread) fails a fetch in flight at once."""
-
-    def __init__(self, egress: StreamEgress, loop: asyncio.AbstractEventLoop):
-        self._egress = egress
-        self._loop = loop
-        self._conns: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
-        self._lock = threading.Lock()
-        self._interrupted = False
-        self._ssl: ssl.SSLContext | None = None
-
-    def interrupt(self) -> None:
-        with self._lock:
-            self._interrupted = True
-            conns = list(self._conns.values())
-        for c in conns:
-            sock = c.sock
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        with self._lock:
-            conns, self._conns = list(self._conns.values()), {}
-        for c in conns:
-            c.close()
-
-    def _check_interrupted(self) -> None:
-        if self._interrupted:
-            raise Interrupted("the source was closed")
-
-    def _resolve(self, host: str, port: int, timeout_s: float) -> list[IPAddress]:
-        ip = _ip(host)
-        if ip is not None:
-            self._egress.check_ip(ip, host)
-            return [ip]
-        try:
-            fut = asyncio.run_coroutine_threadsafe(self._egress.resolve(host, port), self._loop)
-        except RuntimeError:  # the loop is closed
-            raise Interrupted("the source was closed") from None
-        try:
-            return fut.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            raise EgressError(f"cannot resolve {host!r} within {timeout_s:g} s", "timeout") from None
-        except concurrent.futures.CancelledError:
-            raise Interrupted("the source was closed") from None
-
-    def _connection(self, scheme: str, host: str, port: int, timeout_s: float) -> http.client.HTTPConnection:
-        key = (scheme, host.lower(), port)
-        conn = self._conns.get(key)
-        if conn is not None:
-            return conn
-        addrs = self._resolve(host, port, timeout_s)
-        if scheme == "https":
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()
-            conn = _PinnedHTTPS(host, port, addrs, timeout_s, self._ssl)
-        else:
-            conn = _PinnedHTTP(host, port, addrs, timeout_s)
-        with self._lock:
-            self._check_interrupted()
-            self._conns[key] = conn
-        return conn
-
-    def _drop(self, scheme: str, host: str, port: int) -> None:
-        with self._lock:
-            conn = self._conns.pop((scheme, host.lower(), port), None)
-        if conn is not None:
-            conn.close()
-
-    def fetch(self, url: str, *, max_bytes: int, timeout_s: float, headers: dict[str, str] | None = None) \
-            -> tuple[bytes, str]:
-        """The whole body of `url` (at most `max_bytes`, within `timeout_s` in all) and the final URL after
-        redirects; raises EgressError (or Interrupted) as `StreamEgress.fetch` does."""
-        deadline = time.monotonic() + timeout_s
-        hops = 0
-        while True:
-            self._check_interrupted()
-            parts = urlsplit(url)
-            try:
-                port = parts.port
-            except ValueError:
-                raise EgressError(f"egress policy refused {redact_url(url)}: a bad port", permanent=False) from None
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise EgressError(f"egress policy refused {redact_url(url)}: only http(s) URLs may be fetched",
-                                  permanent=False)
-            host = parts.hostname
-            port = port or (443 if parts.scheme == "https" else 80)
-            self._egress.take_request(url)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            hdrs = dict(headers or {})
-            if parts.username is not None:
-                from base64 import b64encode
-                hdrs["Authorization"] = "Basic " + b64encode(
-                    f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
-            for attempt in (0, 1):
-                conn = self._connection(parts.scheme, host, port, timeout_s)
-                reused = conn.sock is not None
-                try:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError
-                    conn.timeout = left
-                    if conn.sock is not None:
-                        conn.sock.settimeout(left)
-                    conn.request("GET", target, headers=hdrs)
-                    resp = conn.getresponse()
-                    break
-                except EgressError:
-                    self._drop(parts.scheme, host, port)
-                    raise
-                except (TimeoutError, socket.timeout):
-                    self._drop(parts.scheme, host, port)
-                    self._check_interrupted()
-                    raise EgressError(f"no answer from {redact_url(url)} within {timeout_s:g} s", "timeout") \
-                        from None
-                except (OSError, http.client.HTTPException) as e:
-                    self._drop(parts.scheme, host, port)
-                    self._check_interrupted()
-                    if reused and attempt == 0:  # a kept-alive connection the server had closed: once more
-                        continue
-                    raise EgressError(f"cannot fetch {redact_url(url)}: {type(e).__name__}: {e}", "unreachable") \
-                        from None
-            if resp.status in _REDIRECT_STATUS:
-                location = resp.getheader("Location", "") or ""
-                self._drop(parts.scheme, host, port)  # the body is not read: this connection is not reused
-                hops += 1
-                if hops > self._egress.rules.max_redirects:
-                    raise EgressError(f"more than {self._egress.rules.max_redirects} redirects from "
-                                      f"{redact_url(url)}", "too_many_redirects")
-                if not location:
-                    raise EgressError(f"redirect without a Location from {redact_url(url)}", "http_status")
-                url = urljoin(url, location)
-                continue
-            if resp.status >= 400:
-                self._drop(parts.scheme, host, port)
-                raise EgressError(f"HTTP {resp.status} from {redact_url(url)}", "http_status", permanent=False)
-            return self._body(resp, conn, url, (parts.scheme, host, port), deadline, max_bytes, timeout_s), url
-
-    def _body(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, url: str,
-              key: tuple[str, str, int], deadline: float, max_bytes: int, timeout_s: float) -> bytes:
-        if resp.length is not None and resp.length > max_bytes:
-            self._drop(*key)
-            raise EgressError(f"{redact_url(url)} is {resp.length} bytes, over the {max_bytes} limit", "too_large")
-        buf = bytearray()
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError
-                sock = conn.sock
-                if sock is not None:
-                    sock.settimeout(left)
-                chunk = resp.read1(_READ_BYTES)
-                if not chunk:
-                    break
-                buf += chunk
-                if len(buf) > max_bytes:
-                    self._drop(*key)
-                    raise EgressError(f"{redact_url(url)} is over the {max_bytes}-byte limit", "too_large")
-            if resp.length:  # the connection ended before the whole body came
-                raise http.client.IncompleteRead(bytes(buf), resp.length)
-            resp.read()  # marks the response done: its connection is ready for the next request
-        except (TimeoutError, socket.timeout):
-            self._drop(*key)
-            self._check_interrupted()
-            raise EgressError(f"fetching {redact_url(url)} took over {timeout_s:g} s", "timeout") from None
-        except (OSError, http.client.HTTPException) as e:
-            self._drop(*key)
-            self._check_interrupted()
-            raise EgressError(f"fetching {redact_url(url)} failed: {type(e).__name__}", "unreachable") from None
-        return bytes(buf)
 
 
 class _PolicyResolver(AbstractResolver):

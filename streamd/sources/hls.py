@@ -14,13 +14,8 @@ refuses.
   playlist already on the way, or nests deeper than `hls.max_nesting`, fails with `playlist_loop`.
 - AES-128 segments are decrypted (key through the policy; IV from the tag or the media sequence number).
 
-Playlists are fetched and followed on the event loop; each segment to play is handed, as its URI and media
-sequence number, to one thread per source (a hand-off queue of at most two: a slow pipeline slows the following,
-never the loop), which fetches its bytes (and its key and init section) itself, through the same policy
-(`BlockingFetcher`: the name resolved and checked by the stream's `StreamEgress` on the loop, the connection made
-to the checked address, redirects checked per hop, the request budget, byte and time limits), then demuxes and
-decodes them, as FFmpeg's own HLS demuxer does: the loop spends no time on segment bytes (benchmarks/RESULTS.md,
-HLS follower).
+The fetching runs on the event loop; decoding runs in one thread per source, fed through a hand-off queue of at
+most two segments (memory stays bounded; a slow pipeline slows the fetching, never the loop).
 """
 
 from __future__ import annotations
@@ -38,7 +33,7 @@ from av.video.reformatter import VideoReformatter
 
 from streamd.batching import FrameQueue
 from streamd.config import DropPolicy, StreamConfig
-from streamd.egress import BlockingFetcher, EgressError, StreamEgress
+from streamd.egress import EgressError, StreamEgress
 from streamd.errors import SourceError
 from streamd.frames import Frame
 from streamd.log import get_logger, redact_url
@@ -83,9 +78,7 @@ class HlsSource:
         self._waiting = False
         self._keys: dict[str, bytes] = {}
         self._maps: dict[str, bytes] = {}
-        self._fetcher = BlockingFetcher(egress, loop)  # the decoder thread's fetches, through the policy
-        self._queued: int | None = None  # the last media sequence number handed to the decoder thread
-        self._feed = Feed(self._handoff, self._stop, self._fetch_segment)
+        self._feed = Feed(self._handoff, self._stop)
         self.plan = make_plan(cfg, sampler, mode_reporter(cfg.id, out, on_event))  # None: every frame decoded
         self._thread = threading.Thread(target=self._decode_loop, name=f"hls-{cfg.id}", daemon=True)
         self._thread.start()
@@ -102,7 +95,6 @@ class HlsSource:
 
     async def aclose(self) -> None:
         self._stop.set()
-        self._fetcher.interrupt()  # a fetch in flight in the decoder thread fails at once
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         await asyncio.to_thread(self._thread.join, 2.0)
@@ -199,9 +191,7 @@ class HlsSource:
             if pl.is_endlist and self.cfg.drop_policy is None:
                 self._out.set_policy(DropPolicy.WAIT)  # a recording: every frame, like a file
             msn0 = int(pl.media_sequence or 0)
-            last = self._state.get("last_msn")  # the last segment fetched, this connection or an earlier one
-            if self._queued is not None and (last is None or self._queued > last):
-                last = self._queued  # handed over, not fetched yet
+            last = self._state.get("last_msn")
             todo = list(enumerate(pl.segments))
             if last is None:
                 if not pl.is_endlist and h.start == "live_edge":
@@ -211,8 +201,11 @@ class HlsSource:
             for i, seg in todo:
                 msn = msn0 + i
                 gap = last is not None and msn > last + 1
-                await self._hand(self._segment(seg, msn, bool(seg.discontinuity) or gap))
-                self._queued = last = msn
+                data = await self._segment(seg, msn, final)
+                pdt = seg.current_program_date_time
+                await self._hand(Segment(msn, data, bool(seg.discontinuity) or gap,
+                                          pdt.timestamp() if pdt is not None else None))
+                self._state["last_msn"] = last = msn
                 if self._stop.is_set():
                     return
             if pl.is_endlist:
@@ -223,52 +216,40 @@ class HlsSource:
             last_text = text
             await asyncio.sleep(max(0.1, wait))
 
-    def _segment(self, seg: Any, msn: int, discontinuity: bool) -> Segment:
-        """What the decoder thread needs to fetch and play a playlist entry (what cannot play fails here)."""
-        if seg.byterange:
-            raise SourceError("EXT-X-BYTERANGE segments are not supported", permanent=True, code="invalid_playlist")
-        init_uri = None
+    async def _segment(self, seg: Any, msn: int, base: str) -> bytes:
+        h = self.cfg.hls
+        data, _ = await self._egress.fetch(seg.absolute_uri, max_bytes=h.max_segment_bytes,
+                                           timeout_s=h.segment_timeout_s)
         init = seg.init_section
         if init is not None and init.uri:
+            uri = init.absolute_uri
+            if uri not in self._maps:
+                self._maps.clear()
+                self._maps[uri], _ = await self._egress.fetch(uri, max_bytes=h.max_segment_bytes,
+                                                              timeout_s=h.segment_timeout_s)
+            data = self._maps[uri] + data if self._maps[uri] else data
             if init.byterange:
                 raise SourceError("EXT-X-MAP byte ranges are not supported", permanent=True,
                                   code="invalid_playlist")
-            init_uri = init.absolute_uri
-        key_uri = key_iv = None
         key = seg.key
         if key is not None and key.method and key.method.upper() != "NONE":
             if key.method.upper() != "AES-128":
                 raise SourceError(f"HLS encryption {key.method} is not supported (AES-128 is)", permanent=True,
                                   code="invalid_playlist")
-            key_uri, key_iv = key.absolute_uri, key.iv
-        pdt = seg.current_program_date_time
-        return Segment(msn, None, discontinuity, pdt.timestamp() if pdt is not None else None, seg.absolute_uri,
-                       init_uri, key_uri, key_iv)
+            data = await self._decrypt(data, key, msn)
+        if seg.byterange:
+            raise SourceError("EXT-X-BYTERANGE segments are not supported", permanent=True, code="invalid_playlist")
+        return data
 
-    # -- fetching (decoder thread) ------------------------------------------------------------------------
-    def _fetch_segment(self, seg: Segment) -> None:
-        """Fill `seg.data`: the segment's bytes (after its init section, decrypted), through the policy."""
-        h = self.cfg.hls
-        fetch = self._fetcher.fetch
-        data, _ = fetch(seg.uri, max_bytes=h.max_segment_bytes, timeout_s=h.segment_timeout_s)
-        if seg.init_uri is not None:
-            if seg.init_uri not in self._maps:
-                self._maps.clear()
-                self._maps[seg.init_uri], _ = fetch(seg.init_uri, max_bytes=h.max_segment_bytes,
-                                                    timeout_s=h.segment_timeout_s)
-            data = self._maps[seg.init_uri] + data if self._maps[seg.init_uri] else data
-        if seg.key_uri is not None:
-            secret = self._keys.get(seg.key_uri)
-            if secret is None:
-                secret, _ = fetch(seg.key_uri, max_bytes=64, timeout_s=h.segment_timeout_s)
-                if len(secret) != 16:
-                    raise SourceError(f"the AES-128 key is {len(secret)} bytes, not 16", code="invalid_playlist")
-                self._keys[seg.key_uri] = secret
-            data = aes128_decrypt(data, secret, seg.key_iv, seg.msn)
-        seg.data = data
-        if not self._stop.is_set():  # decoded at most once: a reconnect starts after it
-            last = self._state.get("last_msn")
-            self._state["last_msn"] = seg.msn if last is None else max(last, seg.msn)
+    async def _decrypt(self, data: bytes, key: Any, msn: int) -> bytes:
+        uri = key.absolute_uri
+        secret = self._keys.get(uri)
+        if secret is None:
+            secret, _ = await self._egress.fetch(uri, max_bytes=64, timeout_s=self.cfg.hls.segment_timeout_s)
+            if len(secret) != 16:
+                raise SourceError(f"the AES-128 key is {len(secret)} bytes, not 16", code="invalid_playlist")
+            self._keys[uri] = secret
+        return aes128_decrypt(data, secret, key.iv, msn)
 
     # -- decoding (thread) --------------------------------------------------------------------------------
     # MPEG-TS segments that arrive back to back are read as one stream by one long-lived demuxer and decoder (as
@@ -300,8 +281,6 @@ class HlsSource:
             error = e
         except Exception as e:  # noqa: BLE001
             error = SourceError(f"HLS decode: {type(e).__name__}: {e}")
-        finally:
-            self._fetcher.close()
         self._out.call_threadsafe(self._end, error)
 
     def _decode_run(self, feed: Feed) -> bool:
@@ -396,11 +375,8 @@ class HlsSource:
             decision = (self.plan or self.sampler).offer(pts)
             if not decision.keep:
                 continue
-            seg_pts, pdt = self._marks[0] if self._marks else (pts, None)
-            for mark in reversed(self._marks):  # the segment this frame is in: the last one starting before it
-                if mark[0] <= pts + 1e-6:
-                    seg_pts, pdt = mark
-                    break
+            seg_pts, pdt = next(((p, d) for p, d in reversed(self._marks) if p <= pts + 1e-6),
+                                self._marks[0] if self._marks else (pts, None))
             if pdt is not None:
                 capture, source = pdt + (pts - seg_pts), "source"
             else:

@@ -8,25 +8,20 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from streamd.errors import SourceError
 
 END = object()  # the hand-off queue's last item at a clean end of the playlist
-_NONE: list = []  # locate's "no segment settled" (never changed)
 FLUSH_IDLE_S = 0.2  # no new segment for this long: the decoder's held-back frames are flushed out
 
 
 @dataclass(slots=True)
 class Segment:
     msn: int
-    data: bytes | None  # None: not fetched yet (the decoder thread fetches it, `Feed(fetch=...)`)
+    data: bytes
     discontinuity: bool
     pdt: float | None  # program date time of the segment's start (epoch seconds)
-    uri: str = ""  # where its bytes are
-    init_uri: str | None = None  # its EXT-X-MAP init section
-    key_uri: str | None = None  # its AES-128 key
-    key_iv: str | None = None
     start: int = 0  # its first byte's offset in the run of segments it is read in
     packets: int = 0  # video packets demuxed from it
 
@@ -34,15 +29,11 @@ class Segment:
 class Feed(io.RawIOBase):
     """The decoder thread's input: segments from the hand-off queue as one byte stream for a run of MPEG-TS
     segments (EOF at a discontinuity, at a non-TS segment, at the end, or after FLUSH_IDLE_S without a new
-    segment), or one segment alone otherwise. Knows which segment each byte offset came from. A segment handed
-    over without its bytes is fetched here, in the reading thread, by `fetch` (which fills `data`); a fetch that
-    fails (a SourceError) is the feed's final item, after the segments before it."""
+    segment), or one segment alone otherwise. Knows which segment each byte offset came from."""
 
-    def __init__(self, handoff: queue.Queue[Any], stop: threading.Event,
-                 fetch: Callable[[Segment], None] | None = None):
+    def __init__(self, handoff: queue.Queue[Any], stop: threading.Event):
         self._handoff = handoff
         self._stop = stop
-        self._fetch = fetch
         self._next: Any = None  # an item taken that belongs to the next run
         self._buf = memoryview(b"")
         self._off = 0
@@ -64,19 +55,10 @@ class Feed(io.RawIOBase):
         t0 = time.monotonic()
         while not self._stop.is_set():
             try:
-                item = self._handoff.get(timeout=0.05)
+                return self._handoff.get(timeout=0.05)
             except queue.Empty:
                 if not wait and time.monotonic() - t0 >= FLUSH_IDLE_S:
                     return None  # caught up with the live edge: this run ends, its held-back frames go out
-                continue
-            if isinstance(item, Segment) and item.data is None and self._fetch is not None:
-                try:
-                    self._fetch(item)
-                except SourceError as e:
-                    return e
-                except Exception as e:  # noqa: BLE001 - any failure to fetch ends this connection with a reason
-                    return SourceError(f"HLS segment {item.msn}: {type(e).__name__}: {e}")
-            return item
         return None
 
     def begin(self) -> bool:
@@ -135,12 +117,8 @@ class Feed(io.RawIOBase):
     def locate(self, pos: int | None) -> tuple[Segment | None, bool, list[Segment]]:
         """The segment a packet at byte `pos` came from, whether it is that segment's first packet, and the
         segments before it (now settled: the demuxer is past them)."""
-        segs = self._segs
-        if pos is None or pos < 0 or not segs:
-            return (segs[0] if segs else None), False, []
-        if len(segs) == 1 or segs[1].start > pos:  # still in the oldest segment (most packets): nothing settled
-            seg = segs[0]
-            return seg, seg.packets == 0, _NONE
+        if pos is None or pos < 0 or not self._segs:
+            return (self._segs[0] if self._segs else None), False, []
         i = len(self._segs) - 1
         while i > 0 and self._segs[i].start > pos:
             i -= 1
