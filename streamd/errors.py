@@ -35,7 +35,10 @@ REASON_CODES = {
     "timeout": "no answer or no data within the configured time",
     "http_status": "an HTTP request answered with an error status",
     "too_many_redirects": "more redirects than egress.max_redirects",
-    "too_large": "a playlist, segment or response exceeded its size limit",
+    "too_large": "a playlist, segment or response exceeded its size limit (a job's media of unknown length: "
+                 "more frames than jobs.unknown_length_cap_s allows, and no end)",
+    "source_changed": "a job's HTTP media changed between connections (sized then chunked, or another body "
+                      "after a cut): it cannot be resumed",
     "request_rate": "the stream made more requests per second than egress.requests_per_s allows",
     "playlist_loop": "a playlist refers back to itself",
     "invalid_playlist": "a playlist that cannot be parsed or has no media",
