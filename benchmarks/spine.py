@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/spine.py            # full run (about 3 minutes on a 2-core box)
     .venv/bin/python benchmarks/spine.py --quick    # shorter clip, one repeat
     .venv/bin/python benchmarks/spine.py --write    # also rewrite the "Spine" section of benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/spine.py --threads  # also CPU per frame by thread group (loop, decoders, FFmpeg)
 
 1. Throughput. N streams (1, 4, 8) of the same 720p H.264 clip (one copy of the file per stream):
    - baseline: N threads, each decoding its own copy with PyAV (thread_type AUTO, like the daemon) to RGB numpy
@@ -48,7 +49,9 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import OtherLoad, cpu_model, cpu_s, revision  # noqa: E402
+import contextlib  # noqa: E402
+
+from common import OtherLoad, ThreadCpu, cpu_model, cpu_s, revision  # noqa: E402
 from streamd import keys  # noqa: E402
 from streamd.config import parse_config  # noqa: E402
 from streamd.daemon import Daemon  # noqa: E402
@@ -62,6 +65,16 @@ TARGET_RATIO = 0.90
 QUIET_CORES = 0.15  # a run during which other processes used more than this is ignored (unless all were)
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Spine (issue 2)"
+
+
+def thread_group(name: str) -> str:
+    """`--threads`: the event loop (the main thread), the Python decoder threads (the daemon's `decode-<id>`, the
+    baseline's `Thread-<n>`), or FFmpeg's own threads (frame threads and swscale's; no Python name)."""
+    if name == "MainThread":
+        return "loop"
+    if name.startswith(("decode-", "Thread-")):
+        return "decoder"
+    return "ffmpeg"
 
 
 # -- footage ----------------------------------------------------------------------------------------------------
@@ -295,9 +308,10 @@ async def amain(args: argparse.Namespace) -> int:
                 sub = paths[:n]
                 order = ("base", "tuned", "daemon")[rep % 3:] + ("base", "tuned", "daemon")[:rep % 3]
                 others = []
-                for what in order:
+
+                async def measure(what: str, n: int = n, sub: list[Path] = sub) -> int:
+                    """One side of the repeat; returns the frames it handled."""
                     c0, r0 = cpu_s(), cpu_s(srv.proc.pid if srv.proc else None)
-                    ol = OtherLoad(srv.proc.pid if srv.proc else None)
                     if what in ("base", "tuned"):
                         got, dt = baseline(sub, tuned=what == "tuned")
                         if got != n * frames:
@@ -310,6 +324,16 @@ async def amain(args: argparse.Namespace) -> int:
                         runs[n]["daemon"].append(got / dt)
                         runs[n]["daemon_cpu"].append((cpu_s() - c0 + r1 - r0) / got * 1000.0)
                         runs[n]["lag"].append(float(np.percentile(np.array(lags) * 1000, 99)) if lags else 0.0)
+                    return got
+
+                for what in order:
+                    ol = OtherLoad(srv.proc.pid if srv.proc else None)
+                    tc_cm = ThreadCpu(thread_group) if args.threads else contextlib.nullcontext()
+                    with tc_cm as tc:
+                        got = await measure(what)
+                    if tc is not None:
+                        for g, sec in tc.groups().items():
+                            runs[n].setdefault(f"{what}_thr_{g}", []).append(sec / got * 1e6)
                     others.append(ol.cores())
                 runs[n]["other"].append(max(others))
                 print(f"  run {rep + 1} N={n}: baseline {runs[n]['base'][-1]:7.1f} f/s "
@@ -317,6 +341,11 @@ async def amain(args: argparse.Namespace) -> int:
                       f"({runs[n]['tuned_cpu'][-1]:.2f})   daemon {runs[n]['daemon'][-1]:7.1f} f/s "
                       f"({runs[n]['daemon_cpu'][-1]:.2f} CPU ms/frame)   other load {max(others):.2f} cores",
                       flush=True)
+                if args.threads:
+                    print("        CPU us/frame by thread: " + "   ".join(
+                        f"{what} " + " ".join(f"{g} {runs[n][f'{what}_thr_{g}'][-1]:.0f}"
+                                              for g in ("loop", "decoder", "ffmpeg") if f"{what}_thr_{g}" in runs[n])
+                        for what in ("tuned", "daemon")), flush=True)
         rows = []
         print(f"\n{'streams':>7} {'PyAV->RGB f/s':>14} {'daemon f/s':>11} {'ratio':>6} {'(median)':>8} "
               f"{'tuned f/s':>10} {'ratio':>6} {'CPU ms/frame PyAV':>18} {'tuned':>6} {'daemon':>7} "
@@ -375,6 +404,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=None, help="repeats of each measurement (default 5)")
     ap.add_argument("--seconds", type=float, default=None, help="clip length in seconds (default 10)")
     ap.add_argument("--latency-s", type=float, default=None, help="latency run length (default 20)")
+    ap.add_argument("--threads", action="store_true", help="also print CPU per frame by thread group (event loop, "
+                    "Python decoder threads, FFmpeg's threads) for tuned PyAV and the daemon, each run")
     ap.add_argument("--check", action="store_true", help="exit 1 when a ratio is below the target")
     ap.add_argument("--write", action="store_true", help=f"rewrite the '{SECTION[3:]}' section of RESULTS.md")
     args = ap.parse_args()

@@ -164,7 +164,8 @@ async def _refused(r, d, sid: str, url: str) -> None:
     await d.streams.remove_stream(sid)
 
 
-@pytest.mark.parametrize("case", ["segment", "key", "map", "variant", "redirect", "metadata", "cgnat"])
+@pytest.mark.parametrize("case", ["segment", "key", "map", "variant", "redirect", "segment_redirect", "metadata",
+                                  "cgnat"])
 async def test_playlist_lines_and_redirects_cannot_bypass_the_policy(r, redis_server, segs, case):
     n0 = segs["names"][0]
     with Canary(CANARY, {"/secret.ts": ts(segs["bytes"][n0]), "/key": (200, {}, b"k" * 16),
@@ -176,9 +177,11 @@ async def test_playlist_lines_and_redirects_cannot_bypass_the_policy(r, redis_se
             "variant": f"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=100000\n{canary.url('/v.m3u8')}\n".encode(),
             "metadata": playlist(["http://169.254.169.254/latest/meta-data/s.ts"], endlist=True),
             "cgnat": playlist(["http://100.100.100.200/latest/meta-data/s.ts"], endlist=True),
+            # a segment on the allowed host that redirects (the decoder thread fetches segments: each hop checked)
+            "segment_redirect": playlist(["hop.ts"], endlist=True),
         }
         routes = {"/p.m3u8": (redirect(canary.url("/v.m3u8")) if case == "redirect" else m3u(bodies[case])),
-                  **seg_routes(segs)}
+                  "/hop.ts": redirect(canary.url("/secret.ts")), **seg_routes(segs)}
         with Canary(ALLOWED, routes) as origin, connect_guard() as guard:
             async with running(egress_cfg(redis_server.url)) as d:
                 await _refused(r, d, f"bypass-{case}", origin.url("/p.m3u8"))
