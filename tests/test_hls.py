@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
+import threading
 import time
 
 import av
@@ -110,6 +112,55 @@ async def test_frozen_live_playlist_goes_stalled_and_republishes_nothing(r, redi
     pts = [x["pts_s"] for x in recs]
     assert len(pts) == len(set(pts)) == sum(segs["frames"][n] for n in names)
     assert states(await events(r, "frozen")).count("stalled") >= 1
+
+
+def _silent_server(host: str) -> tuple[socket.socket, int]:
+    """A TCP server that reads each request and never answers (a hung segment origin)."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, 0))
+    srv.listen(8)
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            held.append(c)  # kept open, never answered
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+async def test_a_hung_segment_fetch_goes_stalled_on_time(r, redis_server, segs):
+    """A live playlist whose second segment's origin accepts and never answers: the stream is `stalled` within
+    stall_timeout_s (+1.5 s) of its last frame, although segment_timeout_s is much larger (the watchdog is not
+    suppressed while a segment fetch hangs)."""
+    srv, port = _silent_server(ALLOWED)
+    n = segs["names"]
+    try:
+        with Canary(ALLOWED, seg_routes(segs)) as origin:
+            entries = [origin.url("/" + n[0]), f"http://{ALLOWED}:{port}/hung.ts"] + [origin.url("/" + x) for x in n[1:4]]
+            origin.routes["/live.m3u8"] = m3u(playlist(entries))
+            cfg = make_config(redis_server.url, [{"id": "hung", "url": origin.url("/live.m3u8"), "fps": None,
+                                                  "stall_timeout_s": 2, "drop_policy": "wait",
+                                                  "hls": {"start": "first", "segment_timeout_s": 30},
+                                                  "reconnect": {"initial_s": 0.2, "max_s": 0.5, "max_attempts": None}}],
+                              egress={"allow": [f"{ALLOWED}/32"]})
+            async with running(cfg) as d:
+                runner = d.streams.runners["hung"]
+                await until(lambda: runner.frames >= segs["frames"][n[0]], 20, what="the first segment")
+                t_last = time.time()
+
+                async def stalled_at():
+                    return next((e["ts"] for e in await events(r, "hung", "state") if e["to"] == "stalled"), None)
+
+                t_stalled = await until(stalled_at, 15, what="stalled")
+                assert t_stalled - t_last <= 2 + 1.5
+    finally:
+        srv.close()
 
 
 async def test_growing_playlist_with_a_server_restart_decodes_no_segment_twice(r, redis_server, segs):
