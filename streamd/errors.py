@@ -14,6 +14,10 @@ class ConfigError(StreamdError):
         self.message = message
 
 
+class UsageError(ConfigError):
+    """A command-line option is invalid (`key` names it): a usage error (exit 2), not a configuration's."""
+
+
 class SourceError(StreamdError):
     """A source could not be opened or read. `permanent` errors are not retried (bad reference). `code` is the
     failure class an operator can act on (one of `REASON_CODES`), shown next to the message in state events, the
