@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from streamd.config import Config, load_config, parse_config
-from streamd.errors import ConfigError, StreamdError
+from streamd.errors import StreamdError, UsageError
 from streamd.jobs.options import JobSpec
 
 
@@ -35,7 +35,7 @@ _OPTION = {"sampling": "--fps / --scene", "max_duration_s": "--max-duration", "p
 
 def job_spec(video: str, pipeline: str, prompt: str | None, sampling: dict[str, Any],
              max_duration_s: float | None = None) -> tuple[JobSpec, str | None]:
-    """The job for VIDEO: an http(s) URL, or a local file (returned as the upload path). A bad option: ConfigError
+    """The job for VIDEO: an http(s) URL, or a local file (returned as the upload path). A bad option: UsageError
     naming it (exit 2)."""
     from pydantic import ValidationError
 
@@ -52,7 +52,7 @@ def job_spec(video: str, pipeline: str, prompt: str | None, sampling: dict[str, 
     except ValidationError as e:
         err = e.errors()[0]
         where = str(err["loc"][0]) if err["loc"] else ""
-        raise ConfigError(_OPTION.get(where, where or "analyze"), err["msg"]) from None
+        raise UsageError(_OPTION.get(where, where or "analyze"), err["msg"]) from None
     return spec, None if url else os.path.abspath(video)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from streamd import __version__
 from streamd.config import Config, DecodeMode, check_tokens, load_config, parse_config
-from streamd.errors import ConfigError, StreamdError
+from streamd.errors import ConfigError, StreamdError, UsageError
 from streamd.log import get_logger, setup_logging
 
 log = get_logger("streamd.cli")
@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in plain:
             log.warning("an API token is written in plain text in the config: prefer token_env", token=name)
         return asyncio.run(serve(cfg))
+    except UsageError as e:  # a command-line option (streamd analyze), not the config
+        print(f"streamd: invalid option {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"streamd: invalid config: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,10 @@ class ConfigError(StreamdError):
         self.message = message
 
 
+class UsageError(ConfigError):
+    """A command-line option is invalid (`key` names it): a usage error (exit 2), not a configuration's."""
+
+
 class SourceError(StreamdError):
     """A source could not be opened or read. `permanent` errors are not retried (bad reference). `code` is the
     failure class an operator can act on (one of `REASON_CODES`), shown next to the message in state events, the
@@ -35,7 +39,10 @@ REASON_CODES = {
     "timeout": "no answer or no data within the configured time",
     "http_status": "an HTTP request answered with an error status",
     "too_many_redirects": "more redirects than egress.max_redirects",
-    "too_large": "a playlist, segment or response exceeded its size limit",
+    "too_large": "a playlist, segment or response exceeded its size limit (a job's media of unknown length: "
+                 "more frames than jobs.unknown_length_cap_s allows, and no end)",
+    "source_changed": "a job's HTTP media changed between connections (sized then chunked, or another body "
+                      "after a cut): it cannot be resumed",
     "request_rate": "the stream made more requests per second than egress.requests_per_s allows",
     "playlist_loop": "a playlist refers back to itself",
     "invalid_playlist": "a playlist that cannot be parsed or has no media",

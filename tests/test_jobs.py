@@ -396,6 +396,10 @@ def test_streamd_analyze_max_duration(clip, tmp_path):
         p = analyze(str(clip), "-p", "frame_info", "--max-duration", bad)
         assert p.returncode == 2 and "--max-duration" in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr)
         assert p.stdout == ""
+    # an option the job refuses (an empty pipeline name): a usage error naming it, not "invalid config"
+    p = analyze(str(clip), "-p", "")
+    assert p.returncode == 2 and "-p/--pipeline" in p.stderr and "invalid config" not in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
 
 
 async def test_rescore_a_streams_stored_frames_with_a_new_prompt(redis_server, r, clip):

@@ -80,8 +80,11 @@ class RecordedSource:
         self._task: asyncio.Task[None] | None = None
         self.max_duration_s = max_duration_s
         self.cap_s = cfg.unknown_length_cap_s
-        # HTTP media of unknown length is a file that ends, read to its end (sources/av.py), never past the cap
-        self.runner.hls_state["unsized_max_frames"] = int(self.cap_s * MAX_FPS) + 1
+        # HTTP media of unknown length is a file that ends, read to its end (sources/av.py), never past the cap;
+        # the frame bound leaves room for the sampled frame that reaches the cap (one sampling period on) and a
+        # second more: a feed of up to MAX_FPS frames a second ends at the cap, not too_large
+        period_s = 1.0 / fps if fps else 0.0
+        self.runner.hls_state["unsized_max_frames"] = int((self.cap_s + period_s + 1.0) * MAX_FPS) + 1
         self.live = False  # the source has no end (known once it is open)
         self.unknown_length = False  # HTTP media of unknown length (known once it is open): read to cap_s at most
         self.capped = False  # stopped at cap_s
@@ -140,7 +143,7 @@ class RecordedSource:
             yield f
         await self._task
         r = self.runner
-        if r.state is State.FAILED:
+        if r.state is State.FAILED and not (self.bounded or self.capped):  # what failed after the bound: not read
             raise JobSourceFailed(r.reason or "the source failed", r.reason_code)
 
     async def aclose(self) -> None:

@@ -133,6 +133,7 @@ class AvSource:
         self.frames_decoded = 0  # every decoded frame, sampled or not (read by metrics)
         self.skipped_packets = 0  # undecodable packets skipped
         self._pts_offset = 0.0  # a looping file keeps its timeline increasing
+        self._skip_left = 0  # media of unknown length: frames decoded before a cut not yet met again
         self._progress_t = time.monotonic()  # the last decoded frame (or the start)
         self._waiting = False  # blocked on a full `wait` queue: the consumer's doing, not a stall
         self.plan = make_plan(cfg, sampler, mode_reporter(cfg.id, out, self._on_event))  # None: every frame is decoded
@@ -236,6 +237,8 @@ class AvSource:
             self._state.setdefault("live", not recording and not unsized)  # a job refuses it (or bounds it)
             if unsized:
                 self._state.setdefault("unknown_length", True)
+            if self._reader is not None and self._state.get("unsized_max_frames") is not None:  # a job's HTTP media
+                self._same_sizing(recording)
             if recording:  # a job's progress: media time done / this
                 self._state.setdefault("duration_s", _duration(container, stream))
             if (recording or unsized) and self.ref.kind != "file":
@@ -251,6 +254,11 @@ class AvSource:
         if unsized:  # its end: the body ended (a read that failed is no end, however FFmpeg took it)
             if self._reader.error is not None:
                 raise self._reader.error
+            if self._skip_left > 0:  # read again after a cut, it ended before the frames already decoded
+                done = self._state.get("unsized_frames", 0)
+                raise SourceError(f"media of unknown length changed between connections: read again after its "
+                                  f"body was cut off, it ended after {done - self._skip_left} frames, before the "
+                                  f"{done} already decoded", permanent=True, code="source_changed")
             if not self._state.get("unsized_frames"):
                 raise SourceError("no decodable video frame in the input", permanent=True, code="corrupt_input")
             return False
@@ -282,6 +290,18 @@ class AvSource:
             raise SourceError(f"hwaccel {self.cfg.hwaccel}: the device cannot be used ({_describe(e)})",
                               permanent=True, code="source_error") from None
 
+    def _same_sizing(self, recording: bool) -> None:
+        """A job's HTTP media: every connection must be sized (Content-Length) as the first one was, or chunked as
+        it was. A reconnect resumes a sized one by position and one of unknown length by counting frames: the one
+        way cannot resume the other (every frame would be published again, the cap would not apply)."""
+        kind = "sized" if recording else "unknown_length"
+        first = self._state.setdefault("http_sizing", kind)
+        if first != kind:
+            was = "of a known size (Content-Length)" if first == "sized" else "of unknown length (no Content-Length)"
+            now = "of unknown length" if kind == "unknown_length" else "of a known size"
+            raise SourceError(f"the source changed between connections: it was {was}, a reconnect got it {now}; "
+                              "it cannot be resumed", permanent=True, code="source_changed")
+
     def _seek(self, container: Any, stream: Any, pts_s: float) -> None:
         """A reconnect to a recording: go back to the last frame decoded (frames up to it are skipped)."""
         tb = float(stream.time_base or Fraction(1, 90_000))
@@ -304,8 +324,11 @@ class AvSource:
         # media of unknown length (a job's): a reconnect reads it again from the start (it has no byte ranges) and
         # skips the frames already decoded, counted (its PTS may reset: a position by PTS would not do); past
         # `max_frames` decoded frames it fails (a hostile endless feed whose PTS never advance ends all the same)
-        skip = self._state.get("unsized_frames", 0) if unsized else 0
+        skip = self._skip_left = self._state.get("unsized_frames", 0) if unsized else 0
         max_frames = self._state.get("unsized_max_frames") if unsized else None
+        # the frame counted last: the one a reconnect skips last must be it (else the body is another video)
+        skip_to = self._state.get("unsized_last_pts") if unsized else None
+        reader_error = (lambda: self._reader.error is not None) if unsized else (lambda: False)
         rgb = VideoReformatter()  # set up on the first frame, reused for the others (and redone if their size changes)
         ctx = stream.codec_context
         plan = self.plan
@@ -329,8 +352,8 @@ class AvSource:
                     raise SourceError(f"corrupt input at {last_pts:.1f} s: {_describe(e)}", permanent=True,
                                       code="corrupt_input") from None
                 raise SourceError(f"corrupt input: {_describe(e)}", code="corrupt_input") from None
-            if self._stop.is_set():
-                break
+            if self._stop.is_set() or reader_error():
+                break  # a read failed: FFmpeg takes it for the end, its last packet may be cut short (not decoded)
             if plan is not None:
                 if plan.packets_are_progress:  # frames are skipped: packets are the progress (the plan watches them)
                     self._progress_t = time.monotonic()
@@ -350,6 +373,11 @@ class AvSource:
                                       code="corrupt_input") from None
                 continue  # a damaged region of a recording is skipped, whatever its length
             for vf in frames:
+                if self._stop.is_set() or reader_error():
+                    # closed (an abandoned thread counts and publishes nothing more), or a read failed: FFmpeg
+                    # drains its decoder as at an end, and with B-frames what it gives out is not what the next
+                    # frames in order would have been (a frame missed, one given twice after the skip)
+                    return last_pts + frame_dur
                 errors = 0
                 if vf.pts is not None:
                     pts = vf.pts * tb_s + offset
@@ -359,14 +387,28 @@ class AvSource:
                 if resume is not None and pts <= resume + 1e-6:
                     continue  # published before the reconnect
                 if unsized:
+                    # every frame decoded counts, those decoded again after a cut too: an origin cutting each body
+                    # a little further on cannot make it decode the start again and again without bound
+                    total = self._state["unsized_decoded"] = self._state.get("unsized_decoded", 0) + 1
+                    if total > 2 * max_frames:
+                        raise SourceError(f"media of unknown length: more than {2 * max_frames} frames decoded, "
+                                          "counting those decoded again after its body was cut off, and no end",
+                                          permanent=True, code="too_large")
                     if skip > 0:
                         skip -= 1
+                        self._skip_left = skip
                         self._progress_t = time.monotonic()
+                        if skip == 0 and skip_to is not None and abs(pts - skip_to) > 1e-6:
+                            raise SourceError(
+                                "media of unknown length changed between connections: read again after its body "
+                                f"was cut off, its frame {self._state.get('unsized_frames')} is at {pts:.3f} s, "
+                                f"not {skip_to:.3f} s as before", permanent=True, code="source_changed")
                         continue  # decoded before the reconnect
                     n = self._state["unsized_frames"] = self._state.get("unsized_frames", 0) + 1
                     if n > max_frames:
                         raise SourceError(f"media of unknown length: more than {max_frames} frames decoded and no "
                                           "end", permanent=True, code="too_large")
+                    self._state["unsized_last_pts"] = pts
                 self.frames_decoded += 1
                 self._progress_t = time.monotonic()
                 last_pts = pts

@@ -242,7 +242,11 @@ class StreamRunner:
                 return
             if self._stop.is_set():
                 break
-            if self._live_since is not None and time.monotonic() - self._live_since >= rc.reset_after_s:
+            # media of unknown length (a job's) is read again from its start after a cut: its reconnects are
+            # bounded in number, however long each connection lasted
+            unsized = bool(self.hls_state.get("unknown_length"))
+            if self._live_since is not None and time.monotonic() - self._live_since >= rc.reset_after_s \
+                    and not unsized:
                 delay = rc.initial_s  # it worked for a while: start counting again
                 self.attempts = 0
             self._live_since = None
@@ -258,7 +262,8 @@ class StreamRunner:
                 await asyncio.wait_for(self._stop.wait(), wait)
             except TimeoutError:
                 pass
-            self.sampler.mark_discontinuity()
+            if not unsized:  # media of unknown length goes on where it stopped (its frames decoded are skipped)
+                self.sampler.mark_discontinuity()
         if self.state is not State.FAILED:
             self._set_state(State.STOPPED, "stopped")
 
