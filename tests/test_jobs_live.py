@@ -79,6 +79,19 @@ def make_ts(clip, path, offset_s=None):
     return path
 
 
+async def _serve(app):
+    """Run an aiohttp app on a free loopback port: (its runner, its base URL)."""
+    from aiohttp import web
+
+    from streamd.redis_server import free_port
+
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
 class ChunkedServer:
     """aiohttp on loopback sending bytes chunked (no Content-Length): /once.ts the file once, then the end of the
     body; /endless.ts the file again and again (its PTS reset at each round) until the client goes away."""
@@ -94,7 +107,6 @@ class ChunkedServer:
 
         from aiohttp import web
 
-        from streamd.redis_server import free_port
 
         async def once(request):
             resp = web.StreamResponse()
@@ -141,11 +153,7 @@ class ChunkedServer:
         app.router.add_get("/once.ts", once)
         app.router.add_get("/flaky.ts", flaky)
         app.router.add_get("/endless.ts", endless)
-        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self.runner.setup()
-        port = free_port()
-        await web.TCPSite(self.runner, "127.0.0.1", port).start()
-        self.url = f"http://127.0.0.1:{port}"
+        self.runner, self.url = await _serve(app)
         return self
 
     async def stop(self):
@@ -380,7 +388,6 @@ class ScriptedServer:
 
         from aiohttp import web
 
-        from streamd.redis_server import free_port
 
         async def handler(request):
             name = request.match_info["name"]
@@ -410,11 +417,7 @@ class ScriptedServer:
 
         app = web.Application()
         app.router.add_get("/{name}", handler)
-        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self.runner.setup()
-        port = free_port()
-        await web.TCPSite(self.runner, "127.0.0.1", port).start()
-        self.url = f"http://127.0.0.1:{port}"
+        self.runner, self.url = await _serve(app)
         return self
 
     async def stop(self):
