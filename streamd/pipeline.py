@@ -140,6 +140,7 @@ class Pipeline:
 
     async def _stage_loop(self, i: int, st: Stage) -> None:
         out = self._queues[i]
+        counts = type(st).passed is not Stage.passed  # a stage that counts frames through it (room())
         latency, sizes = self._metrics.stage_latency.labels(st.name), self._metrics.batch_size.labels(st.name)
         while True:
             try:
@@ -172,7 +173,8 @@ class Pipeline:
                 ms = round(dt * 1000.0, 3)
                 for w in todo:
                     w.timings_ms[st.name] = ms
-            st.passed([w for w in batch if isinstance(w, Work)])  # failed ones too: they never come back
+            if counts:  # failed frames too: they never come back
+                st.passed([w for w in batch if isinstance(w, Work)])
             for w in batch:
                 await out.put(w)
 

@@ -328,7 +328,6 @@ class AvSource:
         max_frames = self._state.get("unsized_max_frames") if unsized else None
         # the frame counted last: the one a reconnect skips last must be it (else the body is another video)
         skip_to = self._state.get("unsized_last_pts") if unsized else None
-        reader_error = (lambda: self._reader.error is not None) if unsized else (lambda: False)
         rgb = VideoReformatter()  # set up on the first frame, reused for the others (and redone if their size changes)
         ctx = stream.codec_context
         plan = self.plan
@@ -352,7 +351,7 @@ class AvSource:
                     raise SourceError(f"corrupt input at {last_pts:.1f} s: {_describe(e)}", permanent=True,
                                       code="corrupt_input") from None
                 raise SourceError(f"corrupt input: {_describe(e)}", code="corrupt_input") from None
-            if self._stop.is_set() or reader_error():
+            if self._stop.is_set() or (unsized and self._reader.error is not None):
                 break  # a read failed: FFmpeg takes it for the end, its last packet may be cut short (not decoded)
             if plan is not None:
                 if plan.packets_are_progress:  # frames are skipped: packets are the progress (the plan watches them)
@@ -373,7 +372,7 @@ class AvSource:
                                       code="corrupt_input") from None
                 continue  # a damaged region of a recording is skipped, whatever its length
             for vf in frames:
-                if self._stop.is_set() or reader_error():
+                if unsized and (self._stop.is_set() or self._reader.error is not None):
                     # closed (an abandoned thread counts and publishes nothing more), or a read failed: FFmpeg
                     # drains its decoder as at an end, and with B-frames what it gives out is not what the next
                     # frames in order would have been (a frame missed, one given twice after the skip)
