@@ -491,9 +491,6 @@ async def test_a_reconnect_that_changes_sized_and_chunked_fails_source_changed(r
         assert len(pts) == len(set(pts)), (name, pts)  # no frame twice
 
 
-@pytest.mark.xfail(strict=False, reason="known bug, open (issue 17 note, stop 24): in one clean-clone CI run of 2, a "
-                   "chunked body with B-frames cut at its third point lost 3 frames next to the cut (no duplicate, job "
-                   "done); cause not found yet. Not counted as passing either way")
 async def test_a_cut_body_with_b_frames_gives_every_frame_once(redis_server, clip, tmp_path):
     """H.264 with B-frames sent chunked and cut off mid-way: the failed read looks like an end to FFmpeg, which
     drains its decoder; those frames (and a cut last packet) are not counted or published, so the read again
