@@ -212,6 +212,44 @@ async def test_objects_of_two_streams_are_independent(models, frames):
     assert both.memory("b")["bytes"] == 2 * both.memory("a")["bytes"]
 
 
+async def test_on_two_cores_a_pass_of_two_streams_runs_as_two_single_threaded_halves(models, frames):
+    """On a CPU of 2 cores, frames of several streams go as two half passes at once, each on a thread of its own at
+    one torch thread (no OpenMP pool of its own): two single-threaded passes beat one two-threaded pass there
+    (benchmarks/RESULTS.md, issue 15). One stream's frame stays one pass at the executor's threads. That the masks
+    are the same as without the split: test_objects_of_two_streams_are_independent."""
+    import torch
+
+    from streamd.models.executors import device_executor
+
+    st = await make_stage(models, track_source=None)
+    async with st.model.use() as engine:
+        pass
+    if not engine._halves:
+        await st.teardown()
+        pytest.skip(f"{os.cpu_count()} cores: passes are not split")
+    seen: list[tuple[str, int, list[int]]] = []
+
+    def step(jobs: list[Any], memory_frames: int) -> list[Any]:
+        seen.append((threading.current_thread().name, torch.get_num_threads(), [j.t for j in jobs]))
+        return type(engine).step(engine, jobs, memory_frames)  # the real pass, only watched
+
+    engine.step = step
+    try:
+        for sid in ("a", "b", "c"):
+            st.add_prompt(sid, {"box": BOX_A})
+        await st.process([work("a", 0, frames[0]), work("b", 0, frames[50]), work("c", 0, frames[100])])
+        three = sorted(seen)
+        seen.clear()
+        await st.process([work("a", 1, frames[1])])
+    finally:
+        del engine.step
+        await st.teardown()
+    assert [(n.split("-")[0], k, len(t)) for n, k, t in three] == [("sam2", 1, 2), ("sam2", 1, 1)], three
+    assert three[0][0] != three[1][0]
+    (one,) = seen
+    assert one[0].startswith("model-cpu") and one[1] == device_executor("cpu").torch_threads >= 2, one
+
+
 async def test_on_the_cpu_the_masks_are_sized_on_the_forward_passes_thread(models, frames):
     """On the CPU every torch call of the stage runs on the device's executor thread: each thread that runs a
     parallel torch operation gets an OpenMP pool of its own, and a second pool on the same cores made every forward
