@@ -16,7 +16,8 @@ takes the predictor's per-frame steps, one frame of each stream per call (`step`
 
 Memory is kept as the predictor keeps it (bfloat16 spatial features, float pointers), but bounded
 (`streamd.stages.segment.memory`). With one object per stream the masks match the predictor's frame by frame
-(tests/test_segment.py checks it). Blocking: call `step` on the device's executor thread.
+(tests/test_segment.py checks it). Blocking: call `step` (or `passes`, which on a 2-core CPU splits a pass of
+several streams in two halves run at once) on the device's executor thread.
 """
 
 from __future__ import annotations
