@@ -42,12 +42,23 @@ from redis.exceptions import RedisError
 
 from streamd.keys import FLEET_MEMBERS_KEY as MEMBERS_KEY
 from streamd.keys import fleet_member_key, lease_key, lease_last_key
+from streamd.errors import StreamdError
 from streamd.log import get_logger
 
 log = get_logger("streamd.fleet")
 
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class ConfigStreamInFleet(StreamdError):
+    """DELETE through the API of a stream of the config file in fleet mode while other live daemons' config files
+    name it too: they would take it over at once, so it is refused (the config files are what to edit)."""
+
+    def __init__(self, stream_id: str, members: list[str]):
+        super().__init__(f"stream {stream_id!r} is in the config file of the fleet's daemons ({', '.join(members)} "
+                         "would take it over): remove it from their config files (and restart them)")
+        self.stream_id, self.members = stream_id, members
 
 
 def default_member_id() -> str:
@@ -243,6 +254,12 @@ class Fleet:
         stale = max(3 * self.cfg.renew_s, 1.0)
         return {m: float(rec.get("capacity") or 1.0) for m, rec in self.members.items()
                 if m == self.member_id or now - float(rec.get("heartbeat") or 0) <= stale}
+
+    def wanted_elsewhere(self, sid: str) -> list[str]:
+        """The other live members that want `sid` (their config files name it; a member that does not say which
+        streams it wants counts as wanting it)."""
+        return sorted(m for m in self._weights() if m != self.member_id
+                      and ((wants := self._wants.get(m)) is None or sid in wants))
 
     def _candidates(self, sid: str, weights: dict[str, float]) -> dict[str, float]:
         """The members among `weights` that want `sid` (a stream in one daemon's config file only is never placed

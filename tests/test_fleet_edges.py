@@ -57,3 +57,44 @@ async def _events(r, sid):
     import json
 
     return [json.loads(f[b"event"]) for _, f in await r.xrange(keys.events_key(sid))]
+
+
+async def test_delete_of_a_config_file_stream_is_refused_in_fleet_mode(redis_server, clip):
+    """Two daemons, one config file with a stream: DELETE through its owner is refused (409 stream_in_config: the
+    other daemon's file names it, it would take the stream over); the stream keeps running on exactly one daemon,
+    and its owner keeps publishing."""
+    import aiohttp
+
+    from conftest import OPER, api_cfg, h
+
+    sid = "cfgcam"
+    r = aioredis.Redis.from_url(redis_server.url)
+    await clean(r, sid)
+    stream = {"id": sid, "url": str(clip), "fps": 2, "loop": True, "playback": "realtime", "pipeline": "frame_info"}
+
+    def cfg(name):
+        c = api_cfg(redis_server.url, [stream])
+        return c.model_copy(update={"fleet": c.fleet.model_copy(update=fleet(member_id=name))})
+
+    try:
+        async with running(cfg("x")) as dx, running(cfg("y")) as dy, aiohttp.ClientSession() as s:
+            ds = {"x": dx, "y": dy}
+
+            def where():
+                return [n for n, d in ds.items() if sid in d.streams.runners]
+
+            t0 = time.monotonic()
+            while len(where()) != 1 and time.monotonic() - t0 < 10:
+                await asyncio.sleep(0.1)
+            owner = where()[0]
+            async with s.delete(ds[owner].api_url + f"/api/v1/streams/{sid}", headers=h(OPER)) as resp:
+                status, body = resp.status, (await resp.json() if resp.status != 204 else None)
+            assert status == 409 and body["error"]["code"] == "stream_in_config", (status, body)
+            assert body["error"]["details"]["members"] == [n for n in ds if n != owner], body
+            t_del = time.time()
+            await asyncio.sleep(4)  # past a lease TTL
+            assert where() == [owner]
+        late = [q for q in await results(r, sid) if q["publish_ts"] > t_del + 1]
+        assert late and {q["daemon"] for q in late} == {owner}
+    finally:
+        await r.aclose()

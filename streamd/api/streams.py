@@ -17,6 +17,7 @@ from streamd.config import StreamConfig
 from streamd.errors import ConfigError, StreamdError
 from streamd.log import get_logger
 from streamd.streams.fleet import CapacityExhausted
+from streamd.fleet import ConfigStreamInFleet
 from streamd.streams.store import StreamExists, StreamNotFound
 from streamd.streams.supervisor import TERMINAL
 
@@ -142,6 +143,8 @@ async def stream_delete(request: web.Request) -> web.Response:
             await _streams(request).api_delete_stream(sid)
         except StreamNotFound as e:  # another request removed it meanwhile
             raise ApiError(404, "stream_not_found", str(e)) from None
+        except ConfigStreamInFleet as e:
+            raise ApiError(409, "stream_in_config", str(e), {"stream_id": sid, "members": e.members}) from None
     return web.Response(status=204)
 
 

@@ -20,6 +20,7 @@ from streamd.batching import Doorbell
 from streamd.config import Config, StreamConfig
 from streamd.egress import EgressRules
 from streamd.errors import StreamdError
+from streamd.fleet import ConfigStreamInFleet
 from streamd.log import get_logger
 from streamd.metrics import Metrics
 from streamd.pipeline import Pipeline
@@ -285,10 +286,14 @@ class StreamManager(StreamInfo):
             self.add_failed_stream(old.cfg, str(e))
 
     async def api_delete_stream(self, stream_id: str) -> None:
-        """Forget the stream in Redis first (a Redis error leaves it running), then stop it."""
+        """Forget the stream in Redis first (a Redis error leaves it running), then stop it. In fleet mode a stream of
+        the config file that other live daemons want is not deleted (ConfigStreamInFleet)."""
         async with self._stream_lock(stream_id):
             if not self.has_stream(stream_id):
                 raise StreamNotFound(stream_id)
+            if self.fleet is not None and self.fleet.cfgs.get(stream_id, (None, ""))[1] == "config" \
+                    and (others := self.fleet.fleet.wanted_elsewhere(stream_id)):
+                raise ConfigStreamInFleet(stream_id, others)  # their config files would start it again
             await self.store.delete(stream_id)
             self.api_stream_ids.discard(stream_id)
             if self.fleet is not None and stream_id in self.fleet.cfgs:
