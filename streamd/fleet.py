@@ -120,6 +120,7 @@ class Fleet:
         self._wants: dict[str, frozenset[str] | None] = {}  # member -> the streams it wants (None: any)
         self._wake = asyncio.Event()
         self._metrics = metrics
+        self.leaving = False  # leave() was called: no heartbeat, no lease taken, until the daemon stops
 
     @property
     def ttl_ms(self) -> int:
@@ -184,11 +185,15 @@ class Fleet:
             self._wake.clear()
 
     async def tick(self) -> None:
+        if self.leaving:
+            return  # stopping: the member key is gone and stays gone, nothing is taken again
         await self._heartbeat()
         await self._renew()
         await self._place()
 
     async def _heartbeat(self) -> None:
+        if self.leaving:
+            return
         load = self._load()
         rec = {"id": self.member_id, "address": self.address, "version": self.version, "capacity": self.capacity,
                "max_streams": self.cfg.max_streams, "wants": sorted(self.wanted - self.shared),
@@ -286,6 +291,8 @@ class Fleet:
         await self._rebalance(weights, now)
 
     async def _acquire(self, sid: str) -> None:
+        if self.leaving:
+            return
         token = f"{self.member_id}|{secrets.token_hex(8)}"
         previous = await self.r.get(lease_last_key(sid))
         if not await self.r.set(lease_key(sid), token, nx=True, px=self.ttl_ms):
@@ -341,8 +348,16 @@ class Fleet:
 
     async def leave(self) -> None:
         """Graceful stop: every stream stopped and its lease released, all at once (the others take over within a
-        renew interval)."""
+        renew interval). This daemon's member key goes first, and from here on it takes no lease and sends no
+        heartbeat, so the streams it releases are not taken back while it drains (nor held for it by the others'
+        placement, which counted it a live member)."""
+        self.leaving = True
+        self._wake.set()
+        await self._forget_member()
         await asyncio.gather(*(self.release(sid, "daemon stopping") for sid in list(self.leases)))
+        await self._forget_member()  # again, in case a heartbeat under way when leave() began wrote it back
+
+    async def _forget_member(self) -> None:
         try:
             await self.r.delete(fleet_member_key(self.member_id))
             await self.r.srem(MEMBERS_KEY, self.member_id)

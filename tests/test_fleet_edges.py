@@ -98,3 +98,50 @@ async def test_delete_of_a_config_file_stream_is_refused_in_fleet_mode(redis_ser
         assert late and {q["daemon"] for q in late} == {owner}
     finally:
         await r.aclose()
+
+
+async def test_a_daemon_stopping_does_not_take_its_streams_back_while_it_drains(redis_server, clip):
+    """x owns a looping file and a camera whose open hangs (so x's graceful stop takes seconds); lease TTL 20 s. Once
+    x begins to stop, y runs the file within a few renew intervals: x released it and takes nothing back while it
+    drains (the old code's fleet loop went on: x took the file back and held it until the lease expired)."""
+    import contextlib
+
+    cands = [f"ho-{i}" for i in range(200) if preferred(f"ho-{i}", {"x": 1000.0, "y": 1000.0}) == "x"]
+    cam, slow = cands[0], cands[1]
+    r = aioredis.Redis.from_url(redis_server.url)
+    await clean(r, cam, slow)
+
+    async def hold(reader, writer):
+        await asyncio.sleep(60)
+
+    tcp = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = tcp.sockets[0].getsockname()[1]
+    streams = [{"id": cam, "url": str(clip), "fps": 2, "loop": True, "playback": "realtime"},
+               {"id": slow, "url": f"rtsp://127.0.0.1:{port}/x", "open_timeout_s": 8}]
+
+    def cfg(name):
+        return make_config(redis_server.url, streams, fleet=fleet(member_id=name, lease_ttl_s=20, settle_s=0))
+
+    try:
+        async with running(cfg("y")) as dy:
+            stack = contextlib.AsyncExitStack()
+            dx = await stack.enter_async_context(running(cfg("x")))
+            try:
+                t0 = time.monotonic()
+                while not ({cam, slow} <= set(dx.streams.runners) and cam not in dy.streams.runners):
+                    assert time.monotonic() - t0 < 15, (sorted(dx.streams.runners), sorted(dy.streams.runners))
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(1)
+            except BaseException:
+                await stack.aclose()
+                raise
+            stopping = asyncio.create_task(stack.aclose())  # x stops gracefully
+            t_stop = time.monotonic()
+            while cam not in dy.streams.runners and time.monotonic() - t_stop < 10:
+                await asyncio.sleep(0.05)
+            took = time.monotonic() - t_stop
+            await stopping
+            assert cam in dy.streams.runners, f"y does not run {cam} {took:.1f} s after x began to stop"
+    finally:
+        tcp.close()
+        await r.aclose()
