@@ -11,6 +11,9 @@ Lua scripts; a member is a key with a TTL that it refreshes.
   `lease_ttl_s`, and another takes over. The result writer checks the lease token in the same Lua call that writes
   the result (`streamd.sinks.redis.FENCED_XADD`), so a daemon that lost its lease never publishes a result after
   the new owner started.
+- A lease key that went missing while its holder still runs the stream (it expired during a Redis outage longer
+  than `lease_ttl_s`, or redis-server restarted empty) is taken again by that holder at its next renewal, and its
+  buffered results are written meanwhile, as long as nobody took the stream since (`:lease:last` names it).
 - A daemon stopping gracefully releases its leases at once (hand-over within a renew interval).
 - Rebalancing: a stream whose preferred owner is another live member is handed over, at most `max_moves` per
   interval, only after that member has been alive for `settle_s` (no flapping while members come and go).
@@ -47,7 +50,14 @@ from streamd.log import get_logger
 
 log = get_logger("streamd.fleet")
 
-_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+# KEYS: lease, lease:last; ARGV: token, ttl_ms, member. 1: renewed; 2: the key was missing (expired while Redis was
+# away, or a restarted redis-server) and nobody took the stream since (lease:last is this member): taken again;
+# 0: another daemon holds it, or took it since.
+_RENEW = ("local v = redis.call('GET', KEYS[1]) "
+          "if v == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end "
+          "if not v and redis.call('GET', KEYS[2]) == ARGV[3] then "
+          "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end "
+          "return 0")
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
@@ -221,13 +231,17 @@ class Fleet:
     async def _renew(self) -> None:
         for sid, lease in list(self.leases.items()):
             try:
-                ok = await self.r.eval(_RENEW, 1, lease.key, lease.token, self.ttl_ms)
+                ok = await self.r.eval(_RENEW, 2, lease.key, lease_last_key(sid), lease.token, self.ttl_ms,
+                                       self.member_id)
             except (RedisError, OSError) as e:
                 self._count_renew_failure()
                 if time.monotonic() - lease.since > self.cfg.lease_ttl_s:  # it may have expired meanwhile
                     log.warning("lease renewal failing", stream=sid, error=str(e) or type(e).__name__)
                 continue
             if ok:
+                if ok == 2:
+                    log.warning("stream lease taken again (its key had expired; nobody took the stream since)",
+                                stream=sid)
                 lease.since = time.monotonic()
             else:
                 self._count_renew_failure()

@@ -145,3 +145,40 @@ async def test_a_daemon_stopping_does_not_take_its_streams_back_while_it_drains(
     finally:
         tcp.close()
         await r.aclose()
+
+
+async def test_results_buffered_during_a_redis_outage_past_the_lease_ttl_are_published(tmp_path, clip):
+    """One fleet daemon, lease TTL 3 s; its redis-server (durable) is down 5 s. Nobody else took its stream, so it
+    takes its lease again and publishes the results sampled during the outage (the old code lost the lease on the
+    missing key and its fenced writes refused them all)."""
+    from streamd.testing.servers import ManagedRedis
+
+    srv = ManagedRedis(tmp_path / "redis", durable=True).start()
+    sid = "outage-cam"
+    stream = {"id": sid, "url": str(clip), "fps": 2, "loop": True, "playback": "realtime"}
+    try:
+        async with running(make_config(srv.url, [stream], fleet=fleet(member_id="x"))) as d:
+            t0 = time.monotonic()
+            while not (sid in d.streams.runners and d.streams.runners[sid].state.value == "live"):
+                assert time.monotonic() - t0 < 15
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(2)
+            srv.stop()
+            t_down = time.time()
+            await asyncio.sleep(5)
+            srv.start()
+            t_up = time.time()
+            await asyncio.sleep(6)
+            fenced, owns = d.sink.fenced, d.streams.fleet.fleet.owns(sid)
+        r = aioredis.Redis.from_url(srv.url)
+        try:
+            recs = await results(r, sid)
+        finally:
+            await r.aclose()
+        during = [q for q in recs if t_down + 0.5 < q["capture_ts"] < t_up - 0.5]
+        seqs = [q["seq"] for q in recs]
+        assert len(during) >= 4, (len(during), len(recs), fenced)
+        assert fenced == 0 and owns
+        assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
+    finally:
+        srv.stop()

@@ -49,7 +49,12 @@ _MULTI, _EXEC = pack_command(("MULTI",)), pack_command(("EXEC",))
 
 
 # a result write in fleet mode: only while the stream's lease still holds the writer's token (fencing)
-FENCED_XADD = ("if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end "
+# KEYS: lease, results, lease:last; ARGV: token, maxlen, fields... A lease key that is missing (expired while Redis was
+# away, or a restarted redis-server) still lets its holder write while nobody took the stream since (lease:last is
+# the writer's member id; the fleet's renewal takes the key again): results buffered during an outage are published.
+FENCED_XADD = ("local v = redis.call('GET', KEYS[1]) "
+               "if v ~= ARGV[1] and (v or redis.call('GET', KEYS[3]) ~= string.match(ARGV[1], '^([^|]*)|')) then "
+               "return 0 end "
                "return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))")  # its entry id
 
 
@@ -119,7 +124,8 @@ def _write_args(p: Pending) -> tuple[Any, ...]:
     """A record's write: XADD, or in fleet mode the fenced XADD (one Lua call over the lease and the results stream,
     which share the stream's hash tag: one Cluster slot)."""
     if p.fence is not None:
-        return ("EVAL", FENCED_XADD, 2, p.fence[0], p.key, p.fence[1], p.maxlen, *chain(*p.fields.items()))
+        return ("EVAL", FENCED_XADD, 3, p.fence[0], p.key, p.fence[0] + ":last", p.fence[1], p.maxlen,
+                *chain(*p.fields.items()))
     return ("XADD", p.key, "MAXLEN", "~", p.maxlen, "*", *chain(*p.fields.items()))
 
 
