@@ -131,6 +131,8 @@ class Fleet:
         self._wake = asyncio.Event()
         self._metrics = metrics
         self.leaving = False  # leave() was called: no heartbeat, no lease taken, until the daemon stops
+        self.instance = secrets.token_hex(8)  # this process (two daemons given one fleet.member_id differ in it)
+        self.duplicate: str | None = None  # another running daemon's instance with this member id: we stand aside
 
     @property
     def ttl_ms(self) -> int:
@@ -198,14 +200,30 @@ class Fleet:
         if self.leaving:
             return  # stopping: the member key is gone and stays gone, nothing is taken again
         await self._heartbeat()
+        if self.duplicate is not None:
+            return  # another daemon has this member id: it is the member, this one stands aside
         await self._renew()
         await self._place()
 
     async def _heartbeat(self) -> None:
         if self.leaving:
             return
+        other = await self._other_instance()
+        if other != self.duplicate:
+            if other is not None:
+                log.error("another running daemon has this fleet.member_id: this one takes no stream while it runs "
+                          "(give each daemon its own fleet.member_id)", member_id=self.member_id,
+                          other_instance=other, instance=self.instance)
+                await asyncio.gather(*(self.release(sid, "another daemon has this member id")
+                                       for sid in list(self.leases)))
+            else:
+                log.warning("the other daemon with this fleet.member_id is gone: taking part again",
+                            member_id=self.member_id)
+            self.duplicate = other
+        if other is not None:
+            return
         load = self._load()
-        rec = {"id": self.member_id, "address": self.address, "version": self.version, "capacity": self.capacity,
+        rec = {"id": self.member_id, "instance": self.instance, "address": self.address, "version": self.version, "capacity": self.capacity,
                "max_streams": self.cfg.max_streams, "wants": sorted(self.wanted - self.shared),
                "streams": sorted(self.leases), "load": load, "heartbeat": time.time()}
         async with self.r.pipeline(transaction=False) as p:
@@ -227,6 +245,19 @@ class Fleet:
         # older version) is taken to want every stream
         self._wants = {m: (frozenset(rec["wants"]) if isinstance(rec.get("wants"), list) else None)
                        for m, rec in members.items()}
+
+    async def _other_instance(self) -> str | None:
+        """The instance of another running process whose member record has this daemon's member id (its heartbeat
+        within the lease TTL), else None."""
+        raw = await self.r.get(fleet_member_key(self.member_id))
+        if raw is None:
+            return None
+        rec = json.loads(raw)
+        other = rec.get("instance")
+        if other is None or other == self.instance or time.time() - float(rec.get("heartbeat") or 0) > \
+                self.cfg.lease_ttl_s:
+            return None
+        return str(other)
 
     async def _renew(self) -> None:
         for sid, lease in list(self.leases.items()):
@@ -372,6 +403,8 @@ class Fleet:
         await self._forget_member()  # again, in case a heartbeat under way when leave() began wrote it back
 
     async def _forget_member(self) -> None:
+        if self.duplicate is not None:
+            return  # the member record is the other daemon's
         try:
             await self.r.delete(fleet_member_key(self.member_id))
             await self.r.srem(MEMBERS_KEY, self.member_id)

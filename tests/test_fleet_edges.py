@@ -182,3 +182,35 @@ async def test_results_buffered_during_a_redis_outage_past_the_lease_ttl_are_pub
         assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
     finally:
         srv.stop()
+
+
+async def test_a_second_daemon_with_the_same_member_id_stands_aside(redis_server, clip):
+    """Two daemons given one fleet.member_id: the one that comes second sees the first's member record (another
+    process's instance), logs an error and takes no stream while the first runs; its stop leaves the first's
+    member record alone."""
+    import json
+
+    sids = [f"same-{i}" for i in range(3)]
+    r = aioredis.Redis.from_url(redis_server.url)
+    await clean(r, *sids)
+    streams = [{"id": s, "url": str(clip), "fps": 2, "loop": True, "playback": "realtime"} for s in sids]
+    cfg = make_config(redis_server.url, streams, fleet=fleet(member_id="same"))
+    try:
+        async with running(cfg) as first:
+            t0 = time.monotonic()
+            while set(first.streams.runners) != set(sids):
+                assert time.monotonic() - t0 < 15, sorted(first.streams.runners)
+                await asyncio.sleep(0.1)
+            async with running(cfg) as second:
+                ran = set()
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 5:
+                    ran |= set(second.streams.runners)
+                    await asyncio.sleep(0.1)
+                assert ran == set() and set(first.streams.runners) == set(sids), ran
+                assert second.streams.fleet.fleet.duplicate == first.streams.fleet.fleet.instance
+            rec = json.loads(await r.get(keys.fleet_member_key("same")))
+            assert rec["instance"] == first.streams.fleet.fleet.instance
+            assert set(first.streams.runners) == set(sids)
+    finally:
+        await r.aclose()
