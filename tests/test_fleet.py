@@ -533,3 +533,73 @@ def test_fleet_twenty_cameras_three_daemons(tmp_path, redis_server):
     assert all(late.values()), late  # every stream kept producing to the end
     assert max(ownerless.values()) <= BIG_TTL + 2, ownerless
     assert all(per_daemon.values()), per_daemon  # shared by all three
+
+
+def _fleet_api_cfg(redis_url, name, **fleet):
+    from conftest import api_cfg
+
+    c = api_cfg(redis_url)
+    return c.model_copy(update={"fleet": c.fleet.model_copy(update={
+        "enabled": True, "member_id": name, "lease_ttl_s": 3, "renew_s": 0.5, **fleet})})
+
+
+async def test_a_stream_deleted_while_its_lease_is_being_taken_never_starts(redis_server, clip):
+    """The owner-to-be took the lease and waits for Redis (the last seq) before it starts the stream; meanwhile the
+    stream is deleted through the other daemon and withdrawn here (the lease given back). Once Redis answers, the
+    stream must not start: no runner anywhere, no result written, no lease (the old code started it unleased and
+    its results were written unfenced, for good). And a result of a stream this daemon holds no lease for is
+    refused in fleet mode, never written plain."""
+    import asyncio
+
+    import aiohttp
+    import redis.asyncio as aioredis
+
+    from conftest import OPER, READ, h, until
+    from streamd.fleet import lease_key
+    from streamd.keys import API_STREAMS_KEY
+    from streamd.testing.daemon import running
+    from streamd.testing.servers import HttpDir
+
+    sid = "gone-early"
+    r = aioredis.Redis.from_url(redis_server.url)
+    await r.delete(API_STREAMS_KEY, "streamd:{fleet}:members", keys.results_key(sid), lease_key(sid),
+                   lease_key(sid) + ":last")
+    web = HttpDir(clip.parent).start()
+    src = {"id": sid, "url": web.url(clip.name), "pipeline": "frame_info", "loop": True, "playback": "realtime",
+           "fps": 4}
+    try:
+        async with running(_fleet_api_cfg(redis_server.url, "hx")) as dx, \
+                running(_fleet_api_cfg(redis_server.url, "hy")) as dy, aiohttp.ClientSession() as s:
+            async def call(d, method, path, token=OPER, **kw):
+                async with s.request(method, d.api_url + "/api/v1" + path, headers=h(token), **kw) as resp:
+                    return resp.status
+
+            held, gate = asyncio.Event(), asyncio.Event()
+            for d in (dx, dy):
+                async def hold(stream_id, orig=d.streams.fleet._last_seq):
+                    held.set()
+                    await gate.wait()
+                    return await orig(stream_id)
+
+                d.streams.fleet._last_seq = hold
+            await asyncio.sleep(1.5)  # both heartbeats seen
+            post = asyncio.create_task(call(dx, "POST", "/streams", json=src))
+            await asyncio.wait_for(held.wait(), 10)  # a daemon took the lease and waits for the last seq
+            await until(lambda: sid in dx.streams.fleet.cfgs and sid in dy.streams.fleet.cfgs, 10,
+                        what="both daemons know the stream")
+            assert await call(dy, "DELETE", f"/streams/{sid}") == 204
+            await until(lambda: sid not in dx.streams.fleet.cfgs and sid not in dy.streams.fleet.cfgs, 10,
+                        what="both daemons withdrew it")
+            gate.set()
+            assert await asyncio.wait_for(post, 10) in (201, 404)  # 404: it was gone once the POST was through
+            await asyncio.sleep(3)
+            running_on = [n for n, d in (("hx", dx), ("hy", dy)) if sid in d.streams.runners]
+            assert running_on == [], running_on
+            assert await call(dx, "GET", f"/streams/{sid}", READ) == 404
+            assert await r.xlen(keys.results_key(sid)) == 0
+            assert await r.get(lease_key(sid)) is None
+            assert dx.streams.fleet._fence("nobody-here") == (lease_key("nobody-here"), "-")
+    finally:
+        web.stop()
+        await r.delete(API_STREAMS_KEY)
+        await r.aclose()

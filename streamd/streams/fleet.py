@@ -149,8 +149,15 @@ class FleetStreams:
 
     # -- the fleet's callbacks -----------------------------------------------------------------------------------
     async def _acquired(self, sid: str, lease: Lease, previous: str | None) -> None:
-        s, origin = self.cfgs[sid]
+        """The lease is ours: start the stream, unless it was withdrawn (deleted), changed or lost while this waited
+        for Redis (a DELETE, a sync or a lost lease runs meanwhile: each sees no runner yet, so this must look again
+        after every await)."""
+        if not await self._still_ours(sid, lease):
+            return
         last = await self._last_seq(sid)
+        if not await self._still_ours(sid, lease):
+            return
+        s, origin = self.cfgs[sid]
         runner = self.d.add_stream(s, origin)
         runner.continue_seq(last + 1)
         if previous is not None and previous != self.member_id:
@@ -158,6 +165,16 @@ class FleetStreams:
             runner.event("state", {"from": runner.state.value, "to": runner.state.value, "reason":
                                    f"owner changed: {previous} -> {self.member_id}", "reason_code": "owner_changed",
                                    "owner": self.member_id, "previous_owner": previous})
+
+    async def _still_ours(self, sid: str, lease: Lease) -> bool:
+        """Whether a stream whose lease was just taken should start: still wanted, and `lease` still the one held.
+        A stream no longer wanted (deleted meanwhile) whose lease is still held gives it back."""
+        if self.fleet.leases.get(sid) is not lease:
+            return False  # released or lost meanwhile (the stream was deleted or changed, or the lease expired)
+        if sid not in self.cfgs or sid not in self.fleet.wanted:
+            await self.fleet.release(sid, "stream deleted")
+            return False
+        return True
 
     async def _released(self, sid: str, why: str) -> None:
         if sid in self.d.runners:
@@ -174,8 +191,9 @@ class FleetStreams:
             return -1
 
     def _fence(self, sid: str) -> tuple[str, str] | None:
-        if sid not in self.cfgs:
-            return None  # not a leased stream (a Redis input)
+        """The lease a result must still hold when written. Every result that reaches this is a leased stream's (a
+        Redis input's results carry their entry and are never fenced): one without a lease here (its stream was
+        deleted or moved while its last frames were on their way) gets a token no lease holds, and is refused."""
         return lease_key(sid), self.fleet.token(sid) or _NO_LEASE
 
     def _load(self) -> dict[str, Any]:
