@@ -603,3 +603,60 @@ async def test_a_stream_deleted_while_its_lease_is_being_taken_never_starts(redi
         web.stop()
         await r.delete(API_STREAMS_KEY)
         await r.aclose()
+
+
+async def test_a_finished_file_is_not_played_again_when_its_lease_moves(redis_server, clip):
+    """Four files (no loop) of the shared config play to their end on x; then y joins (a rebalance hands some over)
+    and x stops (y takes the rest). The new owner shows each stream stopped at its end and plays none of them
+    again (the old code played every file again from its start: each frame's result twice, by x and by y). A
+    stream whose configuration changed is another stream: it plays."""
+    import asyncio
+    from collections import Counter
+
+    import redis.asyncio as aioredis
+
+    from conftest import make_config, results as recs, until
+    from streamd.fleet import lease_key
+    from streamd.testing.daemon import running
+
+    ids = [f"done{i}" for i in range(4)]
+    r = aioredis.Redis.from_url(redis_server.url)
+    for sid in ids:
+        await r.delete(keys.results_key(sid), keys.events_key(sid), lease_key(sid), lease_key(sid) + ":last",
+                       f"streamd:{{{sid}}}:ended")  # keys.stream_ended_key
+
+    def cfg(name, fps=2):
+        return make_config(redis_server.url, [{"id": sid, "url": str(clip), "fps": fps} for sid in ids],
+                           fleet={"enabled": True, "member_id": name, "lease_ttl_s": 3, "renew_s": 0.5,
+                                  "settle_s": 0.5})
+
+    def ended(d, sid):
+        rn = d.streams.runners.get(sid)
+        return rn is not None and rn.state.value == "stopped" and rn.reason_code == "ended"
+
+    try:
+        async with running(cfg("fx")) as dx:
+            await until(lambda: all(ended(dx, sid) for sid in ids), 60, what="every file played to its end")
+            await asyncio.sleep(1)
+            before = {sid: len(await recs(r, sid)) for sid in ids}
+            assert all(n == 12 for n in before.values()), before  # 6 s at 2 fps
+            async with running(cfg("fy")) as dy:
+                await until(lambda: any(sid in dy.streams.runners for sid in ids), 15, what="a stream handed to y")
+                await asyncio.sleep(2)
+            # x stopped (y's context ended first: y left too); run y alone: every lease comes to it
+        async with running(cfg("fy")) as dy:
+            await until(lambda: all(sid in dy.streams.runners for sid in ids), 15, what="y runs every stream")
+            await asyncio.sleep(2)
+            assert all(ended(dy, sid) for sid in ids), {s: dy.streams.runners[s].state for s in ids}
+        after = {sid: await recs(r, sid) for sid in ids}
+        dup = {sid: sum(1 for v in Counter(q["pts_s"] for q in rs).values() if v > 1) for sid, rs in after.items()}
+        assert {sid: len(rs) for sid, rs in after.items()} == before and not any(dup.values()), (before, dup)
+        assert {q["daemon"] for rs in after.values() for q in rs} == {"fx"}
+
+        # another configuration of the same ids (another rate): a new stream, played from its start
+        async with running(cfg("fy", fps=1)) as dy:
+            await until(lambda: all(len(dy.streams.runners) == 4 and ended(dy, sid) for sid in ids), 60,
+                        what="the changed streams played to their end")
+        assert [len(await recs(r, sid)) for sid in ids] == [12 + 6] * 4
+    finally:
+        await r.aclose()

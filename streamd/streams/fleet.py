@@ -6,6 +6,8 @@ the last published result, starts with a discontinuity, and says so in a `state`
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -18,12 +20,20 @@ from streamd.fleet import Fleet, Lease, lease_key
 from streamd.log import get_logger
 from streamd.sources import parse_reference
 from streamd.streams.load import LoadMeter
+from streamd.streams.supervisor import State, StreamRunner
 
 if TYPE_CHECKING:
     from streamd.streams.manager import StreamManager
 
 log = get_logger("streamd.fleet")
 _NO_LEASE = "-"  # a token no lease ever holds: a stream's results written after its lease went are refused
+# how a stream ended, written only while the writer holds its lease
+_MARK_ENDED = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[2], ARGV[2]) end return 0"
+
+
+def fingerprint(s: StreamConfig) -> str:
+    """The stream's configuration, hashed: an end recorded for one configuration does not hold for another."""
+    return hashlib.sha256(json.dumps(s.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:32]
 
 
 class CapacityExhausted(StreamdError):
@@ -154,10 +164,15 @@ class FleetStreams:
         after every await)."""
         if not await self._still_ours(sid, lease):
             return
+        ended = await self._ended(sid)
         last = await self._last_seq(sid)
         if not await self._still_ours(sid, lease):
             return
         s, origin = self.cfgs[sid]
+        if ended is not None and ended.get("config") == fingerprint(s):
+            # it ended (a file played to its end) or failed for good on a daemon before: shown so, not played again
+            self.d.add_ended_stream(s, origin, State(ended["state"]), ended.get("reason"), ended.get("reason_code"))
+            return
         runner = self.d.add_stream(s, origin)
         runner.continue_seq(last + 1)
         if previous is not None and previous != self.member_id:
@@ -175,6 +190,37 @@ class FleetStreams:
             await self.fleet.release(sid, "stream deleted")
             return False
         return True
+
+    async def _ended(self, sid: str) -> dict[str, Any] | None:
+        raw = await self.d.redis.get(keys.stream_ended_key(sid))
+        try:
+            rec = json.loads(raw) if raw else None
+            State(rec["state"]) if rec else None
+        except (ValueError, KeyError, TypeError):
+            return None
+        return rec
+
+    async def finished(self, runner: StreamRunner) -> None:
+        """A stream's runner is through (called by the manager when its source stopped): one that ended by itself
+        (end of input) or failed for good is recorded in Redis while this daemon holds its lease, so a daemon that
+        takes the lease over later (a rebalance, a takeover) shows it ended instead of playing it again."""
+        sid = runner.cfg.id
+        if not (runner.state is State.FAILED or runner.state is State.STOPPED and runner.reason_code == "ended"):
+            return  # stopped by request (deleted, changed, handed over, the daemon stopping): not an end
+        lease, known = self.fleet.leases.get(sid), self.cfgs.get(sid)
+        if lease is None or known is None or known[0] != runner.cfg:
+            return
+        rec = {"state": runner.state.value, "reason": runner.reason, "reason_code": runner.reason_code,
+               "config": fingerprint(runner.cfg), "member": self.member_id, "ts": round(time.time(), 3)}
+        try:
+            await self.d.redis.eval(_MARK_ENDED, 2, lease.key, keys.stream_ended_key(sid), lease.token,
+                                    json.dumps(rec))
+        except (RedisError, OSError) as e:
+            log.warning("could not record the end of a stream", stream=sid, error=str(e) or type(e).__name__)
+
+    async def forget_end(self, sid: str) -> None:
+        """The stream was deleted or set again through the API: a new stream of that id plays from its start."""
+        await self.d.redis.delete(keys.stream_ended_key(sid))
 
     async def _released(self, sid: str, why: str) -> None:
         if sid in self.d.runners:

@@ -124,6 +124,20 @@ class StreamManager(StreamInfo):
         runner.fail(reason)
         return runner
 
+    def add_ended_stream(self, s: StreamConfig, origin: str, state: State, reason: str | None,
+                         code: str | None) -> StreamRunner:
+        """Fleet mode: a stream that ended (or failed for good) on the daemon that ran it before, shown as it ended;
+        nothing plays (its end was announced once, by that daemon). PATCH or DELETE through the API replace it."""
+        runner = StreamRunner(s, self.metrics, self.sink.event, self.client, self.consumer,
+                              self.cfg.events.drop_event_interval_s, origin=origin)
+        self.runners[s.id] = runner
+        runner.state, runner.reason, runner.reason_code = state, reason, code if reason else None
+        if state is State.FAILED:
+            runner.last_error = reason
+        self.metrics.stream_state.labels(s.id, state.value).set(1)
+        runner.stop()
+        return runner
+
     async def remove_stream(self, stream_id: str, drop_group: bool = False) -> None:
         """Stop a stream and wait until its last frames are through and published. `drop_group` (a DELETE): its
         Redis input's consumer group goes too (a replaced stream keeps it: the new one reads on from there)."""
@@ -150,6 +164,8 @@ class StreamManager(StreamInfo):
         except Exception as e:  # noqa: BLE001 - one stream's bug never stops the others
             log.exception("stream task crashed", stream=sid)
             runner._set_state(State.FAILED, f"internal error: {type(e).__name__}: {e}")
+        if self.fleet is not None:  # an end for good is recorded: the stream's next owner does not play it again
+            await self.fleet.finished(runner)
         # the queue is closed now: its end marker follows the last frame through the stages, and the stages forget
         # the stream once it is through (a tracker is never dropped while the stream's frames are on their way)
         if not pipeline.ready.is_set():
@@ -272,6 +288,7 @@ class StreamManager(StreamInfo):
                 await self.store.save(s)
                 self.api_stream_ids.add(s.id)
                 await self.fleet.fleet.release(s.id, "changed through the API")  # a no-op unless it runs here
+                await self.fleet.forget_end(s.id)  # set again: it plays (again) from its start
                 self.fleet.offer(s, "api")
             finally:
                 self.fleet.unreserve(s.id)
@@ -293,6 +310,7 @@ class StreamManager(StreamInfo):
             self.api_stream_ids.discard(stream_id)
             if self.fleet is not None and stream_id in self.fleet.cfgs:
                 await self.fleet.withdraw(stream_id)  # stops it here if it runs here; the owner sees it go
+                await self.fleet.forget_end(stream_id)
             else:
                 await self.remove_stream(stream_id, drop_group=True)
             self.metrics.forget_stream(stream_id)  # its series go with it (a replaced stream keeps them)
