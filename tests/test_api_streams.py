@@ -192,3 +192,24 @@ async def test_a_stored_stream_means_the_same_after_a_restart(r, redis_server):
         await push_frames(r, "frames:every", IMGS)  # pushed at once: an fps would sample one or two of them
         await until(lambda: at_least(r, "every", len(IMGS)), 20, what="a result for every entry")
         assert d.streams.runners["every"].cfg.queue_size == 4
+
+
+async def test_a_stream_created_again_after_its_delete_counts_its_results_from_zero(r, redis_server):
+    """The old code kept a deleted stream's result count: a new stream of that id reported the old one's."""
+    from conftest import results
+
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        body = {"id": "again", "url": "redis:frames:again", "pipeline": "frame_info"}
+        async with s.post(f"{d.api_url}/api/v1/streams", headers=h(OPER), json=body) as resp:
+            assert resp.status == 201
+        await push_frames(r, "frames:again", IMGS[:3])
+        await until(lambda: at_least(r, "again", 3), 20, what="the first stream's results")
+        await until(lambda: d.sink.results_by_stream.get("again") == 3, 10, what="counted")
+        async with s.delete(f"{d.api_url}/api/v1/streams/again", headers=h(OPER)) as resp:
+            assert resp.status == 204
+        async with s.post(f"{d.api_url}/api/v1/streams", headers=h(OPER),
+                          json={**body, "url": "redis:frames:again2"}) as resp:
+            assert resp.status == 201
+            assert (await resp.json())["results"] == 0
+        assert (await _get(s, d, "again"))["results"] == 0
+        assert len(await results(r, "again")) == 3  # what the first stream published stays in Redis

@@ -660,3 +660,54 @@ async def test_a_finished_file_is_not_played_again_when_its_lease_moves(redis_se
         assert [len(await recs(r, sid)) for sid in ids] == [12 + 6] * 4
     finally:
         await r.aclose()
+
+
+async def test_a_stream_deleted_through_another_daemon_is_forgotten_by_its_owner(redis_server, clip):
+    """DELETE through the daemon that does not run the stream: its owner stops it and forgets it as a DELETE through
+    its own API would (the old code kept its metric series, its snapshot frames and its result count)."""
+    import asyncio
+
+    import aiohttp
+    import redis.asyncio as aioredis
+
+    from conftest import OPER, h, until
+    from streamd.fleet import lease_key
+    from streamd.keys import API_STREAMS_KEY
+    from streamd.testing.daemon import running
+    from streamd.testing.servers import HttpDir
+
+    sid = "forget-me"
+    r = aioredis.Redis.from_url(redis_server.url)
+    await r.delete(API_STREAMS_KEY, "streamd:{fleet}:members", keys.results_key(sid), lease_key(sid))
+    web = HttpDir(clip.parent).start()
+    src = {"id": sid, "url": web.url(clip.name), "pipeline": "frame_info", "loop": True, "playback": "realtime",
+           "fps": 4}
+
+    def series(d):
+        return [s for m in d.streams.metrics.registry.collect() for s in m.samples if s.labels.get("stream") == sid]
+
+    try:
+        async with running(_fleet_api_cfg(redis_server.url, "fx")) as dx, \
+                running(_fleet_api_cfg(redis_server.url, "fy")) as dy, aiohttp.ClientSession() as s:
+            await asyncio.sleep(1.5)  # both heartbeats seen
+            async with s.post(dx.api_url + "/api/v1/streams", headers=h(OPER), json=src) as resp:
+                assert resp.status == 201, await resp.text()
+            owner = await until(lambda: dx if sid in dx.streams.runners else dy if sid in dy.streams.runners else None,
+                                10, what="an owner")
+            other = dy if owner is dx else dx
+            await until(lambda: owner.sink.results_by_stream.get(sid, 0) >= 2 and sid in owner.streams.frames.stream_ids(),
+                        20, what="results and kept frames on the owner")
+            assert series(owner)
+            await until(lambda: sid in other.streams.fleet.cfgs, 10, what="the other daemon knows the stream")
+            async with s.delete(other.api_url + f"/api/v1/streams/{sid}", headers=h(OPER)) as resp:
+                assert resp.status == 204
+            await until(lambda: sid not in owner.streams.runners and sid not in owner.streams.fleet.cfgs, 10,
+                        what="the owner stopped it")
+            await asyncio.sleep(0.5)
+            assert sid not in owner.sink.results_by_stream, owner.sink.results_by_stream
+            assert sid not in owner.streams.frames.stream_ids()
+            assert series(owner) == []
+    finally:
+        web.stop()
+        await r.delete(API_STREAMS_KEY)
+        await r.aclose()

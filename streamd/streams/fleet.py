@@ -152,7 +152,8 @@ class FleetStreams:
                 self.offer(s, "api")
         for sid in [sid for sid, (_, origin) in self.cfgs.items() if origin == "api" and sid not in stored]:
             self.d.api_stream_ids.discard(sid)
-            await self.withdraw(sid)
+            await self.withdraw(sid)  # deleted through another daemon's API: stopped here if it ran here,
+            self.d.forget_stream(sid)  # and forgotten as that daemon's DELETE forgets it
 
     async def leave(self) -> None:
         await self.fleet.leave()

@@ -313,10 +313,18 @@ class StreamManager(StreamInfo):
                 await self.fleet.forget_end(stream_id)
             else:
                 await self.remove_stream(stream_id, drop_group=True)
-            self.metrics.forget_stream(stream_id)  # its series go with it (a replaced stream keeps them)
-            if self.frames is not None:
-                self.frames.drop(stream_id)  # its recent frames too
+            self.forget_stream(stream_id)
         self._stream_locks.pop(stream_id, None)
+
+    def forget_stream(self, stream_id: str) -> None:
+        """A deleted stream (through this daemon's API, or in fleet mode another's: its owner forgets it when it
+        sees it go): its metric series, recent frames and result count go with it (a replaced stream keeps them)."""
+        self.metrics.forget_stream(stream_id)
+        if self.frames is not None:
+            self.frames.drop(stream_id)
+        forget = getattr(self.sink, "forget_stream", None)
+        if forget is not None:
+            forget(stream_id)
 
     def _stream_lock(self, stream_id: str) -> asyncio.Lock:
         """Changes of one stream are serialised; a slow change (a stream that takes seconds to stop) never holds up
