@@ -19,10 +19,11 @@ from redis.exceptions import RedisError
 from streamd.batching import Doorbell
 from streamd.config import Config, StreamConfig
 from streamd.egress import EgressRules
-from streamd.errors import StreamdError
+from streamd.errors import SourceError, StreamdError
 from streamd.log import get_logger
 from streamd.metrics import Metrics
 from streamd.pipeline import Pipeline
+from streamd.sources import parse_reference
 from streamd.streams.groups import ConsumerGroups
 from streamd.streams.info import StreamInfo
 from streamd.streams.pipelines import PipelineSet
@@ -32,6 +33,18 @@ from streamd.streams.supervisor import State, StreamRunner
 
 log = get_logger("streamd.streams")
 _FLUSH_ON_REMOVE_S = 5.0  # a removed stream's buffered results: how long its removal waits for them (Redis up)
+
+
+def _reads_elsewhere(old: StreamRunner, s: StreamConfig) -> bool:
+    """Whether the changed stream `s` no longer reads the Redis input (server, key, consumer group) `old` read."""
+    if old.ref is None or old.ref.kind != "redis":
+        return False
+    try:
+        ref = parse_reference(s.url)
+    except SourceError:
+        return True
+    return (ref.kind, ref.url, ref.key, s.redis_input.group) != ("redis", old.ref.url, old.ref.key,
+                                                                  old.cfg.redis_input.group)
 
 
 class StreamManager(StreamInfo):
@@ -272,6 +285,8 @@ class StreamManager(StreamInfo):
                     self._restore_stream(old)
                 raise
             self.api_stream_ids.add(s.id)
+            if old is not None and _reads_elsewhere(old, s):  # its Redis input's group on the old key (or the old
+                await self._groups.drop(old, self.runners.values())  # group) is left unless another stream reads it
             return runner
 
     async def _fleet_put_stream(self, s: StreamConfig, replace: bool, pending: bool) -> StreamRunner | None:
