@@ -10,7 +10,8 @@ marker says when its last frame is through and the stages have forgotten it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -71,7 +72,9 @@ class StreamManager(StreamInfo):
         # runner is still finishing has two
         self._tg: asyncio.TaskGroup | None = None
         self._api_lock = asyncio.Lock()  # held while the streams kept in Redis are loaded
-        self._stream_locks: dict[str, asyncio.Lock] = {}  # one API change of a stream at a time
+        # one API change of a stream at a time: the lock, and how many requests hold it or wait for it (the entry goes
+        # when none does: refused requests for ever new ids leave nothing behind)
+        self._stream_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self.predict = Predictor(self, cfg.api.predict, metrics)  # single images (POST /api/v1/predict/{pipeline})
 
     def bind(self, tg: asyncio.TaskGroup | None) -> None:
@@ -329,7 +332,6 @@ class StreamManager(StreamInfo):
             else:
                 await self.remove_stream(stream_id, drop_group=True)
             self.forget_stream(stream_id)
-        self._stream_locks.pop(stream_id, None)
 
     def forget_stream(self, stream_id: str) -> None:
         """A deleted stream (through this daemon's API, or in fleet mode another's: its owner forgets it when it
@@ -341,10 +343,22 @@ class StreamManager(StreamInfo):
         if forget is not None:
             forget(stream_id)
 
-    def _stream_lock(self, stream_id: str) -> asyncio.Lock:
+    @contextlib.asynccontextmanager
+    async def _stream_lock(self, stream_id: str) -> AsyncIterator[None]:
         """Changes of one stream are serialised; a slow change (a stream that takes seconds to stop) never holds up
-        another stream's."""
-        return self._stream_locks.setdefault(stream_id, asyncio.Lock())
+        another stream's. The id's entry lives while a request holds or waits for its lock."""
+        entry = self._stream_locks.get(stream_id)
+        if entry is None:
+            entry = self._stream_locks[stream_id] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0 and self._stream_locks.get(stream_id) is entry:
+                del self._stream_locks[stream_id]
 
     # -- what streams there are ------------------------------------------------------------------------------------
     def has_stream(self, sid: str) -> bool:
