@@ -133,6 +133,7 @@ class Fleet:
         self.leaving = False  # leave() was called: no heartbeat, no lease taken, until the daemon stops
         self.instance = secrets.token_hex(8)  # this process (two daemons given one fleet.member_id differ in it)
         self.duplicate: str | None = None  # another running daemon's instance with this member id: we stand aside
+        self._ticking = asyncio.Lock()  # one tick at a time (the loop's, and an API request's that places at once)
 
     @property
     def ttl_ms(self) -> int:
@@ -199,11 +200,12 @@ class Fleet:
     async def tick(self) -> None:
         if self.leaving:
             return  # stopping: the member key is gone and stays gone, nothing is taken again
-        await self._heartbeat()
-        if self.duplicate is not None:
-            return  # another daemon has this member id: it is the member, this one stands aside
-        await self._renew()
-        await self._place()
+        async with self._ticking:
+            await self._heartbeat()
+            if self.duplicate is not None:
+                return  # another daemon has this member id: it is the member, this one stands aside
+            await self._renew()
+            await self._place()
 
     async def _heartbeat(self) -> None:
         if self.leaving:
@@ -223,7 +225,8 @@ class Fleet:
         if other is not None:
             return
         load = self._load()
-        rec = {"id": self.member_id, "instance": self.instance, "address": self.address, "version": self.version, "capacity": self.capacity,
+        rec = {"id": self.member_id, "instance": self.instance, "address": self.address, "version": self.version,
+               "capacity": self.capacity,
                "max_streams": self.cfg.max_streams, "wants": sorted(self.wanted - self.shared),
                "streams": sorted(self.leases), "load": load, "heartbeat": time.time()}
         async with self.r.pipeline(transaction=False) as p:

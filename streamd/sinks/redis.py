@@ -406,6 +406,10 @@ class RedisSink:
             done[sid] = done.get(sid, 0) + 1
             self.metrics.stream(sid).e2e_latency.observe(max(0.0, now - p.result["capture_ts"]))
 
+    def forget_stream(self, stream_id: str) -> None:
+        """A deleted stream's result count goes with it (a new stream of that id counts from zero)."""
+        self.results_by_stream.pop(stream_id, None)
+
     def _count(self, done: dict[str, int]) -> None:
         for sid, n in done.items():
             self.results_by_stream[sid] = self.results_by_stream.get(sid, 0) + n
