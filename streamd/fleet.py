@@ -210,29 +210,32 @@ class Fleet:
     async def _heartbeat(self) -> None:
         if self.leaving:
             return
-        other = await self._other_instance()
-        if other != self.duplicate:
-            if other is not None:
-                log.error("another running daemon has this fleet.member_id: this one takes no stream while it runs "
-                          "(give each daemon its own fleet.member_id)", member_id=self.member_id,
-                          other_instance=other, instance=self.instance)
-                await asyncio.gather(*(self.release(sid, "another daemon has this member id")
-                                       for sid in list(self.leases)))
-            else:
+        if self.duplicate is not None:  # standing aside: only look, until the other's record is gone
+            other = self._other_instance(await self.r.get(fleet_member_key(self.member_id)))
+            if other is None:
                 log.warning("the other daemon with this fleet.member_id is gone: taking part again",
                             member_id=self.member_id)
-            self.duplicate = other
-        if other is not None:
-            return
+                self.duplicate = None
+            else:
+                return
         load = self._load()
         rec = {"id": self.member_id, "instance": self.instance, "address": self.address, "version": self.version,
                "capacity": self.capacity,
                "max_streams": self.cfg.max_streams, "wants": sorted(self.wanted - self.shared),
                "streams": sorted(self.leases), "load": load, "heartbeat": time.time()}
         async with self.r.pipeline(transaction=False) as p:
-            p.set(fleet_member_key(self.member_id), json.dumps(rec), px=self.ttl_ms)
+            p.set(fleet_member_key(self.member_id), json.dumps(rec), px=self.ttl_ms, get=True)  # the record before
             p.sadd(MEMBERS_KEY, self.member_id)
-            await p.execute()
+            before, _ = await p.execute()
+        other = self._other_instance(before)
+        if other is not None:  # another running daemon's record: put it back, and stand aside
+            log.error("another running daemon has this fleet.member_id: this one takes no stream while it runs "
+                      "(give each daemon its own fleet.member_id)", member_id=self.member_id,
+                      other_instance=other, instance=self.instance)
+            await self.r.set(fleet_member_key(self.member_id), before, px=self.ttl_ms)
+            self.duplicate = other
+            await asyncio.gather(*(self.release(sid, "another daemon has this member id") for sid in list(self.leases)))
+            return
         ids = sorted(m.decode() for m in await self.r.smembers(MEMBERS_KEY))
         raws = await self.r.mget([fleet_member_key(m) for m in ids]) if ids else []  # one slot
         members = {}
@@ -249,10 +252,9 @@ class Fleet:
         self._wants = {m: (frozenset(rec["wants"]) if isinstance(rec.get("wants"), list) else None)
                        for m, rec in members.items()}
 
-    async def _other_instance(self) -> str | None:
-        """The instance of another running process whose member record has this daemon's member id (its heartbeat
-        within the lease TTL), else None."""
-        raw = await self.r.get(fleet_member_key(self.member_id))
+    def _other_instance(self, raw: bytes | None) -> str | None:
+        """The instance of another running process when `raw` is a member record with this daemon's member id
+        written by it (its heartbeat within the lease TTL), else None."""
         if raw is None:
             return None
         rec = json.loads(raw)
