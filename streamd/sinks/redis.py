@@ -109,9 +109,10 @@ def _settle(ref: InputRef) -> None:
         ref.handle.settled(ref)
 
 
-def _encode(p: Pending, now: float) -> None:
+def _encode(p: Pending, publish_ts: float) -> None:
+    """`publish_ts`: the send's time, rounded to the microsecond."""
     if p.result is not None:
-        p.result["publish_ts"] = round(now, 6)
+        p.result["publish_ts"] = publish_ts
         p.fields["record"] = _json(p.result)
 
 
@@ -172,20 +173,25 @@ class RedisSink:
 
     # -- producers ------------------------------------------------------------------------------------------
     async def publish_results(self, works: list[Work]) -> None:
+        cfg, fence_for, member, frames = self.cfg, self.fence_for, self.member, self.frames
+        limit, maxlen = cfg.buffer_max_records, cfg.results_maxlen
         for w in works:
-            while self.healthy and len(self._buf) >= self.cfg.buffer_max_records:
-                self._space.clear()
-                await self._space.wait()
+            if self.healthy and len(self._buf) >= limit:
+                while self.healthy and len(self._buf) >= self.cfg.buffer_max_records:
+                    self._space.clear()
+                    await self._space.wait()
+                cfg, fence_for, member, frames = self.cfg, self.fence_for, self.member, self.frames  # as they are now
+                limit, maxlen = cfg.buffer_max_records, cfg.results_maxlen
             f = w.frame
             fields = {"schema_version": keys.SCHEMA_VERSION, "stream_id": f.stream_id, "seq": f.seq}
             # leased streams only (never Redis inputs): a refused write must not take an XACK through with it
-            fence = self.fence_for(f.stream_id) if self.fence_for is not None and f.ref is None else None
+            fence = fence_for(f.stream_id) if fence_for is not None and f.ref is None else None
             rec = result_record(w)
-            if self.member is not None:
-                rec["daemon"] = self.member
-            stored = self.frames.add(f) if self.frames is not None else None
-            self._append(Pending(keys.results_key(f.stream_id), self.cfg.results_maxlen, fields, rec, f.ref,
-                                 fence=fence, stored=stored))
+            if member is not None:
+                rec["daemon"] = member
+            stored = frames.add(f) if frames is not None else None
+            self._append(Pending(keys.results_key(f.stream_id), maxlen, fields, rec, f.ref, fence=fence,
+                                 stored=stored))
 
     def event(self, stream_id: str, kind: str, fields: dict[str, Any] | None = None) -> None:
         """Queue an event; never waits (events are small and rare). A predict request's frame (a stream id with
@@ -314,13 +320,16 @@ class RedisSink:
             self.healthy = True
             self.last_error = None
             delay = self.cfg.retry_initial_s
+            buf, gone = self._buf, 0
             for p in batch:  # still at the front, unless overflow trimmed it during the send
-                if self._buf and self._buf[0] is p:
-                    self._buf.popleft()
+                if buf and buf[0] is p:
+                    buf.popleft()
                     self._events -= p.event
-                    self._done(1)
+                    gone += 1
                 if p.ack is not None:
                     _settle(p.ack)
+            if gone:
+                self._done(gone)
             self.published += n
             self.metrics.buffered.set(len(self._buf))
             self._space.set()
@@ -348,8 +357,9 @@ class RedisSink:
         now = time.time()
         tx = any(p.ack is not None for p in batch)  # an acknowledgement goes in one MULTI/EXEC with its result
         cmds = [_MULTI] if tx else []
+        publish_ts = round(now, 6)
         for p in batch:
-            _encode(p, now)
+            _encode(p, publish_ts)
             cmds.append(pack_command(_write_args(p)))
             if p.ack is not None:
                 cmds.append(pack_command(("XACK", p.ack.key, p.ack.group, p.ack.entry_id)))
@@ -368,17 +378,19 @@ class RedisSink:
         if error is not None:
             raise error
         done: dict[str, int] = {}  # results per stream
+        account = self._account
         for p, reply in zip(batch, writes):
-            self._account(p, reply, now, done)
+            account(p, reply, now, done)
         self._count(done)
 
     async def _send_cluster(self, writer: ClusterWriter, batch: list[Pending]) -> None:
         """Redis Cluster: what of the batch is not in Redis yet, split by slot and node (streamd.sinks.cluster)."""
         self._sent_at = time.monotonic()
         now = time.time()
+        publish_ts = round(now, 6)
         for p in batch:
             if not p.written:
-                _encode(p, now)
+                _encode(p, publish_ts)
         done: dict[str, int] = {}
         try:
             await writer.write(batch, lambda p, reply: self._account(p, reply, now, done))
@@ -395,10 +407,11 @@ class RedisSink:
             return
         if p.stored is not None and isinstance(reply, (bytes, str)) and self.frames is not None:
             self.frames.written(p.stored, reply.decode() if isinstance(reply, bytes) else reply)
-        if p.result is not None:
-            sid = p.result["stream_id"]
+        result = p.result
+        if result is not None:
+            sid = result["stream_id"]
             done[sid] = done.get(sid, 0) + 1
-            self.metrics.stream(sid).e2e_latency.observe(max(0.0, now - p.result["capture_ts"]))
+            self.metrics.stream(sid).e2e_latency.observe(max(0.0, now - result["capture_ts"]))
 
     def _count(self, done: dict[str, int]) -> None:
         for sid, n in done.items():
