@@ -8,7 +8,7 @@ The test server answers HTTP/1.1 with keep-alive, as HLS origins and CDNs do, so
 (FFmpeg's demuxer: `http_persistent`; streamd: its egress session's pool); `--no-keep-alive` serves HTTP/1.0, one
 connection per request, on both sides.
 
-    .venv/bin/python benchmarks/hls.py --streams 1,8 --repeats 3 [--threads] [--no-keep-alive] [--hold N]
+    .venv/bin/python benchmarks/hls.py --streams 1,8 --repeats 3 [--threads] [--no-keep-alive] [--hold N] [--sws-threads N]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def thread_group(name: str) -> str:
     return "other native threads (swscale's, ...)"
 
 
-def ffmpeg_side(url: str, n: int, hold: int = 0) -> tuple[int, float]:
+def ffmpeg_side(url: str, n: int, hold: int = 0, sws_threads: int | None = None) -> tuple[int, float]:
     out = [0] * n
 
     def one(i: int) -> None:
@@ -81,7 +81,7 @@ def ffmpeg_side(url: str, n: int, hold: int = 0) -> tuple[int, float]:
             st = c.streams.video[0]
             st.thread_type = "AUTO"
             for vf in c.decode(st):
-                image = rgb.reformat(vf, format="rgb24").to_ndarray()
+                image = rgb.reformat(vf, format="rgb24", threads=sws_threads).to_ndarray()
                 if hold:  # `--hold`: the last frames stay alive, as in a stream queue
                     held.append(image)
                 out[i] += 1
@@ -134,6 +134,9 @@ def main() -> int:
                     "on both sides")
     ap.add_argument("--hold", type=int, default=0, help="diagnostic: FFmpeg's side keeps its last N RGB frames "
                     "alive, as streamd's stream queue does (the target is measured with 0)")
+    ap.add_argument("--sws-threads", type=int, default=None, help="diagnostic: swscale threads of FFmpeg's side's "
+                    "conversion (streamd converts with 1, streamd.sources.hls.SWS_THREADS; the target is measured "
+                    "with PyAV's default, one per core)")
     ap.add_argument("--threads", action="store_true", help="also print CPU per frame by thread group (each side; "
                     "reading the threads costs a little CPU of its own)")
     args = ap.parse_args()
@@ -148,6 +151,9 @@ def main() -> int:
           f"({'HTTP/1.0, a connection per request' if args.no_keep_alive else 'HTTP/1.1 keep-alive'}, both sides)")
     if args.hold:
         print(f"# diagnostic --hold {args.hold}: FFmpeg's side keeps its last {args.hold} frames alive per stream")
+    if args.sws_threads is not None:
+        print(f"# diagnostic --sws-threads {args.sws_threads}: FFmpeg's side converts with {args.sws_threads} swscale "
+              "threads")
     print(f"# glibc malloc thresholds {'set as the daemon sets them' if tuned else 'not tuned'}; one Doorbell "
           f"(tick {FRAME_TICK_S * 1000:g} ms above {FRAME_BUSY_RATE:g} frames/s) for all streams, as in the daemon")
     print("| streams | FFmpeg HLS fps | streamd HLS fps | ratio | FFmpeg CPU ms/frame | streamd CPU ms/frame "
@@ -164,7 +170,7 @@ def main() -> int:
                 for side in ("ffmpeg", "streamd"):
                     load = OtherLoad()
                     with ThreadCpu(thread_group) if args.threads else contextlib.nullcontext() as tc:
-                        got, secs = ffmpeg_side(url, n, args.hold) if side == "ffmpeg" else asyncio.run(streamd_side(url, n))
+                        got, secs = ffmpeg_side(url, n, args.hold, args.sws_threads) if side == "ffmpeg" else asyncio.run(streamd_side(url, n))
                     for g, cpu in (tc.groups() if tc is not None else {}).items():
                         by_thread[side][g] = by_thread[side].get(g, 0.0) + cpu / got / args.repeats
                     if got != frames * n:

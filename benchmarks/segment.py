@@ -207,12 +207,70 @@ def engine_run(model: Any, frames: list[list[np.ndarray]], objects: int, n: int,
     return {"fps": done / (t1 - timed_from[0]), "cpu_ms": 1000 * (c1 - timed_from[1]) / done, "state_bytes": 0.0}
 
 
+async def pipeline_run(a: argparse.Namespace) -> dict[str, Any]:
+    """`--pipeline`: a real daemon (Redis, file streams, playback fast, every frame) running detect (the real
+    person detector, runtime auto) + track (ByteTrack) + segment (SAM 2, prompted by the tracks) on `--streams`
+    copies of a 1280x720 pan over zidane.jpg. frames/s over all streams once every stream has its first result;
+    the torch threads of the device's executor (SAM 2's passes) at the end."""
+    from streamd.config import parse_config
+    from streamd.models.executors import device_executor
+    from streamd.redis_server import ManagedRedis
+    from streamd.samples import make_pan_clip
+    from streamd.testing.daemon import running
+
+    s = int(a.streams)
+    tmp = Path(tempfile.mkdtemp(prefix="segpipe-"))
+    clip = make_pan_clip(tmp / "pan.mp4", "zidane.jpg", seconds=a.seconds, fps=10, size=(1280, 720))
+    with ManagedRedis(tmp / "redis") as redis:
+        cfg = parse_config({
+            "redis": {"url": redis.url, "results_maxlen": 100_000},
+            "pipelines": {"ds": {"stages": [
+                {"type": "detect", "model": "person", "imgsz": 640, "conf": 0.35, "max_batch": 8, "max_wait_ms": 5},
+                {"type": "track", "tracker": "bytetrack"},
+                {"type": "segment", "checkpoint": "random", "image_size": a.image_size, "device": a.device,
+                 "visible_score": 0.0, "max_objects": a.objects}]}},
+            "streams": [{"id": f"s{i}", "url": str(clip), "fps": None, "pipeline": "ds", "queue_size": 8}
+                        for i in range(s)],
+        }, environ={})
+        async with running(cfg) as d:
+            await d.pipelines["ds"].ready.wait()
+            while len(d.sink.results_by_stream) < s or not all(d.sink.results_by_stream.values()):
+                if any(r.state.value == "failed" for r in d.streams.runners.values()):
+                    raise RuntimeError(f"a stream failed: {d.streams.status()}")
+                await asyncio.sleep(0.005)
+            t0, c0, n0 = time.perf_counter(), cpu_s(), sum(d.sink.results_by_stream.values())
+            while not all(r.state.value in ("stopped", "failed") for r in d.streams.runners.values()):
+                await asyncio.sleep(0.02)
+            while sum(d.sink.results_by_stream.values()) < sum(r.frames for r in d.streams.runners.values()) \
+                    or len(d.sink):
+                await asyncio.sleep(0.01)
+            wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+            frames = sum(d.sink.results_by_stream.values()) - n0
+            assert all(r.state.value == "stopped" for r in d.streams.runners.values()), d.streams.status()
+            import redis.asyncio as aioredis
+            import torch
+
+            from streamd import keys
+
+            client = aioredis.from_url(redis.url)
+            recs = [json.loads(f[b"record"]) for i in range(s) for _, f in await client.xrange(keys.results_key(f"s{i}"))]
+            await client.aclose()
+            objects = sum(len((r["outputs"].get("segment") or {}).get("objects", [])) for r in recs) / max(1, len(recs))
+
+            threads = await asyncio.get_running_loop().run_in_executor(device_executor("cpu"), torch.get_num_threads)
+    return {"fps": frames / wall, "cpu_ms": 1000 * cpu / frames, "objects_per_frame": objects,
+            "executor_threads": threads}
+
+
 async def one_side(a: argparse.Namespace) -> None:
     """`--only SIDE`: one repeat of one side in this process; prints its result as JSON."""
     import torch
 
     from streamd.stages.segment.model import build
 
+    if a.only == "pipeline":
+        print("RESULT " + json.dumps(await pipeline_run(a)), flush=True)
+        return
     s = int(a.streams)
     tmp = Path(tempfile.mkdtemp(prefix="segbench-"))
     frames = [stream_frames(tmp / f"s{k}", k, a.frames) for k in range(s)]
@@ -256,6 +314,28 @@ def run_isolated(a: argparse.Namespace, counts: list[int]) -> None:
             "/".join(f"{res[k][i]['fps']:.2f}" for k in res) for i in range(a.repeats)) + " -->", flush=True)
 
 
+def run_pipeline(a: argparse.Namespace, counts: list[int]) -> None:
+    print(f"# streamd {revision()}; {cpu_model()}, {os.cpu_count()} cores; detect (person, auto) + track + segment "
+          f"(sam2.1-hiera-tiny, random, {a.image_size}); {a.seconds:g} s clip at 10 fps per stream")
+    print("| streams | frames/s (each repeat) | best | CPU ms/frame (median) | SAM 2 objects per frame | executor torch "
+          "threads | other load (cores) |")
+    print("|--:|--|--:|--:|--:|--:|--:|")
+    for s in counts:
+        ol = OtherLoad(children=True)
+        runs = []
+        for _ in range(a.repeats):
+            cmd = [sys.executable, __file__, "--only", "pipeline", "--streams", str(s), "--objects", str(a.objects),
+                   "--seconds", str(a.seconds), "--image-size", str(a.image_size), "--device", a.device]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(r.stderr[-3000:])
+            line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+            runs.append(json.loads(line[len("RESULT "):]))
+        print(f"| {s} | {', '.join(format(x['fps'], '.2f') for x in runs)} | {max(x['fps'] for x in runs):.2f} | "
+              f"{statistics.median(x['cpu_ms'] for x in runs):.0f} | {runs[-1]['objects_per_frame']:.2f} | "
+              f"{runs[-1]['executor_threads']} | {ol.cores():.2f} |", flush=True)
+
+
 def mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
@@ -271,7 +351,10 @@ async def main() -> None:
     ap.add_argument("--rss-streams", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--isolate", action="store_true", help="each side of each repeat in a fresh process")
-    ap.add_argument("--only", choices=["predictor", "streamd", "engine"], help=argparse.SUPPRESS)
+    ap.add_argument("--pipeline", action="store_true", help="detect + track + segment in a real daemon, each "
+                    "repeat in a fresh process (frames/s of the pipeline)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="--pipeline: the clip's length (10 fps)")
+    ap.add_argument("--only", choices=["predictor", "streamd", "engine", "pipeline"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.only:
         return await one_side(a)
@@ -280,6 +363,8 @@ async def main() -> None:
     from streamd.stages.segment.model import build
 
     counts = [int(x) for x in a.streams.split(",")]
+    if a.pipeline:
+        return run_pipeline(a, counts)
     if a.isolate:
         return run_isolated(a, counts)
     tmp = Path(tempfile.mkdtemp(prefix="segbench-"))

@@ -41,8 +41,8 @@ REASON_CODES = {
     "too_many_redirects": "more redirects than egress.max_redirects",
     "too_large": "a playlist, segment or response exceeded its size limit (a job's media of unknown length: "
                  "more frames than jobs.unknown_length_cap_s allows, and no end)",
-    "source_changed": "a job's HTTP media changed between connections (sized then chunked, or another body "
-                      "after a cut): it cannot be resumed",
+    "source_changed": "HTTP media changed between connections (sized then chunked, another ETag / "
+                      "Last-Modified, or another body after a cut): it cannot be resumed",
     "request_rate": "the stream made more requests per second than egress.requests_per_s allows",
     "playlist_loop": "a playlist refers back to itself",
     "invalid_playlist": "a playlist that cannot be parsed or has no media",

@@ -2,9 +2,10 @@
 a lease is a Redis key set with NX and a TTL (value `<member>|<token>`), renewed and released by compare-and-set
 Lua scripts; a member is a key with a TTL that it refreshes.
 
-- Every daemon wants the same streams (the shared config file, plus the streams added through any daemon's API,
-  kept in Redis). For each stream the preferred owner is chosen by rendezvous hashing over the live members,
-  weighted by each member's capacity (`fleet.max_streams`); a daemon takes a free lease when it is the preferred
+- Daemons usually want the same streams (the shared config file, plus the streams added through any daemon's API,
+  kept in Redis); each says in its member record which config-file streams it wants (`wants`: config files may
+  differ, e.g. during a rolling config change; an API stream is wanted by every member). For each stream the preferred owner is chosen by rendezvous hashing over the
+  live members that want it, weighted by each member's capacity (`fleet.max_streams`); a daemon takes a free lease when it is the preferred
   owner, or when the stream has been free for a whole lease TTL (its preferred owner does not take it).
 - A daemon that owns a stream renews its lease every `renew_s`; one that cannot (paused, cut off) loses it after
   `lease_ttl_s`, and another takes over. The result writer checks the lease token in the same Lua call that writes
@@ -16,8 +17,8 @@ Lua scripts; a member is a key with a TTL that it refreshes.
 - Redis frame inputs take no lease: their consumer group splits the entries between daemons already.
 
 Keys (streamd.keys): `streamd:{<stream>}:lease` and `:lease:last` (beside the stream's results: one Cluster slot,
-so the fenced write is one Lua call), `streamd:{fleet}:member:<id>` (JSON: id, address, version, capacity, streams,
-load, heartbeat) and `streamd:{fleet}:members` (a set of ids, pruned): one slot, so one MGET reads every member on
+so the fenced write is one Lua call), `streamd:{fleet}:member:<id>` (JSON: id, address, version, capacity, wants,
+streams, load, heartbeat) and `streamd:{fleet}:members` (a set of ids, pruned): one slot, so one MGET reads every member on
 a Redis Cluster too. Every other command here touches one key; placement reads the leases of all the streams it
 wants and does not own in one pipelined round trip per tick (a cluster client sends one pipeline per master).
 """
@@ -100,10 +101,12 @@ class Fleet:
         self._on_release = on_release
         self._load = load
         self.wanted: set[str] = set()  # streams that need an owner (leased kinds only)
+        self.shared: set[str] = set()  # of those, the ones every member wants (API streams)
         self.leases: dict[str, Lease] = {}
         self.members: dict[str, dict[str, Any]] = {}
         self._free_since: dict[str, float] = {}
         self._seen_since: dict[str, float] = {}  # member -> when we first saw it alive
+        self._wants: dict[str, frozenset[str] | None] = {}  # member -> the streams it wants (None: any)
         self._wake = asyncio.Event()
         self._metrics = metrics
 
@@ -111,12 +114,20 @@ class Fleet:
     def ttl_ms(self) -> int:
         return int(self.cfg.lease_ttl_s * 1000)
 
-    def want(self, stream_id: str) -> None:
+    def want(self, stream_id: str, everywhere: bool = False) -> None:
+        """`everywhere`: a stream every daemon of the fleet wants (one added through the API, kept in Redis: the
+        others learn of it within a renew interval); otherwise one this daemon's config file names, which another
+        daemon's file may not (its member record says which it wants)."""
         self.wanted.add(stream_id)
+        if everywhere:
+            self.shared.add(stream_id)
+        else:
+            self.shared.discard(stream_id)
         self._wake.set()
 
     def unwant(self, stream_id: str) -> None:
         self.wanted.discard(stream_id)
+        self.shared.discard(stream_id)
         self._free_since.pop(stream_id, None)
 
     def owns(self, stream_id: str) -> bool:
@@ -169,7 +180,7 @@ class Fleet:
     async def _heartbeat(self) -> None:
         load = self._load()
         rec = {"id": self.member_id, "address": self.address, "version": self.version, "capacity": self.capacity,
-               "max_streams": self.cfg.max_streams,
+               "max_streams": self.cfg.max_streams, "wants": sorted(self.wanted - self.shared),
                "streams": sorted(self.leases), "load": load, "heartbeat": time.time()}
         async with self.r.pipeline(transaction=False) as p:
             p.set(fleet_member_key(self.member_id), json.dumps(rec), px=self.ttl_ms)
@@ -186,6 +197,10 @@ class Fleet:
         now = time.monotonic()
         self._seen_since = {m: self._seen_since.get(m, now) for m in members}
         self.members = members
+        # the config-file streams each member wants (API streams: every member); a member that does not say (an
+        # older version) is taken to want every stream
+        self._wants = {m: (frozenset(rec["wants"]) if isinstance(rec.get("wants"), list) else None)
+                       for m, rec in members.items()}
 
     async def _renew(self) -> None:
         for sid, lease in list(self.leases.items()):
@@ -229,6 +244,13 @@ class Fleet:
         return {m: float(rec.get("capacity") or 1.0) for m, rec in self.members.items()
                 if m == self.member_id or now - float(rec.get("heartbeat") or 0) <= stale}
 
+    def _candidates(self, sid: str, weights: dict[str, float]) -> dict[str, float]:
+        """The members among `weights` that want `sid` (a stream in one daemon's config file only is never placed
+        on, nor handed to, a daemon that would not run it); this daemon when it wants it."""
+        return {m: w for m, w in weights.items()
+                if (sid in self.wanted if m == self.member_id
+                    else sid in self.shared or (wants := self._wants.get(m)) is None or sid in wants)}
+
     async def _place(self) -> None:
         weights = self._weights() or {self.member_id: self.capacity}
         now = time.monotonic()
@@ -241,7 +263,7 @@ class Fleet:
                 self._free_since.pop(sid, None)
                 continue
             since = self._free_since.setdefault(sid, now)
-            mine = preferred(sid, weights) == self.member_id
+            mine = preferred(sid, self._candidates(sid, weights)) == self.member_id
             if mine or now - since >= self.cfg.lease_ttl_s:
                 await self._acquire(sid)
         await self._rebalance(weights, now)
@@ -269,15 +291,15 @@ class Fleet:
         for sid in sorted(self.leases):
             if moves >= self.cfg.max_moves:
                 return
-            want = preferred(sid, weights)
+            if sid not in self.wanted:
+                continue
+            want = preferred(sid, self._candidates(sid, weights))
             if want is None or want == self.member_id:
                 continue
             if now - self._seen_since.get(want, now) < self.cfg.settle_s:
                 continue  # a member that just arrived: wait until it has stayed a while
             if not self._has_room(want):
                 continue  # handed to a full member, it would wait for one with room: keep it
-            if sid not in self.wanted:
-                continue
             moves += 1
             log.info("stream handed over", stream=sid, to=want)
             await self.release(sid, "rebalanced to " + want)

@@ -338,3 +338,47 @@ async def test_fmp4_segments_with_an_init_section_play_every_frame_once(r, redis
             assert origin.hits("/init.mp4") == 1  # the init section is fetched once, not per segment
     pts = [x["pts_s"] for x in await results(r, "cmaf")]
     assert len(pts) == total and len(set(pts)) == total
+
+
+async def test_frames_have_the_pixels_of_ffmpegs_default_conversion(segs):
+    """The follower converts on its decoder thread alone (swscale threads 1): every frame's RGB pixels are those of
+    PyAV's default conversion (swscale's threads) of the same segments, bit for bit."""
+    import itertools
+
+    import numpy as np
+    from av.video.reformatter import VideoReformatter
+
+    from streamd.batching import FrameQueue
+    from streamd.config import DropPolicy
+    from streamd.egress import EgressRules, StreamEgress
+    from streamd.sampling import FpsSampler
+    from streamd.sources import parse_reference
+    from streamd.sources.hls import HlsSource
+
+    names = segs["names"][:2]
+    rgb, want = VideoReformatter(), []
+    for n in names:
+        with av.open(str(segs["dir"] / n)) as c:
+            want += [rgb.reformat(vf, format="rgb24").to_ndarray() for vf in c.decode(video=0)]
+    loop = asyncio.get_running_loop()
+    with Canary(ALLOWED, {"/p.m3u8": m3u(playlist(names, endlist=True)), **seg_routes(segs)}) as origin:
+        url = origin.url("/p.m3u8")
+        cfg = stream("px", url, drop_policy="wait")
+        q: FrameQueue = FrameQueue(4, DropPolicy.WAIT, loop)
+        eg = StreamEgress(EgressRules(deny_non_global=False), cfg.id)
+        src = HlsSource(cfg, parse_reference(url), FpsSampler(None), itertools.count(), q, loop, eg, {},
+                        lambda *a: None)
+        got = []
+        try:
+            while not (src.ended.done() and len(q) == 0):
+                f = q.get_nowait()
+                if f is None:
+                    await asyncio.sleep(0.005)
+                    continue
+                got.append(f.image)
+            src.ended.result()
+        finally:
+            await src.aclose()
+            await eg.aclose()
+    assert len(got) == len(want) == sum(segs["frames"][n] for n in names)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))

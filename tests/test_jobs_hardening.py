@@ -356,3 +356,37 @@ async def test_every_active_job_is_watched_and_a_running_jobs_spec_outlives_the_
     await r.pexpire(keys.job_spec_key("j00001"), 500)  # jobs.ttl_s nearly over, the job still running
     assert await store.renew("j00001", "m|t")
     assert await r.pttl(keys.job_spec_key("j00001")) > 500_000
+
+
+async def test_a_job_is_said_done_only_once_its_records_are_written(redis_server, r, clip):
+    """A client that reads a job's records on seeing `done` gets every one. The runner writes its last records after
+    its pipeline is through, and the document said `done` before that write: a client reading at once was a few
+    records short (a CI run: the last 3 of 180). Writes to Redis are paused (CLIENT PAUSE WRITE, reads go on) from
+    the job's start past its end, so its last write waits: a GET that says `done` must now wait for it too."""
+    from test_jobs import all_records, get_job, post_job
+
+    srv = HttpDir(clip.parent).start()
+    try:
+        async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+            _, doc, _ = await post_job(s, d, {"source": {"url": srv.url(clip.name)}, "pipeline": "frame_info",
+                                              "sampling": {"mode": "every_frame"}})
+            jid = doc["id"]
+            while (await get_job(s, d, jid))["state"] == "queued":
+                await asyncio.sleep(0.005)
+            await r.execute_command("CLIENT", "PAUSE", 4000, "WRITE")
+            try:
+                ended = await until(lambda: _terminal(s, d, jid), 60, 0.05, what="the job ends")
+                recs = [x for x in (await all_records(s, d, jid, 1000))[0] if x["type"] == "frame"]
+            finally:
+                await r.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        srv.stop()
+    assert ended["state"] == "done", ended
+    assert len(recs) == ended["progress"]["frames_done"] == 180, (len(recs), ended["progress"])
+
+
+async def _terminal(s, d, jid):
+    from test_jobs import get_job
+
+    doc = await get_job(s, d, jid)
+    return doc if doc["state"] in ("done", "failed", "cancelled") else None

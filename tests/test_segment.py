@@ -6,6 +6,7 @@ video predictor."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import warnings
@@ -211,6 +212,44 @@ async def test_objects_of_two_streams_are_independent(models, frames):
     assert both.memory("b")["bytes"] == 2 * both.memory("a")["bytes"]
 
 
+async def test_on_two_cores_a_pass_of_two_streams_runs_as_two_single_threaded_halves(models, frames):
+    """On a CPU of 2 cores, frames of several streams go as two half passes at once, each on a thread of its own at
+    one torch thread (no OpenMP pool of its own): two single-threaded passes beat one two-threaded pass there
+    (benchmarks/RESULTS.md, issue 15). One stream's frame stays one pass at the executor's threads. That the masks
+    are the same as without the split: test_objects_of_two_streams_are_independent."""
+    import torch
+
+    from streamd.models.executors import device_executor
+
+    st = await make_stage(models, track_source=None)
+    async with st.model.use() as engine:
+        pass
+    if not engine._halves:
+        await st.teardown()
+        pytest.skip(f"{os.cpu_count()} cores: passes are not split")
+    seen: list[tuple[str, int, list[int]]] = []
+
+    def step(jobs: list[Any], memory_frames: int) -> list[Any]:
+        seen.append((threading.current_thread().name, torch.get_num_threads(), [j.t for j in jobs]))
+        return type(engine).step(engine, jobs, memory_frames)  # the real pass, only watched
+
+    engine.step = step
+    try:
+        for sid in ("a", "b", "c"):
+            st.add_prompt(sid, {"box": BOX_A})
+        await st.process([work("a", 0, frames[0]), work("b", 0, frames[50]), work("c", 0, frames[100])])
+        three = sorted(seen)
+        seen.clear()
+        await st.process([work("a", 1, frames[1])])
+    finally:
+        del engine.step
+        await st.teardown()
+    assert [(n.split("-")[0], k, len(t)) for n, k, t in three] == [("sam2", 1, 2), ("sam2", 1, 1)], three
+    assert three[0][0] != three[1][0]
+    (one,) = seen
+    assert one[0].startswith("model-cpu") and one[1] == device_executor("cpu").torch_threads >= 2, one
+
+
 async def test_on_the_cpu_the_masks_are_sized_on_the_forward_passes_thread(models, frames):
     """On the CPU every torch call of the stage runs on the device's executor thread: each thread that runs a
     parallel torch operation gets an OpenMP pool of its own, and a second pool on the same cores made every forward
@@ -240,6 +279,79 @@ async def test_on_the_cpu_the_masks_are_sized_on_the_forward_passes_thread(model
     assert [len(objs(w)) for w in ws] == [1, 1, 1] and decode(objs(ws[-1])[0]["mask"]).shape == (H, W)
     assert threads == [device_thread] * 3
     assert not [t.name for t in threading.enumerate() if t.name.startswith("segment-masks")]
+
+
+THREADS_SCRIPT = r"""
+import asyncio, json, sys, threading, time
+import torch
+from streamd.config import StageConfig
+from streamd.frames import Frame, Work
+from streamd.models import ModelManager
+from streamd.samples import load_photo, pan_frames
+from streamd.stages import StageContext, build_stage
+from streamd.stages.lanes import Lane
+from streamd.stages.segment.engine import Sam2Engine
+
+default = torch.get_num_threads()  # a fresh process: torch's own count
+seen = {"sam2": [], "lanes": []}
+step, detect = Sam2Engine.step, Lane._detect
+
+def watched_step(self, *a, **kw):
+    seen["sam2"].append(torch.get_num_threads())
+    return step(self, *a, **kw)
+
+def watched_detect(self, *a, **kw):
+    seen["lanes"].append(torch.get_num_threads())
+    return detect(self, *a, **kw)
+
+Sam2Engine.step, Lane._detect = watched_step, watched_detect
+
+async def main():
+    models = ModelManager()
+    ctx = StageContext(models=models)
+    seg = build_stage(StageConfig(type="segment", checkpoint="random", image_size=128, device="cpu",
+                                  track_source=None), "pipelines.p.stages.1")
+    det = build_stage(StageConfig(type="detect", model="yolo11n.yaml", imgsz=160, device="cpu", runtime="torch",
+                                  lanes=2), "pipelines.p.stages.0")
+    for st in (seg, det):
+        st.bind(ctx)
+        await st.setup()
+    frames = list(pan_frames(load_photo(), 6, 10, (320, 180)))
+    seg.add_prompt("a", {"box": [150.0, 10.0, 250.0, 175.0]})
+    w = lambda i: Work(Frame("a", i, i / 10, time.time(), frames[i]))
+    await seg.process([w(0)])  # before any detector
+    await det.process([w(1), w(2)])  # the detector's set-up: Ultralytics' select_device on the device's thread
+    for i in (3, 4):
+        await seg.process([w(i)])
+    await det.process([w(5)])
+    await seg.teardown()
+    await det.teardown()
+    await models.aclose()
+
+asyncio.run(main())
+from ultralytics.utils import NUM_THREADS
+print("RESULT " + json.dumps({"default": default, "ultralytics": NUM_THREADS, **seen}))
+"""
+
+
+def test_sam2_keeps_its_torch_threads_after_a_cpu_detector_was_set_up():
+    """Ultralytics' select_device (its predictor's set-up, on the device's executor thread, the thread of SAM 2's
+    passes) sets torch's intra-op threads to cores - 1: on 2 cores SAM 2 then ran at one thread, half its rate
+    (benchmarks/RESULTS.md, issue 15). SAM 2's passes run at torch's own count before and after a detector was set
+    up; the detector's lanes keep Ultralytics' count in their threads. In a fresh process: torch's count is the
+    process's, whatever other tests did to it."""
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": root}, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    if seen["default"] == seen["ultralytics"]:
+        pytest.skip(f"torch's count here ({seen['default']}) is Ultralytics' too: nothing to tell apart")
+    assert seen["sam2"] == [seen["default"]] * 3, seen
+    assert seen["lanes"] and set(seen["lanes"]) == {seen["ultralytics"]}, seen
 
 
 async def test_memory_bank_stays_bounded_over_hundreds_of_frames(models, frames):

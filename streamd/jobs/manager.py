@@ -30,6 +30,8 @@ from streamd.metrics import Metrics
 
 log = get_logger("streamd.jobs")
 
+SETTLE_WAIT_S = 10.0  # a GET of a job that has just ended waits at most this for its last records to be written
+
 
 class JobError(StreamdError):
     """A job that cannot be accepted; the API maps each kind to its code."""
@@ -385,8 +387,14 @@ class JobManager:
 
     # -- reading and cancelling ------------------------------------------------------------------------------------
     async def get(self, jid: str) -> dict[str, Any] | None:
+        """A job's document. A job that has just ended is said to have ended once its last records are in Redis
+        (its runner's final write, bounded by SETTLE_WAIT_S): a client that reads the records on seeing `done`
+        gets them all."""
         job = self.jobs.get(jid)
         if job is not None:
+            if job.state in TERMINAL and not job.finished.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(job.finished.wait(), SETTLE_WAIT_S)
             return job.document()
         return await self.store.get(jid)
 

@@ -239,6 +239,8 @@ class AvSource:
                 self._state.setdefault("unknown_length", True)
             if self._reader is not None and self._state.get("unsized_max_frames") is not None:  # a job's HTTP media
                 self._same_sizing(recording)
+            if self._reader is not None and ((recording and not self.cfg.loop) or unsized):  # resumed: same body
+                self._same_entity()
             if recording:  # a job's progress: media time done / this
                 self._state.setdefault("duration_s", _duration(container, stream))
             if (recording or unsized) and self.ref.kind != "file":
@@ -301,6 +303,18 @@ class AvSource:
             now = "of unknown length" if kind == "unknown_length" else "of a known size"
             raise SourceError(f"the source changed between connections: it was {was}, a reconnect got it {now}; "
                               "it cannot be resumed", permanent=True, code="source_changed")
+
+    def _same_entity(self) -> None:
+        """HTTP media resumed on a reconnect (a recording by position, a job's media of unknown length by frames
+        counted): the new connection's body must be the one the first connection read, where the origin says which
+        (ETag or Last-Modified). A file replaced on the origin between connections fails `source_changed`; resumed
+        into, the stream would go on with another video's frames."""
+        from streamd.sources.httpio import changed_entity
+
+        now = self._reader.validator
+        first = self._state.setdefault("http_validator", now)
+        if first is not None and now is not None and first != now:
+            raise changed_entity(self.ref.url, first, now)
 
     def _seek(self, container: Any, stream: Any, pts_s: float) -> None:
         """A reconnect to a recording: go back to the last frame decoded (frames up to it are skipped)."""

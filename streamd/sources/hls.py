@@ -49,6 +49,11 @@ _MAX_BAD_SEGMENTS = 3  # undecodable segments in a row that end a connection (co
 
 
 _OPEN_OPTIONS = {"probesize": "32", "analyzeduration": "0"}  # no read-ahead probing: the codec comes with the data
+# swscale threads for the RGB conversion: 1, the decoder thread converts each frame itself (bit for bit the pixels
+# of PyAV's default, which splits each frame over one swscale thread per core: the decoder thread then waits for a
+# worker that competes for the cores with FFmpeg's frame threads and the event loop). Measured on 2 cores: 1 stream
+# 2-7 % more frames/s than the default, 8 streams the same (benchmarks/RESULTS.md, HLS follower); more cores: not.
+SWS_THREADS = 1
 
 
 def _text(data: bytes) -> str:
@@ -381,7 +386,7 @@ class HlsSource:
                 capture, source = pdt + (pts - seg_pts), "source"
             else:
                 capture, source = time.time(), "receive"
-            image = self._rgb.reformat(vf, format="rgb24").to_ndarray()
+            image = self._rgb.reformat(vf, format="rgb24", threads=SWS_THREADS).to_ndarray()
             if self.sampler.scene is not None:  # sampling: scene
                 decision = self.sampler.scene.gate(pts, image, decision.discontinuity)
                 if not decision.keep:

@@ -48,6 +48,10 @@ class EgressReader(io.RawIOBase):
         self._interrupted = False
         self.requests = 0
         self.error: SourceError | None = None  # a read that failed (the body ended early): not the end of the media
+        # the entity's validator (its ETag, else its Last-Modified) from the first response: a later request of this
+        # reader must get the same entity (sent as If-Range with a range), and a reconnect's reader is compared
+        # with it by the source (a body replaced between connections is never resumed into)
+        self.validator: str | None = None
 
     # -- loop side --------------------------------------------------------------------------------------------
     async def _open(self, pos: int) -> None:
@@ -55,8 +59,16 @@ class EgressReader(io.RawIOBase):
         headers = dict(self._headers)
         if pos:
             headers["Range"] = f"bytes={pos}-"
+            if self.validator is not None and not self.validator.startswith("W/"):  # weak ETags: no If-Range
+                headers["If-Range"] = self.validator  # changed since: the whole new body (200), caught below
         self.requests += 1
         resp = await self._egress.request(self._url, timeout_s=self._timeout_s, headers=headers)
+        validator = entity_validator(resp.headers)
+        if self.validator is None:
+            self.validator = validator
+        elif validator is not None and validator != self.validator:
+            resp.release()
+            raise changed_entity(self._url, self.validator, validator)
         if resp.status == 206:
             m = _RANGE.match(resp.headers.get("Content-Range", ""))
             if m is None or int(m.group(1)) != pos:
@@ -188,6 +200,17 @@ class EgressReader(io.RawIOBase):
         super().close()
 
 
+def entity_validator(headers: Any) -> str | None:
+    """What says which version of a resource a response carries: its ETag, else its Last-Modified (None: neither)."""
+    v = headers.get("ETag") or headers.get("Last-Modified")
+    return v.strip()[:256] if v and v.strip() else None
+
+
+def changed_entity(url: str, was: str, now: str) -> SourceError:
+    return SourceError(f"{redact_url(url)} changed between requests (validator {was[:64]!r}, now {now[:64]!r}): "
+                       "another body cannot be resumed into", permanent=True, code="source_changed")
+
+
 def http_headers(opts: dict[str, str]) -> dict[str, str]:
     """FFmpeg's HTTP options, for the policy's own requests."""
     headers: dict[str, str] = {}
@@ -202,4 +225,4 @@ def http_headers(opts: dict[str, str]) -> dict[str, str]:
     return headers
 
 
-__all__ = ["EgressReader", "Interrupted", "http_headers"]
+__all__ = ["EgressReader", "Interrupted", "changed_entity", "entity_validator", "http_headers"]

@@ -234,7 +234,8 @@ class SharedDetector:
             try:
                 lanes = onnx_runtime.lanes(self.model, p.imgsz, cores, self.wanted_lanes)
                 self.runtime, self.precision = "onnxruntime", "fp32"
-                return [OnnxLane(s, backend.stride, s.get_session_options().intra_op_num_threads) for s in lanes]
+                return _torch_threads([OnnxLane(s, backend.stride, s.get_session_options().intra_op_num_threads)
+                                       for s in lanes])
             except StageError:
                 if want == "onnx":
                     raise
@@ -253,7 +254,19 @@ class SharedDetector:
             return []
         self.runtime, self.precision = "torch", "bf16" if bf16 else "fp32"
         threads = torch.get_num_threads()  # one intra-op pool, shared by the lanes
-        return [TorchLane(backend if i == 0 else copy.deepcopy(backend), bf16, threads) for i in range(n)]
+        return _torch_threads([TorchLane(backend if i == 0 else copy.deepcopy(backend), bf16, threads)
+                               for i in range(n)])
+
+
+def _torch_threads(lanes: list[Lane]) -> list[Lane]:
+    """Each lane's thread runs torch at the count Ultralytics' predictor set-up just set here (on the device's
+    executor, which goes back to its own count after this call): cores - 1 (one thread on 2 cores; the lanes'
+    count was built on it)."""
+    import torch
+
+    for lane in lanes:
+        lane.torch_threads = torch.get_num_threads()
+    return lanes
 
 
 def model_loader(spec: Any, device: str) -> tuple[Callable[[], Any], Callable[[Any], SharedDetector]]:

@@ -22,12 +22,19 @@ class Lane(abc.ABC):
     def __init__(self, stride: Any, threads: int):
         self.stride = stride
         self.threads = threads  # intra-op threads of its forward pass
+        # torch's intra-op threads in the lane's thread: the count Ultralytics set when the lanes were made (see
+        # SharedDetector._cpu_lanes); pinned, since a thread otherwise gets whatever count torch's last
+        # set_num_threads left when it first uses torch (the device's executor sets its own back after each call)
+        self.torch_threads: int | None = None
         self._imgsz: dict[int, Any] = {}
 
     def __call__(self, images: list[np.ndarray], p: Any) -> list[tuple[np.ndarray, list[Any] | None]]:
         from ultralytics.data.augment import LetterBox
         from ultralytics.utils.checks import check_imgsz
 
+        from streamd.models.executors import pin_torch_threads
+
+        pin_torch_threads(self.torch_threads)
         imgsz = self._imgsz.get(p.imgsz)
         if imgsz is None:
             imgsz = self._imgsz[p.imgsz] = check_imgsz(p.imgsz, stride=self.stride, min_dim=2)

@@ -109,7 +109,7 @@ class FleetStreams:
             self.d.add_stream(s, origin)
             return
         self.cfgs[s.id] = (s, origin)
-        self.fleet.want(s.id)
+        self.fleet.want(s.id, everywhere=origin == "api")
 
     async def withdraw(self, stream_id: str) -> None:
         """The stream was deleted: nobody should own it any more."""

@@ -16,7 +16,8 @@ takes the predictor's per-frame steps, one frame of each stream per call (`step`
 
 Memory is kept as the predictor keeps it (bfloat16 spatial features, float pointers), but bounded
 (`streamd.stages.segment.memory`). With one object per stream the masks match the predictor's frame by frame
-(tests/test_segment.py checks it). Blocking: call `step` on the device's executor thread.
+(tests/test_segment.py checks it). Blocking: call `step` (or `passes`, which on a 2-core CPU splits a pass of
+several streams in two halves run at once) on the device's executor thread.
 """
 
 from __future__ import annotations
@@ -98,6 +99,15 @@ class Sam2Engine:
         model.non_overlap_masks_for_mem_enc = False
         self._fill_holes = model.fill_hole_area > 0 and _has_cuda_kernel()
         self._maskmem_pos: Any = None  # the memory encoder's positional encoding (the same for every frame)
+        # on a CPU of 2 (or 3) cores, a pass of several streams' frames runs as two half passes at once, each on a
+        # thread of its own at one torch thread (see `passes`)
+        threads = torch.get_num_threads()
+        self._halves: list[Any] = []
+        self._half_threads = 1
+        if device == "cpu" and 2 <= threads <= 3:  # one torch thread each, no OpenMP pools (more cores: unmeasured)
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._halves = [ThreadPoolExecutor(1, thread_name_prefix=f"sam2-half{k}-{name}") for k in range(2)]
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": "sam2", "image_size": self.image_size, "precision": self.precision,
@@ -117,7 +127,7 @@ class Sam2Engine:
             raise self.batcher.error
         if self._lane is None or self._lane.done():
             self._lane = asyncio.create_task(
-                self.batcher.lane(self.step, device_executor(self.device), self.forward_batch),
+                self.batcher.lane(self.passes, device_executor(self.device), self.forward_batch),
                 name=f"sam2:{self.name}")
         return await self.batcher.submit(jobs, memory_frames, low=low, streams=streams)
 
@@ -133,6 +143,8 @@ class Sam2Engine:
             lane.cancel()
             await asyncio.gather(lane, return_exceptions=True)
             clear_task_frames(lane)
+        for ex in self._halves:
+            ex.shutdown(wait=False)
 
     # -- windows of the memory bank ---------------------------------------------------------------------------------
     def max_memory_frames(self) -> int:
@@ -159,6 +171,28 @@ class Sam2Engine:
         s = self.image_size
         arr = np.array(Image.fromarray(image).resize((s, s))) / 255.0
         return (self.torch.from_numpy(arr).permute(2, 0, 1).float() - self._mean) / self._std
+
+    def passes(self, jobs: list[FrameJob], memory_frames: int) -> list[FrameOut]:
+        """`step`, on the device's executor thread. On a CPU of 2 (or 3) cores, frames of two or more streams go as
+        two half passes at once, each on a thread of its own at one torch thread: on a CPU a
+        batch of frames costs what its frames cost one by one (the matrix products are as long either way), and two
+        single-threaded passes keep both cores busier than one two-threaded pass, whose parallel regions wait for
+        each other between operations (benchmarks/RESULTS.md, issue 15; the detector's CPU lanes do the same).
+        A stream's objects are in one half; a stream has one frame per pass."""
+        if len(jobs) < 2 or not self._halves:
+            return self.step(jobs, memory_frames)
+        from concurrent.futures import wait
+
+        from streamd.models.executors import pin_torch_threads
+
+        def half(part: list[FrameJob]) -> list[FrameOut]:
+            pin_torch_threads(self._half_threads)  # no OpenMP pool of its own at one thread
+            return self.step(part, memory_frames)
+
+        h = (len(jobs) + 1) // 2
+        futures = [ex.submit(half, part) for ex, part in zip(self._halves, (jobs[:h], jobs[h:]))]
+        wait(futures)  # both halves end before the pass does, also when one fails
+        return [o for f in futures for o in f.result()]
 
     def step(self, jobs: list[FrameJob], memory_frames: int) -> list[FrameOut]:
         """Run one frame of each job (each a different stream) and store the objects' new memories."""

@@ -19,7 +19,8 @@ into shared passes of the image encoder and batched passes over the objects of a
 at most the model's `forward_batch` frames); the masks of a round are sized and encoded after its pass.
 
 Where the masks are sized: on the CPU, on the device's executor thread, the thread of the forward passes, after the
-pass (so every torch call of the stage runs on that one thread). Each thread that runs a parallel torch operation
+pass (so every parallel torch call of the stage runs on that one thread; on 2 cores the half passes of
+`Sam2Engine.passes` run on threads of their own at one torch thread, which makes no OpenMP pool). Each thread that runs a parallel torch operation
 gets its own OpenMP pool of worker threads, and once a process has more OpenMP threads than cores, libgomp's
 workers stop spinning between parallel regions and sleep: every region then waits for them to wake. A second
 thread sizing masks on the CPU made the whole forward pass ~20 % slower on 2 cores (benchmarks/RESULTS.md, issue
