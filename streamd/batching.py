@@ -369,15 +369,6 @@ class StageQueue(Generic[T]):
     async def put(self, item: T) -> None:
         await self._q.put(item)
 
-    async def put_all(self, items: list[Any]) -> None:
-        """`put` each of `items` in order; waits only while the queue is full (no await per item otherwise)."""
-        q = self._q
-        for item in items:
-            if q.full():
-                await q.put(item)
-            else:
-                q.put_nowait(item)
-
     async def close(self) -> None:
         await self._q.put(_SENTINEL)
 

@@ -117,7 +117,6 @@ class FrameStore:
         self._pending = 0  # encodes queued or running
         self._pool: ThreadPoolExecutor | None = None
         self._metrics = metrics
-        self._evicted_counters: dict[str, Any] = {}  # the eviction counter's child per reason, looked up once
         if metrics is not None:
             metrics.frame_store_bytes.set_function(lambda: self.total_bytes)
             metrics.frame_store_frames.set_function(lambda: sum(len(r) for r in self._rings.values()))
@@ -138,14 +137,11 @@ class FrameStore:
     # -- writing ---------------------------------------------------------------------------------------------------
     def add(self, frame: Any) -> StoredFrame:
         """Keep `frame` (a streamd.frames.Frame) as the stream's newest; cheap (no copy, no encode)."""
-        sid = frame.stream_id
-        sf = StoredFrame(sid, frame.seq, frame.pts_s, frame.capture_ts, frame.image)
-        ring = self._rings.get(sid)
-        if ring is None:
-            ring = self._rings[sid] = deque()
+        sf = StoredFrame(frame.stream_id, frame.seq, frame.pts_s, frame.capture_ts, frame.image)
+        ring = self._rings.setdefault(sf.stream_id, deque())
         ring.append(sf)
-        self._account(sid, sf.nbytes)
-        self._trim(sid)
+        self._account(sf.stream_id, sf.nbytes)
+        self._trim(sf.stream_id)
         return sf
 
     def written(self, sf: StoredFrame, entry_id: str) -> None:
@@ -220,14 +216,11 @@ class FrameStore:
         sf.image = sf.jpeg = sf._encoding = None  # nothing outlives the accounting (a queued re-score job may list it)
         self.evicted[reason] = self.evicted.get(reason, 0) + 1
         if self._metrics is not None:
-            counter = self._evicted_counters.get(reason)
-            if counter is None:
-                counter = self._evicted_counters[reason] = self._metrics.frame_store_evicted.labels(reason)
-            counter.inc()
+            self._metrics.frame_store_evicted.labels(reason).inc()
 
     def _trim(self, stream_id: str) -> None:
         ring = self._rings[stream_id]
-        lim = self._limits.get(stream_id, self.defaults)
+        lim = self.limits(stream_id)
         now = time.monotonic()
         while ring and now - ring[0].added_t > lim.max_age_s:
             self._evict(ring, 0, "age")
@@ -237,7 +230,7 @@ class FrameStore:
             self._evict(ring, 0, "bytes")
         # frames past the raw window are kept as JPEG (encoded now, in the encoder thread) or, the encoder being
         # behind, dropped
-        for i in range(len(ring) - lim.raw_frames - 1, -1, -1):  # (none with the default limits)
+        for i in range(len(ring) - lim.raw_frames - 1, -1, -1):
             sf = ring[i]
             if sf.image is None or sf._encoding is not None:
                 continue

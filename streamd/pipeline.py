@@ -175,7 +175,8 @@ class Pipeline:
                     w.timings_ms[st.name] = ms
             if counts:  # failed frames too: they never come back
                 st.passed([w for w in batch if isinstance(w, Work)])
-            await out.put_all(batch)
+            for w in batch:
+                await out.put(w)
 
     async def _deliver_loop(self) -> None:
         last = self._queues[-1]

@@ -133,23 +133,6 @@ async def test_stage_queue_closes_with_a_sentinel_after_items():
         await q.get_batch(10)
 
 
-async def test_stage_queue_put_all_keeps_order_and_waits_only_while_full():
-    q = StageQueue(3)
-    task = asyncio.create_task(q.put_all(list(range(7))))
-    await asyncio.sleep(0.01)
-    assert not task.done() and q.qsize() == 3  # the bound holds: the rest waits for room
-    got = []
-    while len(got) < 7:
-        got += await q.get_batch(2)
-    await task
-    assert got == list(range(7))
-    await q.put_all([7, 8])  # room: no waiting
-    await q.close()
-    assert await q.get_batch(10) == [7, 8]
-    with pytest.raises(QueueClosed):
-        await q.get_batch(10)
-
-
 async def test_a_closed_queue_leaves_the_ingress_with_an_end_marker_after_its_last_item():
     from streamd.frames import EndOfStream
 

@@ -109,10 +109,9 @@ def _settle(ref: InputRef) -> None:
         ref.handle.settled(ref)
 
 
-def _encode(p: Pending, publish_ts: float) -> None:
-    """`publish_ts`: the send's time, rounded to the microsecond."""
+def _encode(p: Pending, now: float) -> None:
     if p.result is not None:
-        p.result["publish_ts"] = publish_ts
+        p.result["publish_ts"] = round(now, 6)
         p.fields["record"] = _json(p.result)
 
 
@@ -173,25 +172,20 @@ class RedisSink:
 
     # -- producers ------------------------------------------------------------------------------------------
     async def publish_results(self, works: list[Work]) -> None:
-        cfg, fence_for, member, frames = self.cfg, self.fence_for, self.member, self.frames
-        limit, maxlen = cfg.buffer_max_records, cfg.results_maxlen
         for w in works:
-            if self.healthy and len(self._buf) >= limit:
-                while self.healthy and len(self._buf) >= self.cfg.buffer_max_records:
-                    self._space.clear()
-                    await self._space.wait()
-                cfg, fence_for, member, frames = self.cfg, self.fence_for, self.member, self.frames  # as they are now
-                limit, maxlen = cfg.buffer_max_records, cfg.results_maxlen
+            while self.healthy and len(self._buf) >= self.cfg.buffer_max_records:
+                self._space.clear()
+                await self._space.wait()
             f = w.frame
             fields = {"schema_version": keys.SCHEMA_VERSION, "stream_id": f.stream_id, "seq": f.seq}
             # leased streams only (never Redis inputs): a refused write must not take an XACK through with it
-            fence = fence_for(f.stream_id) if fence_for is not None and f.ref is None else None
+            fence = self.fence_for(f.stream_id) if self.fence_for is not None and f.ref is None else None
             rec = result_record(w)
-            if member is not None:
-                rec["daemon"] = member
-            stored = frames.add(f) if frames is not None else None
-            self._append(Pending(keys.results_key(f.stream_id), maxlen, fields, rec, f.ref, fence=fence,
-                                 stored=stored))
+            if self.member is not None:
+                rec["daemon"] = self.member
+            stored = self.frames.add(f) if self.frames is not None else None
+            self._append(Pending(keys.results_key(f.stream_id), self.cfg.results_maxlen, fields, rec, f.ref,
+                                 fence=fence, stored=stored))
 
     def event(self, stream_id: str, kind: str, fields: dict[str, Any] | None = None) -> None:
         """Queue an event; never waits (events are small and rare). A predict request's frame (a stream id with
@@ -320,16 +314,13 @@ class RedisSink:
             self.healthy = True
             self.last_error = None
             delay = self.cfg.retry_initial_s
-            buf, gone = self._buf, 0
             for p in batch:  # still at the front, unless overflow trimmed it during the send
-                if buf and buf[0] is p:
-                    buf.popleft()
+                if self._buf and self._buf[0] is p:
+                    self._buf.popleft()
                     self._events -= p.event
-                    gone += 1
+                    self._done(1)
                 if p.ack is not None:
                     _settle(p.ack)
-            if gone:
-                self._done(gone)
             self.published += n
             self.metrics.buffered.set(len(self._buf))
             self._space.set()
@@ -357,9 +348,8 @@ class RedisSink:
         now = time.time()
         tx = any(p.ack is not None for p in batch)  # an acknowledgement goes in one MULTI/EXEC with its result
         cmds = [_MULTI] if tx else []
-        publish_ts = round(now, 6)
         for p in batch:
-            _encode(p, publish_ts)
+            _encode(p, now)
             cmds.append(pack_command(_write_args(p)))
             if p.ack is not None:
                 cmds.append(pack_command(("XACK", p.ack.key, p.ack.group, p.ack.entry_id)))
@@ -378,19 +368,17 @@ class RedisSink:
         if error is not None:
             raise error
         done: dict[str, int] = {}  # results per stream
-        account = self._account
         for p, reply in zip(batch, writes):
-            account(p, reply, now, done)
+            self._account(p, reply, now, done)
         self._count(done)
 
     async def _send_cluster(self, writer: ClusterWriter, batch: list[Pending]) -> None:
         """Redis Cluster: what of the batch is not in Redis yet, split by slot and node (streamd.sinks.cluster)."""
         self._sent_at = time.monotonic()
         now = time.time()
-        publish_ts = round(now, 6)
         for p in batch:
             if not p.written:
-                _encode(p, publish_ts)
+                _encode(p, now)
         done: dict[str, int] = {}
         try:
             await writer.write(batch, lambda p, reply: self._account(p, reply, now, done))
@@ -407,11 +395,14 @@ class RedisSink:
             return
         if p.stored is not None and isinstance(reply, (bytes, str)) and self.frames is not None:
             self.frames.written(p.stored, reply.decode() if isinstance(reply, bytes) else reply)
-        result = p.result
-        if result is not None:
-            sid = result["stream_id"]
+        if p.result is not None:
+            sid = p.result["stream_id"]
             done[sid] = done.get(sid, 0) + 1
-            self.metrics.stream(sid).e2e_latency.observe(max(0.0, now - result["capture_ts"]))
+            self.metrics.stream(sid).e2e_latency.observe(max(0.0, now - p.result["capture_ts"]))
+
+    def forget_stream(self, stream_id: str) -> None:
+        """A deleted stream's result count goes with it (a new stream of that id counts from zero)."""
+        self.results_by_stream.pop(stream_id, None)
 
     def _count(self, done: dict[str, int]) -> None:
         for sid, n in done.items():
