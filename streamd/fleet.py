@@ -109,6 +109,7 @@ class Fleet:
         self._wants: dict[str, frozenset[str] | None] = {}  # member -> the streams it wants (None: any)
         self._wake = asyncio.Event()
         self._metrics = metrics
+        self._ticking = asyncio.Lock()  # one tick at a time (the loop's, and an API request's that places at once)
 
     @property
     def ttl_ms(self) -> int:
@@ -173,9 +174,10 @@ class Fleet:
             self._wake.clear()
 
     async def tick(self) -> None:
-        await self._heartbeat()
-        await self._renew()
-        await self._place()
+        async with self._ticking:
+            await self._heartbeat()
+            await self._renew()
+            await self._place()
 
     async def _heartbeat(self) -> None:
         load = self._load()

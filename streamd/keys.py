@@ -25,6 +25,7 @@ API_STREAMS_KEY = "streamd:api:streams"  # hash: stream id -> stream config (JSO
 # fleet (streamd.fleet): a stream's lease `<member>|<token>` and its last owner's id, beside its results
 LEASE_KEY = "streamd:{{{stream}}}:lease"
 LEASE_LAST_KEY = "streamd:{{{stream}}}:lease:last"
+STREAM_ENDED_KEY = "streamd:{{{stream}}}:ended"  # fleet: how a stream ended for good (JSON), so no new owner plays it
 # a member's record (JSON, with a TTL) and the set of member ids: one slot, so one MGET reads them all
 FLEET_MEMBER_KEY = "streamd:{{fleet}}:member:{member}"
 FLEET_MEMBERS_KEY = "streamd:{fleet}:members"
@@ -72,6 +73,10 @@ def lease_key(stream_id: str) -> str:
 
 def lease_last_key(stream_id: str) -> str:
     return LEASE_LAST_KEY.format(stream=stream_id)
+
+
+def stream_ended_key(stream_id: str) -> str:
+    return STREAM_ENDED_KEY.format(stream=stream_id)
 
 
 def fleet_member_key(member_id: str) -> str:

@@ -192,3 +192,56 @@ async def test_a_stored_stream_means_the_same_after_a_restart(r, redis_server):
         await push_frames(r, "frames:every", IMGS)  # pushed at once: an fps would sample one or two of them
         await until(lambda: at_least(r, "every", len(IMGS)), 20, what="a result for every entry")
         assert d.streams.runners["every"].cfg.queue_size == 4
+
+
+async def test_a_stream_created_again_after_its_delete_counts_its_results_from_zero(r, redis_server):
+    """The old code kept a deleted stream's result count: a new stream of that id reported the old one's."""
+    from conftest import results
+
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        body = {"id": "again", "url": "redis:frames:again", "pipeline": "frame_info"}
+        async with s.post(f"{d.api_url}/api/v1/streams", headers=h(OPER), json=body) as resp:
+            assert resp.status == 201
+        await push_frames(r, "frames:again", IMGS[:3])
+        await until(lambda: at_least(r, "again", 3), 20, what="the first stream's results")
+        await until(lambda: d.sink.results_by_stream.get("again") == 3, 10, what="counted")
+        async with s.delete(f"{d.api_url}/api/v1/streams/again", headers=h(OPER)) as resp:
+            assert resp.status == 204
+        async with s.post(f"{d.api_url}/api/v1/streams", headers=h(OPER),
+                          json={**body, "url": "redis:frames:again2"}) as resp:
+            assert resp.status == 201
+            assert (await resp.json())["results"] == 0
+        assert (await _get(s, d, "again"))["results"] == 0
+        assert len(await results(r, "again")) == 3  # what the first stream published stays in Redis
+
+
+async def test_a_patch_that_moves_a_redis_input_drops_the_group_it_left(r, redis_server):
+    """PATCH a Redis input's key, then its group, then DELETE it: each group streamd made and the stream left goes
+    (the old code left `streamd` on both keys), unless another stream still reads with it."""
+    async def groups(key):
+        return sorted(g["name"].decode() for g in await r.xinfo_groups(key)) if await r.exists(key) else []
+
+    async with running(api_cfg(redis_server.url)) as d, aiohttp.ClientSession() as s:
+        async def call(method, path, **kw):
+            async with s.request(method, f"{d.api_url}/api/v1{path}", headers=h(OPER), **kw) as resp:
+                return resp.status
+
+        for sid, key in (("mv", "frames:mv-a"), ("stay", "frames:mv-shared"), ("mv2", "frames:mv-shared")):
+            assert await call("POST", "/streams", json={"id": sid, "url": f"redis:{key}",
+                                                         "pipeline": "frame_info"}) == 201
+        await until(lambda: groups("frames:mv-a"), 10, what="the group on frames:mv-a")
+        await until(lambda: groups("frames:mv-shared"), 10, what="the group on frames:mv-shared")
+        assert await call("PATCH", "/streams/mv", json={"url": "redis:frames:mv-b"}) == 200
+        await until(lambda: groups("frames:mv-b"), 10, what="the group on frames:mv-b")
+        assert await groups("frames:mv-a") == []
+        assert await call("PATCH", "/streams/mv", json={"redis_input": {"group": "g2"}}) == 200
+        await until(lambda: groups("frames:mv-b"), 10, what="a group on frames:mv-b")
+        assert await groups("frames:mv-b") == ["g2"]
+        assert await call("DELETE", "/streams/mv") == 204
+        assert await groups("frames:mv-b") == []
+        # a stream that leaves a key another stream reads with the same group: the group stays
+        assert await call("PATCH", "/streams/mv2", json={"url": "redis:frames:mv-c"}) == 200
+        await until(lambda: groups("frames:mv-c"), 10, what="the group on frames:mv-c")
+        assert await groups("frames:mv-shared") == ["streamd"]
+        await push_frames(r, "frames:mv-shared", IMGS[:2])
+        await until(lambda: at_least(r, "stay", 2), 10, what="the stream left on the shared key reads on")

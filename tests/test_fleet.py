@@ -533,3 +533,181 @@ def test_fleet_twenty_cameras_three_daemons(tmp_path, redis_server):
     assert all(late.values()), late  # every stream kept producing to the end
     assert max(ownerless.values()) <= BIG_TTL + 2, ownerless
     assert all(per_daemon.values()), per_daemon  # shared by all three
+
+
+def _fleet_api_cfg(redis_url, name, **fleet):
+    from conftest import api_cfg
+
+    c = api_cfg(redis_url)
+    return c.model_copy(update={"fleet": c.fleet.model_copy(update={
+        "enabled": True, "member_id": name, "lease_ttl_s": 3, "renew_s": 0.5, **fleet})})
+
+
+async def test_a_stream_deleted_while_its_lease_is_being_taken_never_starts(redis_server, clip):
+    """The owner-to-be took the lease and waits for Redis (the last seq) before it starts the stream; meanwhile the
+    stream is deleted through the other daemon and withdrawn here (the lease given back). Once Redis answers, the
+    stream must not start: no runner anywhere, no result written, no lease (the old code started it unleased and
+    its results were written unfenced, for good). And a result of a stream this daemon holds no lease for is
+    refused in fleet mode, never written plain."""
+    import asyncio
+
+    import aiohttp
+    import redis.asyncio as aioredis
+
+    from conftest import OPER, READ, h, until
+    from streamd.fleet import lease_key
+    from streamd.keys import API_STREAMS_KEY
+    from streamd.testing.daemon import running
+    from streamd.testing.servers import HttpDir
+
+    sid = "gone-early"
+    r = aioredis.Redis.from_url(redis_server.url)
+    await r.delete(API_STREAMS_KEY, "streamd:{fleet}:members", keys.results_key(sid), lease_key(sid),
+                   lease_key(sid) + ":last")
+    web = HttpDir(clip.parent).start()
+    src = {"id": sid, "url": web.url(clip.name), "pipeline": "frame_info", "loop": True, "playback": "realtime",
+           "fps": 4}
+    try:
+        async with running(_fleet_api_cfg(redis_server.url, "hx")) as dx, \
+                running(_fleet_api_cfg(redis_server.url, "hy")) as dy, aiohttp.ClientSession() as s:
+            async def call(d, method, path, token=OPER, **kw):
+                async with s.request(method, d.api_url + "/api/v1" + path, headers=h(token), **kw) as resp:
+                    return resp.status
+
+            held, gate = asyncio.Event(), asyncio.Event()
+            for d in (dx, dy):
+                async def hold(stream_id, orig=d.streams.fleet._last_seq):
+                    held.set()
+                    await gate.wait()
+                    return await orig(stream_id)
+
+                d.streams.fleet._last_seq = hold
+            await asyncio.sleep(1.5)  # both heartbeats seen
+            post = asyncio.create_task(call(dx, "POST", "/streams", json=src))
+            await asyncio.wait_for(held.wait(), 10)  # a daemon took the lease and waits for the last seq
+            await until(lambda: sid in dx.streams.fleet.cfgs and sid in dy.streams.fleet.cfgs, 10,
+                        what="both daemons know the stream")
+            assert await call(dy, "DELETE", f"/streams/{sid}") == 204
+            await until(lambda: sid not in dx.streams.fleet.cfgs and sid not in dy.streams.fleet.cfgs, 10,
+                        what="both daemons withdrew it")
+            gate.set()
+            assert await asyncio.wait_for(post, 10) in (201, 404)  # 404: it was gone once the POST was through
+            await asyncio.sleep(3)
+            running_on = [n for n, d in (("hx", dx), ("hy", dy)) if sid in d.streams.runners]
+            assert running_on == [], running_on
+            assert await call(dx, "GET", f"/streams/{sid}", READ) == 404
+            assert await r.xlen(keys.results_key(sid)) == 0
+            assert await r.get(lease_key(sid)) is None
+            assert dx.streams.fleet._fence("nobody-here") == (lease_key("nobody-here"), "-")
+    finally:
+        web.stop()
+        await r.delete(API_STREAMS_KEY)
+        await r.aclose()
+
+
+async def test_a_finished_file_is_not_played_again_when_its_lease_moves(redis_server, clip):
+    """Four files (no loop) of the shared config play to their end on x; then y joins (a rebalance hands some over)
+    and x stops (y takes the rest). The new owner shows each stream stopped at its end and plays none of them
+    again (the old code played every file again from its start: each frame's result twice, by x and by y). A
+    stream whose configuration changed is another stream: it plays."""
+    import asyncio
+    from collections import Counter
+
+    import redis.asyncio as aioredis
+
+    from conftest import make_config, results as recs, until
+    from streamd.fleet import lease_key
+    from streamd.testing.daemon import running
+
+    ids = [f"done{i}" for i in range(4)]
+    r = aioredis.Redis.from_url(redis_server.url)
+    for sid in ids:
+        await r.delete(keys.results_key(sid), keys.events_key(sid), lease_key(sid), lease_key(sid) + ":last",
+                       f"streamd:{{{sid}}}:ended")  # keys.stream_ended_key
+
+    def cfg(name, fps=2):
+        return make_config(redis_server.url, [{"id": sid, "url": str(clip), "fps": fps} for sid in ids],
+                           fleet={"enabled": True, "member_id": name, "lease_ttl_s": 3, "renew_s": 0.5,
+                                  "settle_s": 0.5})
+
+    def ended(d, sid):
+        rn = d.streams.runners.get(sid)
+        return rn is not None and rn.state.value == "stopped" and rn.reason_code == "ended"
+
+    try:
+        async with running(cfg("fx")) as dx:
+            await until(lambda: all(ended(dx, sid) for sid in ids), 60, what="every file played to its end")
+            await asyncio.sleep(1)
+            before = {sid: len(await recs(r, sid)) for sid in ids}
+            assert all(n == 12 for n in before.values()), before  # 6 s at 2 fps
+            async with running(cfg("fy")) as dy:
+                await until(lambda: any(sid in dy.streams.runners for sid in ids), 15, what="a stream handed to y")
+                await asyncio.sleep(2)
+            # x stopped (y's context ended first: y left too); run y alone: every lease comes to it
+        async with running(cfg("fy")) as dy:
+            await until(lambda: all(sid in dy.streams.runners for sid in ids), 15, what="y runs every stream")
+            await asyncio.sleep(2)
+            assert all(ended(dy, sid) for sid in ids), {s: dy.streams.runners[s].state for s in ids}
+        after = {sid: await recs(r, sid) for sid in ids}
+        dup = {sid: sum(1 for v in Counter(q["pts_s"] for q in rs).values() if v > 1) for sid, rs in after.items()}
+        assert {sid: len(rs) for sid, rs in after.items()} == before and not any(dup.values()), (before, dup)
+        assert {q["daemon"] for rs in after.values() for q in rs} == {"fx"}
+
+        # another configuration of the same ids (another rate): a new stream, played from its start
+        async with running(cfg("fy", fps=1)) as dy:
+            await until(lambda: all(len(dy.streams.runners) == 4 and ended(dy, sid) for sid in ids), 60,
+                        what="the changed streams played to their end")
+        assert [len(await recs(r, sid)) for sid in ids] == [12 + 6] * 4
+    finally:
+        await r.aclose()
+
+
+async def test_a_stream_deleted_through_another_daemon_is_forgotten_by_its_owner(redis_server, clip):
+    """DELETE through the daemon that does not run the stream: its owner stops it and forgets it as a DELETE through
+    its own API would (the old code kept its metric series, its snapshot frames and its result count)."""
+    import asyncio
+
+    import aiohttp
+    import redis.asyncio as aioredis
+
+    from conftest import OPER, h, until
+    from streamd.fleet import lease_key
+    from streamd.keys import API_STREAMS_KEY
+    from streamd.testing.daemon import running
+    from streamd.testing.servers import HttpDir
+
+    sid = "forget-me"
+    r = aioredis.Redis.from_url(redis_server.url)
+    await r.delete(API_STREAMS_KEY, "streamd:{fleet}:members", keys.results_key(sid), lease_key(sid))
+    web = HttpDir(clip.parent).start()
+    src = {"id": sid, "url": web.url(clip.name), "pipeline": "frame_info", "loop": True, "playback": "realtime",
+           "fps": 4}
+
+    def series(d):
+        return [s for m in d.streams.metrics.registry.collect() for s in m.samples if s.labels.get("stream") == sid]
+
+    try:
+        async with running(_fleet_api_cfg(redis_server.url, "fx")) as dx, \
+                running(_fleet_api_cfg(redis_server.url, "fy")) as dy, aiohttp.ClientSession() as s:
+            await asyncio.sleep(1.5)  # both heartbeats seen
+            async with s.post(dx.api_url + "/api/v1/streams", headers=h(OPER), json=src) as resp:
+                assert resp.status == 201, await resp.text()
+            owner = await until(lambda: dx if sid in dx.streams.runners else dy if sid in dy.streams.runners else None,
+                                10, what="an owner")
+            other = dy if owner is dx else dx
+            await until(lambda: owner.sink.results_by_stream.get(sid, 0) >= 2 and sid in owner.streams.frames.stream_ids(),
+                        20, what="results and kept frames on the owner")
+            assert series(owner)
+            await until(lambda: sid in other.streams.fleet.cfgs, 10, what="the other daemon knows the stream")
+            async with s.delete(other.api_url + f"/api/v1/streams/{sid}", headers=h(OPER)) as resp:
+                assert resp.status == 204
+            await until(lambda: sid not in owner.streams.runners and sid not in owner.streams.fleet.cfgs, 10,
+                        what="the owner stopped it")
+            await asyncio.sleep(0.5)
+            assert sid not in owner.sink.results_by_stream, owner.sink.results_by_stream
+            assert sid not in owner.streams.frames.stream_ids()
+            assert series(owner) == []
+    finally:
+        web.stop()
+        await r.delete(API_STREAMS_KEY)
+        await r.aclose()

@@ -156,3 +156,35 @@ def test_load_meter_sees_a_high_drop_share():
         a.frames, a.drops.total = a.frames + 100, a.drops.total + 60
         m.sample({}, {"a": a}, now=float(t))
     assert abs(m.drop_fraction - 0.6) < 0.01 and m.overloaded
+
+
+async def test_refused_requests_leave_no_lock_behind_and_one_stream_changes_one_at_a_time(redis_server):
+    """Requests refused for want of room, for ever new ids, leave no per-id lock in the manager (the old code kept one
+    per id for good); requests for one id still run one at a time, and the id's entry goes once none holds it."""
+    r = aioredis.Redis.from_url(redis_server.url)
+    await r.delete(API_STREAMS_KEY)
+    try:
+        async with running(fleet_cfg(redis_server.url, "x", max_streams=1)) as dx, aiohttp.ClientSession() as s:
+            await asyncio.sleep(1.2)
+            st, body, _ = await _call(s, dx.api_url, "POST", "/streams", json={"id": "only", **CAM})
+            assert st == 201, body
+            for i in range(30):
+                st, body, _ = await _call(s, dx.api_url, "POST", "/streams", json={"id": f"no{i}", **CAM})
+                assert st == 503, body
+            m = dx.streams
+            assert m._stream_locks == {}, len(m._stream_locks)
+
+            order: list[str] = []
+
+            async def hold(tag: str) -> None:
+                async with m._stream_lock("k"):
+                    order.append(tag + "+")
+                    await asyncio.sleep(0.05)
+                    order.append(tag + "-")
+
+            await asyncio.gather(hold("a"), hold("b"), hold("c"))
+            assert order == ["a+", "a-", "b+", "b-", "c+", "c-"]
+            assert m._stream_locks == {}
+    finally:
+        await r.delete(API_STREAMS_KEY)
+        await r.aclose()

@@ -93,6 +93,8 @@ async def _start(request: web.Request, s: StreamConfig, replace: bool, old: Stre
     except StreamNotFound as e:  # another request removed it meanwhile
         raise ApiError(404, "stream_not_found", str(e)) from None
     log.info("stream set through the API", stream=s.id, by=request[PRINCIPAL].name)
+    if not d.has_stream(s.id):  # fleet mode: deleted through another daemon while this one was placing it
+        raise ApiError(404, "stream_not_found", f"stream {s.id!r} was set, then deleted by another request")
     return _with_etag(json_response(d.stream_info(s.id), status=200 if replace else 201), stream_etag(s))
 
 

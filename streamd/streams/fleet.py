@@ -6,6 +6,8 @@ the last published result, starts with a discontinuity, and says so in a `state`
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -18,12 +20,20 @@ from streamd.fleet import Fleet, Lease, lease_key
 from streamd.log import get_logger
 from streamd.sources import parse_reference
 from streamd.streams.load import LoadMeter
+from streamd.streams.supervisor import State, StreamRunner
 
 if TYPE_CHECKING:
     from streamd.streams.manager import StreamManager
 
 log = get_logger("streamd.fleet")
 _NO_LEASE = "-"  # a token no lease ever holds: a stream's results written after its lease went are refused
+# how a stream ended, written only while the writer holds its lease
+_MARK_ENDED = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[2], ARGV[2]) end return 0"
+
+
+def fingerprint(s: StreamConfig) -> str:
+    """The stream's configuration, hashed: an end recorded for one configuration does not hold for another."""
+    return hashlib.sha256(json.dumps(s.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:32]
 
 
 class CapacityExhausted(StreamdError):
@@ -142,15 +152,28 @@ class FleetStreams:
                 self.offer(s, "api")
         for sid in [sid for sid, (_, origin) in self.cfgs.items() if origin == "api" and sid not in stored]:
             self.d.api_stream_ids.discard(sid)
-            await self.withdraw(sid)
+            await self.withdraw(sid)  # deleted through another daemon's API: stopped here if it ran here,
+            self.d.forget_stream(sid)  # and forgotten as that daemon's DELETE forgets it
 
     async def leave(self) -> None:
         await self.fleet.leave()
 
     # -- the fleet's callbacks -----------------------------------------------------------------------------------
     async def _acquired(self, sid: str, lease: Lease, previous: str | None) -> None:
-        s, origin = self.cfgs[sid]
+        """The lease is ours: start the stream, unless it was withdrawn (deleted), changed or lost while this waited
+        for Redis (a DELETE, a sync or a lost lease runs meanwhile: each sees no runner yet, so this must look again
+        after every await)."""
+        if not await self._still_ours(sid, lease):
+            return
+        ended = await self._ended(sid)
         last = await self._last_seq(sid)
+        if not await self._still_ours(sid, lease):
+            return
+        s, origin = self.cfgs[sid]
+        if ended is not None and ended.get("config") == fingerprint(s):
+            # it ended (a file played to its end) or failed for good on a daemon before: shown so, not played again
+            self.d.add_ended_stream(s, origin, State(ended["state"]), ended.get("reason"), ended.get("reason_code"))
+            return
         runner = self.d.add_stream(s, origin)
         runner.continue_seq(last + 1)
         if previous is not None and previous != self.member_id:
@@ -158,6 +181,50 @@ class FleetStreams:
             runner.event("state", {"from": runner.state.value, "to": runner.state.value, "reason":
                                    f"owner changed: {previous} -> {self.member_id}", "reason_code": "owner_changed",
                                    "owner": self.member_id, "previous_owner": previous})
+
+    async def _still_ours(self, sid: str, lease: Lease) -> bool:
+        """Whether a stream whose lease was just taken should start: still wanted, and `lease` still the one held.
+        A stream no longer wanted (deleted meanwhile) whose lease is still held gives it back."""
+        if self.fleet.leases.get(sid) is not lease:
+            return False  # released or lost meanwhile (the stream was deleted or changed, or the lease expired)
+        if sid not in self.cfgs or sid not in self.fleet.wanted:
+            await self.fleet.release(sid, "stream deleted")
+            return False
+        return True
+
+    async def _ended(self, sid: str) -> dict[str, Any] | None:
+        raw = await self.d.redis.get(keys.stream_ended_key(sid))
+        try:
+            rec = json.loads(raw) if raw else None
+            State(rec["state"]) if rec else None
+        except (ValueError, KeyError, TypeError):
+            return None
+        return rec
+
+    async def finished(self, runner: StreamRunner) -> None:
+        """A stream's runner is through (called by the manager when its source stopped): one that ended by itself
+        (end of input) or whose source failed for good (a permanent error, reconnects given up) is recorded in Redis while this daemon holds its lease, so a daemon that
+        takes the lease over later (a rebalance, a takeover) shows it ended instead of playing it again."""
+        sid = runner.cfg.id
+        if not (runner.state is State.STOPPED and runner.reason_code == "ended"
+                or runner.state is State.FAILED and runner.reason_code is not None):
+            # stopped by request (deleted, changed, handed over, the daemon stopping): not an end; failed by this
+            # daemon's pipeline (a model it cannot load) or a crash, not by its source: another owner tries again
+            return
+        lease, known = self.fleet.leases.get(sid), self.cfgs.get(sid)
+        if lease is None or known is None or known[0] != runner.cfg:
+            return
+        rec = {"state": runner.state.value, "reason": runner.reason, "reason_code": runner.reason_code,
+               "config": fingerprint(runner.cfg), "member": self.member_id, "ts": round(time.time(), 3)}
+        try:
+            await self.d.redis.eval(_MARK_ENDED, 2, lease.key, keys.stream_ended_key(sid), lease.token,
+                                    json.dumps(rec))
+        except (RedisError, OSError) as e:
+            log.warning("could not record the end of a stream", stream=sid, error=str(e) or type(e).__name__)
+
+    async def forget_end(self, sid: str) -> None:
+        """The stream was deleted or set again through the API: a new stream of that id plays from its start."""
+        await self.d.redis.delete(keys.stream_ended_key(sid))
 
     async def _released(self, sid: str, why: str) -> None:
         if sid in self.d.runners:
@@ -174,8 +241,9 @@ class FleetStreams:
             return -1
 
     def _fence(self, sid: str) -> tuple[str, str] | None:
-        if sid not in self.cfgs:
-            return None  # not a leased stream (a Redis input)
+        """The lease a result must still hold when written. Every result that reaches this is a leased stream's (a
+        Redis input's results carry their entry and are never fenced): one without a lease here (its stream was
+        deleted or moved while its last frames were on their way) gets a token no lease holds, and is refused."""
         return lease_key(sid), self.fleet.token(sid) or _NO_LEASE
 
     def _load(self) -> dict[str, Any]:

@@ -10,7 +10,8 @@ marker says when its last frame is through and the stages have forgotten it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -19,10 +20,11 @@ from redis.exceptions import RedisError
 from streamd.batching import Doorbell
 from streamd.config import Config, StreamConfig
 from streamd.egress import EgressRules
-from streamd.errors import StreamdError
+from streamd.errors import SourceError, StreamdError
 from streamd.log import get_logger
 from streamd.metrics import Metrics
 from streamd.pipeline import Pipeline
+from streamd.sources import parse_reference
 from streamd.streams.groups import ConsumerGroups
 from streamd.streams.info import StreamInfo
 from streamd.streams.pipelines import PipelineSet
@@ -32,6 +34,18 @@ from streamd.streams.supervisor import State, StreamRunner
 
 log = get_logger("streamd.streams")
 _FLUSH_ON_REMOVE_S = 5.0  # a removed stream's buffered results: how long its removal waits for them (Redis up)
+
+
+def _reads_elsewhere(old: StreamRunner, s: StreamConfig) -> bool:
+    """Whether the changed stream `s` no longer reads the Redis input (server, key, consumer group) `old` read."""
+    if old.ref is None or old.ref.kind != "redis":
+        return False
+    try:
+        ref = parse_reference(s.url)
+    except SourceError:
+        return True
+    return (ref.kind, ref.url, ref.key, s.redis_input.group) != ("redis", old.ref.url, old.ref.key,
+                                                                  old.cfg.redis_input.group)
 
 
 class StreamManager(StreamInfo):
@@ -58,7 +72,9 @@ class StreamManager(StreamInfo):
         # runner is still finishing has two
         self._tg: asyncio.TaskGroup | None = None
         self._api_lock = asyncio.Lock()  # held while the streams kept in Redis are loaded
-        self._stream_locks: dict[str, asyncio.Lock] = {}  # one API change of a stream at a time
+        # one API change of a stream at a time: the lock, and how many requests hold it or wait for it (the entry goes
+        # when none does: refused requests for ever new ids leave nothing behind)
+        self._stream_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self.predict = Predictor(self, cfg.api.predict, metrics)  # single images (POST /api/v1/predict/{pipeline})
 
     def bind(self, tg: asyncio.TaskGroup | None) -> None:
@@ -124,6 +140,20 @@ class StreamManager(StreamInfo):
         runner.fail(reason)
         return runner
 
+    def add_ended_stream(self, s: StreamConfig, origin: str, state: State, reason: str | None,
+                         code: str | None) -> StreamRunner:
+        """Fleet mode: a stream that ended (or failed for good) on the daemon that ran it before, shown as it ended;
+        nothing plays (its end was announced once, by that daemon). PATCH or DELETE through the API replace it."""
+        runner = StreamRunner(s, self.metrics, self.sink.event, self.client, self.consumer,
+                              self.cfg.events.drop_event_interval_s, origin=origin)
+        self.runners[s.id] = runner
+        runner.state, runner.reason, runner.reason_code = state, reason, code if reason else None
+        if state is State.FAILED:
+            runner.last_error = reason
+        self.metrics.stream_state.labels(s.id, state.value).set(1)
+        runner.stop()
+        return runner
+
     async def remove_stream(self, stream_id: str, drop_group: bool = False) -> None:
         """Stop a stream and wait until its last frames are through and published. `drop_group` (a DELETE): its
         Redis input's consumer group goes too (a replaced stream keeps it: the new one reads on from there)."""
@@ -150,6 +180,8 @@ class StreamManager(StreamInfo):
         except Exception as e:  # noqa: BLE001 - one stream's bug never stops the others
             log.exception("stream task crashed", stream=sid)
             runner._set_state(State.FAILED, f"internal error: {type(e).__name__}: {e}")
+        if self.fleet is not None:  # an end for good is recorded: the stream's next owner does not play it again
+            await self.fleet.finished(runner)
         # the queue is closed now: its end marker follows the last frame through the stages, and the stages forget
         # the stream once it is through (a tracker is never dropped while the stream's frames are on their way)
         if not pipeline.ready.is_set():
@@ -256,6 +288,8 @@ class StreamManager(StreamInfo):
                     self._restore_stream(old)
                 raise
             self.api_stream_ids.add(s.id)
+            if old is not None and _reads_elsewhere(old, s):  # its Redis input's group on the old key (or the old
+                await self._groups.drop(old, self.runners.values())  # group) is left unless another stream reads it
             return runner
 
     async def _fleet_put_stream(self, s: StreamConfig, replace: bool, pending: bool) -> StreamRunner | None:
@@ -272,6 +306,7 @@ class StreamManager(StreamInfo):
                 await self.store.save(s)
                 self.api_stream_ids.add(s.id)
                 await self.fleet.fleet.release(s.id, "changed through the API")  # a no-op unless it runs here
+                await self.fleet.forget_end(s.id)  # set again: it plays (again) from its start
                 self.fleet.offer(s, "api")
             finally:
                 self.fleet.unreserve(s.id)
@@ -293,17 +328,37 @@ class StreamManager(StreamInfo):
             self.api_stream_ids.discard(stream_id)
             if self.fleet is not None and stream_id in self.fleet.cfgs:
                 await self.fleet.withdraw(stream_id)  # stops it here if it runs here; the owner sees it go
+                await self.fleet.forget_end(stream_id)
             else:
                 await self.remove_stream(stream_id, drop_group=True)
-            self.metrics.forget_stream(stream_id)  # its series go with it (a replaced stream keeps them)
-            if self.frames is not None:
-                self.frames.drop(stream_id)  # its recent frames too
-        self._stream_locks.pop(stream_id, None)
+            self.forget_stream(stream_id)
 
-    def _stream_lock(self, stream_id: str) -> asyncio.Lock:
+    def forget_stream(self, stream_id: str) -> None:
+        """A deleted stream (through this daemon's API, or in fleet mode another's: its owner forgets it when it
+        sees it go): its metric series, recent frames and result count go with it (a replaced stream keeps them)."""
+        self.metrics.forget_stream(stream_id)
+        if self.frames is not None:
+            self.frames.drop(stream_id)
+        forget = getattr(self.sink, "forget_stream", None)
+        if forget is not None:
+            forget(stream_id)
+
+    @contextlib.asynccontextmanager
+    async def _stream_lock(self, stream_id: str) -> AsyncIterator[None]:
         """Changes of one stream are serialised; a slow change (a stream that takes seconds to stop) never holds up
-        another stream's."""
-        return self._stream_locks.setdefault(stream_id, asyncio.Lock())
+        another stream's. The id's entry lives while a request holds or waits for its lock."""
+        entry = self._stream_locks.get(stream_id)
+        if entry is None:
+            entry = self._stream_locks[stream_id] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0 and self._stream_locks.get(stream_id) is entry:
+                del self._stream_locks[stream_id]
 
     # -- what streams there are ------------------------------------------------------------------------------------
     def has_stream(self, sid: str) -> bool:
