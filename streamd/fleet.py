@@ -12,8 +12,9 @@ Lua scripts; a member is a key with a TTL that it refreshes.
   the result (`streamd.sinks.redis.FENCED_XADD`), so a daemon that lost its lease never publishes a result after
   the new owner started.
 - A lease key that went missing while its holder still runs the stream (it expired during a Redis outage longer
-  than `lease_ttl_s`, or redis-server restarted empty) is taken again by that holder at its next renewal, and its
-  buffered results are written meanwhile, as long as nobody took the stream since (`:lease:last` names it).
+  than `lease_ttl_s`; not a redis-server restarted empty: its `:lease:last` is gone too) is taken again by that holder at its next renewal, and its
+  buffered results are written meanwhile, as long as nobody took the stream since and it was not released
+  (`:lease:last` still holds the lease's token).
 - A daemon stopping gracefully releases its leases at once (hand-over within a renew interval).
 - Rebalancing: a stream whose preferred owner is another live member is handed over, at most `max_moves` per
   interval, only after that member has been alive for `settle_s` (no flapping while members come and go).
@@ -50,15 +51,18 @@ from streamd.log import get_logger
 
 log = get_logger("streamd.fleet")
 
-# KEYS: lease, lease:last; ARGV: token, ttl_ms, member. 1: renewed; 2: the key was missing (expired while Redis was
-# away, or a restarted redis-server) and nobody took the stream since (lease:last is this member): taken again;
-# 0: another daemon holds it, or took it since.
+# KEYS: lease, lease:last; ARGV: token, ttl_ms. 1: renewed; 2: the key was missing (expired while Redis was away)
+# and nobody took the stream since, nor was it released (lease:last is still this lease's token): taken again;
+# 0: another daemon holds it, or took it since, or this daemon released it.
 _RENEW = ("local v = redis.call('GET', KEYS[1]) "
           "if v == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end "
-          "if not v and redis.call('GET', KEYS[2]) == ARGV[3] then "
+          "if not v and redis.call('GET', KEYS[2]) == ARGV[1] then "
           "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end "
           "return 0")
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# KEYS: lease, lease:last; ARGV: token, released marker. The lease goes, and lease:last no longer names its token:
+# neither a renewal under way nor a result still buffered with that token can take the released lease again.
+_RELEASE = ("if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('SET', KEYS[2], ARGV[2]) end "
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
 
 
 class ConfigStreamInFleet(StreamdError):
@@ -267,8 +271,7 @@ class Fleet:
     async def _renew(self) -> None:
         for sid, lease in list(self.leases.items()):
             try:
-                ok = await self.r.eval(_RENEW, 2, lease.key, lease_last_key(sid), lease.token, self.ttl_ms,
-                                       self.member_id)
+                ok = await self.r.eval(_RENEW, 2, lease.key, lease_last_key(sid), lease.token, self.ttl_ms)
             except (RedisError, OSError) as e:
                 self._count_renew_failure()
                 if time.monotonic() - lease.since > self.cfg.lease_ttl_s:  # it may have expired meanwhile
@@ -297,9 +300,12 @@ class Fleet:
             log.warning("stream lease lost", stream=sid, why=why)
             await self._on_release(sid, why)
 
-    def fenced(self, sid: str) -> None:
-        """The result writer found the lease gone: stop the stream here now (called on the loop)."""
-        if sid in self.leases:
+    def fenced(self, sid: str, token: str | None = None) -> None:
+        """The result writer found the lease gone: stop the stream here now (called on the loop). `token`: the lease
+        the refused result was written under; a refusal of an earlier lease's result (a stream released and taken
+        again here) says nothing of the lease held now."""
+        lease = self.leases.get(sid)
+        if lease is not None and (token is None or token == lease.token):
             asyncio.get_running_loop().create_task(self._lost(sid, "lease lost (a result write was fenced)"))
 
     def _weights(self) -> dict[str, float]:
@@ -347,10 +353,10 @@ class Fleet:
         previous = await self.r.get(lease_last_key(sid))
         if not await self.r.set(lease_key(sid), token, nx=True, px=self.ttl_ms):
             return
-        await self.r.set(lease_last_key(sid), self.member_id)
+        await self.r.set(lease_last_key(sid), token)  # the lease's token: its member, and which lease it was
         lease = self.leases[sid] = Lease(sid, token)
         self._free_since.pop(sid, None)
-        prev = previous.decode() if previous else None
+        prev = previous.decode().split("|", 1)[0] if previous else None
         if prev is not None and prev != self.member_id:
             self._count_change("taken")
         log.info("stream lease taken", stream=sid, previous_owner=prev)
@@ -392,7 +398,8 @@ class Fleet:
             return
         await self._on_release(sid, why)
         try:
-            await self.r.eval(_RELEASE, 1, lease.key, lease.token)
+            await self.r.eval(_RELEASE, 2, lease.key, lease_last_key(sid), lease.token,
+                              f"{self.member_id}|released")
         except (RedisError, OSError) as e:  # it expires by itself
             log.warning("lease not released", stream=sid, error=str(e) or type(e).__name__)
 

@@ -302,7 +302,7 @@ async def test_an_expired_lease_moves_and_the_old_owners_fenced_write_is_refused
         # the crashed owner's sink still holds its old tokens: every write refused; the new owner's are written
         old_sink, new_sink = sink_on(), sink_on()
         fenced: list[str] = []
-        old_sink.fence_for, old_sink.on_fenced = (lambda s: (lease_key(s), stale[s])), fenced.append
+        old_sink.fence_for, old_sink.on_fenced = (lambda s: (lease_key(s), stale[s])), (lambda s, _t: fenced.append(s))
         new_sink.fence_for = lambda s: (lease_key(s), b.fleet.token(s))
         await old_sink.publish_results([work(sid, 100) for sid in sids])
         await new_sink.publish_results([work(sid, 101) for sid in sids])

@@ -209,7 +209,7 @@ async def test_a_result_write_is_fenced_by_the_lease_token(redis_server):
     sink = RedisSink(r, RedisConfig(url=redis_server.url), metrics)
     lost: list[str] = []
     sink.fence_for = lambda s: (lease_key(s), "me|1")
-    sink.on_fenced = lost.append
+    sink.on_fenced = lambda sid, _token: lost.append(sid)
     task = asyncio.create_task(sink.run())
 
     def work(seq):

@@ -214,3 +214,110 @@ async def test_a_second_daemon_with_the_same_member_id_stands_aside(redis_server
             assert set(first.streams.runners) == set(sids)
     finally:
         await r.aclose()
+
+
+async def test_a_released_lease_is_never_taken_again_by_its_old_token(redis_server):
+    """The 'lease key missing' allowance (an outage past the TTL) is for the lease term that was running, not for
+    the member: after this daemon released a stream (deleted, changed, handed over), a result still buffered with
+    the released token is refused and a renewal under way does not take the key again (old code: both did, since
+    `:lease:last` named the member: results after a DELETE's 204, a lease held by nobody for a TTL). A refused
+    write of an earlier lease's token does not end the lease held now. The outage case still works."""
+    from types import SimpleNamespace
+
+    from streamd.fleet import Fleet, Lease
+    from streamd.sinks.redis import FENCED_XADD
+
+    r = aioredis.Redis.from_url(redis_server.url)
+    sid = "released-1"
+    await clean(r, sid)
+    released: list[str] = []
+
+    async def on_acquire(s, lease, prev):
+        return None
+
+    async def on_release(s, why):
+        released.append(s)
+
+    cfg = SimpleNamespace(member_id="mx", max_streams=None, lease_ttl_s=3, renew_s=0.5)
+    f = Fleet(r, cfg, None, "test", on_acquire, on_release, lambda: {})
+    lk, res = keys.lease_key(sid), keys.results_key(sid)
+
+    async def write(token):
+        return await r.eval(FENCED_XADD, 3, lk, res, keys.lease_last_key(sid), token, 100, "n", "1")
+
+    try:
+        await f._acquire(sid)
+        old = f.token(sid)
+        # an outage past the TTL: the key is gone, nobody took the stream: the holder writes and renews it back
+        await r.delete(lk)
+        assert await write(old) != 0
+        await f._renew()
+        assert (await r.get(lk)).decode() == old and sid in f.leases
+        # released here: the same token can neither write nor take the key back
+        await f.release(sid, "deleted")
+        assert await r.get(lk) is None
+        assert await write(old) == 0
+        f.leases[sid] = Lease(sid, old)  # a renewal that was already under way with the released lease
+        await f._renew()
+        assert await r.get(lk) is None, "a released lease was taken again"
+        # taken again here with a new token: a refusal of the old one's write leaves the new lease alone
+        f.leases.clear()
+        await f._acquire(sid)
+        new = f.token(sid)
+        assert new != old
+        f.fenced(sid, old)
+        f.fenced(sid, "-")
+        await asyncio.sleep(0.05)
+        assert f.token(sid) == new
+        f.fenced(sid, new)
+        await asyncio.sleep(0.05)
+        assert sid not in f.leases
+    finally:
+        await clean(r, sid)
+        await r.aclose()
+
+
+async def test_only_an_end_of_input_is_recorded_and_the_same_settings_again_keep_it(redis_server, clip):
+    """(1) A failure is not recorded as a stream's end (it may be one daemon's alone: here a file only this host
+    lacks): the next owner tries again (old code: recorded; the next owner showed it failed for good). (2) An API
+    stream played to its end and PATCHed with the same settings keeps its end: not played again (old code: the
+    PATCH forgot the end and the file played again, each frame's result twice, or only once it moved, depending on
+    which daemon got the request)."""
+    import aiohttp
+
+    from conftest import OPER, api_cfg, h, until
+    from streamd.testing.servers import HttpDir
+
+    r = aioredis.Redis.from_url(redis_server.url)
+    srv = HttpDir(clip.parent).start()
+    missing, api = "gone-here", "played-once"
+    await clean(r, missing, api)
+    await r.delete(keys.stream_ended_key(missing), keys.stream_ended_key(api))
+    c = api_cfg(redis_server.url, [{"id": missing, "url": str(clip.parent / "not-on-this-host.mp4")}])
+    c = c.model_copy(update={"fleet": c.fleet.model_copy(update=fleet(member_id="x"))})
+    body = {"url": srv.url(clip.name), "fps": 2, "pipeline": "frame_info"}
+
+    def state(d, sid):
+        rn = d.streams.runners.get(sid)
+        return rn and (rn.state.value, rn.reason_code)
+
+    try:
+        async with running(c) as d, aiohttp.ClientSession() as s:
+            await until(lambda: state(d, missing) and state(d, missing)[0] == "failed", 30, what="failed")
+            async with s.post(d.api_url + "/api/v1/streams", json={"id": api, **body}, headers=h(OPER)) as resp:
+                assert resp.status in (200, 201), await resp.text()
+            await until(lambda: state(d, api) == ("stopped", "ended"), 60, what="the file played to its end")
+            await asyncio.sleep(1)
+            n = len(await results(r, api))
+            assert n == 12, n  # 6 s at 2 fps
+            async with s.patch(d.api_url + f"/api/v1/streams/{api}", json={"fps": 2}, headers=h(OPER)) as resp:
+                assert resp.status == 200, await resp.text()  # the same settings again
+            await asyncio.sleep(4)
+            assert state(d, api) == ("stopped", "ended")
+            assert len(await results(r, api)) == n, "played again"
+            assert await r.get(keys.stream_ended_key(missing)) is None, "a failure was recorded as an end"
+    finally:
+        srv.stop()
+        await clean(r, missing, api)
+        await r.delete(keys.stream_ended_key(missing), keys.stream_ended_key(api))
+        await r.aclose()

@@ -50,10 +50,10 @@ _MULTI, _EXEC = pack_command(("MULTI",)), pack_command(("EXEC",))
 
 # a result write in fleet mode: only while the stream's lease still holds the writer's token (fencing)
 # KEYS: lease, results, lease:last; ARGV: token, maxlen, fields... A lease key that is missing (expired while Redis was
-# away, or a restarted redis-server) still lets its holder write while nobody took the stream since (lease:last is
-# the writer's member id; the fleet's renewal takes the key again): results buffered during an outage are published.
+# away) still lets its holder write while nobody took the stream since and it was not released (lease:last is still
+# the writer's token; the fleet's renewal takes the key again): results buffered during an outage are published.
 FENCED_XADD = ("local v = redis.call('GET', KEYS[1]) "
-               "if v ~= ARGV[1] and (v or redis.call('GET', KEYS[3]) ~= string.match(ARGV[1], '^([^|]*)|')) then "
+               "if v ~= ARGV[1] and (v or redis.call('GET', KEYS[3]) ~= ARGV[1]) then "
                "return 0 end "
                "return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))")  # its entry id
 
@@ -142,7 +142,7 @@ class RedisSink:
         # fleet mode: the lease (key, token) a stream's results must still hold when written, and who to tell when
         # a write was refused because the lease moved on
         self.fence_for: Callable[[str], tuple[str, str] | None] | None = None
-        self.on_fenced: Callable[[str], None] | None = None
+        self.on_fenced: Callable[[str, str], None] | None = None  # (stream, the refused lease token)
         self.fenced = 0  # results refused because their stream's lease had moved to another daemon
         self.member: str | None = None  # fleet mode: this daemon's id, written into each result (`daemon`)
         self.frames: FrameStore | None = None  # recent frames (snapshots): each told its result's entry id
@@ -397,7 +397,7 @@ class RedisSink:
             self.fenced += 1
             self.metrics.results_fenced.labels(p.stream_id).inc()
             if self.on_fenced is not None:
-                self.on_fenced(p.stream_id)
+                self.on_fenced(p.stream_id, p.fence[1])
             return
         if p.stored is not None and isinstance(reply, (bytes, str)) and self.frames is not None:
             self.frames.written(p.stored, reply.decode() if isinstance(reply, bytes) else reply)

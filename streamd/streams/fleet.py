@@ -203,13 +203,13 @@ class FleetStreams:
 
     async def finished(self, runner: StreamRunner) -> None:
         """A stream's runner is through (called by the manager when its source stopped): one that ended by itself
-        (end of input) or whose source failed for good (a permanent error, reconnects given up) is recorded in Redis while this daemon holds its lease, so a daemon that
-        takes the lease over later (a rebalance, a takeover) shows it ended instead of playing it again."""
+        (end of input: a file played to its end) is recorded in Redis while this daemon holds its lease, so a daemon
+        that takes the lease over later (a rebalance, a takeover) shows it ended instead of playing it again."""
         sid = runner.cfg.id
-        if not (runner.state is State.STOPPED and runner.reason_code == "ended"
-                or runner.state is State.FAILED and runner.reason_code is not None):
-            # stopped by request (deleted, changed, handed over, the daemon stopping): not an end; failed by this
-            # daemon's pipeline (a model it cannot load) or a crash, not by its source: another owner tries again
+        if not (runner.state is State.STOPPED and runner.reason_code == "ended"):
+            # stopped by request (deleted, changed, handed over, the daemon stopping): not an end. A failure is not
+            # recorded either: it may be this daemon's alone (its pipeline, its egress policy, its network path, a
+            # file only its host has, a camera offline for a while): another owner tries again
             return
         lease, known = self.fleet.leases.get(sid), self.cfgs.get(sid)
         if lease is None or known is None or known[0] != runner.cfg:

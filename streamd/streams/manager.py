@@ -304,10 +304,12 @@ class StreamManager(StreamInfo):
             try:
                 if s.pipeline not in self.pipelines:
                     self.pipelines.config(s.pipeline, "pipeline")
+                known = self.fleet.cfgs.get(s.id)
                 await self.store.save(s)
                 self.api_stream_ids.add(s.id)
                 await self.fleet.fleet.release(s.id, "changed through the API")  # a no-op unless it runs here
-                await self.fleet.forget_end(s.id)  # set again: it plays (again) from its start
+                if known is None or known[0] != s:  # changed: it plays from its start. The same again (an idempotent
+                    await self.fleet.forget_end(s.id)  # PUT) keeps its end, on whichever daemon it was sent to
                 self.fleet.offer(s, "api")
             finally:
                 self.fleet.unreserve(s.id)
