@@ -353,6 +353,9 @@ class Fleet:
         previous = await self.r.get(lease_last_key(sid))
         if not await self.r.set(lease_key(sid), token, nx=True, px=self.ttl_ms):
             return
+        if self.leaving:  # leave() began while this was on its way: given back at once, nothing starts
+            await self.r.eval(_RELEASE, 2, lease_key(sid), lease_last_key(sid), token, f"{self.member_id}|released")
+            return
         await self.r.set(lease_last_key(sid), token)  # the lease's token: its member, and which lease it was
         lease = self.leases[sid] = Lease(sid, token)
         self._free_since.pop(sid, None)
@@ -411,7 +414,8 @@ class Fleet:
         self.leaving = True
         self._wake.set()
         await self._forget_member()
-        await asyncio.gather(*(self.release(sid, "daemon stopping") for sid in list(self.leases)))
+        async with self._ticking:  # a tick under way (it may be taking a lease) ends first: then every lease goes
+            await asyncio.gather(*(self.release(sid, "daemon stopping") for sid in list(self.leases)))
         await self._forget_member()  # again, in case a heartbeat under way when leave() began wrote it back
 
     async def _forget_member(self) -> None:

@@ -187,7 +187,7 @@ class FleetStreams:
         A stream no longer wanted (deleted meanwhile) whose lease is still held gives it back."""
         if self.fleet.leases.get(sid) is not lease:
             return False  # released or lost meanwhile (the stream was deleted or changed, or the lease expired)
-        if sid not in self.cfgs or sid not in self.fleet.wanted:
+        if sid not in self.cfgs or sid not in self.fleet.wanted or self.fleet.leaving:  # or the daemon is stopping
             await self.fleet.release(sid, "stream deleted")
             return False
         return True
