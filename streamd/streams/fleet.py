@@ -171,7 +171,7 @@ class FleetStreams:
             return
         s, origin = self.cfgs[sid]
         if ended is not None and ended.get("config") == fingerprint(s):
-            # it ended (a file played to its end) or failed for good on a daemon before: shown so, not played again
+            # it ended on a daemon before (a file played to its end): shown so, not played again
             self.d.add_ended_stream(s, origin, State(ended["state"]), ended.get("reason"), ended.get("reason_code"))
             return
         runner = self.d.add_stream(s, origin)

@@ -143,7 +143,7 @@ class StreamManager(StreamInfo):
 
     def add_ended_stream(self, s: StreamConfig, origin: str, state: State, reason: str | None,
                          code: str | None) -> StreamRunner:
-        """Fleet mode: a stream that ended (or failed for good) on the daemon that ran it before, shown as it ended;
+        """Fleet mode: a stream that ended (end of input) on the daemon that ran it before, shown as it ended;
         nothing plays (its end was announced once, by that daemon). PATCH or DELETE through the API replace it."""
         runner = StreamRunner(s, self.metrics, self.sink.event, self.client, self.consumer,
                               self.cfg.events.drop_event_interval_s, origin=origin)
