@@ -16,13 +16,17 @@ Lua scripts; a member is a key with a TTL that it refreshes.
   buffered results are written meanwhile, as long as nobody took the stream since and it was not released
   (`:lease:last` still holds the lease's token).
 - A daemon stopping gracefully releases its leases at once (hand-over within a renew interval).
+- A stream that ended for good (a file played to its end; its end recorded in Redis after its last result) gives its
+  lease back and stays wanted, shown ended: it holds no capacity, and no member takes it again (members say in their
+  record which streams they saw end; one that did not hear of it finds the end record when it takes the lease, and
+  gives it back).
 - Rebalancing: a stream whose preferred owner is another live member is handed over, at most `max_moves` per
   interval, only after that member has been alive for `settle_s` (no flapping while members come and go).
 - Redis frame inputs take no lease: their consumer group splits the entries between daemons already.
 
 Keys (streamd.keys): `streamd:{<stream>}:lease` and `:lease:last` (beside the stream's results: one Cluster slot,
 so the fenced write is one Lua call), `streamd:{fleet}:member:<id>` (JSON: id, address, version, capacity, wants,
-streams, load, heartbeat) and `streamd:{fleet}:members` (a set of ids, pruned): one slot, so one MGET reads every member on
+streams, load, heartbeat, ended) and `streamd:{fleet}:members` (a set of ids, pruned): one slot, so one MGET reads every member on
 a Redis Cluster too. Every other command here touches one key; placement reads the leases of all the streams it
 wants and does not own in one pipelined round trip per tick (a cluster client sends one pipeline per master).
 """
@@ -114,7 +118,7 @@ class Fleet:
     def __init__(self, client: aioredis.Redis, cfg: Any, address: str | None, version: str,
                  on_acquire: Callable[[str, Lease, str | None], Awaitable[None]],
                  on_release: Callable[[str, str], Awaitable[None]], load: Callable[[], dict[str, Any]],
-                 metrics: Any = None):
+                 metrics: Any = None, on_ended: Callable[[str, str], Awaitable[bool]] | None = None):
         self.r = client
         self.cfg = cfg
         self.member_id: str = cfg.member_id or default_member_id()
@@ -128,6 +132,13 @@ class Fleet:
         self.wanted: set[str] = set()  # streams that need an owner (leased kinds only)
         self.shared: set[str] = set()  # of those, the ones every member wants (API streams)
         self.leases: dict[str, Lease] = {}
+        # streams that ended for good (a file played to its end), by a tag of their settings: still wanted (shown
+        # ended), but neither leased nor placed, so they hold no capacity; said in the member record (`ended`), so
+        # the other members learn it (`on_ended(stream, tag)`: True when it holds for their settings too, and its
+        # end record says so)
+        self.done: dict[str, str] = {}
+        self._not_ended: dict[str, str] = {}  # stream -> a tag another member said ended that did not hold here
+        self._on_ended = on_ended
         self.members: dict[str, dict[str, Any]] = {}
         self._free_since: dict[str, float] = {}
         self._seen_since: dict[str, float] = {}  # member -> when we first saw it alive
@@ -157,6 +168,8 @@ class Fleet:
     def unwant(self, stream_id: str) -> None:
         self.wanted.discard(stream_id)
         self.shared.discard(stream_id)
+        self.done.pop(stream_id, None)
+        self._not_ended.pop(stream_id, None)
         self._free_since.pop(stream_id, None)
 
     def owns(self, stream_id: str) -> bool:
@@ -209,6 +222,7 @@ class Fleet:
             if self.duplicate is not None:
                 return  # another daemon has this member id: it is the member, this one stands aside
             await self._renew()
+            await self._learn_ended()
             await self._place()
 
     async def _heartbeat(self) -> None:
@@ -226,7 +240,8 @@ class Fleet:
         rec = {"id": self.member_id, "instance": self.instance, "address": self.address, "version": self.version,
                "capacity": self.capacity,
                "max_streams": self.cfg.max_streams, "wants": sorted(self.wanted - self.shared),
-               "streams": sorted(self.leases), "load": load, "heartbeat": time.time()}
+               "streams": sorted(self.leases), "load": load, "heartbeat": time.time(),
+               "ended": {sid: tag for sid, tag in sorted(self.done.items()) if sid in self.wanted}}
         async with self.r.pipeline(transaction=False) as p:
             p.set(fleet_member_key(self.member_id), json.dumps(rec), px=self.ttl_ms, get=True)  # the record before
             p.sadd(MEMBERS_KEY, self.member_id)
@@ -267,6 +282,31 @@ class Fleet:
                 self.cfg.lease_ttl_s:
             return None
         return str(other)
+
+    async def _learn_ended(self) -> None:
+        """Streams another member says ended (its member record's `ended`) that this daemon wants, holds no lease
+        for and has not seen end: ended here too when they ended with this daemon's settings and their end record
+        says so (`on_ended`; asked once per stream and settings)."""
+        if self._on_ended is None:
+            return
+        for m, rec in self.members.items():
+            ended = rec.get("ended")
+            if m == self.member_id or not isinstance(ended, dict):
+                continue
+            for sid, tag in ended.items():
+                if sid not in self.wanted or sid in self.done or sid in self.leases or not isinstance(tag, str) \
+                        or self._not_ended.get(sid) == tag:
+                    continue
+                try:
+                    ended = await self._on_ended(sid, tag)
+                except (RedisError, OSError) as e:  # asked again next tick
+                    log.warning("could not read a stream's end record", stream=sid, error=str(e) or type(e).__name__)
+                    continue
+                if ended:
+                    self.done[sid] = tag
+                    self._free_since.pop(sid, None)
+                else:
+                    self._not_ended[sid] = tag
 
     async def _renew(self) -> None:
         for sid, lease in list(self.leases.items()):
@@ -332,7 +372,7 @@ class Fleet:
     async def _place(self) -> None:
         weights = self._weights() or {self.member_id: self.capacity}
         now = time.monotonic()
-        unowned = sorted(self.wanted - set(self.leases))
+        unowned = sorted(self.wanted - set(self.leases) - set(self.done))
         room = len(self.leases) < self.capacity and not self.overloaded
         for sid, owner in zip(unowned, await self.owners(unowned) if room else []):
             if len(self.leases) >= self.capacity or self.overloaded:
@@ -400,6 +440,24 @@ class Fleet:
         if lease is None:
             return
         await self._on_release(sid, why)
+        try:
+            await self.r.eval(_RELEASE, 2, lease.key, lease_last_key(sid), lease.token,
+                              f"{self.member_id}|released")
+        except (RedisError, OSError) as e:  # it expires by itself
+            log.warning("lease not released", stream=sid, error=str(e) or type(e).__name__)
+
+    async def finish(self, sid: str, tag: str) -> None:
+        """The stream ended for good while this daemon held its lease, and its end is recorded: the lease goes (it
+        holds no capacity any more: `fleet.max_streams`, admission), the stream stays wanted and shown ended here,
+        and no member takes it again (`done`, said in the member record; a member that did not hear of it and
+        takes the lease finds the end record and gives the lease back). Its runner stays."""
+        lease = self.leases.pop(sid, None)
+        if lease is None:
+            return
+        self.done[sid] = tag
+        self._free_since.pop(sid, None)
+        self._wake.set()  # the next heartbeat tells the others now
+        log.info("stream ended for good: its lease is released", stream=sid)
         try:
             await self.r.eval(_RELEASE, 2, lease.key, lease_last_key(sid), lease.token,
                               f"{self.member_id}|released")

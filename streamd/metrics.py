@@ -56,8 +56,8 @@ class Metrics:
                                        "in FFmpeg that have not returned yet (each returns within its timeout)",
                                        registry=r)
         self.abandoned_threads.set_function(Abandoned.alive)
-        self.results_fenced = Counter("streamd_results_fenced", "results not written because their stream's lease "
-                                      "had moved to another daemon (fleet)", ["stream"], registry=r)
+        self.results_fenced = Counter("streamd_results_fenced", "results (and events, end records) not written "
+                                      "because their stream's lease had moved on (fleet)", ["stream"], registry=r)
         self.ownership_changes = Counter("streamd_fleet_ownership_changes", "streams this daemon took over from "
                                          "another or lost to another", ["direction"], registry=r)
         self.lease_renew_failures = Counter("streamd_fleet_lease_renew_failures", "lease renewals that failed "

@@ -304,14 +304,26 @@ async def test_an_expired_lease_moves_and_the_old_owners_fenced_write_is_refused
         fenced: list[str] = []
         old_sink.fence_for, old_sink.on_fenced = (lambda s: (lease_key(s), stale[s])), (lambda s, _t: fenced.append(s))
         new_sink.fence_for = lambda s: (lease_key(s), b.fleet.token(s))
+        await rc.delete(*(keys.events_key(sid) for sid in sids), *(keys.stream_ended_key(sid) for sid in sids))
         await old_sink.publish_results([work(sid, 100) for sid in sids])
         await new_sink.publish_results([work(sid, 101) for sid in sids])
+        written: list[str] = []
+        for sid in sids:  # events and end records are fenced alike (one Lua call each, in the stream's slot)
+            old_sink.event(sid, "state", {"to": "stopped"}, (lease_key(sid), stale[sid]))
+            old_sink.set_after(sid, keys.stream_ended_key(sid), "old", (lease_key(sid), stale[sid]),
+                               lambda sid=sid: written.append("old " + sid))
+            new_sink.event(sid, "state", {"to": "live"}, (lease_key(sid), b.fleet.token(sid)))
+            new_sink.set_after(sid, keys.stream_ended_key(sid), "new", (lease_key(sid), b.fleet.token(sid)),
+                               lambda sid=sid: written.append("new " + sid))
         await asyncio.wait_for(old_sink.wait_idle(), 10)
         await asyncio.wait_for(new_sink.wait_idle(), 10)
         for sid in sids:
             seqs = [int(f[b"seq"]) for _, f in await rc.xrange(keys.results_key(sid))]
             assert seqs == [101], sid
-        assert sorted(fenced) == sorted(sids) and old_sink.fenced == len(sids) and new_sink.fenced == 0
+            assert [f[b"type"] for _, f in await rc.xrange(keys.events_key(sid))] == [b"state"], sid
+            assert await rc.get(keys.stream_ended_key(sid)) == b"new", sid
+        assert sorted(written) == sorted("new " + sid for sid in sids)
+        assert sorted(fenced) == sorted(sids * 3) and old_sink.fenced == 3 * len(sids) and new_sink.fenced == 0
     finally:
         await a.close(leave=False)
         if b is not None:

@@ -162,6 +162,8 @@ def test_each_stream_runs_once_and_moves_when_its_daemon_dies_or_stops(fleet):
 
 
 def test_a_paused_daemon_publishes_nothing_after_the_takeover(fleet):
+    """Neither a result nor an event: the paused daemon's stop of the streams it lost (a `state` event saying
+    `stopped`) is fenced like its results (the old code published it after the new owner's `owner_changed`)."""
     d, r = fleet
     for name in ("p", "q"):
         d.start(name, settle_s=600)  # no rebalancing: streams taken over stay where they went
@@ -183,6 +185,10 @@ def test_a_paused_daemon_publishes_nothing_after_the_takeover(fleet):
         first_new = next(i for i, rec in enumerate(recs) if rec["daemon"] != paused and rec["publish_ts"] > t_stop)
         late = [rec for rec in recs[first_new:] if rec["daemon"] == paused]
         assert late == [], (s, len(late))
+        evs = [json.loads(f[b"event"]) for _, f in r.xrange(keys.events_key(s))]
+        taken = max(i for i, e in enumerate(evs) if e.get("reason_code") == "owner_changed" and e["owner"] != paused)
+        stale = [e for e in evs[taken:] if e["type"] == "state" and e["to"] == "stopped"]  # the new owner runs on
+        assert stale == [], (s, stale)
     assert_no_duplicate_seq(r)
     assert d.procs[paused].poll() is None  # it lives on (and owns what it gets again), it only lost the leases
     os.kill(d.procs[paused].pid, 0)

@@ -188,3 +188,67 @@ async def test_refused_requests_leave_no_lock_behind_and_one_stream_changes_one_
     finally:
         await r.delete(API_STREAMS_KEY)
         await r.aclose()
+
+
+async def test_a_finished_file_gives_its_place_back_and_is_not_played_again(redis_server, clip):
+    """Two daemons, max_streams 1 each: a file (an API stream) plays to its end on one of them. Its end is shown by
+    both APIs (stopped, ended, no owner), but it holds no place any more: two cameras added after it, one through
+    each daemon, are admitted and both run (the old code kept the ended stream's lease for good: the second camera
+    was refused with 503 capacity_exhausted). Nobody takes the ended stream's lease again and it is not played
+    again (its results and its one `connecting` state event stay as they were). A DELETE removes it from both."""
+    from conftest import events, results
+    from streamd import keys
+    from streamd.testing.servers import HttpDir
+
+    sid, cams = "played-to-its-end", ("cam-after-1", "cam-after-2")
+    r = aioredis.Redis.from_url(redis_server.url)
+    ks = [k for s in (sid, *cams) for k in (keys.results_key(s), keys.events_key(s), keys.lease_key(s),
+                                            keys.lease_last_key(s), keys.stream_ended_key(s))]
+    await r.delete(API_STREAMS_KEY, keys.FLEET_MEMBERS_KEY, *ks)
+    web = HttpDir(clip.parent).start()
+    try:
+        async with running(fleet_cfg(redis_server.url, "x", max_streams=1)) as dx, \
+                running(fleet_cfg(redis_server.url, "y", max_streams=1)) as dy, aiohttp.ClientSession() as s:
+            ds = (dx, dy)
+            await asyncio.sleep(1.5)  # both heartbeats seen
+            st, body, _ = await _call(s, dx.api_url, "POST", "/streams",
+                                      json={"id": sid, "url": web.url(clip.name), "fps": 2, "pipeline": "frame_info"})
+            assert st == 201, body
+
+            async def shown_ended(d):
+                st, body, _ = await _call(s, d.api_url, "GET", f"/streams/{sid}", READ)
+                return st == 200 and (body["state"], body["reason_code"]) == ("stopped", "ended") and body
+
+            owner = await until(lambda: next((d for d in ds if (rn := d.streams.runners.get(sid)) is not None
+                                              and rn.reason_code == "ended"), None), 30, what="the file's end")
+            await until(lambda: shown_ended(owner), 10, what="the end shown by its owner")
+            await asyncio.sleep(1)  # a couple of heartbeats
+            n = len(await results(r, sid))
+            assert n == 12, n  # 6 s at 2 fps
+            for d, cam in zip(ds, cams):  # one camera through each daemon, the second once both know the first
+                await until(lambda: all(set(cams[:cams.index(cam)]) <= set(d.streams.fleet.cfgs) for d in ds), 10,
+                            what="both daemons know the cameras added before")
+                st, body, headers = await _call(s, d.api_url, "POST", "/streams", json={"id": cam, **CAM})
+                assert st == 201, (cam, st, body)
+            await until(lambda: all(any(c in d.streams.runners and d.streams.fleet.fleet.owns(c) for d in ds)
+                                    for c in cams), 15, what="both cameras running")
+            for d in ds:
+                body = await until(lambda: shown_ended(d), 10, what="the end shown by both daemons")
+                assert body["owner"] is None, body
+            await asyncio.sleep(1.5)  # a few placement ticks: nobody takes the ended stream
+            assert await r.get(keys.lease_key(sid)) is None
+            assert not any(d.streams.fleet.fleet.owns(sid) for d in ds)
+            assert len(await results(r, sid)) == n
+            states = [e["to"] for e in await events(r, sid, "state")]
+            assert states.count("connecting") == 1 and not [e for e in await events(r, sid, "state")
+                                                            if e.get("reason_code") == "owner_changed"], states
+            other = dy if owner is dx else dx  # deleted through the daemon that did not run it: gone everywhere
+            st, _, _ = await _call(s, other.api_url, "DELETE", f"/streams/{sid}")
+            assert st == 204
+            await until(lambda: all(sid not in d.streams.runners and sid not in d.streams.fleet.cfgs for d in ds), 10,
+                        what="the ended stream gone from both daemons")
+            assert await r.get(keys.stream_ended_key(sid)) is None
+    finally:
+        web.stop()
+        await r.delete(API_STREAMS_KEY, *ks)
+        await r.aclose()

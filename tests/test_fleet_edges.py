@@ -321,3 +321,50 @@ async def test_only_an_end_of_input_is_recorded_and_the_same_settings_again_keep
         await clean(r, missing, api)
         await r.delete(keys.stream_ended_key(missing), keys.stream_ended_key(api))
         await r.aclose()
+
+
+async def test_a_streams_end_is_recorded_only_after_its_last_results_are_written(redis_server, clip):
+    """A file played to its end while its last result is still on its way to Redis (held back at the sink): the
+    stream's end is not recorded yet (the old code recorded it as soon as the source ended: a crash then lost those
+    results, and the next owner showed the stream ended); once the result is written, the end is recorded after
+    it, and every result is there."""
+    import aiohttp
+
+    from conftest import OPER, api_cfg, h, until
+    from streamd.testing.servers import HttpDir
+
+    sid = "end-after-results"
+    r = aioredis.Redis.from_url(redis_server.url)
+    await clean(r, sid)
+    await r.delete(keys.stream_ended_key(sid))
+    web = HttpDir(clip.parent).start()
+    c = api_cfg(redis_server.url)
+    c = c.model_copy(update={"fleet": c.fleet.model_copy(update=fleet(member_id="x"))})
+    try:
+        async with running(c) as d, aiohttp.ClientSession() as s:
+            gate = asyncio.Event()
+            publish = d.sink.publish_results
+
+            async def held(works):  # the stream's last result (seq 11: 6 s at 2 fps) waits for the gate
+                if any(w.frame.stream_id == sid and w.frame.seq >= 11 for w in works):
+                    await gate.wait()
+                await publish(works)
+
+            d.sink.publish_results = held
+            async with s.post(d.api_url + "/api/v1/streams", headers=h(OPER),
+                              json={"id": sid, "url": web.url(clip.name), "fps": 2, "pipeline": "frame_info"}) as resp:
+                assert resp.status == 201, await resp.text()
+            await until(lambda: (rn := d.streams.runners.get(sid)) is not None and rn.reason_code == "ended", 30,
+                        what="the file's end")
+            await until(lambda: r.xlen(keys.results_key(sid)), 10, what="the first results")
+            await asyncio.sleep(1)
+            assert await r.get(keys.stream_ended_key(sid)) is None, "the end was recorded before the last result"
+            assert await r.xlen(keys.results_key(sid)) == 11
+            gate.set()
+            await until(lambda: r.get(keys.stream_ended_key(sid)), 10, what="the end recorded")
+            assert [q["seq"] for q in await results(r, sid)] == list(range(12))
+    finally:
+        web.stop()
+        await clean(r, sid)
+        await r.delete(keys.stream_ended_key(sid))
+        await r.aclose()

@@ -56,6 +56,12 @@ FENCED_XADD = ("local v = redis.call('GET', KEYS[1]) "
                "if v ~= ARGV[1] and (v or redis.call('GET', KEYS[3]) ~= ARGV[1]) then "
                "return 0 end "
                "return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))")  # its entry id
+# a key set under the same fence (a stream's end record, written after its last result). KEYS: lease, key, lease:last;
+# ARGV: token, value
+FENCED_SET = ("local v = redis.call('GET', KEYS[1]) "
+              "if v ~= ARGV[1] and (v or redis.call('GET', KEYS[3]) ~= ARGV[1]) then "
+              "return 0 end "
+              "return redis.call('SET', KEYS[2], ARGV[2])")
 
 
 @dataclass(slots=True)
@@ -71,6 +77,8 @@ class Pending:
     written: bool = False  # Redis Cluster: in Redis already (a retried batch skips it)
     acked: bool = False  # Redis Cluster: its input entry acknowledged already
     stored: Any = None  # the frame kept in the frame store (streamd.frame_store): told its entry id once written
+    value: str | None = None  # not an entry: `key` is set to this (a stream's end record)
+    then: Callable[[], None] | None = None  # called once it was written (not when refused by its fence)
 
     @property
     def stream_id(self) -> str:
@@ -122,7 +130,11 @@ def _encode(p: Pending, now: float) -> None:
 
 def _write_args(p: Pending) -> tuple[Any, ...]:
     """A record's write: XADD, or in fleet mode the fenced XADD (one Lua call over the lease and the results stream,
-    which share the stream's hash tag: one Cluster slot)."""
+    which share the stream's hash tag: one Cluster slot); a value record's SET, fenced alike."""
+    if p.value is not None:
+        if p.fence is not None:
+            return ("EVAL", FENCED_SET, 3, p.fence[0], p.key, p.fence[0] + ":last", p.fence[1], p.value)
+        return ("SET", p.key, p.value)
     if p.fence is not None:
         return ("EVAL", FENCED_XADD, 3, p.fence[0], p.key, p.fence[0] + ":last", p.fence[1], p.maxlen,
                 *chain(*p.fields.items()))
@@ -143,7 +155,7 @@ class RedisSink:
         # a write was refused because the lease moved on
         self.fence_for: Callable[[str], tuple[str, str] | None] | None = None
         self.on_fenced: Callable[[str, str], None] | None = None  # (stream, the refused lease token)
-        self.fenced = 0  # results refused because their stream's lease had moved to another daemon
+        self.fenced = 0  # records (results, events) refused because their stream's lease had moved on
         self.member: str | None = None  # fleet mode: this daemon's id, written into each result (`daemon`)
         self.frames: FrameStore | None = None  # recent frames (snapshots): each told its result's entry id
         self._buf: deque[Pending] = deque()
@@ -185,7 +197,7 @@ class RedisSink:
             f = w.frame
             fields = {"schema_version": keys.SCHEMA_VERSION, "stream_id": f.stream_id, "seq": f.seq}
             # leased streams only (never Redis inputs): a refused write must not take an XACK through with it
-            fence = self.fence_for(f.stream_id) if self.fence_for is not None and f.ref is None else None
+            fence = self.lease_fence(f.stream_id) if f.ref is None else None
             rec = result_record(w)
             if self.member is not None:
                 rec["daemon"] = self.member
@@ -193,12 +205,28 @@ class RedisSink:
             self._append(Pending(keys.results_key(f.stream_id), self.cfg.results_maxlen, fields, rec, f.ref,
                                  fence=fence, stored=stored))
 
-    def event(self, stream_id: str, kind: str, fields: dict[str, Any] | None = None) -> None:
+    def lease_fence(self, stream_id: str) -> tuple[str, str] | None:
+        """Fleet mode: the lease (key, token) a leased stream's record must still hold when written (its results,
+        the events of its frames); None otherwise. Only for leased streams (never a Redis input's)."""
+        return self.fence_for(stream_id) if self.fence_for is not None else None
+
+    def event(self, stream_id: str, kind: str, fields: dict[str, Any] | None = None,
+              fence: tuple[str, str] | None = None) -> None:
         """Queue an event; never waits (events are small and rare). A predict request's frame (a stream id with
-        PREDICT_PREFIX) is answered to its caller, never published: what stages say of it is dropped here."""
+        PREDICT_PREFIX) is answered to its caller, never published: what stages say of it is dropped here. `fence`
+        (fleet mode, a leased stream's event): written only while that lease holds, like a result; a refused event
+        is dropped and counted as a fenced record."""
         if stream_id.startswith(PREDICT_PREFIX):
             return
-        self._append(self._event(stream_id, kind, fields))
+        p = self._event(stream_id, kind, fields)
+        p.fence = fence
+        self._append(p)
+
+    def set_after(self, stream_id: str, key: str, value: str, fence: tuple[str, str] | None,
+                  then: Callable[[], None] | None = None) -> None:
+        """Queue `SET key value` behind every record buffered so far (the buffer is written in order: it is written
+        after them), under `fence` like a result; `then()` once it was written (not when its fence refused it)."""
+        self._append(Pending(key, 0, {"stream_id": stream_id}, event=True, fence=fence, value=value, then=then))
 
     def _event(self, stream_id: str, kind: str, fields: dict[str, Any] | None) -> Pending:
         body = {"type": kind, "ts": round(time.time(), 6), "stream_id": stream_id, **(fields or {})}
@@ -399,6 +427,11 @@ class RedisSink:
             if self.on_fenced is not None:
                 self.on_fenced(p.stream_id, p.fence[1])
             return
+        if p.then is not None:
+            try:
+                p.then()
+            except Exception:  # noqa: BLE001 - the sink goes on whatever its callers do
+                log.exception("a written record's callback failed", stream=p.stream_id)
         if p.stored is not None and isinstance(reply, (bytes, str)) and self.frames is not None:
             self.frames.written(p.stored, reply.decode() if isinstance(reply, bytes) else reply)
         if p.result is not None:

@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 log = get_logger("streamd.fleet")
 _NO_LEASE = "-"  # a token no lease ever holds: a stream's results written after its lease went are refused
-# how a stream ended, written only while the writer holds its lease
-_MARK_ENDED = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[2], ARGV[2]) end return 0"
 
 
 def fingerprint(s: StreamConfig) -> str:
@@ -56,13 +54,14 @@ class FleetStreams:
         self.d = streams
         self.cfgs: dict[str, tuple[StreamConfig, str]] = {}  # leased streams this daemon knows: (config, origin)
         self.fleet = Fleet(client, streams.cfg.fleet, streams.api_url, version, self._acquired, self._released,
-                           self._load, streams.metrics)
+                           self._load, streams.metrics, self._ended_elsewhere)
         streams.sink.fence_for = self._fence
         streams.sink.on_fenced = self.fleet.fenced
         streams.sink.member = self.fleet.member_id
         fc = streams.cfg.fleet
         self.load = LoadMeter(fc.max_busy, fc.max_drop_fraction, tau_s=max(3.0, 3 * fc.renew_s))
         self._reserved: set[str] = set()  # admitted, not offered yet
+        self._finishing: set[asyncio.Task[None]] = set()  # leases of ended streams being given back
 
     @property
     def member_id(self) -> str:
@@ -98,8 +97,8 @@ class FleetStreams:
         return total
 
     def full(self, extra: int = 0) -> bool:
-        cap = self.capacity()
-        return cap is not None and len(set(self.cfgs) | self._reserved) + extra > cap
+        cap = self.capacity()  # a stream that ended for good (done) holds no place
+        return cap is not None and len((set(self.cfgs) - set(self.fleet.done)) | self._reserved) + extra > cap
 
     def admit(self, stream_id: str) -> None:
         """Raises CapacityExhausted when one more stream would exceed what the fleet can run; otherwise holds a
@@ -107,7 +106,8 @@ class FleetStreams:
         Across daemons admission is as good as the last renew interval's view: a stream admitted by two daemons
         at once beyond the capacity waits as `pending`."""
         if self.full(1):
-            raise CapacityExhausted(len(self.cfgs), self.capacity() or 0.0, self.overloaded())
+            raise CapacityExhausted(len(set(self.cfgs) - set(self.fleet.done)), self.capacity() or 0.0,
+                                    self.overloaded())
         self._reserved.add(stream_id)
 
     def unreserve(self, stream_id: str) -> None:
@@ -119,13 +119,26 @@ class FleetStreams:
             self.d.add_stream(s, origin)
             return
         self.cfgs[s.id] = (s, origin)
+        if self.fleet.done.get(s.id) not in (None, fingerprint(s)):  # ended with other settings: a new stream
+            self.fleet.done.pop(s.id)
+            self._drop_ended(s.id)
         self.fleet.want(s.id, everywhere=origin == "api")
+
+    def _drop_ended(self, sid: str) -> None:
+        """A stream shown ended here without a lease (streamd.fleet's `done`) is no longer: its stopped runner goes
+        (its owner-to-be starts another; until then the API says what the fleet says)."""
+        rn = self.d.runners.get(sid)
+        if rn is not None and rn.state in (State.STOPPED, State.FAILED) and not self.fleet.owns(sid):
+            del self.d.runners[sid]
 
     async def withdraw(self, stream_id: str) -> None:
         """The stream was deleted: nobody should own it any more."""
         self.cfgs.pop(stream_id, None)
+        done = self.fleet.done.get(stream_id) is not None
         self.fleet.unwant(stream_id)
         await self.fleet.release(stream_id, "stream deleted")
+        if done and stream_id in self.d.runners and not self.fleet.owns(stream_id):
+            await self.d.remove_stream(stream_id)  # shown ended here, with no lease to release
 
     async def run(self, sync_s: float | None = None) -> None:
         """The fleet's loop, and every `sync_s` the streams other daemons' APIs added or deleted."""
@@ -171,10 +184,12 @@ class FleetStreams:
             return
         s, origin = self.cfgs[sid]
         if ended is not None and ended.get("config") == fingerprint(s):
-            # it ended on a daemon before (a file played to its end): shown so, not played again
+            # it ended on a daemon before (a file played to its end): shown so, not played again, and its lease
+            # given back (an ended stream holds no capacity; this daemon does not take it again)
             self.d.add_ended_stream(s, origin, State(ended["state"]), ended.get("reason"), ended.get("reason_code"))
+            await self.fleet.finish(sid, ended["config"])
             return
-        runner = self.d.add_stream(s, origin)
+        runner = self.d.add_stream(s, origin, (lease.key, lease.token))  # its events under its lease
         runner.continue_seq(last + 1)
         if previous is not None and previous != self.member_id:
             runner.sampler.mark_discontinuity()
@@ -201,10 +216,13 @@ class FleetStreams:
             return None
         return rec
 
-    async def finished(self, runner: StreamRunner) -> None:
-        """A stream's runner is through (called by the manager when its source stopped): one that ended by itself
-        (end of input: a file played to its end) is recorded in Redis while this daemon holds its lease, so a daemon
-        that takes the lease over later (a rebalance, a takeover) shows it ended instead of playing it again."""
+    def finished(self, runner: StreamRunner) -> None:
+        """A stream's runner is through (called by the manager once its last frame left the pipeline: its last
+        results are in the sink): one that ended by itself (end of input: a file played to its end) is recorded in
+        Redis, written by the sink after those results and under the stream's lease, so a daemon that takes the
+        lease over later (a rebalance, a takeover) shows it ended instead of playing it again, and no result of it
+        is missing then. Once the record is written the lease goes (Fleet.finish): an ended stream holds no
+        capacity."""
         sid = runner.cfg.id
         if not (runner.state is State.STOPPED and runner.reason_code == "ended"):
             # stopped by request (deleted, changed, handed over, the daemon stopping): not an end. A failure is not
@@ -212,15 +230,37 @@ class FleetStreams:
             # file only its host has, a camera offline for a while): another owner tries again
             return
         lease, known = self.fleet.leases.get(sid), self.cfgs.get(sid)
-        if lease is None or known is None or known[0] != runner.cfg:
+        if lease is None or known is None or known[0] != runner.cfg or self.d.runners.get(sid) is not runner:
             return
+        fp = fingerprint(runner.cfg)
         rec = {"state": runner.state.value, "reason": runner.reason, "reason_code": runner.reason_code,
-               "config": fingerprint(runner.cfg), "member": self.member_id, "ts": round(time.time(), 3)}
-        try:
-            await self.d.redis.eval(_MARK_ENDED, 2, lease.key, keys.stream_ended_key(sid), lease.token,
-                                    json.dumps(rec))
-        except (RedisError, OSError) as e:
-            log.warning("could not record the end of a stream", stream=sid, error=str(e) or type(e).__name__)
+               "config": fp, "member": self.member_id, "ts": round(time.time(), 3)}
+
+        def written() -> None:  # the end is in Redis: the lease it was written under goes, if still held
+            if self.fleet.leases.get(sid) is lease and self.cfgs.get(sid, (None, ""))[0] == runner.cfg:
+                task = asyncio.get_running_loop().create_task(self.fleet.finish(sid, fp))
+                self._finishing.add(task)
+                task.add_done_callback(self._finishing.discard)
+
+        self.d.sink.set_after(sid, keys.stream_ended_key(sid), json.dumps(rec), (lease.key, lease.token), written)
+
+    async def _ended_elsewhere(self, sid: str, tag: str) -> bool:
+        """Another member says the stream ended with settings `tag` (it holds no lease now): when they are this
+        daemon's settings and its end record (the truth: deleted, the stream plays again) says so, it is shown ended
+        here too (nothing plays) and True."""
+        known = self.cfgs.get(sid)
+        if known is None or fingerprint(known[0]) != tag:
+            return False
+        ended = await self._ended(sid)
+        known = self.cfgs.get(sid)
+        if ended is None or ended.get("config") != tag or known is None or fingerprint(known[0]) != tag \
+                or self.fleet.owns(sid):
+            return False
+        rn = self.d.runners.get(sid)
+        if rn is None or rn.state in (State.STOPPED, State.FAILED):
+            self.d.add_ended_stream(known[0], known[1], State(ended["state"]), ended.get("reason"),
+                                    ended.get("reason_code"))
+        return True
 
     async def forget_end(self, sid: str) -> None:
         """The stream was deleted or set again through the API: a new stream of that id plays from its start."""

@@ -41,7 +41,13 @@ class StreamInfo:
                 "queue_depth": len(r.queue), "last_frame_ts": r.last_frame_ts,
                 "results": self.sink.results_by_stream.get(sid, 0),
                 "source": "api" if sid in self.api_stream_ids else "config",
-                "owner": self.fleet.member_id if self.fleet is not None else None}
+                "owner": self._owner_here(sid)}
+
+    def _owner_here(self, sid: str) -> str | None:
+        """The owner of a stream shown here: this daemon in fleet mode, unless it ended for good (nobody holds it)."""
+        if self.fleet is None or sid in self.fleet.fleet.done:
+            return None
+        return self.fleet.member_id
 
     def _remote_info(self, sid: str) -> dict[str, Any]:
         """A fleet stream another daemon runs (or none yet): what its owner's heartbeat says."""

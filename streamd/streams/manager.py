@@ -90,21 +90,36 @@ class StreamManager(StreamInfo):
         else:
             self.add_stream(s, origin)
 
-    def add_stream(self, s: StreamConfig, origin: str = "config") -> StreamRunner:
+    def _emitter(self, fence: tuple[str, str] | None) -> Callable[..., None]:
+        """How a stream's runner publishes its events: plain, or (fleet mode, a leased stream) under the lease it
+        runs with (`fence`: lease key, token): its events are written only while that lease holds, like its
+        results, so a daemon that lost the lease publishes no stale event (a `state` event of its stop)."""
+        if fence is None:
+            return self.sink.event
+        event = self.sink.event
+
+        def emit(stream_id: str, kind: str, fields: dict[str, Any] | None = None) -> None:
+            event(stream_id, kind, fields, fence)
+
+        return emit
+
+    def add_stream(self, s: StreamConfig, origin: str = "config",
+                   fence: tuple[str, str] | None = None) -> StreamRunner:
         """Start a stream (the daemon must be running). Raises ConfigError for an unknown pipeline. `origin` is
-        "config" (the operator's file: its own host stays reachable) or "api" (the whole egress policy)."""
+        "config" (the operator's file: its own host stays reachable) or "api" (the whole egress policy). `fence`
+        (fleet mode): the lease its events are written under."""
         assert self._tg is not None, "the daemon is not running"
         if s.id in self.runners and self.runners[s.id].state not in (State.STOPPED, State.FAILED):
             raise StreamdError(f"stream {s.id!r} exists")
         if s.paused:  # kept, shown stopped: nothing connects (PATCH paused: false replaces it with a running one)
-            runner = StreamRunner(s, self.metrics, self.sink.event, self.client, self.consumer,
+            runner = StreamRunner(s, self.metrics, self._emitter(fence), self.client, self.consumer,
                                   self.cfg.events.drop_event_interval_s)
             self.runners[s.id] = runner
             runner._set_state(State.STOPPED, "paused", "paused")
             runner.stop()
             return runner
         pipeline = self.pipelines.get_or_start(s.pipeline, f"streams.{s.id}.pipeline", self._tg)
-        runner = StreamRunner(s, self.metrics, self.sink.event, self.client, self.consumer,
+        runner = StreamRunner(s, self.metrics, self._emitter(fence), self.client, self.consumer,
                               self.cfg.events.drop_event_interval_s, self.doorbell,
                               EgressRules.from_config(self.cfg.egress), origin)
         self.runners[s.id] = runner
@@ -181,8 +196,6 @@ class StreamManager(StreamInfo):
         except Exception as e:  # noqa: BLE001 - one stream's bug never stops the others
             log.exception("stream task crashed", stream=sid)
             runner._set_state(State.FAILED, f"internal error: {type(e).__name__}: {e}")
-        if self.fleet is not None:  # an end for good is recorded: the stream's next owner does not play it again
-            await self.fleet.finished(runner)
         # the queue is closed now: its end marker follows the last frame through the stages, and the stages forget
         # the stream once it is through (a tracker is never dropped while the stream's frames are on their way)
         if not pipeline.ready.is_set():
@@ -190,6 +203,10 @@ class StreamManager(StreamInfo):
         task = self.pipelines.task(pipeline)
         if task is not None and not ended.done():
             await asyncio.wait({ended, task}, return_when=asyncio.FIRST_COMPLETED)
+        if self.fleet is not None and ended.done():
+            # an end for good is recorded, behind the stream's last results (all in the sink now: written first), so
+            # the stream's next owner does not play it again, and no result of it is missing then
+            self.fleet.finished(runner)
         self._tasks.pop(runner, None)
 
     async def drain(self) -> None:

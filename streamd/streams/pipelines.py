@@ -152,7 +152,9 @@ class PipelineSet(Mapping[str, Pipeline]):
                     except Exception as e:  # noqa: BLE001 - Redis down: the entry stays pending
                         log.warning("could not record a failed entry", stream=f.stream_id, error=str(e))
                     continue
-                self._sink.event(f.stream_id, "frame_failed", {"seq": f.seq, "reason": w.error})
+                # a leased stream's (fleet mode): written under its lease, like its results
+                self._sink.event(f.stream_id, "frame_failed", {"seq": f.seq, "reason": w.error},
+                                 self._sink.lease_fence(f.stream_id))
             ok.append(w)
         if ok:
             await self._sink.publish_results(ok)
