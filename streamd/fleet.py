@@ -206,7 +206,7 @@ class Fleet:
         except (RedisError, OSError) as e:
             log.warning("fleet heartbeat failed", error=str(e) or type(e).__name__)
         await asyncio.sleep(self.cfg.renew_s)
-        while True:
+        while not self.leaving:  # once the daemon leaves the loop ends by itself (not only when cancelled)
             try:
                 await self.tick()
             except (RedisError, OSError) as e:

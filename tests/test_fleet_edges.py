@@ -368,3 +368,40 @@ async def test_a_streams_end_is_recorded_only_after_its_last_results_are_written
         await clean(r, sid)
         await r.delete(keys.stream_ended_key(sid))
         await r.aclose()
+
+
+async def test_an_ended_stream_only_another_daemons_config_names_stays_visible_once_its_lease_is_released(
+        redis_server, clip):
+    """y's config file names a file that x's does not: once it played to its end on y, y gives its lease back (an
+    ended stream holds no capacity), and x's API still answers for it from y's heartbeat: stopped, ended, no
+    owner."""
+    import aiohttp
+
+    from conftest import READ, api_cfg, h, until
+
+    sid = "only-y-ends"
+    r = aioredis.Redis.from_url(redis_server.url)
+    await clean(r, sid)
+    await r.delete(keys.stream_ended_key(sid))
+    cx = api_cfg(redis_server.url)
+    cx = cx.model_copy(update={"fleet": cx.fleet.model_copy(update=fleet(member_id="x"))})
+    stream = {"id": sid, "url": str(clip), "fps": 2}
+    try:
+        async with running(cx) as dx, running(make_config(redis_server.url, [stream], fleet=fleet(member_id="y"))) \
+                as dy, aiohttp.ClientSession() as s:
+            await until(lambda: sid in dy.streams.fleet.fleet.done, 30, what="the file's end on y, its lease given back")
+            assert await r.get(keys.lease_key(sid)) is None
+
+            async def shown():
+                async with s.get(dx.api_url + f"/api/v1/streams/{sid}", headers=h(READ)) as resp:
+                    body = await resp.json()
+                    return resp.status == 200 and body.get("reason_code") == "ended" and body
+
+            body = await until(shown, 10, what="x answering for the ended stream")
+            assert (body["state"], body["owner"]) == ("stopped", None), body
+            async with s.get(dx.api_url + "/api/v1/streams", headers=h(READ)) as resp:
+                assert sid in [q["id"] for q in (await resp.json())["streams"]]
+    finally:
+        await clean(r, sid)
+        await r.delete(keys.stream_ended_key(sid))
+        await r.aclose()

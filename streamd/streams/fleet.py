@@ -152,8 +152,12 @@ class FleetStreams:
             tg.create_task(self._sync_loop(sync_s or self.d.cfg.fleet.renew_s), name="fleet-sync")
 
     async def _sync_loop(self, interval_s: float) -> None:
-        while True:
+        # it ends by itself once the daemon leaves the fleet: a stopping daemon whose cancellation of this task got
+        # lost in a Redis call under way (seen: the daemon's stop hung 30 s in the tests) does not wait for it forever
+        while not self.fleet.leaving:
             await asyncio.sleep(interval_s)
+            if self.fleet.leaving:
+                return
             try:
                 await self.sync()
             except (RedisError, OSError) as e:
