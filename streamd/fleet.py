@@ -137,7 +137,11 @@ class Fleet:
         self.leaving = False  # leave() was called: no heartbeat, no lease taken, until the daemon stops
         self.instance = secrets.token_hex(8)  # this process (two daemons given one fleet.member_id differ in it)
         self.duplicate: str | None = None  # another running daemon's instance with this member id: we stand aside
-        self._ticking = asyncio.Lock()  # one tick at a time (the loop's, and an API request's that places at once)
+        # (it still reads the members' records: GET /api/v1/cluster and GET /api/v1/streams/{id} show the fleet)
+        self._ticking = asyncio.Lock()  # one tick at a time; leave() waits for the one under way
+        self._placing = 0  # place() calls under way (an API request's stream placed at once): leave() waits for them
+        self._placed = asyncio.Event()
+        self._placed.set()
 
     @property
     def ttl_ms(self) -> int:
@@ -211,6 +215,28 @@ class Fleet:
             await self._renew()
             await self._place()
 
+    async def place(self, sid: str) -> None:
+        """Place one stream now (one set through this daemon's API): take its lease when it is free and this daemon
+        is its preferred owner among the members of the last heartbeat; otherwise the fleet's loop places it within
+        a renew interval. Unlike a tick, this neither waits for a tick under way (which may be starting or stopping
+        streams for seconds, or waiting for a slow Redis) nor holds one up: a tick taking the same lease at the
+        same time is settled by Redis (SET NX: one of them gets it), and a lease taken for a stream deleted or
+        changed meanwhile is given back before it starts (FleetStreams._acquired). leave() waits for it."""
+        if self.leaving or self.duplicate is not None or sid not in self.wanted or sid in self.leases:
+            return
+        self._placing += 1  # no await since `leaving` was read: a leave() that begins later waits for this
+        self._placed.clear()
+        try:
+            if len(self.leases) >= self.capacity or self.overloaded:
+                return
+            weights = self._weights() or {self.member_id: self.capacity}
+            if preferred(sid, self._candidates(sid, weights)) == self.member_id and await self.owner(sid) is None:
+                await self._acquire(sid)
+        finally:
+            self._placing -= 1
+            if not self._placing:
+                self._placed.set()
+
     async def _heartbeat(self) -> None:
         if self.leaving:
             return
@@ -221,6 +247,7 @@ class Fleet:
                             member_id=self.member_id)
                 self.duplicate = None
             else:
+                await self._read_members(prune=False)  # what the fleet is (GET /api/v1/cluster), without a part in it
                 return
         load = self._load()
         rec = {"id": self.member_id, "instance": self.instance, "address": self.address, "version": self.version,
@@ -239,13 +266,19 @@ class Fleet:
             await self.r.set(fleet_member_key(self.member_id), before, px=self.ttl_ms)
             self.duplicate = other
             await asyncio.gather(*(self.release(sid, "another daemon has this member id") for sid in list(self.leases)))
+            await self._read_members(prune=False)
             return
+        await self._read_members()
+
+    async def _read_members(self, prune: bool = True) -> None:
+        """The members' records as Redis has them (`prune`: a member whose key expired leaves the set)."""
         ids = sorted(m.decode() for m in await self.r.smembers(MEMBERS_KEY))
         raws = await self.r.mget([fleet_member_key(m) for m in ids]) if ids else []  # one slot
         members = {}
         for m, raw in zip(ids, raws):
             if raw is None:
-                await self.r.srem(MEMBERS_KEY, m)  # its key expired: gone
+                if prune:
+                    await self.r.srem(MEMBERS_KEY, m)  # its key expired: gone
                 continue
             members[m] = json.loads(raw)
         now = time.monotonic()
@@ -255,6 +288,14 @@ class Fleet:
         # older version) is taken to want every stream
         self._wants = {m: (frozenset(rec["wants"]) if isinstance(rec.get("wants"), list) else None)
                        for m, rec in members.items()}
+
+    def standing_aside(self) -> str | None:
+        """Why this daemon takes no part in the fleet now (None: it does)."""
+        if self.duplicate is None:
+            return None
+        return (f"another running daemon (instance {self.duplicate}) has this fleet.member_id "
+                f"({self.member_id!r}): this one takes no stream while it runs (give each daemon its own "
+                "fleet.member_id)")
 
     def _other_instance(self, raw: bytes | None) -> str | None:
         """The instance of another running process when `raw` is a member record with this daemon's member id
@@ -414,7 +455,8 @@ class Fleet:
         self.leaving = True
         self._wake.set()
         await self._forget_member()
-        async with self._ticking:  # a tick under way (it may be taking a lease) ends first: then every lease goes
+        async with self._ticking:  # a tick under way (it may be taking a lease) ends first, and every placement
+            await self._placed.wait()  # under way (place()): then every lease goes
             await asyncio.gather(*(self.release(sid, "daemon stopping") for sid in list(self.leases)))
         await self._forget_member()  # again, in case a heartbeat under way when leave() began wrote it back
 

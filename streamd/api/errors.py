@@ -41,7 +41,8 @@ CODES: dict[str, tuple[int, str]] = {
     "method_not_allowed": (405, "the route does not take that method (see Allow)"),
     "stream_exists": (409, "POST of a stream id that exists"),
     "stream_in_config": (409, "fleet mode: DELETE of a stream of the config file that other live daemons' config "
-                              "files name too (details.members: they would run it again); edit the config files"),
+                              "files name too (details.members: they would run it again), or a PATCH or DELETE of "
+                              "a stream only other daemons' config files name; edit the config files"),
     "segment_unavailable": (409, "/streams/{id}/segment: the stream's pipeline has no segment stage or has not "
                                  "started, or (fleet mode) another daemon runs the stream"),
     "segment_object_limit": (409, "a segment prompt past the stage's max_objects for the stream (details.max_objects)"),

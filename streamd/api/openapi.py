@@ -146,7 +146,7 @@ def document(routes: list[Any]) -> dict[str, Any]:
             codes += [400, 422] if any(q["name"] in ("after", "entry") for q in r.query) else [422]
         if r.method == "DELETE" and r.tag == "prompts":
             codes.append(422)  # invalid_query: a note over 1000 characters
-        if r.method == "DELETE" and r.path.endswith("/streams/{id}"):
+        if r.method in ("DELETE", "PATCH") and r.path.endswith("/streams/{id}"):
             codes.append(409)  # stream_in_config (fleet mode)
         if r.path == "/health/ready" or r.path.startswith(REDIS_PATHS):
             codes.append(503)

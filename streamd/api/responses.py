@@ -32,6 +32,8 @@ class StreamInfo(BaseModel):
     results: int = Field(..., ge=0, description="result records published by this daemon")
     source: Literal["api", "config"] = Field(..., description="added through the API (kept in Redis) or the config")
     owner: str | None = Field(None, description="fleet mode: the daemon (fleet.member_id) running the stream")
+    owner_address: str | None = Field(None, description="fleet mode, a stream only other daemons' config files "
+                                      "name: its owner's API address")
 
 
 class StreamList(BaseModel):
@@ -176,6 +178,10 @@ class ClusterMember(BaseModel):
 class Cluster(BaseModel):
     fleet: bool = Field(..., description="fleet mode on (fleet.enabled)")
     self: str | None = Field(..., description="this daemon's member id")
+    instance: str | None = Field(None, description="this daemon's process (two daemons given one member id differ)")
+    standing_aside: bool = Field(False, description="another running daemon has this daemon's member id: this one "
+                                 "takes no stream while it runs (members: the fleet as Redis has it)")
+    standing_aside_reason: str | None = Field(None, description="why it stands aside")
     members: list[ClusterMember]
     streams: int = Field(..., description="streams the fleet runs (leased: not Redis inputs)")
     capacity: float | None = Field(..., description="streams the live members may own in all (null: no limit)")

@@ -71,7 +71,7 @@ def _stage(request: web.Request) -> tuple[str, Any]:
     """The stream id and the segment stage of the pipeline it runs in on this daemon."""
     sid = request.match_info["id"]
     d = _streams(request)
-    if not d.has_stream(sid):
+    if not d.has_stream(sid) and d.elsewhere(sid) is None:
         raise ApiError(404, "stream_not_found", f"no stream {sid!r}")
     if sid not in d.runners:
         raise ApiError(409, "segment_unavailable", f"stream {sid!r} runs on another daemon of the fleet: ask its "

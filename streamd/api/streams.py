@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -27,14 +29,24 @@ log = get_logger("streamd.api")
 # -- streams --------------------------------------------------------------------------------------------------
 def _stream(request: web.Request) -> str:
     sid = request.match_info["id"]
-    if not _streams(request).has_stream(sid):  # fleet mode: also a stream another daemon runs
+    d = _streams(request)
+    # fleet mode: also a stream another daemon runs, one this daemon's config file does not name included
+    if not d.has_stream(sid) and d.elsewhere(sid) is None:
         raise ApiError(404, "stream_not_found", f"no stream {sid!r}")
     return sid
 
 
+def _not_here(d: Any, sid: str, owner: str) -> ApiError:
+    """A change of a stream only other daemons' config files name (this daemon does not know its configuration)."""
+    members = d.fleet.fleet.wanted_elsewhere(sid) or [owner]
+    return ApiError(409, "stream_in_config", f"stream {sid!r} is in the config file of {', '.join(members)}, not "
+                    "in this daemon's: change it in their config files", {"stream_id": sid, "members": members})
+
+
 async def streams_list(request: web.Request) -> web.Response:
     d = _streams(request)
-    return json_response({"streams": [d.stream_info(s) for s in d.stream_ids()]})
+    ids = sorted(set(d.stream_ids()) | set(d.elsewhere_ids()))
+    return json_response({"streams": [d.stream_info(s) for s in ids]})
 
 
 def _with_etag(resp: web.Response, etag: str) -> web.Response:
@@ -45,13 +57,17 @@ def _with_etag(resp: web.Response, etag: str) -> web.Response:
 async def stream_get(request: web.Request) -> web.Response:
     d = _streams(request)
     sid = _stream(request)
+    if not d.has_stream(sid):  # another daemon's config-file stream: its configuration (the ETag's) is not here
+        return json_response(d.stream_info(sid))
     return _with_etag(json_response(d.stream_info(sid)), stream_etag(d.stream_config(sid)))
 
 
 def _stream_precondition(request: web.Request, sid: str) -> StreamConfig:
     """The stream's configuration, once If-Match holds for it (called holding the stream's lock)."""
     d = _streams(request)
-    if not d.has_stream(sid):  # removed meanwhile
+    if not d.has_stream(sid):  # removed meanwhile, or another daemon's config-file stream
+        if (remote := d.elsewhere(sid)) is not None:
+            raise _not_here(d, sid, remote["owner"])
         raise ApiError(404, "stream_not_found", f"no stream {sid!r}")
     old = d.stream_config(sid)
     if not matches(if_match(request), stream_etag(old)):
@@ -113,7 +129,7 @@ async def stream_create(request: web.Request) -> web.Response:
     s = await _json_body(request, StreamConfig)
     d = _streams(request)
     async with request.app[STREAM_LOCKS].hold(s.id):
-        if d.has_stream(s.id):
+        if d.has_stream(s.id) or d.elsewhere(s.id) is not None:  # in fleet mode: in another daemon's config file
             raise ApiError(409, "stream_exists", f"stream {s.id!r} exists")
         return await _start(request, s, replace=False, pending=admission == "pending")
 

@@ -6,9 +6,11 @@ the last published result, starts with a discontinuity, and says so in a `state`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -63,6 +65,8 @@ class FleetStreams:
         fc = streams.cfg.fleet
         self.load = LoadMeter(fc.max_busy, fc.max_drop_fraction, tau_s=max(3.0, 3 * fc.renew_s))
         self._reserved: set[str] = set()  # admitted, not offered yet
+        self._changing: dict[str, int] = {}  # stream -> this daemon's API changes of it under way
+        self._syncs: list[set[str]] = []  # per sync under way: the streams this daemon's API changed meanwhile
 
     @property
     def member_id(self) -> str:
@@ -77,8 +81,9 @@ class FleetStreams:
         now, stale = time.time(), max(3 * self.d.cfg.fleet.renew_s, 1.0)
         members = {m: rec for m, rec in self.fleet.members.items()
                    if now - float(rec.get("heartbeat") or 0) <= stale}
-        members[self.member_id] = {"max_streams": self.d.cfg.fleet.max_streams, "streams": sorted(self.fleet.leases),
-                                   "load": self.load.report()}
+        if self.fleet.duplicate is None:  # standing aside: the record of this member id is the other daemon's
+            members[self.member_id] = {"max_streams": self.d.cfg.fleet.max_streams,
+                                       "streams": sorted(self.fleet.leases), "load": self.load.report()}
         return members
 
     def overloaded(self) -> list[str]:
@@ -141,16 +146,46 @@ class FleetStreams:
             except (RedisError, OSError) as e:
                 log.warning("fleet sync failed", error=str(e) or type(e).__name__)
 
+    @contextlib.asynccontextmanager
+    async def local_change(self, sid: str) -> AsyncIterator[None]:
+        """Around a change of `sid` through this daemon's API (its write to Redis, and what it does here): a sync
+        whose read of the stored streams may be older than that write leaves `sid` alone (the next sync sees it)."""
+        self._changing[sid] = self._changing.get(sid, 0) + 1
+        for touched in self._syncs:
+            touched.add(sid)
+        try:
+            yield
+        finally:
+            self._changing[sid] -= 1
+            if not self._changing[sid]:
+                del self._changing[sid]
+            for touched in self._syncs:
+                touched.add(sid)
+
     async def sync(self) -> None:
+        touched = set(self._changing)  # changed through this daemon's API since the read began, or under way then
+        self._syncs.append(touched)
+        try:
+            await self._sync(touched)
+        finally:
+            self._syncs.remove(touched)
+
+    async def _sync(self, touched: set[str]) -> None:
         stored = {s.id: s for s, problem in await self.d.store.load() if problem is None}
         for sid, s in stored.items():
+            if sid in touched:  # changed through this daemon's API meanwhile: the read may be older than that
+                continue
             known = self.cfgs.get(sid)
             if known is None and sid not in self.d.runners or known is not None and known[0] != s:
                 if known is not None:  # changed through another daemon's API: the owner restarts it
                     await self.fleet.release(sid, "changed through the API")
+                    if sid in touched:
+                        continue
                 self.d.api_stream_ids.add(sid)
                 self.offer(s, "api")
         for sid in [sid for sid, (_, origin) in self.cfgs.items() if origin == "api" and sid not in stored]:
+            if sid in touched or self.cfgs.get(sid, (None, ""))[1] != "api":
+                continue
             self.d.api_stream_ids.discard(sid)
             await self.withdraw(sid)  # deleted through another daemon's API: stopped here if it ran here,
             self.d.forget_stream(sid)  # and forgotten as that daemon's DELETE forgets it
@@ -254,7 +289,9 @@ class FleetStreams:
             log.warning("load limit " + ("reached: taking no new stream" if self.load.overloaded else "cleared"),
                         **self.load.report())
         self.fleet.overloaded = self.load.overloaded
-        return {"streams": {sid: {"state": runners[sid].state.value, "fps_out": round(runners[sid].fps_out, 2)}
+        return {"streams": {sid: {"state": runners[sid].state.value, "fps_out": round(runners[sid].fps_out, 2),
+                                  "fps": runners[sid].fps, "pipeline": runners[sid].cfg.pipeline,
+                                  "url": runners[sid].url_redacted}
                             for sid in self.fleet.leases if sid in runners},
                 "owned": len(self.fleet.leases), "running": len(runners), **self.load.report()}
 

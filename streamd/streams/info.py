@@ -3,6 +3,7 @@ that runs it."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from streamd.log import redact_url
@@ -43,9 +44,38 @@ class StreamInfo:
                 "source": "api" if sid in self.api_stream_ids else "config",
                 "owner": self.fleet.member_id if self.fleet is not None else None}
 
+    def _live_others(self) -> list[tuple[str, dict[str, Any]]]:
+        """Fleet mode: the other live members' records (heartbeat within three renew intervals; this daemon's own
+        record is older than its runners, but while it stands aside the record of its id is the other daemon's)."""
+        f = self.fleet.fleet
+        now, stale = time.time(), max(3 * f.cfg.renew_s, 1.0)
+        return [(m, rec) for m, rec in sorted(f.members.items())
+                if (m != f.member_id or f.duplicate is not None) and now - float(rec.get("heartbeat") or 0) <= stale]
+
+    def elsewhere(self, sid: str) -> dict[str, Any] | None:
+        """Fleet mode: a stream this daemon neither runs nor knows the configuration of (another daemon's config
+        file names it, this one's does not) while a live member runs it: what that member's heartbeat says of it
+        (owner, owner_address, state, fps_out, heartbeat ...); else None."""
+        if self.fleet is None or sid in self.runners or sid in self.fleet.cfgs:
+            return None
+        for m, rec in self._live_others():
+            st = ((rec.get("load") or {}).get("streams") or {}).get(sid)
+            if st is not None:
+                return {"owner": m, "owner_address": rec.get("address"), **st, "heartbeat": rec.get("heartbeat")}
+        return None
+
+    def elsewhere_ids(self) -> list[str]:
+        """The ids of every stream `elsewhere` answers for."""
+        if self.fleet is None:
+            return []
+        ids = {sid for _, rec in self._live_others() for sid in ((rec.get("load") or {}).get("streams") or {})}
+        return sorted(ids - set(self.runners) - set(self.fleet.cfgs))
+
     def _remote_info(self, sid: str) -> dict[str, Any]:
         """A fleet stream another daemon runs (or none yet): what its owner's heartbeat says."""
         assert self.fleet is not None
+        if sid not in self.fleet.cfgs:  # one only other daemons' config files name
+            return self._elsewhere_info(sid, self.elsewhere(sid) or {})
         s, origin = self.fleet.cfgs[sid]
         remote = self.fleet.remote(sid) or {}
         owner = remote.get("owner")
@@ -58,6 +88,17 @@ class StreamInfo:
                 "reason_code": None, "last_error": None, "fps": s.fps, "fps_in": 0.0,
                 "fps_out": remote.get("fps_out", 0.0), "frames_sampled": 0, "frames_decoded": 0, "dropped": 0,
                 "queue_depth": 0, "last_frame_ts": None, "results": 0, "source": origin, "owner": owner}
+
+    @staticmethod
+    def _elsewhere_info(sid: str, remote: dict[str, Any]) -> dict[str, Any]:
+        """A stream of another daemon's config file (this daemon's does not name it): what its owner's heartbeat
+        says (its URL, redacted, and pipeline when the owner's version says them)."""
+        return {"id": sid, "url": remote.get("url") or "", "pipeline": remote.get("pipeline") or "",
+                "state": remote.get("state", "connecting"), "reason": None, "reason_code": None, "last_error": None,
+                "fps": remote.get("fps"), "fps_in": 0.0, "fps_out": remote.get("fps_out", 0.0),
+                "frames_sampled": 0, "frames_decoded": 0, "dropped": 0, "queue_depth": 0, "last_frame_ts": None,
+                "results": 0, "source": "config", "owner": remote.get("owner"),
+                "owner_address": remote.get("owner_address")}
 
     def status(self) -> dict[str, Any]:
         return {

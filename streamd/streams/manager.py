@@ -297,24 +297,26 @@ class StreamManager(StreamInfo):
         """Fleet mode: keep the stream in Redis and let the fleet place it (here when this daemon is its preferred
         owner: placed at once; otherwise another daemon takes it within a renew interval)."""
         async with self._stream_lock(s.id):
-            if self.has_stream(s.id) != replace:
-                raise StreamNotFound(s.id) if replace else StreamExists(s.id)
-            if not (replace or pending):
-                self.fleet.admit(s.id)  # CapacityExhausted when the fleet cannot take another stream
-            try:
-                if s.pipeline not in self.pipelines:
-                    self.pipelines.config(s.pipeline, "pipeline")
-                known = self.fleet.cfgs.get(s.id)
-                await self.store.save(s)
-                self.api_stream_ids.add(s.id)
-                await self.fleet.fleet.release(s.id, "changed through the API")  # a no-op unless it runs here
-                if known is None or known[0] != s:  # changed: it plays from its start. The same again (an idempotent
-                    await self.fleet.forget_end(s.id)  # PUT) keeps its end, on whichever daemon it was sent to
-                self.fleet.offer(s, "api")
-            finally:
-                self.fleet.unreserve(s.id)
-            await self.fleet.fleet.tick()
-            return self.runners.get(s.id)
+            async with self.fleet.local_change(s.id):  # a sync under way leaves the stream alone
+                if self.has_stream(s.id) != replace:
+                    raise StreamNotFound(s.id) if replace else StreamExists(s.id)
+                if not (replace or pending):
+                    self.fleet.admit(s.id)  # CapacityExhausted when the fleet cannot take another stream
+                try:
+                    if s.pipeline not in self.pipelines:
+                        self.pipelines.config(s.pipeline, "pipeline")
+                    known = self.fleet.cfgs.get(s.id)
+                    await self.store.save(s)
+                    self.api_stream_ids.add(s.id)
+                    await self.fleet.fleet.release(s.id, "changed through the API")  # a no-op unless it runs here
+                    if known is None or known[0] != s:  # changed: it plays from its start. The same again (an
+                        await self.fleet.forget_end(s.id)  # idempotent PUT) keeps its end, whichever daemon got it
+                    self.fleet.offer(s, "api")
+                finally:
+                    self.fleet.unreserve(s.id)
+            # outside local_change: a sync meanwhile may see it deleted through another daemon (it is withdrawn)
+            await self.fleet.fleet.place(s.id)  # here at once when this daemon is its preferred owner: not a whole
+            return self.runners.get(s.id)  # tick, which would wait for the one under way (a rebalance, a slow Redis)
 
     def _restore_stream(self, old: StreamRunner) -> None:
         try:
@@ -325,7 +327,8 @@ class StreamManager(StreamInfo):
     async def api_delete_stream(self, stream_id: str) -> None:
         """Forget the stream in Redis first (a Redis error leaves it running), then stop it. In fleet mode a stream of
         the config file that other live daemons want is not deleted (ConfigStreamInFleet)."""
-        async with self._stream_lock(stream_id):
+        async with self._stream_lock(stream_id), (self.fleet.local_change(stream_id) if self.fleet is not None
+                                                  else contextlib.nullcontext()):  # a sync under way leaves it alone
             if not self.has_stream(stream_id):
                 raise StreamNotFound(stream_id)
             if self.fleet is not None and self.fleet.cfgs.get(stream_id, (None, ""))[1] == "config" \
