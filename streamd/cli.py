@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from streamd import __version__
 from streamd.config import Config, DecodeMode, check_tokens, load_config, parse_config
@@ -17,6 +18,7 @@ from streamd.errors import ConfigError, StreamdError, UsageError
 from streamd.log import get_logger, setup_logging
 
 log = get_logger("streamd.cli")
+SET_UP_S = 120.0  # `demo --duration`: the longest wait for a first result before the duration counts anyway
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("-n", "--count", type=int, help="stop after this many entries")
 
     d = sub.add_parser("demo", help="the embedded default: a sample clip as a live stream, results on screen")
-    d.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
+    d.add_argument("--duration", type=float, default=None,
+                   help="seconds to run, counted from the first result (the model's set-up is not counted; at most "
+                        f"{SET_UP_S:g} s of it); default: until Ctrl-C")
     d.add_argument("--pipeline", default="default", help="pipeline to run (default: default)")
     d.add_argument("--json", action="store_true", help="print records as JSON lines")
     d.add_argument("--streams", type=int, default=1, help="how many copies of the sample stream")
@@ -96,9 +100,22 @@ def _number(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+async def _stop_after(daemon: Any, stop: asyncio.Event, duration_s: float) -> None:
+    """Sets `stop` `duration_s` after the daemon's first published result (its models' set-up, which takes seconds
+    on a CPU, is not counted), or after `SET_UP_S` + `duration_s` when no result comes."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + SET_UP_S
+    while loop.time() < give_up and not (daemon.sink is not None and daemon.sink.published):
+        await asyncio.sleep(0.1)
+    if not (daemon.sink is not None and daemon.sink.published):
+        log.warning("no result yet: stopping after --duration anyway", waited_s=SET_UP_S)
+    await asyncio.sleep(duration_s)
+    stop.set()
+
+
 async def serve(cfg: Config, extra: Callable[..., Awaitable[None]] | None = None,
                 duration_s: float | None = None) -> int:
-    """Run a daemon until SIGINT/SIGTERM (or `duration_s`); a second SIGINT forces exit."""
+    """Run a daemon until SIGINT/SIGTERM (or `duration_s` after its first result); a second SIGINT forces exit."""
     from streamd.daemon import Daemon
 
     loop = asyncio.get_running_loop()
@@ -117,11 +134,10 @@ async def serve(cfg: Config, extra: Callable[..., Awaitable[None]] | None = None
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
-    if duration_s is not None:
-        loop.call_later(duration_s, stop.set)
     daemon = Daemon(cfg)
     async with daemon:
         runner = asyncio.create_task(daemon.run(stop))
+        timer = asyncio.create_task(_stop_after(daemon, stop, duration_s)) if duration_s is not None else None
         helper = None
         if extra is not None:
             started = asyncio.ensure_future(daemon.started.wait())
@@ -135,6 +151,8 @@ async def serve(cfg: Config, extra: Callable[..., Awaitable[None]] | None = None
             # redis-py): wait a little, then leave it
             helper.cancel()
             await asyncio.wait({helper}, timeout=2.0)
+        if timer is not None:
+            timer.cancel()
     return 0
 
 
