@@ -263,6 +263,9 @@ async def _bench(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streamd.aiocompat import fix_wait_for
+
+    fix_wait_for()
     a = _parser().parse_args(argv)
     level = os.environ.get("STREAMD_LOG_LEVEL", "info")
     fmt = os.environ.get("STREAMD_LOG_FORMAT", "console")

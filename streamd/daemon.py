@@ -21,6 +21,7 @@ from streamd.config import Config
 from streamd.frame_store import FrameLimits, FrameStore
 from streamd.jobs.manager import JobManager
 from streamd.log import get_logger
+from streamd.aiocompat import fix_wait_for
 from streamd.memory import tune_malloc
 from streamd.metrics import Metrics
 from streamd.models import ModelManager
@@ -68,6 +69,7 @@ class Daemon:
         for i, s in enumerate(self.cfg.streams):
             pipeline_config(self.cfg, s.pipeline, f"streams.{i}.pipeline")
         log.debug("malloc thresholds", tuned=tune_malloc())
+        fix_wait_for()  # before 3.12 asyncio.wait_for can swallow a cancellation (redis-py's every write uses it)
         if not self.redis_url:
             self.embedded = ManagedRedis(self.cfg.redis.data_dir)
             await asyncio.to_thread(self.embedded.start)
