@@ -150,6 +150,11 @@ class EgressConfig(Strict):
     connect_timeout_s: float = Field(10.0, gt=0, le=600, description="TCP connect timeout of one fetch")
     requests_per_s: float = Field(20.0, gt=0, description="HTTP requests per second per stream (a token bucket)")
     request_burst: int = Field(40, ge=1, description="burst allowance of requests_per_s")
+    rtsp_transports: list[Literal["tcp", "udp", "udp_multicast", "http", "https"]] = Field(
+        ["tcp"], min_length=1, description="rtsp_transport values config-file streams may set (API streams: tcp "
+        "only). tcp (interleaved) goes through streamd's RTSP relay, which refuses redirects; with udp/udp_multicast "
+        "FFmpeg sends to whatever address the server's SETUP reply names, with http/https its HTTP client follows "
+        "redirects anywhere: neither is checked by the egress policy, list them only for cameras you trust")
 
 
 class HlsConfig(Strict):
@@ -342,6 +347,20 @@ class Config(Strict):
                 raise ValueError(f"duplicate stream id {s.id!r}")
             seen.add(s.id)
         return streams
+
+    @model_validator(mode="after")
+    def _rtsp_transports(self) -> "Config":
+        allowed = set(self.egress.rtsp_transports)
+        for i, s in enumerate(self.streams):
+            value = s.ffmpeg_options.get("rtsp_transport")
+            if value is None:
+                continue
+            asked = {p.strip().lower() for p in value.split("+")}
+            if not asked <= allowed:
+                raise ValueError(f"streams[{i}] ({s.id}): ffmpeg_options.rtsp_transport {value!r} is not allowed: "
+                                 f"only {', '.join(sorted(allowed))} (egress.rtsp_transports); udp, udp_multicast, "
+                                 "http and https let the RTSP server send FFmpeg past the egress policy")
+        return self
 
 
 ENV_SECTIONS = ("redis", "log", "api", "shutdown", "events", "egress", "fleet", "jobs")

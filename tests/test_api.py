@@ -209,7 +209,7 @@ async def test_options_and_redis_keys_from_the_api_are_checked_values(r, redis_s
             await post({"id": "o", "url": url, "pipeline": "frame_info"}, 422, "redis_key_not_allowed")
         await post({"id": "ok", "url": cam, "ffmpeg_options": {"user_agent": "streamd test/1.0",
                                                               "fflags": "+nobuffer-genpts", "buffer_size": "65536",
-                                                              "rtsp_transport": "udp"}}, 201)
+                                                              "rtsp_transport": "tcp"}}, 201)
         for sid in ("g1", "g2", "g3"):
             key = "frames:shared" if sid != "g3" else "frames:own"
             await post({"id": sid, "url": f"redis:{key}", "pipeline": "frame_info"}, 201)

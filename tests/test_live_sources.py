@@ -70,6 +70,8 @@ async def test_rtsp_stream_results(r, redis_server):
         async with running(cfg) as d:
             recs = await until(lambda: at_least(r, "rtsp", 10), 40, what="10 RTSP results")
             assert d.streams.runners["rtsp"].state.value == "live"
+            relay = d.streams.runners["rtsp"]._source._relay  # FFmpeg went through streamd's RTSP relay
+            assert relay is not None and relay.url.startswith("rtsp://127.0.0.1:") and relay.bytes_down > 10_000
     finally:
         srv.stop()
     assert recs[0]["width"] == 640 and recs[0]["height"] == 360

@@ -23,7 +23,10 @@ _FFLAGS = "nobuffer|discardcorrupt|genpts|igndts|ignidx|nofillin|noparse|sortdts
 # FFmpeg options a client may set through the API, each with the values it may take: plain values only (no
 # listen or server mode: `rtsp_flags` and `listen` are not here; no control characters, so no header injection)
 API_FFMPEG_OPTIONS: dict[str, tuple[re.Pattern[str], int | None, str]] = {
-    "rtsp_transport": (re.compile(r"tcp|udp|udp_multicast|http|https"), None, "tcp, udp, udp_multicast, http, https"),
+    # tcp (interleaved) alone: it goes through streamd's RTSP relay (no redirect followed); with udp FFmpeg sends to
+    # whatever address the SETUP reply names, with http(s) its HTTP client follows redirects anywhere
+    "rtsp_transport": (re.compile(r"tcp"), None, "tcp (udp, udp_multicast, http and https would let the RTSP "
+                       "server send FFmpeg past the egress policy)"),
     "user_agent": (re.compile(r"[\x20-\x7e]{1,256}"), None, "1-256 printable ASCII characters"),
     "buffer_size": (re.compile(_INT), 64 << 20, "bytes, at most 64 MiB"),
     "max_delay": (re.compile(_INT), 60_000_000, "microseconds, at most 60 s"),

@@ -118,6 +118,7 @@ class AvSource:
         reader: Any = None,
         state: dict[str, Any] | None = None,
         on_event: Any = None,
+        relay: Any = None,
     ):
         self.cfg = cfg
         self.ref = ref
@@ -126,6 +127,7 @@ class AvSource:
         self._out = out
         self._url = url or ref.url
         self._reader = reader
+        self._relay = relay  # RTSP: streamd's relay FFmpeg connects to (rtsp_relay.py), closed with this source
         self._state = state if state is not None else {}
         self._on_event = on_event or (lambda kind, fields: None)
         self.ended: asyncio.Future[None] = loop.create_future()
@@ -150,6 +152,8 @@ class AvSource:
         self._stop.set()
         if self._reader is not None:
             self._reader.interrupt()
+        if self._relay is not None:  # its sockets closed: a read FFmpeg is stuck in returns
+            await self._relay.aclose()
         await asyncio.to_thread(self._thread.join, CLOSE_WAIT_S)
         if self._thread.is_alive():
             Abandoned.add(self.cfg.id, self._thread)
@@ -182,6 +186,8 @@ class AvSource:
             error = e
         except Exception as e:  # noqa: BLE001 - any decoder failure ends this connection with a reason
             error = SourceError(_describe(e))
+        if error is not None and self._relay is not None and self._relay.error is not None:
+            error = self._relay.error  # what the relay refused (a redirect) or could not reach says why
         self._out.call_threadsafe(self._end, error)  # after the frames: they are queued before the end is seen
 
     @property

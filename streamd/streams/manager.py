@@ -121,7 +121,7 @@ class StreamManager(StreamInfo):
         pipeline = self.pipelines.get_or_start(s.pipeline, f"streams.{s.id}.pipeline", self._tg)
         runner = StreamRunner(s, self.metrics, self._emitter(fence), self.client, self.consumer,
                               self.cfg.events.drop_event_interval_s, self.doorbell,
-                              EgressRules.from_config(self.cfg.egress), origin)
+                              EgressRules.from_config(self.cfg.egress), origin, tuple(self.cfg.egress.rtsp_transports))
         self.runners[s.id] = runner
         self._stream_pipeline[s.id] = s.pipeline
         if self.frames is not None:  # re-scoring keeps more of its frames (keep_frames); else the snapshot few

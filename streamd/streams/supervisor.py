@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from streamd.batching import Doorbell, FrameQueue, QueueClosed
 from streamd.config import DropPolicy, StreamConfig
-from streamd.egress import EgressRules, StreamEgress
+from streamd.egress import EgressError, EgressRules, StreamEgress
 from streamd.errors import SourceError
 from streamd.frames import Frame
 from streamd.log import get_logger, redact_text, redact_url
@@ -33,6 +33,7 @@ from streamd.metrics import Metrics
 from streamd.sampling import FpsSampler, SceneSampler
 from streamd.sources import SourceRef, parse_reference
 from streamd.sources.base import Abandoned, EventFn, PushSource, Settlement, Source
+from streamd.sources.rtsp_relay import RtspRelay, rtsp_transports
 from streamd.streams.drops import DropReporter
 
 log = get_logger("streamd.streams")
@@ -64,9 +65,13 @@ class StreamRunner:
         doorbell: Doorbell | None = None,
         egress_rules: EgressRules | None = None,
         origin: str = "config",
+        rtsp_transports: tuple[str, ...] = ("tcp",),
     ):
         self.cfg = cfg
         self.origin = origin  # "config" (the operator's file) or "api"
+        # rtsp_transport values this stream may use: tcp alone (through the relay) unless the operator's file lists
+        # more (egress.rtsp_transports) for its own streams
+        self.rtsp_transports = frozenset(rtsp_transports) if origin == "config" else frozenset({"tcp"})
         self.metrics = metrics
         self._emit = on_event
         self._redis_client = redis_client
@@ -286,7 +291,7 @@ class StreamRunner:
 
         while Abandoned.alive(self.cfg.id) >= Abandoned.MAX_PER_STREAM and not self._stop.is_set():
             await asyncio.sleep(0.2)  # the last connections' threads are still stuck in FFmpeg: no third one
-        url, reader = self.ref.url, None
+        url, reader, relay = self.ref.url, None, None
         if self.ref.kind == "file":
             check_local_file(self.ref.url)
         elif urlsplit(self.ref.url).scheme in ("http", "https"):  # plain media over HTTP: fetched by the policy
@@ -295,10 +300,31 @@ class StreamRunner:
             reader = EgressReader(self.egress, self.ref.url, loop, timeout_s=self.cfg.open_timeout_s,
                                   headers=http_headers(self.cfg.ffmpeg_options))
             await self._unless_stopped(reader.start())
-        else:  # RTSP, RTMP, SRT ...: FFmpeg connects to the address the policy checked (no second resolution)
+        elif self.ref.kind == "rtsp":
+            asked = rtsp_transports(self.cfg.ffmpeg_options)
+            if not asked <= self.rtsp_transports:
+                raise EgressError(f"ffmpeg_options.rtsp_transport {self.cfg.ffmpeg_options['rtsp_transport']!r} is "
+                                  f"not allowed for this stream (only {', '.join(sorted(self.rtsp_transports))}: "
+                                  "egress.rtsp_transports, config-file streams only)", permanent=True)
+            if asked == {"tcp"}:  # FFmpeg talks to streamd's relay, which refuses redirects (rtsp_relay.py)
+                relay = RtspRelay(self.egress, self.ref.url,
+                                  min(self.cfg.open_timeout_s, self.egress.rules.connect_timeout_s))
+                try:
+                    url = await self._unless_stopped(relay.start())
+                except BaseException:
+                    await relay.aclose()
+                    raise
+            else:  # the operator's opt-in: FFmpeg connects to the checked address itself
+                url = await self._unless_stopped(self.egress.pin_url(self.ref.url))
+        else:  # RTMP, SRT ...: FFmpeg connects to the address the policy checked (no second resolution)
             url = await self._unless_stopped(self.egress.pin_url(self.ref.url))
-        return AvSource(self.cfg, self.ref, self.sampler, self._seq, self.queue, loop, url=url, reader=reader,
-                        state=self.hls_state, on_event=self.event)
+        try:
+            return AvSource(self.cfg, self.ref, self.sampler, self._seq, self.queue, loop, url=url, reader=reader,
+                            state=self.hls_state, on_event=self.event, relay=relay)
+        except BaseException:
+            if relay is not None:
+                await relay.aclose()
+            raise
 
     async def _unless_stopped(self, aw: Any) -> Any:
         """Await `aw` (a resolution, a first request) unless the stream is stopped first: removing a stream or
