@@ -163,7 +163,8 @@ class HlsConfig(Strict):
     max_bandwidth: int | None = Field(None, ge=1, description="master playlists: the highest bandwidth to pick")
     max_playlist_bytes: int = Field(4 << 20, ge=1024, description="a playlist larger than this fails the stream")
     max_playlist_entries: int = Field(10_000, ge=1, description="segments a playlist may list")
-    max_segment_bytes: int = Field(256 << 20, ge=1024, description="a segment larger than this fails the stream")
+    max_segment_bytes: int = Field(64 << 20, ge=1024, description="a segment larger than this fails the stream "
+                                   "(held whole in memory: up to 4 per stream at once)")
     segment_timeout_s: float = Field(30.0, gt=0, le=3600, description="time to fetch one segment")
     max_nesting: int = Field(3, ge=1, le=10, description="master -> variant playlist hops")
 
