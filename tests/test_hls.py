@@ -382,3 +382,28 @@ async def test_frames_have_the_pixels_of_ffmpegs_default_conversion(segs):
             await eg.aclose()
     assert len(got) == len(want) == sum(segs["frames"][n] for n in names)
     assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+async def test_big_playlists_are_parsed_off_the_event_loop(r, redis_server, segs):
+    """Playlist parsing never runs on the event loop: (1) a live playlist within every limit (9,999 entries with a
+    date and a key each: ~0.3 s of m3u8 parsing) that does not change is parsed once, in a worker thread, not at
+    every reload (every 0.5 s); (2) a playlist over hls.max_playlist_entries (100,000 one-letter entries: ~1.3 s to
+    parse) is refused by a count of its #EXTINF lines, unparsed. The old code parsed both on the loop at every load:
+    the daemon's measured loop lag summed to seconds over the window."""
+    n0 = segs["names"][0]
+    rich = ("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:0\n" +
+            f"#EXT-X-PROGRAM-DATE-TIME:2026-01-01T00:00:00.000Z\n#EXT-X-KEY:METHOD=NONE\n#EXTINF:1.0,t\n/{n0}\n"
+            * 9999).encode()
+    many = ("#EXTM3U\n#EXT-X-TARGETDURATION:1\n" + "#EXTINF:1,\na\n" * 100_000).encode()
+    with Canary(ALLOWED, {"/rich.m3u8": m3u(rich), "/many.m3u8": m3u(many), **seg_routes(segs)}) as origin:
+        async with running(egress_cfg(redis_server.url)) as d:
+            d.streams.add_stream(stream("rich", origin.url("/rich.m3u8")), "api")
+            d.streams.add_stream(stream("many", origin.url("/many.m3u8"), reconnect={"initial_s": 0.2,
+                                                                                     "max_attempts": 2}), "api")
+            d.loop_lag_s.clear()
+            await until(lambda: d.streams.runners["rich"].frames > 0, 20, what="the rich playlist's live edge")
+            await until(lambda: _reason_code(r, "many", "too_large"), 20, what="many: too_large")
+            await until(lambda: origin.hits("/rich.m3u8") >= 6, 20, what="5 reloads of the rich playlist")
+            lag = sum(d.loop_lag_s)
+    assert origin.hits("/many.m3u8") >= 2  # every attempt refused it
+    assert lag < 1.0, f"the event loop was blocked {lag:.2f} s"
