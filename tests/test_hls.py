@@ -407,3 +407,54 @@ async def test_big_playlists_are_parsed_off_the_event_loop(r, redis_server, segs
             lag = sum(d.loop_lag_s)
     assert origin.hits("/many.m3u8") >= 2  # every attempt refused it
     assert lag < 1.0, f"the event loop was blocked {lag:.2f} s"
+
+
+async def test_a_media_sequence_that_starts_again_is_followed(r, redis_server, segs):
+    """An encoder restart: the live playlist's media sequence drops from 1000 to 0. The follower takes the new
+    numbering (the old code kept the last media sequence number and never fetched a segment again), its first frame
+    flagged a discontinuity; no segment is decoded twice."""
+    n = segs["names"]
+    st = {"body": playlist(n[:2], seq=1000)}
+    with Canary(ALLOWED, {"/live.m3u8": lambda: m3u(st["body"]), **seg_routes(segs)}) as origin:
+        cfg = make_config(redis_server.url, [{"id": "reset", "url": origin.url("/live.m3u8"), "fps": None,
+                                              "stall_timeout_s": 3, "drop_policy": "wait", "hls": {"start": "first"},
+                                              "reconnect": {"initial_s": 0.2, "max_s": 0.5, "max_attempts": None}}])
+        async with running(cfg) as d:
+            runner = d.streams.runners["reset"]
+            first = sum(segs["frames"][x] for x in n[:2])
+            await until(lambda: runner.frames >= first, 20, what="the first 2 segments")
+            st["body"] = playlist(n[2:4], seq=0)  # the encoder restarted (no tag says so)
+            want = first + sum(segs["frames"][x] for x in n[2:4])
+            await until(lambda: runner.frames >= want, 15, what="the segments after the restart")
+            await asyncio.sleep(1.5)  # reloads of the same playlist: nothing more
+    recs = await results(r, "reset")
+    assert len(recs) == want
+    assert [i for i, x in enumerate(recs) if x["discontinuity"]] == [first]
+
+
+async def test_an_expired_variant_url_goes_back_to_the_master(r, redis_server, segs):
+    """A master playlist whose variant URL carries a token: once the variant answers 403, the master (now listing a
+    fresh token) is read again. The old code reloaded the stored variant URL for ever."""
+    n = segs["names"]
+    st = {"token": "t1", "served": 2}
+    origin = Canary(ALLOWED, seg_routes(segs))
+    origin.routes["/master.m3u8"] = lambda: m3u(f"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=100000\n/{st['token']}/v.m3u8\n"
+                                                .encode())
+
+    def variant(tok):
+        return lambda: m3u(playlist(["/" + x for x in n[:st["served"]]])) if st["token"] == tok else \
+            (403, {}, b"expired")
+
+    origin.routes["/t1/v.m3u8"], origin.routes["/t2/v.m3u8"] = variant("t1"), variant("t2")
+    with origin:
+        cfg = make_config(redis_server.url, [{"id": "tok", "url": origin.url("/master.m3u8"), "fps": None,
+                                              "stall_timeout_s": 3, "drop_policy": "wait", "hls": {"start": "first"},
+                                              "reconnect": {"initial_s": 0.2, "max_s": 0.5, "max_attempts": None}}])
+        async with running(cfg) as d:
+            runner = d.streams.runners["tok"]
+            first = sum(segs["frames"][x] for x in n[:2])
+            await until(lambda: runner.frames >= first, 20, what="the first 2 segments")
+            st["token"], st["served"] = "t2", 4  # t1 expired; the master lists t2
+            want = first + sum(segs["frames"][x] for x in n[2:4])
+            await until(lambda: runner.frames >= want, 15, what="frames through the fresh variant URL")
+        assert origin.hits("/master.m3u8") >= 2 and origin.hits("/t2/v.m3u8") >= 1

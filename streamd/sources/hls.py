@@ -4,14 +4,17 @@ PyAV. FFmpeg never fetches anything, so a playlist line or a redirect cannot lea
 refuses.
 
 - A segment is decoded at most once per stream: the last media sequence number handed over is kept in the
-  runner's `hls_state`, across playlist reloads and reconnects. A live playlist that stops growing yields no
+  runner's `hls_state`, across playlist reloads and reconnects. A numbering that starts again (an encoder restart:
+  the newest segment more than _REORDER_WINDOW behind, or EXT-X-DISCONTINUITY-SEQUENCE lower) is followed from
+  `hls.start` again, its first segment flagged a discontinuity. A live playlist that stops growing yields no
   frames: the runner's watchdog marks it `stalled` and nothing is republished.
 - `#EXT-X-ENDLIST` is a recording: every segment once, then a clean end (`stopped`, code `ended`).
 - `#EXT-X-DISCONTINUITY`, and a media-sequence gap (segments fell off the playlist before we fetched them), flag
   the next frame. `#EXT-X-PROGRAM-DATE-TIME` gives `capture_ts` (`capture_source: source`), else the receive time.
 - The playlist is reloaded at the target duration, half of it when it did not change (RFC 8216 6.3.4).
 - Master playlists: the variant by bandwidth (`hls.variant`, `hls.max_bandwidth`); one that leads back to a
-  playlist already on the way, or nests deeper than `hls.max_nesting`, fails with `playlist_loop`.
+  playlist already on the way, or nests deeper than `hls.max_nesting`, fails with `playlist_loop`. A variant that
+  answers an HTTP error (an expired token) sends the follower back to the master playlist.
 - AES-128 segments are decrypted (key through the policy; IV from the tag or the media sequence number).
 
 The fetching runs on the event loop, playlist parsing in a worker thread (and only when the playlist's bytes
@@ -48,6 +51,10 @@ from streamd.sources.plan import decode_threads, make_plan, mode_reporter
 log = get_logger("streamd.source.hls")
 
 _MAX_BAD_SEGMENTS = 3  # undecodable segments in a row that end a connection (corrupt_input)
+# a live playlist whose newest segment is this many media sequence numbers behind the last one handed over (or whose
+# discontinuity sequence went down) restarted its numbering; within it, an older copy of the playlist (a lagging
+# CDN edge) is only deduplicated
+_REORDER_WINDOW = 3
 
 
 _OPEN_OPTIONS = {"probesize": "32", "analyzeduration": "0"}  # no read-ahead probing: the codec comes with the data
@@ -181,9 +188,24 @@ class HlsSource:
         return pl, final
 
     async def _media_playlist(self) -> tuple[m3u8.M3U8, str]:
-        """Fetch the stream's playlist, following master -> variant; returns the media playlist and its URL."""
+        """Fetch the stream's playlist, following master -> variant; returns the media playlist and its URL. The
+        variant found is reloaded from then on; when it answers an HTTP error (an expired token: 403), the master
+        playlist is read again, once per call (a variant that fails again ends the connection: the reconnect
+        backoff paces the next try, which starts from the master)."""
+        stored = self._state.get("media_url")
+        if stored:
+            try:
+                return await self._resolve(stored)
+            except EgressError as e:
+                if e.code != "http_status":
+                    raise
+                log.warning("HLS variant playlist failed: reading the master playlist again", stream=self.cfg.id,
+                            error=str(e))
+                self._state.pop("media_url", None)
+        return await self._resolve(self.ref.url)
+
+    async def _resolve(self, url: str) -> tuple[m3u8.M3U8, str]:
         h = self.cfg.hls
-        url = self._state.get("media_url") or self.ref.url
         seen: list[str] = []
         while True:
             if url in seen:
@@ -223,7 +245,17 @@ class HlsSource:
             if pl.is_endlist and self.cfg.drop_policy is None:
                 self._out.set_policy(DropPolicy.WAIT)  # a recording: every frame, like a file
             msn0 = int(pl.media_sequence or 0)
+            dseq = int(pl.discontinuity_sequence or 0)
             last = self._state.get("last_msn")
+            restarted = False
+            if last is not None and (msn0 + len(pl.segments) - 1 < last - _REORDER_WINDOW
+                                     or dseq < self._state.get("discontinuity_sequence", dseq)):
+                # the numbering started again (an encoder restart): follow the new one, a discontinuity
+                log.warning("HLS media sequence restarted", stream=self.cfg.id, last=last, media_sequence=msn0,
+                            discontinuity_sequence=dseq)
+                self._state.pop("last_msn", None)
+                last, restarted = None, True
+            self._state["discontinuity_sequence"] = dseq
             todo = list(enumerate(pl.segments))
             if last is None:
                 if not pl.is_endlist and h.start == "live_edge":
@@ -232,7 +264,8 @@ class HlsSource:
                 todo = [(i, s) for i, s in todo if msn0 + i > last]
             for i, seg in todo:
                 msn = msn0 + i
-                gap = last is not None and msn > last + 1
+                gap = (last is not None and msn > last + 1) or restarted
+                restarted = False
                 data = await self._segment(seg, msn, final)
                 pdt = seg.current_program_date_time
                 await self._hand(Segment(msn, data, bool(seg.discontinuity) or gap,
