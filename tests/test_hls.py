@@ -458,3 +458,74 @@ async def test_an_expired_variant_url_goes_back_to_the_master(r, redis_server, s
             want = first + sum(segs["frames"][x] for x in n[2:4])
             await until(lambda: runner.frames >= want, 15, what="frames through the fresh variant URL")
         assert origin.hits("/master.m3u8") >= 2 and origin.hits("/t2/v.m3u8") >= 1
+
+
+def _encrypted(segs: dict, key_of: list[int]) -> tuple[dict, list[str]]:
+    """Routes for segments s0.. each encrypted with key number key_of[i] (served at /k<n>), and playlist entries."""
+    from cryptography.hazmat.primitives import padding
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    keys = {k: bytes([k + 1]) * 16 for k in set(key_of)}
+    routes, entries = {f"/k{k}": (200, {}, v) for k, v in keys.items()}, []
+    for i, k in enumerate(key_of):
+        p = padding.PKCS7(128).padder()
+        enc = Cipher(algorithms.AES(keys[k]), modes.CBC(i.to_bytes(16, "big"))).encryptor()
+        routes[f"/e{i}.ts"] = ts(enc.update(p.update(segs["bytes"][segs["names"][i]]) + p.finalize()) + enc.finalize())
+        entries += [f'#EXT-X-KEY:METHOD=AES-128,URI="k{k}"', f"e{i}.ts"]
+    return routes, entries
+
+
+async def test_aes_keys_are_kept_least_recently_used(r, redis_server, segs):
+    """Five keys, then the first again: the follower keeps the last 4 keys used (the old code kept every key URI for
+    the connection's life), so the first is fetched again."""
+    assert len(segs["names"]) >= 6
+    routes, entries = _encrypted(segs, [0, 1, 2, 3, 4, 0])
+    with Canary(ALLOWED, routes) as origin:
+        origin.routes["/enc.m3u8"] = m3u(playlist(entries, endlist=True))
+        cfg = make_config(redis_server.url, [{"id": "keys", "url": origin.url("/enc.m3u8"), "fps": None}])
+        async with running(cfg) as d:
+            await until(lambda: d.streams.runners["keys"].state.value == "stopped", 30, what="the end")
+        assert [origin.hits(f"/k{k}") for k in range(5)] == [2, 1, 1, 1, 1]
+    assert len(await results(r, "keys")) == sum(segs["frames"][n] for n in segs["names"][:6])
+
+
+async def test_configured_headers_go_with_every_hls_fetch(r, redis_server, segs):
+    """ffmpeg_options user_agent / referer / headers are sent with the playlists (master and variant), the
+    segments and the keys (the old code sent none of them)."""
+    import http.server
+
+    routes, entries = _encrypted(segs, [0, 0])
+    routes["/v.m3u8"] = m3u(playlist(entries, endlist=True))
+    routes["/master.m3u8"] = m3u(b"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nv.m3u8\n")
+    seen: list[tuple[str, dict]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append((self.path, dict(self.headers)))
+            status, headers, body = routes.get(self.path, (404, {}, b""))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = http.server.ThreadingHTTPServer((ALLOWED, 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://{ALLOWED}:{srv.server_address[1]}/master.m3u8"
+        cfg = make_config(redis_server.url, [{"id": "hdr", "url": url, "fps": None, "ffmpeg_options": {
+            "user_agent": "streamd-test/1", "referer": "http://example.test/", "headers": "X-Token: abc\r\n"}}])
+        async with running(cfg) as d:
+            await until(lambda: d.streams.runners["hdr"].state.value == "stopped", 30, what="the end")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert {p for p, _ in seen} == {"/master.m3u8", "/v.m3u8", "/k0", "/e0.ts", "/e1.ts"}
+    for path, h in seen:
+        assert (h.get("User-Agent"), h.get("Referer"), h.get("X-Token")) == \
+            ("streamd-test/1", "http://example.test/", "abc"), path

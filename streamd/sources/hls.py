@@ -15,7 +15,10 @@ refuses.
 - Master playlists: the variant by bandwidth (`hls.variant`, `hls.max_bandwidth`); one that leads back to a
   playlist already on the way, or nests deeper than `hls.max_nesting`, fails with `playlist_loop`. A variant that
   answers an HTTP error (an expired token) sends the follower back to the master playlist.
-- AES-128 segments are decrypted (key through the policy; IV from the tag or the media sequence number).
+- AES-128 segments are decrypted (key through the policy; IV from the tag or the media sequence number); the last
+  _MAX_KEYS keys used are kept.
+- The stream's `ffmpeg_options` user_agent / referer / headers go with every fetch (the egress policy decides
+  which redirect hops they follow to).
 
 The fetching runs on the event loop, playlist parsing in a worker thread (and only when the playlist's bytes
 changed; one over `hls.max_playlist_entries` is refused before it is parsed); decoding runs in one thread per source, fed through a hand-off queue of at
@@ -30,6 +33,7 @@ import itertools
 import queue
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import av
@@ -46,6 +50,7 @@ from streamd.sampling import FpsSampler
 from streamd.sources import SourceRef
 from streamd.sources.base import EventFn
 from streamd.sources.hls_feed import END, Feed, Segment, aes128_decrypt
+from streamd.sources.httpio import http_headers
 from streamd.sources.plan import decode_threads, make_plan, mode_reporter
 
 log = get_logger("streamd.source.hls")
@@ -55,6 +60,7 @@ _MAX_BAD_SEGMENTS = 3  # undecodable segments in a row that end a connection (co
 # discontinuity sequence went down) restarted its numbering; within it, an older copy of the playlist (a lagging
 # CDN edge) is only deduplicated
 _REORDER_WINDOW = 3
+_MAX_KEYS = 4  # AES-128 keys kept per connection, the least recently used dropped (keys rotate on a live stream)
 
 
 _OPEN_OPTIONS = {"probesize": "32", "analyzeduration": "0"}  # no read-ahead probing: the codec comes with the data
@@ -114,7 +120,10 @@ class HlsSource:
         self._handoff: queue.Queue[Any] = queue.Queue(maxsize=2)
         self._progress_t = time.monotonic()
         self._waiting = False
-        self._keys: dict[str, bytes] = {}
+        self._keys: OrderedDict[str, bytes] = OrderedDict()  # key URI -> key, at most _MAX_KEYS
+        # the configured User-Agent / Referer / headers (ffmpeg_options) go with every fetch; the egress policy
+        # decides which redirect hops they may follow to
+        self._headers = http_headers(cfg.ffmpeg_options) or None
         self._parsed: dict[str, tuple[bytes, str, m3u8.M3U8]] = {}  # url -> (digest of its bytes, final url, parsed)
         self._maps: dict[str, bytes] = {}
         self._feed = Feed(self._handoff, self._stop)
@@ -176,7 +185,8 @@ class HlsSource:
         bytes did not change since its last load is not parsed again (a live playlist is reloaded every target
         duration, half of it while unchanged)."""
         h = self.cfg.hls
-        data, final = await self._egress.fetch(url, max_bytes=h.max_playlist_bytes, timeout_s=self.cfg.open_timeout_s)
+        data, final = await self._egress.fetch(url, max_bytes=h.max_playlist_bytes, timeout_s=self.cfg.open_timeout_s,
+                                               headers=self._headers)
         digest = hashlib.blake2b(data, digest_size=16).digest()  # ~1 ms for 2 MiB
         cached = self._parsed.get(url)
         if cached is not None and cached[0] == digest and cached[1] == final:
@@ -283,14 +293,14 @@ class HlsSource:
     async def _segment(self, seg: Any, msn: int, base: str) -> bytes:
         h = self.cfg.hls
         data, _ = await self._egress.fetch(seg.absolute_uri, max_bytes=h.max_segment_bytes,
-                                           timeout_s=h.segment_timeout_s)
+                                           timeout_s=h.segment_timeout_s, headers=self._headers)
         init = seg.init_section
         if init is not None and init.uri:
             uri = init.absolute_uri
             if uri not in self._maps:
                 self._maps.clear()
                 self._maps[uri], _ = await self._egress.fetch(uri, max_bytes=h.max_segment_bytes,
-                                                              timeout_s=h.segment_timeout_s)
+                                                              timeout_s=h.segment_timeout_s, headers=self._headers)
             data = self._maps[uri] + data if self._maps[uri] else data
             if init.byterange:
                 raise SourceError("EXT-X-MAP byte ranges are not supported", permanent=True,
@@ -309,10 +319,15 @@ class HlsSource:
         uri = key.absolute_uri
         secret = self._keys.get(uri)
         if secret is None:
-            secret, _ = await self._egress.fetch(uri, max_bytes=64, timeout_s=self.cfg.hls.segment_timeout_s)
+            secret, _ = await self._egress.fetch(uri, max_bytes=64, timeout_s=self.cfg.hls.segment_timeout_s,
+                                                 headers=self._headers)
             if len(secret) != 16:
                 raise SourceError(f"the AES-128 key is {len(secret)} bytes, not 16", code="invalid_playlist")
             self._keys[uri] = secret
+            while len(self._keys) > _MAX_KEYS:
+                self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(uri)
         return aes128_decrypt(data, secret, key.iv, msn)
 
     # -- decoding (thread) --------------------------------------------------------------------------------
