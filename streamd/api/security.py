@@ -7,7 +7,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from aiohttp import web
 
@@ -35,6 +35,13 @@ API_FFMPEG_OPTIONS: dict[str, tuple[re.Pattern[str], int | None, str]] = {
 # query parameters that turn a client into a server (tcp/rtmp `listen`, SRT listener and rendezvous modes)
 SERVER_QUERY = re.compile(r"(?:^|[?&;])(?:listen(?:=|&|;|$)|listen_timeout=|mode=(?:listener|server|rendezvous))",
                            re.IGNORECASE)
+
+
+def server_query(url: str) -> bool:
+    """Whether the URL's query asks for a server mode, read as FFmpeg reads it: from the first '?' (even after a
+    '#'), option names and values URL-decoded (`%6Cisten=1` is `listen=1`)."""
+    query = url.split("?", 1)[1] if "?" in url else ""
+    return any(SERVER_QUERY.search(q) for q in (query, unquote(query), unquote_plus(query)))
 
 
 def check_ffmpeg_options(options: dict[str, str]) -> None:
@@ -198,7 +205,10 @@ async def check_stream_url(url: str, cfg: ApiConfig, egress: EgressConfig | None
         check_ffmpeg_options(ffmpeg_options)
     if ref.kind == "redis":
         check_redis_key(ref.key or "", cfg)
-    if SERVER_QUERY.search(urlsplit(url).query):
+    if ref.kind not in ("redis", "hls") and "#" in url:  # FFmpeg reads no fragment: a '#' only hides a query
+        raise ApiError(422, "invalid_url", "a URL opened by FFmpeg may not have a fragment ('#')",
+                       {"path": "url", "reason": "a fragment"})
+    if server_query(url):
         raise ApiError(422, "server_mode_not_allowed", "the URL asks FFmpeg to listen (a server mode): not from "
                        "the API", {"path": "url"})
     if ref.url:
