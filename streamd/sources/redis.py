@@ -10,6 +10,9 @@ hash tag (``frames:{cam1}``: ``frames:{cam1}:dead`` is in its slot); otherwise t
 the entry acknowledged after (at least once: a failure between the two leaves it pending, and a later delivery
 may write a second dead letter for it).
 The only blocking call is XREADGROUP (bounded by `block_ms`); image decoding runs in a worker thread.
+On another server than the daemon's own, every connection (each reconnect too) resolves the host through the
+stream's egress policy and connects to the checked address (streamd.redis_clients.PolicedConnection); a refusal
+ends the connection attempt with the policy's EgressError (`egress_refused`), like any other source's.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from streamd.errors import FrameDecodeError, ImageTooLarge, SourceError
 from streamd.frames import Frame, InputRef
 from streamd.keys import dead_letter_key, same_slot
 from streamd.log import get_logger, redact_text
-from streamd.redis_clients import is_cluster
+from streamd.redis_clients import egress_error, is_cluster
 from streamd.sampling import FpsSampler
 from streamd.sources.base import EventFn, Settlement
 
@@ -217,6 +220,9 @@ class RedisFrameSource:
                 if not self._pending:
                     await self._fill()
             except RedisError as e:
+                refused = egress_error(e)  # the server's address refused at connect time: the policy's reason
+                if refused is not None:
+                    raise refused from None
                 raise SourceError(f"redis: {redact_text(str(e)) or type(e).__name__}") from None
             while self._pending:
                 entry_id, fields, deliveries = self._pending.pop(0)

@@ -58,7 +58,7 @@ class StreamRunner:
         cfg: StreamConfig,
         metrics: Metrics,
         on_event: EventFn,
-        redis_client: Callable[[str], aioredis.Redis],
+        redis_client: Callable[[str, StreamEgress], aioredis.Redis],
         consumer: str,
         drop_event_interval_s: float = 1.0,
         doorbell: Doorbell | None = None,
@@ -277,7 +277,7 @@ class StreamRunner:
         if self.ref.kind == "redis":
             from streamd.sources.redis import RedisFrameSource
 
-            src = RedisFrameSource(self.cfg, self._redis_client(self.ref.url), self.ref.key or "", self.sampler,
+            src = RedisFrameSource(self.cfg, self._redis_client(self.ref.url, self.egress), self.ref.key or "", self.sampler,
                                    self._seq, self.consumer, self.inflight, self.event)
             self._redis_source = src
             return src
