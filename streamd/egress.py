@@ -197,15 +197,20 @@ class StreamEgress:
 
     async def pin_url(self, url: str) -> str:
         """The URL with its host replaced by its checked address, for FFmpeg (which would resolve it again)."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:  # never quote urllib's message: it holds the "port", a piece of a malformed password
+            raise EgressError(f"{redact_url(url)} is not a valid URL (a port that is not a number?)",
+                              "invalid_reference", permanent=True) from None
         host = parts.hostname or ""
-        addrs = await self.resolve(host, parts.port or 0)
+        addrs = await self.resolve(host, port or 0)
         ip = addrs[0]
         if _ip(host) is not None:
             return url
         shown = f"[{ip}]" if ip.version == 6 else str(ip)
         netloc = parts.netloc.rsplit("@", 1)
-        hostport = shown + (f":{parts.port}" if parts.port else "")
+        hostport = shown + (f":{port}" if port else "")
         netloc_new = f"{netloc[0]}@{hostport}" if len(netloc) == 2 else hostport
         return urlunsplit((parts.scheme, netloc_new, parts.path, parts.query, parts.fragment))
 
@@ -226,7 +231,12 @@ class StreamEgress:
         hops = 0
         origin = _origin(url)
         while True:
-            parts = urlsplit(url)
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 - raises ValueError (quoting a piece of a malformed password)
+            except ValueError:
+                raise EgressError(f"{redact_url(url)} is not a valid URL (a port that is not a number?)",
+                                  "invalid_reference", permanent=True) from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise EgressError(f"egress policy refused {redact_url(url)}: only http(s) URLs may be fetched",
                                   permanent=False)

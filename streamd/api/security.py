@@ -15,7 +15,7 @@ from streamd.api.errors import ApiError
 from streamd.config import ApiConfig, EgressConfig
 from streamd.egress import EgressError, EgressRules, StreamEgress
 from streamd.errors import SourceError
-from streamd.sources import parse_reference
+from streamd.sources import authority_problem, parse_reference
 
 SCOPE_RANK = {"read": 0, "operate": 1, "admin": 2}
 _INT = r"[0-9]{1,12}"
@@ -168,6 +168,9 @@ class AuthFailures:
 def check_authority(url: str) -> None:
     """A host name DNS can carry (no label over 63 characters, no empty label as in `a..b`, no control character
     or space) and a port that is a number up to 65535. Raises ApiError(422) `invalid_url`."""
+    problem = authority_problem(url)
+    if problem:  # a port that is not a number: never quoted (a piece of a password holding '#', '?' or '/')
+        raise ApiError(422, "invalid_url", problem, {"path": "url", "reason": problem})
     parts = urlsplit(url)
     host = parts.hostname or ""
     try:
@@ -187,6 +190,8 @@ async def check_stream_url(url: str, cfg: ApiConfig, egress: EgressConfig | None
     run-time egress policy itself (streamd/egress.py), applied at admission so the client gets a 422 instead of a
     stream that fails: only the operator's `egress.allow` opens a non-global address, whatever the token. FFmpeg
     options, when given, are checked after the scheme."""
+    if "://" in url and authority_problem(url):
+        check_authority(url)  # 422 invalid_url
     try:
         ref = parse_reference(url)
     except SourceError as e:

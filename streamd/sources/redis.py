@@ -10,6 +10,12 @@ hash tag (``frames:{cam1}``: ``frames:{cam1}:dead`` is in its slot); otherwise t
 the entry acknowledged after (at least once: a failure between the two leaves it pending, and a later delivery
 may write a second dead letter for it).
 The only blocking call is XREADGROUP (bounded by `block_ms`); image decoding runs in a worker thread.
+On another server than the daemon's own, every connection (each reconnect too) resolves the host through the
+stream's egress policy and connects to the checked address (streamd.redis_clients.PolicedConnection); a refusal
+ends the connection attempt with the policy's EgressError (`egress_refused`), like any other source's.
+Entries are acknowledged on the server they came from: on the daemon's own Redis in the MULTI/EXEC of their results
+(the sink); on another server by the sink after their results were written (`InputRef.server`, at least once), and
+entries skipped or dead-lettered here on this source's own client.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from streamd.errors import FrameDecodeError, ImageTooLarge, SourceError
 from streamd.frames import Frame, InputRef
 from streamd.keys import dead_letter_key, same_slot
 from streamd.log import get_logger, redact_text
-from streamd.redis_clients import is_cluster
+from streamd.redis_clients import egress_error, is_cluster, is_other_server
 from streamd.sampling import FpsSampler
 from streamd.sources.base import EventFn, Settlement
 
@@ -188,6 +194,7 @@ class RedisFrameSource:
         self.cfg = cfg
         self.icfg: RedisInputConfig = cfg.redis_input
         self.r = client
+        self._server = client if is_other_server(client) else None  # its entries are acknowledged on it (the sink)
         self.key = key
         self.sampler = sampler
         self._seq = seq
@@ -217,6 +224,9 @@ class RedisFrameSource:
                 if not self._pending:
                     await self._fill()
             except RedisError as e:
+                refused = egress_error(e)  # the server's address refused at connect time: the policy's reason
+                if refused is not None:
+                    raise refused from None
                 raise SourceError(f"redis: {redact_text(str(e)) or type(e).__name__}") from None
             while self._pending:
                 entry_id, fields, deliveries = self._pending.pop(0)
@@ -323,7 +333,7 @@ class RedisFrameSource:
             pts_s=pts,
             capture_ts=ts,
             image=image,
-            ref=InputRef(self.key, self.icfg.group, eid, deliveries, handle=self._inflight),
+            ref=InputRef(self.key, self.icfg.group, eid, deliveries, handle=self._inflight, server=self._server),
             discontinuity=decision.discontinuity,
             meta=meta or None,
         )

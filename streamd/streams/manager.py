@@ -51,7 +51,7 @@ def _reads_elsewhere(old: StreamRunner, s: StreamConfig) -> bool:
 
 class StreamManager(StreamInfo):
     def __init__(self, cfg: Config, metrics: Metrics, redis: aioredis.Redis, sink: Any, doorbell: Doorbell,
-                 client: Callable[[str], aioredis.Redis], consumer: str, started: asyncio.Event):
+                 client: Callable[..., aioredis.Redis], consumer: str, started: asyncio.Event):
         self.cfg = cfg
         self.metrics = metrics
         self.redis = redis  # the API's client (the stored streams; /health's PING)
