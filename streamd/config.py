@@ -166,9 +166,11 @@ class HlsConfig(Strict):
     variant: Literal["lowest", "highest"] = Field("highest", description="master playlists: the variant by "
                                                   "bandwidth (within max_bandwidth)")
     max_bandwidth: int | None = Field(None, ge=1, description="master playlists: the highest bandwidth to pick")
-    max_playlist_bytes: int = Field(4 << 20, ge=1024, description="a playlist larger than this fails the stream")
+    max_playlist_bytes: int = Field(2 << 20, ge=1024, description="a playlist larger than this fails the stream "
+                                    "(10,000 entries of 200-byte URIs fit)")
     max_playlist_entries: int = Field(10_000, ge=1, description="segments a playlist may list")
-    max_segment_bytes: int = Field(256 << 20, ge=1024, description="a segment larger than this fails the stream")
+    max_segment_bytes: int = Field(64 << 20, ge=1024, description="a segment larger than this fails the stream "
+                                   "(held whole in memory: up to 4 per stream at once)")
     segment_timeout_s: float = Field(30.0, gt=0, le=3600, description="time to fetch one segment")
     max_nesting: int = Field(3, ge=1, le=10, description="master -> variant playlist hops")
 

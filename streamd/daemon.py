@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from streamd.batching import FRAME_BUSY_RATE, FRAME_TICK_S, Doorbell
 from streamd.config import Config
+from streamd.egress import EgressRules, StreamEgress
 from streamd.frame_store import FrameLimits, FrameStore
 from streamd.jobs.manager import JobManager
 from streamd.log import get_logger
@@ -47,7 +48,7 @@ class Daemon:
         self.embedded: ManagedRedis | None = None
         self.redis_url: str = cfg.redis.url or ""
         self.redis: aioredis.Redis | None = None  # the API's, the prompt store's, the stored streams'
-        self._clients: dict[str, aioredis.Redis] = {}  # Redis inputs by server URL
+        self._clients: dict[Any, aioredis.Redis] = {}  # Redis inputs: by URL, by (URL, policy) on other servers
         self._role_clients: list[aioredis.Redis] = []
         self.sink: RedisSink | None = None
         self.frames: FrameStore | None = None  # recent frames per stream (snapshots)
@@ -117,13 +118,22 @@ class Daemon:
         self._role_clients.append(c)
         return c
 
-    def _client(self, url: str) -> aioredis.Redis:
-        """The client Redis inputs on the server at `url` share (the daemon's own Redis when `url` is empty; another
-        server is a single Redis)."""
+    def _client(self, url: str, egress: StreamEgress | None = None) -> aioredis.Redis:
+        """The client Redis inputs on the server at `url` share (the daemon's own Redis when `url` is empty or is
+        `redis.url`: the operator's, not subject to the stream egress policy; another server is a single Redis).
+        Another server's connections go through the stream's egress policy on every (re)connect (`egress`, or the
+        configured policy with no trusted host): inputs with the same policy (rules, trusted host) share a client."""
         url = url or self.redis_url
-        c = self._clients.get(url)
+        key: Any = url
+        if url != self.redis_url:
+            if egress is None:
+                egress = StreamEgress(EgressRules.from_config(self.cfg.egress), "redis")
+            key = (url, egress.rules, egress.trusted_host)
+        c = self._clients.get(key)
         if c is None:
-            c = self._clients[url] = redis_client(url)
+            policy = None if url == self.redis_url or egress is None else \
+                StreamEgress(egress.rules, "redis-input", egress.trusted_host)
+            c = self._clients[key] = redis_client(url, egress=policy)
             self._role_clients.append(c)
         return c
 

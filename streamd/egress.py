@@ -50,6 +50,8 @@ _SPECIAL: list[tuple[str, str]] = [
 ]
 _SPECIAL_NETS = sorted(((ipaddress.ip_network(n), c) for n, c in _SPECIAL), key=lambda x: -x[0].prefixlen)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPAT = ipaddress.ip_network("::/96")  # IPv4-compatible (deprecated, RFC 4291): ::a.b.c.d
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # IPv4-translated (RFC 2765): ::ffff:0:a.b.c.d
 
 
 def address_class(ip: IPAddress) -> str | None:
@@ -57,8 +59,12 @@ def address_class(ip: IPAddress) -> str | None:
     if isinstance(ip, ipaddress.IPv6Address):
         embedded = ip.ipv4_mapped
         kind = "ipv4-mapped"
-        if embedded is None and ip in _NAT64:
-            embedded, kind = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF), "nat64"
+        if embedded is None:
+            for net, name in ((_NAT64, "nat64"), (_IPV4_TRANSLATED, "ipv4-translated"),
+                              (_IPV4_COMPAT, "ipv4-compatible")):
+                if ip in net and int(ip) > 1:  # :: and ::1 are themselves (unspecified, loopback)
+                    embedded, kind = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF), name
+                    break
         if embedded is not None:
             inner = address_class(embedded)
             return f"{kind} {inner}" if inner else None
@@ -191,15 +197,20 @@ class StreamEgress:
 
     async def pin_url(self, url: str) -> str:
         """The URL with its host replaced by its checked address, for FFmpeg (which would resolve it again)."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:  # never quote urllib's message: it holds the "port", a piece of a malformed password
+            raise EgressError(f"{redact_url(url)} is not a valid URL (a port that is not a number?)",
+                              "invalid_reference", permanent=True) from None
         host = parts.hostname or ""
-        addrs = await self.resolve(host, parts.port or 0)
+        addrs = await self.resolve(host, port or 0)
         ip = addrs[0]
         if _ip(host) is not None:
             return url
         shown = f"[{ip}]" if ip.version == 6 else str(ip)
         netloc = parts.netloc.rsplit("@", 1)
-        hostport = shown + (f":{parts.port}" if parts.port else "")
+        hostport = shown + (f":{port}" if port else "")
         netloc_new = f"{netloc[0]}@{hostport}" if len(netloc) == 2 else hostport
         return urlunsplit((parts.scheme, netloc_new, parts.path, parts.query, parts.fragment))
 
@@ -218,8 +229,14 @@ class StreamEgress:
         """GET `url`, following at most `max_redirects` redirects, each hop checked before it connects. Returns
         the final response (2xx) for the caller to read and release; raises EgressError otherwise."""
         hops = 0
+        origin = _origin(url)
         while True:
-            parts = urlsplit(url)
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 - raises ValueError (quoting a piece of a malformed password)
+            except ValueError:
+                raise EgressError(f"{redact_url(url)} is not a valid URL (a port that is not a number?)",
+                                  "invalid_reference", permanent=True) from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise EgressError(f"egress policy refused {redact_url(url)}: only http(s) URLs may be fetched",
                                   permanent=False)
@@ -228,9 +245,13 @@ class StreamEgress:
                 self.check_ip(ip, parts.hostname)
             self.take_request(url)
             try:
-                resp = await self.session.get(url, headers=headers, allow_redirects=False,
-                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s,
-                                                                            sock_read=timeout_s))
+                # the response headers within timeout_s in all: sock_read alone restarts at every byte, so an origin
+                # that trickles its headers would hold the open for as long as it likes
+                async with asyncio.timeout(timeout_s):
+                    resp = await self.session.get(url, headers=_hop_headers(headers, origin, url),
+                                                  allow_redirects=False,
+                                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s,
+                                                                                sock_read=timeout_s))
             except EgressError:
                 raise
             except aiohttp.ClientConnectorError as e:
@@ -263,8 +284,8 @@ class StreamEgress:
 
     async def fetch(self, url: str, *, max_bytes: int, timeout_s: float, headers: dict[str, str] | None = None) \
             -> tuple[bytes, str]:
-        """The whole body of `url` (at most `max_bytes`, within `timeout_s` in all) and the final URL after
-        redirects (relative references in a playlist resolve against it)."""
+        """The whole body of `url` (at most `max_bytes`, within `timeout_s` in all; a bytearray, never copied) and
+        the final URL after redirects (relative references in a playlist resolve against it)."""
         try:
             async with asyncio.timeout(timeout_s):
                 resp = await self.request(url, timeout_s=timeout_s, headers=headers)
@@ -273,12 +294,23 @@ class StreamEgress:
                     if length is not None and length > max_bytes:
                         raise EgressError(f"{redact_url(url)} is {length} bytes, over the {max_bytes} limit",
                                           "too_large")
-                    buf = bytearray()
+                    # read into one buffer, returned as it is (a bytearray, a bytes-like object): never copied, so
+                    # a body's peak is its size (a bytearray then bytes() held it twice). Its size is known up front
+                    # when the origin says it (Content-Length): allocated once.
+                    data = bytearray(length) if length is not None else bytearray()
+                    size = 0
                     async for chunk in resp.content.iter_chunked(65536):
-                        buf += chunk
-                        if len(buf) > max_bytes:
+                        end = size + len(chunk)
+                        if end > max_bytes:
                             raise EgressError(f"{redact_url(url)} is over the {max_bytes}-byte limit", "too_large")
-                    return bytes(buf), str(resp.url)
+                        if end <= len(data):
+                            data[size:end] = chunk
+                        else:
+                            del data[size:]
+                            data += chunk
+                        size = end
+                    del data[size:]  # a body shorter than its Content-Length (aiohttp raises; kept exact anyway)
+                    return data, str(resp.url)
                 finally:
                     resp.release()
         except TimeoutError:
@@ -291,6 +323,33 @@ class StreamEgress:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+# credentials an operator configures (ffmpeg_options.headers, user_agent/referer are not secrets) go to the URL's own
+# origin only: never to another scheme, host or port a redirect names, never over a downgrade to plain http
+_PUBLIC_HEADERS = frozenset({"user-agent", "referer", "range", "if-range", "accept", "accept-encoding"})
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    p = urlsplit(url)
+    scheme = p.scheme.lower()
+    try:
+        port = p.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        port = None
+    return scheme, (p.hostname or "").lower(), port
+
+
+def _hop_headers(headers: dict[str, str] | None, origin: tuple[str, str, int | None], url: str) \
+        -> dict[str, str]:
+    """The headers sent to one hop: all of them to the first URL's origin, else only the non-credential ones."""
+    out = {"Accept-Encoding": "identity"}  # bodies are read as they are (no decompression): never ask for gzip
+    if headers:
+        if _origin(url) == origin:
+            out.update(headers)
+        else:
+            out.update({k: v for k, v in headers.items() if k.lower() in _PUBLIC_HEADERS})
+    return out
 
 
 class _PolicyResolver(AbstractResolver):

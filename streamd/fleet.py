@@ -69,6 +69,14 @@ _RELEASE = ("if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('SET', KEY
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
 
 
+class StandingAside(StreamdError):
+    """A change of a stream through the API of a daemon standing aside (another running daemon has its
+    fleet.member_id): refused, since this daemon takes no part in the fleet (its DELETE would stop nothing)."""
+
+    def __init__(self, why: str):
+        super().__init__(f"this daemon changes no stream: {why}")
+
+
 class ConfigStreamInFleet(StreamdError):
     """DELETE through the API of a stream of the config file in fleet mode while other live daemons' config files
     name it too: they would take it over at once, so it is refused (the config files are what to edit)."""
@@ -151,6 +159,10 @@ class Fleet:
         # (it still reads the members' records: GET /api/v1/cluster and GET /api/v1/streams/{id} show the fleet)
         self._ticking = asyncio.Lock()  # one tick at a time; leave() waits for the one under way
         self._placing = 0  # place() calls under way (an API request's stream placed at once): leave() waits for them
+        # leases being taken (place(), the tick's _place): each holds a place under `capacity` from before its
+        # first await until its lease is in `leases` (or not taken), so placements at once never take more streams
+        # than fleet.max_streams between them
+        self._taking = 0
         self._placed = asyncio.Event()
         self._placed.set()
 
@@ -235,18 +247,28 @@ class Fleet:
         a renew interval. Unlike a tick, this neither waits for a tick under way (which may be starting or stopping
         streams for seconds, or waiting for a slow Redis) nor holds one up: a tick taking the same lease at the
         same time is settled by Redis (SET NX: one of them gets it), and a lease taken for a stream deleted or
-        changed meanwhile is given back before it starts (FleetStreams._acquired). leave() waits for it."""
+        changed meanwhile is given back before it starts (FleetStreams._acquired). leave() waits for it. Placements at
+        once (this, the tick's) count each other's leases being taken (`_taking`): together they never take more
+        than fleet.max_streams."""
         if self.leaving or self.duplicate is not None or sid not in self.wanted or sid in self.leases \
                 or sid in self.done:
             return
         self._placing += 1  # no await since `leaving` was read: a leave() that begins later waits for this
         self._placed.clear()
         try:
-            if len(self.leases) >= self.capacity or self.overloaded:
+            if not self._room():
                 return
             weights = self._weights() or {self.member_id: self.capacity}
-            if preferred(sid, self._candidates(sid, weights)) == self.member_id and await self.owner(sid) is None:
-                await self._acquire(sid)
+            if preferred(sid, self._candidates(sid, weights)) != self.member_id:
+                return
+            self._taking += 1  # before the first await: a placement at once sees this one's place taken
+            reserved = [True]
+            try:
+                if await self.owner(sid) is None:
+                    await self._acquire(sid, reserved)
+            finally:
+                if reserved[0]:
+                    self._taking -= 1
         finally:
             self._placing -= 1
             if not self._placing:
@@ -398,11 +420,11 @@ class Fleet:
         return {m: float(rec.get("capacity") or 1.0) for m, rec in self.members.items()
                 if m == self.member_id or now - float(rec.get("heartbeat") or 0) <= stale}
 
-    def wanted_elsewhere(self, sid: str) -> list[str]:
+    def wanted_elsewhere(self, sid: str, named: bool = False) -> list[str]:
         """The other live members that want `sid` (their config files name it; a member that does not say which
-        streams it wants counts as wanting it)."""
+        streams it wants counts as wanting it, unless `named`: only the members whose record names it)."""
         return sorted(m for m in self._weights() if m != self.member_id
-                      and ((wants := self._wants.get(m)) is None or sid in wants))
+                      and ((wants := self._wants.get(m)) is None and not named or wants is not None and sid in wants))
 
     def _candidates(self, sid: str, weights: dict[str, float]) -> dict[str, float]:
         """The members among `weights` that want `sid` (a stream in one daemon's config file only is never placed
@@ -411,13 +433,16 @@ class Fleet:
                 if (sid in self.wanted if m == self.member_id
                     else sid in self.shared or (wants := self._wants.get(m)) is None or sid in wants)}
 
+    def _room(self) -> bool:
+        """Whether this daemon may take one more lease now (the leases being taken count as taken)."""
+        return len(self.leases) + self._taking < self.capacity and not self.overloaded
+
     async def _place(self) -> None:
         weights = self._weights() or {self.member_id: self.capacity}
         now = time.monotonic()
         unowned = sorted(self.wanted - set(self.leases) - set(self.done))
-        room = len(self.leases) < self.capacity and not self.overloaded
-        for sid, owner in zip(unowned, await self.owners(unowned) if room else []):
-            if len(self.leases) >= self.capacity or self.overloaded:
+        for sid, owner in zip(unowned, await self.owners(unowned) if self._room() else []):
+            if not self._room():
                 break
             if owner is not None:
                 self._free_since.pop(sid, None)
@@ -425,21 +450,36 @@ class Fleet:
             since = self._free_since.setdefault(sid, now)
             mine = preferred(sid, self._candidates(sid, weights)) == self.member_id
             if mine or now - since >= self.cfg.lease_ttl_s:
-                await self._acquire(sid)
+                self._taking += 1  # no await since _room(): a place() at once sees this place taken
+                reserved = [True]
+                try:
+                    await self._acquire(sid, reserved)
+                finally:
+                    if reserved[0]:
+                        self._taking -= 1
         await self._rebalance(weights, now)
 
-    async def _acquire(self, sid: str) -> None:
-        if self.leaving:
+    async def _acquire(self, sid: str, reserved: list[bool] | None = None) -> None:
+        """Take the stream's lease if it is free. `reserved`: the caller counted it in `_taking` ([True]); it is
+        set to [False] once the lease is in `leases` (the place is no longer counted twice)."""
+        if self.leaving or self.duplicate is not None:
             return
         token = f"{self.member_id}|{secrets.token_hex(8)}"
         previous = await self.r.get(lease_last_key(sid))
         if not await self.r.set(lease_key(sid), token, nx=True, px=self.ttl_ms):
             return
-        if self.leaving:  # leave() began while this was on its way: given back at once, nothing starts
+        if self.leaving or self.duplicate is not None:  # leave() began, or this daemon found it has to stand aside,
+            # while this was on its way: given back at once, nothing starts (the lease would be nobody's to renew)
             await self.r.eval(_RELEASE, 2, lease_key(sid), lease_last_key(sid), token, f"{self.member_id}|released")
             return
         await self.r.set(lease_last_key(sid), token)  # the lease's token: its member, and which lease it was
+        if self.leaving or self.duplicate is not None:  # the same, found while lease:last was written
+            await self.r.eval(_RELEASE, 2, lease_key(sid), lease_last_key(sid), token, f"{self.member_id}|released")
+            return
         lease = self.leases[sid] = Lease(sid, token)
+        if reserved is not None and reserved[0]:
+            reserved[0] = False
+            self._taking -= 1
         self._free_since.pop(sid, None)
         prev = previous.decode().split("|", 1)[0] if previous else None
         if prev is not None and prev != self.member_id:

@@ -8,42 +8,178 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus
 
 import structlog
 
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pwd|token|access_token|api_key|apikey|key|secret|sig|signature|auth)=)[^&#\s]*")
+_MARK = "***"
+_SCHEME_SEP = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+# parameter names whose values are credentials: any name containing one of these (case and '-'/'_' ignored) ...
+_SECRET_PARTS = ("pass", "pwd", "secret", "token", "key", "sig", "auth", "cred", "jwt", "sess", "hdnt", "hdnea",
+                 "hmac", "hash", "policy", "login", "user", "usr", "account", "cookie", "ticket", "bearer", "otp",
+                 "xamz", "xgoog", "xms", "xoss", "private", "cert", "nonce", "code")
+# ... or exactly one of these
+_SECRET_NAMES = frozenset({"pw", "pin", "sid", "pk", "sk", "t", "k", "s", "p", "u", "h"})
+_HARMLESS_NAMES = frozenset({"codec", "vcodec", "acodec", "keyint", "keyframe", "keyframes"})
+# a parameter value shown as is: short and plain (ids, numbers, flags); anything longer may be a bearer token
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.,:+\-]{0,20}")
+# a bare item (no '='; a Redis reference's key after '#': "frames:camera-north-entrance"): words between separators,
+# none of them long enough to be a token
+_PLAIN_KEY = re.compile(r"(?:[A-Za-z0-9]{1,20}[_.:+\-]){1,16}[A-Za-z0-9]{0,20}")
+
+
+def _secret_name(name: str) -> bool:
+    n = re.sub(r"[^0-9a-z]", "", unquote_plus(name).casefold())
+    if n in _HARMLESS_NAMES:
+        return False
+    return n in _SECRET_NAMES or any(p in n for p in _SECRET_PARTS)
+
+
+def _redact_params(text: str, seps: str, found: list[str] | None = None) -> str:
+    """`name=value` items separated by any of `seps`: the value of a secret-looking name, or a value that does not
+    look plain, becomes the marker; a bare item (no '=') that does not look plain too."""
+    out = []
+    for item in re.split(f"([{re.escape(seps)}])", text):
+        if len(item) == 1 and item in seps:
+            out.append(item)
+        elif "=" in item:
+            name, value = item.split("=", 1)
+            plain = _PLAIN_VALUE.fullmatch(unquote_plus(value)) is not None
+            secret = bool(value) and (_secret_name(name) or not plain)
+            out.append(f"{name}={_MARK}" if secret else item)
+            if secret and found is not None:
+                found.append(value)
+        elif _PLAIN_VALUE.fullmatch(unquote_plus(item)) or _PLAIN_KEY.fullmatch(unquote_plus(item)):
+            out.append(item)
+        else:
+            out.append(_MARK)
+            if found is not None:
+                found.append(item)
+    return "".join(out)
 
 
 def redact_url(url: str) -> str:
-    """Strip credentials from a URL (user:pass@, and secret-looking query parameters)."""
-    if not url:
+    """`url` with its credentials replaced by ``***``: the user information (``user:pass@``) and the values of
+    secret-looking parameters (query, fragment, ``;`` path parameters). Scheme, host, port and path stay.
+
+    The user information is everything from ``//`` to the LAST ``@`` of the URL: a password with an unencoded
+    ``#``, ``?``, ``/`` or ``@`` (``rtsp://admin:hunter#2@host/cam``) ends a standard parser's authority early and
+    would be shown; the last ``@`` is at or after the real end of the user information whatever the password holds,
+    so nothing of it is ever shown (an ``@`` in a path or query only hides more than needed). Never raises."""
+    if not isinstance(url, str) or not url:
         return url
-    try:
-        parts = urlsplit(url)
-        if parts.username is not None or parts.password is not None:
-            host = parts.hostname or ""
-            if parts.port:
-                host = f"{host}:{parts.port}"
-            url = urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
-    except ValueError:
-        url = _USERINFO.sub(r"\g<scheme>***@", url)
-    return _SECRET_QUERY.sub(r"\1***", url)
+    return _redact(url, None)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credentials `redact_url` hides in `url` (the user information, its user name and password and their
+    pieces between delimiters, secret parameter values; raw and percent-decoded), longest first, none under 4
+    characters (nor numbers under 6 digits): `scrub` takes them out of any text (an error message quoting a piece
+    of a malformed URL)."""
+    if not isinstance(url, str) or not url:
+        return []
+    found: list[str] = []
+    _redact(url, found)
+    out: set[str] = set()
+    for f in found:
+        for piece in [f, *f.split(":", 1), *re.split(r"[:#?/@;&=]", f)]:
+            for p in (piece, unquote_plus(piece)):
+                if len(p) >= 4 and not (p.isdigit() and len(p) < 6):  # not every "2026" of a message
+                    out.add(p)
+    return sorted(out, key=len, reverse=True)
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """`text` with every occurrence of each of `secrets` (url_secrets) replaced by the marker."""
+    if not isinstance(text, str):
+        return text
+    for s in secrets:
+        if s in text:
+            text = text.replace(s, _MARK)
+    return text
+
+
+def _redact(url: str, found: list[str] | None) -> str:
+    m = _SCHEME_SEP.match(url)
+    if m:
+        head, rest = url[:m.end()], url[m.end():]
+        at = rest.rfind("@")
+        if at >= 0 and not rest.startswith(("/", "?", "#")):  # an empty authority holds no user information
+            if found is not None:
+                found.append(rest[:at])
+            head, rest = head + _MARK + "@", rest[at + 1:]
+    else:  # no '//': only a leading "user:pass@host" (never a file path: "/clips/cam@2x.mp4")
+        head, rest = "", url
+        at = url.rfind("@")
+        if at > 0 and ":" in url[:at] and not url.startswith(("/", ".", "~")) and not re.match(r"[A-Za-z]:[\\/]", url):
+            if found is not None:
+                found.append(url[:at])
+            head, rest = _MARK + "@", url[at + 1:]
+    # the rest: authority (host, port), then path, ?query, #fragment
+    cut = len(rest)
+    for c in "/?#":
+        i = rest.find(c)
+        if 0 <= i < cut:
+            cut = i
+    authority, tail = rest[:cut], rest[cut:]
+    frag = ""
+    if "#" in tail:
+        tail, frag = tail.split("#", 1)
+        frag = "#" + _redact_params(frag, "&;", found)
+    query = ""
+    if "?" in tail:
+        tail, query = tail.split("?", 1)
+        query = "?" + _redact_params(query, "&;", found)
+    segments = [seg.split(";", 1) for seg in tail.split("/")]
+    path = "/".join(s[0] if len(s) == 1 else s[0] + ";" + _redact_params(s[1], ";", found) for s in segments)
+    return head + authority + path + query + frag
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://\S*")
+# user information holding spaces ("rtsp://admin:my pass@host"): up to the last '@' of the line (128 characters);
+# not after a port ("http://host:8080/x failed, ask admin@corp")
+_SPACED_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^\s/@:]*:(?!\d+(?:[/\s?#]|$))[^\n@]{0,128}@")
+_SECRET_ASSIGN = re.compile(
+    r"(?i)(?P<name>\b[\w-]*(?:password|passwd|passphrase|pass|pwd|secret|token|signature|credential|jwt|api_?key"
+    r"|authorization|auth)\s*[=:]\s*)(?P<q>['\"]?)(?:(?:Bearer|Basic|Digest|Token)\s+)?(?P<value>[^\s&;,'\"]+)")
 
 
 def redact_text(text: str) -> str:
-    """Redact every URL-looking credential inside free text (error messages quote URLs)."""
-    text = _USERINFO.sub(r"\g<scheme>***@", text)
-    return _SECRET_QUERY.sub(r"\1***", text)
+    """Redact every credential in free text (an error message, a traceback): URLs (as `redact_url`) and
+    ``password=...`` / ``token: ...`` assignments."""
+    if not isinstance(text, str) or not text:
+        return text
+    text = _SPACED_USERINFO.sub(lambda m: m.group("scheme") + _MARK + "@", text)
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    return _SECRET_ASSIGN.sub(lambda m: m.group("name") + m.group("q") + _MARK, text)
+
+
+_SECRET_KEY = re.compile(r"(?i)pass(?:word|wd|phrase)?$|pwd|secret|token|credential|api_?key|authoriz|cookie|jwt"
+                         r"|signature")
+
+
+def _redact_value(v: Any, depth: int = 0) -> Any:
+    if isinstance(v, str):
+        return redact_text(v)
+    if isinstance(v, BaseException):
+        return redact_text(f"{type(v).__name__}: {v}")
+    if depth >= 4:
+        return v
+    if isinstance(v, dict):
+        return {k: (_MARK if isinstance(k, str) and _SECRET_KEY.search(k) and isinstance(x, str) and x
+                    else _redact_value(x, depth + 1)) for k, x in v.items()}
+    if type(v) in (list, tuple, set, frozenset):
+        return type(v)(_redact_value(x, depth + 1) for x in v)
+    return v
 
 
 def _redact_processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-    for k, v in event.items():
-        if isinstance(v, str) and ("://" in v or "=" in v):
-            event[k] = redact_text(v)
-        elif isinstance(v, BaseException):
-            event[k] = redact_text(str(v))
+    """The last step before rendering: every string (the event, values, the formatted traceback) redacted; the
+    traceback was formatted without local variables (format_exc_info), so none of them is ever printed."""
+    for k, v in list(event.items()):
+        if k in ("exc_info", "stack_info"):
+            continue
+        event[k] = _redact_value(v)
     return event
 
 
@@ -73,14 +209,18 @@ def setup_logging(level: str = "info", fmt: str = "console") -> None:
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(),
+                                                exception_formatter=structlog.dev.plain_traceback)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            # tracebacks as plain text, never with local variables (rich's show_locals printed a stream's URL,
+            # password and all), and redacted like everything else
+            structlog.processors.format_exc_info,
             _redact_processor,
-            structlog.processors.format_exc_info if fmt == "json" else structlog.processors.StackInfoRenderer(),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),

@@ -382,3 +382,150 @@ async def test_frames_have_the_pixels_of_ffmpegs_default_conversion(segs):
             await eg.aclose()
     assert len(got) == len(want) == sum(segs["frames"][n] for n in names)
     assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+async def test_big_playlists_are_parsed_off_the_event_loop(r, redis_server, segs):
+    """Playlist parsing never runs on the event loop: (1) a live playlist within every limit (9,999 entries with a
+    date and a key each: ~0.3 s of m3u8 parsing) that does not change is parsed once, in a worker thread, not at
+    every reload (every 0.5 s); (2) a playlist over hls.max_playlist_entries (100,000 one-letter entries: ~1.3 s to
+    parse) is refused by a count of its #EXTINF lines, unparsed. The old code parsed both on the loop at every load:
+    the daemon's measured loop lag summed to seconds over the window."""
+    n0 = segs["names"][0]
+    rich = ("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:0\n" +
+            f"#EXT-X-PROGRAM-DATE-TIME:2026-01-01T00:00:00.000Z\n#EXT-X-KEY:METHOD=NONE\n#EXTINF:1.0,t\n/{n0}\n"
+            * 9999).encode()
+    many = ("#EXTM3U\n#EXT-X-TARGETDURATION:1\n" + "#EXTINF:1,\na\n" * 100_000).encode()
+    with Canary(ALLOWED, {"/rich.m3u8": m3u(rich), "/many.m3u8": m3u(many), **seg_routes(segs)}) as origin:
+        async with running(egress_cfg(redis_server.url)) as d:
+            d.streams.add_stream(stream("rich", origin.url("/rich.m3u8")), "api")
+            d.streams.add_stream(stream("many", origin.url("/many.m3u8"), reconnect={"initial_s": 0.2,
+                                                                                     "max_attempts": 2}), "api")
+            d.loop_lag_s.clear()
+            await until(lambda: d.streams.runners["rich"].frames > 0, 20, what="the rich playlist's live edge")
+            await until(lambda: _reason_code(r, "many", "too_large"), 20, what="many: too_large")
+            await until(lambda: origin.hits("/rich.m3u8") >= 6, 20, what="5 reloads of the rich playlist")
+            lag = sum(d.loop_lag_s)
+    assert origin.hits("/many.m3u8") >= 2  # every attempt refused it
+    assert lag < 1.0, f"the event loop was blocked {lag:.2f} s"
+
+
+async def test_a_media_sequence_that_starts_again_is_followed(r, redis_server, segs):
+    """An encoder restart: the live playlist's media sequence drops from 1000 to 0. The follower takes the new
+    numbering (the old code kept the last media sequence number and never fetched a segment again), its first frame
+    flagged a discontinuity; no segment is decoded twice."""
+    n = segs["names"]
+    st = {"body": playlist(n[:2], seq=1000)}
+    with Canary(ALLOWED, {"/live.m3u8": lambda: m3u(st["body"]), **seg_routes(segs)}) as origin:
+        cfg = make_config(redis_server.url, [{"id": "reset", "url": origin.url("/live.m3u8"), "fps": None,
+                                              "stall_timeout_s": 3, "drop_policy": "wait", "hls": {"start": "first"},
+                                              "reconnect": {"initial_s": 0.2, "max_s": 0.5, "max_attempts": None}}])
+        async with running(cfg) as d:
+            runner = d.streams.runners["reset"]
+            first = sum(segs["frames"][x] for x in n[:2])
+            await until(lambda: runner.frames >= first, 20, what="the first 2 segments")
+            st["body"] = playlist(n[2:4], seq=0)  # the encoder restarted (no tag says so)
+            want = first + sum(segs["frames"][x] for x in n[2:4])
+            await until(lambda: runner.frames >= want, 15, what="the segments after the restart")
+            await asyncio.sleep(1.5)  # reloads of the same playlist: nothing more
+    recs = await results(r, "reset")
+    assert len(recs) == want
+    assert [i for i, x in enumerate(recs) if x["discontinuity"]] == [first]
+
+
+async def test_an_expired_variant_url_goes_back_to_the_master(r, redis_server, segs):
+    """A master playlist whose variant URL carries a token: once the variant answers 403, the master (now listing a
+    fresh token) is read again. The old code reloaded the stored variant URL for ever."""
+    n = segs["names"]
+    st = {"token": "t1", "served": 2}
+    origin = Canary(ALLOWED, seg_routes(segs))
+    origin.routes["/master.m3u8"] = lambda: m3u(f"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=100000\n/{st['token']}/v.m3u8\n"
+                                                .encode())
+
+    def variant(tok):
+        return lambda: m3u(playlist(["/" + x for x in n[:st["served"]]])) if st["token"] == tok else \
+            (403, {}, b"expired")
+
+    origin.routes["/t1/v.m3u8"], origin.routes["/t2/v.m3u8"] = variant("t1"), variant("t2")
+    with origin:
+        cfg = make_config(redis_server.url, [{"id": "tok", "url": origin.url("/master.m3u8"), "fps": None,
+                                              "stall_timeout_s": 3, "drop_policy": "wait", "hls": {"start": "first"},
+                                              "reconnect": {"initial_s": 0.2, "max_s": 0.5, "max_attempts": None}}])
+        async with running(cfg) as d:
+            runner = d.streams.runners["tok"]
+            first = sum(segs["frames"][x] for x in n[:2])
+            await until(lambda: runner.frames >= first, 20, what="the first 2 segments")
+            st["token"], st["served"] = "t2", 4  # t1 expired; the master lists t2
+            want = first + sum(segs["frames"][x] for x in n[2:4])
+            await until(lambda: runner.frames >= want, 15, what="frames through the fresh variant URL")
+        assert origin.hits("/master.m3u8") >= 2 and origin.hits("/t2/v.m3u8") >= 1
+
+
+def _encrypted(segs: dict, key_of: list[int]) -> tuple[dict, list[str]]:
+    """Routes for segments s0.. each encrypted with key number key_of[i] (served at /k<n>), and playlist entries."""
+    from cryptography.hazmat.primitives import padding
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    keys = {k: bytes([k + 1]) * 16 for k in set(key_of)}
+    routes, entries = {f"/k{k}": (200, {}, v) for k, v in keys.items()}, []
+    for i, k in enumerate(key_of):
+        p = padding.PKCS7(128).padder()
+        enc = Cipher(algorithms.AES(keys[k]), modes.CBC(i.to_bytes(16, "big"))).encryptor()
+        routes[f"/e{i}.ts"] = ts(enc.update(p.update(segs["bytes"][segs["names"][i]]) + p.finalize()) + enc.finalize())
+        entries += [f'#EXT-X-KEY:METHOD=AES-128,URI="k{k}"', f"e{i}.ts"]
+    return routes, entries
+
+
+async def test_aes_keys_are_kept_least_recently_used(r, redis_server, segs):
+    """Five keys, then the first again: the follower keeps the last 4 keys used (the old code kept every key URI for
+    the connection's life), so the first is fetched again."""
+    assert len(segs["names"]) >= 6
+    routes, entries = _encrypted(segs, [0, 1, 2, 3, 4, 0])
+    with Canary(ALLOWED, routes) as origin:
+        origin.routes["/enc.m3u8"] = m3u(playlist(entries, endlist=True))
+        cfg = make_config(redis_server.url, [{"id": "keys", "url": origin.url("/enc.m3u8"), "fps": None}])
+        async with running(cfg) as d:
+            await until(lambda: d.streams.runners["keys"].state.value == "stopped", 30, what="the end")
+        assert [origin.hits(f"/k{k}") for k in range(5)] == [2, 1, 1, 1, 1]
+    assert len(await results(r, "keys")) == sum(segs["frames"][n] for n in segs["names"][:6])
+
+
+async def test_configured_headers_go_with_every_hls_fetch(r, redis_server, segs):
+    """ffmpeg_options user_agent / referer / headers are sent with the playlists (master and variant), the
+    segments and the keys (the old code sent none of them)."""
+    import http.server
+
+    routes, entries = _encrypted(segs, [0, 0])
+    routes["/v.m3u8"] = m3u(playlist(entries, endlist=True))
+    routes["/master.m3u8"] = m3u(b"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nv.m3u8\n")
+    seen: list[tuple[str, dict]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append((self.path, dict(self.headers)))
+            status, headers, body = routes.get(self.path, (404, {}, b""))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = http.server.ThreadingHTTPServer((ALLOWED, 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://{ALLOWED}:{srv.server_address[1]}/master.m3u8"
+        cfg = make_config(redis_server.url, [{"id": "hdr", "url": url, "fps": None, "ffmpeg_options": {
+            "user_agent": "streamd-test/1", "referer": "http://example.test/", "headers": "X-Token: abc\r\n"}}])
+        async with running(cfg) as d:
+            await until(lambda: d.streams.runners["hdr"].state.value == "stopped", 30, what="the end")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert {p for p, _ in seen} == {"/master.m3u8", "/v.m3u8", "/k0", "/e0.ts", "/e1.ts"}
+    for path, h in seen:
+        assert (h.get("User-Agent"), h.get("Referer"), h.get("X-Token")) == \
+            ("streamd-test/1", "http://example.test/", "abc"), path

@@ -1,5 +1,7 @@
 """Frames pushed into a Redis stream: one result per entry, every entry acknowledged, poison to dead letters."""
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -217,3 +219,219 @@ async def test_entries_a_drop_oldest_queue_drops_are_acknowledged_not_left_pendi
     got = await results(r, "live")
     assert dropped > 0, "the queue never dropped: the test proves nothing"
     assert len(got) + dropped == 40, (len(got), dropped)
+
+
+# -- Redis inputs on other servers connect through the stream egress policy ---------------------------------------
+ALLOWED, CANARY = "127.0.0.2", "127.0.0.3"
+
+
+def _stream(sid: str, url: str, **kw):
+    from streamd.config import StreamConfig
+
+    return StreamConfig.model_validate({"id": sid, "url": url, "pipeline": "frame_info", **kw})
+
+
+async def test_a_redis_inputs_host_is_checked_when_it_connects_not_only_when_added(r, redis_server):
+    """Security review #5: an API redis:// input was checked once, at admission; redis-py then resolved the name
+    itself on connect, so a rebinding name led it to a refused address (the canary got PING and HELLO). Now each
+    connect resolves through the stream's policy: refused (egress_refused, the address and its class named), the
+    canary sees no connection, and another stream keeps running."""
+    from streamd.api.security import check_stream_url
+    from streamd.config import ApiConfig, EgressConfig
+    from streamd.testing.egress import Canary, RebindingDns
+
+    canary = Canary(CANARY).start()
+    url = f"redis://rebind.test:{canary.port}/0#frames:cam"
+    allow = [f"{ALLOWED}/32"]
+    await push_frames(r, "frames:ok", images(3), "jpeg")
+    cfg = make_config(redis_server.url, [{"id": "ok", "url": "redis:frames:ok"}], egress={"allow": allow})
+    try:
+        async with running(cfg) as d:
+            with RebindingDns("rebind.test", ALLOWED, CANARY) as dns:
+                await check_stream_url(url, ApiConfig(), EgressConfig(allow=allow))  # admitted: the first answer
+                d.streams.add_stream(_stream("rq", url), "api")
+                rq = d.streams.runners["rq"]
+                await until(lambda: rq.reason_code == "egress_refused", 15, what="the connect refused")
+                assert dns.lookups >= 2  # the connect asked the policy (after the admission's lookup)
+            assert "rebind.test (127.0.0.3)" in rq.reason and "loopback" in rq.reason, rq.reason
+            await until(lambda: at_least(r, "ok", 3), 20, what="the other stream's results")
+            more = await push_frames(r, "frames:ok", images(2), "jpeg")
+            got = await until(lambda: at_least(r, "ok", 5), 20, what="the other stream still running")
+            assert got[-1]["input"]["entry_id"] == more[-1] and d.streams.runners["ok"].state.value == "live"
+        assert canary.connections == 0, "a Redis input connected to an address the policy refuses"
+    finally:
+        canary.stop()
+
+
+async def test_an_allowed_redis_input_reconnects_after_a_restart_through_the_policy(r, redis_server, tmp_path):
+    """A Redis input on another server, at an allowed loopback address behind a name: it reads, and after that
+    Redis restarts it reconnects and reads on, each connect resolving the name through the policy; once the name
+    answers a refused address, the next reconnect is refused (egress_refused) and never reaches it."""
+    import redis.asyncio as aioredis
+
+    from streamd.redis_server import ManagedRedis
+    from streamd.testing.egress import Canary, RebindingDns
+
+    other = ManagedRedis(tmp_path / "other", durable=True).start()  # durable: the consumer group survives
+    canary = Canary(CANARY, port=other.port).start()  # the same port on the refused address
+    client = aioredis.Redis.from_url(other.url)
+    url = f"redis://redis.test:{other.port}/0#frames:cam"
+    cfg = make_config(redis_server.url, [], egress={"allow": ["127.0.0.1/32"]})
+    try:
+        async with running(cfg) as d:
+            with RebindingDns("redis.test", "127.0.0.1", "127.0.0.1") as dns:
+                await push_frames(client, "frames:cam", images(3), "jpeg")
+                d.streams.add_stream(_stream("far", url), "api")
+                await until(lambda: at_least(r, "far", 3), 20, what="results from the other Redis")
+                before = dns.lookups
+                await asyncio.to_thread(other.stop)
+                await asyncio.to_thread(other.start)
+                more = await push_frames(client, "frames:cam", images(2), "jpeg")
+
+                async def read_on():
+                    return set(more) <= {x["input"]["entry_id"] for x in await results(r, "far")}
+
+                await until(read_on, 30, what="results for the entries pushed after the restart")
+                assert dns.lookups > before  # the reconnect resolved through the policy again
+                dns.then = CANARY  # the name now answers a refused address
+                await asyncio.to_thread(other.stop)
+                far = d.streams.runners["far"]
+                await until(lambda: far.reason_code == "egress_refused", 20, what="the reconnect refused")
+        assert canary.connections == 0
+    finally:
+        await client.aclose()
+        other.stop()
+        canary.stop()
+
+
+def _self_signed(tmp_path, name: str):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def test_a_tls_redis_input_connects_to_the_checked_address_and_verifies_the_name(tmp_path):
+    """rediss://: the connection goes to the address the policy checked, while TLS still names the host: SNI is the
+    name and the certificate (issued to the name only, no address in it) is verified against it. The next connect
+    resolves again and is refused when the name answers a refused address."""
+    import ipaddress
+    import ssl
+
+    from streamd.egress import EgressError, EgressRules, StreamEgress
+    from streamd.redis_clients import PolicedSSLConnection
+    from streamd.testing.egress import RebindingDns
+
+    cert, key = _self_signed(tmp_path, "redis.test")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    sni: list[str | None] = []
+    ctx.sni_callback = lambda _sock, name, _ctx: sni.append(name)
+    server = await asyncio.start_server(lambda _r, w: w.close(), ALLOWED, 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    policy = StreamEgress(EgressRules(allow_networks=(ipaddress.ip_network(f"{ALLOWED}/32"),)), "tls")
+    conn = PolicedSSLConnection(host="redis.test", port=port, ssl_ca_certs=str(cert), egress=policy)
+    try:
+        with RebindingDns("redis.test", ALLOWED, CANARY) as dns:
+            await conn._connect()  # the TCP connect and the TLS handshake (verified: ssl_check_hostname)
+            ssl_object = conn._writer.get_extra_info("ssl_object")
+            assert ssl_object.server_hostname == "redis.test" and sni == ["redis.test"]
+            assert conn._writer.get_extra_info("peername")[0] == ALLOWED
+            await conn.disconnect()
+            with pytest.raises(EgressError, match="127.0.0.3"):
+                await conn._connect()
+            assert dns.lookups == 2
+    finally:
+        await conn.disconnect()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_input_on_another_redis_is_acknowledged_on_that_server(r, redis_server, tmp_path):
+    """An input on another Redis server: each entry is acknowledged on that server once its result is written (old:
+    the XACK went to the daemon's own Redis: the entries stayed pending there and came again after every reconnect,
+    a second result each, and a same-key stream on the daemon's own Redis had its entries acknowledged instead)."""
+    import redis.asyncio as aioredis
+
+    from streamd.redis_server import ManagedRedis
+
+    other = ManagedRedis(tmp_path / "other", durable=True).start()  # durable: the consumer group survives
+    client = aioredis.Redis.from_url(other.url)
+    ids = [f"{1000 + i}-0" for i in range(3)]
+    data = {"image": encode_jpeg(images(1)[0])}
+    try:
+        for eid in ids:  # the same key, group and entry ids on both servers; pending for someone on the own one
+            await client.xadd("frames:cam", data, id=eid)
+            await r.xadd("frames:cam", data, id=eid)
+        await r.xgroup_create("frames:cam", "streamd", id="0")
+        await r.xreadgroup("streamd", "someone", {"frames:cam": ">"})
+        cfg = make_config(redis_server.url, [], egress={"allow": ["127.0.0.1/32"]})
+        async with running(cfg) as d:
+            d.streams.add_stream(_stream("far", f"{other.url}#frames:cam"), "api")
+            await until(lambda: at_least(r, "far", 3), 20, what="results from the other Redis")
+            await until(lambda: _zero(client, "frames:cam"), 10, what="acknowledged on the other Redis")
+            assert await pending(r, "frames:cam") == 3  # the daemon's own same-key stream: untouched
+            await asyncio.to_thread(other.stop)  # the input reconnects: nothing of it is delivered again
+            await asyncio.to_thread(other.start)
+            more = await push_frames(client, "frames:cam", images(2), "jpeg")
+            recs = await until(lambda: at_least(r, "far", 5), 20, what="results after the restart")
+            await until(lambda: _zero(client, "frames:cam"), 10, what="acknowledged on the other Redis")
+            await asyncio.sleep(0.3)  # a redelivered entry (old code) would have its second result by now
+            recs = await results(r, "far")
+        assert [x["input"]["entry_id"] for x in recs] == ids + more  # one result each, none twice
+        assert await pending(r, "frames:cam") == 3
+    finally:
+        await client.aclose()
+        other.stop()
+
+
+async def test_an_entry_on_another_redis_whose_result_was_written_gets_no_second_result_after_a_restart(
+        r, redis_server, tmp_path):
+    """An input on another Redis server: the daemon wrote the results and stopped before it could acknowledge the
+    entries there (that server refused XACK: NOPERM). The next daemon reads them again from its pending list and
+    finds them marked in `streamd:{far}:acking` (set with each result): acknowledged there, no second result (old:
+    a second result each, and the first daemon acknowledged nothing there at all)."""
+    import redis.asyncio as aioredis
+
+    from streamd.redis_server import ManagedRedis
+
+    other = ManagedRedis(tmp_path / "other", durable=True).start()
+    client = aioredis.Redis.from_url(other.url)
+    cfg = make_config(redis_server.url, [{"id": "far", "url": f"{other.url}#frames:cam"}],
+                      egress={"allow": ["127.0.0.1/32"]})
+    try:
+        ids = await push_frames(client, "frames:cam", images(3), "jpeg")
+        await client.execute_command("ACL", "SETUSER", "default", "-xack")
+        async with running(cfg):
+            await until(lambda: at_least(r, "far", 3), 20, what="results from the other Redis")
+        assert await pending(client, "frames:cam") == 3  # never acknowledged there
+        await client.execute_command("ACL", "SETUSER", "default", "+xack")
+        async with running(cfg):
+            await until(lambda: _zero(client, "frames:cam"), 10, what="acknowledged by the next daemon")
+            more = await push_frames(client, "frames:cam", images(1), "jpeg")
+            await until(lambda: at_least(r, "far", 4), 20, what="the next entry's result")
+            await until(lambda: _zero(client, "frames:cam"), 10, what="acknowledged")
+            recs = await results(r, "far")
+        assert [x["input"]["entry_id"] for x in recs] == ids + more  # one result each
+        assert await r.hlen("streamd:{far}:acking") == 0  # each mark removed once acknowledged
+        assert not await r.exists("frames:cam")  # nothing on the daemon's own Redis
+    finally:
+        await client.aclose()
+        other.stop()

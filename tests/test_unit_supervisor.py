@@ -38,7 +38,7 @@ class Recorder:
 async def clients(redis_server):
     made: list[aioredis.Redis] = []
 
-    def client(url: str) -> aioredis.Redis:
+    def client(url: str, egress=None) -> aioredis.Redis:
         made.append(aioredis.Redis.from_url(url or redis_server.url))
         return made[-1]
 

@@ -39,10 +39,14 @@ CODES: dict[str, tuple[int, str]] = {
     "frame_not_found": (404, "snapshot: no frame of the stream is kept (yet), or the frame of the result asked for "
                              "(entry) is no longer kept (frames: in the config)"),
     "method_not_allowed": (405, "the route does not take that method (see Allow)"),
-    "stream_exists": (409, "POST of a stream id that exists"),
+    "stream_exists": (409, "POST of a stream id that exists (fleet mode: also one another live daemon's config file "
+                           "names while nobody runs it; details.members)"),
     "stream_in_config": (409, "fleet mode: DELETE of a stream of the config file that other live daemons' config "
                               "files name too (details.members: they would run it again), or a PATCH or DELETE of "
                               "a stream only other daemons' config files name; edit the config files"),
+    "standing_aside": (409, "fleet mode: a POST, PATCH or DELETE of a stream through a daemon standing aside "
+                            "(another running daemon has its fleet.member_id: it takes no part in the fleet, "
+                            "details.other_instance); send it to another daemon"),
     "segment_unavailable": (409, "/streams/{id}/segment: the stream's pipeline has no segment stage or has not "
                                  "started, or (fleet mode) another daemon runs the stream"),
     "segment_object_limit": (409, "a segment prompt past the stage's max_objects for the stream (details.max_objects)"),

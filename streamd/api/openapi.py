@@ -147,7 +147,7 @@ def document(routes: list[Any]) -> dict[str, Any]:
         if r.method == "DELETE" and r.tag == "prompts":
             codes.append(422)  # invalid_query: a note over 1000 characters
         if r.method in ("DELETE", "PATCH") and r.path.endswith("/streams/{id}"):
-            codes.append(409)  # stream_in_config (fleet mode)
+            codes.append(409)  # stream_in_config, standing_aside (fleet mode)
         if r.path == "/health/ready" or r.path.startswith(REDIS_PATHS):
             codes.append(503)
         for c in sorted(set(codes)):

@@ -7,7 +7,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from aiohttp import web
 
@@ -15,7 +15,7 @@ from streamd.api.errors import ApiError
 from streamd.config import ApiConfig, EgressConfig
 from streamd.egress import EgressError, EgressRules, StreamEgress
 from streamd.errors import SourceError
-from streamd.sources import parse_reference
+from streamd.sources import authority_problem, parse_reference
 
 SCOPE_RANK = {"read": 0, "operate": 1, "admin": 2}
 _INT = r"[0-9]{1,12}"
@@ -38,6 +38,13 @@ API_FFMPEG_OPTIONS: dict[str, tuple[re.Pattern[str], int | None, str]] = {
 # query parameters that turn a client into a server (tcp/rtmp `listen`, SRT listener and rendezvous modes)
 SERVER_QUERY = re.compile(r"(?:^|[?&;])(?:listen(?:=|&|;|$)|listen_timeout=|mode=(?:listener|server|rendezvous))",
                            re.IGNORECASE)
+
+
+def server_query(url: str) -> bool:
+    """Whether the URL's query asks for a server mode, read as FFmpeg reads it: from the first '?' (even after a
+    '#'), option names and values URL-decoded (`%6Cisten=1` is `listen=1`)."""
+    query = url.split("?", 1)[1] if "?" in url else ""
+    return any(SERVER_QUERY.search(q) for q in (query, unquote(query), unquote_plus(query)))
 
 
 def check_ffmpeg_options(options: dict[str, str]) -> None:
@@ -164,6 +171,9 @@ class AuthFailures:
 def check_authority(url: str) -> None:
     """A host name DNS can carry (no label over 63 characters, no empty label as in `a..b`, no control character
     or space) and a port that is a number up to 65535. Raises ApiError(422) `invalid_url`."""
+    problem = authority_problem(url)
+    if problem:  # a port that is not a number: never quoted (a piece of a password holding '#', '?' or '/')
+        raise ApiError(422, "invalid_url", problem, {"path": "url", "reason": problem})
     parts = urlsplit(url)
     host = parts.hostname or ""
     try:
@@ -183,6 +193,8 @@ async def check_stream_url(url: str, cfg: ApiConfig, egress: EgressConfig | None
     run-time egress policy itself (streamd/egress.py), applied at admission so the client gets a 422 instead of a
     stream that fails: only the operator's `egress.allow` opens a non-global address, whatever the token. FFmpeg
     options, when given, are checked after the scheme."""
+    if "://" in url and authority_problem(url):
+        check_authority(url)  # 422 invalid_url
     try:
         ref = parse_reference(url)
     except SourceError as e:
@@ -196,7 +208,10 @@ async def check_stream_url(url: str, cfg: ApiConfig, egress: EgressConfig | None
         check_ffmpeg_options(ffmpeg_options)
     if ref.kind == "redis":
         check_redis_key(ref.key or "", cfg)
-    if SERVER_QUERY.search(urlsplit(url).query):
+    if ref.kind not in ("redis", "hls") and "#" in url:  # FFmpeg reads no fragment: a '#' only hides a query
+        raise ApiError(422, "invalid_url", "a URL opened by FFmpeg may not have a fragment ('#')",
+                       {"path": "url", "reason": "a fragment"})
+    if server_query(url):
         raise ApiError(422, "server_mode_not_allowed", "the URL asks FFmpeg to listen (a server mode): not from "
                        "the API", {"path": "url"})
     if ref.url:

@@ -19,7 +19,7 @@ from streamd.config import StreamConfig
 from streamd.errors import ConfigError, StreamdError
 from streamd.log import get_logger
 from streamd.streams.fleet import CapacityExhausted
-from streamd.fleet import ConfigStreamInFleet
+from streamd.fleet import ConfigStreamInFleet, StandingAside
 from streamd.streams.store import StreamExists, StreamNotFound
 from streamd.streams.supervisor import TERMINAL
 
@@ -41,6 +41,20 @@ def _not_here(d: Any, sid: str, owner: str | None) -> ApiError:
     members = d.fleet.fleet.wanted_elsewhere(sid) or ([owner] if owner else [])
     return ApiError(409, "stream_in_config", f"stream {sid!r} is in the config file of {', '.join(members)}, not "
                     "in this daemon's: change it in their config files", {"stream_id": sid, "members": members})
+
+
+def _aside(d: Any, e: StandingAside) -> ApiError:
+    f = d.fleet.fleet
+    return ApiError(409, "standing_aside", str(e), {"member_id": f.member_id, "other_instance": f.duplicate})
+
+
+async def _synced(request: web.Request, sid: str) -> None:
+    """Fleet mode: a stream added through another daemon's API that this daemon's sync has not read yet (another
+    member's heartbeat says it runs it, `source: api`) is read from Redis now, so a change of it works here too."""
+    d = _streams(request)
+    if d.fleet is not None and not d.has_stream(sid) and (remote := d.elsewhere(sid)) is not None \
+            and remote.get("source") == "api":
+        await d.fleet.sync()
 
 
 async def streams_list(request: web.Request) -> web.Response:
@@ -66,7 +80,7 @@ def _stream_precondition(request: web.Request, sid: str) -> StreamConfig:
     """The stream's configuration, once If-Match holds for it (called holding the stream's lock)."""
     d = _streams(request)
     if not d.has_stream(sid):  # removed meanwhile, or another daemon's config-file stream
-        if (remote := d.elsewhere(sid)) is not None:
+        if (remote := d.elsewhere(sid)) is not None and remote.get("source") != "api":
             raise _not_here(d, sid, remote["owner"])
         raise ApiError(404, "stream_not_found", f"no stream {sid!r}")
     old = d.stream_config(sid)
@@ -109,6 +123,8 @@ async def _start(request: web.Request, s: StreamConfig, replace: bool, old: Stre
         raise ApiError(409, "stream_exists", str(e)) from None
     except StreamNotFound as e:  # another request removed it meanwhile
         raise ApiError(404, "stream_not_found", str(e)) from None
+    except StandingAside as e:
+        raise _aside(d, e) from None
     log.info("stream set through the API", stream=s.id, by=request[PRINCIPAL].name)
     if not d.has_stream(s.id):  # fleet mode: deleted through another daemon while this one was placing it
         raise ApiError(404, "stream_not_found", f"stream {s.id!r} was set, then deleted by another request")
@@ -131,6 +147,11 @@ async def stream_create(request: web.Request) -> web.Response:
     async with request.app[STREAM_LOCKS].hold(s.id):
         if d.has_stream(s.id) or d.elsewhere(s.id) is not None:  # in fleet mode: in another daemon's config file
             raise ApiError(409, "stream_exists", f"stream {s.id!r} exists")
+        if d.fleet is not None and (others := d.fleet.fleet.wanted_elsewhere(s.id, named=True)):
+            # another live daemon's config file names it, though nobody runs it now (its daemon full, restarting,
+            # over its load limit): an API stream of that id would take it over
+            raise ApiError(409, "stream_exists", f"stream {s.id!r} exists: it is in the config file of "
+                           f"{', '.join(others)}", {"stream_id": s.id, "members": others})
         return await _start(request, s, replace=False, pending=admission == "pending")
 
 
@@ -139,6 +160,7 @@ async def stream_update(request: web.Request) -> web.Response:
     patch = await _json_body(request, StreamPatch)
     d = _streams(request)
     async with request.app[STREAM_LOCKS].hold(sid):  # If-Match is checked against the stream this PATCH changes
+        await _synced(request, sid)
         old = _stream_precondition(request, sid)
         merged = {**old.model_dump(mode="json", exclude_unset=True),
                   **patch.model_dump(mode="json", exclude_unset=True)}
@@ -156,6 +178,7 @@ async def stream_update(request: web.Request) -> web.Response:
 async def stream_delete(request: web.Request) -> web.Response:
     sid = _stream(request)
     async with request.app[STREAM_LOCKS].hold(sid):
+        await _synced(request, sid)
         _stream_precondition(request, sid)
         try:
             await _streams(request).api_delete_stream(sid)
@@ -163,6 +186,8 @@ async def stream_delete(request: web.Request) -> web.Response:
             raise ApiError(404, "stream_not_found", str(e)) from None
         except ConfigStreamInFleet as e:
             raise ApiError(409, "stream_in_config", str(e), {"stream_id": sid, "members": e.members}) from None
+        except StandingAside as e:
+            raise _aside(_streams(request), e) from None
     return web.Response(status=204)
 
 

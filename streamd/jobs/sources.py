@@ -27,7 +27,7 @@ class JobSourceFailed(StreamdError):
         self.reason, self.code = reason, code or "source_error"
 
 
-def _no_redis(url: str) -> Any:
+def _no_redis(url: str, egress: Any = None) -> Any:
     raise StreamdError("a job reads no Redis input")
 
 

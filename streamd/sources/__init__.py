@@ -32,6 +32,24 @@ class SourceRef:
         return self.kind in LIVE_KINDS
 
 
+_ENCODE_HINT = "in a user name or password, write '#', '?', '/' and '@' percent-encoded: %23, %3F, %2F, %40"
+
+
+def authority_problem(url: str) -> str | None:
+    """Why the host part of `url` cannot be read unambiguously, or None. Never quotes the URL: a password holding
+    an unencoded '#', '?' or '/' ends the authority early, and what follows (urllib's "port") is a piece of it."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError past 65535 or for a non-number
+    except ValueError:
+        return f"the URL's port is not a number up to 65535 ({_ENCODE_HINT})"
+    scheme = parts.scheme.lower()
+    if "://" in url and scheme not in ("http", "https", "hls+http", "hls+https", "file", "redis", "rediss", "unix") \
+            and "@" in url.split("://", 1)[1][len(parts.netloc):]:  # RTSP, RTMP, SRT: no '@' in a path or query
+        return f"the URL has an '@' after its host ({_ENCODE_HINT})"
+    return None
+
+
 def parse_reference(ref: str) -> SourceRef:
     """Classify a stream reference. Raises a permanent SourceError for unknown schemes or malformed references."""
     ref = ref.strip()
@@ -49,6 +67,9 @@ def parse_reference(ref: str) -> SourceRef:
     except ValueError as e:
         raise SourceError(f"malformed reference: {e}", permanent=True) from None
     scheme = parts.scheme.lower()
+    problem = authority_problem(ref)
+    if problem:
+        raise SourceError(problem, permanent=True)
     if scheme == "file":
         return SourceRef("file", unquote(parts.path))
     if scheme in ("redis", "rediss", "unix"):

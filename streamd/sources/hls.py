@@ -4,27 +4,36 @@ PyAV. FFmpeg never fetches anything, so a playlist line or a redirect cannot lea
 refuses.
 
 - A segment is decoded at most once per stream: the last media sequence number handed over is kept in the
-  runner's `hls_state`, across playlist reloads and reconnects. A live playlist that stops growing yields no
+  runner's `hls_state`, across playlist reloads and reconnects. A numbering that starts again (an encoder restart:
+  the newest segment more than _REORDER_WINDOW behind, or EXT-X-DISCONTINUITY-SEQUENCE lower) is followed from
+  `hls.start` again, its first segment flagged a discontinuity. A live playlist that stops growing yields no
   frames: the runner's watchdog marks it `stalled` and nothing is republished.
 - `#EXT-X-ENDLIST` is a recording: every segment once, then a clean end (`stopped`, code `ended`).
 - `#EXT-X-DISCONTINUITY`, and a media-sequence gap (segments fell off the playlist before we fetched them), flag
   the next frame. `#EXT-X-PROGRAM-DATE-TIME` gives `capture_ts` (`capture_source: source`), else the receive time.
 - The playlist is reloaded at the target duration, half of it when it did not change (RFC 8216 6.3.4).
 - Master playlists: the variant by bandwidth (`hls.variant`, `hls.max_bandwidth`); one that leads back to a
-  playlist already on the way, or nests deeper than `hls.max_nesting`, fails with `playlist_loop`.
-- AES-128 segments are decrypted (key through the policy; IV from the tag or the media sequence number).
+  playlist already on the way, or nests deeper than `hls.max_nesting`, fails with `playlist_loop`. A variant that
+  answers an HTTP error (an expired token) sends the follower back to the master playlist.
+- AES-128 segments are decrypted (key through the policy; IV from the tag or the media sequence number); the last
+  _MAX_KEYS keys used are kept.
+- The stream's `ffmpeg_options` user_agent / referer / headers go with every fetch (the egress policy decides
+  which redirect hops they follow to).
 
-The fetching runs on the event loop; decoding runs in one thread per source, fed through a hand-off queue of at
+The fetching runs on the event loop, playlist parsing in a worker thread (and only when the playlist's bytes
+changed; one over `hls.max_playlist_entries` is refused before it is parsed); decoding runs in one thread per source, fed through a hand-off queue of at
 most two segments (memory stays bounded; a slow pipeline slows the fetching, never the loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import queue
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import av
@@ -39,13 +48,20 @@ from streamd.frames import Frame
 from streamd.log import get_logger, redact_url
 from streamd.sampling import FpsSampler
 from streamd.sources import SourceRef
+from streamd.sources.formats import open_options
 from streamd.sources.base import EventFn
 from streamd.sources.hls_feed import END, Feed, Segment, aes128_decrypt
+from streamd.sources.httpio import http_headers
 from streamd.sources.plan import decode_threads, make_plan, mode_reporter
 
 log = get_logger("streamd.source.hls")
 
 _MAX_BAD_SEGMENTS = 3  # undecodable segments in a row that end a connection (corrupt_input)
+# a live playlist whose newest segment is this many media sequence numbers behind the last one handed over (or whose
+# discontinuity sequence went down) restarted its numbering; within it, an older copy of the playlist (a lagging
+# CDN edge) is only deduplicated
+_REORDER_WINDOW = 3
+_MAX_KEYS = 4  # AES-128 keys kept per connection, the least recently used dropped (keys rotate on a live stream)
 
 
 _OPEN_OPTIONS = {"probesize": "32", "analyzeduration": "0"}  # no read-ahead probing: the codec comes with the data
@@ -61,6 +77,30 @@ def _text(data: bytes) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise SourceError("the playlist is not UTF-8 text", code="invalid_playlist") from None
+
+
+def _too_many(n: int, limit: int) -> SourceError:
+    return SourceError(f"the playlist lists {n} entries, over hls.max_playlist_entries ({limit})", code="too_large")
+
+
+def _parse(data: bytes, final: str, max_entries: int) -> m3u8.M3U8:
+    """A playlist's bytes parsed (in a worker thread: m3u8 takes ~30 us an entry, a 4 MiB playlist seconds). The
+    entries are counted first (lines that start with #EXTINF or #EXT-X-STREAM-INF, a scan in C), so a playlist over
+    hls.max_playlist_entries is refused without being parsed."""
+    n = data.count(b"\n#EXTINF") + data.count(b"\n#EXT-X-STREAM-INF")
+    if n > max_entries:
+        raise _too_many(n, max_entries)
+    text = _text(data)
+    if not text.lstrip().startswith("#EXTM3U"):
+        raise SourceError(f"{redact_url(final)} is not an HLS playlist (no #EXTM3U)", code="invalid_playlist")
+    try:
+        pl = m3u8.loads(text, uri=final)
+    except Exception as e:  # noqa: BLE001 - m3u8 raises plain exceptions for bad lines
+        raise SourceError(f"cannot parse the playlist {redact_url(final)}: {e}", code="invalid_playlist") from None
+    n = len(pl.segments) + len(pl.playlists)
+    if n > max_entries:  # entries the cheap count missed (indented tags, lone CR line ends)
+        raise _too_many(n, max_entries)
+    return pl
 
 
 class HlsSource:
@@ -81,7 +121,11 @@ class HlsSource:
         self._handoff: queue.Queue[Any] = queue.Queue(maxsize=2)
         self._progress_t = time.monotonic()
         self._waiting = False
-        self._keys: dict[str, bytes] = {}
+        self._keys: OrderedDict[str, bytes] = OrderedDict()  # key URI -> key, at most _MAX_KEYS
+        # the configured User-Agent / Referer / headers (ffmpeg_options) go with every fetch; the egress policy
+        # decides which redirect hops they may follow to
+        self._headers = http_headers(cfg.ffmpeg_options) or None
+        self._parsed: dict[str, tuple[bytes, str, m3u8.M3U8]] = {}  # url -> (digest of its bytes, final url, parsed)
         self._maps: dict[str, bytes] = {}
         self._feed = Feed(self._handoff, self._stop)
         self.plan = make_plan(cfg, sampler, mode_reporter(cfg.id, out, on_event))  # None: every frame decoded
@@ -138,25 +182,41 @@ class HlsSource:
         self._waiting = False
 
     async def _playlist(self, url: str) -> tuple[m3u8.M3U8, str]:
+        """Fetch and parse a playlist. Parsing runs in a worker thread, never on the event loop; a playlist whose
+        bytes did not change since its last load is not parsed again (a live playlist is reloaded every target
+        duration, half of it while unchanged)."""
         h = self.cfg.hls
-        data, final = await self._egress.fetch(url, max_bytes=h.max_playlist_bytes, timeout_s=self.cfg.open_timeout_s)
-        text = _text(data)
-        if not text.lstrip().startswith("#EXTM3U"):
-            raise SourceError(f"{redact_url(final)} is not an HLS playlist (no #EXTM3U)", code="invalid_playlist")
-        try:
-            pl = m3u8.loads(text, uri=final)
-        except Exception as e:  # noqa: BLE001 - m3u8 raises plain exceptions for bad lines
-            raise SourceError(f"cannot parse the playlist {redact_url(final)}: {e}", code="invalid_playlist") \
-                from None
-        if len(pl.segments) + len(pl.playlists) > h.max_playlist_entries:
-            raise SourceError(f"the playlist lists {len(pl.segments) + len(pl.playlists)} entries, over "
-                              f"hls.max_playlist_entries ({h.max_playlist_entries})", code="too_large")
+        data, final = await self._egress.fetch(url, max_bytes=h.max_playlist_bytes, timeout_s=self.cfg.open_timeout_s,
+                                               headers=self._headers)
+        digest = hashlib.blake2b(data, digest_size=16).digest()  # ~1 ms for 2 MiB
+        cached = self._parsed.get(url)
+        if cached is not None and cached[0] == digest and cached[1] == final:
+            return cached[2], final
+        pl = await asyncio.to_thread(_parse, data, final, h.max_playlist_entries)
+        if len(self._parsed) >= 4:
+            self._parsed.clear()
+        self._parsed[url] = (digest, final, pl)
         return pl, final
 
     async def _media_playlist(self) -> tuple[m3u8.M3U8, str]:
-        """Fetch the stream's playlist, following master -> variant; returns the media playlist and its URL."""
+        """Fetch the stream's playlist, following master -> variant; returns the media playlist and its URL. The
+        variant found is reloaded from then on; when it answers an HTTP error (an expired token: 403), the master
+        playlist is read again, once per call (a variant that fails again ends the connection: the reconnect
+        backoff paces the next try, which starts from the master)."""
+        stored = self._state.get("media_url")
+        if stored:
+            try:
+                return await self._resolve(stored)
+            except EgressError as e:
+                if e.code != "http_status":
+                    raise
+                log.warning("HLS variant playlist failed: reading the master playlist again", stream=self.cfg.id,
+                            error=str(e))
+                self._state.pop("media_url", None)
+        return await self._resolve(self.ref.url)
+
+    async def _resolve(self, url: str) -> tuple[m3u8.M3U8, str]:
         h = self.cfg.hls
-        url = self._state.get("media_url") or self.ref.url
         seen: list[str] = []
         while True:
             if url in seen:
@@ -187,7 +247,7 @@ class HlsSource:
 
     async def _follow(self) -> None:
         h = self.cfg.hls
-        last_text = None
+        last_pl = None
         while not self._stop.is_set():
             pl, final = await self._media_playlist()
             if not pl.segments and pl.is_endlist:
@@ -196,7 +256,17 @@ class HlsSource:
             if pl.is_endlist and self.cfg.drop_policy is None:
                 self._out.set_policy(DropPolicy.WAIT)  # a recording: every frame, like a file
             msn0 = int(pl.media_sequence or 0)
+            dseq = int(pl.discontinuity_sequence or 0)
             last = self._state.get("last_msn")
+            restarted = False
+            if last is not None and (msn0 + len(pl.segments) - 1 < last - _REORDER_WINDOW
+                                     or dseq < self._state.get("discontinuity_sequence", dseq)):
+                # the numbering started again (an encoder restart): follow the new one, a discontinuity
+                log.warning("HLS media sequence restarted", stream=self.cfg.id, last=last, media_sequence=msn0,
+                            discontinuity_sequence=dseq)
+                self._state.pop("last_msn", None)
+                last, restarted = None, True
+            self._state["discontinuity_sequence"] = dseq
             todo = list(enumerate(pl.segments))
             if last is None:
                 if not pl.is_endlist and h.start == "live_edge":
@@ -205,7 +275,8 @@ class HlsSource:
                 todo = [(i, s) for i, s in todo if msn0 + i > last]
             for i, seg in todo:
                 msn = msn0 + i
-                gap = last is not None and msn > last + 1
+                gap = (last is not None and msn > last + 1) or restarted
+                restarted = False
                 data = await self._segment(seg, msn, final)
                 pdt = seg.current_program_date_time
                 await self._hand(Segment(msn, data, bool(seg.discontinuity) or gap,
@@ -216,22 +287,21 @@ class HlsSource:
             if pl.is_endlist:
                 return
             target = float(pl.target_duration or 2)
-            text = pl.dumps()
-            wait = target if text != last_text else target / 2
-            last_text = text
+            wait = target if pl is not last_pl else target / 2  # the same object: the same bytes (_playlist)
+            last_pl = pl
             await asyncio.sleep(max(0.1, wait))
 
     async def _segment(self, seg: Any, msn: int, base: str) -> bytes:
         h = self.cfg.hls
         data, _ = await self._egress.fetch(seg.absolute_uri, max_bytes=h.max_segment_bytes,
-                                           timeout_s=h.segment_timeout_s)
+                                           timeout_s=h.segment_timeout_s, headers=self._headers)
         init = seg.init_section
         if init is not None and init.uri:
             uri = init.absolute_uri
             if uri not in self._maps:
                 self._maps.clear()
                 self._maps[uri], _ = await self._egress.fetch(uri, max_bytes=h.max_segment_bytes,
-                                                              timeout_s=h.segment_timeout_s)
+                                                              timeout_s=h.segment_timeout_s, headers=self._headers)
             data = self._maps[uri] + data if self._maps[uri] else data
             if init.byterange:
                 raise SourceError("EXT-X-MAP byte ranges are not supported", permanent=True,
@@ -250,10 +320,15 @@ class HlsSource:
         uri = key.absolute_uri
         secret = self._keys.get(uri)
         if secret is None:
-            secret, _ = await self._egress.fetch(uri, max_bytes=64, timeout_s=self.cfg.hls.segment_timeout_s)
+            secret, _ = await self._egress.fetch(uri, max_bytes=64, timeout_s=self.cfg.hls.segment_timeout_s,
+                                                 headers=self._headers)
             if len(secret) != 16:
                 raise SourceError(f"the AES-128 key is {len(secret)} bytes, not 16", code="invalid_playlist")
             self._keys[uri] = secret
+            while len(self._keys) > _MAX_KEYS:
+                self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(uri)
         return aes128_decrypt(data, secret, key.iv, msn)
 
     # -- decoding (thread) --------------------------------------------------------------------------------
@@ -294,7 +369,7 @@ class HlsSource:
             if feed.ts:
                 container = av.open(feed, mode="r", format="mpegts", options=_OPEN_OPTIONS)
             else:
-                container = av.open(feed.whole(), mode="r")
+                container = av.open(feed.whole(), mode="r", options=open_options(True))  # media containers only
         except av.error.FFmpegError as e:
             feed.drain()
             for seg in feed.settle_all():

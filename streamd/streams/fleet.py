@@ -184,8 +184,8 @@ class FleetStreams:
         self._syncs.append(touched)
         try:
             await self._sync(touched)
-        finally:
-            self._syncs.remove(touched)
+        finally:  # by identity: another sync's set may be equal to this one (list.remove compares with ==)
+            self._syncs = [t for t in self._syncs if t is not touched]
 
     async def _sync(self, touched: set[str]) -> None:
         stored = {s.id: s for s, problem in await self.d.store.load() if problem is None}
@@ -342,6 +342,8 @@ class FleetStreams:
                 streams[sid] = {"state": rn.state.value, "fps_out": 0.0, "fps": rn.fps, "pipeline": rn.cfg.pipeline,
                                 "url": rn.url_redacted, "reason": rn.reason, "reason_code": rn.reason_code,
                                 "ended": True}
+        for sid, st in streams.items():  # where it comes from: another daemon that has not synced an API stream yet
+            st["source"] = self.cfgs[sid][1] if sid in self.cfgs else "config"  # does not take it for a config one
         return {"streams": streams, "owned": len(self.fleet.leases), "running": len(runners), **self.load.report()}
 
     def remote(self, sid: str) -> dict[str, Any] | None:

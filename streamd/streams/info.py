@@ -108,7 +108,8 @@ class StreamInfo:
                 "reason_code": remote.get("reason_code"), "last_error": None,
                 "fps": remote.get("fps"), "fps_in": 0.0, "fps_out": remote.get("fps_out", 0.0),
                 "frames_sampled": 0, "frames_decoded": 0, "dropped": 0, "queue_depth": 0, "last_frame_ts": None,
-                "results": 0, "source": "config", "owner": remote.get("owner"),
+                "results": 0, "source": "api" if remote.get("source") == "api" else "config",
+                "owner": remote.get("owner"),
                 "owner_address": remote.get("owner_address")}
 
     def status(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from streamd.batching import Doorbell
 from streamd.config import Config, StreamConfig
 from streamd.egress import EgressRules
 from streamd.errors import SourceError, StreamdError
-from streamd.fleet import ConfigStreamInFleet
+from streamd.fleet import ConfigStreamInFleet, StandingAside
 from streamd.log import get_logger
 from streamd.metrics import Metrics
 from streamd.pipeline import Pipeline
@@ -51,7 +51,7 @@ def _reads_elsewhere(old: StreamRunner, s: StreamConfig) -> bool:
 
 class StreamManager(StreamInfo):
     def __init__(self, cfg: Config, metrics: Metrics, redis: aioredis.Redis, sink: Any, doorbell: Doorbell,
-                 client: Callable[[str], aioredis.Redis], consumer: str, started: asyncio.Event):
+                 client: Callable[..., aioredis.Redis], consumer: str, started: asyncio.Event):
         self.cfg = cfg
         self.metrics = metrics
         self.redis = redis  # the API's client (the stored streams; /health's PING)
@@ -280,6 +280,7 @@ class StreamManager(StreamInfo):
         if self.fleet is not None and self.fleet.leases_kind(s):
             return await self._fleet_put_stream(s, replace, pending)
         async with self._stream_lock(s.id):
+            self._check_not_aside()
             if (s.id in self.runners) != replace:
                 raise StreamNotFound(s.id) if replace else StreamExists(s.id)
             old = self.runners.get(s.id)
@@ -315,8 +316,14 @@ class StreamManager(StreamInfo):
         owner: placed at once; otherwise another daemon takes it within a renew interval)."""
         async with self._stream_lock(s.id):
             async with self.fleet.local_change(s.id):  # a sync under way leaves the stream alone
+                self._check_not_aside()
                 if self.has_stream(s.id) != replace:
                     raise StreamNotFound(s.id) if replace else StreamExists(s.id)
+                if not replace and (self.elsewhere(s.id) is not None
+                                    or self.fleet.fleet.wanted_elsewhere(s.id, named=True)):
+                    # another live daemon's config file names it (it runs it, or will once it has room: full,
+                    # restarting, over its load limit): an API stream of that id would take it over
+                    raise StreamExists(s.id)
                 if not (replace or pending):
                     self.fleet.admit(s.id)  # CapacityExhausted when the fleet cannot take another stream
                 try:
@@ -335,6 +342,13 @@ class StreamManager(StreamInfo):
             await self.fleet.fleet.place(s.id)  # here at once when this daemon is its preferred owner: not a whole
             return self.runners.get(s.id)  # tick, which would wait for the one under way (a rebalance, a slow Redis)
 
+    def _check_not_aside(self) -> None:
+        """Fleet mode: a daemon standing aside (another running daemon has its fleet.member_id) changes no stream
+        (StandingAside): it holds no lease, so a DELETE would stop nothing, and the shared records (the stream's
+        end) are the fleet's."""
+        if self.fleet is not None and (why := self.fleet.fleet.standing_aside()) is not None:
+            raise StandingAside(why)
+
     def _restore_stream(self, old: StreamRunner) -> None:
         try:
             self.add_stream(old.cfg, old.origin)
@@ -346,6 +360,7 @@ class StreamManager(StreamInfo):
         the config file that other live daemons want is not deleted (ConfigStreamInFleet)."""
         async with self._stream_lock(stream_id), (self.fleet.local_change(stream_id) if self.fleet is not None
                                                   else contextlib.nullcontext()):  # a sync under way leaves it alone
+            self._check_not_aside()
             if not self.has_stream(stream_id):
                 raise StreamNotFound(stream_id)
             if self.fleet is not None and self.fleet.cfgs.get(stream_id, (None, ""))[1] == "config" \

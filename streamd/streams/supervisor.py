@@ -28,7 +28,7 @@ from streamd.config import DropPolicy, StreamConfig
 from streamd.egress import EgressError, EgressRules, StreamEgress
 from streamd.errors import SourceError
 from streamd.frames import Frame
-from streamd.log import get_logger, redact_text, redact_url
+from streamd.log import get_logger, redact_text, redact_url, scrub, url_secrets
 from streamd.metrics import Metrics
 from streamd.sampling import FpsSampler, SceneSampler
 from streamd.sources import SourceRef, parse_reference
@@ -59,7 +59,7 @@ class StreamRunner:
         cfg: StreamConfig,
         metrics: Metrics,
         on_event: EventFn,
-        redis_client: Callable[[str], aioredis.Redis],
+        redis_client: Callable[[str, StreamEgress], aioredis.Redis],
         consumer: str,
         drop_event_interval_s: float = 1.0,
         doorbell: Doorbell | None = None,
@@ -167,11 +167,16 @@ class StreamRunner:
         return redact_url(self.cfg.url)
 
     def event(self, kind: str, fields: dict[str, Any]) -> None:
+        secrets = url_secrets(self.cfg.url)
+        if secrets:  # nothing of the URL's credentials in an event (an error quoting a piece of a malformed URL)
+            fields = {k: scrub(v, secrets) if isinstance(v, str) else v for k, v in fields.items()}
         if kind == "dead_letter":  # counted here whoever dead-lettered it (the source's decoder or a stage)
             self.metrics.dead_letters.labels(self.cfg.id).inc()
         self._emit(self.cfg.id, kind, fields)
 
     def _set_state(self, state: State, reason: str | None = None, code: str | None = None) -> None:
+        if reason:  # the reason reaches events, logs, the API and the fleet's records: never a credential
+            reason = scrub(redact_text(reason), url_secrets(self.cfg.url))
         if state is self.state and reason == self.reason:
             return
         old, self.state, self.reason = self.state, state, reason
@@ -277,8 +282,9 @@ class StreamRunner:
         if self.ref.kind == "redis":
             from streamd.sources.redis import RedisFrameSource
 
-            src = RedisFrameSource(self.cfg, self._redis_client(self.ref.url), self.ref.key or "", self.sampler,
-                                   self._seq, self.consumer, self.inflight, self.event)
+            src = RedisFrameSource(self.cfg, self._redis_client(self.ref.url, self.egress), self.ref.key or "", self.sampler,
+                                   self._seq, self.consumer, self.inflight, self.event,
+                                   lambda: self._redis_client("", self.egress))  # the daemon's own (acking marks)
             self._redis_source = src
             return src
         loop = asyncio.get_running_loop()
