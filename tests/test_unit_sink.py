@@ -213,6 +213,7 @@ async def test_an_entry_on_another_server_is_acknowledged_there_retried_while_it
         await until(lambda: sink._server_acks and not next(iter(sink._server_acks.values())).healthy, 10,
                     what="an acknowledgement failed")
         assert sink.server_acks_pending == 1 and handle == []  # not lost, not settled
+        assert await r.hgetall("streamd:{far}:acking") == {b"frames:cam\ng\n7-0": b"1"}  # marked with its result
         await sink.publish_results([work("near", 2)])  # other results go on
         await until(lambda: sink.results_by_stream.get("near") == 2, 10, what="a later result")
         await asyncio.to_thread(other.start)
@@ -221,6 +222,11 @@ async def test_an_entry_on_another_server_is_acknowledged_there_retried_while_it
         assert (await r.xpending("frames:cam", "g"))["pending"] == 1  # the own same-key entry: untouched
         assert handle == [ref]
         assert len(await results(r, "far")) == 1
+
+        async def unmarked():
+            return await r.hlen("streamd:{far}:acking") == 0
+
+        await until(unmarked, 10, what="the mark removed")
     finally:
         await server.aclose()
         await direct.aclose()

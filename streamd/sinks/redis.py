@@ -18,7 +18,10 @@ the two delivers the entry again, and it gets a second result).
 
 An input entry on another Redis server than the daemon's own (`redis://host:port/...#key`) is acknowledged on that
 server, after its result was written (streamd.sinks.redis.ServerAcks): at least once, since no MULTI/EXEC spans two
-servers (a crash between the two writes delivers the entry again: a second result, its `input.deliveries` above 1).
+servers a crash between the two writes delivers the entry again). Its result's MULTI/EXEC also marks the entry in
+`streamd:{<stream_id>}:acking` (removed once acknowledged), and the input skips (and acknowledges) an entry it
+reads again that is marked there: no second result after a restart either (not on a Redis Cluster, whose writer
+marks nothing: there such an entry gets a second result, its `input.deliveries` above 1).
 While the daemon runs, an entry whose result is written stays in its input's pipeline set until acknowledged, so a
 reconnected input does not read it again; an acknowledgement that fails (that server down) is retried with backoff,
 per server, without holding back anyone's results.
@@ -370,7 +373,7 @@ class RedisSink:
                 if p.ack is not None:
                     _settle(p.ack)
                 elif p.server_ack is not None:
-                    self._ack_on_server(p.server_ack)
+                    self._ack_on_server(p.stream_id, p.server_ack)
             self.published += n
             self.metrics.buffered.set(len(self._buf))
             self._space.set()
@@ -396,13 +399,18 @@ class RedisSink:
             return await self._send_cluster(self._cluster, batch)
         self._sent_at = time.monotonic()
         now = time.time()
-        tx = any(p.ack is not None for p in batch)  # an acknowledgement goes in one MULTI/EXEC with its result
+        # an acknowledgement goes in one MULTI/EXEC with its result; an entry on another server is marked there
+        tx = any(p.ack is not None or p.server_ack is not None for p in batch)
         cmds = [_MULTI] if tx else []
         for p in batch:
             _encode(p, now)
             cmds.append(pack_command(_write_args(p)))
             if p.ack is not None:
                 cmds.append(pack_command(("XACK", p.ack.key, p.ack.group, p.ack.entry_id)))
+            elif p.server_ack is not None:
+                a = p.server_ack
+                cmds.append(pack_command(("HSET", keys.acking_key(p.stream_id),
+                                          keys.acking_field(a.key, a.group, a.entry_id), "1")))
         if tx:
             cmds.append(_EXEC)
         replies = await self._roundtrip(cmds)
@@ -413,7 +421,7 @@ class RedisSink:
             writes.append(replies[i])
             if p.ack is not None and isinstance(replies[i + 1], Exception):
                 ack_failed(p, replies[i + 1])
-            i += 1 + (p.ack is not None)
+            i += 1 + (p.ack is not None or p.server_ack is not None)
         error = next((r for r in writes if isinstance(r, Exception)), None)
         if error is not None:
             raise error
@@ -455,12 +463,13 @@ class RedisSink:
             done[sid] = done.get(sid, 0) + 1
             self.metrics.stream(sid).e2e_latency.observe(max(0.0, now - p.result["capture_ts"]))
 
-    def _ack_on_server(self, ref: InputRef) -> None:
+    def _ack_on_server(self, stream_id: str, ref: InputRef) -> None:
         """`ref`'s result is written: acknowledge its entry on its own server (in the background, retried)."""
         acks = self._server_acks.get(id(ref.server))
         if acks is None or acks.client is not ref.server:
-            acks = self._server_acks[id(ref.server)] = ServerAcks(ref.server, self.cfg, self.metrics)
-        acks.add(ref)
+            marks = None if self._cluster is not None else self.r  # a cluster's writer marks nothing
+            acks = self._server_acks[id(ref.server)] = ServerAcks(ref.server, self.cfg, marks)
+        acks.add(stream_id, ref)
 
     @property
     def server_acks_pending(self) -> int:
@@ -494,13 +503,15 @@ class ServerAcks:
     written on the daemon's own Redis. Acknowledgements wait in a set and go in batches, one XACK per (key, group),
     on a task of their own: while that server is down they are retried with exponential backoff and jitter, and the
     results of every stream go on being written. An entry stays in its input's pipeline set (`Settlement`) until it
-    is acknowledged, so a reconnected input does not read it again (no second result while the daemon runs)."""
+    is acknowledged, so a reconnected input does not read it again (no second result while the daemon runs). Once
+    acknowledged, its mark in `streamd:{<stream_id>}:acking` (set with its result) is removed on `marks` (the
+    daemon's own Redis; None: nothing was marked)."""
 
-    def __init__(self, client: Any, cfg: RedisConfig, metrics: Metrics):
+    def __init__(self, client: Any, cfg: RedisConfig, marks: Any = None):
         self.client = client
         self.cfg = cfg
-        self.metrics = metrics
-        self._refs: dict[tuple[str, str, str], InputRef] = {}
+        self.marks = marks
+        self._refs: dict[tuple[str, str, str], tuple[str, InputRef]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.healthy = True
@@ -510,8 +521,8 @@ class ServerAcks:
     def __len__(self) -> int:
         return len(self._refs)
 
-    def add(self, ref: InputRef) -> None:
-        self._refs[(ref.key, ref.group, ref.entry_id)] = ref
+    def add(self, stream_id: str, ref: InputRef) -> None:
+        self._refs[(ref.key, ref.group, ref.entry_id)] = (stream_id, ref)
         self._wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
@@ -541,26 +552,34 @@ class ServerAcks:
             delay = self.cfg.retry_initial_s
 
     async def _flush(self) -> None:
-        refs = list(self._refs.values())
-        by_group: dict[tuple[str, str], list[InputRef]] = {}
-        for ref in refs:
-            by_group.setdefault((ref.key, ref.group), []).append(ref)
+        by_group: dict[tuple[str, str], list[tuple[str, InputRef]]] = {}
+        for sid, ref in self._refs.values():
+            by_group.setdefault((ref.key, ref.group), []).append((sid, ref))
         async with self.client.pipeline(transaction=False) as pipe:
             for (key, group), rs in by_group.items():
-                pipe.xack(key, group, *(r.entry_id for r in rs))
+                pipe.xack(key, group, *(r.entry_id for _, r in rs))
             replies = await pipe.execute(raise_on_error=False)
         conn_error = next((r for r in replies if isinstance(r, (RedisError, OSError))
                            and not isinstance(r, ResponseError)), None)
         if conn_error is not None:
             raise conn_error
-        for ((key, _group), rs), reply in zip(by_group.items(), replies):
-            if isinstance(reply, Exception):  # WRONGTYPE, NOGROUP: no retry could acknowledge them
+        unmark: dict[str, list[str]] = {}  # per stream, the marks of entries acknowledged
+        for ((key, group), rs), reply in zip(by_group.items(), replies):
+            if isinstance(reply, Exception):  # WRONGTYPE, NOGROUP: no retry could acknowledge them (marks kept)
                 log.warning("input entries not acknowledged", key=key, entries=len(rs), error=str(reply))
-            for r in rs:
-                if self._refs.get((r.key, r.group, r.entry_id)) is r:
+            for sid, r in rs:
+                if self._refs.get((r.key, r.group, r.entry_id), (None, None))[1] is r:
                     del self._refs[(r.key, r.group, r.entry_id)]
                 _settle(r)
+                if not isinstance(reply, Exception):
+                    unmark.setdefault(sid, []).append(keys.acking_field(key, group, r.entry_id))
             self.acked += len(rs)
+        if self.marks is not None and unmark:
+            try:
+                for sid, fields in unmark.items():
+                    await self.marks.hdel(keys.acking_key(sid), *fields)
+            except (RedisError, OSError) as e:  # a mark left behind: only an entry acknowledged already has it
+                log.warning("acknowledged entries' marks not removed", error=str(e) or type(e).__name__)
 
     async def aclose(self, timeout_s: float) -> None:
         """Acknowledge what is left (within `timeout_s`), then stop."""
