@@ -22,13 +22,16 @@ class InputRef:
     """Where a frame came from, when that place must be told it was handled (a Redis entry to acknowledge).
     `handle` is the input's settlement handle (`streamd.sources.base.Settlement`): the sink calls
     `handle.settled(ref)` once the entry is acknowledged (or will be delivered again), the pipeline
-    `await handle.fail(ref, reason)` when a stage failed on it."""
+    `await handle.fail(ref, reason)` when a stage failed on it. `server`: the client of the Redis server the entry
+    is on when that is not the daemon's own (acknowledged there after its result is written); None: the daemon's
+    own Redis (acknowledged in the MULTI/EXEC of its result)."""
 
     key: str
     group: str
     entry_id: str
     deliveries: int = 1
     handle: Any = field(default=None, compare=False, repr=False)
+    server: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,9 @@ from redis.crc import key_slot
 SCHEMA_VERSION = 1  # of the records; key formats are versioned by the README's Redis contract section
 RESULTS_KEY = "streamd:{{{stream}}}:results"
 EVENTS_KEY = "streamd:{{{stream}}}:events"
+# a Redis input on another server: its entries whose results are written and that are not acknowledged there yet
+# (hash: acking_field -> "1"; set in the MULTI/EXEC of the result, deleted once acknowledged; streamd.sinks.redis)
+ACKING_KEY = "streamd:{{{stream}}}:acking"
 VLM_KEY = "streamd:{{{stream}}}:vlm"  # answers of the VLM stage (they arrive later than the frame's result)
 DEAD_LETTER_KEY = "{key}:dead"  # beside the user's input stream
 API_STREAMS_KEY = "streamd:api:streams"  # hash: stream id -> stream config (JSON) of streams added through the API
@@ -53,6 +56,15 @@ JOBS_ACTIVE_KEY = "streamd:jobs:active"  # ids of jobs not ended (queued, runnin
 
 def results_key(stream_id: str) -> str:
     return RESULTS_KEY.format(stream=stream_id)
+
+
+def acking_key(stream_id: str) -> str:
+    return ACKING_KEY.format(stream=stream_id)
+
+
+def acking_field(key: str, group: str, entry_id: str) -> str:
+    """An input entry's field in ACKING_KEY: its key, group and id, one a line."""
+    return f"{key}\n{group}\n{entry_id}"
 
 
 def events_key(stream_id: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import weakref
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 UNBOUNDED = 2**31  # "no limit" for a pool (Redis inputs hold one connection each while XREADGROUP blocks)
 CLUSTER_RETRIES = 3  # a cluster command is retried this often (a failover, a moved slot, a dead connection)
+_OTHER_SERVERS: "weakref.WeakSet[Any]" = weakref.WeakSet()  # clients made with an egress policy (is_other_server)
 
 
 class _Policed:
@@ -123,7 +125,16 @@ def redis_client(url: str, max_connections: int | None = None, wait_s: float = 2
         pool = aioredis.ConnectionPool.from_url(url, max_connections=UNBOUNDED, **opts)
     else:
         pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=wait_s, **opts)
-    return aioredis.Redis.from_pool(pool)  # the client owns its pool: closing it closes the pool
+    client = aioredis.Redis.from_pool(pool)  # the client owns its pool: closing it closes the pool
+    if egress is not None:
+        _OTHER_SERVERS.add(client)
+    return client
+
+
+def is_other_server(client: Any) -> bool:
+    """Whether `client` talks to another Redis server than the daemon's own (a Redis input's, made with an egress
+    policy): its input entries are acknowledged on it, not in the MULTI/EXEC of their results (streamd.sinks.redis)."""
+    return client in _OTHER_SERVERS
 
 
 def is_cluster(client: Any) -> bool:

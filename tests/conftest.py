@@ -79,6 +79,22 @@ def h(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+
+async def fleet_clean(r: aioredis.Redis, *sids: str, members: tuple[str, ...] = ("same",)) -> None:
+    """Forgets what fleet tests leave in the shared Redis: API streams, members (these ids), the streams' keys."""
+    from streamd import keys
+
+    await r.delete(keys.API_STREAMS_KEY, keys.FLEET_MEMBERS_KEY, *(keys.fleet_member_key(m) for m in members))
+    for sid in sids:
+        await r.delete(keys.results_key(sid), keys.events_key(sid), keys.lease_key(sid), keys.lease_last_key(sid),
+                       keys.stream_ended_key(sid))
+
+
+async def api_call(s: Any, base: str, method: str, path: str, token: str = OPER, **kw: Any) -> tuple[int, Any]:
+    """(status, JSON body or None for 204) of an API request under /api/v1."""
+    async with s.request(method, base + "/api/v1" + path, headers=h(token), **kw) as resp:
+        return resp.status, (await resp.json() if resp.status != 204 else None)
+
 async def results(client: aioredis.Redis, stream_id: str) -> list[dict[str, Any]]:
     entries = await client.xrange(keys.results_key(stream_id))
     return [json.loads(f[b"record"]) for _, f in entries]

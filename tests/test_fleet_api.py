@@ -9,9 +9,8 @@ import asyncio
 import aiohttp
 import redis.asyncio as aioredis
 
-from conftest import OPER, READ, api_cfg, h, until
+from conftest import READ, api_call, api_cfg, fleet_clean, h, until
 from streamd import keys
-from streamd.keys import API_STREAMS_KEY, FLEET_MEMBERS_KEY
 from streamd.testing.daemon import running
 
 CAM = {"url": "rtsp://127.0.0.1:9/cam", "pipeline": "frame_info", "reconnect": {"max_attempts": None}}
@@ -23,16 +22,8 @@ def fleet_cfg(redis_url, name, streams=(), **fleet):
         "enabled": True, "member_id": name, "lease_ttl_s": 3, "renew_s": 0.5, "settle_s": 1, **fleet})})
 
 
-async def clean(r: aioredis.Redis, *sids: str) -> None:
-    await r.delete(API_STREAMS_KEY, FLEET_MEMBERS_KEY, keys.fleet_member_key("same"))
-    for sid in sids:
-        await r.delete(keys.results_key(sid), keys.events_key(sid), keys.lease_key(sid), keys.lease_last_key(sid),
-                       keys.stream_ended_key(sid))
 
 
-async def _call(s, base, method, path, token=OPER, **kw):
-    async with s.request(method, base + "/api/v1" + path, headers=h(token), **kw) as resp:
-        return resp.status, (await resp.json() if resp.status != 204 else None)
 
 
 async def test_a_daemon_standing_aside_shows_the_fleet_and_says_why(redis_server):
@@ -41,7 +32,7 @@ async def test_a_daemon_standing_aside_shows_the_fleet_and_says_why(redis_server
     stands aside and why; its GET /api/v1/streams/{id} names the owner (old code: no member at all)."""
     sids = ["aside-0", "aside-1"]
     r = aioredis.Redis.from_url(redis_server.url)
-    await clean(r, *sids)
+    await fleet_clean(r, *sids)
     cfg = fleet_cfg(redis_server.url, "same", [{"id": sid, **CAM} for sid in sids])
     try:
         async with running(cfg) as first, aiohttp.ClientSession() as s:
@@ -50,7 +41,7 @@ async def test_a_daemon_standing_aside_shows_the_fleet_and_says_why(redis_server
                 await until(lambda: second.streams.fleet.fleet.duplicate is not None, 10, what="standing aside")
 
                 async def shown():
-                    st, body = await _call(s, second.api_url, "GET", "/cluster", READ)
+                    st, body = await api_call(s, second.api_url, "GET", "/cluster", READ)
                     assert st == 200, body
                     return body if [(m["id"], m["streams"]) for m in body["members"]] == [("same", sids)] else None
 
@@ -58,13 +49,13 @@ async def test_a_daemon_standing_aside_shows_the_fleet_and_says_why(redis_server
                 assert body["self"] == "same" and body["standing_aside"] is True, body
                 assert "fleet.member_id" in body["standing_aside_reason"], body
                 assert body["instance"] == second.streams.fleet.fleet.instance
-                st, mine = await _call(s, first.api_url, "GET", "/cluster", READ)
+                st, mine = await api_call(s, first.api_url, "GET", "/cluster", READ)
                 assert mine["standing_aside"] is False and mine["standing_aside_reason"] is None, mine
-                st, info = await _call(s, second.api_url, "GET", f"/streams/{sids[0]}", READ)
+                st, info = await api_call(s, second.api_url, "GET", f"/streams/{sids[0]}", READ)
                 assert st == 200 and info["owner"] == "same", info
                 assert second.streams.runners == {}
     finally:
-        await clean(r, *sids)
+        await fleet_clean(r, *sids)
         await r.aclose()
 
 
@@ -75,7 +66,7 @@ async def test_a_stream_only_another_daemons_config_names_is_answered_from_the_f
     that id too (409 stream_exists); an id nobody runs is still 404."""
     sid = "only-in-x"
     r = aioredis.Redis.from_url(redis_server.url)
-    await clean(r, sid)
+    await fleet_clean(r, sid)
     stream = {"id": sid, "url": str(clip), "fps": 2, "loop": True, "playback": "realtime", "pipeline": "frame_info"}
     try:
         async with running(fleet_cfg(redis_server.url, "x", [stream])) as dx, \
@@ -84,7 +75,7 @@ async def test_a_stream_only_another_daemons_config_names_is_answered_from_the_f
                         and dx.streams.runners[sid].state.value == "live", 15, what="x runs it")
 
             async def answered():
-                st, body = await _call(s, dy.api_url, "GET", f"/streams/{sid}", READ)
+                st, body = await api_call(s, dy.api_url, "GET", f"/streams/{sid}", READ)
                 return body if st == 200 and body["state"] == "live" else None
 
             info = await until(answered, 5, what="y answers from x's heartbeat")
@@ -92,29 +83,29 @@ async def test_a_stream_only_another_daemons_config_names_is_answered_from_the_f
             assert info["fps"] == 2 and info["url"], info
             async with s.get(dy.api_url + f"/api/v1/streams/{sid}", headers=h(READ)) as resp:
                 assert "ETag" not in resp.headers
-            st, listed = await _call(s, dy.api_url, "GET", "/streams", READ)
+            st, listed = await api_call(s, dy.api_url, "GET", "/streams", READ)
             assert [x["id"] for x in listed["streams"]] == [sid], listed
 
             async def read(kind):
-                st, body = await _call(s, dy.api_url, "GET", f"/streams/{sid}/{kind}", READ)
+                st, body = await api_call(s, dy.api_url, "GET", f"/streams/{sid}/{kind}", READ)
                 assert st == 200, body
                 return body["entries"] or None
 
             recs = await until(lambda: read("results"), 10, what="its results through y")
             assert recs[0]["record"]["daemon"] == "x"
             assert await read("events")
-            st, body = await _call(s, dy.api_url, "PATCH", f"/streams/{sid}", json={"fps": 1})
+            st, body = await api_call(s, dy.api_url, "PATCH", f"/streams/{sid}", json={"fps": 1})
             assert st == 409 and body["error"]["code"] == "stream_in_config", body
             assert body["error"]["details"]["members"] == ["x"], body
-            st, body = await _call(s, dy.api_url, "DELETE", f"/streams/{sid}")
+            st, body = await api_call(s, dy.api_url, "DELETE", f"/streams/{sid}")
             assert st == 409 and body["error"]["code"] == "stream_in_config", body
-            st, body = await _call(s, dy.api_url, "POST", "/streams", json={"id": sid, **CAM})
+            st, body = await api_call(s, dy.api_url, "POST", "/streams", json={"id": sid, **CAM})
             assert st == 409 and body["error"]["code"] == "stream_exists", body
-            st, body = await _call(s, dy.api_url, "GET", "/streams/nobody-runs-it", READ)
+            st, body = await api_call(s, dy.api_url, "GET", "/streams/nobody-runs-it", READ)
             assert st == 404, body
             assert sid not in dy.streams.runners and dx.streams.runners[sid].cfg.fps == 2
     finally:
-        await clean(r, sid)
+        await fleet_clean(r, sid)
         await r.aclose()
 
 
@@ -125,7 +116,7 @@ async def test_an_api_change_does_not_wait_for_a_tick_under_way(redis_server):
     POST waited for the tick lock until the held stream was let go). Then the held stream starts."""
     held_sid, other = "held-cam", "quick-cam"
     r = aioredis.Redis.from_url(redis_server.url)
-    await clean(r, held_sid, other)
+    await fleet_clean(r, held_sid, other)
     order: list[str] = []
     held, gate = asyncio.Event(), asyncio.Event()
     try:
@@ -142,15 +133,15 @@ async def test_an_api_change_does_not_wait_for_a_tick_under_way(redis_server):
             fs._last_seq = hold
             try:
                 await asyncio.wait_for(held.wait(), 10)  # the tick took the lease and waits
-                st, body = await asyncio.wait_for(_call(s, d.api_url, "POST", "/streams",
+                st, body = await asyncio.wait_for(api_call(s, d.api_url, "POST", "/streams",
                                                         json={"id": other, **CAM}), 10)
                 assert st == 201 and body["owner"] == "solo", body
                 order.append("post")
-                st, body = await asyncio.wait_for(_call(s, d.api_url, "PATCH", f"/streams/{other}",
+                st, body = await asyncio.wait_for(api_call(s, d.api_url, "PATCH", f"/streams/{other}",
                                                         json={"fps": 3}), 10)
                 assert st == 200 and d.streams.runners[other].cfg.fps == 3, body
                 order.append("patch")
-                st, _ = await asyncio.wait_for(_call(s, d.api_url, "DELETE", f"/streams/{other}"), 10)
+                st, _ = await asyncio.wait_for(api_call(s, d.api_url, "DELETE", f"/streams/{other}"), 10)
                 assert st == 204 and other not in d.streams.runners
                 order.append("delete")
                 assert held_sid not in d.streams.runners  # the tick is still held
@@ -161,7 +152,7 @@ async def test_an_api_change_does_not_wait_for_a_tick_under_way(redis_server):
             assert order == ["post", "patch", "delete", "let go"], order
             assert await r.get(keys.lease_key(other)) is None
     finally:
-        await clean(r, held_sid, other)
+        await fleet_clean(r, held_sid, other)
         await r.aclose()
 
 
@@ -172,13 +163,13 @@ async def test_a_sync_does_not_undo_a_change_made_through_this_daemon_meanwhile(
     each for a renew interval, restarting streams)."""
     added, deleted, patched = "sync-added", "sync-deleted", "sync-patched"
     r = aioredis.Redis.from_url(redis_server.url)
-    await clean(r, added, deleted, patched)
+    await fleet_clean(r, added, deleted, patched)
     held, gate, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
     try:
         async with running(fleet_cfg(redis_server.url, "solo")) as d, aiohttp.ClientSession() as s:
             fs = d.streams.fleet
             for sid in (deleted, patched):
-                st, body = await _call(s, d.api_url, "POST", "/streams", json={"id": sid, **CAM})
+                st, body = await api_call(s, d.api_url, "POST", "/streams", json={"id": sid, **CAM})
                 assert st == 201, body
 
             async def load(orig=d.streams.store.load):
@@ -196,11 +187,11 @@ async def test_a_sync_does_not_undo_a_change_made_through_this_daemon_meanwhile(
             d.streams.store.load, fs.sync = load, sync
             try:
                 await asyncio.wait_for(held.wait(), 10)
-                st, body = await _call(s, d.api_url, "POST", "/streams", json={"id": added, **CAM})
+                st, body = await api_call(s, d.api_url, "POST", "/streams", json={"id": added, **CAM})
                 assert st == 201, body
-                st, _ = await _call(s, d.api_url, "DELETE", f"/streams/{deleted}")
+                st, _ = await api_call(s, d.api_url, "DELETE", f"/streams/{deleted}")
                 assert st == 204
-                st, body = await _call(s, d.api_url, "PATCH", f"/streams/{patched}", json={"fps": 3})
+                st, body = await api_call(s, d.api_url, "PATCH", f"/streams/{patched}", json={"fps": 3})
                 assert st == 200, body
                 runners = {sid: d.streams.runners.get(sid) for sid in (added, patched)}
                 assert all(runners.values()) and deleted not in d.streams.runners, runners
@@ -217,5 +208,5 @@ async def test_a_sync_does_not_undo_a_change_made_through_this_daemon_meanwhile(
             assert d.streams.runners.get(added) is runners[added] and d.streams.runners.get(patched) is runners[patched]
             assert deleted not in d.streams.runners and await r.get(keys.lease_key(deleted)) is None
     finally:
-        await clean(r, added, deleted, patched)
+        await fleet_clean(r, added, deleted, patched)
         await r.aclose()

@@ -13,11 +13,11 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import OPER, READ, api_cfg, h, until
+from conftest import READ, api_call, api_cfg, fleet_clean, until
 from streamd import keys
 from streamd.config import StreamConfig
 from streamd.fleet import preferred
-from streamd.keys import API_STREAMS_KEY, FLEET_MEMBERS_KEY
+from streamd.keys import API_STREAMS_KEY
 from streamd.streams.store import StreamExists
 from streamd.testing.daemon import running
 
@@ -31,16 +31,8 @@ def fleet_cfg(redis_url, name, streams=(), **fleet):
         "enabled": True, "member_id": name, "lease_ttl_s": 3, "renew_s": 0.5, "settle_s": 1, **fleet})})
 
 
-async def clean(r: aioredis.Redis, *sids: str) -> None:
-    await r.delete(API_STREAMS_KEY, FLEET_MEMBERS_KEY, *(keys.fleet_member_key(m) for m in ("same", "x", "y", "solo")))
-    for sid in sids:
-        await r.delete(keys.results_key(sid), keys.events_key(sid), keys.lease_key(sid), keys.lease_last_key(sid),
-                       keys.stream_ended_key(sid))
 
 
-async def _call(s, base, method, path, token=OPER, **kw):
-    async with s.request(method, base + "/api/v1" + path, headers=h(token), **kw) as resp:
-        return resp.status, (await resp.json() if resp.status != 204 else None)
 
 
 async def test_placements_at_once_keep_to_max_streams(redis_server):
@@ -48,7 +40,7 @@ async def test_placements_at_once_keep_to_max_streams(redis_server):
     one lease (old code: each checked the count before its first await, and all four were taken)."""
     sids = [f"cap-{i}" for i in range(4)]
     r = aioredis.Redis.from_url(redis_server.url)
-    await clean(r, *sids)
+    await fleet_clean(r, *sids, members=("same", "x", "y", "solo"))
     try:
         async with running(fleet_cfg(redis_server.url, "solo", [{"id": sid, **CAM} for sid in sids],
                                      max_streams=1, **SLOW)) as d:
@@ -61,7 +53,7 @@ async def test_placements_at_once_keep_to_max_streams(redis_server):
             await f.tick()  # the tick's placement keeps to it too
             assert len(f.leases) == 1
     finally:
-        await clean(r, *sids)
+        await fleet_clean(r, *sids, members=("same", "x", "y", "solo"))
         await r.aclose()
 
 
@@ -71,7 +63,7 @@ async def test_a_lease_taken_while_the_daemon_turns_to_stand_aside_is_given_back
     it kept it, a lease nobody renews or releases)."""
     sid = "aside-take"
     r = aioredis.Redis.from_url(redis_server.url)
-    await clean(r, sid)
+    await fleet_clean(r, sid, members=("same", "x", "y", "solo"))
     try:
         async with running(fleet_cfg(redis_server.url, "solo", [{"id": sid, **CAM}], **SLOW)) as d:
             f = d.streams.fleet.fleet
@@ -85,7 +77,7 @@ async def test_a_lease_taken_while_the_daemon_turns_to_stand_aside_is_given_back
             finally:
                 f.duplicate = None
     finally:
-        await clean(r, sid)
+        await fleet_clean(r, sid, members=("same", "x", "y", "solo"))
         await r.aclose()
 
 
@@ -95,7 +87,7 @@ async def test_a_post_does_not_take_over_a_config_stream_nobody_runs(redis_serve
     re-check under the stream's lock."""
     sids = ["cfg-a", "cfg-b"]
     r = aioredis.Redis.from_url(redis_server.url)
-    await clean(r, *sids)
+    await fleet_clean(r, *sids, members=("same", "x", "y", "solo"))
     try:
         async with running(fleet_cfg(redis_server.url, "x", [{"id": sid, **CAM} for sid in sids], max_streams=1)) \
                 as dx, running(fleet_cfg(redis_server.url, "y")) as dy, aiohttp.ClientSession() as s:
@@ -103,7 +95,7 @@ async def test_a_post_does_not_take_over_a_config_stream_nobody_runs(redis_serve
             idle = next(sid for sid in sids if sid not in dx.streams.runners)
             fy = dy.streams.fleet.fleet
             await until(lambda: idle in (fy.members.get("x") or {}).get("wants", []), 10, what="y read x's heartbeat")
-            status, body = await _call(s, dy.api_url, "POST", "/streams",
+            status, body = await api_call(s, dy.api_url, "POST", "/streams",
                                        json={"id": idle, **CAM, "url": "rtsp://127.0.0.1:9/other"})
             assert status == 409 and body["error"]["code"] == "stream_exists", (status, body)
             assert body["error"]["details"]["members"] == ["x"]
@@ -112,7 +104,7 @@ async def test_a_post_does_not_take_over_a_config_stream_nobody_runs(redis_serve
             assert await r.hget(API_STREAMS_KEY, idle) is None
             assert dx.streams.fleet.cfgs[idle][1] == "config"
     finally:
-        await clean(r, *sids)
+        await fleet_clean(r, *sids, members=("same", "x", "y", "solo"))
         await r.aclose()
 
 
@@ -122,7 +114,7 @@ async def test_a_daemon_standing_aside_changes_no_stream(redis_server):
     deleted nothing and wiped the shared end record)."""
     sid = "aside-del"
     r = aioredis.Redis.from_url(redis_server.url)
-    await clean(r, sid, "aside-new")
+    await fleet_clean(r, sid, "aside-new", members=("same", "x", "y", "solo"))
     cfg = fleet_cfg(redis_server.url, "same", [{"id": sid, **CAM}])
     try:
         async with running(cfg) as first, aiohttp.ClientSession() as s:
@@ -134,16 +126,16 @@ async def test_a_daemon_standing_aside_changes_no_stream(redis_server):
                 for method, path, kw in (("DELETE", f"/streams/{sid}", {}),
                                          ("PATCH", f"/streams/{sid}", {"json": {"fps": 3}}),
                                          ("POST", "/streams", {"json": {"id": "aside-new", **CAM}})):
-                    status, body = await _call(s, second.api_url, method, path, **kw)
+                    status, body = await api_call(s, second.api_url, method, path, **kw)
                     assert status == 409 and body["error"]["code"] == "standing_aside", (method, status, body)
                     assert body["error"]["details"]["member_id"] == "same"
                 assert (await r.get(keys.stream_ended_key(sid))).decode() == end
                 assert await r.hget(API_STREAMS_KEY, "aside-new") is None
                 assert sid in first.streams.runners and first.streams.fleet.fleet.owns(sid)
-                status, body = await _call(s, second.api_url, "GET", f"/streams/{sid}", READ)
+                status, body = await api_call(s, second.api_url, "GET", f"/streams/{sid}", READ)
                 assert status == 200 and body["owner"] == "same"
     finally:
-        await clean(r, sid, "aside-new")
+        await fleet_clean(r, sid, "aside-new", members=("same", "x", "y", "solo"))
         await r.aclose()
 
 
@@ -151,7 +143,7 @@ async def test_two_syncs_at_once_each_see_this_daemons_changes(redis_server):
     """A sync under way while another sync ends still learns of a change made through this daemon's API meanwhile
     (old code: the other sync removed this one's set of changed streams, equal to its own, from the list)."""
     r = aioredis.Redis.from_url(redis_server.url)
-    await clean(r)
+    await fleet_clean(r, members=("same", "x", "y", "solo"))
     try:
         async with running(fleet_cfg(redis_server.url, "solo", **SLOW)) as d:
             fs = d.streams.fleet
@@ -174,7 +166,7 @@ async def test_two_syncs_at_once_each_see_this_daemons_changes(redis_server):
             assert "changed-meanwhile" in seen[0]
             assert fs._syncs == []
     finally:
-        await clean(r)
+        await fleet_clean(r, members=("same", "x", "y", "solo"))
         await r.aclose()
 
 
@@ -186,13 +178,13 @@ async def test_an_api_stream_not_synced_yet_is_known_as_an_api_stream(redis_serv
     sid = next(f"unsynced-{i}" for i in range(100)
                if preferred(f"unsynced-{i}", {"x": capacity, "y": capacity}) == "x")
     r = aioredis.Redis.from_url(redis_server.url)
-    await clean(r, sid)
+    await fleet_clean(r, sid, members=("same", "x", "y", "solo"))
     try:
         async with running(fleet_cfg(redis_server.url, "x")) as dx, \
                 running(fleet_cfg(redis_server.url, "y", **SLOW)) as dy, aiohttp.ClientSession() as s:
             fy = dy.streams.fleet.fleet
             await until(lambda: "y" in dx.streams.fleet.fleet.members, 10, what="x read y's heartbeat")
-            status, _ = await _call(s, dx.api_url, "POST", "/streams", json={"id": sid, **CAM})
+            status, _ = await api_call(s, dx.api_url, "POST", "/streams", json={"id": sid, **CAM})
             assert status == 201 and sid in dx.streams.runners
 
             async def heartbeat_names_it() -> bool:
@@ -204,12 +196,12 @@ async def test_an_api_stream_not_synced_yet_is_known_as_an_api_stream(redis_serv
                 await asyncio.sleep(0.05)
             await fy.tick()  # y reads x's heartbeat; its sync (every 30 s) has not read the stream
             assert sid not in dy.streams.fleet.cfgs
-            status, body = await _call(s, dy.api_url, "GET", f"/streams/{sid}", READ)
+            status, body = await api_call(s, dy.api_url, "GET", f"/streams/{sid}", READ)
             assert status == 200 and body["source"] == "api" and body["owner"] == "x", body
-            status, body = await _call(s, dy.api_url, "DELETE", f"/streams/{sid}")
+            status, body = await api_call(s, dy.api_url, "DELETE", f"/streams/{sid}")
             assert status == 204, body
             assert await r.hget(API_STREAMS_KEY, sid) is None
             await until(lambda: sid not in dx.streams.runners, 10, what="x stopped it")
     finally:
-        await clean(r, sid)
+        await fleet_clean(r, sid, members=("same", "x", "y", "solo"))
         await r.aclose()

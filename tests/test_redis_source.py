@@ -362,3 +362,76 @@ async def test_a_tls_redis_input_connects_to_the_checked_address_and_verifies_th
         await conn.disconnect()
         server.close()
         await server.wait_closed()
+
+
+async def test_an_input_on_another_redis_is_acknowledged_on_that_server(r, redis_server, tmp_path):
+    """An input on another Redis server: each entry is acknowledged on that server once its result is written (old:
+    the XACK went to the daemon's own Redis: the entries stayed pending there and came again after every reconnect,
+    a second result each, and a same-key stream on the daemon's own Redis had its entries acknowledged instead)."""
+    import redis.asyncio as aioredis
+
+    from streamd.redis_server import ManagedRedis
+
+    other = ManagedRedis(tmp_path / "other", durable=True).start()  # durable: the consumer group survives
+    client = aioredis.Redis.from_url(other.url)
+    ids = [f"{1000 + i}-0" for i in range(3)]
+    data = {"image": encode_jpeg(images(1)[0])}
+    try:
+        for eid in ids:  # the same key, group and entry ids on both servers; pending for someone on the own one
+            await client.xadd("frames:cam", data, id=eid)
+            await r.xadd("frames:cam", data, id=eid)
+        await r.xgroup_create("frames:cam", "streamd", id="0")
+        await r.xreadgroup("streamd", "someone", {"frames:cam": ">"})
+        cfg = make_config(redis_server.url, [], egress={"allow": ["127.0.0.1/32"]})
+        async with running(cfg) as d:
+            d.streams.add_stream(_stream("far", f"{other.url}#frames:cam"), "api")
+            await until(lambda: at_least(r, "far", 3), 20, what="results from the other Redis")
+            await until(lambda: _zero(client, "frames:cam"), 10, what="acknowledged on the other Redis")
+            assert await pending(r, "frames:cam") == 3  # the daemon's own same-key stream: untouched
+            await asyncio.to_thread(other.stop)  # the input reconnects: nothing of it is delivered again
+            await asyncio.to_thread(other.start)
+            more = await push_frames(client, "frames:cam", images(2), "jpeg")
+            recs = await until(lambda: at_least(r, "far", 5), 20, what="results after the restart")
+            await until(lambda: _zero(client, "frames:cam"), 10, what="acknowledged on the other Redis")
+            await asyncio.sleep(0.3)  # a redelivered entry (old code) would have its second result by now
+            recs = await results(r, "far")
+        assert [x["input"]["entry_id"] for x in recs] == ids + more  # one result each, none twice
+        assert await pending(r, "frames:cam") == 3
+    finally:
+        await client.aclose()
+        other.stop()
+
+
+async def test_an_entry_on_another_redis_whose_result_was_written_gets_no_second_result_after_a_restart(
+        r, redis_server, tmp_path):
+    """An input on another Redis server: the daemon wrote the results and stopped before it could acknowledge the
+    entries there (that server refused XACK: NOPERM). The next daemon reads them again from its pending list and
+    finds them marked in `streamd:{far}:acking` (set with each result): acknowledged there, no second result (old:
+    a second result each, and the first daemon acknowledged nothing there at all)."""
+    import redis.asyncio as aioredis
+
+    from streamd.redis_server import ManagedRedis
+
+    other = ManagedRedis(tmp_path / "other", durable=True).start()
+    client = aioredis.Redis.from_url(other.url)
+    cfg = make_config(redis_server.url, [{"id": "far", "url": f"{other.url}#frames:cam"}],
+                      egress={"allow": ["127.0.0.1/32"]})
+    try:
+        ids = await push_frames(client, "frames:cam", images(3), "jpeg")
+        await client.execute_command("ACL", "SETUSER", "default", "-xack")
+        async with running(cfg):
+            await until(lambda: at_least(r, "far", 3), 20, what="results from the other Redis")
+        assert await pending(client, "frames:cam") == 3  # never acknowledged there
+        await client.execute_command("ACL", "SETUSER", "default", "+xack")
+        async with running(cfg):
+            await until(lambda: _zero(client, "frames:cam"), 10, what="acknowledged by the next daemon")
+            more = await push_frames(client, "frames:cam", images(1), "jpeg")
+            await until(lambda: at_least(r, "far", 4), 20, what="the next entry's result")
+            await until(lambda: _zero(client, "frames:cam"), 10, what="acknowledged")
+            recs = await results(r, "far")
+        assert [x["input"]["entry_id"] for x in recs] == ids + more  # one result each
+        assert await r.hlen("streamd:{far}:acking") == 0  # each mark removed once acknowledged
+        assert not await r.exists("frames:cam")  # nothing on the daemon's own Redis
+    finally:
+        await client.aclose()
+        other.stop()

@@ -184,3 +184,50 @@ async def test_events_of_a_predict_requests_frame_are_never_published(redis_serv
         assert await client.exists(keys.events_key("cam")) == 1
     finally:
         await client.aclose()
+
+
+async def test_an_entry_on_another_server_is_acknowledged_there_retried_while_it_is_down(r, redis_server, tmp_path,
+                                                                                        sink_for):
+    """An input entry on another Redis server is acknowledged on that server (InputRef.server) after its result is
+    written, not in the result's MULTI/EXEC on the daemon's own Redis. That server down: the result is written at
+    once (other streams' too), and the acknowledgement waits and is retried until the server is back; the entry is
+    settled only then (its input does not read it again meanwhile)."""
+
+    other = ManagedRedis(tmp_path / "other", durable=True).start()
+    direct = aioredis.Redis.from_url(other.url)
+    server = aioredis.Redis.from_url(other.url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        eid = await direct.xadd("frames:cam", {"image": b"x"}, id="7-0")
+        await direct.xgroup_create("frames:cam", "g", id="0")
+        await direct.xreadgroup("g", "c", {"frames:cam": ">"})
+        await r.xadd("frames:cam", {"image": b"x"}, id="7-0")  # the same key, group and id on the daemon's own
+        await r.xgroup_create("frames:cam", "g", id="0")
+        await r.xreadgroup("g", "c", {"frames:cam": ">"})
+        await asyncio.to_thread(other.stop)
+        sink = sink_for(redis_server.url, retry_initial_s=0.05, retry_max_s=0.2)
+        handle = Settled()
+        ref = InputRef("frames:cam", "g", eid.decode(), handle=handle, server=server)
+        await sink.publish_results([work("far", 1, ref), work("near", 1)])
+        await until(lambda: sink.results_by_stream.get("far") == 1 and sink.results_by_stream.get("near") == 1, 10,
+                    what="both results written while the other server is down")
+        await until(lambda: sink._server_acks and not next(iter(sink._server_acks.values())).healthy, 10,
+                    what="an acknowledgement failed")
+        assert sink.server_acks_pending == 1 and handle == []  # not lost, not settled
+        assert await r.hgetall("streamd:{far}:acking") == {b"frames:cam\ng\n7-0": b"1"}  # marked with its result
+        await sink.publish_results([work("near", 2)])  # other results go on
+        await until(lambda: sink.results_by_stream.get("near") == 2, 10, what="a later result")
+        await asyncio.to_thread(other.start)
+        await until(lambda: sink.server_acks_pending == 0, 10, what="the acknowledgement retried")
+        assert (await direct.xpending("frames:cam", "g"))["pending"] == 0
+        assert (await r.xpending("frames:cam", "g"))["pending"] == 1  # the own same-key entry: untouched
+        assert handle == [ref]
+        assert len(await results(r, "far")) == 1
+
+        async def unmarked():
+            return await r.hlen("streamd:{far}:acking") == 0
+
+        await until(unmarked, 10, what="the mark removed")
+    finally:
+        await server.aclose()
+        await direct.aclose()
+        other.stop()

@@ -15,6 +15,16 @@ On a Redis Cluster (a `RedisCluster` client) a batch is split by slot and node i
 input entry is acknowledged in the MULTI/EXEC of its result only when its key is in the result's slot (tagged with
 the stream id, `frames:{<stream_id>}`); otherwise after its result was written (at least once: a failure between
 the two delivers the entry again, and it gets a second result).
+
+An input entry on another Redis server than the daemon's own (`redis://host:port/...#key`) is acknowledged on that
+server, after its result was written (streamd.sinks.redis.ServerAcks): at least once, since no MULTI/EXEC spans two
+servers a crash between the two writes delivers the entry again). Its result's MULTI/EXEC also marks the entry in
+`streamd:{<stream_id>}:acking` (removed once acknowledged), and the input skips (and acknowledges) an entry it
+reads again that is marked there: no second result after a restart either (not on a Redis Cluster, whose writer
+marks nothing: there such an entry gets a second result, its `input.deliveries` above 1).
+While the daemon runs, an entry whose result is written stays in its input's pipeline set until acknowledged, so a
+reconnected input does not read it again; an acknowledgement that fails (that server down) is retried with backoff,
+per server, without holding back anyone's results.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from hiredis import pack_command
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from streamd import jsonsafe, keys
 from streamd.config import RedisConfig
@@ -40,7 +50,7 @@ from streamd.frame_store import FrameStore
 from streamd.frames import PREDICT_PREFIX, InputRef, Work
 from streamd.log import get_logger
 from streamd.metrics import Metrics
-from streamd.redis_clients import is_cluster
+from streamd.redis_clients import egress_error, is_cluster
 from streamd.sinks.cluster import ClusterWriter, ack_failed
 
 log = get_logger("streamd.sink")
@@ -70,7 +80,8 @@ class Pending:
     maxlen: int
     fields: dict[str, Any]  # the entry; a result's "record" field is encoded when it is sent
     result: dict[str, Any] | None = None  # a result record (not the frame: its image is freed once buffered)
-    ack: InputRef | None = None
+    ack: InputRef | None = None  # an input entry on the daemon's own Redis: acknowledged with the record
+    server_ack: InputRef | None = None  # one on another server: acknowledged there once the record is written
     queued_t: float = 0.0  # time.monotonic() when it was buffered
     event: bool = False  # a state/gap/dead-letter event: kept in the buffer's reserved share, dropped last
     fence: tuple[str, str] | None = None  # (lease key, token): written only while the lease holds it (fleet)
@@ -187,6 +198,7 @@ class RedisSink:
         self._queued = 0  # records ever buffered
         self._gone = 0  # of those, published or dropped (the buffer is FIFO: the first `_gone` are done)
         self._progress = asyncio.Event()
+        self._server_acks: dict[int, ServerAcks] = {}  # input entries to acknowledge on other servers, per client
 
     # -- producers ------------------------------------------------------------------------------------------
     async def publish_results(self, works: list[Work]) -> None:
@@ -202,8 +214,10 @@ class RedisSink:
             if self.member is not None:
                 rec["daemon"] = self.member
             stored = self.frames.add(f) if self.frames is not None else None
-            self._append(Pending(keys.results_key(f.stream_id), self.cfg.results_maxlen, fields, rec, f.ref,
-                                 fence=fence, stored=stored))
+            own = f.ref is not None and f.ref.server is None
+            self._append(Pending(keys.results_key(f.stream_id), self.cfg.results_maxlen, fields, rec,
+                                 f.ref if own else None, fence=fence, stored=stored,
+                                 server_ack=None if own else f.ref))
 
     def lease_fence(self, stream_id: str) -> tuple[str, str] | None:
         """Fleet mode: the lease (key, token) a leased stream's record must still hold when written (its results,
@@ -269,8 +283,8 @@ class RedisSink:
                         buffer_max_records=self.cfg.buffer_max_records, stream=old.stream_id)
         lost = self._lost.setdefault(old.stream_id, {"results": 0, "events": 0})
         lost["events" if old.event else "results"] += 1
-        if old.ack is not None:
-            _settle(old.ack)  # not acknowledged: Redis will deliver it again
+        if old.ack is not None or old.server_ack is not None:
+            _settle(old.ack or old.server_ack)  # not acknowledged: Redis will deliver it again
 
     def _report_losses(self) -> None:
         """Redis is back: one `records_dropped` event per stream that lost records to the full buffer."""
@@ -309,6 +323,9 @@ class RedisSink:
         self._progress.set()
 
     async def aclose(self) -> None:
+        for acks in list(self._server_acks.values()):  # what is left goes now, or is delivered again after a restart
+            await acks.aclose(min(2.0, self.cfg.retry_max_s))
+        self._server_acks.clear()
         if self._conn is None:
             return  # Redis Cluster: the client's connections are its owner's to close
         with contextlib.suppress(Exception):  # closing a dead connection
@@ -355,6 +372,8 @@ class RedisSink:
                     self._done(1)
                 if p.ack is not None:
                     _settle(p.ack)
+                elif p.server_ack is not None:
+                    self._ack_on_server(p.stream_id, p.server_ack)
             self.published += n
             self.metrics.buffered.set(len(self._buf))
             self._space.set()
@@ -380,13 +399,18 @@ class RedisSink:
             return await self._send_cluster(self._cluster, batch)
         self._sent_at = time.monotonic()
         now = time.time()
-        tx = any(p.ack is not None for p in batch)  # an acknowledgement goes in one MULTI/EXEC with its result
+        # an acknowledgement goes in one MULTI/EXEC with its result; an entry on another server is marked there
+        tx = any(p.ack is not None or p.server_ack is not None for p in batch)
         cmds = [_MULTI] if tx else []
         for p in batch:
             _encode(p, now)
             cmds.append(pack_command(_write_args(p)))
             if p.ack is not None:
                 cmds.append(pack_command(("XACK", p.ack.key, p.ack.group, p.ack.entry_id)))
+            elif p.server_ack is not None:
+                a = p.server_ack
+                cmds.append(pack_command(("HSET", keys.acking_key(p.stream_id),
+                                          keys.acking_field(a.key, a.group, a.entry_id), "1")))
         if tx:
             cmds.append(_EXEC)
         replies = await self._roundtrip(cmds)
@@ -397,7 +421,7 @@ class RedisSink:
             writes.append(replies[i])
             if p.ack is not None and isinstance(replies[i + 1], Exception):
                 ack_failed(p, replies[i + 1])
-            i += 1 + (p.ack is not None)
+            i += 1 + (p.ack is not None or p.server_ack is not None)
         error = next((r for r in writes if isinstance(r, Exception)), None)
         if error is not None:
             raise error
@@ -439,6 +463,19 @@ class RedisSink:
             done[sid] = done.get(sid, 0) + 1
             self.metrics.stream(sid).e2e_latency.observe(max(0.0, now - p.result["capture_ts"]))
 
+    def _ack_on_server(self, stream_id: str, ref: InputRef) -> None:
+        """`ref`'s result is written: acknowledge its entry on its own server (in the background, retried)."""
+        acks = self._server_acks.get(id(ref.server))
+        if acks is None or acks.client is not ref.server:
+            marks = None if self._cluster is not None else self.r  # a cluster's writer marks nothing
+            acks = self._server_acks[id(ref.server)] = ServerAcks(ref.server, self.cfg, marks)
+        acks.add(stream_id, ref)
+
+    @property
+    def server_acks_pending(self) -> int:
+        """Input entries on other servers whose results are written and that are not acknowledged there yet."""
+        return sum(len(a) for a in self._server_acks.values())
+
     def forget_stream(self, stream_id: str) -> None:
         """A deleted stream's result count goes with it (a new stream of that id counts from zero)."""
         self.results_by_stream.pop(stream_id, None)
@@ -459,3 +496,98 @@ class RedisSink:
         except BaseException:
             await conn.disconnect()  # unread replies must never answer the next batch
             raise
+
+
+class ServerAcks:
+    """Acknowledges input entries on one other Redis server (a Redis input's client), after their results were
+    written on the daemon's own Redis. Acknowledgements wait in a set and go in batches, one XACK per (key, group),
+    on a task of their own: while that server is down they are retried with exponential backoff and jitter, and the
+    results of every stream go on being written. An entry stays in its input's pipeline set (`Settlement`) until it
+    is acknowledged, so a reconnected input does not read it again (no second result while the daemon runs). Once
+    acknowledged, its mark in `streamd:{<stream_id>}:acking` (set with its result) is removed on `marks` (the
+    daemon's own Redis; None: nothing was marked)."""
+
+    def __init__(self, client: Any, cfg: RedisConfig, marks: Any = None):
+        self.client = client
+        self.cfg = cfg
+        self.marks = marks
+        self._refs: dict[tuple[str, str, str], tuple[str, InputRef]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.healthy = True
+        self.last_error: str | None = None
+        self.acked = 0
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def add(self, stream_id: str, ref: InputRef) -> None:
+        self._refs[(ref.key, ref.group, ref.entry_id)] = (stream_id, ref)
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        delay = self.cfg.retry_initial_s
+        while True:
+            if not self._refs:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._flush()
+            except (RedisError, OSError) as e:
+                refused = egress_error(e)
+                err = str(refused or e) or type(e).__name__
+                if self.healthy:
+                    log.warning("input entries not acknowledged on their server yet: retrying", error=err,
+                                pending=len(self._refs))
+                self.healthy, self.last_error = False, err
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self.cfg.retry_max_s)
+                continue
+            if not self.healthy:
+                log.info("input entries acknowledged on their server again")
+            self.healthy, self.last_error = True, None
+            delay = self.cfg.retry_initial_s
+
+    async def _flush(self) -> None:
+        by_group: dict[tuple[str, str], list[tuple[str, InputRef]]] = {}
+        for sid, ref in self._refs.values():
+            by_group.setdefault((ref.key, ref.group), []).append((sid, ref))
+        async with self.client.pipeline(transaction=False) as pipe:
+            for (key, group), rs in by_group.items():
+                pipe.xack(key, group, *(r.entry_id for _, r in rs))
+            replies = await pipe.execute(raise_on_error=False)
+        conn_error = next((r for r in replies if isinstance(r, (RedisError, OSError))
+                           and not isinstance(r, ResponseError)), None)
+        if conn_error is not None:
+            raise conn_error
+        unmark: dict[str, list[str]] = {}  # per stream, the marks of entries acknowledged
+        for ((key, group), rs), reply in zip(by_group.items(), replies):
+            if isinstance(reply, Exception):  # WRONGTYPE, NOGROUP: no retry could acknowledge them (marks kept)
+                log.warning("input entries not acknowledged", key=key, entries=len(rs), error=str(reply))
+            for sid, r in rs:
+                if self._refs.get((r.key, r.group, r.entry_id), (None, None))[1] is r:
+                    del self._refs[(r.key, r.group, r.entry_id)]
+                _settle(r)
+                if not isinstance(reply, Exception):
+                    unmark.setdefault(sid, []).append(keys.acking_field(key, group, r.entry_id))
+            self.acked += len(rs)
+        if self.marks is not None and unmark:
+            try:
+                for sid, fields in unmark.items():
+                    await self.marks.hdel(keys.acking_key(sid), *fields)
+            except (RedisError, OSError) as e:  # a mark left behind: only an entry acknowledged already has it
+                log.warning("acknowledged entries' marks not removed", error=str(e) or type(e).__name__)
+
+    async def aclose(self, timeout_s: float) -> None:
+        """Acknowledge what is left (within `timeout_s`), then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._refs:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(timeout_s):
+                    await self._flush()

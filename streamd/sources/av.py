@@ -32,6 +32,7 @@ from streamd.log import get_logger, redact_text
 from streamd.sampling import FpsSampler
 from streamd.sources import SourceRef
 from streamd.sources.base import Abandoned
+from streamd.sources.formats import open_options
 from streamd.sources.plan import decode_threads, make_plan, mode_reporter
 
 log = get_logger("streamd.source.av")
@@ -68,6 +69,9 @@ def _open_error(exc: BaseException, kind: str, timeout_s: float) -> SourceError:
         return SourceError(f"not a media file: {_describe(exc)}", permanent=True, code="not_media")
     if isinstance(exc, av.error.InvalidDataError):
         return SourceError(f"not a media stream: {_describe(exc)}", code="not_media")
+    if isinstance(exc, av.error.ArgumentError) and kind != "rtsp":  # also FFmpeg's "Format not on whitelist" (sources/formats.py)
+        return SourceError(f"not a media stream streamd reads (a container of sources/formats.py): {_describe(exc)}",
+                           code="not_media")
     return SourceError(f"cannot open: {_describe(exc)}")
 
 
@@ -277,7 +281,9 @@ class AvSource:
 
     def _open(self, t: float) -> Any:
         src = self._reader if self._reader is not None else self._url
-        kw: dict[str, Any] = {"options": self._options(), "timeout": (t, self._read_timeout_s)}
+        # only media containers (no concat, hls, image2 ... that open other files), under the stream's own options
+        options = {**open_options(self._reader is not None), **self._options()}
+        kw: dict[str, Any] = {"options": options, "timeout": (t, self._read_timeout_s)}
         if self.cfg.hwaccel is None:
             return av.open(src, **kw)
         try:  # decoded on the device, frames copied to host memory (software decoding where the codec is not)

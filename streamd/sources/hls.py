@@ -48,6 +48,7 @@ from streamd.frames import Frame
 from streamd.log import get_logger, redact_url
 from streamd.sampling import FpsSampler
 from streamd.sources import SourceRef
+from streamd.sources.formats import open_options
 from streamd.sources.base import EventFn
 from streamd.sources.hls_feed import END, Feed, Segment, aes128_decrypt
 from streamd.sources.httpio import http_headers
@@ -368,7 +369,7 @@ class HlsSource:
             if feed.ts:
                 container = av.open(feed, mode="r", format="mpegts", options=_OPEN_OPTIONS)
             else:
-                container = av.open(feed.whole(), mode="r")
+                container = av.open(feed.whole(), mode="r", options=open_options(True))  # media containers only
         except av.error.FFmpegError as e:
             feed.drain()
             for seg in feed.settle_all():

@@ -13,6 +13,11 @@ The only blocking call is XREADGROUP (bounded by `block_ms`); image decoding run
 On another server than the daemon's own, every connection (each reconnect too) resolves the host through the
 stream's egress policy and connects to the checked address (streamd.redis_clients.PolicedConnection); a refusal
 ends the connection attempt with the policy's EgressError (`egress_refused`), like any other source's.
+Entries are acknowledged on the server they came from: on the daemon's own Redis in the MULTI/EXEC of their results
+(the sink); on another server by the sink after their results were written (`InputRef.server`), and entries
+skipped or dead-lettered here on this source's own client. An entry on another server that is read again (its own
+pending list after a restart, a claim) and is marked in `streamd:{<stream_id>}:acking` on the daemon's own Redis
+(its result was written, and the daemon stopped before acknowledging it) is acknowledged without a second result.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,9 +39,10 @@ from redis.exceptions import RedisError, ResponseError
 from streamd.config import RedisInputConfig, StreamConfig
 from streamd.errors import FrameDecodeError, ImageTooLarge, SourceError
 from streamd.frames import Frame, InputRef
+from streamd import keys
 from streamd.keys import dead_letter_key, same_slot
 from streamd.log import get_logger, redact_text
-from streamd.redis_clients import egress_error, is_cluster
+from streamd.redis_clients import egress_error, is_cluster, is_other_server
 from streamd.sampling import FpsSampler
 from streamd.sources.base import EventFn, Settlement
 
@@ -187,10 +194,13 @@ class RedisFrameSource:
         consumer: str,
         inflight: Settlement,
         on_event: EventFn,
+        own_client: Callable[[], aioredis.Redis] | None = None,
     ):
         self.cfg = cfg
         self.icfg: RedisInputConfig = cfg.redis_input
         self.r = client
+        self._server = client if is_other_server(client) else None  # its entries are acknowledged on it (the sink)
+        self._own_client = own_client  # the daemon's own Redis (its acking marks), for an input on another server
         self.key = key
         self.sampler = sampler
         self._seq = seq
@@ -254,6 +264,7 @@ class RedisFrameSource:
                 self._backlog_cursor = page[-1][0]
                 # deleted entries have no fields; entries still in the pipeline are settled by it
                 entries = [(i, f) for i, f in page if f and i.decode() not in self._inflight]
+                entries = await self._unpublished(entries)
                 if entries:
                     self._pending.extend(await self._with_counts(entries))
                 return
@@ -282,8 +293,25 @@ class RedisFrameSource:
         )
         cursor, entries = resp[0], resp[1]
         self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        entries = [(i, f) for i, f in entries if f and i.decode() not in self._inflight]
+        entries = await self._unpublished([(i, f) for i, f in entries if f and i.decode() not in self._inflight])
         return await self._with_counts(entries) if entries else []
+
+    async def _unpublished(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[bytes, dict]]:
+        """An input on another server: of entries read again, those whose results were written already (marked in
+        the stream's acking hash on the daemon's own Redis) are acknowledged here, and the rest returned."""
+        if self._server is None or self._own_client is None or not entries:
+            return entries
+        own = self._own_client()
+        mark = keys.acking_key(self.cfg.id)
+        fields = [keys.acking_field(self.key, self.icfg.group, i.decode()) for i, _ in entries]
+        marked = await own.hmget(mark, fields)
+        done = [(i, fld) for (i, _), fld, m in zip(entries, fields, marked) if m is not None]
+        if not done:
+            return entries
+        await self.r.xack(self.key, self.icfg.group, *(i for i, _ in done))
+        await own.hdel(mark, *(fld for _, fld in done))
+        log.info("entries whose results were written already acknowledged", stream=self.cfg.id, entries=len(done))
+        return [e for e, m in zip(entries, marked) if m is None]
 
     async def _with_counts(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[bytes, dict, int]]:
         ids = [i for i, _ in entries]
@@ -329,7 +357,7 @@ class RedisFrameSource:
             pts_s=pts,
             capture_ts=ts,
             image=image,
-            ref=InputRef(self.key, self.icfg.group, eid, deliveries, handle=self._inflight),
+            ref=InputRef(self.key, self.icfg.group, eid, deliveries, handle=self._inflight, server=self._server),
             discontinuity=decision.discontinuity,
             meta=meta or None,
         )

@@ -278,7 +278,8 @@ class StreamRunner:
             from streamd.sources.redis import RedisFrameSource
 
             src = RedisFrameSource(self.cfg, self._redis_client(self.ref.url, self.egress), self.ref.key or "", self.sampler,
-                                   self._seq, self.consumer, self.inflight, self.event)
+                                   self._seq, self.consumer, self.inflight, self.event,
+                                   lambda: self._redis_client("", self.egress))  # the daemon's own (acking marks)
             self._redis_source = src
             return src
         loop = asyncio.get_running_loop()
