@@ -230,6 +230,7 @@ class StreamEgress:
         the final response (2xx) for the caller to read and release; raises EgressError otherwise."""
         hops = 0
         origin = _origin(url)
+        deadline = asyncio.get_running_loop().time() + timeout_s  # every hop's response headers, in all
         while True:
             try:
                 parts = urlsplit(url)
@@ -245,9 +246,9 @@ class StreamEgress:
                 self.check_ip(ip, parts.hostname)
             self.take_request(url)
             try:
-                # the response headers within timeout_s in all: sock_read alone restarts at every byte, so an origin
-                # that trickles its headers would hold the open for as long as it likes
-                async with asyncio.timeout(timeout_s):
+                # the response headers (of every hop) within timeout_s in all: sock_read alone restarts at every
+                # byte, so an origin that trickles its headers (or redirects to one that does) held the open for ever
+                async with asyncio.timeout_at(deadline):
                     resp = await self.session.get(url, headers=_hop_headers(headers, origin, url),
                                                   allow_redirects=False,
                                                   timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s,

@@ -163,6 +163,29 @@ async def test_an_origin_trickling_its_headers_fails_the_open_at_its_timeout():
         stop()
 
 
+async def test_a_redirect_chain_of_slow_hops_fails_the_open_at_its_timeout():
+    """The open timeout covers every hop's response headers: redirects each trickled just under it added up."""
+    def hop(head: str, c: socket.socket) -> None:
+        n = int(head.split(" ", 2)[1].strip("/") or 0)
+        msg = (f"HTTP/1.1 302 Found\r\nLocation: /{n + 1}\r\nContent-Length: 0\r\nConnection: close\r\n"
+               "X-Pad: " + "a" * 5 + "\r\n\r\n").encode()
+        for i in range(0, len(msg), len(msg) // 6 + 1):  # about 0.6 s a hop, a byte run every 0.1 s
+            c.sendall(msg[i:i + len(msg) // 6 + 1])
+            time.sleep(0.1)
+
+    port, heads, stop = raw_server(ALLOWED, hop)
+    eg = StreamEgress(EgressRules(allow_networks=(ipaddress.ip_network(f"{ALLOWED}/32"),), max_redirects=20), "s")
+    r = EgressReader(eg, f"http://{ALLOWED}:{port}/0", asyncio.get_running_loop(), timeout_s=1.0)
+    try:
+        with pytest.raises(EgressError) as e:
+            await asyncio.wait_for(r.start(), 20)
+        assert e.value.code == "timeout"
+        assert len(heads) <= 3  # not the 20 hops a per-hop timeout let through
+    finally:
+        await eg.aclose()
+        stop()
+
+
 async def test_bodies_are_asked_uncompressed():
     """aiohttp's default `Accept-Encoding: gzip, deflate` with no decompression: a CDN that honoured it handed the
     HLS follower a gzipped playlist. The policy asks for `identity`."""
