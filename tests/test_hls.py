@@ -489,15 +489,9 @@ async def test_aes_keys_are_kept_least_recently_used(r, redis_server, segs):
     assert len(await results(r, "keys")) == sum(segs["frames"][n] for n in segs["names"][:6])
 
 
-async def test_configured_headers_go_with_every_hls_fetch(r, redis_server, segs):
-    """ffmpeg_options user_agent / referer / headers are sent with the playlists (master and variant), the
-    segments and the keys (the old code sent none of them)."""
+def _recording_server(host: str, routes: dict, seen: list):
+    """A plain HTTP server on `host` serving `routes`, recording (path, headers) of every request in `seen`."""
     import http.server
-
-    routes, entries = _encrypted(segs, [0, 0])
-    routes["/v.m3u8"] = m3u(playlist(entries, endlist=True))
-    routes["/master.m3u8"] = m3u(b"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nv.m3u8\n")
-    seen: list[tuple[str, dict]] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -513,9 +507,20 @@ async def test_configured_headers_go_with_every_hls_fetch(r, redis_server, segs)
             self.end_headers()
             self.wfile.write(body)
 
-    srv = http.server.ThreadingHTTPServer((ALLOWED, 0), Handler)
+    srv = http.server.ThreadingHTTPServer((host, 0), Handler)
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+async def test_configured_headers_go_with_every_hls_fetch(r, redis_server, segs):
+    """ffmpeg_options user_agent / referer / headers are sent with the playlists (master and variant), the
+    segments and the keys (the old code sent none of them)."""
+    routes, entries = _encrypted(segs, [0, 0])
+    routes["/v.m3u8"] = m3u(playlist(entries, endlist=True))
+    routes["/master.m3u8"] = m3u(b"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nv.m3u8\n")
+    seen: list[tuple[str, dict]] = []
+    srv = _recording_server(ALLOWED, routes, seen)
     try:
         url = f"http://{ALLOWED}:{srv.server_address[1]}/master.m3u8"
         cfg = make_config(redis_server.url, [{"id": "hdr", "url": url, "fps": None, "ffmpeg_options": {
@@ -529,3 +534,42 @@ async def test_configured_headers_go_with_every_hls_fetch(r, redis_server, segs)
     for path, h in seen:
         assert (h.get("User-Agent"), h.get("Referer"), h.get("X-Token")) == \
             ("streamd-test/1", "http://example.test/", "abc"), path
+
+
+async def test_configured_credentials_never_go_to_another_host_a_playlist_names(r, redis_server, segs):
+    """A playlist on 127.0.0.2 names a segment and an AES key on 127.0.0.5 (allowed by the policy): the configured
+    headers (Authorization, Cookie, X-Token) go to 127.0.0.2 only; 127.0.0.5 gets User-Agent / Referer. The old
+    code took each fetched URL as its own origin and sent the credentials to any host a playlist named."""
+    other_host = "127.0.0.5"
+    other_routes, _ = _encrypted(segs, [0, 0])
+    other_seen: list[tuple[str, dict]] = []
+    other = _recording_server(other_host, other_routes, other_seen)
+    base = f"http://{other_host}:{other.server_address[1]}"
+    # e0 and the key k0 from the other host by absolute URIs, e1 from the playlist's own host
+    key = f'#EXT-X-KEY:METHOD=AES-128,URI="{base}/k0"'
+    lines = [key, f"{base}/e0.ts", key, "e1.ts"]
+    routes = {"/p.m3u8": m3u(playlist(lines, endlist=True)), "/e1.ts": other_routes["/e1.ts"]}
+    seen: list[tuple[str, dict]] = []
+    srv = _recording_server(ALLOWED, routes, seen)
+    try:
+        url = f"http://{ALLOWED}:{srv.server_address[1]}/p.m3u8"
+        cfg = make_config(redis_server.url, [{"id": "cred", "url": url, "fps": None, "ffmpeg_options": {
+            "user_agent": "streamd-test/1", "referer": "http://example.test/",
+            "headers": "Authorization: Bearer SECRET\r\nCookie: s=SECRET\r\nX-Token: SECRET\r\n"}}],
+            egress={"allow": [f"{ALLOWED}/32", f"{other_host}/32"]})
+        async with running(cfg) as d:
+            await until(lambda: d.streams.runners["cred"].state.value == "stopped", 30, what="the end")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        other.shutdown()
+        other.server_close()
+    assert {p for p, _ in seen} == {"/p.m3u8", "/e1.ts"}
+    assert {p for p, _ in other_seen} == {"/k0", "/e0.ts"}
+    for path, h in seen:
+        assert (h.get("Authorization"), h.get("Cookie"), h.get("X-Token"), h.get("User-Agent")) == \
+            ("Bearer SECRET", "s=SECRET", "SECRET", "streamd-test/1"), path
+    for path, h in other_seen:
+        assert (h.get("Authorization"), h.get("Cookie"), h.get("X-Token")) == (None, None, None), path
+        assert (h.get("User-Agent"), h.get("Referer")) == ("streamd-test/1", "http://example.test/"), path
+    assert len(await results(r, "cred")) == sum(segs["frames"][n] for n in segs["names"][:2])

@@ -17,8 +17,9 @@ refuses.
   answers an HTTP error (an expired token) sends the follower back to the master playlist.
 - AES-128 segments are decrypted (key through the policy; IV from the tag or the media sequence number); the last
   _MAX_KEYS keys used are kept.
-- The stream's `ffmpeg_options` user_agent / referer / headers go with every fetch (the egress policy decides
-  which redirect hops they follow to).
+- The stream's `ffmpeg_options` user_agent / referer go with every fetch; its `headers` (credentials) only to the
+  configured URL's own scheme/host/port: a playlist that names another host (a segment, key, init section,
+  variant or redirect there) gets only User-Agent / Referer sent to it (StreamEgress.request's `origin`).
 
 The fetching runs on the event loop, playlist parsing in a worker thread (and only when the playlist's bytes
 changed; one over `hls.max_playlist_entries` is refused before it is parsed); decoding runs in one thread per source, fed through a hand-off queue of at
@@ -122,8 +123,8 @@ class HlsSource:
         self._progress_t = time.monotonic()
         self._waiting = False
         self._keys: OrderedDict[str, bytes] = OrderedDict()  # key URI -> key, at most _MAX_KEYS
-        # the configured User-Agent / Referer / headers (ffmpeg_options) go with every fetch; the egress policy
-        # decides which redirect hops they may follow to
+        # the configured User-Agent / Referer / headers (ffmpeg_options) go with every fetch, the credential ones
+        # only to the configured URL's origin (passed as `origin=`): never to another host a playlist names
         self._headers = http_headers(cfg.ffmpeg_options) or None
         self._parsed: dict[str, tuple[bytes, str, m3u8.M3U8]] = {}  # url -> (digest of its bytes, final url, parsed)
         self._maps: dict[str, bytes] = {}
@@ -187,7 +188,7 @@ class HlsSource:
         duration, half of it while unchanged)."""
         h = self.cfg.hls
         data, final = await self._egress.fetch(url, max_bytes=h.max_playlist_bytes, timeout_s=self.cfg.open_timeout_s,
-                                               headers=self._headers)
+                                               headers=self._headers, origin=self.ref.url)
         digest = hashlib.blake2b(data, digest_size=16).digest()  # ~1 ms for 2 MiB
         cached = self._parsed.get(url)
         if cached is not None and cached[0] == digest and cached[1] == final:
@@ -293,15 +294,16 @@ class HlsSource:
 
     async def _segment(self, seg: Any, msn: int, base: str) -> bytes:
         h = self.cfg.hls
-        data, _ = await self._egress.fetch(seg.absolute_uri, max_bytes=h.max_segment_bytes,
-                                           timeout_s=h.segment_timeout_s, headers=self._headers)
+        data, _ = await self._egress.fetch(seg.absolute_uri, max_bytes=h.max_segment_bytes, timeout_s=h.segment_timeout_s,
+                                           headers=self._headers, origin=self.ref.url)
         init = seg.init_section
         if init is not None and init.uri:
             uri = init.absolute_uri
             if uri not in self._maps:
                 self._maps.clear()
                 self._maps[uri], _ = await self._egress.fetch(uri, max_bytes=h.max_segment_bytes,
-                                                              timeout_s=h.segment_timeout_s, headers=self._headers)
+                                                              timeout_s=h.segment_timeout_s, headers=self._headers,
+                                                              origin=self.ref.url)
             data = self._maps[uri] + data if self._maps[uri] else data
             if init.byterange:
                 raise SourceError("EXT-X-MAP byte ranges are not supported", permanent=True,
@@ -321,7 +323,7 @@ class HlsSource:
         secret = self._keys.get(uri)
         if secret is None:
             secret, _ = await self._egress.fetch(uri, max_bytes=64, timeout_s=self.cfg.hls.segment_timeout_s,
-                                                 headers=self._headers)
+                                                 headers=self._headers, origin=self.ref.url)
             if len(secret) != 16:
                 raise SourceError(f"the AES-128 key is {len(secret)} bytes, not 16", code="invalid_playlist")
             self._keys[uri] = secret
