@@ -105,6 +105,35 @@ async def test_server_mode_hidden_from_the_api_check_is_refused(url, code):
     await check_stream_url("tcp://127.0.0.2:9/x?timeout=5", cfg, EgressConfig(allow=[f"{ALLOWED}/32"]))  # plain: ok
 
 
+@pytest.mark.parametrize("url", [
+    f"srt://{ALLOWED}:9000?streamid=#!::r=live/cam1,m=request",  # SRS/SRT access-control streamid: '#' in a query
+    f"http://{ALLOWED}/clip.mp4#t=10",  # a media fragment: HTTP sends none
+    f"rtmp://{ALLOWED}/live/stream?user=bob@example.com",  # an '@' in a query
+    f"rtmp://{ALLOWED}/live/cam@1",  # an '@' in a later path segment
+])
+async def test_url_forms_users_need_are_accepted(url):
+    """f4db697/4839b77 refused every '#' and every '@' after the host; only those that hide a query or cut a user
+    name or password short are refused (the listen-bypass and ambiguous cases below and in test_redact.py)."""
+    cfg = ApiConfig(allowed_schemes=["srt", "http", "rtmp", "tcp", "rtsp"])
+    await check_stream_url(url, cfg, EgressConfig(allow=[f"{ALLOWED}/32"]))
+    from streamd.sources import parse_reference
+    parse_reference(url)
+
+
+@pytest.mark.parametrize("url,code", [
+    (f"srt://{ALLOWED}:9000#?mode=listener", "invalid_url"),  # a '#' before the query: still refused
+    (f"srt://{ALLOWED}:9000?streamid=#&mode=listener", "server_mode_not_allowed"),  # read from the first '?'
+    (f"http://{ALLOWED}/x#?listen=1", "server_mode_not_allowed"),
+    (f"rtmp://admin:1234#hunter@{ALLOWED}/live", "invalid_url"),  # '@' before the next '/': a password cut short
+    (f"rtsp://admin:12/hunter@{ALLOWED}/cam", "invalid_url"),
+])
+async def test_hidden_queries_and_cut_passwords_stay_refused(url, code):
+    cfg = ApiConfig(allowed_schemes=["srt", "http", "rtmp", "tcp", "rtsp"])
+    with pytest.raises(ApiError) as e:
+        await check_stream_url(url, cfg, EgressConfig(allow=[f"{ALLOWED}/32"]))
+    assert e.value.code == code, e.value
+
+
 async def test_configured_credentials_never_follow_a_redirect_to_another_origin():
     """Authorization and custom headers go to the URL's own origin only: not to another host a redirect names, nor
     to another port of the same host; a redirect within the origin keeps them."""

@@ -208,7 +208,9 @@ async def check_stream_url(url: str, cfg: ApiConfig, egress: EgressConfig | None
         check_ffmpeg_options(ffmpeg_options)
     if ref.kind == "redis":
         check_redis_key(ref.key or "", cfg)
-    if ref.kind not in ("redis", "hls") and "#" in url:  # FFmpeg reads no fragment: a '#' only hides a query
+    if ref.kind not in ("redis", "hls") and scheme not in ("http", "https") and "#" in url.split("?", 1)[0]:
+        # FFmpeg reads no fragment: a '#' before the query only hides it (server_query reads from the first '?',
+        # as FFmpeg does, so a '#' within the query, `streamid=#!::r=live`, hides nothing); HTTP sends no fragment
         raise ApiError(422, "invalid_url", "a URL opened by FFmpeg may not have a fragment ('#')",
                        {"path": "url", "reason": "a fragment"})
     if server_query(url):

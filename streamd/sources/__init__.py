@@ -45,9 +45,20 @@ def authority_problem(url: str) -> str | None:
         return f"the URL's port is not a number up to 65535 ({_ENCODE_HINT})"
     scheme = parts.scheme.lower()
     if "://" in url and scheme not in ("http", "https", "hls+http", "hls+https", "file", "redis", "rediss", "unix") \
-            and "@" in url.split("://", 1)[1][len(parts.netloc):]:  # RTSP, RTMP, SRT: no '@' in a path or query
-        return f"the URL has an '@' after its host ({_ENCODE_HINT})"
+            and _cut_userinfo(url.split("://", 1)[1][len(parts.netloc):]):
+        return f"the URL has an '@' right after its host: a password cut short? ({_ENCODE_HINT})"
     return None
+
+
+def _cut_userinfo(rest: str) -> bool:
+    """Whether what follows the authority (FFmpeg's av_url_split and urllib agree: it ends at the first '/', '?' or
+    '#') reads as the tail of a user name or password that held an unencoded '/', '?' or '#': an '@' before the
+    next '/' (`admin:1234#hunter@host/cam`, `admin:12/pw@host/cam`). An '@' further on, in a later path segment or
+    a query (`/live/cam@1`, `/live/x?user=bob@example.com`), is the path's or the query's own."""
+    if not rest:
+        return False
+    first = rest[1:] if rest[0] == "/" else rest
+    return "@" in first.split("/", 1)[0]
 
 
 def parse_reference(ref: str) -> SourceRef:
