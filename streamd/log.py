@@ -84,18 +84,47 @@ def url_secrets(url: str) -> list[str]:
     for f in found:
         for piece in [f, *f.split(":", 1), *re.split(r"[:#?/@;&=]", f)]:
             for p in (piece, unquote_plus(piece)):
-                if len(p) >= 4 and not (p.isdigit() and len(p) < 6):  # not every "2026" of a message
+                if len(p) >= 4 and not (p.isdigit() and len(p) < 6) and p.lower() not in _COMMON_PIECES:
                     out.add(p)
     return sorted(out, key=len, reverse=True)
 
 
+# pieces of a URL that are ordinary words, user names or codec names: never scrubbed out of a message (a user
+# name `user` would turn "user stopped" into "*** stopped"; `?encoder=h264` would hide every "h264")
+_COMMON_PIECES = frozenset("""
+    user users admin administrator root guest operator viewer service default anonymous public private test demo
+    live stream streams video videos audio camera cam1 cam2 channel main high baseline none null true false
+    pass password login http https rtsp rtmp h264 h265 hevc avc1 mjpeg mpeg4 mpeg2 vp8 vp9 av01 opus mp4a
+    jpeg theora mpegts matroska webm index playlist segment media frame frames error errors""".split())
+_PLAIN_AUTHORITY = re.compile(r"(\[[^\]/?#@]*\]|[^\[\]:/?#@]*)(:\d*)?")
+
+
+def _userinfo_end(rest: str) -> int:
+    """The '@' that ends the user information of `rest` (a URL past its "//"), or -1. A standard parser ends the
+    authority at the first '/', '?' or '#'; a password may hold those unencoded, so an authority that does not
+    read as host[:port], one that holds an '@', or one cut by '?' or '#' takes the URL's last '@' (nothing of the
+    password shown; at worst more hidden). An authority that reads as host[:port] followed by '/' holds no user
+    information unless its first path segment has an '@' (`admin:12/pw@host`): an '@' further in the path,
+    `https://cdn.example.com/videos/@channel/live.m3u8`, is the path's."""
+    cut = len(rest)
+    for c in "/?#":
+        i = rest.find(c)
+        if 0 <= i < cut:
+            cut = i
+    if cut < len(rest) and rest[cut] == "/" and _PLAIN_AUTHORITY.fullmatch(rest[:cut]):
+        seg_end = rest.find("/", cut + 1)
+        return rest.rfind("@", 0, len(rest) if seg_end < 0 else seg_end)
+    return rest.rfind("@")
+
+
 def scrub(text: str, secrets: list[str]) -> str:
-    """`text` with every occurrence of each of `secrets` (url_secrets) replaced by the marker."""
+    """`text` with every occurrence of each of `secrets` (url_secrets) as a whole word (not inside a longer word
+    or number) replaced by the marker."""
     if not isinstance(text, str):
         return text
     for s in secrets:
         if s in text:
-            text = text.replace(s, _MARK)
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(s)}(?![A-Za-z0-9])", _MARK, text)
     return text
 
 
@@ -103,7 +132,7 @@ def _redact(url: str, found: list[str] | None) -> str:
     m = _SCHEME_SEP.match(url)
     if m:
         head, rest = url[:m.end()], url[m.end():]
-        at = rest.rfind("@")
+        at = _userinfo_end(rest)
         if at >= 0 and not rest.startswith(("/", "?", "#")):  # an empty authority holds no user information
             if found is not None:
                 found.append(rest[:at])

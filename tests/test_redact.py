@@ -254,3 +254,40 @@ async def test_no_credential_in_events_api_member_record_metrics_or_log(redis_se
     log = out.err + out.out
     assert "stream added" in log and "stream state" in log, log[-2000:]
     assert not _leaks(log), (_leaks(log), [ln for ln in log.splitlines() if _leaks(ln)][:10])
+
+
+@pytest.mark.parametrize("url", ["https://cdn.example.com/videos/@channel/live.m3u8",
+                                 "https://cdn.example.com:8443/img/logo@2x/index.m3u8",
+                                 "rtmp://203.0.113.5/live/cam@1"])
+def test_an_at_sign_in_a_path_is_not_user_information(url):
+    """4839b77 took everything up to the URL's last '@' as user information: the host of a CDN path with '@' was
+    hidden (`https://***@channel/...`)."""
+    assert redact_url(url) == url
+    assert url_secrets(url) == []
+
+
+@pytest.mark.parametrize(("url", "text"), [
+    ("rtsp://user:s3cretpw@cam.local/stream1", "user stopped the stream; it passes no segment"),
+    ("http://cam.local/video.cgi?resolution=1280x720&encoder=h264&channel=1", "decoder h264 failed: h264 error"),
+    ("rtsp://admin:hunter2@cam.local/live", "the administrator's hunter2x was fine"),  # only whole words
+])
+def test_scrub_leaves_ordinary_words_and_codec_names(url, text):
+    assert scrub(text, url_secrets(url)) == text
+    assert "s3cretpw" not in scrub("login s3cretpw refused", url_secrets("rtsp://user:s3cretpw@cam.local/s"))
+
+
+async def test_events_scrub_only_free_text_fields(r, redis_server):
+    """The supervisor scrubbed every string field of an event: a URL whose user name is `failed` turned the state
+    events' "to": "failed" into "***". Only reason-like fields are scrubbed now; the password never shows."""
+    from conftest import events, make_config
+
+    from streamd.redis_server import free_port
+
+    url = f"rtsp://failed:s3cretpw@127.0.0.1:{free_port()}/cam"
+    cfg = make_config(redis_server.url, [{"id": "scrubev", "url": url, "open_timeout_s": 1,
+                                         "reconnect": {"initial_s": 0.05, "max_s": 0.05, "max_attempts": 1}}])
+    async with running(cfg) as d:
+        await until(lambda: d.streams.runners["scrubev"].state.value == "failed", 20, what="failed")
+    evs = await events(r, "scrubev", "state")
+    assert evs[-1]["to"] == "failed", evs
+    assert "s3cretpw" not in str(evs)

@@ -51,6 +51,7 @@ class State(str, enum.Enum):
 TERMINAL = {State.FAILED, State.STOPPED}
 # config fields a running stream takes without reconnecting (StreamRunner.apply); any other change replaces it
 LIVE_FIELDS = frozenset({"fps", "stall_timeout_s"})
+_FREE_TEXT_FIELDS = frozenset({"reason", "error", "message", "detail"})  # what `scrub` reads in an event
 
 
 class StreamRunner:
@@ -169,7 +170,9 @@ class StreamRunner:
     def event(self, kind: str, fields: dict[str, Any]) -> None:
         secrets = url_secrets(self.cfg.url)
         if secrets:  # nothing of the URL's credentials in an event (an error quoting a piece of a malformed URL)
-            fields = {k: scrub(v, secrets) if isinstance(v, str) else v for k, v in fields.items()}
+            # free-text fields only (an error quoting a piece of a malformed URL): ids, states, codes and names stay
+            fields = {k: scrub(v, secrets) if isinstance(v, str) and k in _FREE_TEXT_FIELDS else v
+                      for k, v in fields.items()}
         if kind == "dead_letter":  # counted here whoever dead-lettered it (the source's decoder or a stage)
             self.metrics.dead_letters.labels(self.cfg.id).inc()
         self._emit(self.cfg.id, kind, fields)
