@@ -432,6 +432,37 @@ async def test_a_media_sequence_that_starts_again_is_followed(r, redis_server, s
     assert [i for i, x in enumerate(recs) if x["discontinuity"]] == [first]
 
 
+async def test_one_stale_playlist_from_a_lagging_edge_is_not_a_restart(r, redis_server, segs):
+    """A CDN edge that lags: the playlist loads fresh (10-12), then once from an edge far behind (7-8: newest more
+    than 3 back), then fresh again (10-13). The stale copy is ignored: every segment is decoded once, in order. The
+    old code took the one stale playlist for an encoder restart and decoded segments again (and out of order)."""
+    n = segs["names"]
+    loads = iter(range(1_000_000))
+
+    def live():
+        k = next(loads)
+        if k == 0:
+            return m3u(playlist(n[:3], seq=10))
+        if k == 1:
+            return m3u(playlist(n[:2], seq=7))  # the lagging edge
+        return m3u(playlist(n[:4], seq=10))
+
+    with Canary(ALLOWED, {"/live.m3u8": live, **seg_routes(segs)}) as origin:
+        cfg = make_config(redis_server.url, [{"id": "edge", "url": origin.url("/live.m3u8"), "fps": None,
+                                              "stall_timeout_s": 10, "drop_policy": "wait", "hls": {"start": "first"}}])
+        async with running(cfg) as d:
+            runner = d.streams.runners["edge"]
+            want = sum(segs["frames"][x] for x in n[:4])
+            await until(lambda: origin.hits(f"/{n[3]}") >= 1 and runner.frames >= want, 20, what="segment 13")
+            await asyncio.sleep(1.5)  # reloads of the same playlist: nothing more
+        assert [origin.hits(f"/{x}") for x in n[:4]] == [1, 1, 1, 1]
+    recs = await results(r, "edge")
+    assert len(recs) == want
+    pts = [x["pts_s"] for x in recs]
+    assert pts == sorted(pts)
+    assert not any(x["discontinuity"] for x in recs[1:])
+
+
 async def test_an_expired_variant_url_goes_back_to_the_master(r, redis_server, segs):
     """A master playlist whose variant URL carries a token: once the variant answers 403, the master (now listing a
     fresh token) is read again. The old code reloaded the stored variant URL for ever."""

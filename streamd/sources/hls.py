@@ -6,7 +6,9 @@ refuses.
 - A segment is decoded at most once per stream: the last media sequence number handed over is kept in the
   runner's `hls_state`, across playlist reloads and reconnects. A numbering that starts again (an encoder restart:
   the newest segment more than _REORDER_WINDOW behind, or EXT-X-DISCONTINUITY-SEQUENCE lower) is followed from
-  `hls.start` again, its first segment flagged a discontinuity. A live playlist that stops growing yields no
+  `hls.start` again, its first segment flagged a discontinuity, once there is evidence: a segment URI at a number
+  already handed over that changed, or the playlist still behind on the next reload. One such playlist alone (an
+  older copy from a lagging CDN edge) is ignored. A live playlist that stops growing yields no
   frames: the runner's watchdog marks it `stalled` and nothing is republished.
 - `#EXT-X-ENDLIST` is a recording: every segment once, then a clean end (`stopped`, code `ended`).
 - `#EXT-X-DISCONTINUITY`, and a media-sequence gap (segments fell off the playlist before we fetched them), flag
@@ -62,6 +64,11 @@ _MAX_BAD_SEGMENTS = 3  # undecodable segments in a row that end a connection (co
 # discontinuity sequence went down) restarted its numbering; within it, an older copy of the playlist (a lagging
 # CDN edge) is only deduplicated
 _REORDER_WINDOW = 3
+# a playlist behind like that is taken for a restart only on evidence: a segment URI at a sequence number handed over
+# that differs from the one seen (the last _MAX_URIS kept), or the playlist still behind on the next reload (on the
+# _STALE_RELOADS-th when the URIs it shares match); once alone it is an older copy and ignored
+_MAX_URIS = 64
+_STALE_RELOADS = 3
 _MAX_KEYS = 4  # AES-128 keys kept per connection, the least recently used dropped (keys rotate on a live stream)
 
 
@@ -259,14 +266,24 @@ class HlsSource:
             msn0 = int(pl.media_sequence or 0)
             dseq = int(pl.discontinuity_sequence or 0)
             last = self._state.get("last_msn")
+            uris: dict[int, str] = self._state.setdefault("msn_uris", {})  # msn -> URI of segments handed over
             restarted = False
             if last is not None and (msn0 + len(pl.segments) - 1 < last - _REORDER_WINDOW
                                      or dseq < self._state.get("discontinuity_sequence", dseq)):
+                verdict = self._restart_or_stale(pl, msn0)
+                if verdict == "stale":  # an older copy (a lagging CDN edge): nothing in it is new
+                    log.info("HLS playlist behind the last segment ignored", stream=self.cfg.id, last=last,
+                             media_sequence=msn0, discontinuity_sequence=dseq)
+                    last_pl = pl
+                    await asyncio.sleep(max(0.1, float(pl.target_duration or 2) / 2))
+                    continue
                 # the numbering started again (an encoder restart): follow the new one, a discontinuity
                 log.warning("HLS media sequence restarted", stream=self.cfg.id, last=last, media_sequence=msn0,
-                            discontinuity_sequence=dseq)
+                            discontinuity_sequence=dseq, evidence=verdict)
                 self._state.pop("last_msn", None)
+                uris.clear()
                 last, restarted = None, True
+            self._state["behind_reloads"] = 0
             self._state["discontinuity_sequence"] = dseq
             todo = list(enumerate(pl.segments))
             if last is None:
@@ -283,6 +300,9 @@ class HlsSource:
                 await self._hand(Segment(msn, data, bool(seg.discontinuity) or gap,
                                           pdt.timestamp() if pdt is not None else None))
                 self._state["last_msn"] = last = msn
+                uris[msn] = seg.absolute_uri
+                while len(uris) > _MAX_URIS:
+                    del uris[next(iter(uris))]  # the oldest (insertion order: ascending msn)
                 if self._stop.is_set():
                     return
             if pl.is_endlist:
@@ -291,6 +311,22 @@ class HlsSource:
             wait = target if pl is not last_pl else target / 2  # the same object: the same bytes (_playlist)
             last_pl = pl
             await asyncio.sleep(max(0.1, wait))
+
+    def _restart_or_stale(self, pl: m3u8.M3U8, msn0: int) -> str:
+        """A playlist behind the last segment handed over (its newest more than _REORDER_WINDOW back, or a lower
+        discontinuity sequence): an encoder restart or an older copy from a lagging CDN edge? "uri_changed" (a
+        restart) when a segment it lists at a sequence number already handed over has another URI; "stale" when
+        the ones it shares match, or it shares none and this is the first such reload in a row; a restart
+        ("repeated") when the playlist is still behind on the next reload (or, with matching URIs, the
+        _STALE_RELOADS-th: an encoder that names segments by their number)."""
+        uris: dict[int, str] = self._state.get("msn_uris", {})
+        shared = [(uris[msn0 + i], s.absolute_uri) for i, s in enumerate(pl.segments) if msn0 + i in uris]
+        if any(a != b for a, b in shared):
+            return "uri_changed"
+        behind = self._state["behind_reloads"] = self._state.get("behind_reloads", 0) + 1
+        if behind >= (_STALE_RELOADS if shared else 2):
+            return "repeated"
+        return "stale"
 
     async def _segment(self, seg: Any, msn: int, base: str) -> bytes:
         h = self.cfg.hls
