@@ -224,12 +224,14 @@ class StreamEgress:
                                                   timeout=aiohttp.ClientTimeout(sock_connect=self.rules.connect_timeout_s))
         return self._session
 
-    async def request(self, url: str, *, timeout_s: float, headers: dict[str, str] | None = None) \
-            -> aiohttp.ClientResponse:
+    async def request(self, url: str, *, timeout_s: float, headers: dict[str, str] | None = None,
+                      origin: str | None = None) -> aiohttp.ClientResponse:
         """GET `url`, following at most `max_redirects` redirects, each hop checked before it connects. Returns
-        the final response (2xx) for the caller to read and release; raises EgressError otherwise."""
+        the final response (2xx) for the caller to read and release; raises EgressError otherwise. The credential
+        headers among `headers` go only to the scheme/host/port of `origin` (a URL; default: `url` itself): a
+        caller that fetches URLs someone else named (a playlist's segments) passes the configured URL."""
         hops = 0
-        origin = _origin(url)
+        origin_key = _origin(origin if origin is not None else url)
         deadline = asyncio.get_running_loop().time() + timeout_s  # every hop's response headers, in all
         while True:
             try:
@@ -249,7 +251,7 @@ class StreamEgress:
                 # the response headers (of every hop) within timeout_s in all: sock_read alone restarts at every
                 # byte, so an origin that trickles its headers (or redirects to one that does) held the open for ever
                 async with asyncio.timeout_at(deadline):
-                    resp = await self.session.get(url, headers=_hop_headers(headers, origin, url),
+                    resp = await self.session.get(url, headers=_hop_headers(headers, origin_key, url),
                                                   allow_redirects=False,
                                                   timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s,
                                                                                 sock_read=timeout_s))
@@ -283,13 +285,14 @@ class StreamEgress:
                                   permanent=False)
             return resp
 
-    async def fetch(self, url: str, *, max_bytes: int, timeout_s: float, headers: dict[str, str] | None = None) \
-            -> tuple[bytes, str]:
+    async def fetch(self, url: str, *, max_bytes: int, timeout_s: float, headers: dict[str, str] | None = None,
+                    origin: str | None = None) -> tuple[bytes, str]:
         """The whole body of `url` (at most `max_bytes`, within `timeout_s` in all; a bytearray, never copied) and
-        the final URL after redirects (relative references in a playlist resolve against it)."""
+        the final URL after redirects (relative references in a playlist resolve against it). `origin`: as for
+        request()."""
         try:
             async with asyncio.timeout(timeout_s):
-                resp = await self.request(url, timeout_s=timeout_s, headers=headers)
+                resp = await self.request(url, timeout_s=timeout_s, headers=headers, origin=origin)
                 try:
                     length = resp.content_length
                     if length is not None and length > max_bytes:

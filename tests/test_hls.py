@@ -432,6 +432,37 @@ async def test_a_media_sequence_that_starts_again_is_followed(r, redis_server, s
     assert [i for i, x in enumerate(recs) if x["discontinuity"]] == [first]
 
 
+async def test_one_stale_playlist_from_a_lagging_edge_is_not_a_restart(r, redis_server, segs):
+    """A CDN edge that lags: the playlist loads fresh (10-12), then once from an edge far behind (7-8: newest more
+    than 3 back), then fresh again (10-13). The stale copy is ignored: every segment is decoded once, in order. The
+    old code took the one stale playlist for an encoder restart and decoded segments again (and out of order)."""
+    n = segs["names"]
+    loads = iter(range(1_000_000))
+
+    def live():
+        k = next(loads)
+        if k == 0:
+            return m3u(playlist(n[:3], seq=10))
+        if k == 1:
+            return m3u(playlist(n[:2], seq=7))  # the lagging edge
+        return m3u(playlist(n[:4], seq=10))
+
+    with Canary(ALLOWED, {"/live.m3u8": live, **seg_routes(segs)}) as origin:
+        cfg = make_config(redis_server.url, [{"id": "edge", "url": origin.url("/live.m3u8"), "fps": None,
+                                              "stall_timeout_s": 10, "drop_policy": "wait", "hls": {"start": "first"}}])
+        async with running(cfg) as d:
+            runner = d.streams.runners["edge"]
+            want = sum(segs["frames"][x] for x in n[:4])
+            await until(lambda: origin.hits(f"/{n[3]}") >= 1 and runner.frames >= want, 20, what="segment 13")
+            await asyncio.sleep(1.5)  # reloads of the same playlist: nothing more
+        assert [origin.hits(f"/{x}") for x in n[:4]] == [1, 1, 1, 1]
+    recs = await results(r, "edge")
+    assert len(recs) == want
+    pts = [x["pts_s"] for x in recs]
+    assert pts == sorted(pts)
+    assert not any(x["discontinuity"] for x in recs[1:])
+
+
 async def test_an_expired_variant_url_goes_back_to_the_master(r, redis_server, segs):
     """A master playlist whose variant URL carries a token: once the variant answers 403, the master (now listing a
     fresh token) is read again. The old code reloaded the stored variant URL for ever."""
@@ -489,15 +520,9 @@ async def test_aes_keys_are_kept_least_recently_used(r, redis_server, segs):
     assert len(await results(r, "keys")) == sum(segs["frames"][n] for n in segs["names"][:6])
 
 
-async def test_configured_headers_go_with_every_hls_fetch(r, redis_server, segs):
-    """ffmpeg_options user_agent / referer / headers are sent with the playlists (master and variant), the
-    segments and the keys (the old code sent none of them)."""
+def _recording_server(host: str, routes: dict, seen: list):
+    """A plain HTTP server on `host` serving `routes`, recording (path, headers) of every request in `seen`."""
     import http.server
-
-    routes, entries = _encrypted(segs, [0, 0])
-    routes["/v.m3u8"] = m3u(playlist(entries, endlist=True))
-    routes["/master.m3u8"] = m3u(b"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nv.m3u8\n")
-    seen: list[tuple[str, dict]] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -513,9 +538,20 @@ async def test_configured_headers_go_with_every_hls_fetch(r, redis_server, segs)
             self.end_headers()
             self.wfile.write(body)
 
-    srv = http.server.ThreadingHTTPServer((ALLOWED, 0), Handler)
+    srv = http.server.ThreadingHTTPServer((host, 0), Handler)
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+async def test_configured_headers_go_with_every_hls_fetch(r, redis_server, segs):
+    """ffmpeg_options user_agent / referer / headers are sent with the playlists (master and variant), the
+    segments and the keys (the old code sent none of them)."""
+    routes, entries = _encrypted(segs, [0, 0])
+    routes["/v.m3u8"] = m3u(playlist(entries, endlist=True))
+    routes["/master.m3u8"] = m3u(b"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nv.m3u8\n")
+    seen: list[tuple[str, dict]] = []
+    srv = _recording_server(ALLOWED, routes, seen)
     try:
         url = f"http://{ALLOWED}:{srv.server_address[1]}/master.m3u8"
         cfg = make_config(redis_server.url, [{"id": "hdr", "url": url, "fps": None, "ffmpeg_options": {
@@ -529,3 +565,42 @@ async def test_configured_headers_go_with_every_hls_fetch(r, redis_server, segs)
     for path, h in seen:
         assert (h.get("User-Agent"), h.get("Referer"), h.get("X-Token")) == \
             ("streamd-test/1", "http://example.test/", "abc"), path
+
+
+async def test_configured_credentials_never_go_to_another_host_a_playlist_names(r, redis_server, segs):
+    """A playlist on 127.0.0.2 names a segment and an AES key on 127.0.0.5 (allowed by the policy): the configured
+    headers (Authorization, Cookie, X-Token) go to 127.0.0.2 only; 127.0.0.5 gets User-Agent / Referer. The old
+    code took each fetched URL as its own origin and sent the credentials to any host a playlist named."""
+    other_host = "127.0.0.5"
+    other_routes, _ = _encrypted(segs, [0, 0])
+    other_seen: list[tuple[str, dict]] = []
+    other = _recording_server(other_host, other_routes, other_seen)
+    base = f"http://{other_host}:{other.server_address[1]}"
+    # e0 and the key k0 from the other host by absolute URIs, e1 from the playlist's own host
+    key = f'#EXT-X-KEY:METHOD=AES-128,URI="{base}/k0"'
+    lines = [key, f"{base}/e0.ts", key, "e1.ts"]
+    routes = {"/p.m3u8": m3u(playlist(lines, endlist=True)), "/e1.ts": other_routes["/e1.ts"]}
+    seen: list[tuple[str, dict]] = []
+    srv = _recording_server(ALLOWED, routes, seen)
+    try:
+        url = f"http://{ALLOWED}:{srv.server_address[1]}/p.m3u8"
+        cfg = make_config(redis_server.url, [{"id": "cred", "url": url, "fps": None, "ffmpeg_options": {
+            "user_agent": "streamd-test/1", "referer": "http://example.test/",
+            "headers": "Authorization: Bearer SECRET\r\nCookie: s=SECRET\r\nX-Token: SECRET\r\n"}}],
+            egress={"allow": [f"{ALLOWED}/32", f"{other_host}/32"]})
+        async with running(cfg) as d:
+            await until(lambda: d.streams.runners["cred"].state.value == "stopped", 30, what="the end")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        other.shutdown()
+        other.server_close()
+    assert {p for p, _ in seen} == {"/p.m3u8", "/e1.ts"}
+    assert {p for p, _ in other_seen} == {"/k0", "/e0.ts"}
+    for path, h in seen:
+        assert (h.get("Authorization"), h.get("Cookie"), h.get("X-Token"), h.get("User-Agent")) == \
+            ("Bearer SECRET", "s=SECRET", "SECRET", "streamd-test/1"), path
+    for path, h in other_seen:
+        assert (h.get("Authorization"), h.get("Cookie"), h.get("X-Token")) == (None, None, None), path
+        assert (h.get("User-Agent"), h.get("Referer")) == ("streamd-test/1", "http://example.test/"), path
+    assert len(await results(r, "cred")) == sum(segs["frames"][n] for n in segs["names"][:2])

@@ -51,7 +51,7 @@ def _describe(exc: BaseException) -> str:
     return redact_text(f"{type(exc).__name__}: {exc}")
 
 
-def _open_error(exc: BaseException, kind: str, timeout_s: float) -> SourceError:
+def _open_error(exc: BaseException, kind: str, timeout_s: float, file_object: bool = False) -> SourceError:
     """A typed reason for an input that did not open."""
     if isinstance(exc, SourceError):
         return exc
@@ -65,13 +65,16 @@ def _open_error(exc: BaseException, kind: str, timeout_s: float) -> SourceError:
         return SourceError(f"cannot open: {_describe(exc)}", code="unreachable")
     if kind == "file" and isinstance(exc, (av.error.PermissionError, PermissionError)):
         return SourceError(f"cannot open: {_describe(exc)}", permanent=True, code="not_found")
+    if isinstance(exc, av.error.ArgumentError) and kind != "rtsp":  # FFmpeg's "Format not on whitelist"
+        # A file, HTTP media or an upload in a container outside sources/formats.py: refused for good (retrying
+        # reads the same bytes). A live feed (TCP/UDP/RTMP/SRT) may come back with other bytes: retried.
+        return SourceError("refused by the FFmpeg format whitelist: not a container streamd reads by default (an "
+                           "operator may widen it in the config file: ffmpeg_options.format_whitelist); "
+                           f"{_describe(exc)}", permanent=kind == "file" or file_object, code="not_media")
     if kind == "file" and isinstance(exc, av.error.FFmpegError):  # a regular file FFmpeg cannot read
         return SourceError(f"not a media file: {_describe(exc)}", permanent=True, code="not_media")
     if isinstance(exc, av.error.InvalidDataError):
         return SourceError(f"not a media stream: {_describe(exc)}", code="not_media")
-    if isinstance(exc, av.error.ArgumentError) and kind != "rtsp":  # also FFmpeg's "Format not on whitelist" (sources/formats.py)
-        return SourceError(f"not a media stream streamd reads (a container of sources/formats.py): {_describe(exc)}",
-                           code="not_media")
     return SourceError(f"cannot open: {_describe(exc)}")
 
 
@@ -233,7 +236,7 @@ class AvSource:
         except Exception as e:  # noqa: BLE001 - every open failure gets a typed reason
             if self._stop.is_set():
                 return False
-            raise _open_error(e, self.ref.kind, t) from None
+            raise _open_error(e, self.ref.kind, t, self._reader is not None) from None
         try:
             if not container.streams.video:
                 raise SourceError("no video stream in the input", permanent=True, code="no_video")

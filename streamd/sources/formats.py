@@ -18,7 +18,16 @@ from __future__ import annotations
 MEDIA_FORMATS = (
     "mov", "mp4", "mpegts", "matroska", "webm", "flv", "live_flv", "avi", "mpeg", "ogg", "asf",
     "h264", "hevc", "vvc", "m4v", "mpegvideo", "obu", "ivf", "yuv4mpegpipe",
-    "mjpeg", "mpjpeg", "gif", "jpeg_pipe", "png_pipe", "webp_pipe", "bmp_pipe",
+    "mjpeg", "mpjpeg", "gif", "apng", "smjpeg", "mjpeg_2000",
+    # broadcast, archive and other containers that open nothing but their own bytes
+    "mxf", "dv", "nut", "gxf", "lxf", "mxg", "nsv", "nuv", "rm", "wtv", "r3d", "mpegtsraw",
+    "dirac", "cavsvideo", "avs2", "avs3", "h261", "h263", "vc1", "evc",
+    # single images (one frame); image2 (a file name pattern) and svg (external references) are left out
+    "jpeg_pipe", "png_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif_pipe", "pgm_pipe", "ppm_pipe", "pbm_pipe",
+    "pam_pipe", "pgmyuv_pipe", "pfm_pipe", "phm_pipe", "dpx_pipe", "exr_pipe", "j2k_pipe", "jpegls_pipe",
+    "jpegxl_pipe", "jpegxs_pipe", "qoi_pipe", "sgi_pipe", "sunrast_pipe", "psd_pipe", "pcx_pipe", "pictor_pipe",
+    "dds_pipe", "hdr_pipe", "gem_pipe", "xbm_pipe", "xpm_pipe", "xwd_pipe", "pgx_pipe", "photocd_pipe",
+    "qdraw_pipe", "vbn_pipe", "cri_pipe",
     "rtsp",  # picked by an rtsp:// URL's name only, never by probing bytes
     "v4l2",  # a capture device (/dev/video0) of the config file
 )

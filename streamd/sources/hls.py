@@ -6,7 +6,9 @@ refuses.
 - A segment is decoded at most once per stream: the last media sequence number handed over is kept in the
   runner's `hls_state`, across playlist reloads and reconnects. A numbering that starts again (an encoder restart:
   the newest segment more than _REORDER_WINDOW behind, or EXT-X-DISCONTINUITY-SEQUENCE lower) is followed from
-  `hls.start` again, its first segment flagged a discontinuity. A live playlist that stops growing yields no
+  `hls.start` again, its first segment flagged a discontinuity, once there is evidence: a segment URI at a number
+  already handed over that changed, or the playlist still behind on the next reload. One such playlist alone (an
+  older copy from a lagging CDN edge) is ignored. A live playlist that stops growing yields no
   frames: the runner's watchdog marks it `stalled` and nothing is republished.
 - `#EXT-X-ENDLIST` is a recording: every segment once, then a clean end (`stopped`, code `ended`).
 - `#EXT-X-DISCONTINUITY`, and a media-sequence gap (segments fell off the playlist before we fetched them), flag
@@ -17,8 +19,9 @@ refuses.
   answers an HTTP error (an expired token) sends the follower back to the master playlist.
 - AES-128 segments are decrypted (key through the policy; IV from the tag or the media sequence number); the last
   _MAX_KEYS keys used are kept.
-- The stream's `ffmpeg_options` user_agent / referer / headers go with every fetch (the egress policy decides
-  which redirect hops they follow to).
+- The stream's `ffmpeg_options` user_agent / referer go with every fetch; its `headers` (credentials) only to the
+  configured URL's own scheme/host/port: a playlist that names another host (a segment, key, init section,
+  variant or redirect there) gets only User-Agent / Referer sent to it (StreamEgress.request's `origin`).
 
 The fetching runs on the event loop, playlist parsing in a worker thread (and only when the playlist's bytes
 changed; one over `hls.max_playlist_entries` is refused before it is parsed); decoding runs in one thread per source, fed through a hand-off queue of at
@@ -61,6 +64,11 @@ _MAX_BAD_SEGMENTS = 3  # undecodable segments in a row that end a connection (co
 # discontinuity sequence went down) restarted its numbering; within it, an older copy of the playlist (a lagging
 # CDN edge) is only deduplicated
 _REORDER_WINDOW = 3
+# a playlist behind like that is taken for a restart only on evidence: a segment URI at a sequence number handed over
+# that differs from the one seen (the last _MAX_URIS kept), or the playlist still behind on the next reload (on the
+# _STALE_RELOADS-th when the URIs it shares match); once alone it is an older copy and ignored
+_MAX_URIS = 64
+_STALE_RELOADS = 3
 _MAX_KEYS = 4  # AES-128 keys kept per connection, the least recently used dropped (keys rotate on a live stream)
 
 
@@ -122,8 +130,8 @@ class HlsSource:
         self._progress_t = time.monotonic()
         self._waiting = False
         self._keys: OrderedDict[str, bytes] = OrderedDict()  # key URI -> key, at most _MAX_KEYS
-        # the configured User-Agent / Referer / headers (ffmpeg_options) go with every fetch; the egress policy
-        # decides which redirect hops they may follow to
+        # the configured User-Agent / Referer / headers (ffmpeg_options) go with every fetch, the credential ones
+        # only to the configured URL's origin (passed as `origin=`): never to another host a playlist names
         self._headers = http_headers(cfg.ffmpeg_options) or None
         self._parsed: dict[str, tuple[bytes, str, m3u8.M3U8]] = {}  # url -> (digest of its bytes, final url, parsed)
         self._maps: dict[str, bytes] = {}
@@ -187,7 +195,7 @@ class HlsSource:
         duration, half of it while unchanged)."""
         h = self.cfg.hls
         data, final = await self._egress.fetch(url, max_bytes=h.max_playlist_bytes, timeout_s=self.cfg.open_timeout_s,
-                                               headers=self._headers)
+                                               headers=self._headers, origin=self.ref.url)
         digest = hashlib.blake2b(data, digest_size=16).digest()  # ~1 ms for 2 MiB
         cached = self._parsed.get(url)
         if cached is not None and cached[0] == digest and cached[1] == final:
@@ -258,14 +266,24 @@ class HlsSource:
             msn0 = int(pl.media_sequence or 0)
             dseq = int(pl.discontinuity_sequence or 0)
             last = self._state.get("last_msn")
+            uris: dict[int, str] = self._state.setdefault("msn_uris", {})  # msn -> URI of segments handed over
             restarted = False
             if last is not None and (msn0 + len(pl.segments) - 1 < last - _REORDER_WINDOW
                                      or dseq < self._state.get("discontinuity_sequence", dseq)):
+                verdict = self._restart_or_stale(pl, msn0)
+                if verdict == "stale":  # an older copy (a lagging CDN edge): nothing in it is new
+                    log.info("HLS playlist behind the last segment ignored", stream=self.cfg.id, last=last,
+                             media_sequence=msn0, discontinuity_sequence=dseq)
+                    last_pl = pl
+                    await asyncio.sleep(max(0.1, float(pl.target_duration or 2) / 2))
+                    continue
                 # the numbering started again (an encoder restart): follow the new one, a discontinuity
                 log.warning("HLS media sequence restarted", stream=self.cfg.id, last=last, media_sequence=msn0,
-                            discontinuity_sequence=dseq)
+                            discontinuity_sequence=dseq, evidence=verdict)
                 self._state.pop("last_msn", None)
+                uris.clear()
                 last, restarted = None, True
+            self._state["behind_reloads"] = 0
             self._state["discontinuity_sequence"] = dseq
             todo = list(enumerate(pl.segments))
             if last is None:
@@ -282,6 +300,9 @@ class HlsSource:
                 await self._hand(Segment(msn, data, bool(seg.discontinuity) or gap,
                                           pdt.timestamp() if pdt is not None else None))
                 self._state["last_msn"] = last = msn
+                uris[msn] = seg.absolute_uri
+                while len(uris) > _MAX_URIS:
+                    del uris[next(iter(uris))]  # the oldest (insertion order: ascending msn)
                 if self._stop.is_set():
                     return
             if pl.is_endlist:
@@ -291,17 +312,34 @@ class HlsSource:
             last_pl = pl
             await asyncio.sleep(max(0.1, wait))
 
+    def _restart_or_stale(self, pl: m3u8.M3U8, msn0: int) -> str:
+        """A playlist behind the last segment handed over (its newest more than _REORDER_WINDOW back, or a lower
+        discontinuity sequence): an encoder restart or an older copy from a lagging CDN edge? "uri_changed" (a
+        restart) when a segment it lists at a sequence number already handed over has another URI; "stale" when
+        the ones it shares match, or it shares none and this is the first such reload in a row; a restart
+        ("repeated") when the playlist is still behind on the next reload (or, with matching URIs, the
+        _STALE_RELOADS-th: an encoder that names segments by their number)."""
+        uris: dict[int, str] = self._state.get("msn_uris", {})
+        shared = [(uris[msn0 + i], s.absolute_uri) for i, s in enumerate(pl.segments) if msn0 + i in uris]
+        if any(a != b for a, b in shared):
+            return "uri_changed"
+        behind = self._state["behind_reloads"] = self._state.get("behind_reloads", 0) + 1
+        if behind >= (_STALE_RELOADS if shared else 2):
+            return "repeated"
+        return "stale"
+
     async def _segment(self, seg: Any, msn: int, base: str) -> bytes:
         h = self.cfg.hls
-        data, _ = await self._egress.fetch(seg.absolute_uri, max_bytes=h.max_segment_bytes,
-                                           timeout_s=h.segment_timeout_s, headers=self._headers)
+        data, _ = await self._egress.fetch(seg.absolute_uri, max_bytes=h.max_segment_bytes, timeout_s=h.segment_timeout_s,
+                                           headers=self._headers, origin=self.ref.url)
         init = seg.init_section
         if init is not None and init.uri:
             uri = init.absolute_uri
             if uri not in self._maps:
                 self._maps.clear()
                 self._maps[uri], _ = await self._egress.fetch(uri, max_bytes=h.max_segment_bytes,
-                                                              timeout_s=h.segment_timeout_s, headers=self._headers)
+                                                              timeout_s=h.segment_timeout_s, headers=self._headers,
+                                                              origin=self.ref.url)
             data = self._maps[uri] + data if self._maps[uri] else data
             if init.byterange:
                 raise SourceError("EXT-X-MAP byte ranges are not supported", permanent=True,
@@ -321,7 +359,7 @@ class HlsSource:
         secret = self._keys.get(uri)
         if secret is None:
             secret, _ = await self._egress.fetch(uri, max_bytes=64, timeout_s=self.cfg.hls.segment_timeout_s,
-                                                 headers=self._headers)
+                                                 headers=self._headers, origin=self.ref.url)
             if len(secret) != 16:
                 raise SourceError(f"the AES-128 key is {len(secret)} bytes, not 16", code="invalid_playlist")
             self._keys[uri] = secret
