@@ -21,6 +21,8 @@ EVENTS_KEY = "streamd:{{{stream}}}:events"
 # a Redis input on another server: its entries whose results are written and that are not acknowledged there yet
 # (hash: acking_field -> "1"; set in the MULTI/EXEC of the result, deleted once acknowledged; streamd.sinks.redis)
 ACKING_KEY = "streamd:{{{stream}}}:acking"
+ACKING_TTL_MS = 7 * 86_400_000  # the hash expires a week after its last mark (refreshed with each; deleted with
+# its stream): a mark left behind (its removal failed) cannot stay for good
 VLM_KEY = "streamd:{{{stream}}}:vlm"  # answers of the VLM stage (they arrive later than the frame's result)
 DEAD_LETTER_KEY = "{key}:dead"  # beside the user's input stream
 API_STREAMS_KEY = "streamd:api:streams"  # hash: stream id -> stream config (JSON) of streams added through the API

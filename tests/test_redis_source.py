@@ -1,6 +1,7 @@
 """Frames pushed into a Redis stream: one result per entry, every entry acknowledged, poison to dead letters."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -435,3 +436,81 @@ async def test_an_entry_on_another_redis_whose_result_was_written_gets_no_second
     finally:
         await client.aclose()
         other.stop()
+
+
+async def test_an_inputs_acking_marks_expire_and_go_with_its_stream(r, redis_server, tmp_path):
+    """An input on another Redis whose entries cannot be acknowledged there (NOPERM): the marks of their written
+    results are in `streamd:{far}:acking`, a hash with an expiry (refreshed with each mark), and DELETE of the
+    stream removes it (old: no expiry, and the hash stayed after the DELETE)."""
+    import redis.asyncio as aioredis
+
+    from streamd.redis_server import ManagedRedis
+
+    other = ManagedRedis(tmp_path / "other", durable=True).start()
+    client = aioredis.Redis.from_url(other.url)
+    cfg = make_config(redis_server.url, [{"id": "far", "url": f"{other.url}#frames:cam"}],
+                      egress={"allow": ["127.0.0.1/32"]})
+    try:
+        await push_frames(client, "frames:cam", images(2), "jpeg")
+        await client.execute_command("ACL", "SETUSER", "default", "-xack")
+        async with running(cfg) as d:
+            await until(lambda: at_least(r, "far", 2), 20, what="results from the other Redis")
+            assert await r.hlen("streamd:{far}:acking") == 2
+            assert await r.pttl("streamd:{far}:acking") > 0
+            await d.streams.api_delete_stream("far")
+            assert not await r.exists("streamd:{far}:acking")
+    finally:
+        await client.aclose()
+        other.stop()
+
+
+async def test_an_input_on_another_redis_reads_on_while_the_daemons_own_redis_is_down(tmp_path):
+    """An input on another Redis whose entries read again (a dead consumer's, claimed) are checked against the
+    daemon's own Redis (acking marks): that Redis down, they are left pending and the input reads on (new entries'
+    results wait in the sink), never failing the stream; once it is back, every entry gets one result (old: the
+    stream failed with "redis: ..." at each claim and backed off)."""
+    import redis.asyncio as aioredis
+
+    from streamd.redis_server import ManagedRedis
+
+    own = ManagedRedis(tmp_path / "own", durable=True).start()
+    other = ManagedRedis(tmp_path / "other", durable=True).start()
+    client = aioredis.Redis.from_url(other.url)
+    own_r = aioredis.Redis.from_url(own.url)
+    cfg = make_config(own.url, [{"id": "far", "url": f"{other.url}#frames:cam",
+                                 "redis_input": {"claim_idle_ms": 300}}], egress={"allow": ["127.0.0.1/32"]})
+    try:
+        first = await push_frames(client, "frames:cam", images(1), "jpeg")
+        async with running(cfg) as d:
+            runner = d.streams.runners["far"]
+            await until(lambda: at_least(own_r, "far", 1), 20, what="a result")
+            await own_r.aclose()
+            await asyncio.to_thread(own.stop)
+            async with client.pipeline(transaction=True) as tx:  # a dead consumer's pending entries (the daemon,
+                for img in images(2):  # blocked reading, is not served before the transaction's XREADGROUP)
+                    tx.xadd("frames:cam", {"image": encode_jpeg(img), "ts": repr(time.time())})
+                tx.xreadgroup("streamd", "dead", {"frames:cam": ">"})
+                *added, got = await tx.execute()
+            dead = [i.decode() for i in added]
+            assert len(got[0][1]) == 2
+
+            async def claimed():
+                rows = await client.xpending_range("frames:cam", "streamd", min="-", max="+", count=10)
+                return all(row["consumer"] != b"dead" for row in rows)
+
+            await until(claimed, 10, what="the dead consumer's entries claimed")
+            more = await push_frames(client, "frames:cam", images(1), "jpeg")
+            await until(lambda: runner._redis_source.frames_decoded >= 2, 10, what="a new entry read while the own Redis is down")
+            await asyncio.sleep(0.5)  # the old code failed the stream at the claim
+            assert runner.attempts == 0 and runner.state.value == "live", runner.reason
+            await asyncio.to_thread(own.start)
+            own_r = aioredis.Redis.from_url(own.url)
+            await until(lambda: at_least(own_r, "far", 4), 20, what="every entry's result")
+            await until(lambda: _zero(client, "frames:cam"), 10, what="acknowledged on the other Redis")
+            recs = await results(own_r, "far")
+        assert sorted(x["input"]["entry_id"] for x in recs) == sorted(first + dead + more)  # one result each
+    finally:
+        await own_r.aclose()
+        await client.aclose()
+        other.stop()
+        own.stop()

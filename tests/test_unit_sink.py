@@ -231,3 +231,39 @@ async def test_an_entry_on_another_server_is_acknowledged_there_retried_while_it
         await server.aclose()
         await direct.aclose()
         other.stop()
+
+
+async def test_closing_acknowledges_on_every_other_server_at_once(r, redis_server, sink_for):
+    """At shutdown, what is left to acknowledge on other servers is tried on all of them at once, within one bound:
+    two servers that accept connections and never answer are both connected to before either is given up (old: one
+    after the other, up to 2 s each)."""
+    log: list[tuple[str, int]] = []
+    conns = itertools.count()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = next(conns)
+        log.append(("open", n))
+        while await reader.read(4096):  # never answers
+            pass
+        log.append(("close", n))
+        writer.close()
+
+    listeners = [await asyncio.start_server(hang, "127.0.0.1", 0) for _ in range(2)]
+    servers = [aioredis.Redis.from_url(f"redis://127.0.0.1:{s.sockets[0].getsockname()[1]}", socket_timeout=30,
+                                       socket_connect_timeout=30) for s in listeners]
+    try:
+        sink = sink_for(redis_server.url, retry_initial_s=0.05, retry_max_s=0.5)
+        await sink.publish_results([work("ha", 1, InputRef("frames:a", "g", "1-0", server=servers[0])),
+                                    work("hb", 1, InputRef("frames:b", "g", "1-0", server=servers[1]))])
+        await until(lambda: sink.server_acks_pending == 2 and len(log) >= 2, 10, what="both servers tried")
+        first = len(log)
+        await sink.aclose()
+        await until(lambda: sum(1 for e, n in log if e == "open" and n >= first) == 2, 5, what="two connects")
+        await until(lambda: sum(1 for e, n in log if e == "close" and n >= first) == 2, 5, what="both given up")
+        at_close = [e for e, n in log if n >= first]
+        assert at_close[:2] == ["open", "open"], log  # both connected before either was given up
+    finally:
+        for c in servers:
+            await c.aclose()
+        for s in listeners:
+            s.close()

@@ -56,6 +56,7 @@ from streamd.sinks.cluster import ClusterWriter, ack_failed
 log = get_logger("streamd.sink")
 
 _MULTI, _EXEC = pack_command(("MULTI",)), pack_command(("EXEC",))
+_UNMARK_MAX = 100_000  # marks of acknowledged entries kept for removal while the daemon's own Redis fails
 
 
 # a result write in fleet mode: only while the stream's lease still holds the writer's token (fencing)
@@ -323,8 +324,12 @@ class RedisSink:
         self._progress.set()
 
     async def aclose(self) -> None:
-        for acks in list(self._server_acks.values()):  # what is left goes now, or is delivered again after a restart
-            await acks.aclose(min(2.0, self.cfg.retry_max_s))
+        # what is left goes now (every server at once, one bound for all), or is delivered again after a restart
+        bound = min(2.0, self.cfg.retry_max_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(bound + 0.5):
+                await asyncio.gather(*(acks.aclose(bound) for acks in self._server_acks.values()),
+                                     return_exceptions=True)
         self._server_acks.clear()
         if self._conn is None:
             return  # Redis Cluster: the client's connections are its owner's to close
@@ -411,6 +416,8 @@ class RedisSink:
                 a = p.server_ack
                 cmds.append(pack_command(("HSET", keys.acking_key(p.stream_id),
                                           keys.acking_field(a.key, a.group, a.entry_id), "1")))
+                # the hash lives while marks are written: one left behind (a failed removal) goes with it
+                cmds.append(pack_command(("PEXPIRE", keys.acking_key(p.stream_id), keys.ACKING_TTL_MS)))
         if tx:
             cmds.append(_EXEC)
         replies = await self._roundtrip(cmds)
@@ -421,7 +428,7 @@ class RedisSink:
             writes.append(replies[i])
             if p.ack is not None and isinstance(replies[i + 1], Exception):
                 ack_failed(p, replies[i + 1])
-            i += 1 + (p.ack is not None or p.server_ack is not None)
+            i += 1 + (p.ack is not None) + 2 * (p.server_ack is not None)
         error = next((r for r in writes if isinstance(r, Exception)), None)
         if error is not None:
             raise error
@@ -512,6 +519,7 @@ class ServerAcks:
         self.cfg = cfg
         self.marks = marks
         self._refs: dict[tuple[str, str, str], tuple[str, InputRef]] = {}
+        self._unmark: dict[str, set[str]] = {}  # marks to remove (kept while the daemon's own Redis fails)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.healthy = True
@@ -563,23 +571,32 @@ class ServerAcks:
                            and not isinstance(r, ResponseError)), None)
         if conn_error is not None:
             raise conn_error
-        unmark: dict[str, list[str]] = {}  # per stream, the marks of entries acknowledged
+        unmark = self._unmark  # per stream, the marks of entries settled (and of earlier removals that failed)
         for ((key, group), rs), reply in zip(by_group.items(), replies):
-            if isinstance(reply, Exception):  # WRONGTYPE, NOGROUP: no retry could acknowledge them (marks kept)
+            if isinstance(reply, Exception):  # NOGROUP, WRONGTYPE, NOPERM: no retry could acknowledge them
                 log.warning("input entries not acknowledged", key=key, entries=len(rs), error=str(reply))
+            # a mark answers an entry read again from its group's pending list: with no group or no stream there
+            # (NOGROUP, WRONGTYPE) none ever is, and the mark goes too; otherwise (NOPERM) it is kept for the next
+            # daemon (the hash's expiry bounds it)
+            unmarked = not isinstance(reply, Exception) or str(reply).startswith(("NOGROUP", "WRONGTYPE"))
             for sid, r in rs:
                 if self._refs.get((r.key, r.group, r.entry_id), (None, None))[1] is r:
                     del self._refs[(r.key, r.group, r.entry_id)]
                 _settle(r)
-                if not isinstance(reply, Exception):
-                    unmark.setdefault(sid, []).append(keys.acking_field(key, group, r.entry_id))
+                if unmarked:
+                    unmark.setdefault(sid, set()).add(keys.acking_field(key, group, r.entry_id))
             self.acked += len(rs)
         if self.marks is not None and unmark:
             try:
-                for sid, fields in unmark.items():
-                    await self.marks.hdel(keys.acking_key(sid), *fields)
-            except (RedisError, OSError) as e:  # a mark left behind: only an entry acknowledged already has it
+                for sid in list(unmark):
+                    await self.marks.hdel(keys.acking_key(sid), *unmark[sid])
+                    del unmark[sid]
+            except (RedisError, OSError) as e:  # removed with the next flush; the hash's expiry bounds the rest
                 log.warning("acknowledged entries' marks not removed", error=str(e) or type(e).__name__)
+                while sum(len(f) for f in unmark.values()) > _UNMARK_MAX:
+                    unmark.pop(next(iter(unmark)))
+        else:
+            unmark.clear()
 
     async def aclose(self, timeout_s: float) -> None:
         """Acknowledge what is left (within `timeout_s`), then stop."""

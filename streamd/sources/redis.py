@@ -183,6 +183,9 @@ def _float(fields: dict[bytes, bytes], name: bytes) -> float | None:
     return v
 
 
+_MARKS_TIMEOUT_S = 2.0  # the check of entries read again against the daemon's own Redis (its acking marks)
+
+
 class RedisFrameSource:
     def __init__(
         self,
@@ -213,6 +216,8 @@ class RedisFrameSource:
         self._last_claim = 0.0
         self._claim_cursor = "0-0"
         self._backlog_cursor: bytes | str = "0"
+        self._backlog_again = False  # the backlog's check failed (the own Redis down): read on, that page later
+        self._marks_down_until = 0.0  # the own Redis failed a check: no claim or backlog page until then
         self._group_ready = False
         self.created_group = False  # this source made the consumer group (removed with an API stream)
         self._closed = False
@@ -254,6 +259,8 @@ class RedisFrameSource:
 
     async def _fill(self) -> None:
         await self._ensure_group()
+        if self._backlog_again and time.monotonic() >= self._marks_down_until:
+            self._backlog_done = self._backlog_again = False  # the page whose check failed, again
         if not self._backlog_done:  # our own pending entries first (a restart), paged through to the end
             resp = await self.r.xreadgroup(self.icfg.group, self.consumer, {self.key: self._backlog_cursor},
                                            count=self.icfg.read_count)
@@ -261,16 +268,21 @@ class RedisFrameSource:
             if not page:
                 self._backlog_done = True
             else:
-                self._backlog_cursor = page[-1][0]
                 # deleted entries have no fields; entries still in the pipeline are settled by it
                 entries = [(i, f) for i, f in page if f and i.decode() not in self._inflight]
-                entries = await self._unpublished(entries)
-                if entries:
-                    self._pending.extend(await self._with_counts(entries))
-                return
+                checked = await self._unpublished(entries)
+                if checked is None:  # the own Redis is down: this page again later, new entries meanwhile
+                    self._backlog_done = True
+                    self._backlog_again = True
+                else:
+                    self._backlog_cursor = page[-1][0]
+                    if checked:
+                        self._pending.extend(await self._with_counts(checked))
+                    return
         now = time.monotonic()
         # idle entries of other (dead) consumers: every page at once, then again after claim_idle_ms / 2
-        if self._claim_cursor != "0-0" or now - self._last_claim >= self.icfg.claim_idle_ms / 2000:
+        if (self._claim_cursor != "0-0" or now - self._last_claim >= self.icfg.claim_idle_ms / 2000) \
+                and now >= self._marks_down_until:
             if self._claim_cursor == "0-0":
                 self._last_claim = now
             claimed = await self._claim()
@@ -294,22 +306,38 @@ class RedisFrameSource:
         cursor, entries = resp[0], resp[1]
         self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         entries = await self._unpublished([(i, f) for i, f in entries if f and i.decode() not in self._inflight])
+        if entries is None:  # the own Redis is down: claimed again once idle; this pass ends here
+            self._claim_cursor = "0-0"
+            return []
         return await self._with_counts(entries) if entries else []
 
-    async def _unpublished(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[bytes, dict]]:
+    async def _unpublished(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[bytes, dict]] | None:
         """An input on another server: of entries read again, those whose results were written already (marked in
-        the stream's acking hash on the daemon's own Redis) are acknowledged here, and the rest returned."""
+        the stream's acking hash on the daemon's own Redis) are acknowledged here, and the rest returned. None: the
+        daemon's own Redis could not be asked (the entries stay pending, not delivered now)."""
         if self._server is None or self._own_client is None or not entries:
             return entries
         own = self._own_client()
         mark = keys.acking_key(self.cfg.id)
         fields = [keys.acking_field(self.key, self.icfg.group, i.decode()) for i, _ in entries]
-        marked = await own.hmget(mark, fields)
+        try:
+            async with asyncio.timeout(_MARKS_TIMEOUT_S):  # a paused own Redis holds up no read for long
+                marked = await own.hmget(mark, fields)
+        except (RedisError, OSError, TimeoutError) as e:
+            # the daemon's own Redis is down: these entries are left pending (claimed again once idle), and the
+            # input reads on (its results wait in the sink); never a failure of the stream
+            log.info("entries read again left pending: the daemon's own Redis is unreachable", stream=self.cfg.id,
+                     entries=len(entries), error=redact_text(str(e)) or type(e).__name__)
+            self._marks_down_until = time.monotonic() + self.icfg.claim_idle_ms / 2000
+            return None
         done = [(i, fld) for (i, _), fld, m in zip(entries, fields, marked) if m is not None]
         if not done:
             return entries
         await self.r.xack(self.key, self.icfg.group, *(i for i, _ in done))
-        await own.hdel(mark, *(fld for _, fld in done))
+        try:
+            await own.hdel(mark, *(fld for _, fld in done))
+        except (RedisError, OSError):
+            pass  # a mark left behind (its entry is acknowledged): the hash's expiry bounds it
         log.info("entries whose results were written already acknowledged", stream=self.cfg.id, entries=len(done))
         return [e for e, m in zip(entries, marked) if m is None]
 

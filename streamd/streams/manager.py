@@ -373,6 +373,7 @@ class StreamManager(StreamInfo):
                 await self.fleet.forget_end(stream_id)
             else:
                 await self.remove_stream(stream_id, drop_group=True)
+            await self.store.forget_marks(stream_id)
             self.forget_stream(stream_id)
 
     def forget_stream(self, stream_id: str) -> None:

@@ -13,10 +13,15 @@ import json
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
+from streamd import keys
 from streamd.config import StreamConfig
 from streamd.errors import StreamdError
 from streamd.keys import API_STREAMS_KEY
+from streamd.log import get_logger
+
+log = get_logger("streamd.streams")
 
 
 class StoredStreams:
@@ -44,6 +49,15 @@ class StoredStreams:
 
     async def delete(self, stream_id: str) -> None:
         await self.r.hdel(API_STREAMS_KEY, stream_id)
+
+    async def forget_marks(self, stream_id: str) -> None:
+        """A deleted stream's acking marks (a Redis input on another server) go with it; Redis down: its hash
+        expires (keys.ACKING_TTL_MS)."""
+        try:
+            await self.r.delete(keys.acking_key(stream_id))
+        except (RedisError, OSError) as e:
+            log.warning("a deleted stream's acking marks not removed", stream=stream_id,
+                        error=str(e) or type(e).__name__)
 
 
 def placeholder(stream_id: str, body: bytes) -> StreamConfig:
